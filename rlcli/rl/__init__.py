@@ -1,0 +1,29 @@
+"""Pure tensor math for PPO on language models: no models, no I/O, no config objects."""
+
+from rlcli.rl.advantages import gae
+from rlcli.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from rlcli.rl.logprobs import entropy_from_logits, logprobs_from_logits
+from rlcli.rl.losses import clipped_policy_loss, clipped_value_loss, explained_variance
+from rlcli.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlcli.rl.rewards import RunningMoments, per_token_rewards
+from rlcli.rl.types import Rollout
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "Rollout",
+    "RunningMoments",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_penalty",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "per_token_rewards",
+]

@@ -1,0 +1,97 @@
+"""Atomic, resumable checkpoints: ``OUTPUT_DIR/checkpoints/step-00000042/``.
+
+A checkpoint is written into ``step-N.tmp`` and renamed when complete, so a run killed mid-save never leaves
+a checkpoint that looks finished. Every process saves its own RNG states (``rng-RANK.pt``), the main process
+everything else. Works with any object that has ``state_dict()`` / ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), key=lambda p: p.name)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(output_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    accelerator,
+    objects: dict[str, Any],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Save ``objects`` (name -> tensor dict or object with ``state_dict``), JSON ``state`` and RNG states.
+
+    All processes must call it (it synchronises them).
+    """
+    final = Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        for name, obj in objects.items():
+            torch.save(obj.state_dict() if hasattr(obj, "state_dict") else obj, tmp / f"{name}.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, *, process_index: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (state.json contents, {name: loaded object}) and restore this process's RNG states.
+
+    The RNG file of this process is used when present; a run resumed with more processes than it was saved
+    with falls back to rank 0's states (the run continues, but is no longer bit-identical).
+    """
+    state = json.loads((path / "state.json").read_text())
+    objects = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in path.glob("*.pt")
+               if not p.stem.startswith("rng-")}
+    rng_file = path / f"rng-{process_index}.pt"
+    if not rng_file.exists():
+        rng_file = path / "rng-0.pt"
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return state, objects

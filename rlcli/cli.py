@@ -1,0 +1,120 @@
+"""The ``rlcli`` command line: one sub-command per trainer, each taking ``CONFIG [KEY=VALUE ...]``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.panel import Panel
+from rich.syntax import Syntax
+
+from rlcli import __version__
+from rlcli.config import RecipeError, UserError, load_recipe, recipe_to_yaml
+
+app = typer.Typer(
+    name="rlcli",
+    help="Train language models with SFT, reward modelling and PPO — including models that call tools — "
+    "from YAML recipes. Each command takes a recipe file and optional KEY=VALUE overrides "
+    "(e.g. train.learning_rate=3e-4 output_dir=runs/a).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+CONFIG = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+OVERRIDES = typer.Argument(None, help="KEY=VALUE overrides, dotted keys (train.learning_rate=3e-4).", show_default=False)
+DRY_RUN = typer.Option(False, "--dry-run", help="Validate the recipe without loading weights; print it resolved.")
+RESUME = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir.")
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _fail(exc: Exception, code: int) -> None:
+    if _is_main():
+        title = "recipe error" if isinstance(exc, RecipeError) else "error"
+        _stderr_console().print(Panel(str(exc), title=f"[bold red]{title}", title_align="left", border_style="red"))
+    raise typer.Exit(code)
+
+
+def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable, resume: bool):
+    try:
+        recipe = load_recipe(schema, config, overrides or [])
+        notes = preflight(recipe, str(config))
+        if dry_run:
+            from rlcli.logging import console
+
+            if _is_main():
+                console.print(Syntax(recipe_to_yaml(recipe), "yaml", theme="ansi_dark", background_color="default"))
+                for note in notes:
+                    console.print(f"[cyan]•[/] {note}")
+                console.print(f"[green]dry run OK[/]: {config} is valid (no weights were loaded)")
+            return
+        train(recipe, resume=resume)
+    except RecipeError as exc:
+        _fail(exc, 2)
+    except UserError as exc:
+        _fail(exc, 1)
+    except KeyboardInterrupt:
+        if _is_main():
+            _stderr_console().print("[yellow]interrupted[/]: the newest checkpoint (if any) can be continued with --resume")
+        raise typer.Exit(130)
+
+
+@app.command()
+def sft(
+    config: Path = CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+    resume: bool = RESUME,
+) -> None:
+    """Supervised fine-tuning (full or LoRA) on text, prompt/completion or chat data."""
+    from rlcli.config.sft import SFTRecipe
+    from rlcli.trainers import sft as trainer
+
+    _run(SFTRecipe, config, overrides, dry_run, trainer.preflight, trainer.train, resume)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rlcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """rlcli: SFT, reward models and PPO for language models, driven by YAML recipes."""
+
+
+def _quiet_libraries() -> None:
+    # rlcli shows its own progress; library progress bars and advisory warnings would bury it.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def main() -> None:
+    _quiet_libraries()
+    app(prog_name="rlcli")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Recipe sections shared by every command: model, LoRA, data sources, optimisation, logging."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+
+def world_size() -> int:
+    """Number of processes this run will have (set by ``accelerate launch`` / torchrun; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class ModelConfig(Section):
+    """Where the weights come from: a hub id / local directory, or an architecture built from scratch."""
+
+    name_or_path: str | None = None
+    """Hub id (``gpt2``) or local directory (an ``rlcli`` output dir works) to load with ``from_pretrained``."""
+    architecture: str | None = None
+    """Build a randomly initialised model of this transformers ``model_type`` (``gpt2``, ``llama``, ``t5``, ...)
+    instead of loading one. Used for offline tests and demos."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Overrides for the model config (``n_layer``, ``hidden_size``, ...); with ``architecture`` these define
+    the model, with ``name_or_path`` they patch the loaded config (e.g. ``{dropout: 0.0}``)."""
+    tokenizer: str | None = None
+    """Tokenizer: hub id or local dir, or ``byte`` for the built-in byte-level tokenizer (no download).
+    Default: the model's own (``name_or_path``), or ``byte`` when built from scratch."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in. Keep float32 and set ``train.mixed_precision`` for mixed precision."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of ``name_or_path``."""
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError(
+                "give exactly one of 'name_or_path' (load weights) or 'architecture' (build from scratch); "
+                f"got name_or_path={self.name_or_path!r}, architecture={self.architecture!r}"
+            )
+        return self
+
+    @property
+    def tokenizer_source(self) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return self.name_or_path if self.name_or_path is not None else "byte"
+
+
+class LoraConfig(Section):
+    """LoRA adapters through peft: only the adapter (and any head) is trained and saved."""
+
+    r: int = Field(8, gt=0)
+    """Rank of the update matrices."""
+    alpha: float = Field(16, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input. Keep 0 for PPO (dropout makes the first-epoch ratio differ from 1)."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names (or suffixes) that get adapters, or ``all-linear``."""
+    merge_on_save: bool = False
+    """Also save the base model with the adapter merged in, under ``OUTPUT_DIR/merged``."""
+
+
+class DataSource(Section):
+    """A dataset: a local jsonl / json / csv / parquet file (or directory of them) or a hub dataset id."""
+
+    path: str
+    """Local file/dir, or hub dataset id."""
+    split: str = "train"
+    """Split to read (local files have one split, ``train``; a slice like ``train[:1000]`` works)."""
+    name: str | None = None
+    """Hub dataset configuration name."""
+    eval_path: str | None = None
+    """A separate file / hub id for evaluation (default: carve ``eval_fraction`` off the training data)."""
+    eval_split: str | None = None
+    """Split of ``eval_path`` (or of ``path`` when ``eval_path`` is unset) to evaluate on."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Fraction of the training rows held out for evaluation when no eval split is given (0: no eval)."""
+    max_rows: int | None = Field(None, gt=0)
+    """Use only the first N rows (handy for smoke runs)."""
+
+
+class OptimConfig(Section):
+    """Optimiser and learning-rate schedule (AdamW)."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    """Schedule name, as in ``transformers.get_scheduler``."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up length in optimizer steps."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+def _no_means_no(value: Any) -> Any:
+    # YAML 1.1 reads a bare `no` as False; the user meant the string.
+    return "no" if value is False else value
+
+
+class LoggingConfig(Section):
+    """Where metrics go besides ``OUTPUT_DIR/metrics.jsonl`` (always written)."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Extra trackers, through Accelerate."""
+    project: str = "rlcli"
+    """Project name for the trackers."""
+    run_name: str | None = None
+    """Run name for the trackers (default: the output dir's name)."""
+    log_every: int = Field(1, gt=0)
+    """Log every N optimizer steps."""
+    progress: bool = True
+    """Show a rich progress bar on the main process."""
+
+
+class RecipeBase(Section):
+    """Keys every recipe has."""
+
+    output_dir: str
+    """Directory this run writes into: the resolved recipe, metrics.jsonl, checkpoints and the final model."""
+    overwrite_output_dir: bool = False
+    """Allow starting a fresh run in an output dir that already holds one (its files are replaced)."""
+    seed: int = 0
+    """One seed for everything; each process derives its own from it."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def check_batch_arithmetic(batch_size: int, micro_batch_size: int, where: str) -> int:
+    """Return gradient-accumulation steps; raise if the global batch does not split exactly."""
+    procs = world_size()
+    per_step = micro_batch_size * procs
+    if batch_size % per_step:
+        raise ValueError(
+            f"{where}batch_size={batch_size} must be a multiple of micro_batch_size × processes = "
+            f"{micro_batch_size} × {procs} = {per_step}"
+        )
+    return batch_size // per_step
+
+
+__all__ = [
+    "Section",
+    "ModelConfig",
+    "LoraConfig",
+    "DataSource",
+    "OptimConfig",
+    "LoggingConfig",
+    "RecipeBase",
+    "MixedPrecision",
+    "world_size",
+    "check_batch_arithmetic",
+    "_no_means_no",
+    "field_validator",
+]

@@ -1,0 +1,188 @@
+"""Read a YAML recipe, apply ``key.sub=value`` overrides, validate it, and report every problem at once."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from rlcli.config.errors import Problem, RecipeError
+
+R = TypeVar("R", bound=BaseModel)
+CLI = "command line"
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[f"{prefix}{i}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}{i}.")
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse a recipe file into a dict and a key→line map. Raises ``RecipeError`` for a missing or bad file."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise RecipeError([Problem("", f"recipe file not found{hint}", source=str(path))])
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        col = f", column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError([Problem("", f"YAML syntax error: {problem}{col}", source=str(path), line=line)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([Problem("", f"expected a mapping of keys at the top, got {type(data).__name__}", str(path))])
+    return data, _key_lines(text)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``train.learning_rate=3e-4`` -> (``train.learning_rate``, 0.0003); the value parses as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError([Problem(item, "an override must look like key.sub=value", source=CLI)])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads 3e-4 as a string; everyone means the number
+    return key, value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(c in text for c in "eE.") and text.strip().lower() not in {"nan", "inf", "-inf", "infinity"}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Set each dotted key in ``data`` (creating sections as needed). Returns the overridden key paths."""
+    touched = set()
+    for item in overrides:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                prefix = ".".join(parts[: i + 1])
+                raise RecipeError([Problem(key, f"cannot set a sub-key: {prefix} is {child!r}, not a section", CLI)])
+            node = child
+        node[parts[-1]] = value
+        touched.add(key)
+    return touched
+
+
+def _fix_floats(node: Any) -> Any:
+    # YAML 1.1 (PyYAML) reads `1e-5` as a string; coerce numeric-looking strings so `learning_rate: 1e-5` works.
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    if isinstance(node, str) and _looks_like_float(node) and "e" in node.lower():
+        return float(node)
+    return node
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at ``loc`` (to suggest valid sibling keys)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _unwrap(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return annotation
+
+
+def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
+    kind = error["type"]
+    loc = tuple(p for p in error["loc"] if not isinstance(p, str) or not p.startswith("function-"))
+    if kind == "extra_forbidden":
+        owner = _model_at(schema, loc[:-1])
+        valid = sorted(owner.model_fields) if owner else []
+        guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean '{guess[0]}'?" if guess else ""
+        return f"unknown key{hint} (valid keys here: {', '.join(valid)})"
+    if kind == "missing":
+        return "required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and kind not in ("model_type", "dict_type") and not isinstance(error["input"], dict):
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def validate(schema: type[R], data: dict[str, Any], source: str, lines: dict[str, int], touched: set[str]) -> R:
+    """Validate ``data`` against ``schema``; raise one ``RecipeError`` listing every problem."""
+    try:
+        return schema.model_validate(_fix_floats(data))
+    except ValidationError as exc:
+        problems, seen = [], set()
+        for error in exc.errors():
+            loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            key = ".".join(str(p) for p in loc)
+            message = _describe(error, schema)
+            if (key, message) in seen:
+                continue
+            seen.add((key, message))
+            from_cli = any(key == t or key.startswith(t + ".") for t in touched)
+            problems.append(
+                Problem(key, message, source=CLI if from_cli else source, line=None if from_cli else lines.get(key))
+            )
+        raise RecipeError(problems) from None
+
+
+def load_recipe(schema: type[R], path: str | Path, overrides: list[str] | None = None) -> R:
+    """Read, override and validate a recipe. Every problem is reported together in one ``RecipeError``."""
+    data, lines = read_yaml(path)
+    touched = apply_overrides(data, list(overrides or []))
+    return validate(schema, data, str(path), lines, touched)
+
+
+def recipe_to_yaml(recipe: BaseModel) -> str:
+    """The resolved recipe (defaults filled in), as YAML in field order."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=False)

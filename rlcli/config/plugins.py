@@ -1,0 +1,64 @@
+"""Resolve plug-in references: ``path/to/file.py:name`` or ``package.module:name``."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from rlcli.config.errors import UserError
+
+
+def _split(spec: str) -> tuple[str, str]:
+    if ":" not in spec:
+        raise UserError(f"plug-in {spec!r}: expected 'path/to/file.py:name' or 'package.module:name'")
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise UserError(f"plug-in {spec!r}: expected 'path/to/file.py:name' or 'package.module:name'")
+    return target, attr
+
+
+def _load_file(path: Path) -> Any:
+    # A stable module name per file, so loading the same plug-in twice returns the same module
+    # (and pickling functions defined in it works in forked tool workers).
+    name = "rlcli_plugin_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"plug-in file {path}: cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code failed at import: say where, keep it short
+        del sys.modules[name]
+        raise UserError(f"plug-in file {path}: importing it raised {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def resolve_object(spec: str) -> Any:
+    """Import and return the object named by ``spec``; raise ``UserError`` naming the spec on failure.
+
+    ``path/to/file.py:name`` is loaded from a file (relative paths are relative to the working directory);
+    anything else is imported as ``package.module:name``.
+    """
+    target, attr = _split(spec)
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"plug-in {spec!r}: file {target} does not exist (relative to {Path.cwd()})")
+        module = _load_file(path)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UserError(f"plug-in {spec!r}: cannot import module {target!r} ({exc})") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        names = sorted(n for n in dir(module) if not n.startswith("_"))
+        raise UserError(f"plug-in {spec!r}: {target} has no attribute {attr!r} (it has: {', '.join(names[:20])})") from None

@@ -1,0 +1,77 @@
+"""The ``rlcli sft`` recipe."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from rlcli.config.common import (
+    DataSource,
+    LoraConfig,
+    MixedPrecision,
+    ModelConfig,
+    OptimConfig,
+    RecipeBase,
+    Section,
+    _no_means_no,
+    check_batch_arithmetic,
+)
+
+
+class SFTData(DataSource):
+    """Training text. Formats: ``text`` (loss on everything), ``prompt_completion`` (loss on the completion),
+    ``messages`` (chat template; loss on assistant turns only)."""
+
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    """``auto`` picks from the columns: messages > prompt+completion > text."""
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    max_length: int = Field(512, gt=1)
+    """Truncate each example (prompt included) to this many tokens."""
+    packing: bool = False
+    """Concatenate examples (each ending with EOS) into rows of exactly ``max_length`` tokens. Attention is not
+    reset between packed examples."""
+    add_eos: bool = True
+    """Append the EOS token to text and completions so the model learns to stop."""
+
+
+class SFTTrain(Section):
+    """How long and how big."""
+
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (fractions allowed). Ignored when ``max_steps`` is set."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(32, gt=0)
+    """Global batch: examples per optimizer step, across all processes and accumulation steps."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Examples per forward pass on one process. Accumulation steps = batch_size / (micro × processes)."""
+    mixed_precision: MixedPrecision = "no"
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (and at the end) when there is eval data."""
+    eval_batch_size: int = Field(16, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    """Write a resumable checkpoint every N optimizer steps."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """Keep only the newest N checkpoints."""
+
+    _mp = field_validator("mixed_precision", mode="before")(_no_means_no)
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "SFTTrain":
+        check_batch_arithmetic(self.batch_size, self.micro_batch_size, "")
+        return self
+
+
+class SFTRecipe(RecipeBase):
+    """Supervised fine-tuning, full or LoRA."""
+
+    model: ModelConfig
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights (omit for full fine-tuning)."""
+    data: SFTData
+    train: SFTTrain = Field(default_factory=SFTTrain)
+    optim: OptimConfig = Field(default_factory=OptimConfig)

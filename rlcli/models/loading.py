@@ -1,0 +1,176 @@
+"""Load tokenizers and models from a hub id / local dir, or build them from scratch; wrap them with LoRA.
+
+``task`` picks the head: ``causal`` (AutoModelForCausalLM), ``seq2seq`` (AutoModelForSeq2SeqLM) or
+``classifier`` (AutoModelForSequenceClassification with one output: reward models).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto import modeling_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from rlcli.config.common import LoraConfig, ModelConfig
+from rlcli.config.errors import UserError
+from rlcli.models.tokenizer import BYTE_TOKENIZER_NAME, DEFAULT_CHAT_TEMPLATE, build_byte_tokenizer
+
+Task = Literal["causal", "seq2seq", "classifier"]
+
+_AUTO_CLASSES = {
+    "causal": (AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "seq2seq": (AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    "classifier": (AutoModelForSequenceClassification, modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def source_kind(name_or_path: str) -> Literal["local", "hub"]:
+    """``local`` if the path exists, ``hub`` if it looks like a hub id; else a ``UserError``."""
+    if Path(name_or_path).exists():
+        return "local"
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/")):
+        return "hub"
+    raise UserError(f"{name_or_path!r} is neither an existing local path nor a hub id like 'org/name'")
+
+
+def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list[str]:
+    """Problems findable without weights (unknown architecture, bad config keys, missing local files)."""
+    problems = []
+    auto_names = _AUTO_CLASSES[task][1]
+    if cfg.architecture is not None:
+        arch = cfg.architecture
+        if arch not in CONFIG_MAPPING:
+            guess = difflib.get_close_matches(arch, list(CONFIG_MAPPING.keys()), n=3)
+            problems.append(f"{key}.architecture: unknown architecture {arch!r}; did you mean {', '.join(guess) or '?'}")
+        elif arch not in auto_names:
+            problems.append(f"{key}.architecture: {arch!r} has no {task} model class in transformers "
+                            f"(use one of e.g. {', '.join(sorted(auto_names)[:8])}, ...)")
+        else:
+            known = set(CONFIG_MAPPING[arch]().to_dict()) | set(getattr(CONFIG_MAPPING[arch], "attribute_map", {}))
+            for name in cfg.config:
+                if name not in known:
+                    guess = difflib.get_close_matches(name, sorted(known), n=1)
+                    hint = f"; did you mean '{guess[0]}'?" if guess else ""
+                    problems.append(f"{key}.config.{name}: not a {arch} config field{hint}")
+    else:
+        try:
+            kind = source_kind(cfg.name_or_path)
+        except UserError as exc:
+            problems.append(f"{key}.name_or_path: {exc}")
+        else:
+            if kind == "local":
+                p = Path(cfg.name_or_path)
+                if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+                    problems.append(f"{key}.name_or_path: {p} has no config.json (not a saved model directory)")
+    tok = cfg.tokenizer_source
+    if tok != BYTE_TOKENIZER_NAME and tok != cfg.name_or_path:
+        try:
+            source_kind(tok)
+        except UserError as exc:
+            problems.append(f"{key}.tokenizer: {exc}")
+    return problems
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer, with a pad token that differs from EOS whenever possible and a chat template."""
+    source = cfg.tokenizer_source
+    if source == BYTE_TOKENIZER_NAME:
+        tokenizer = build_byte_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Adding a new token would change the vocab size of a pretrained model; reusing EOS is what GPT-2 users
+        # expect. Masks are then built from lengths, never from `ids != pad`, so the real EOS keeps its mask.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(
+    cfg: ModelConfig,
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    num_labels: int = 1,
+) -> PreTrainedModel:
+    """Load (or build from scratch) a model with the head for ``task``."""
+    auto_cls = _AUTO_CLASSES[task][0]
+    dtype = DTYPES[cfg.dtype]
+    extra = {"num_labels": num_labels} if task == "classifier" else {}
+    if cfg.architecture is not None:
+        config = AutoConfig.for_model(cfg.architecture, **cfg.config, **extra)
+        config.vocab_size = len(tokenizer)
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if config.is_encoder_decoder:
+            config.decoder_start_token_id = tokenizer.pad_token_id
+        model = auto_cls.from_config(config, dtype=None if dtype == "auto" else dtype)
+    else:
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **cfg.config, **extra
+        )
+        if task == "classifier" and config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+        model = auto_cls.from_pretrained(
+            cfg.name_or_path,
+            config=config,
+            revision=cfg.revision,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    if task == "classifier" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task: Task, *, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with peft LoRA adapters; for classifiers the score head stays trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    task_type = {"causal": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM, "classifier": TaskType.SEQ_CLS}[task]
+    peft_config = PeftLoraConfig(
+        task_type=task_type,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+    )
+    if model.config.model_type == "gpt2" and cfg.target_modules == "all-linear":
+        # GPT-2 uses Conv1D, which peft's all-linear does not match; name its projections explicitly.
+        peft_config.target_modules = {"c_attn", "c_proj", "c_fc"}
+        peft_config.fan_in_fan_out = True
+    if gradient_checkpointing:
+        # Frozen embeddings would give checkpointed blocks inputs without grad, and no gradient to the adapters.
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

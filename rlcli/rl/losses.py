@@ -1,0 +1,97 @@
+"""PPO-clip policy and value losses, averaged over model tokens (ppo-details item 11)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlcli.rl.masked import masked_mean, masked_var
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clip surrogate: masked mean of ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))``.
+
+    Args:
+        logprobs: ``[batch, response_len]`` float, current policy log-probs (carries the gradient).
+        old_logprobs: ``[batch, response_len]`` float, log-probs at rollout time (treated as constants).
+        advantages: ``[batch, response_len]`` float, usually whitened (treated as constants).
+        mask: ``[batch, response_len]`` 0/1 of any dtype, 1 on model tokens.
+        clip_range: eps.
+
+    Returns:
+        ``(loss, stats)``: ``loss`` is a 0-dim tensor; ``stats`` holds detached 0-dim tensors ``clipfrac``
+        (fraction of model tokens where the clipped term is the one used), ``approx_kl`` (masked mean of
+        ``0.5 * (logprobs - old_logprobs)**2``, as in lm-human-preferences) and ``ratio_mean``.
+    """
+    m = mask.to(device=logprobs.device, dtype=torch.bool)
+    # Zero the log-ratio at masked positions before exp: an inf there would turn into a NaN gradient.
+    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), m),
+            "approx_kl": masked_mean(0.5 * log_ratio.square(), m),
+            "ratio_mean": masked_mean(ratio, m),
+        }
+    return loss, stats
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range_value: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: ``0.5 * masked mean of max((v - R)**2, (clip(v, old - c, old + c) - R)**2)``.
+
+    Args:
+        values: ``[batch, response_len]`` float, current value predictions (carries the gradient).
+        old_values: ``[batch, response_len]`` float, value predictions at rollout time (constants).
+        returns: ``[batch, response_len]`` float, GAE returns (constants).
+        mask: ``[batch, response_len]`` 0/1 of any dtype, 1 on model tokens.
+        clip_range_value: c.
+
+    Returns:
+        ``(loss, stats)``: ``loss`` is a 0-dim tensor; ``stats["vf_clipfrac"]`` is a detached 0-dim tensor,
+        the fraction of model tokens where the clipped term is the one used.
+    """
+    m = mask.to(device=values.device, dtype=torch.bool)
+    old_values = old_values.detach()
+    returns = returns.detach()
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped = (values - returns).square()
+    clipped = (values_clipped - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), m)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), m)}
+    return loss, stats
+
+
+@torch.no_grad()
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var[returns - values] / Var[returns]`` over model tokens.
+
+    1 is a perfect value function, 0 no better than a constant, negative worse than one.
+
+    Args:
+        values: ``[batch, response_len]`` float.
+        returns: ``[batch, response_len]`` float.
+        mask: ``[batch, response_len]`` 0/1 of any dtype.
+
+    Returns:
+        0-dim float tensor; NaN when the returns have zero variance (the ratio is undefined).
+    """
+    values = values.detach().to(returns.dtype)
+    var_returns = masked_var(returns, mask)
+    ratio = masked_var(returns - values, mask) / var_returns
+    return torch.where(var_returns > 0, 1.0 - ratio, torch.full_like(ratio, float("nan")))

@@ -1,0 +1,89 @@
+"""Reductions and whitening over the positions a mask selects.
+
+Masks are 0/1 tensors of any dtype (bool, long, float) that broadcast against ``x``. Masked-out values never
+reach a result, not even as ``0 * nan``: they are replaced with ``torch.where`` before any arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _bool_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return mask.to(device=x.device, dtype=torch.bool)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the positions where ``mask`` is 1.
+
+    Args:
+        x: any shape, floating.
+        mask: same shape as ``x`` (or broadcastable to it), 0/1 of any dtype.
+        dim: dimension to reduce; ``None`` reduces everything to a scalar.
+
+    Returns:
+        ``x``'s shape with ``dim`` removed (a 0-dim tensor when ``dim`` is None), ``x``'s dtype.
+    """
+    selected = torch.where(_bool_mask(mask, x), x, torch.zeros_like(x))
+    return selected.sum() if dim is None else selected.sum(dim=dim)
+
+
+def _count(x: torch.Tensor, mask: torch.Tensor, dim: int | None) -> torch.Tensor:
+    m = torch.broadcast_to(_bool_mask(mask, x), x.shape).to(x.dtype)
+    return m.sum() if dim is None else m.sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1; 0 (not NaN) where the mask selects nothing.
+
+    Args:
+        x: any shape, floating.
+        mask: same shape as ``x`` (or broadcastable to it), 0/1 of any dtype.
+        dim: dimension to reduce; ``None`` reduces everything to a scalar.
+
+    Returns:
+        ``x``'s shape with ``dim`` removed (a 0-dim tensor when ``dim`` is None), ``x``'s dtype.
+    """
+    return masked_sum(x, mask, dim) / _count(x, mask, dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all positions where ``mask`` is 1.
+
+    Args:
+        x: any shape, floating.
+        mask: same shape as ``x`` (or broadcastable to it), 0/1 of any dtype.
+        unbiased: divide by ``n - 1`` (Bessel's correction) instead of ``n``.
+
+    Returns:
+        0-dim tensor, ``x``'s dtype; 0 when fewer than two positions (one, unbiased) are selected.
+    """
+    mean = masked_mean(x, mask)
+    n = _count(x, mask, None)
+    var = masked_sum((x - mean) ** 2, mask) / n.clamp(min=1)
+    if unbiased:
+        # n / max(n - 1, 1): leaves var = 0 (not 0 * inf) when one position or none is selected.
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, restore_mean: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to mean 0 and (unbiased) std 1 using statistics over the masked positions only.
+
+    Args:
+        x: any shape, floating, e.g. advantages ``[batch, response_len]``.
+        mask: same shape as ``x`` (or broadcastable to it), 0/1 of any dtype.
+        restore_mean: add the mean back after scaling, i.e. divide by the std without re-centring
+            (used for rewards, ppo-details.md item 9).
+        eps: added to the variance before the square root.
+
+    Returns:
+        ``x``'s shape and dtype; positions where ``mask`` is 0 are 0.
+    """
+    m = _bool_mask(mask, x)
+    mean = masked_mean(x, m)
+    var = masked_var(x, m)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if restore_mean:
+        whitened = whitened + mean
+    return torch.where(m, whitened, torch.zeros_like(whitened))

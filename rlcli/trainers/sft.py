@@ -1,0 +1,216 @@
+"""``rlcli sft``: supervised fine-tuning, full or LoRA, on an Accelerate loop.
+
+Why an Accelerate loop and not ``transformers.Trainer``: rlcli's contracts (a ``metrics.jsonl`` line per step
+with the same keys in every trainer, a global batch that is fixed whatever the number of processes, exact
+resume on CPU, one checkpoint layout shared with PPO) are each a few lines here and a set of callbacks and
+overrides there; PPO needs its own loop anyway, so SFT and PPO share the same pieces.
+
+Steps of ``train``:
+  1. check the recipe and the output dir; set up Accelerate and seeds
+  2. tokenizer, rows -> tokenized examples (train / eval)
+  3. model (+ LoRA), optimiser, LR schedule; restore a checkpoint on --resume
+  4. for each optimizer step: take the step's global batch from a seeded index stream, split it across
+     processes and into micro-batches, accumulate gradients with the loss normalised by the number of target
+     tokens in the *global* batch (so 1 process × 4 micro-batches == 2 processes × 2), clip, step
+  5. log, evaluate, checkpoint on schedule
+  6. save the final model in Hugging Face format
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rlcli.checkpoint import load_checkpoint, save_checkpoint
+from rlcli.config.common import world_size
+from rlcli.config.errors import RecipeError, Problem
+from rlcli.config.sft import SFTRecipe
+from rlcli.data.sft import IGNORE, TokenizedSet, collate, tokenize_rows
+from rlcli.data.sources import check_data_source, train_eval_rows
+from rlcli.logging import MetricsLog, TrainingProgress, console
+from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
+from rlcli.trainers.common import (
+    clear_output_dir,
+    describe_model,
+    load_trainable_state,
+    make_accelerator,
+    make_optimizer,
+    prepare_output_dir,
+    print_notes,
+    save_final_model,
+    start_trackers,
+    trainable_state,
+    write_recipe,
+)
+
+
+def preflight(recipe: SFTRecipe, source: str = "recipe") -> list[str]:
+    """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
+    task = "seq2seq" if recipe.model.architecture == "t5" else "causal"
+    problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
+    if problems:
+        raise RecipeError([Problem("", p, source) for p in problems])
+    accum = recipe.train.batch_size // (recipe.train.micro_batch_size * world_size())
+    return [
+        f"global batch {recipe.train.batch_size} = micro-batch {recipe.train.micro_batch_size} × "
+        f"{world_size()} process(es) × {accum} accumulation step(s)"
+    ]
+
+
+def index_stream(num_examples: int, seed: int, start: int, count: int) -> list[int]:
+    """Indices ``start .. start+count`` of an endless stream of seeded epoch permutations (no example dropped)."""
+    out, epoch = [], start // num_examples
+    offset = start % num_examples
+    while len(out) < count:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(num_examples, generator=g).tolist()
+        out.extend(perm[offset:])
+        offset, epoch = 0, epoch + 1
+    return out[:count]
+
+
+def _target_tokens(example: dict) -> int:
+    return sum(1 for t in example["labels"][1:] if t != IGNORE)
+
+
+def evaluate(model, data: TokenizedSet, accelerator, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean per-token loss over the eval set (sharded across processes, summed back)."""
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    total_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    mine = data.examples[accelerator.process_index :: accelerator.num_processes]
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i : i + batch_size]
+            n = sum(_target_tokens(ex) for ex in chunk)
+            batch = {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id).items()}
+            out = model(**batch, num_items_in_batch=max(n, 1))
+            total_loss += out.loss.double() * n
+            total_tokens += n
+    total_loss = accelerator.reduce(total_loss, "sum")
+    total_tokens = accelerator.reduce(total_tokens, "sum")
+    model.train()
+    loss = (total_loss / total_tokens.clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+
+
+def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
+    # step 1: checks, output dir, accelerator
+    preflight(recipe)
+    resume_from = prepare_output_dir(recipe, resume)
+    tcfg = recipe.train
+    accelerator = make_accelerator(recipe, tcfg.mixed_precision)
+    out = Path(recipe.output_dir)
+    if resume_from is None and accelerator.is_main_process:
+        clear_output_dir(out)
+    accelerator.wait_for_everyone()
+
+    # step 2: data
+    tokenizer = load_tokenizer(recipe.model, padding_side="right")
+    train_rows, eval_rows = train_eval_rows(recipe.data, recipe.seed)
+    train_set = tokenize_rows(train_rows, recipe.data, tokenizer, recipe.data.path)
+    eval_set = tokenize_rows(eval_rows, recipe.data, tokenizer, recipe.data.eval_path or recipe.data.path) if eval_rows else None
+    print_notes(train_set.notes, accelerator)
+    if len(train_set.examples) < tcfg.batch_size:
+        console.print(f"[yellow]note:[/] {len(train_set.examples)} training examples is fewer than one batch "
+                      f"({tcfg.batch_size}); batches repeat examples across epochs")
+
+    # step 3: model, optimiser, schedule, resume
+    task = "seq2seq" if recipe.model.architecture == "t5" else "causal"
+    if task != "causal":
+        raise RecipeError([Problem("model.architecture", "rlcli sft trains decoder-only (causal) models", "recipe")])
+    model = load_model(recipe.model, task, tokenizer)
+    if recipe.lora is not None:
+        model = apply_lora(model, recipe.lora, task, gradient_checkpointing=recipe.model.gradient_checkpointing)
+    full_state = recipe.lora is None or recipe.model.architecture is not None
+    steps_per_epoch = len(train_set.examples) / tcfg.batch_size
+    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    optimizer, scheduler = make_optimizer(model.parameters(), recipe.optim, total_steps)
+    start_step = 0
+    if resume_from is not None:
+        state, objects = load_checkpoint(resume_from, process_index=accelerator.process_index)
+        load_trainable_state(model, objects["model"])
+        optimizer.load_state_dict(objects["optimizer"])
+        scheduler.load_state_dict(objects["scheduler"])
+        start_step = state["step"]
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    write_recipe(recipe, accelerator)
+    start_trackers(accelerator, recipe)
+    log = MetricsLog(out, is_main=accelerator.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
+                     resume_step=start_step if resume_from else None)
+    if accelerator.is_main_process:
+        console.print(f"[bold]rlcli sft[/] {describe_model(model)}, {len(train_set.examples)} train examples"
+                      + (f", {len(eval_set.examples)} eval" if eval_set else "")
+                      + f", {total_steps} steps" + (f", resuming at step {start_step}" if start_step else ""))
+
+    # step 4: the loop
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    per_proc = tcfg.batch_size // procs
+    pad_id = tokenizer.pad_token_id
+    metrics: dict = {}
+    with TrainingProgress("sft", total_steps, enabled=accelerator.is_main_process and recipe.logging.progress,
+                          start=start_step, shown=("loss", "eval_loss", "lr")) as progress:
+        for step in range(start_step + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            indices = index_stream(len(train_set.examples), recipe.seed, (step - 1) * tcfg.batch_size, tcfg.batch_size)
+            batch = [train_set.examples[i] for i in indices]
+            global_tokens = sum(_target_tokens(ex) for ex in batch)
+            mine = batch[rank * per_proc : (rank + 1) * per_proc]
+            micro_batches = [mine[i : i + tcfg.micro_batch_size] for i in range(0, per_proc, tcfg.micro_batch_size)]
+            loss_sum = torch.zeros((), device=accelerator.device)
+            seen_tokens = 0
+            for i, micro in enumerate(micro_batches):
+                inputs = {k: v.to(accelerator.device) for k, v in collate(micro, pad_id).items()}
+                seen_tokens += int(inputs["attention_mask"].sum())
+                sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+                with sync:
+                    # loss = sum of token losses / target tokens of the global batch; DDP averages gradients
+                    # over processes, so scale by the process count to get the global sum back.
+                    loss = model(**inputs, num_items_in_batch=global_tokens).loss
+                    accelerator.backward(loss * procs)
+                loss_sum += loss.detach()
+            grad_norm = None
+            if recipe.optim.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # step 5: log, evaluate, checkpoint
+            step_loss = accelerator.reduce(loss_sum, "sum").item()
+            tokens = accelerator.reduce(torch.tensor(seen_tokens, device=accelerator.device), "sum").item()
+            seconds = time.perf_counter() - t0
+            if not math.isfinite(step_loss):
+                raise RuntimeError(f"non-finite training loss at step {step}: {step_loss} (lower optim.learning_rate?)")
+            metrics = {"loss": step_loss, "lr": lr, "epoch": step * tcfg.batch_size / len(train_set.examples),
+                       "tokens_per_s": tokens / seconds}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            if eval_set is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == total_steps):
+                metrics.update(evaluate(model, eval_set, accelerator, tcfg.eval_batch_size, pad_id))
+            if step % recipe.logging.log_every == 0 or step == total_steps or "eval_loss" in metrics:
+                log.log(step, metrics)
+            progress.update(step, metrics)
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
+                save_checkpoint(
+                    out, step, accelerator=accelerator, keep=tcfg.keep_checkpoints, state={},
+                    objects={"model": trainable_state(accelerator.unwrap_model(model), full_state),
+                             "optimizer": optimizer, "scheduler": scheduler},
+                )
+
+    # step 6: final model
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final_model(accelerator.unwrap_model(model), tokenizer, out,
+                         built_from_scratch=recipe.model.architecture is not None,
+                         merge=bool(recipe.lora and recipe.lora.merge_on_save))
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "eval_loss"))
+        console.print(f"[green]done[/]: {summary}; model saved to {out}")
+    accelerator.end_training()
+    return out

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+
+from rlcli.rl.losses import clipped_policy_loss, clipped_value_loss, explained_variance
+
+
+def test_policy_loss_without_clipping():
+    old = torch.tensor([[-1.0, -2.0]])
+    logp = (old + torch.tensor([[math.log(1.1), math.log(0.9)]])).requires_grad_(True)
+    advantages = torch.tensor([[1.0, -1.0]])
+    loss, stats = clipped_policy_loss(logp, old, advantages, torch.ones(1, 2), clip_range=0.2)
+    # ratios 1.1, 0.9 are inside [0.8, 1.2]: mean(-1 * 1.1, 1 * 0.9) = -0.1
+    torch.testing.assert_close(loss, torch.tensor(-0.1))
+    assert stats["clipfrac"].item() == 0.0
+    # 0.5 * mean(ln(1.1)^2, ln(0.9)^2) = 0.5 * (0.00908403 + 0.01110084) / 2
+    torch.testing.assert_close(stats["approx_kl"], torch.tensor(0.00504622))
+    torch.testing.assert_close(stats["ratio_mean"], torch.tensor(1.0))
+    loss.backward()
+    # d/dlogp of -A * ratio / 2 = -A * ratio / 2
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.55, 0.45]]))
+
+
+def test_policy_loss_with_clipping():
+    old = torch.zeros(1, 5)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5, 10.0]])).requires_grad_(True)
+    advantages = torch.tensor([[1.0, -1.0, -1.0, 1.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    loss, stats = clipped_policy_loss(logp, old, advantages, mask, clip_range=0.2)
+    # per token max(-A r, -A clip(r)): -1.2 (clipped), 0.8 (clipped), 1.5, -0.5; the masked token is ignored
+    torch.testing.assert_close(loss, torch.tensor((-1.2 + 0.8 + 1.5 - 0.5) / 4))
+    torch.testing.assert_close(stats["clipfrac"], torch.tensor(0.5))
+    torch.testing.assert_close(stats["ratio_mean"], torch.tensor(1.0))
+    assert not any(v.requires_grad for v in stats.values())
+    loss.backward()
+    # clipped tokens get no gradient; the others get -A * r / 4; the masked one none
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 0.375, -0.125, 0.0]]))
+
+
+def test_policy_loss_survives_inf_at_masked_positions():
+    logp = torch.tensor([[-1.0, 50.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -float("inf")]])
+    loss, _ = clipped_policy_loss(logp, old, torch.tensor([[1.0, 1.0]]), torch.tensor([[1, 0]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(logp.grad))
+
+
+def test_value_loss_with_clipping():
+    old = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.1, 0.5, 0.5, 9.0]], requires_grad=True)
+    returns = torch.tensor([[1.0, 1.0, 0.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = clipped_value_loss(values, old, returns, mask, clip_range_value=0.2)
+    # token 0: inside the clip range, 0.9^2 = 0.81
+    # token 1: max(0.5^2, (0.2 - 1)^2) = 0.64 (clipped term used)
+    # token 2: max(0.5^2, 0.2^2) = 0.25 (unclipped term used)
+    torch.testing.assert_close(loss, torch.tensor(0.5 * (0.81 + 0.64 + 0.25) / 3))
+    torch.testing.assert_close(stats["vf_clipfrac"], torch.tensor(1 / 3))
+    loss.backward()
+    # d/dv of 0.5 * (v - R)^2 / 3 = (v - R) / 3 where the unclipped term is used
+    torch.testing.assert_close(values.grad, torch.tensor([[-0.9 / 3, 0.0, 0.5 / 3, 0.0]]))
+
+
+def test_value_loss_without_clipping_is_half_mse():
+    old = torch.tensor([[1.0, 2.0]])
+    values = torch.tensor([[1.1, 1.9]])
+    returns = torch.tensor([[2.0, 1.0]])
+    loss, stats = clipped_value_loss(values, old, returns, torch.ones(1, 2), clip_range_value=0.2)
+    torch.testing.assert_close(loss, torch.tensor(0.5 * (0.81 + 0.81) / 2))
+    assert stats["vf_clipfrac"].item() == 0.0
+
+
+def test_explained_variance_by_hand():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0]])
+    values = torch.tensor([[1.0, 2.0, 3.0, 3.0, -100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    # residuals [0, 0, 0, 1]: var 0.25; var(returns) = 5/3; 1 - 0.25 / (5/3) = 0.85
+    torch.testing.assert_close(explained_variance(values, returns, mask), torch.tensor(0.85))
+    torch.testing.assert_close(explained_variance(returns, returns, mask), torch.tensor(1.0))
+    flat = torch.ones(1, 5)
+    assert math.isnan(explained_variance(values, flat, mask).item())
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long, torch.float32])
+def test_mask_dtypes(mask_dtype):
+    mask = torch.tensor([[1, 0]]).to(mask_dtype)
+    loss, _ = clipped_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[2.0, 5.0]]), mask)
+    torch.testing.assert_close(loss, torch.tensor(-2.0))
