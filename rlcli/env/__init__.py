@@ -1,0 +1,42 @@
+"""Text environments: a policy generates, calls tools (plain Python functions), reads their output, and goes on.
+
+- ``history``: ``TextHistory`` (prompt / model / tool segments, token masks, rich rendering, JSON round trip);
+- ``protocols``: how a tool call is written (``TagProtocol``: TRL tags, ``JsonProtocol``: ``<tool_call>`` JSON);
+- ``tools``: ``ToolRunner`` (time limits, outcomes as text, counts) and ``load_tool`` (recipe specs);
+- ``builtin_tools``: ``calculator``, ``python``, ``search``;
+- ``environment``: ``TextEnvironment`` (the batched multi-turn loop) and ``histories_to_rollout``.
+"""
+
+from rlcli.env.builtin_tools import BUILTIN_TOOLS, calculator, make_python_tool, make_search_tool, python
+from rlcli.env.environment import EnvStats, RowState, TextEnvironment, histories_to_rollout, left_pad
+from rlcli.env.history import Segment, Span, TextHistory, ToolCallRecord
+from rlcli.env.protocols import JsonProtocol, Malformed, Submit, TagProtocol, ToolCall, ToolCallProtocol, tool_schema
+from rlcli.env.tools import ToolOutcome, ToolResult, ToolRunner, load_tool
+
+__all__ = [
+    "BUILTIN_TOOLS",
+    "EnvStats",
+    "JsonProtocol",
+    "Malformed",
+    "RowState",
+    "Segment",
+    "Span",
+    "Submit",
+    "TagProtocol",
+    "TextEnvironment",
+    "TextHistory",
+    "ToolCall",
+    "ToolCallProtocol",
+    "ToolCallRecord",
+    "ToolOutcome",
+    "ToolResult",
+    "ToolRunner",
+    "calculator",
+    "histories_to_rollout",
+    "left_pad",
+    "load_tool",
+    "make_python_tool",
+    "make_search_tool",
+    "python",
+    "tool_schema",
+]

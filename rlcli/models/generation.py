@@ -14,8 +14,9 @@ the input, the attention mask and the KV cache (``Cache.batch_select_indices``),
 real token. ``drop_finished=False`` keeps them in the batch, fed pad tokens, which is what a naive padded loop
 does; it exists as the baseline that the position counters of ``SampleOutput`` are compared with.
 
-Sampling draws one uniform number per *original* row per step and inverts that row's CDF, so a row's tokens depend
-on its own logits, the generator's seed and its row index, never on which other rows are still in the batch.
+Randomness is per row: ``generator`` gives row i a seed (its i-th draw), and row i's own stream gives one uniform
+per step, which inverts that row's CDF. A row's tokens therefore depend on its logits, the generator's state and
+its index, never on the batch size, the padding or which other rows are still in the batch.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def sample(
         tokenizer: decodes new tokens for ``stop_strings``; required when they are given.
         min_new_tokens: EOS is masked out until a row has this many tokens (stop strings are not affected,
             as in Hugging Face ``generate``).
-        generator: source of randomness; the same generator state gives the same samples.
+        generator: source of randomness (a CPU generator); the same generator state gives the same samples.
         drop_finished: drop finished rows from the batch (default). False keeps them, fed pad tokens: the
             naive baseline, for benchmarks and tests.
 
@@ -117,6 +118,9 @@ def sample(
     stop_strings = tuple(s for s in stop_strings if s)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated tokens")
+    empty_rows = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(f"rows {empty_rows} have no real prompt token (attention_mask all 0)")
 
     was_training = model.training
     model.eval()
@@ -149,6 +153,11 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, temperature, to
 
     # `rows[i]` is the original index of batch row i; `alive[i]` is False only for finished rows that stay in the
     # batch (drop_finished=False).
+    # one seed per row, drawn in row order, so row i's stream does not depend on the batch size
+    row_generators = [
+        torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        for _ in range(batch_size)
+    ]
     rows = torch.tensor([i for i in range(batch_size) if budgets[i] > 0], dtype=torch.long)
     if len(rows) == 0:
         return _pack(tokens, logprobs, stop_reason, pad_token_id, counters)
@@ -168,9 +177,7 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, temperature, to
     logits = caller.prefill(seq_ids, seq_mask)
     step = 0
     while True:
-        # one uniform per original row, drawn whether or not the row is still here: rows do not share randomness
-        uniforms = torch.rand(batch_size, generator=generator, device=generator.device if generator else "cpu")
-        row_uniforms = uniforms[rows].to(device)
+        row_uniforms = torch.cat([torch.rand(1, generator=row_generators[r]) for r in rows.tolist()]).to(device)
         if min_new_tokens > step and eos_tensor is not None:
             sample_logits = logits.clone()
             sample_logits[:, eos_tensor] = float("-inf")
@@ -315,6 +322,7 @@ class _ModelCaller:
         if not self.cache_kwargs and takes_var_kwargs:
             self.cache_kwargs = ["cache", "past_key_values"]
         self.logits_to_keep = "logits_to_keep" in params
+        self.takes_use_cache = "use_cache" in params or takes_var_kwargs
         self.cache = None
         self.use_cache = bool(self.cache_kwargs)
 
@@ -323,7 +331,7 @@ class _ModelCaller:
         if cache_kwarg is not None:
             kwargs[cache_kwarg] = self.cache
             kwargs["use_cache"] = True
-        elif self.use_cache or self.cache_kwargs:
+        elif self.takes_use_cache:
             kwargs["use_cache"] = False
         if self.logits_to_keep:
             kwargs["logits_to_keep"] = 1

@@ -1,0 +1,307 @@
+"""``TextEnvironment``: batched multi-turn rollouts in which the model calls tools while it generates.
+
+Every episode is a row with an explicit state (``RowState``):
+
+    GENERATING --(turn ends in a tool call or a malformed call)--> WAITING_FOR_TOOL --(output appended)--> GENERATING
+        |                                                                 |
+        +--(submit / EOS / no call / max_length)--> DONE <--(max_turns / max_length reached)--+
+
+Each turn samples for all GENERATING rows at once with ``rlcli.models.generation.sample`` (stop strings = the
+protocol's call/submit markers; EOS stops too), then runs the tools of all WAITING_FOR_TOOL rows at once.
+
+Token bookkeeping, the contract PPO relies on:
+
+- the prompt is tokenised once (``add_special_tokens=True``) into a "prompt" segment;
+- the model's tokens are kept exactly as sampled (never re-tokenised from text) as a "model" segment;
+- tool output is formatted by the protocol, tokenised on its own (``add_special_tokens=False``) and appended as a
+  "tool" segment;
+- each turn the model's input is exactly the concatenation of every segment's ids so far.
+
+So ``history.token_ids`` is what the model saw, and ``histories_to_rollout`` hands PPO exactly those ids, with
+``tool_mask`` on the tool tokens (forced text: no policy loss, value loss or KL on them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+from rlcli.env.history import TextHistory, ToolCallRecord
+from rlcli.env.protocols import Malformed, Submit, ToolCall, ToolCallProtocol
+from rlcli.env.tools import ToolRunner
+from rlcli.models.generation import sample
+from rlcli.rl.types import Rollout
+
+
+class RowState(Enum):
+    GENERATING = "generating"
+    WAITING_FOR_TOOL = "waiting_for_tool"
+    DONE = "done"
+
+
+@dataclass
+class _Row:
+    history: TextHistory
+    state: RowState = RowState.GENERATING
+    pending: ToolCall | Malformed | None = None
+
+    def finish(self, reason: str) -> None:
+        self.history.finish_reason = reason
+        self.state = RowState.DONE
+        self.pending = None
+
+
+@dataclass(frozen=True)
+class EnvStats:
+    """What one ``TextEnvironment.run`` did; ``as_metrics()`` flattens it for a metrics sink."""
+
+    episodes: int
+    turns_per_episode: float
+    tool_calls_per_episode: float
+    tool_outcomes: dict[str, int]
+    finish_reasons: dict[str, int]
+    generated_tokens: int
+    tool_tokens: int
+    seconds: float
+    tokens_per_s: float
+    pad_fraction: float  # share of positions pushed through the model that were padding (prefill and decode)
+    tool_seconds: float = 0.0
+
+    def as_metrics(self, prefix: str = "env/") -> dict[str, float]:
+        metrics = {
+            f"{prefix}episodes": self.episodes,
+            f"{prefix}turns_per_episode": self.turns_per_episode,
+            f"{prefix}tool_calls_per_episode": self.tool_calls_per_episode,
+            f"{prefix}generated_tokens": self.generated_tokens,
+            f"{prefix}tool_tokens": self.tool_tokens,
+            f"{prefix}seconds": self.seconds,
+            f"{prefix}tool_seconds": self.tool_seconds,
+            f"{prefix}tokens_per_s": self.tokens_per_s,
+            f"{prefix}pad_fraction": self.pad_fraction,
+        }
+        metrics.update({f"{prefix}tool_{k}": v for k, v in self.tool_outcomes.items()})
+        metrics.update({f"{prefix}finish_{k}": v for k, v in self.finish_reasons.items()})
+        return metrics
+
+
+class TextEnvironment:
+    """Roll out a policy that calls tools, in batches.
+
+    Args:
+        model: a Hugging Face causal LM (see ``rlcli.models.generation.sample``).
+        tokenizer: its tokenizer; needs a pad token distinct from EOS.
+        tools: name -> callable (``str -> str``; the JSON protocol passes keyword arguments).
+        protocol: how calls are written and answered (``TagProtocol()``, ``JsonProtocol()``).
+        max_turns: generation turns per episode; a call made on the last turn is still answered, then it ends.
+        max_new_tokens: token budget of one turn.
+        max_tool_output_tokens: longer tool outputs are cut (and marked) before the protocol wraps them.
+        max_length: cap on an episode's total tokens, prompt included; prompts must be shorter.
+        few_shot_prefix: text put before every prompt (TRL's few-shot examples).
+        system_prompt: text put before the few-shot prefix, e.g. ``protocol.system_prompt(tools)``.
+        temperature, top_k, top_p: sampling settings.
+        eos_token_id: id(s) that end an episode; defaults to the tokenizer's EOS.
+        tool_timeout_s, tool_isolation: passed to ``ToolRunner``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        tools: Mapping[str, Callable[..., str]],
+        protocol: ToolCallProtocol,
+        *,
+        max_turns: int = 4,
+        max_new_tokens: int = 64,
+        max_tool_output_tokens: int = 64,
+        max_length: int = 512,
+        few_shot_prefix: str = "",
+        system_prompt: str = "",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        tool_timeout_s: float = 10.0,
+        tool_isolation: str = "fork",
+    ):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set one (distinct from EOS) before rollouts")
+        if max_turns < 1 or max_new_tokens < 1 or max_length < 2:
+            raise ValueError(f"need max_turns >= 1, max_new_tokens >= 1, max_length >= 2; got {max_turns}, "
+                             f"{max_new_tokens}, {max_length}")
+        max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(max_positions, int) and max_length > max_positions:
+            raise ValueError(f"max_length={max_length} is more than the model's {max_positions} positions")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.protocol = protocol
+        self.runner = ToolRunner(tools, timeout_s=tool_timeout_s, max_output_tokens=max_tool_output_tokens,
+                                 tokenizer=tokenizer, isolation=tool_isolation)
+        self.max_turns = max_turns
+        self.max_new_tokens = max_new_tokens
+        self.max_length = max_length
+        self.prefix = system_prompt + few_shot_prefix
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.last_stats: EnvStats | None = None
+
+    @property
+    def tools(self) -> dict[str, Callable[..., str]]:
+        return self.runner.tools
+
+    def run(
+        self,
+        prompts: Sequence[str],
+        rows: Sequence[dict[str, Any]] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[TextHistory]:
+        """Run one episode per prompt until every episode is DONE; ``rows`` (dataset rows) land in ``history.meta``.
+
+        Stats of the run are left in ``self.last_stats``.
+        """
+        if rows is not None and len(rows) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(rows)} rows")
+        start = time.perf_counter()
+        positions = Counter()
+        episodes = [self._start_episode(i, p, rows[i] if rows is not None else {}) for i, p in enumerate(prompts)]
+        tool_seconds = 0.0
+
+        while True:
+            generating = [e for e in episodes if e.state is RowState.GENERATING]
+            if not generating:
+                break
+            self._generate_turn(generating, generator, positions)
+            waiting = [e for e in episodes if e.state is RowState.WAITING_FOR_TOOL]
+            if waiting:
+                tool_start = time.perf_counter()
+                self._answer_tools(waiting)
+                tool_seconds += time.perf_counter() - tool_start
+
+        histories = [e.history for e in episodes]
+        self.last_stats = _stats(histories, positions, time.perf_counter() - start, tool_seconds)
+        return histories
+
+    # the two phases of a turn -----------------------------------------------------------------------------------
+
+    def _start_episode(self, index: int, prompt: str, row: dict[str, Any]) -> _Row:
+        text = self.prefix + prompt
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) >= self.max_length:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens (few-shot prefix and system prompt included); "
+                             f"max_length={self.max_length} leaves no room to generate")
+        history = TextHistory(meta=dict(row))
+        history.append("prompt", text, ids)
+        return _Row(history)
+
+    def _generate_turn(self, episodes: list[_Row], generator, positions: Counter) -> None:
+        """GENERATING -> WAITING_FOR_TOOL or DONE for every row given."""
+        contexts = [e.history.token_ids for e in episodes]
+        budgets = [min(self.max_new_tokens, self.max_length - len(ids)) for ids in contexts]
+        input_ids, attention_mask = left_pad(contexts, self.pad_token_id)
+        out = sample(
+            self.model, input_ids, attention_mask, budgets, **self.sampling,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            stop_strings=self.protocol.stop_strings, tokenizer=self.tokenizer, generator=generator,
+        )
+        positions["prefill"] += out.prefill_positions
+        positions["prefill_pad"] += out.prefill_pad_positions
+        positions["decode"] += out.computed_positions
+        positions["decode_pad"] += out.padded_positions
+        for i, episode in enumerate(episodes):
+            history = episode.history
+            new_ids = out.response_ids[i, : out.num_generated[i]].tolist()
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=False)
+            history.append("model", text, new_ids)
+            history.num_turns += 1
+            full = len(history.token_ids) >= self.max_length
+            if out.stop_reason[i] == "eos":
+                episode.finish("eos")
+                continue
+            parsed = self.protocol.parse(text)
+            if isinstance(parsed, Submit):
+                episode.finish("submit")
+            elif isinstance(parsed, (ToolCall, Malformed)) and not full:
+                episode.pending, episode.state = parsed, RowState.WAITING_FOR_TOOL
+            else:
+                episode.finish("max_length" if full else "no_call")
+
+    def _answer_tools(self, episodes: list[_Row]) -> None:
+        """WAITING_FOR_TOOL -> GENERATING or DONE: run every pending call, append the answers as tool segments."""
+        results = self.runner.run_many([e.pending for e in episodes])
+        for episode, result in zip(episodes, results):
+            history, call = episode.history, episode.pending
+            text = self.protocol.format_response(result.output)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            room = self.max_length - len(history.token_ids)
+            if len(ids) > room:  # the episode ends here anyway; keep the total under max_length
+                ids = ids[:room]
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            if ids:
+                history.append("tool", text, ids)
+            name, arguments = (call.name, call.arguments) if isinstance(call, ToolCall) else ("", None)
+            history.tool_calls.append(ToolCallRecord(name, arguments, result.output, result.status.value))
+            if len(history.token_ids) >= self.max_length:
+                episode.finish("max_length")
+            elif history.num_turns >= self.max_turns:
+                episode.finish("max_turns")
+            else:
+                episode.pending, episode.state = None, RowState.GENERATING
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of ids -> ``input_ids`` [B, L] left-padded with ``pad_token_id`` and ``attention_mask`` [B, L]."""
+    width = max((len(s) for s in sequences), default=0)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+            attention_mask[row, width - len(seq):] = 1
+    return input_ids, attention_mask
+
+
+def histories_to_rollout(histories: Sequence[TextHistory], pad_token_id: int) -> Rollout:
+    """Finished episodes -> a ``Rollout``: query = the leading prompt segment(s), left-padded; response = everything
+    after it (model and tool tokens), right-padded; ``tool_mask`` = 1 on tool tokens."""
+    query_ids, query_mask = left_pad([h.prompt_ids for h in histories], pad_token_id)
+    responses = [h.response_ids for h in histories]
+    width = max((len(r) for r in responses), default=0)
+    response_ids = torch.full((len(histories), width), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(histories), width), dtype=torch.long)
+    tool_mask = torch.zeros((len(histories), width), dtype=torch.long)
+    for row, history in enumerate(histories):
+        n_prompt = len(history.prompt_ids)
+        ids = history.token_ids[n_prompt:]
+        if not ids:
+            continue
+        response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        response_mask[row, : len(ids)] = 1
+        tool_mask[row, : len(ids)] = torch.tensor(history.tool_mask[n_prompt:], dtype=torch.long)
+    return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                   response_mask=response_mask, tool_mask=tool_mask)
+
+
+def _stats(histories: list[TextHistory], positions: Counter, seconds: float, tool_seconds: float) -> EnvStats:
+    n = max(len(histories), 1)
+    generated = sum(sum(h.token_mask) for h in histories)
+    computed = positions["prefill"] + positions["decode"]
+    padding = positions["prefill_pad"] + positions["decode_pad"]
+    return EnvStats(
+        episodes=len(histories),
+        turns_per_episode=sum(h.num_turns for h in histories) / n,
+        tool_calls_per_episode=sum(len(h.tool_calls) for h in histories) / n,
+        tool_outcomes=dict(Counter(c.status for h in histories for c in h.tool_calls)),
+        finish_reasons=dict(Counter(h.finish_reason for h in histories)),
+        generated_tokens=generated,
+        tool_tokens=sum(sum(h.tool_mask) for h in histories),
+        seconds=seconds,
+        tokens_per_s=generated / seconds if seconds > 0 else 0.0,
+        pad_fraction=padding / computed if computed else 0.0,
+        tool_seconds=tool_seconds,
+    )

@@ -1,0 +1,85 @@
+"""Recipe loading: overrides, type errors, unknown keys with did-you-mean, YAML errors with lines."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlcli.config import RecipeError, load_recipe
+from rlcli.config.loader import parse_override
+from rlcli.config.sft import SFTRecipe
+
+BASE = """\
+output_dir: runs/x
+model:
+  architecture: gpt2
+data:
+  path: data/tiny/sft.jsonl
+train:
+  batch_size: 32
+  micro_batch_size: 8
+"""
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_overrides_parse_as_yaml_scalars():
+    assert parse_override("train.batch_size=64") == ("train.batch_size", 64)
+    assert parse_override("optim.learning_rate=3e-4") == ("optim.learning_rate", 3e-4)
+    assert parse_override("lora.target_modules=[q_proj, v_proj]") == ("lora.target_modules", ["q_proj", "v_proj"])
+    assert parse_override("data.packing=true") == ("data.packing", True)
+    assert parse_override("output_dir=runs/a") == ("output_dir", "runs/a")
+
+
+def test_overrides_apply_and_defaults_fill(tmp_path):
+    r = load_recipe(SFTRecipe, _write(tmp_path, BASE), ["train.batch_size=64", "optim.learning_rate=1e-5", "seed=7"])
+    assert r.train.batch_size == 64 and r.optim.learning_rate == 1e-5 and r.seed == 7
+    assert r.train.mixed_precision == "no" and r.data.format == "auto"
+
+
+def test_yaml_1_1_quirks(tmp_path):
+    r = load_recipe(SFTRecipe, _write(tmp_path, BASE + "  mixed_precision: no\noptim:\n  learning_rate: 1e-5\n"))
+    assert r.train.mixed_precision == "no" and r.optim.learning_rate == 1e-5
+
+
+def test_all_problems_reported_together_with_lines_and_suggestions(tmp_path):
+    text = BASE.replace("  path:", "  formt: text\n  path:") + "optim:\n  lerning_rate: 0.1\n"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(SFTRecipe, _write(tmp_path, text), ["train.epochs=abc"])
+    problems = {p.key: p for p in err.value.problems}
+    assert set(problems) == {"data.formt", "optim.lerning_rate", "train.epochs"}
+    assert "did you mean 'format'" in problems["data.formt"].message and problems["data.formt"].line == 5
+    assert "did you mean 'learning_rate'" in problems["optim.lerning_rate"].message
+    assert problems["train.epochs"].source == "command line"
+
+
+def test_batch_arithmetic_quotes_values(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(SFTRecipe, _write(tmp_path, BASE), ["train.batch_size=30"])
+    msg = str(err.value)
+    assert "train" in msg and "batch_size=30" in msg and "micro_batch_size" in msg
+
+
+def test_batch_arithmetic_uses_world_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(RecipeError, match="8 × 3 = 24"):
+        load_recipe(SFTRecipe, _write(tmp_path, BASE))
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(SFTRecipe, _write(tmp_path, BASE + "seed: 1: 2\n"))
+    assert err.value.problems[0].line == 9 and "YAML syntax error" in str(err.value)
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    with pytest.raises(RecipeError, match="exactly one of 'name_or_path'"):
+        load_recipe(SFTRecipe, _write(tmp_path, BASE), ["model.name_or_path=gpt2"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(SFTRecipe, tmp_path / "nope.yaml")

@@ -1,0 +1,46 @@
+"""Shared test helpers: run the real CLI, write recipes, read metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_GPT2 = {"architecture": "gpt2", "tokenizer": "byte",
+             "config": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m rlcli ARGS`` as a user would, with a wide terminal so messages do not wrap."""
+    full_env = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "rlcli", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def plain(text: str) -> str:
+    """Output with rich box characters removed and whitespace collapsed, for substring assertions."""
+    return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", text)).strip()
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
