@@ -86,6 +86,34 @@ def sft(
     _run(SFTRecipe, config, overrides, dry_run, trainer.preflight, trainer.train, resume)
 
 
+@app.command()
+def rm(
+    config: Path = CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+    resume: bool = RESUME,
+) -> None:
+    """Reward model (full or LoRA) from preference pairs: prompt + chosen / rejected, text or chat."""
+    from rlcli.config.rm import RMRecipe
+    from rlcli.trainers import rm as trainer
+
+    _run(RMRecipe, config, overrides, dry_run, trainer.preflight, trainer.train, resume)
+
+
+@app.command()
+def ppo(
+    config: Path = CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+    resume: bool = RESUME,
+) -> None:
+    """KL-penalised PPO with a value head, against a reward function or a reward model."""
+    from rlcli.config.ppo import PPORecipe
+    from rlcli.trainers import ppo as trainer
+
+    _run(PPORecipe, config, overrides, dry_run, trainer.preflight, trainer.train, resume)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"rlcli {__version__}")

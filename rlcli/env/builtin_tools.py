@@ -109,16 +109,24 @@ def _format_number(value: int | float) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # python
 
-# Runs inside the sandbox interpreter before the user's code: limits first, then the code as __main__.
+# Runs inside the sandbox interpreter before the user's code: limits first, then the code as __main__ from main.py,
+# with tracebacks that start at the user's code (the launcher's own frame is skipped).
 _LAUNCHER = """
-import resource, runpy, sys
+import resource, sys, traceback
 memory, cpu, fsize = {memory}, {cpu}, {fsize}
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-del resource, memory, cpu, fsize
 sys.argv = ["main.py"]
-runpy.run_path("main.py", run_name="__main__")
+with open("main.py", encoding="utf-8") as f:
+    source = f.read()
+try:
+    exec(compile(source, "main.py", "exec"), {{"__name__": "__main__", "__builtins__": __builtins__}})
+except SystemExit:
+    raise
+except BaseException as exc:
+    traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
+    sys.exit(1)
 """
 
 
@@ -130,10 +138,11 @@ def make_python_tool(
     Each call: a new temporary working directory (deleted afterwards), ``python -I`` (no user site, no PYTHON*
     variables, no current directory on ``sys.path``), ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` and a wall-clock
     limit of ``timeout_s``, files (stdout included) capped at ``max_file_mb``. stdout and stderr come back together,
-    cut to ``max_output_chars``. Running past the time limit raises ``TimeoutError``.
+    cut to ``max_output_chars`` (its start and its end are kept). Running past the time limit raises ``TimeoutError``.
     """
     launcher = _LAUNCHER.format(
-        memory=memory_mb * 2**20, cpu=max(1, math.ceil(timeout_s)), fsize=max_file_mb * 2**20
+        # the CPU limit is only a backstop behind the wall-clock one (threads can burn CPU faster than wall time)
+        memory=memory_mb * 2**20, cpu=math.ceil(timeout_s) + 1, fsize=max_file_mb * 2**20
     )
 
     def python(code: str) -> str:
@@ -158,11 +167,12 @@ def make_python_tool(
                     start_new_session=True,  # its own process group, killed as a whole on timeout
                 )
                 returncode = _wait_then_kill_group(proc, timeout_s)
-            if returncode is None:
+            if returncode is None or returncode == -signal.SIGXCPU:
                 raise TimeoutError(f"the code did not finish within {timeout_s:g} s")
-            output = out_path.read_bytes()[: 4 * max_output_chars + 4].decode("utf-8", errors="replace")
-        if len(output) > max_output_chars:
-            output = output[:max_output_chars] + "\n[output truncated]"
+            output = out_path.read_bytes().decode("utf-8", errors="replace")
+        if len(output) > max_output_chars:  # keep both ends: the start of the output and the end of a traceback
+            head, tail = output[: max_output_chars // 2], output[-(max_output_chars - max_output_chars // 2):]
+            output = f"{head}\n[... output truncated ...]\n{tail}"
         if returncode < 0:
             output += f"\n[killed by signal {signal.Signals(-returncode).name}]"
         return output if output.strip() else "(no output)"
@@ -241,7 +251,8 @@ class _BM25:
         out = []
         for tf, length in zip(self.tfs, self.lengths):
             norm = self.k1 * (1 - self.b + self.b * length / self.avg_length)
-            out.append(sum(self.idf.get(t, 0.0) * tf[t] * (self.k1 + 1) / (tf[t] + norm) for t in set(query) if t in tf))
+            terms = (t for t in set(query) if t in tf)
+            out.append(sum(self.idf.get(t, 0.0) * tf[t] * (self.k1 + 1) / (tf[t] + norm) for t in terms))
         return out
 
 

@@ -95,7 +95,7 @@ class TextEnvironment:
 
     Args:
         model: a Hugging Face causal LM (see ``rlcli.models.generation.sample``).
-        tokenizer: its tokenizer; needs a pad token distinct from EOS.
+        tokenizer: its tokenizer; needs a pad token (masks come from the segments, never from `ids != pad`).
         tools: name -> callable (``str -> str``; the JSON protocol passes keyword arguments).
         protocol: how calls are written and answered (``TagProtocol()``, ``JsonProtocol()``).
         max_turns: generation turns per episode; a call made on the last turn is still answered, then it ends.

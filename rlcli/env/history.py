@@ -206,7 +206,8 @@ def _spans(segments: list[Segment], length) -> list[Span]:
 
 
 def _legend() -> Text:
-    legend = Text("legend: ", style="dim")
+    legend = Text()
+    legend.append("legend: ", style="dim")
     for source in SOURCES:
         legend.append(f" {source} ", style=STYLES[source][0])
         legend.append(" ")

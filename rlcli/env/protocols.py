@@ -189,7 +189,7 @@ def tool_schema(fn: Callable, name: str | None = None) -> dict[str, Any]:
     The description is the docstring's first paragraph; parameter descriptions come from a Google-style ``Args:``
     section when there is one. Unannotated parameters are typed ``string`` (tools are ``str -> str``).
     """
-    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
+    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
     try:
         hints = typing.get_type_hints(target)
     except Exception:  # unresolvable annotations only cost us the types

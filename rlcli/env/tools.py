@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from rlcli.env.protocols import Malformed, ToolCall
 
@@ -148,24 +148,31 @@ class ToolRunner:
             else:
                 jobs = [_ForkedCall(fn, call.arguments, self.max_transfer_chars) for _, fn, call in chunk]
                 raw = [job.wait(self.timeout_s) for job in jobs]
-            for (i, _, _), (status, text, seconds) in zip(chunk, raw):
-                results[i] = self._count(self._truncate(ToolResult(text, status, seconds)))
+            for (i, _, _), r in zip(chunk, raw):
+                result = self._truncate(ToolResult(r.text, r.status, r.seconds), r.cut_chars)
+                if r.note:  # after truncation, so the model always sees it
+                    output = f"{result.output}\n{r.note}" if result.output else r.note
+                    result = ToolResult(output, result.status, r.seconds)
+                results[i] = self._count(result)
         return results  # type: ignore[return-value]
 
-    def _truncate(self, result: ToolResult) -> ToolResult:
+    def _truncate(self, result: ToolResult, cut_chars: int = 0) -> ToolResult:
+        """Cut to ``max_output_tokens``; ``cut_chars``: characters the child already dropped before sending."""
         # Only what the tool itself returned is capped; our own error texts are short by construction.
         if result.status not in (ToolOutcome.OK, ToolOutcome.BAD_OUTPUT):
             return result
         text, cap = result.output, self.max_output_tokens
         if self.tokenizer is not None:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) <= cap:
+            if len(ids) <= cap and not cut_chars:
                 return result
             kept, dropped = self.tokenizer.decode(ids[:cap]), f"{len(ids) - cap} tokens"
         else:
-            if len(text) <= 4 * cap:
+            if len(text) <= 4 * cap and not cut_chars:
                 return result
             kept, dropped = text[: 4 * cap], f"{len(text) - 4 * cap} characters"
+        if cut_chars:
+            dropped += f" and {cut_chars} more characters"
         status = ToolOutcome.TRUNCATED if result.status is ToolOutcome.OK else result.status
         return ToolResult(f"{kept}\n[truncated: {dropped} cut]", status, result.seconds)
 
@@ -174,20 +181,32 @@ class ToolRunner:
         return result
 
 
-def _invoke(fn: Tool, arguments: str | dict[str, Any]) -> tuple[ToolOutcome, str]:
+class _Raw(NamedTuple):
+    """A call's result before truncation. ``note`` explains a converted non-string result; ``cut_chars`` counts the
+    characters a forked child dropped so as not to push megabytes through the pipe."""
+
+    status: ToolOutcome
+    text: str
+    note: str
+    seconds: float
+    cut_chars: int = 0
+
+
+def _invoke(fn: Tool, arguments: str | dict[str, Any]) -> tuple[ToolOutcome, str, str]:
+    """-> (status, text, note); the note explains a conversion of a non-string result."""
     try:
         value = fn(**arguments) if isinstance(arguments, dict) else fn(arguments)
         return _coerce(value)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt from a tool are errors too
-        return ToolOutcome.ERROR, error_text(exc)
+        return ToolOutcome.ERROR, error_text(exc), ""
 
 
-def _coerce(value: Any) -> tuple[ToolOutcome, str]:
+def _coerce(value: Any) -> tuple[ToolOutcome, str, str]:
     if isinstance(value, str):
-        return ToolOutcome.OK, value
+        return ToolOutcome.OK, value, ""
     type_name = type(value).__name__
     if value is None:
-        return ToolOutcome.BAD_OUTPUT, "[note: the tool returned None, expected str]"
+        return ToolOutcome.BAD_OUTPUT, "", "[note: the tool returned None, expected str]"
     if isinstance(value, bytes):
         text = value.decode("utf-8", errors="replace")
     elif isinstance(value, (dict, list, tuple, int, float, bool)):
@@ -197,21 +216,20 @@ def _coerce(value: Any) -> tuple[ToolOutcome, str]:
             text = str(value)
     else:
         text = str(value)
-    return ToolOutcome.BAD_OUTPUT, f"{text}\n[note: the tool returned {type_name}, expected str; converted]"
+    return ToolOutcome.BAD_OUTPUT, text, f"[note: the tool returned {type_name}, expected str; converted]"
 
 
-def _call_inline(fn: Tool, arguments) -> tuple[ToolOutcome, str, float]:
+def _call_inline(fn: Tool, arguments) -> _Raw:
     start = time.monotonic()
-    status, text = _invoke(fn, arguments)
-    return status, text, time.monotonic() - start
+    status, text, note = _invoke(fn, arguments)
+    return _Raw(status, text, note, time.monotonic() - start)
 
 
 def _child_main(fn: Tool, arguments, conn, max_chars: int) -> None:
     os.setsid()  # own process group: killing it also kills whatever the tool started
-    status, text, seconds = _call_inline(fn, arguments)
-    if len(text) > max_chars:
-        text = text[:max_chars] + "\n[output cut in transfer]"
-    conn.send((status.value, text, seconds))
+    raw = _call_inline(fn, arguments)
+    cut = max(0, len(raw.text) - max_chars)
+    conn.send((raw.status.value, raw.text[:max_chars], raw.note, raw.seconds, cut))
     conn.close()
 
 
@@ -227,19 +245,20 @@ class _ForkedCall:
         self.process.start()
         sender.close()  # so the parent sees EOF if the child dies without answering
 
-    def wait(self, timeout_s: float) -> tuple[ToolOutcome, str, float]:
+    def wait(self, timeout_s: float) -> _Raw:
         deadline = self.started + timeout_s
         try:
             if self.receiver.poll(max(0.0, deadline - time.monotonic())):
                 try:
-                    status, text, seconds = self.receiver.recv()
-                    return ToolOutcome(status), text, seconds
+                    status, text, note, seconds, cut = self.receiver.recv()
+                    return _Raw(ToolOutcome(status), text, note, seconds, cut)
                 except EOFError:
                     self.process.join(timeout=1.0)
                     code = self.process.exitcode
-                    return ToolOutcome.ERROR, f"Error: the tool process died (exit code {code})", self._elapsed()
-            return ToolOutcome.TIMEOUT, f"Error: TimeoutError: the tool did not finish within {timeout_s:g} s", \
-                self._elapsed()
+                    return _Raw(ToolOutcome.ERROR, f"Error: the tool process died (exit code {code})", "",
+                                self._elapsed())
+            message = f"Error: TimeoutError: the tool did not finish within {timeout_s:g} s"
+            return _Raw(ToolOutcome.TIMEOUT, message, "", self._elapsed())
         finally:
             self._reap()
 

@@ -32,7 +32,7 @@ STOP_REASONS = ("eos", "stop_string", "length")
 
 @dataclass(frozen=True)
 class SampleOutput:
-    """What ``sample()`` generated. B = batch, R = longest response.
+    """What ``sample()`` generated, on the CPU. B = batch, R = longest response.
 
     - ``response_ids``  [B, R] long: new tokens, **right**-padded with the pad id. An EOS that ended a row is kept
       (it is a real model token); so is the token that completed a stop string.
@@ -100,7 +100,7 @@ def sample(
         tokenizer: decodes new tokens for ``stop_strings``; required when they are given.
         min_new_tokens: EOS is masked out until a row has this many tokens (stop strings are not affected,
             as in Hugging Face ``generate``).
-        generator: source of randomness (a CPU generator); the same generator state gives the same samples.
+        generator: source of randomness; the same generator state gives the same samples.
         drop_finished: drop finished rows from the batch (default). False keeps them, fed pad tokens: the
             naive baseline, for benchmarks and tests.
 
@@ -151,13 +151,14 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, temperature, to
     stop_reason: list[str | None] = ["length" if b <= 0 else None for b in budgets]
     counters = dict(computed=0, padded=0, prefill=0, prefill_pad=0)
 
-    # `rows[i]` is the original index of batch row i; `alive[i]` is False only for finished rows that stay in the
-    # batch (drop_finished=False).
     # one seed per row, drawn in row order, so row i's stream does not depend on the batch size
+    seed_device = generator.device if generator is not None else "cpu"
     row_generators = [
-        torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device)))
         for _ in range(batch_size)
     ]
+    # `rows[i]` is the original index of batch row i; `alive[i]` is False only for finished rows that stay in the
+    # batch (drop_finished=False).
     rows = torch.tensor([i for i in range(batch_size) if budgets[i] > 0], dtype=torch.long)
     if len(rows) == 0:
         return _pack(tokens, logprobs, stop_reason, pad_token_id, counters)
@@ -165,7 +166,7 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, temperature, to
     seq_mask = attention_mask[rows].to(device=device, dtype=torch.long)
     # Columns that are padding in every remaining row carry nothing: drop them (positions come from the cumsum, so
     # nothing else changes).
-    first_real = int((seq_mask.sum(0) > 0).nonzero()[0]) if seq_mask.any() else seq_mask.shape[1] - 1
+    first_real = int((seq_mask.sum(0) > 0).nonzero()[0])
     seq_ids, seq_mask = seq_ids[:, first_real:], seq_mask[:, first_real:]
     alive = torch.ones(len(rows), dtype=torch.bool, device=device)
     eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None

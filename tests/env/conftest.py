@@ -98,4 +98,4 @@ def model(tok):
 @pytest.fixture
 def scripted(tok):
     """``scripted(plans)`` -> a ScriptedLM over a fresh tiny GPT-2."""
-    return lambda plans: ScriptedLM(tiny_gpt2(tok), tok, plans)
+    return lambda plans: ScriptedLM(tiny_gpt2(tok), tok, plans).eval()

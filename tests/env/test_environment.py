@@ -167,7 +167,8 @@ def test_huge_output_is_cut_to_the_token_cap(tok, scripted):
     tool_segment = next(s for s in history.segments if s.source == "tool")
     cut_output = history.tool_calls[0].output
     assert cut_output.startswith("y" * 32) and not cut_output.startswith("y" * 33)
-    marker = len(ids(tok, "\n[truncated: 4968 tokens cut]<response>"))
+    assert cut_output.endswith("\n[truncated: 4064 tokens and 904 more characters cut]")
+    marker = len(ids(tok, "\n[truncated: 4064 tokens and 904 more characters cut]<response>"))
     assert len(tool_segment.token_ids) == 32 + marker
 
 

@@ -112,7 +112,7 @@ class BatchRecorder(torch.nn.Module):
 def test_finished_rows_leave_the_batch(model, tok):
     input_ids, mask = encode(tok, ["a", "bb", "ccc", "dddd"])
     budgets = [2, 30, 8, 0]
-    recorder = BatchRecorder(model)
+    recorder = BatchRecorder(model).eval()
     lean = run(recorder, tok, input_ids, mask, max_new_tokens=budgets, eos_token_id=None)
     naive = run(model, tok, input_ids, mask, max_new_tokens=budgets, eos_token_id=None, drop_finished=False)
 

@@ -1,0 +1,182 @@
+"""The ``rlcli ppo`` recipe."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from rlcli.config.common import (
+    DataSource,
+    LoraConfig,
+    MixedPrecision,
+    ModelConfig,
+    OptimConfig,
+    RecipeBase,
+    Section,
+    _no_means_no,
+    world_size,
+)
+
+
+class PromptData(DataSource):
+    """Prompts (queries) to generate from, one per row; the whole row is passed to a function reward."""
+
+    prompt_field: str | None = None
+    """Column with the prompt text. Default: ``prompt``, else ``query``, else ``text``."""
+    prompt_length: tuple[int, int] | None = None
+    """Sample each prompt's length uniformly in [min, max] tokens and keep that many leading tokens (IMDB-style
+    review prefixes). Null: use the whole prompt."""
+    max_prompt_length: int = Field(256, gt=0)
+    """Prompts longer than this keep their last tokens (what the model continues from)."""
+    chat_template: bool = False
+    """Wrap each prompt as a user message with the tokenizer's chat template (and the assistant prefix)."""
+
+    @field_validator("prompt_length")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and not (0 < v[0] <= v[1]):
+            raise ValueError(f"prompt_length must be [min, max] with 0 < min <= max, got {list(v)}")
+        return v
+
+
+class GenerationConfig(Section):
+    """Sampling for rollouts. The defaults sample the full distribution (ppo-details item 4); log-probs in the
+    loss use the same temperature."""
+
+    max_new_tokens: int = Field(32, gt=0)
+    min_new_tokens: int = Field(0, ge=0)
+    """EOS is suppressed until a response has this many tokens."""
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    """0: no top-k filtering."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop_strings: list[str] = Field(default_factory=list)
+    """A response ends at the first of these (kept in the text)."""
+    stop_at_eos: bool = True
+    """End a response at EOS (the EOS token is kept: the model learns to stop)."""
+
+
+class RewardConfig(Section):
+    """Where scores come from: a Python function or a sequence-classifier reward model (exactly one)."""
+
+    function: str | None = None
+    """``path/to/file.py:name`` or ``module:name``: called as ``fn(prompts, responses, rows)`` (any subset of
+    those keyword names) and returning one float per sample."""
+    model: str | None = None
+    """Reward model: an ``rlcli rm`` output dir or a hub id of a sequence classifier."""
+    label: str | int | None = None
+    """Output of the reward model to use: index or label name (``POSITIVE``). Default: the only / first output."""
+    normalize: bool = False
+    """Normalise reward-model scores with the mean/std saved by ``rlcli rm``."""
+    batch_size: int = Field(32, gt=0)
+    """Texts per reward-model forward pass."""
+    input: Literal["prompt_and_response", "response"] = "prompt_and_response"
+    """What the reward model reads."""
+    truncate_at: list[str] = Field(default_factory=list)
+    """'EOS trick': score the response cut at the first of these strings (in addition to stop strings)."""
+    missing_eos_penalty: float | None = None
+    """Score given to responses that did not stop (no EOS / stop string) instead of their reward."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardConfig":
+        if (self.function is None) == (self.model is None):
+            raise ValueError(f"give exactly one of 'function' or 'model'; got function={self.function!r}, "
+                             f"model={self.model!r}")
+        return self
+
+
+class KLConfig(Section):
+    """KL penalty against the reference model: per-token reward -β·KL_t (ppo-details item 6)."""
+
+    coef: float = Field(0.05, ge=0)
+    """β, or its starting value when adaptive."""
+    adaptive: bool = False
+    """Adapt β towards ``target`` (Ziegler et al.)."""
+    target: float = Field(6.0, gt=0)
+    """Target KL per sequence (summed over tokens) for adaptive β."""
+    horizon: int = Field(10000, gt=0)
+    """Adaptive β horizon, in episodes."""
+    estimator: Literal["k1", "abs", "k2", "mse", "k3", "full"] = "k1"
+    """Per-token KL estimator in the reward: k1 = log π − log π_ref; full = exact KL over the vocabulary."""
+
+
+class PPOAlgo(Section):
+    """The PPO optimisation."""
+
+    steps: int = Field(100, gt=0)
+    """PPO steps (each: one batch of rollouts, then ``epochs`` passes of minibatch updates)."""
+    batch_size: int = Field(64, gt=0)
+    """Episodes per PPO step, over all processes."""
+    mini_batch_size: int = Field(16, gt=0)
+    """Episodes per optimizer step, over all processes."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Episodes per forward pass on one process (gradient accumulation fills a minibatch)."""
+    epochs: int = Field(4, gt=0)
+    """Passes over each batch; minibatches are reshuffled every epoch."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_advantages: bool = True
+    """Whiten advantages per batch over model tokens (ppo-details item 9)."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards per batch, without re-centring."""
+    score_norm: Literal["none", "running"] = "none"
+    """``running``: normalise scores by running mean/std (kept in checkpoints) before the KL penalty."""
+    score_scale: float = Field(1.0, gt=0)
+    """Multiply scores by this (after normalisation)."""
+    score_clip: float | None = Field(None, gt=0)
+    """Clip scores to ±this (after scaling)."""
+    target_approx_kl: float | None = Field(None, gt=0)
+    """Stop a step's remaining epochs when an epoch's mean approx-KL exceeds this."""
+    value_head_init_std: float = Field(0.0, ge=0)
+    """Value head weights ~ N(0, std); 0 = zero init (ppo-details item 8)."""
+
+
+class PPOTrain(Section):
+    mixed_precision: MixedPrecision = "no"
+    save_every: int | None = Field(None, gt=0)
+    """Checkpoint every N PPO steps."""
+    keep_checkpoints: int = Field(2, gt=0)
+    sample_every: int = Field(10, gt=0)
+    """Write a few (prompt, response, reward) rows to samples.jsonl every N steps."""
+    samples_per_log: int = Field(4, gt=0)
+
+    _mp = field_validator("mixed_precision", mode="before")(_no_means_no)
+
+
+class PPORecipe(RecipeBase):
+    """KL-penalised PPO with a value head, a frozen reference and a reward source."""
+
+    model: ModelConfig
+    """The policy (causal or seq2seq)."""
+    ref_model: ModelConfig | None = None
+    """Reference model; default: a frozen copy of the initial policy (with LoRA: the base, adapter disabled)."""
+    lora: LoraConfig | None = None
+    data: PromptData
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    reward: RewardConfig
+    kl: KLConfig = Field(default_factory=KLConfig)
+    ppo: PPOAlgo = Field(default_factory=PPOAlgo)
+    train: PPOTrain = Field(default_factory=PPOTrain)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1.41e-5))
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "PPORecipe":
+        p, procs = self.ppo, world_size()
+        problems = []
+        if p.batch_size % p.mini_batch_size:
+            problems.append(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.mini_batch_size={p.mini_batch_size}")
+        if p.mini_batch_size % (p.micro_batch_size * procs):
+            problems.append(f"ppo.mini_batch_size={p.mini_batch_size} must be a multiple of micro_batch_size × processes "
+                            f"= {p.micro_batch_size} × {procs} = {p.micro_batch_size * procs}")
+        if self.generation.min_new_tokens > self.generation.max_new_tokens:
+            problems.append(f"generation.min_new_tokens={self.generation.min_new_tokens} exceeds "
+                            f"max_new_tokens={self.generation.max_new_tokens}")
+        if self.lora is not None and self.ref_model is not None:
+            problems.append("ref_model must be omitted with lora: the reference is the base model with the adapter disabled")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

@@ -1,0 +1,75 @@
+"""Prompts for PPO: rows -> token ids (optionally a random-length prefix, optionally chat-templated)."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rlcli.config.errors import UserError
+from rlcli.data.sources import require_columns
+
+CANDIDATES = ("prompt", "query", "text")
+
+
+def prompt_column(columns: list[str], configured: str | None, path: str) -> str:
+    if configured is not None:
+        return configured
+    for name in CANDIDATES:
+        if name in columns:
+            return name
+    raise UserError(f"data {path}: no prompt column; expected one of {', '.join(CANDIDATES)} (or set data.prompt_field); "
+                    f"the rows have {', '.join(columns)}")
+
+
+def check_prompt_rows(rows: datasets.Dataset, column: str, path: str) -> None:
+    require_columns(rows, [column], path, "PPO prompts")
+    for i, value in enumerate(rows[column]):
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"data {path}: row {i}: prompt column {column!r} must be non-empty text, got {value!r}")
+
+
+def encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase, *, chat_template: bool, max_length: int,
+                  length: int | None) -> list[int]:
+    """Token ids of one prompt: chat-templated if asked, cut to ``length`` leading tokens (prefix sampling),
+    then to the last ``max_length`` tokens."""
+    if chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        ids = list(ids)
+    else:
+        ids = tokenizer(text)["input_ids"]
+    if length is not None:
+        ids = ids[:length]
+    return ids[-max_length:]
+
+
+def sample_lengths(n: int, bounds: tuple[int, int] | None, generator: torch.Generator) -> list[int | None]:
+    if bounds is None:
+        return [None] * n
+    low, high = bounds
+    return torch.randint(low, high + 1, (n,), generator=generator).tolist()
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Q] ids and mask, left-padded."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, value_dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, R] ids and mask, right-padded (width at least 1)."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=value_dtype)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s, dtype=value_dtype)
+            mask[i, : len(s)] = 1
+    return ids, mask

@@ -1,0 +1,149 @@
+"""Policies with a scalar value per token, for PPO: a causal or seq2seq LM (optionally a peft LoRA model) plus a
+linear value head on its last hidden state.
+
+One forward pass gives both the logits and the values (ppo-details item 14 of the issue: no wasted pass). The
+value head is saved beside the model's weights (``value_head.safetensors`` + ``value_head.json``), so an output
+dir loads with ``from_pretrained`` as a plain LM and with :func:`load_value_head_model` as a PPO policy.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+VALUE_HEAD_WEIGHTS = "value_head.safetensors"
+VALUE_HEAD_CONFIG = "value_head.json"
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout (modules and config fields): dropout makes the first-epoch ratio differ from 1
+    (ppo-details item 8)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(config.to_dict().items()):
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+                setattr(config, name, 0.0)
+
+
+def hidden_size(config) -> int:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if hasattr(config, name):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot tell the hidden size of a {type(config).__name__}")
+
+
+class ValueHead(nn.Module):
+    """hidden [B, T, H] -> values [B, T] (float32), no dropout."""
+
+    def __init__(self, hidden: int, init_std: float = 0.0):
+        super().__init__()
+        self.summary = nn.Linear(hidden, 1, dtype=torch.float32)
+        nn.init.normal_(self.summary.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+class ValueHeadModel(nn.Module):
+    """An LM (``pretrained``: a transformers model or a peft model around one) with a value head.
+
+    ``forward`` takes a query+response batch and returns logits and values for the R response positions only:
+    for causal LMs the logits that predict response token t sit at index Q-1+t of the full sequence, and only
+    the last R+1 positions' logits are computed (``logits_to_keep``); for seq2seq the decoder reads
+    ``[start] + response[:-1]``.
+    """
+
+    def __init__(self, pretrained: nn.Module, value_head: ValueHead | None):
+        super().__init__()
+        self.pretrained = pretrained
+        self.value_head = value_head
+        self.config = pretrained.config
+        self.is_encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
+        self.is_peft = hasattr(pretrained, "peft_config")
+
+    def forward(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        *,
+        with_values: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``logits`` [B, R, V] (predicting each response token) and ``values`` [B, R] (or None)."""
+        r = response_ids.shape[1]
+        with_values = with_values and self.value_head is not None
+        if self.is_encoder_decoder:
+            start = torch.full_like(response_ids[:, :1], self.config.decoder_start_token_id)
+            decoder_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
+            decoder_mask = torch.cat([torch.ones_like(response_mask[:, :1]), response_mask[:, :-1]], dim=1)
+            out = self.pretrained(input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=decoder_ids,
+                                  decoder_attention_mask=decoder_mask, output_hidden_states=with_values, use_cache=False)
+            logits = out.logits
+            hidden = out.decoder_hidden_states[-1] if with_values else None
+        else:
+            input_ids = torch.cat([query_ids, response_ids], dim=1)
+            attention_mask = torch.cat([query_mask, response_mask], dim=1)
+            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+            out = self.pretrained(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  output_hidden_states=with_values, use_cache=False, logits_to_keep=r + 1)
+            logits = out.logits[:, :-1]
+            hidden = out.hidden_states[-1][:, -(r + 1) : -1] if with_values else None
+        values = self.value_head(hidden) if hidden is not None and self.value_head is not None else None
+        return logits, values
+
+    @contextmanager
+    def reference(self):
+        """With LoRA: the base model with the adapter really disabled, for reference log-probs."""
+        if not self.is_peft:
+            raise RuntimeError("reference() needs a peft policy; hold a frozen copy instead")
+        with self.pretrained.disable_adapter():
+            yield self
+
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        self.pretrained.save_pretrained(path, **kwargs)
+        save_value_head(self.value_head, path)
+
+
+def save_value_head(head: ValueHead, path: str | Path) -> None:
+    """Write ``value_head.safetensors`` and ``value_head.json`` into ``path``."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(path / VALUE_HEAD_WEIGHTS))
+    (path / VALUE_HEAD_CONFIG).write_text(json.dumps({"hidden_size": head.summary.in_features}))
+
+
+def load_value_head(path: str | Path) -> ValueHead:
+    """The value head saved in an output dir."""
+    path = Path(path)
+    meta = json.loads((path / VALUE_HEAD_CONFIG).read_text())
+    head = ValueHead(meta["hidden_size"])
+    head.load_state_dict(load_file(str(path / VALUE_HEAD_WEIGHTS)))
+    return head
+
+
+def load_value_head_model(path: str | Path, **from_pretrained_kwargs) -> ValueHeadModel:
+    """Load a saved PPO policy: the LM (or LoRA adapter on its base) and its value head."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM
+
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        cls = AutoPeftModelForSeq2SeqLM if adapter.get("task_type") == "SEQ_2_SEQ_LM" else AutoPeftModelForCausalLM
+        pretrained = cls.from_pretrained(path, **from_pretrained_kwargs)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        pretrained = cls.from_pretrained(path, **from_pretrained_kwargs)
+    return ValueHeadModel(pretrained, load_value_head(path))

@@ -1,0 +1,1 @@
+"""Reward sources: Python functions and reward models behind one interface."""

@@ -1,0 +1,88 @@
+"""Reward sources behind one interface: ``source(prompts, responses, rows) -> Tensor [N] float32``.
+
+- :class:`FunctionReward`: a user's Python function (``path/to/file.py:name`` or ``module:name``).
+- :class:`ModelReward`: a sequence-classifier reward model (an ``rlcli rm`` output dir or a hub id).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Protocol
+
+import torch
+
+from rlcli.config.errors import UserError
+from rlcli.config.plugins import resolve_object
+
+ARGUMENTS = ("prompts", "responses", "rows")
+
+
+class RewardSource(Protocol):
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> torch.Tensor: ...
+
+
+def check_reward_function(spec: str) -> Callable:
+    """Resolve the function and check it takes a subset of (prompts, responses, rows); ``UserError`` otherwise."""
+    fn = resolve_object(spec)
+    if not callable(fn):
+        raise UserError(f"reward.function {spec!r} is a {type(fn).__name__}, not a function")
+    params = inspect.signature(fn).parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in ARGUMENTS
+               and p.default is p.empty]
+    if unknown or not (takes_kwargs or any(n in ARGUMENTS for n in params)):
+        raise UserError(f"reward.function {spec!r} must take some of the keyword arguments {', '.join(ARGUMENTS)} "
+                        f"(it takes {', '.join(params) or 'nothing'})")
+    return fn
+
+
+class FunctionReward:
+    """Calls ``fn(prompts=..., responses=..., rows=...)`` with the arguments it declares; checks the result."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.fn = check_reward_function(spec)
+        params = inspect.signature(self.fn).parameters
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        self.arguments = ARGUMENTS if takes_kwargs else tuple(a for a in ARGUMENTS if a in params)
+
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> torch.Tensor:
+        available = {"prompts": prompts, "responses": responses, "rows": rows}
+        try:
+            result = self.fn(**{a: available[a] for a in self.arguments})
+        except Exception as exc:
+            raise UserError(f"reward.function {self.spec!r} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            scores = torch.as_tensor(result, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(f"reward.function {self.spec!r} must return one float per sample; got {type(result).__name__}") from None
+        if scores.numel() != len(responses):
+            raise UserError(f"reward.function {self.spec!r} returned {scores.numel()} scores for {len(responses)} samples")
+        bad = [i for i, s in enumerate(scores.tolist()) if not math.isfinite(s)]
+        if bad:
+            raise UserError(f"reward.function {self.spec!r} returned non-finite scores at samples {bad[:5]}")
+        return scores
+
+
+class ModelReward:
+    """Scores ``prompt + response`` (or the response alone) with a reward model."""
+
+    def __init__(self, scorer, read: str = "prompt_and_response"):
+        self.scorer = scorer
+        self.read = read
+
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> torch.Tensor:
+        texts = [p + r for p, r in zip(prompts, responses)] if self.read == "prompt_and_response" else list(responses)
+        return self.scorer(texts).float().cpu()
+
+
+def build_reward(cfg, device=None) -> RewardSource:
+    """The reward source a ``RewardConfig`` asks for."""
+    if cfg.function is not None:
+        return FunctionReward(cfg.function)
+    from rlcli.rewards.reward_model import RewardModelScorer
+
+    scorer = RewardModelScorer.from_pretrained(cfg.model, label=cfg.label, normalize=cfg.normalize,
+                                               batch_size=cfg.batch_size, device=device)
+    return ModelReward(scorer, cfg.input)

@@ -1,0 +1,329 @@
+"""``rlcli ppo``: KL-penalised PPO for causal and seq2seq LMs with a value head.
+
+Steps of ``train`` (each PPO step is steps 4-8):
+  1. check the recipe and the output dir; Accelerate, seeds
+  2. tokenizer (left padding for generation), prompt rows
+  3. policy + value head (+ LoRA), reference (LoRA: adapter disabled; else a frozen copy), reward source,
+     optimiser, schedule, the PPOLearner; restore a checkpoint on --resume
+  4. this step's prompts: a seeded stream over the rows, this process's share, optional prefix-length sampling
+  5. rollout: sample responses (rlcli's own KV-cache sampler for causal LMs, ``generate`` for seq2seq)
+  6. score: decode, apply the EOS trick / missing-EOS penalty, call the reward source
+  7. ``learner.step(rollout, scores)``: the PPO math (see ppo_learner.py)
+  8. log metrics, samples, progress; checkpoint
+  9. save the policy (Hugging Face format) and its value head
+
+How the details of docs/ppo-details.md are handled (numbers refer to its items):
+  1. a reward model reads prompt+response and is scored at the last real token (RewardModelScorer).
+  2. PAD and EOS stay distinct whenever the tokenizer allows; response masks come from lengths, never from
+     `ids != pad`, so a real EOS always keeps mask 1 even when PAD == EOS.
+  3. prompts are left-padded; every forward pass takes positions from the attention mask's cumulative sum,
+     in the sampler and in training alike.
+  4. top_k=0 / top_p=1.0 by default; log-probs are always those of the tempered, unfiltered distribution.
+  5. reward.truncate_at cuts the scored text at a stop string; reward.missing_eos_penalty scores responses that
+     never stopped.
+  6. per-token reward −β·KL_t on model tokens + score on the last model token; β fixed or adaptive (kl.*).
+  7. ppo.score_norm=running (statistics in checkpoints), ppo.score_scale, ppo.score_clip.
+  8. the value head is zero-initialised (or N(0, value_head_init_std)); every dropout in the policy and the
+     reference is set to 0.
+  9. advantages whitened over model tokens of the whole batch (all processes); rewards optionally whitened
+     without re-centring.
+ 10. GAE (γ=1, λ=0.95 by default) over model tokens only: pad and tool tokens are skipped, not zero-reward steps.
+ 11. clipped policy loss (0.2), clipped value loss, vf_coef 0.1, gradient-norm clipping (optim.max_grad_norm).
+ 12. the reference and reward model are frozen, in eval mode, without autograd; with LoRA the reference is the
+     base with the adapter disabled inside a context manager.
+ 13. batch / mini-batch / micro-batch sizes are global and checked to divide exactly; minibatches reshuffled
+     every epoch.
+ 14. all the listed statistics are logged to metrics.jsonl per step (see the README's metric table).
+ 15. a minibatch with a non-finite loss is skipped without an optimizer step (counted); a step where all are
+     skipped stops the run with a message; ppo.target_approx_kl stops the remaining epochs of a step.
+ 16. one seed; each process derives its own sampling stream from (seed, step, process); CPU runs are
+     reproducible bit for bit, also after --resume.
+
+Departures from the textbook, on purpose:
+  - the value head shares the policy's trunk (as TRL and most LM PPO code), so the value loss also shapes the
+    policy's features; vf_coef keeps that small.
+  - the 'full' KL estimator is computed from the logits of the rollout forward pass only (no extra pass).
+  - micro-batch losses are averaged with equal weight (not by token count) within a minibatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rlcli.checkpoint import load_checkpoint, save_checkpoint
+from rlcli.config.common import world_size
+from rlcli.config.errors import Problem, RecipeError, UserError
+from rlcli.config.ppo import PPORecipe
+from rlcli.data.prompts import (
+    check_prompt_rows,
+    encode_prompt,
+    left_pad,
+    prompt_column,
+    right_pad,
+    sample_lengths,
+)
+from rlcli.data.sources import check_data_source, load_rows
+from rlcli.logging import MetricsLog, TrainingProgress, console
+from rlcli.models.generation import sample
+from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, source_kind
+from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size, save_value_head
+from rlcli.rewards.sources import build_reward, check_reward_function
+from rlcli.rl import Rollout
+from rlcli.trainers.common import (
+    clear_output_dir,
+    describe_model,
+    load_trainable_state,
+    make_accelerator,
+    make_optimizer,
+    prepare_output_dir,
+    save_final_model,
+    start_trackers,
+    trainable_state,
+    write_recipe,
+)
+from rlcli.trainers.ppo_learner import NonFiniteLossError, PPOLearner
+from rlcli.trainers.sft import index_stream
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def policy_task(recipe: PPORecipe) -> str:
+    """``seq2seq`` or ``causal``: from the architecture, or from a local/hub config when loading."""
+    if recipe.model.architecture is not None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        arch = recipe.model.architecture
+        return "seq2seq" if arch in CONFIG_MAPPING and CONFIG_MAPPING[arch]().is_encoder_decoder else "causal"
+    path = Path(recipe.model.name_or_path)
+    if (path / "config.json").exists():
+        return "seq2seq" if json.loads((path / "config.json").read_text()).get("is_encoder_decoder") else "causal"
+    name = recipe.model.name_or_path.lower()
+    return "seq2seq" if any(k in name for k in ("t5", "bart", "pegasus", "marian")) else "causal"
+
+
+def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
+    """Everything checkable without weights; raises ``RecipeError`` listing all problems."""
+    task = policy_task(recipe)
+    problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
+    if recipe.ref_model is not None:
+        problems += check_model_config(recipe.ref_model, task, key="ref_model")
+    if recipe.reward.function is not None:
+        try:
+            check_reward_function(recipe.reward.function)
+        except UserError as exc:
+            problems.append(f"reward.function: {exc}")
+    else:
+        try:
+            kind = source_kind(recipe.reward.model)
+            if kind == "local" and not (Path(recipe.reward.model) / "config.json").exists():
+                problems.append(f"reward.model: {recipe.reward.model} has no config.json (not a saved model directory)")
+        except UserError as exc:
+            problems.append(f"reward.model: {exc}")
+    if task == "seq2seq" and recipe.generation.stop_strings:
+        problems.append("generation.stop_strings: not supported for seq2seq policies (use EOS)")
+    if problems:
+        raise RecipeError([Problem("", p, source) for p in problems])
+    p = recipe.ppo
+    minis = p.batch_size // p.mini_batch_size
+    accum = p.mini_batch_size // (p.micro_batch_size * world_size())
+    return [
+        f"{task} policy; each PPO step: {p.batch_size} episodes, {p.epochs} epoch(s) × {minis} minibatch(es) of "
+        f"{p.mini_batch_size} = {p.epochs * minis} optimizer steps; micro-batch {p.micro_batch_size} × "
+        f"{world_size()} process(es) × {accum} accumulation step(s)",
+        f"{p.steps} PPO steps = {p.steps * p.batch_size} episodes",
+    ]
+
+
+# --- step 5: rollouts --------------------------------------------------------------------------------------------
+
+
+def generate(policy: ValueHeadModel, tokenizer, q_ids, q_mask, gen, generator, device) -> Rollout:
+    """Sample responses for left-padded prompts; returns a Rollout (no tool tokens)."""
+    eos = tokenizer.eos_token_id if gen.stop_at_eos else None
+    if policy.is_encoder_decoder:
+        out = policy.pretrained.generate(
+            input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True, top_k=gen.top_k,
+            top_p=gen.top_p, temperature=gen.temperature, max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.min_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        )[:, 1:].cpu()  # drop the decoder start token
+        responses = []
+        for row in out.tolist():
+            cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)
+            responses.append(row[:cut])
+        r_ids, r_mask = right_pad(responses, tokenizer.pad_token_id)
+    else:
+        lm = policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
+        out = sample(lm, q_ids.to(device), q_mask.to(device), gen.max_new_tokens, temperature=gen.temperature,
+                     top_k=gen.top_k, top_p=gen.top_p, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                     stop_strings=gen.stop_strings, tokenizer=tokenizer, min_new_tokens=gen.min_new_tokens,
+                     generator=generator)
+        r_ids, r_mask = out.response_ids.cpu(), out.response_mask.cpu()
+    return Rollout(q_ids, q_mask, r_ids, r_mask, torch.zeros_like(r_ids))
+
+
+def response_texts(rollout: Rollout, tokenizer, gen, reward_cfg) -> tuple[list[str], list[bool]]:
+    """Decoded responses (cut at the EOS-trick strings) and whether each one stopped by itself."""
+    texts, stopped = [], []
+    cut_at = list(gen.stop_strings) + list(reward_cfg.truncate_at)
+    for ids, mask in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist()):
+        ids = [t for t, m in zip(ids, mask) if m]
+        ended = bool(ids) and ids[-1] == tokenizer.eos_token_id and gen.stop_at_eos
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for s in cut_at:
+            if s in text:
+                text = text[: text.index(s) + len(s)] if s in gen.stop_strings else text[: text.index(s)]
+                ended = True
+        texts.append(text)
+        stopped.append(ended)
+    return texts, stopped
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+
+def build_policy(recipe: PPORecipe, tokenizer, task: str) -> tuple[ValueHeadModel, ValueHeadModel | None]:
+    """The policy with its value head, and the reference (None with LoRA: the adapter gets disabled instead)."""
+    lm = load_model(recipe.model, task, tokenizer)
+    disable_dropout(lm)
+    ref = None
+    if recipe.lora is None:
+        ref_lm = load_model(recipe.ref_model, task, tokenizer) if recipe.ref_model else copy.deepcopy(lm)
+        disable_dropout(ref_lm)
+        ref_lm.eval().requires_grad_(False)
+        ref = ValueHeadModel(ref_lm, None)
+    else:
+        lm = apply_lora(lm, recipe.lora, task, gradient_checkpointing=recipe.model.gradient_checkpointing)
+        disable_dropout(lm)
+    head = ValueHead(hidden_size(lm.config), recipe.ppo.value_head_init_std)
+    return ValueHeadModel(lm, head), ref
+
+
+def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
+    # step 1: checks, output dir, accelerator
+    preflight(recipe)
+    resume_from = prepare_output_dir(recipe, resume)
+    accelerator = make_accelerator(recipe, recipe.train.mixed_precision)
+    out = Path(recipe.output_dir)
+    if resume_from is None and accelerator.is_main_process:
+        clear_output_dir(out)
+    accelerator.wait_for_everyone()
+    rank, procs = accelerator.process_index, accelerator.num_processes
+
+    # step 2: tokenizer and prompts
+    task = policy_task(recipe)
+    tokenizer = load_tokenizer(recipe.model, padding_side="left")
+    rows = load_rows(recipe.data.path, recipe.data.split, recipe.data.name, recipe.data.max_rows)
+    column = prompt_column(rows.column_names, recipe.data.prompt_field, recipe.data.path)
+    check_prompt_rows(rows, column, recipe.data.path)
+    rows = rows.to_list()
+
+    # step 3: models, reward, optimiser, learner
+    policy, ref = build_policy(recipe, tokenizer, task)
+    if ref is not None:
+        ref.to(accelerator.device)
+    reward = build_reward(recipe.reward, device=accelerator.device)
+    p = recipe.ppo
+    optimizer_steps = p.steps * p.epochs * (p.batch_size // p.mini_batch_size)
+    optimizer, scheduler = make_optimizer(policy.parameters(), recipe.optim, optimizer_steps)
+    full_state = recipe.lora is None or recipe.model.architecture is not None
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    learner = PPOLearner(model, ref_model=ref, algo=p, kl=recipe.kl, temperature=recipe.generation.temperature,
+                         optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
+                         max_grad_norm=recipe.optim.max_grad_norm, seed=recipe.seed)
+    start_step = 0
+    if resume_from is not None:
+        state, objects = load_checkpoint(resume_from, process_index=rank)
+        load_trainable_state(accelerator.unwrap_model(model), objects["model"])
+        optimizer.load_state_dict(objects["optimizer"])
+        scheduler.load_state_dict(objects["scheduler"])
+        learner.load_state_dict(state["learner"])
+        start_step = state["step"]
+    write_recipe(recipe, accelerator)
+    start_trackers(accelerator, recipe)
+    log = MetricsLog(out, is_main=accelerator.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
+                     resume_step=start_step if resume_from else None)
+    samples_path = out / SAMPLES_FILE
+    if accelerator.is_main_process:
+        if resume_from is None:
+            samples_path.write_text("")
+        console.print(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts, "
+                      f"{p.steps} steps × {p.batch_size} episodes" + (f", resuming at step {start_step}" if start_step else ""))
+
+    local_batch = p.batch_size // procs
+    unwrapped = accelerator.unwrap_model(model)
+    gen = recipe.generation
+    with TrainingProgress("ppo", p.steps, enabled=accelerator.is_main_process and recipe.logging.progress,
+                          start=start_step, shown=("reward_mean", "kl", "kl_coef", "response_length")) as progress:
+        for step in range(start_step + 1, p.steps + 1):
+            t0 = time.perf_counter()
+            # step 4: prompts of this step; this process takes its contiguous share of the global batch
+            g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step * 7919 + rank)
+            indices = index_stream(len(rows), recipe.seed, (step - 1) * p.batch_size, p.batch_size)
+            mine = indices[rank * local_batch : (rank + 1) * local_batch]
+            step_rows = [rows[i] for i in mine]
+            lengths = sample_lengths(len(mine), recipe.data.prompt_length, g)
+            prompt_ids = [encode_prompt(r[column], tokenizer, chat_template=recipe.data.chat_template,
+                                        max_length=recipe.data.max_prompt_length, length=n) for r, n in zip(step_rows, lengths)]
+            q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+
+            # step 5: rollout
+            rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
+            t_gen = time.perf_counter() - t0
+
+            # step 6: score
+            t1 = time.perf_counter()
+            prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
+            responses, stopped = response_texts(rollout, tokenizer, gen, recipe.reward)
+            scores = reward(prompts, responses, step_rows)
+            if recipe.reward.missing_eos_penalty is not None:
+                scores = torch.where(torch.tensor(stopped), scores, torch.tensor(recipe.reward.missing_eos_penalty))
+            t_score = time.perf_counter() - t1
+
+            # step 7: PPO
+            try:
+                stats = learner.step(rollout, scores)
+            except NonFiniteLossError as exc:
+                raise UserError(f"PPO step {step}: {exc}") from None
+
+            # step 8: log, samples, checkpoint
+            seconds = time.perf_counter() - t0
+            n_stop, gen_tokens = learner._sum(sum(stopped), rollout.response_mask.sum())
+            stats.update({"stopped_fraction": n_stop / stats["episodes"], "time_generate": t_gen, "time_score": t_score,
+                          "time_step": seconds, "tokens_per_s": gen_tokens / seconds})
+            if step % recipe.logging.log_every == 0 or step == p.steps:
+                log.log(step, stats)
+            if accelerator.is_main_process and (step % recipe.train.sample_every == 0 or step == 1 or step == p.steps):
+                with samples_path.open("a") as f:
+                    for i in range(min(recipe.train.samples_per_log, len(responses))):
+                        f.write(json.dumps({"step": step, "prompt": prompts[i], "response": responses[i],
+                                            "reward": float(scores[i])}) + "\n")
+            progress.update(step, stats)
+            if recipe.train.save_every and step % recipe.train.save_every == 0 and step < p.steps:
+                save_checkpoint(
+                    out, step, accelerator=accelerator, keep=recipe.train.keep_checkpoints,
+                    state={"learner": learner.state_dict()},
+                    objects={"model": trainable_state(unwrapped, full_state), "optimizer": optimizer, "scheduler": scheduler},
+                )
+            if not math.isfinite(stats["reward_mean"]):
+                raise UserError(f"PPO step {step}: non-finite mean reward")
+
+    # step 9: final policy and value head
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_policy(unwrapped, tokenizer, out, built_from_scratch=recipe.model.architecture is not None,
+                    merge=bool(recipe.lora and recipe.lora.merge_on_save))
+        console.print(f"[green]done[/]: reward {stats['reward_mean']:.4g}, kl {stats['kl']:.4g}; policy saved to {out}")
+    accelerator.end_training()
+    return out
+
+
+def save_policy(policy: ValueHeadModel, tokenizer, out: Path, *, built_from_scratch: bool, merge: bool) -> None:
+    """The LM (or adapter) in Hugging Face format via the shared final save, plus the value head beside it."""
+    save_final_model(policy.pretrained, tokenizer, out, built_from_scratch=built_from_scratch, merge=merge)
+    save_value_head(policy.value_head, out)
