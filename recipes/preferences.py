@@ -1,15 +1,14 @@
 """Synthetic preference pairs for the tiny reward-model recipe (``python recipes/preferences.py``).
 
-Writes ``data/tiny/rm.jsonl``. Each prompt asks to sort a few distinct digits; the chosen response is the sorted
-list, the rejected one a plausible mistake of one of two kinds:
+Writes ``data/tiny/rm.jsonl``. Each prompt asks to sort three to six distinct digits; the chosen response is the
+sorted list, the rejected one a plausible mistake of one of two kinds:
 
-- ``swap``: two neighbours exchanged (``1 4 3 7`` for ``1 3 4 7``): telling it apart means checking the order;
-- ``replace``: one digit replaced by a digit absent from the prompt, order kept (``1 3 5 7``): telling it apart
-  means comparing the response with the prompt.
+- ``swap``: two neighbours exchanged (``1 4 3 7`` for ``1 3 4 7``): the same characters, the same length, so no
+  bag-of-characters feature tells the two apart; the model has to compare each digit with the one before it;
+- ``drop``: one digit left out (``1 3 7``): the list is sorted but incomplete.
 
-Neither mistake changes the length or the set of characters used, so no surface feature gives the answer away,
-yet a 2-layer byte-level model learns both within a minute on a CPU.
-Rows are generated from a fixed seed, so the file is reproducible byte for byte.
+A 2-layer byte-level model built from scratch learns both to >= 0.95 held-out pairwise accuracy in a few hundred
+steps (well under a minute of CPU). The rows come from a fixed seed, so the file is reproducible byte for byte.
 """
 
 from __future__ import annotations
@@ -18,27 +17,19 @@ import json
 import random
 from pathlib import Path
 
-MISTAKES = ("swap", "replace")
+MISTAKES = ("swap", "drop")
 
 
 def sort_pair(rng: random.Random) -> dict[str, str]:
+    """One row: ``prompt`` (``sort: 7 2 9 4\\n``), ``chosen`` (``2 4 7 9``), ``rejected`` (a mistake)."""
     digits = rng.sample(range(10), rng.randint(3, 6))
     answer = sorted(digits)
     wrong = list(answer)
-    mistake = rng.choice(MISTAKES)
-    if mistake == "swap":
+    if rng.choice(MISTAKES) == "swap":
         i = rng.randrange(len(wrong) - 1)
         wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
     else:
-        i = rng.randrange(len(wrong))
-        low = wrong[i - 1] if i > 0 else -1
-        high = wrong[i + 1] if i + 1 < len(wrong) else 10
-        options = [d for d in range(low + 1, high) if d not in digits]
-        if not options:  # no digit fits between the neighbours: swap instead
-            i = rng.randrange(len(wrong) - 1)
-            wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
-        else:
-            wrong[i] = rng.choice(options)
+        del wrong[rng.randrange(len(wrong))]
     return {
         "prompt": "sort: " + " ".join(map(str, digits)) + "\n",
         "chosen": " ".join(map(str, answer)),

@@ -4,5 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# One BLAS thread: tiny models gain nothing from more, and on small shared VMs thread hand-offs cost
+# milliseconds per matmul. Override with OMP_NUM_THREADS=N.
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec python -m pytest -q "$@"

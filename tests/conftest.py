@@ -15,6 +15,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One BLAS thread for tests and the CLI runs they start: tiny models gain nothing from more, and on small shared
+# machines thread hand-offs can cost milliseconds per matmul.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_GPT2 = {"architecture": "gpt2", "tokenizer": "byte",
              "config": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}

@@ -8,6 +8,7 @@ the same tokenizer setting, so texts are read the same way in training and in PP
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -76,7 +77,7 @@ def _messages(value: Any, column: str, path: str, row: int, *, string_role: str 
         raise UserError(f"data {path}: row {row}: column {column!r} must be a non-empty list of {{role, content}} "
                         f"messages, got {type(value).__name__} {str(value)[:80]!r}")
     for j, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or m.get("role") is None or m.get("content") is None:
             raise UserError(f"data {path}: row {row}: {column!r} message {j} needs 'role' and 'content' keys, got {m!r}")
     return value
 
@@ -87,26 +88,55 @@ def _text(value: Any, column: str, path: str, row: int) -> str:
     return value
 
 
-def pair_texts(row: dict, cfg: RMData, fmt: str, use_prompt: bool, tokenizer, path: str, i: int) -> tuple[str, str, str]:
-    """(prompt, chosen text, rejected text) of one row; the two texts each start with the prompt."""
+def _use_prompt(cfg: RMData, rows: datasets.Dataset) -> bool:
+    return cfg.prompt_field is not None and cfg.prompt_field in rows.column_names
+
+
+def _check_row(row: dict, cfg: RMData, fmt: str, use_prompt: bool, path: str, i: int) -> None:
     if fmt == "text":
-        prompt = _text(row[cfg.prompt_field], cfg.prompt_field, path, i) if use_prompt else ""
-        chosen = _text(row[cfg.chosen_field], cfg.chosen_field, path, i)
-        rejected = _text(row[cfg.rejected_field], cfg.rejected_field, path, i)
-        return prompt, prompt + chosen, prompt + rejected
-    prompt_msgs = _messages(row[cfg.prompt_field], cfg.prompt_field, path, i, string_role="user") if use_prompt else []
-    chosen = _messages(row[cfg.chosen_field], cfg.chosen_field, path, i)
-    rejected = _messages(row[cfg.rejected_field], cfg.rejected_field, path, i)
-    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True) if prompt_msgs else ""
-    return (prompt, tokenizer.apply_chat_template(prompt_msgs + chosen, tokenize=False),
-            tokenizer.apply_chat_template(prompt_msgs + rejected, tokenize=False))
+        for column in ([cfg.prompt_field] if use_prompt else []) + [cfg.chosen_field, cfg.rejected_field]:
+            _text(row[column], column, path, i)
+    else:
+        if use_prompt:
+            _messages(row[cfg.prompt_field], cfg.prompt_field, path, i, string_role="user")
+        _messages(row[cfg.chosen_field], cfg.chosen_field, path, i)
+        _messages(row[cfg.rejected_field], cfg.rejected_field, path, i)
+    _margin(row, cfg, path, i)
+
+
+def check_pair_rows(rows: datasets.Dataset, cfg: RMData, path: str) -> str:
+    """Check every row has the fields a pair needs, of the right types; return the format (``text`` / ``messages``).
+
+    Raises ``UserError`` naming the first bad row (and the column).
+    """
+    fmt = detect_format(cfg, rows, path)
+    use_prompt = _use_prompt(cfg, rows)
+    needed = [cfg.chosen_field, cfg.rejected_field] + ([cfg.prompt_field] if use_prompt else [])
+    needed += [cfg.margin_field] if cfg.margin_field else []
+    require_columns(rows, needed, path, f"a preference pair ('{fmt}' format)")
+    for i, row in enumerate(rows.select_columns(needed)):
+        _check_row(row, cfg, fmt, use_prompt, path, i)
+    return fmt
+
+
+def pair_texts(row: dict, cfg: RMData, fmt: str, use_prompt: bool, tokenizer) -> tuple[str, str, str]:
+    """(prompt, chosen text, rejected text) of a checked row; the two texts each start with the prompt."""
+    if fmt == "text":
+        prompt = row[cfg.prompt_field] if use_prompt else ""
+        return prompt, prompt + row[cfg.chosen_field], prompt + row[cfg.rejected_field]
+    prompt = row[cfg.prompt_field] if use_prompt else []
+    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    render = tokenizer.apply_chat_template
+    prompt_text = render(prompt_msgs, tokenize=False, add_generation_prompt=True) if prompt_msgs else ""
+    return (prompt_text, render(prompt_msgs + row[cfg.chosen_field], tokenize=False),
+            render(prompt_msgs + row[cfg.rejected_field], tokenize=False))
 
 
 def _margin(row: dict, cfg: RMData, path: str, i: int) -> float:
     if cfg.margin_field is None:
         return 0.0
     value = row[cfg.margin_field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"data {path}: row {i}: margin column {cfg.margin_field!r} must be a number, got {value!r}")
     return float(value)
 
@@ -117,11 +147,8 @@ def tokenize_pairs(rows: datasets.Dataset, cfg: RMData, tokenizer: PreTrainedTok
     Sets ``tokenizer.truncation_side = "left"`` (the rule the scorer follows too). Chat-rendered texts are
     tokenized without adding special tokens (the template has them), plain texts with them.
     """
-    fmt = detect_format(cfg, rows, path)
-    use_prompt = cfg.prompt_field is not None and cfg.prompt_field in rows.column_names
-    needed = [cfg.chosen_field, cfg.rejected_field] + ([cfg.prompt_field] if use_prompt else [])
-    needed += [cfg.margin_field] if cfg.margin_field else []
-    require_columns(rows, needed, path, f"a preference pair ('{fmt}' format)")
+    fmt = check_pair_rows(rows, cfg, path)
+    use_prompt = _use_prompt(cfg, rows)
     tokenizer.truncation_side = "left"
     specials = fmt == "text"
     out = PairSet(pairs=[], rows=len(rows))
@@ -132,9 +159,11 @@ def tokenize_pairs(rows: datasets.Dataset, cfg: RMData, tokenizer: PreTrainedTok
             return ids, False
         return tokenizer(text, add_special_tokens=specials, truncation=True, max_length=cfg.max_length)["input_ids"], True
 
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
     for i, row in enumerate(rows):
-        prompt, chosen, rejected = pair_texts(row, cfg, fmt, use_prompt, tokenizer, path, i)
-        margin = _margin(row, cfg, path, i)
+        prompt, chosen, rejected = pair_texts(row, cfg, fmt, use_prompt, tokenizer)
         if chosen == rejected:
             out.identical += 1
             continue
@@ -142,14 +171,12 @@ def tokenize_pairs(rows: datasets.Dataset, cfg: RMData, tokenizer: PreTrainedTok
         rejected_ids, cut_r = encode(rejected)
         if cut_c or cut_r:
             out.truncated += 1
-            prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
-            if max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (chosen, rejected)) - prompt_len \
-                    > cfg.max_length:
+            if max(length(chosen), length(rejected)) - length(prompt) > cfg.max_length:
                 out.responses_cut += 1
         if chosen_ids == rejected_ids:
             out.identical_after_truncation += 1
             continue
-        out.pairs.append(PairExample(chosen_ids, rejected_ids, margin))
+        out.pairs.append(PairExample(chosen_ids, rejected_ids, _margin(row, cfg, path, i)))
 
     if out.identical:
         out.notes.append(f"{out.identical} of {out.rows} pairs in {path} have the chosen text identical to the "

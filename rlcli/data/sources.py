@@ -65,9 +65,15 @@ def load_rows(path: str, split: str = "train", name: str | None = None, max_rows
     return ds
 
 
-def train_eval_rows(src: DataSource, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """The training rows and the evaluation rows (a separate split/file, a held-out fraction, or none)."""
+def train_eval_rows(src: DataSource, seed: int, check=None) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training rows and the evaluation rows (a separate split/file, a held-out fraction, or none).
+
+    ``check(rows, path)``, when given, runs on the training rows before a fraction is held out, so the errors it
+    raises number rows as the file does (after the shuffled split they would not).
+    """
     train = load_rows(src.path, src.split, src.name, src.max_rows)
+    if check is not None:
+        check(train, src.path)
     if src.eval_path is not None or src.eval_split is not None:
         path = src.eval_path or src.path
         split = src.eval_split or "train"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +55,32 @@ def make_accelerator(recipe: RecipeBase, mixed_precision: str) -> Accelerator:
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or 'no' on CPU")
     log_with = list(recipe.logging.report_to) or None
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=recipe.output_dir)
-    # Each process derives its own seed (ppo-details item 16); model init uses the shared seed (see build_models).
-    set_seed(recipe.seed)
+    # Without CUDA, say cpu=True: Accelerate then treats a multi-process launch (torchrun, or
+    # `accelerate launch --multi_gpu`) as MULTI_CPU with gloo instead of silently running N independent copies.
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=recipe.output_dir,
+                              cpu=not torch.cuda.is_available())
+    _warn_single_process_cpu_launch(accelerator)
+    # Each process derives its own seed (seed + process index; ppo-details item 16). Initial weights still agree:
+    # DDP broadcasts rank 0's parameters when the model is prepared.
+    set_seed(recipe.seed, device_specific=True)
     return accelerator
+
+
+def _warn_single_process_cpu_launch(accelerator: Accelerator) -> None:
+    """`accelerate launch --cpu --num_processes N` starts ONE process unless MPI is configured; say so."""
+    if accelerator.num_processes > 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
+        return
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    args = [a.decode(errors="replace") for a in parent]
+    if "--num_processes" in args:
+        n = args[args.index("--num_processes") + 1] if args.index("--num_processes") + 1 < len(args) else "?"
+        if n not in ("1", "?"):
+            console.print(f"[yellow]note:[/] `accelerate launch --cpu --num_processes {n}` started a single process "
+                          "(Accelerate needs MPI for that). For several CPU processes use `accelerate launch --multi_gpu "
+                          f"--num_processes {n} ...` on a machine without GPUs, or `torchrun --nproc_per_node {n} -m rlcli ...`.")
 
 
 def start_trackers(accelerator: Accelerator, recipe: RecipeBase) -> None:
@@ -131,7 +155,10 @@ def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scr
             tokenizer.save_pretrained(tmp / "base")
             for cfg in model.peft_config.values():
                 cfg.base_model_name_or_path = str((out / "base").resolve())
-        model.save_pretrained(tmp)
+        with warnings.catch_warnings():
+            # peft looks for the base's config at its final path, which is only filled after the move below
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            model.save_pretrained(tmp)
         if merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(tmp / "merged")

@@ -238,7 +238,7 @@ class PPOLearner:
                     for key, value in (("loss_policy", pg_loss), ("loss_value", vf_loss), ("policy_clipfrac", pg["clipfrac"]),
                                        ("approx_kl", pg["approx_kl"]), ("value_clipfrac", vf["vf_clipfrac"]),
                                        ("ratio", pg["ratio_mean"])):
-                        mini_stats[key] += float(value) / n_micro
+                        mini_stats[key] += float(value.detach()) / n_micro
                 if not finite:
                     # never step on a batch whose loss was dropped (ppo-details item 15)
                     self.optimizer.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ from rlcli.checkpoint import load_checkpoint, save_checkpoint
 from rlcli.config.common import world_size
 from rlcli.config.errors import Problem, RecipeError
 from rlcli.config.rm import RMRecipe
-from rlcli.data.preferences import PairExample, PairSet, collate_pairs, tokenize_pairs
+from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collate_pairs, tokenize_pairs
 from rlcli.data.sources import check_data_source, train_eval_rows
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
@@ -137,7 +137,8 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
 
     # step 2: data
     tokenizer = load_tokenizer(recipe.model, padding_side="right")
-    train_rows, eval_rows = train_eval_rows(recipe.data, recipe.seed)
+    train_rows, eval_rows = train_eval_rows(recipe.data, recipe.seed,
+                                            check=lambda rows, path: check_pair_rows(rows, recipe.data, path))
     train_set = tokenize_pairs(train_rows, recipe.data, tokenizer, recipe.data.path)
     eval_set = tokenize_pairs(eval_rows, recipe.data, tokenizer, recipe.data.eval_path or recipe.data.path) \
         if eval_rows else None

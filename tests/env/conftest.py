@@ -12,9 +12,6 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from rlcli.models.tokenizer import build_byte_tokenizer
 
-# Tiny models on a shared CPU: intra-op threads only add contention (a 64x192 matmul takes ms instead of us).
-torch.set_num_threads(1)
-
 
 def tiny_gpt2(tok, seed: int = 0):
     torch.manual_seed(seed)

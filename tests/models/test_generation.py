@@ -10,7 +10,6 @@ from rlcli.models.generation import sample
 from rlcli.models.tokenizer import build_byte_tokenizer
 from rlcli.rl.types import Rollout
 
-torch.set_num_threads(1)  # tiny models: extra intra-op threads only add contention
 
 
 @pytest.fixture(scope="module")

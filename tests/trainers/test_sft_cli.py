@@ -92,20 +92,27 @@ def test_workstation_recipe_passes_dry_run_offline():
     assert "name_or_path: gpt2" in res.stdout
 
 
-def test_accelerate_two_processes_match_one(trained, tmp_path):
+NO_DROPOUT = ["model.config.resid_pdrop=0", "model.config.embd_pdrop=0", "model.config.attn_pdrop=0"]
+
+
+def test_accelerate_two_processes_match_one(tmp_path):
+    """Same global batch on 1 and 2 processes gives the same updates (dropout off, so only float summation
+    order differs)."""
+    common = ["logging.progress=false", "train.max_steps=20", "train.save_every=null", "train.eval_every=null", *NO_DROPOUT]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcli", "sft", TINY, f"output_dir={out}",
-           "logging.progress=false", "train.max_steps=20", "train.save_every=null", "train.eval_every=null"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcli", "sft", TINY, f"output_dir={out}", *common]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" not in res.stdout  # (dry-run wording; the run itself reports in metrics)
     two = read_metrics(out)
-    res = run_cli("sft", TINY, f"output_dir={tmp_path / 'one'}", "logging.progress=false", "train.max_steps=20",
-                  "train.save_every=null", "train.eval_every=null")
+    res = run_cli("sft", TINY, f"output_dir={tmp_path / 'one'}", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
     one = read_metrics(tmp_path / "one")
     assert len(two) == len(one) == 20
     for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (a["step"], a["loss"], b["loss"])
+    assert one[-1]["loss"] < 0.7 * one[0]["loss"]
     assert (out / "model.safetensors").exists()
 
 

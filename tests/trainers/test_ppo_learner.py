@@ -1,0 +1,140 @@
+"""The PPO learner on a tiny model: consistent log-probs, masked tool tokens, the Python API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from rlcli.config.common import LoraConfig, ModelConfig
+from rlcli.config.ppo import KLConfig, PPOAlgo
+from rlcli.data.prompts import left_pad
+from rlcli.models.generation import sample
+from rlcli.models.loading import apply_lora, load_model, load_tokenizer
+from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, load_value_head_model
+from rlcli.rl import Rollout
+from rlcli.trainers.common import make_optimizer
+from rlcli.config.common import OptimConfig
+from rlcli.trainers.ppo_learner import PPOLearner
+
+CFG = ModelConfig(architecture="gpt2", config={"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128})
+
+
+def _setup(lora: bool = False, lr: float = 1e-3, **algo):
+    torch.manual_seed(0)
+    tok = load_tokenizer(CFG, "left")
+    lm = load_model(CFG, "causal", tok)
+    disable_dropout(lm)
+    ref = None
+    if lora:
+        lm = apply_lora(lm, LoraConfig(r=4), "causal")
+    else:
+        import copy
+
+        ref = ValueHeadModel(copy.deepcopy(lm).eval().requires_grad_(False), None)
+    policy = ValueHeadModel(lm, ValueHead(64))
+    a = PPOAlgo(batch_size=8, mini_batch_size=4, micro_batch_size=2, **algo)
+    opt, sched = make_optimizer(policy.parameters(), OptimConfig(learning_rate=lr), 100)
+    learner = PPOLearner(policy, ref_model=ref, algo=a, kl=KLConfig(coef=0.05), temperature=1.0, optimizer=opt,
+                         scheduler=sched, accelerator=Accelerator(cpu=True), max_grad_norm=1.0)
+    return tok, policy, learner
+
+
+def _rollout(tok, policy, n=8, new=12):
+    q, qm = left_pad([tok(f"prompt {i}" * (1 + i % 3))["input_ids"] for i in range(n)], tok.pad_token_id)
+    out = sample(policy.pretrained, q, qm, new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                 generator=torch.Generator().manual_seed(0))
+    return Rollout(q, qm, out.response_ids, out.response_mask, torch.zeros_like(out.response_ids)), out
+
+
+def test_first_step_has_zero_kl_and_unit_ratio():
+    tok, policy, learner = _setup(lr=1e-9)
+    rollout, out = _rollout(tok, policy)
+    fwd = learner._rollout_forward(rollout)
+    mask = rollout.response_mask.bool()
+    # the sampler's log-probs are the training forward's log-probs (same positions, temperature, no dropout)
+    assert torch.allclose(fwd["logprobs"][mask], out.logprobs[mask], atol=1e-5)
+    stats = learner.step(rollout, torch.ones(8))
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-4) and stats["policy_clipfrac"] == 0.0
+
+
+def test_rewarded_tokens_become_more_likely():
+    tok, policy, learner = _setup(lr=1e-2)
+    rollout, _ = _rollout(tok, policy)
+    scores = torch.tensor([1.0, -1.0] * 4)
+    before = learner._rollout_forward(rollout)["logprobs"]
+    for _ in range(3):
+        learner.step(rollout, scores)
+    after = learner._rollout_forward(rollout)["logprobs"]
+    m = rollout.model_mask.float()
+    delta = ((after - before) * m).sum(1) / m.sum(1)
+    assert delta[0::2].mean() > 0 > delta[1::2].mean()
+
+
+def test_tool_tokens_get_no_gradient_signal():
+    """Changing what tools wrote must not change the loss gradient through tool-token log-probs: the policy
+    loss and KL only touch model tokens. Two rollouts that differ only in tool-token *advantage inputs* (their
+    rewards) update the model identically."""
+    tok, policy, learner = _setup(lr=1e-3)
+    rollout, _ = _rollout(tok, policy)
+    tool = torch.zeros_like(rollout.response_ids)
+    tool[:, 3:6] = rollout.response_mask[:, 3:6]
+    with_tools = Rollout(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask, tool)
+    stats = learner.step(with_tools, torch.tensor([1.0, -1.0] * 4))
+    fwd = learner._rollout_forward(with_tools)  # after an update, so the policy differs from the reference
+    assert stats["tool_tokens"] == pytest.approx(float(tool.sum()) / 8)
+    assert stats["model_tokens"] == pytest.approx(float(with_tools.model_mask.sum()) / 8)
+    # KL penalty is only on model tokens
+    assert (fwd["kl"] * tool).abs().sum() > 0  # the raw KL exists on tool tokens ...
+    from rlcli.rl import per_token_rewards
+
+    rewards, _ = per_token_rewards(torch.ones(8), fwd["kl"], torch.zeros_like(fwd["kl"]), with_tools.model_mask, 0.05)
+    assert (rewards * tool).abs().sum() == 0  # ... but never reaches the reward
+
+
+def test_lora_reference_is_the_base_with_adapter_disabled():
+    tok, policy, learner = _setup(lora=True, lr=1e-2)
+    rollout, _ = _rollout(tok, policy)
+    for _ in range(2):
+        stats = learner.step(rollout, torch.tensor([1.0, -1.0] * 4))
+    fwd = learner._rollout_forward(rollout)
+    mask = rollout.response_mask.bool()
+    assert not torch.allclose(fwd["logprobs"][mask], fwd["ref_logprobs"][mask])
+    # the reference equals the untouched base model
+    with policy.reference():
+        logits, _ = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+    from rlcli.rl import logprobs_from_logits
+
+    assert torch.allclose(logprobs_from_logits(logits, rollout.response_ids)[mask], fwd["ref_logprobs"][mask], atol=1e-5)
+    assert stats["kl"] != 0  # (off-policy here: the rollout is reused, so its sign is not meaningful)
+
+
+def test_step_from_ids_api_and_save_load(tmp_path):
+    tok, policy, learner = _setup(lr=1e-2)
+    queries = [torch.tensor(tok("hello")["input_ids"]), torch.tensor(tok("hi there")["input_ids"])] * 4
+    responses = [torch.tensor(tok(" world")["input_ids"]), torch.tensor(tok("!!")["input_ids"])] * 4
+    masks = [torch.tensor([1, 1, 0, 0, 1, 1]), torch.tensor([1, 1])] * 4
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    stats = learner.step_from_ids(queries, responses, [1.0, 0.0] * 4, response_masks=masks, pad_token_id=tok.pad_token_id)
+    assert stats["tool_tokens"] == pytest.approx(1.0)
+    assert any(not torch.equal(before[n], p) for n, p in policy.named_parameters())
+    policy.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = load_value_head_model(tmp_path)
+    ids = torch.tensor([[5, 6, 7]])
+    m = torch.ones_like(ids)
+    a, va = policy(ids, m, ids, m)
+    b, vb = again(ids, m, ids, m)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)
+
+
+def test_non_finite_scores_skip_every_step():
+    from rlcli.trainers.ppo_learner import NonFiniteLossError
+
+    tok, policy, learner = _setup()
+    rollout, _ = _rollout(tok, policy)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        learner.step(rollout, torch.full((8,), float("nan")))
+    assert all(torch.equal(before[n], p) for n, p in policy.named_parameters()), "no optimizer step on a NaN loss"
