@@ -114,6 +114,19 @@ def ppo(
     _run(PPORecipe, config, overrides, dry_run, trainer.preflight, trainer.train, resume)
 
 
+@app.command("env-rollout")
+def env_rollout(
+    config: Path = CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+) -> None:
+    """Run episodes of a model that calls tools; show some, summarise all, write them to JSONL."""
+    from rlcli.config.env import EnvRolloutRecipe
+    from rlcli.trainers import env_rollout as runner
+
+    _run(EnvRolloutRecipe, config, overrides, dry_run, runner.preflight, runner.run, False)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"rlcli {__version__}")

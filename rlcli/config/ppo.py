@@ -61,8 +61,9 @@ class RewardConfig(Section):
     """Where scores come from: a Python function or a sequence-classifier reward model (exactly one)."""
 
     function: str | None = None
-    """``path/to/file.py:name`` or ``module:name``: called as ``fn(prompts, responses, rows)`` (any subset of
-    those keyword names) and returning one float per sample."""
+    """``path/to/file.py:name`` or ``module:name``: called with the keyword arguments it declares among
+    ``prompts``, ``responses``, ``rows`` (dataset rows), ``answers`` and ``histories`` (text environments),
+    returning one float per sample."""
     model: str | None = None
     """Reward model: an ``rlcli rm`` output dir or a hub id of a sequence classifier."""
     label: str | int | None = None
@@ -162,6 +163,8 @@ class PPORecipe(RecipeBase):
     ppo: PPOAlgo = Field(default_factory=PPOAlgo)
     train: PPOTrain = Field(default_factory=PPOTrain)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1.41e-5))
+    env: "EnvConfig | None" = None
+    """Roll out through a text environment (tools); tool output gets no loss and no KL penalty."""
 
     @model_validator(mode="after")
     def _sizes(self) -> "PPORecipe":
@@ -180,3 +183,8 @@ class PPORecipe(RecipeBase):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+from rlcli.config.env import EnvConfig  # noqa: E402  (env.py imports RewardConfig from this module)
+
+PPORecipe.model_rebuild()

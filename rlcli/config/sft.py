@@ -21,14 +21,16 @@ from rlcli.config.common import (
 
 class SFTData(DataSource):
     """Training text. Formats: ``text`` (loss on everything), ``prompt_completion`` (loss on the completion),
-    ``messages`` (chat template; loss on assistant turns only)."""
+    ``messages`` (chat template; loss on assistant turns only), ``segments`` (text-environment episodes:
+    ``[{source: prompt|model|tool, text}]``, loss on model segments only, tokenised as the environment does)."""
 
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
-    """``auto`` picks from the columns: messages > prompt+completion > text."""
+    format: Literal["auto", "text", "prompt_completion", "messages", "segments"] = "auto"
+    """``auto`` picks from the columns: segments > messages > prompt+completion > text."""
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"
+    segments_field: str = "segments"
     max_length: int = Field(512, gt=1)
     """Truncate each example (prompt included) to this many tokens."""
     packing: bool = False

@@ -31,6 +31,8 @@ class TokenizedSet:
 def detect_format(cfg: SFTData, columns: list[str], path: str) -> str:
     if cfg.format != "auto":
         return cfg.format
+    if cfg.segments_field in columns:
+        return "segments"
     if cfg.messages_field in columns:
         return "messages"
     if cfg.prompt_field in columns and cfg.completion_field in columns:
@@ -48,6 +50,7 @@ def _required(cfg: SFTData, fmt: str) -> list[str]:
         "text": [cfg.text_field],
         "prompt_completion": [cfg.prompt_field, cfg.completion_field],
         "messages": [cfg.messages_field],
+        "segments": [cfg.segments_field],
     }[fmt]
 
 
@@ -80,6 +83,28 @@ def _messages_example(messages, tokenizer: PreTrainedTokenizerBase, path: str, r
     return ids, labels
 
 
+SOURCES = ("prompt", "model", "tool")
+
+
+def _segments_example(segments, tokenizer: PreTrainedTokenizerBase, path: str, row: int) -> tuple[list[int], list[int]]:
+    """Tokenise an episode segment by segment, exactly as the text environment does: the prompt with special
+    tokens, model and tool text without; ``token_ids`` stored with a segment (``rlcli env-rollout`` output) are
+    used as they are. The loss is on model segments only."""
+    if not isinstance(segments, list) or not segments:
+        raise UserError(f"data {path}: row {row}: 'segments' must be a non-empty list of {{source, text}}")
+    ids, labels = [], []
+    for j, seg in enumerate(segments):
+        if not isinstance(seg, dict) or seg.get("source") not in SOURCES or not isinstance(seg.get("text"), str):
+            raise UserError(f"data {path}: row {row}: segment {j} needs 'source' (one of {', '.join(SOURCES)}) and "
+                            f"'text'; got {seg!r}")
+        tokens = seg.get("token_ids")
+        if tokens is None:
+            tokens = tokenizer(seg["text"], add_special_tokens=seg["source"] == "prompt")["input_ids"]
+        ids += tokens
+        labels += tokens if seg["source"] == "model" else [IGNORE] * len(tokens)
+    return ids, labels
+
+
 def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTokenizerBase, path: str) -> TokenizedSet:
     """Turn rows into ``{input_ids, labels}`` examples (truncated to ``max_length``, packed if asked)."""
     fmt = detect_format(cfg, rows.column_names, path)
@@ -97,6 +122,8 @@ def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTok
             completion = tokenizer(_text(row, cfg.completion_field, path, i), add_special_tokens=False)["input_ids"] + eos
             ids = prompt + completion
             labels = [IGNORE] * len(prompt) + completion
+        elif fmt == "segments":
+            ids, labels = _segments_example(row[cfg.segments_field], tokenizer, path, i)
         else:
             ids, labels = _messages_example(row[cfg.messages_field], tokenizer, path, i)
         if not cfg.packing and len(ids) > cfg.max_length:

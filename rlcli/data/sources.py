@@ -41,6 +41,8 @@ def load_rows(path: str, split: str = "train", name: str | None = None, max_rows
             builder = _BUILDERS.get(p.suffix)
             if builder is None:
                 raise UserError(f"data file {path}: unsupported file type {p.suffix!r} (use {', '.join(_BUILDERS)})")
+            if p.stat().st_size < 4096 and not p.read_bytes().strip():  # datasets fails on it with a bare StopIteration
+                raise UserError(f"data {path} (split {split!r}) is empty: it has no rows")
             ds = datasets.load_dataset(builder, data_files={"train": str(p)}, split=split)
         elif p.is_dir():
             ds = datasets.load_dataset(str(p), name=name, split=split)

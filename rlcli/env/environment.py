@@ -220,11 +220,13 @@ class TextEnvironment:
             history.append("model", text, new_ids)
             history.num_turns += 1
             full = len(history.token_ids) >= self.max_length
+            history.answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
             if out.stop_reason[i] == "eos":
                 episode.finish("eos")
                 continue
             parsed = self.protocol.parse(text)
             if isinstance(parsed, Submit):
+                history.answer = parsed.answer.strip()
                 episode.finish("submit")
             elif isinstance(parsed, (ToolCall, Malformed)) and not full:
                 episode.pending, episode.state = parsed, RowState.WAITING_FOR_TOOL

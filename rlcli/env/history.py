@@ -66,7 +66,8 @@ class TextHistory:
 
     ``finish_reason`` is one of ``submit`` (the model submitted), ``eos``, ``no_call`` (a turn ended with neither a tool
     call nor EOS), ``max_turns``, ``max_length``; None while the episode runs. ``num_turns`` counts generation turns.
-    ``meta`` holds the dataset row the prompt came from (for reward functions).
+    ``meta`` holds the dataset row the prompt came from (for reward functions). ``answer`` is the episode's final
+    answer: the text the model submitted, or its last turn's text (special tokens dropped) if it never submitted.
     """
 
     segments: list[Segment] = field(default_factory=list)
@@ -75,6 +76,7 @@ class TextHistory:
     finish_reason: str | None = None
     num_turns: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    answer: str | None = None
 
     def append(self, source: Source, text: str, token_ids: list[int]) -> Segment:
         segment = Segment(source, text, [int(t) for t in token_ids])
@@ -182,6 +184,7 @@ class TextHistory:
             "finish_reason": self.finish_reason,
             "num_turns": self.num_turns,
             "meta": self.meta,
+            "answer": self.answer,
         }
 
     @classmethod
@@ -193,6 +196,7 @@ class TextHistory:
             finish_reason=data.get("finish_reason"),
             num_turns=data.get("num_turns", 0),
             meta=dict(data.get("meta") or {}),
+            answer=data.get("answer"),
         )
 
 

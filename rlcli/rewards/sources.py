@@ -15,11 +15,15 @@ import torch
 from rlcli.config.errors import UserError
 from rlcli.config.plugins import resolve_object
 
-ARGUMENTS = ("prompts", "responses", "rows")
+# What a reward function may ask for, by parameter name. ``answers`` is the final answer of each episode (in a
+# text environment: the submitted text; otherwise the response); ``histories`` are the episodes' TextHistory
+# objects (segments, tool calls; None outside a text environment).
+ARGUMENTS = ("prompts", "responses", "rows", "answers", "histories")
 
 
 class RewardSource(Protocol):
-    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> torch.Tensor: ...
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]],
+                 answers: list[str] | None = None, histories: list | None = None) -> torch.Tensor: ...
 
 
 def check_reward_function(spec: str) -> Callable:
@@ -47,8 +51,10 @@ class FunctionReward:
         takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
         self.arguments = ARGUMENTS if takes_kwargs else tuple(a for a in ARGUMENTS if a in params)
 
-    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> torch.Tensor:
-        available = {"prompts": prompts, "responses": responses, "rows": rows}
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]],
+                 answers: list[str] | None = None, histories: list | None = None) -> torch.Tensor:
+        available = {"prompts": prompts, "responses": responses, "rows": rows,
+                     "answers": responses if answers is None else answers, "histories": histories}
         try:
             result = self.fn(**{a: available[a] for a in self.arguments})
         except Exception as exc:
@@ -72,7 +78,8 @@ class ModelReward:
         self.scorer = scorer
         self.read = read
 
-    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]],
+                 answers: list[str] | None = None, histories: list | None = None) -> torch.Tensor:
         texts = [p + r for p, r in zip(prompts, responses)] if self.read == "prompt_and_response" else list(responses)
         return self.scorer(texts).float().cpu()
 

@@ -127,6 +127,15 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
             problems.append(f"reward.model: {exc}")
     if task == "seq2seq" and recipe.generation.stop_strings:
         problems.append("generation.stop_strings: not supported for seq2seq policies (use EOS)")
+    if recipe.env is not None:
+        from rlcli.env.build import check_env
+
+        problems += check_env(recipe.env)
+        if task == "seq2seq":
+            problems.append("env: text environments need a decoder-only (causal) policy")
+        if recipe.data.prompt_length is not None or recipe.data.chat_template:
+            problems.append("data.prompt_length / data.chat_template: not used with env (the environment builds the "
+                            "prompt from env.system_prompt, env.few_shot_prefix and the prompt text)")
     if problems:
         raise RecipeError([Problem("", p, source) for p in problems])
     p = recipe.ppo
@@ -165,6 +174,29 @@ def generate(policy: ValueHeadModel, tokenizer, q_ids, q_mask, gen, generator, d
                      generator=generator)
         r_ids, r_mask = out.response_ids.cpu(), out.response_mask.cpu()
     return Rollout(q_ids, q_mask, r_ids, r_mask, torch.zeros_like(r_ids))
+
+
+def env_rollout(env, prompts: list[str], rows: list[dict], generator) -> tuple[Rollout, list]:
+    """Episodes through the text environment, as a Rollout whose tool tokens carry tool_mask 1."""
+    from rlcli.env.environment import histories_to_rollout
+
+    histories = env.run(prompts, rows, generator=generator)
+    return histories_to_rollout(histories, env.pad_token_id), histories
+
+
+def env_metrics(histories, env, learner) -> dict[str, float]:
+    """Tool use and outcomes over all processes: rates per episode, counts per outcome."""
+    stats = env.last_stats
+    outcome_names = ("ok", "error", "timeout", "unknown_tool", "bad_output", "malformed_call", "truncated")
+    local = [len(histories), sum(1 for h in histories if h.tool_calls), sum(len(h.tool_calls) for h in histories),
+             sum(h.num_turns for h in histories), sum(h.finish_reason == "submit" for h in histories),
+             stats.pad_fraction] + [stats.tool_outcomes.get(k, 0) for k in outcome_names]
+    total = learner._sum(*local)
+    n = max(total[0], 1)
+    out = {"tool_use_rate": total[1] / n, "tool_calls_per_episode": total[2] / n, "turns_per_episode": total[3] / n,
+           "submitted_fraction": total[4] / n, "pad_fraction": total[5] / learner.procs}
+    out.update({f"tool_{k}": v for k, v in zip(outcome_names, total[6:])})
+    return out
 
 
 def response_texts(rollout: Rollout, tokenizer, gen, reward_cfg) -> tuple[list[str], list[bool]]:
@@ -258,8 +290,15 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     local_batch = p.batch_size // procs
     unwrapped = accelerator.unwrap_model(model)
     gen = recipe.generation
+    env = None
+    if recipe.env is not None:
+        from rlcli.env.build import build_environment
+
+        lm = unwrapped.pretrained.get_base_model() if unwrapped.is_peft else unwrapped.pretrained
+        env = build_environment(recipe.env, lm, tokenizer, temperature=gen.temperature, top_k=gen.top_k,
+                                top_p=gen.top_p)
     with TrainingProgress("ppo", p.steps, enabled=accelerator.is_main_process and recipe.logging.progress,
-                          start=start_step, shown=("reward_mean", "kl", "kl_coef", "response_length")) as progress:
+                          start=start_step, shown=("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")) as progress:
         for step in range(start_step + 1, p.steps + 1):
             t0 = time.perf_counter()
             # step 4: prompts of this step; this process takes its contiguous share of the global batch
@@ -267,20 +306,29 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
             indices = index_stream(len(rows), recipe.seed, (step - 1) * p.batch_size, p.batch_size)
             mine = indices[rank * local_batch : (rank + 1) * local_batch]
             step_rows = [rows[i] for i in mine]
-            lengths = sample_lengths(len(mine), recipe.data.prompt_length, g)
-            prompt_ids = [encode_prompt(r[column], tokenizer, chat_template=recipe.data.chat_template,
-                                        max_length=recipe.data.max_prompt_length, length=n) for r, n in zip(step_rows, lengths)]
-            q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
 
-            # step 5: rollout
-            rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
+            # step 5: rollout (plain sampling, or episodes through the text environment)
+            histories, answers = None, None
+            if env is not None:
+                prompts = [r[column] for r in step_rows]
+                rollout, histories = env_rollout(env, prompts, step_rows, g)
+                answers = [h.answer or "" for h in histories]
+            else:
+                lengths = sample_lengths(len(mine), recipe.data.prompt_length, g)
+                prompt_ids = [encode_prompt(r[column], tokenizer, chat_template=recipe.data.chat_template,
+                                            max_length=recipe.data.max_prompt_length, length=n)
+                              for r, n in zip(step_rows, lengths)]
+                q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+                rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
+                prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
             t_gen = time.perf_counter() - t0
 
             # step 6: score
             t1 = time.perf_counter()
-            prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
             responses, stopped = response_texts(rollout, tokenizer, gen, recipe.reward)
-            scores = reward(prompts, responses, step_rows)
+            if histories is not None:
+                stopped = [h.finish_reason in ("submit", "eos") for h in histories]
+            scores = reward(prompts, responses, step_rows, answers=answers, histories=histories)
             if recipe.reward.missing_eos_penalty is not None:
                 scores = torch.where(torch.tensor(stopped), scores, torch.tensor(recipe.reward.missing_eos_penalty))
             t_score = time.perf_counter() - t1
@@ -296,13 +344,18 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
             n_stop, gen_tokens = learner._sum(sum(stopped), rollout.response_mask.sum())
             stats.update({"stopped_fraction": n_stop / stats["episodes"], "time_generate": t_gen, "time_score": t_score,
                           "time_step": seconds, "tokens_per_s": gen_tokens / seconds})
+            if histories is not None:
+                stats.update(env_metrics(histories, env, learner))
             if step % recipe.logging.log_every == 0 or step == p.steps:
                 log.log(step, stats)
             if accelerator.is_main_process and (step % recipe.train.sample_every == 0 or step == 1 or step == p.steps):
                 with samples_path.open("a") as f:
                     for i in range(min(recipe.train.samples_per_log, len(responses))):
-                        f.write(json.dumps({"step": step, "prompt": prompts[i], "response": responses[i],
-                                            "reward": float(scores[i])}) + "\n")
+                        sample_row = {"step": step, "prompt": prompts[i], "response": responses[i], "reward": float(scores[i])}
+                        if histories is not None:
+                            sample_row["answer"] = answers[i]
+                            sample_row["tool_calls"] = [c.__dict__ for c in histories[i].tool_calls]
+                        f.write(json.dumps(sample_row) + "\n")
             progress.update(step, stats)
             if recipe.train.save_every and step % recipe.train.save_every == 0 and step < p.steps:
                 save_checkpoint(

@@ -73,3 +73,18 @@ def test_unknown_columns_explained():
         tokenize_rows(rows, SFTData(path="x.jsonl"), TOK, "x.jsonl")
     cfg = SFTData(path="x.jsonl", prompt_field="question", completion_field="answer")
     assert len(tokenize_rows(rows, cfg, TOK, "x.jsonl").examples) == 1
+
+
+def test_segments_loss_on_model_text_only():
+    segs = [{"source": "prompt", "text": "Q: 12*3\n"}, {"source": "model", "text": "<request><Calculator>12*3<call>"},
+            {"source": "tool", "text": "36<response>"}, {"source": "model", "text": "36<submit>"}]
+    rows = datasets.Dataset.from_list([{"segments": segs}])
+    ex = tokenize_rows(rows, SFTData(path="x.jsonl"), TOK, "x.jsonl").examples[0]
+    assert TOK.decode(ex["input_ids"]) == "Q: 12*3\n<request><Calculator>12*3<call>36<response>36<submit>"
+    assert _decode_labels(ex) == "<request><Calculator>12*3<call>36<submit>"
+
+
+def test_segments_bad_source_names_the_row():
+    rows = datasets.Dataset.from_list([{"segments": [{"source": "user", "text": "hi"}]}])
+    with pytest.raises(UserError, match="row 0: segment 0 needs 'source'"):
+        tokenize_rows(rows, SFTData(path="x.jsonl"), TOK, "x.jsonl")

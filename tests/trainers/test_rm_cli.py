@@ -1,6 +1,10 @@
-"""``rlcli rm`` end to end through the real entry point: the Bradley–Terry loss, a tiny reward model that learns the
-shipped preference, reloads and scores new text, resumes exactly, runs under accelerate with 2 processes, and
-refuses bad input cleanly."""
+"""``rlcli rm`` end to end: the Bradley–Terry loss, a tiny reward model that learns the shipped preference, reloads
+and scores new text, resumes exactly, runs under accelerate with 2 processes, and refuses bad input cleanly.
+
+Training runs go through the real entry point in a subprocess (``run_cli``). Runs that stop before training (bad
+input, dry runs) or train three steps call the same Typer app in this process (``cli``): each subprocess pays
+several seconds of imports, which would double this module's time.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import time
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from rlcli.cli import app
 from rlcli.config.plugins import resolve_object
 from rlcli.rewards.reward_model import RewardModelScorer
 from rlcli.trainers.rm import pairwise_loss
@@ -25,6 +31,16 @@ TINY = "configs/tiny/rm.yaml"
 WORKSTATION = "configs/rm_qwen_ultrafeedback.yaml"
 # a short run of the tiny recipe: the reference for resume and for 2 processes
 SHORT = ["logging.progress=false", "train.max_steps=24", "train.save_every=8", "train.eval_every=12"]
+
+
+def cli(*args: str, monkeypatch) -> tuple[int, str, str]:
+    """``rlcli ARGS`` in this process -> (exit code, stdout, stderr); fails on an exception that escaped the CLI."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("COLUMNS", "250")
+    result = CliRunner().invoke(app, list(args))
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
 
 
 def test_bradley_terry_loss_on_a_hand_computed_example():
@@ -55,10 +71,10 @@ def trained(tmp_path_factory):
 def test_tiny_recipe_learns_the_preference_and_the_model_scores_new_text(trained):
     out, res = trained
     metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == list(range(1, 301))
+    assert [m["step"] for m in metrics] == list(range(1, 201))
     assert {"loss", "accuracy", "lr", "epoch", "pairs_per_s", "grad_norm"} <= set(metrics[0])
     evals = [m for m in metrics if "eval_accuracy" in m]
-    assert [m["step"] for m in evals] == [100, 200, 300]
+    assert [m["step"] for m in evals] == [50, 100, 150, 200]
     assert evals[-1]["eval_accuracy"] >= 0.95, evals
     assert evals[-1]["eval_margin"] > 0 and evals[-1]["eval_loss"] < 0.3 < metrics[0]["loss"]
     assert "eval_accuracy" in plain(res.stdout) and "model saved to" in plain(res.stdout)
@@ -67,9 +83,11 @@ def test_tiny_recipe_learns_the_preference_and_the_model_scores_new_text(trained
 
     # the saved model reloads through the scoring API and prefers right answers to prompts it never saw
     scorer = RewardModelScorer.from_pretrained(str(out), batch_size=64)
-    sort_pair = resolve_object("recipes/preferences.py:sort_pair")
+    sort_pair = resolve_object(f"{REPO / 'recipes/preferences.py'}:sort_pair")
+    seen = {json.loads(line)["prompt"] for line in (REPO / "data/tiny/rm.jsonl").read_text().splitlines()}
     rng = random.Random(20240601)
-    fresh = [sort_pair(rng) for _ in range(200)]
+    fresh = [row for row in (sort_pair(rng) for _ in range(300)) if row["prompt"] not in seen][:200]
+    assert len(fresh) == 200
     chosen = scorer([r["prompt"] + r["chosen"] for r in fresh])
     rejected = scorer([r["prompt"] + r["rejected"] for r in fresh])
     assert (chosen > rejected).float().mean() >= 0.9
@@ -125,17 +143,17 @@ def test_accelerate_two_processes_match_one(short_run, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "reward_stats.json").exists()
 
 
-@pytest.mark.parametrize("recipe, fragment", [(TINY, "architecture: gpt2"), (WORKSTATION, "Qwen/Qwen2.5-0.5B-Instruct")])
-def test_dry_run_validates_without_weights_or_network(tmp_path, recipe, fragment):
+@pytest.mark.parametrize("recipe, fragment", [(TINY, "architecture: llama"), (WORKSTATION, "Qwen/Qwen2.5-0.5B-Instruct")])
+def test_dry_run_validates_without_weights_or_network(tmp_path, monkeypatch, recipe, fragment):
     out = tmp_path / "dry"
-    res = run_cli("rm", recipe, f"output_dir={out}", "--dry-run")
-    assert res.returncode == 0, res.stderr
-    text = plain(res.stdout)
+    code, stdout, stderr = cli("rm", recipe, f"output_dir={out}", "--dry-run", monkeypatch=monkeypatch)
+    assert code == 0, stderr
+    text = plain(stdout)
     assert "dry run OK" in text and fragment in text and "pairs = micro-batch" in text
     assert not out.exists()
 
 
-def test_lora_on_chat_pairs_with_margins_identical_and_long_texts(tmp_path):
+def test_lora_on_chat_pairs_with_margins_identical_and_long_texts(tmp_path, monkeypatch):
     user = [{"role": "user", "content": "sort: 3 1 2"}]
     rows = [{"chosen": user + [{"role": "assistant", "content": "1 2 3"}],
              "rejected": user + [{"role": "assistant", "content": "2 1 3" if i % 4 else "1 2 3"}],  # 1 in 4 identical
@@ -144,15 +162,17 @@ def test_lora_on_chat_pairs_with_margins_identical_and_long_texts(tmp_path):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "lora"
-    res = run_cli("rm", TINY, f"output_dir={out}", f"data.path={data}", "data.margin_field=gap", "data.eval_fraction=0",
-                  "lora.r=4", "train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4",
-                  "train.save_every=null", "train.eval_every=null", "logging.progress=false")
-    assert res.returncode == 0, res.stderr
-    text = plain(res.stdout)
+    code, stdout, stderr = cli("rm", TINY, f"output_dir={out}", f"data.path={data}", "data.margin_field=gap",
+                               "data.eval_fraction=0", "lora.r=4", "train.max_steps=3", "train.batch_size=8",
+                               "train.micro_batch_size=4", "train.save_every=null", "train.eval_every=null",
+                               "logging.progress=false", monkeypatch=monkeypatch)
+    assert code == 0, stderr
+    text = plain(stdout)
     assert "8 of 32 pairs" in text and "identical" in text and "dropped" in text
     assert "1 of 32 pairs" in text and "max_length=48" in text and "its start was cut" in text
     assert "24 train pairs" in text
     assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    assert (out / "reward_stats.json").exists()
     scorer = RewardModelScorer.from_pretrained(str(out))  # a LoRA reward model loads the same way
     assert scorer(["<|user|>\nsort: 3 1 2\n<|assistant|>\n1 2 3"]).shape == (1,)
 
@@ -165,26 +185,36 @@ ROWS = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
 @pytest.mark.parametrize(
     "case, overrides, data_text, code, fragments",
     [
-        ("missing field", ["data.path=DATA"], ROWS + '{"prompt": "p", "chosen": "a"}\n', 1, ["row 1", "'rejected'"]),
+        ("missing field", ["data.path=DATA"], ROWS * 3 + '{"prompt": "p", "chosen": "a"}\n', 1, ["row 3", "'rejected'"]),
         ("missing column", ["data.path=DATA"], '{"prompt": "p", "chosen": "a"}\n', 1, ["needs column(s) 'rejected'"]),
-        ("missing margin column", ["data.path=DATA", "data.margin_field=gap"], ROWS, 1, ["'gap'"]),
+        ("missing margin column", ["data.path=DATA", "data.margin_field=gap"], ROWS, 1, ["needs column(s) 'gap'"]),
         ("empty dataset", ["data.path=DATA"], "", 1, ["empty", "no rows"]),
-        ("empty eval split", ["data.path=DATA", "data.eval_split=train[:0]"], ROWS, 1, ["empty", "no rows"]),
-        ("only identical pairs", ["data.path=DATA"], '{"prompt": "p", "chosen": "a", "rejected": "a"}\n' * 3, 1,
-         ["none of its 3 pairs is usable", "identical"]),
+        ("empty eval file", ["data.path=data/tiny/rm.jsonl", "data.eval_path=DATA"], "", 1, ["empty", "no rows"]),
+        ("only identical pairs", ["data.path=DATA", "data.eval_fraction=0"],
+         '{"prompt": "p", "chosen": "a", "rejected": "a"}\n' * 3, 1, ["none of its 3 pairs is usable", "identical"]),
         ("same column twice", ["data.rejected_field=chosen"], None, 2, ["data", "different columns"]),
-        ("unknown architecture", ["model.architecture=gtp2"], None, 1, ["unknown architecture 'gtp2'"]),
+        ("unknown architecture", ["model.architecture=gtp2"], None, 2, ["unknown architecture 'gtp2'"]),
+        ("batch does not divide", ["train.batch_size=30"], None, 2, ["batch_size=30", "micro_batch_size"]),
     ],
 )
-def test_bad_input(tmp_path, case, overrides, data_text, code, fragments):
+def test_bad_input(tmp_path, monkeypatch, case, overrides, data_text, code, fragments):
     data = tmp_path / "pairs.jsonl"
     if data_text is not None:
         data.write_text(data_text)
     out = tmp_path / "out"
-    res = run_cli("rm", TINY, f"output_dir={out}", *[o.replace("DATA", str(data)) for o in overrides])
-    err = plain(res.stderr)
-    assert res.returncode == code, (case, res.returncode, res.stderr[-2000:])
+    got, stdout, stderr = cli("rm", TINY, f"output_dir={out}", *[o.replace("DATA", str(data)) for o in overrides],
+                              monkeypatch=monkeypatch)
+    err = plain(stderr)
+    assert got == code, (case, got, stderr[-2000:])
     for fragment in fragments:
         assert fragment in err, (case, fragment, err)
-    assert "Traceback" not in res.stderr + res.stdout
+    assert "Traceback" not in stderr + stdout
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+
+
+def test_errors_print_without_traceback_from_the_real_entry_point(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(ROWS + '{"prompt": "p", "rejected": "b"}\n')
+    res = run_cli("rm", TINY, f"output_dir={tmp_path / 'out'}", f"data.path={data}")
+    assert res.returncode == 1 and "row 1 has no value for 'chosen'" in plain(res.stderr)
+    assert "Traceback" not in res.stderr + res.stdout

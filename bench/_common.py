@@ -1,0 +1,223 @@
+"""Helpers shared by the benchmarks in ``bench/``: thread setup, the matmul reference rate, peak memory, forward-call
+counters, tables and JSON.
+
+Import this module before torch is imported anywhere (``setup_threads`` sets OMP_NUM_THREADS, which only counts
+before the first torch import). Every benchmark defaults to ONE BLAS thread: on small shared VMs two threads make
+small matmuls far slower as soon as anything else runs, and the numbers would measure the neighbours.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def setup_threads(argv: list[str]) -> int:
+    """Honour ``--threads N`` (else $OMP_NUM_THREADS, else 1) before torch is imported; returns the count."""
+    threads = None
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            threads = argv[i + 1]
+        elif arg.startswith("--threads="):
+            threads = arg.split("=", 1)[1]
+    if threads is None:
+        threads = os.environ.get("OMP_NUM_THREADS", "1")
+    threads = str(int(threads))
+    os.environ["OMP_NUM_THREADS"] = threads
+    os.environ.setdefault("MKL_NUM_THREADS", threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+    return int(threads)
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "device": device,
+        "loadavg_1m_at_end": os.getloadavg()[0],
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+# --- timing ---------------------------------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def matmul_rate(n: int, device: str = "cpu", min_seconds: float = 0.3, m: int | None = None, k: int | None = None) -> dict:
+    """Sustained fp32 rate of ``[m, k] @ [k, n]`` (square n×n×n by default) in FLOP/s: 2·m·k·n per product."""
+    import torch
+
+    m = n if m is None else m
+    k = n if k is None else k
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b, out=out)
+        reps += 1
+        if reps % 4 == 0:
+            sync(device)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                break
+    flops = 2.0 * m * k * n * reps
+    return {"shape": [m, k, n], "flop_per_s": flops / elapsed, "seconds_per_mm": elapsed / reps}
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+
+
+def peak_memory(device: str) -> dict:
+    """Peak resident set size of this process (Linux reports KiB) and, on CUDA, the allocator's peak."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
+    out = {"cpu_max_rss_mib": rss_bytes / 2**20}
+    if device.startswith("cuda"):
+        import torch
+
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# --- forward-call counters ------------------------------------------------------------------------------------
+
+
+class ForwardCounter:
+    """Wraps ``module.forward`` (instance attribute, so ``nn.Module.__call__`` goes through it) and records, per
+    phase, how many calls ran with and without autograd and the shapes they saw.
+
+    ``functools.wraps`` keeps ``inspect.signature`` of the wrapper equal to the original's, so code that inspects
+    ``model.forward`` (the sampler's KV-cache keyword detection) sees the same parameters.
+    """
+
+    def __init__(self, name: str, device: str = "cpu"):
+        self.name = name
+        self.device = device
+        self.phase = "other"
+        self.seconds: Counter[str] = Counter()
+        self.calls: Counter[tuple[str, bool]] = Counter()
+        self.shapes: dict[str, list[dict]] = {}
+        self.grad_violations: list[str] = []
+
+    def attach(self, module) -> None:
+        original = module.forward
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            import torch
+
+            grad = torch.is_grad_enabled()
+            self.calls[(self.phase, grad)] += 1
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            if ids is not None and hasattr(ids, "shape"):
+                rec = {"shape": list(ids.shape), "grad": grad,
+                       "real": int(mask[:, -ids.shape[1]:].sum()) if mask is not None else int(ids.numel()),
+                       "keep": kwargs.get("logits_to_keep")}
+                dec = kwargs.get("decoder_input_ids")
+                if dec is not None:
+                    rec["decoder_shape"] = list(dec.shape)
+                self.shapes.setdefault(self.phase, []).append(rec)
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            sync(self.device)
+            self.seconds[self.phase] += time.perf_counter() - t0
+            return out
+
+        module.forward = forward
+
+    def count(self, phase: str, grad: bool | None = None) -> int:
+        return sum(n for (p, g), n in self.calls.items() if p == phase and (grad is None or g == grad))
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+        self.shapes.clear()
+
+
+@contextmanager
+def phase(counters, name: str):
+    for c in counters:
+        c.phase = name
+    try:
+        yield
+    finally:
+        for c in counters:
+            c.phase = "other"
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+
+def human(x: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {suffix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    table.add_column("note", style="dim")
+    for row in rows:
+        if row is None:
+            table.add_section()
+        else:
+            table.add_row(*row)
+    Console(width=140).print(table)
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    print(f"wrote {p}")
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")

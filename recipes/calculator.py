@@ -1,0 +1,159 @@
+"""The calculator task: multi-digit multiplication, which a tiny model cannot do in its head but can do with a tool.
+
+Pieces the recipes point at:
+- ``exact_match`` — the PPO / env-rollout reward: 1 if the submitted answer is the product, else 0.
+- ``python recipes/calculator.py data`` — writes the datasets under ``data/calculator/``:
+  ``prompts.jsonl`` (PPO prompts), ``eval.jsonl`` (held-out prompts) and ``sft_episodes.jsonl`` (synthetic episodes
+  in the ``segments`` format: half call the calculator, half answer from "memory" — the fine-tuned model starts
+  out using the tool about half the time, and RL has to discover that the tool pays).
+- ``python recipes/calculator.py demo [--out DIR]`` — the whole offline demo: SFT, evaluation, PPO through the
+  environment, evaluation again, a PNG plot of reward and tool-use rate per PPO step.
+
+An episode, in the tag protocol:
+
+    Q: 347*29=?\\n                                  (prompt)
+    <request><Calculator>347*29<call>               (model)
+    10063<response>                                 (tool: the environment writes this)
+    10063<submit>                                   (model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "calculator"
+
+
+def problem(rng: random.Random) -> tuple[int, int]:
+    return rng.randint(100, 999), rng.randint(10, 99)
+
+
+def prompt_text(a: int, b: int) -> str:
+    return f"Q: {a}*{b}=?\n"
+
+
+def prompt_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = problem(rng)
+        rows.append({"prompt": prompt_text(a, b), "answer": str(a * b)})
+    return rows
+
+
+def sft_rows(n: int, seed: int, tool_fraction: float = 0.5) -> list[dict]:
+    """Synthetic episodes; without the tool the "answer from memory" is the product itself (what a
+    careful person would write): the model learns the format but cannot learn the arithmetic."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = problem(rng)
+        product = str(a * b)
+        segments = [{"source": "prompt", "text": prompt_text(a, b)}]
+        if rng.random() < tool_fraction:
+            segments += [
+                {"source": "model", "text": f"<request><Calculator>{a}*{b}<call>"},
+                {"source": "tool", "text": f"{product}<response>"},
+                {"source": "model", "text": f"{product}<submit>"},
+            ]
+        else:
+            segments.append({"source": "model", "text": f"{product}<submit>"})
+        rows.append({"segments": segments})
+    return rows
+
+
+def exact_match(answers: list[str], rows: list[dict]) -> list[float]:
+    """1.0 when the submitted answer is exactly the product."""
+    return [float(a.strip() == str(r["answer"])) for a, r in zip(answers, rows)]
+
+
+def write_data() -> None:
+    DATA.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("prompts.jsonl", prompt_rows(2000, seed=1)), ("eval.jsonl", prompt_rows(200, seed=2)),
+                       ("sft_episodes.jsonl", sft_rows(4000, seed=3))):
+        (DATA / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {DATA / name} ({len(rows)} rows)")
+
+
+# --- the demo -----------------------------------------------------------------------------------------------------
+
+
+def _rlcli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "rlcli", *args]
+    print("\n$ rlcli " + " ".join(args), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def _evaluate(model_dir: Path, out: Path) -> dict:
+    _rlcli("env-rollout", "configs/calculator_eval.yaml", f"model.name_or_path={model_dir}", f"output_dir={out}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def plot(metrics_file: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["reward_mean"] for r in rows], label="reward (exact match)", color="tab:green")
+    ax.plot(steps, [r.get("tool_use_rate", 0.0) for r in rows], label="tool-use rate", color="tab:blue")
+    ax.set_xlabel("PPO step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Calculator demo: PPO through the text environment")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def demo(out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    _rlcli("sft", "configs/calculator_sft.yaml", f"output_dir={out / 'sft'}")
+    before = _evaluate(out / "sft", out / "eval-sft")
+    _rlcli("ppo", "configs/calculator.yaml", f"model.name_or_path={out / 'sft'}", f"output_dir={out / 'ppo'}")
+    after = _evaluate(out / "ppo", out / "eval-ppo")
+    plot(out / "ppo" / "metrics.jsonl", out / "ppo_curve.png")
+
+    table = Table(title="Calculator demo: held-out problems, greedy decoding", header_style="bold")
+    table.add_column("")
+    table.add_column("after SFT", justify="right")
+    table.add_column("after PPO", justify="right")
+    table.add_row("exact-match accuracy", f"{before['reward_mean']:.1%}", f"{after['reward_mean']:.1%}")
+    table.add_row("tool-use rate", f"{before['tool_use_rate']:.1%}", f"{after['tool_use_rate']:.1%}")
+    table.add_row("tool calls per episode", f"{before['tool_calls_per_episode']:.2f}", f"{after['tool_calls_per_episode']:.2f}")
+    console.print(table)
+    (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_ppo": after}, indent=2))
+    console.print(f"plot: {out / 'ppo_curve.png'}; runs: {out}/sft, {out}/ppo; episodes: {out}/eval-*/episodes.jsonl")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("data", help="write data/calculator/*.jsonl")
+    d = sub.add_parser("demo", help="run the whole offline demo")
+    d.add_argument("--out", default="runs/calculator", help="run directory (replaced)")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "data":
+        write_data()
+    else:
+        demo(ROOT / args.out if not os.path.isabs(args.out) else Path(args.out))

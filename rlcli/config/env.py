@@ -1,0 +1,90 @@
+"""The ``env:`` section: a text environment (tools the model calls while it generates), shared by ``rlcli ppo``
+and ``rlcli env-rollout``; and the ``rlcli env-rollout`` recipe."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from rlcli.config.common import ModelConfig, RecipeBase, Section
+
+
+class ToolSpec(Section):
+    """A tool with options: ``{spec: search, options: {corpus_path: data/wiki.txt}}``."""
+
+    spec: str
+    """Built-in name (``calculator``, ``python``, ``search``), ``path/to/file.py:fn`` or ``module:fn``."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the built-in's factory (or for a factory function of yours)."""
+
+
+class EnvConfig(Section):
+    """Tools and the rules of an episode."""
+
+    tools: dict[str, str | ToolSpec]
+    """Name the model uses -> tool: ``{Calculator: calculator, Search: {spec: search, options: {...}},
+    Weather: recipes/weather.py:lookup}``."""
+    protocol: Literal["tag", "json"] = "tag"
+    """``tag``: ``<request><Name>args<call>`` ... ``output<response>`` ... ``<submit>`` (TRL's TextEnvironment);
+    ``json``: ``<tool_call>{"name":..,"arguments":{..}}</tool_call>`` answered in ``<tool_response>``."""
+    max_turns: int = Field(4, gt=0)
+    """Model turns per episode (a call on the last turn is still answered)."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Token budget of one model turn."""
+    max_tool_output_tokens: int = Field(64, gt=0)
+    """Longer tool output is cut (and counted as truncated)."""
+    max_length: int = Field(512, gt=1)
+    """Cap on the whole episode, prompt included, in tokens."""
+    system_prompt: bool = False
+    """Put the protocol's tool instructions (rendered from the tools' signatures and docstrings) before each
+    prompt."""
+    few_shot_prefix: str = ""
+    """Text put before every prompt (example episodes, say)."""
+    tool_timeout_s: float = Field(10.0, gt=0)
+    """A tool call running longer is killed and answered with an error text."""
+
+    @field_validator("tools")
+    @classmethod
+    def _some_tools(cls, v):
+        if not v:
+            raise ValueError("give at least one tool")
+        return v
+
+
+class RolloutData(Section):
+    """Prompts for ``rlcli env-rollout``."""
+
+    path: str
+    split: str = "train"
+    name: str | None = None
+    prompt_field: str | None = None
+    """Column with the prompt text (default: prompt, query or text)."""
+    max_rows: int | None = Field(None, gt=0)
+    """Use the first N rows (default: all)."""
+
+
+class EnvRolloutRecipe(RecipeBase):
+    """Run episodes of a model with tools, show them and write them to JSONL."""
+
+    model: ModelConfig
+    data: RolloutData
+    env: EnvConfig
+    reward: "RewardConfig | None" = None
+    """Optional: score every episode (as in PPO)."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; 0 = greedy."""
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(32, gt=0)
+    """Episodes generated together."""
+    show: int = Field(3, ge=0)
+    """Histories to render in the terminal."""
+    show_tokens: bool = False
+    """Render them token by token instead of as text."""
+    overwrite_output_dir: bool = True
+
+
+from rlcli.config.ppo import RewardConfig  # noqa: E402  (after the class that names it)
+
+EnvRolloutRecipe.model_rebuild()

@@ -1,0 +1,141 @@
+"""``rlcli env-rollout``: run episodes of a model with tools; show some, summarise all, write them to JSONL.
+
+Steps:
+  1. check the recipe (tools resolve, files exist); load tokenizer, model and prompts
+  2. run the episodes in batches through the text environment (optionally scoring them with the reward)
+  3. render a few histories (prompt / model / tool in their own colours), print a summary table
+  4. write ``episodes.jsonl`` (one TextHistory per line: text, segments with token ids, tool calls, reward) and
+     ``summary.json`` into output_dir
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from rlcli.config.env import EnvRolloutRecipe
+from rlcli.config.errors import Problem, RecipeError, UserError
+from rlcli.data.prompts import check_prompt_rows, prompt_column
+from rlcli.data.sources import check_data_source, load_rows
+from rlcli.env.build import build_environment, check_env
+from rlcli.logging import console
+from rlcli.models.loading import check_model_config, load_model, load_tokenizer
+from rlcli.models.value_head import disable_dropout
+from rlcli.rewards.sources import build_reward, check_reward_function
+from rlcli.trainers.common import RECIPE_FILE, recipe_to_yaml
+
+EPISODES_FILE = "episodes.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def preflight(recipe: EnvRolloutRecipe, source: str = "recipe") -> list[str]:
+    problems = check_model_config(recipe.model, "causal") + check_env(recipe.env)
+    from rlcli.config.common import DataSource
+
+    problems += check_data_source(DataSource(path=recipe.data.path, split=recipe.data.split))
+    if recipe.reward is not None and recipe.reward.function is not None:
+        try:
+            check_reward_function(recipe.reward.function)
+        except UserError as exc:
+            problems.append(f"reward.function: {exc}")
+    if problems:
+        raise RecipeError([Problem("", p, source) for p in problems])
+    return [f"tools: {', '.join(recipe.env.tools)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]
+
+
+def summarise(histories, seconds: float, generated: int) -> dict[str, float]:
+    n = max(len(histories), 1)
+    outcomes = Counter(c.status for h in histories for c in h.tool_calls)
+    calls = sum(outcomes.values())
+    rewards = [h.reward for h in histories if h.reward is not None]
+    summary = {
+        "episodes": len(histories),
+        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
+        "tool_use_rate": sum(1 for h in histories if h.tool_calls) / n,
+        "turns_per_episode": sum(h.num_turns for h in histories) / n,
+        "tool_calls_per_episode": calls / n,
+        "tool_error_rate": (calls - outcomes.get("ok", 0) - outcomes.get("truncated", 0)) / calls if calls else 0.0,
+        "tool_timeout_rate": outcomes.get("timeout", 0) / calls if calls else 0.0,
+        "generated_tokens": generated,
+        "seconds": seconds,
+        "tokens_per_s": generated / seconds if seconds > 0 else 0.0,
+        "episodes_per_s": len(histories) / seconds if seconds > 0 else 0.0,
+    }
+    summary.update({f"tool_{k}": v for k, v in sorted(outcomes.items())})
+    summary.update({f"finish_{k}": v for k, v in sorted(Counter(h.finish_reason for h in histories).items())})
+    return summary
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title="env-rollout summary", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if value is None:
+            continue
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
+    # step 1: recipe, model, prompts
+    if resume:
+        raise UserError("env-rollout has nothing to resume; run it again")
+    preflight(recipe)
+    torch.manual_seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe.model, padding_side="left")
+    model = load_model(recipe.model, "causal", tokenizer)
+    disable_dropout(model)
+    model.eval()
+    rows = load_rows(recipe.data.path, recipe.data.split, recipe.data.name, recipe.data.max_rows)
+    column = prompt_column(rows.column_names, recipe.data.prompt_field, recipe.data.path)
+    check_prompt_rows(rows, column, recipe.data.path)
+    rows = rows.to_list()
+    env = build_environment(recipe.env, model, tokenizer, temperature=recipe.temperature, top_k=recipe.top_k,
+                            top_p=recipe.top_p)
+    reward = build_reward(recipe.reward) if recipe.reward is not None else None
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+
+    # step 2: episodes in batches
+    histories, generated, start = [], 0, time.perf_counter()
+    generator = torch.Generator().manual_seed(recipe.seed)
+    with console.status(f"running {len(rows)} episodes") as status:
+        for i in range(0, len(rows), recipe.batch_size):
+            batch = rows[i : i + recipe.batch_size]
+            done = env.run([r[column] for r in batch], batch, generator=generator)
+            generated += env.last_stats.generated_tokens
+            if reward is not None:
+                prompts = [h.segments[0].text for h in done]
+                responses = ["".join(s.text for s in h.segments[1:]) for h in done]
+                scores = reward(prompts, responses, batch, answers=[h.answer or "" for h in done], histories=done)
+                for h, s in zip(done, scores.tolist()):
+                    h.reward = s
+            histories += done
+            status.update(f"ran {len(histories)}/{len(rows)} episodes")
+    seconds = time.perf_counter() - start
+
+    # step 3: show
+    for h in histories[: recipe.show]:
+        if recipe.show_tokens:
+            h.show_tokens(tokenizer, console)
+        else:
+            h.show_text(console)
+    summary = summarise(histories, seconds, generated)
+    console.print(summary_table(summary))
+
+    # step 4: write (to a temp file first: a crash never leaves a half-written file that looks finished)
+    tmp = out / (EPISODES_FILE + ".tmp")
+    with tmp.open("w") as f:
+        for h in histories:
+            f.write(json.dumps({"text": h.text, **h.to_dict()}) + "\n")
+    tmp.rename(out / EPISODES_FILE)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    console.print(f"[green]wrote[/] {len(histories)} episodes to {out / EPISODES_FILE}")
+    return out
