@@ -88,7 +88,7 @@ def matmul_rate(n: int, device: str = "cpu", min_seconds: float = 0.3, m: int | 
     for _ in range(3):
         torch.mm(a, b, out=out)
     sync(device)
-    reps, t0 = 0, time.perf_counter()
+    reps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
         torch.mm(a, b, out=out)
         reps += 1
@@ -97,8 +97,12 @@ def matmul_rate(n: int, device: str = "cpu", min_seconds: float = 0.3, m: int | 
             elapsed = time.perf_counter() - t0
             if elapsed >= min_seconds:
                 break
+    cpu = time.process_time() - c0
     flops = 2.0 * m * k * n * reps
-    return {"shape": [m, k, n], "flop_per_s": flops / elapsed, "seconds_per_mm": elapsed / reps}
+    # flop_per_cpu_s: per second of this process's CPU time; on a shared, oversubscribed CPU it leaves out the time
+    # the process waited for a core (meaningful with one thread on CPU only)
+    return {"shape": [m, k, n], "flop_per_s": flops / elapsed, "flop_per_cpu_s": flops / cpu if cpu > 0 else float("nan"),
+            "seconds_per_mm": elapsed / reps}
 
 
 # --- memory ---------------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ built-in calculator as ``Calculator``), with the cost of padding for finished ro
     python bench/env_rollout.py                                 # 128 episodes in batches of 32
     python bench/env_rollout.py --model runs/calculator/sft --episodes 256 --batch 64 --json out.json
 
-The model: ``--model DIR`` if given, else the first of runs/calculator-sft, runs/calculator/sft, runs/calc-sft that
-holds a saved model, else a GPT-2 built from scratch (n_layer 4, n_embd 128, n_head 4, byte tokenizer) through
+The model: ``--model DIR`` if given, else the first of runs/calculator-sft, runs/calculator/sft (where
+``python recipes/calculator.py demo`` puts its SFT model) that holds a saved model, else a GPT-2 built from scratch (n_layer 4, n_embd 128, n_head 4, byte tokenizer) through
 ``rlcli.models.loading``. A random model almost never writes a tool call, so with it the figures measure the
 sampler and the environment's bookkeeping, not tool calls; the tool-call cost is measured separately
 (``ToolRunner.run_many`` of one batch of calculator calls, forked and inline).
@@ -29,21 +29,20 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import setup_threads  # noqa: E402  (before torch: sets OMP_NUM_THREADS)
+from _common import setup_threads
 
 THREADS = setup_threads(sys.argv)
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import random
+import time
+from collections import Counter
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
+from _common import REPO, environment, peak_memory, print_table, write_json
 
-from _common import REPO, environment, peak_memory, print_table, write_json  # noqa: E402
-
-TRAINED_CANDIDATES = ("runs/calculator-sft", "runs/calculator/sft", "runs/calc-sft")
+TRAINED_CANDIDATES = ("runs/calculator-sft", "runs/calculator/sft")
 SCRATCH_CONFIG = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 128}
 
 
@@ -55,13 +54,15 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=32, help="episodes per TextEnvironment.run call (default 32)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured warm-up batches (default 1)")
     parser.add_argument("--max-turns", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="per turn (default 40, as configs/calculator.yaml)")
+    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--isolation", default="fork", choices=["fork", "inline"], help="how tools run (default fork)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch / BLAS threads (default: $OMP_NUM_THREADS or 1)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="cProfile one extra batch and print the N functions with the most own time")
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.batch < 1:
         parser.error("--episodes and --batch must be >= 1")
@@ -260,6 +261,15 @@ def main(argv=None) -> int:
         env_module.sample = probe.original
         gen_module._hits_stop_string = stop_probe.original
     same = sum(a.token_ids == b.token_ids for a, b in zip(histories, histories_keep)) / len(histories)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        env.run(prompts[:args.batch], rows[:args.batch], generator=torch.Generator().manual_seed(args.seed))
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     sampler = sampler_compare(model, tokenizer, prompts, args.batch, args, protocol.stop_strings)
     tools = tool_cost(args.batch, args.seed)
     memory = peak_memory("cpu")
@@ -268,9 +278,11 @@ def main(argv=None) -> int:
               "settings": {k: getattr(args, k) for k in ("episodes", "batch", "warmup", "max_turns", "max_new_tokens",
                                                           "max_length", "temperature", "isolation", "seed")},
               "env_drop_finished": drop, "env_keep_finished": keep, "identical_episodes_fraction": same,
-              "env_speedup_drop_vs_keep": keep["seconds"] / drop["seconds"], "sampler_first_turn": sampler,
+              "env_speedup_drop_vs_keep": keep["seconds"] / drop["seconds"],
+              "env_sampler_speedup_drop_vs_keep": keep["sampler_seconds"] / drop["sampler_seconds"],
+              "sampler_first_turn": sampler,
               "tool_cost": tools, "memory": memory,
-              "example": histories[0].text if hasattr(histories[0], "text") else None}
+              "examples": [h.text for h in histories[:3]]}
     report(result)
     write_json(args.json, result)
     return 0
@@ -282,8 +294,8 @@ def report(r):
         ("model", r["model"], f"{r['parameters']:,} parameters"),
         ("threads", str(r["threads"]), f"OMP_NUM_THREADS={r['env']['OMP_NUM_THREADS']}"),
         ("episodes / batch", f"{d['episodes']} / {r['settings']['batch']}",
-         f"max_turns={r['settings']['max_turns']} max_new_tokens={r['settings']['max_new_tokens']} "
-         f"max_length={r['settings']['max_length']} T={r['settings']['temperature']} tools: {r['settings']['isolation']}"),
+         (f"max_turns={r['settings']['max_turns']} max_new_tokens={r['settings']['max_new_tokens']} "
+          f"max_length={r['settings']['max_length']} T={r['settings']['temperature']} tools: {r['settings']['isolation']}")),
         None,
         ("episodes/s", f"{d['episodes_per_s']:.1f}", f"{d['seconds']:.2f} s for {d['episodes']} episodes"),
         ("generated tokens/s", f"{d['generated_tokens_per_s']:.0f}", f"{d['generated_tokens']} model tokens (tool tokens: {d['tool_tokens']})"),
@@ -303,10 +315,11 @@ def report(r):
         ("env, drop_finished=False: episodes/s", f"{k['episodes_per_s']:.1f}", f"{k['generated_tokens_per_s']:.0f} tokens/s"),
         ("  pad_fraction / decode pad fraction", f"{k['env_pad_fraction_mean_of_runs']:.3f} / {k['decode_pad_fraction']:.3f}",
          f"decode positions {k['computed_positions']} ({k['padded_positions']} padding for finished rows)"),
-        ("  speedup of drop_finished=True", f"{r['env_speedup_drop_vs_keep']:.2f}×", f"identical episodes: {100 * r['identical_episodes_fraction']:.0f}%"),
+        ("  speedup of drop_finished=True: run / sampler", f"{r['env_speedup_drop_vs_keep']:.2f}× / {r['env_sampler_speedup_drop_vs_keep']:.2f}×",
+         f"sampler {d['sampler_seconds']:.2f} vs {k['sampler_seconds']:.2f} s; identical episodes: {100 * r['identical_episodes_fraction']:.0f}%"),
         ("sampler alone, first turn: drop / keep", f"{s['drop']['seconds']:.3f} / {s['keep']['seconds']:.3f} s",
-         f"speedup {s['speedup_drop_vs_keep']:.2f}×; decode pad fraction {s['drop']['decode_pad_fraction']:.3f} / "
-         f"{s['keep']['decode_pad_fraction']:.3f}; rows ended early {s['drop']['rows_ended_early']}"),
+         (f"speedup {s['speedup_drop_vs_keep']:.2f}×; decode pad fraction {s['drop']['decode_pad_fraction']:.3f} / "
+          f"{s['keep']['decode_pad_fraction']:.3f}; rows ended early {s['drop']['rows_ended_early']}")),
         None,
         ("tool call cost, fork / inline", f"{t['fork']['ms_per_call']:.2f} / {t['inline']['ms_per_call']:.3f} ms per call",
          f"ToolRunner.run_many of {r['settings']['batch']} calculator calls"),

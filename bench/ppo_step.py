@@ -17,6 +17,17 @@ Phases (seconds, mean over the measured steps):
   optimise   ``PPOLearner._optimise``: epochs × minibatches × micro-batches of forward + backward + AdamW
   other      the rest of ``learner.step`` (score normalisation, rewards, GAE, whitening, statistics)
 
+FLOP rate of the optimisation phase, three ways (all divided by the phase's wall time):
+  6N      6 × trainable parameters × positions (2 forward + 4 backward per parameter and position; counts the
+          embedding tables as if they were matmuls, ignores attention), over all positions pushed through the model
+          and, separately, over real (non-pad) tokens only
+  exact   per position 2 × (matrices in the blocks) + 4·T·width·layers (attention over the full T×T, which the masked
+          SDPA computes) + 2·hidden·vocab per kept logit, times (2 + share of those matrices that train): 3 when
+          everything trains
+and as a share of an fp32 ``torch.mm`` measured in the same process: a square of side ≈ (M·d·4d)^(1/3) (M = rows ×
+positions of a micro-batch: the size of the model's MLP matmul), measured before and after every measured step,
+and squares of 1024 and 2048 at the end. ``--profile N`` adds the share of time spent inside mm/addmm.
+
 The forward methods of the policy's LM and of the reference LM are wrapped with counters; the run fails (exit 2)
 when the reference ran with autograd on, or when the counts differ from what the issue claims:
 rollout = ceil(B/micro) policy passes + ceil(B/micro) reference passes, all without grad;
@@ -31,18 +42,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import setup_threads  # noqa: E402  (before torch: sets OMP_NUM_THREADS)
+from _common import setup_threads
 
 THREADS = setup_threads(sys.argv)
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import math
+import time
 
-import torch  # noqa: E402
-
-from _common import (  # noqa: E402
+import torch
+from _common import (
     REPO,
     ForwardCounter,
     environment,
@@ -102,14 +111,17 @@ def model_shape(lm) -> dict:
     out_emb = lm.get_output_embeddings()
     head_ids = {id(out_emb.weight)} if out_emb is not None else set()
     # matrices inside the blocks: every >=2-D parameter that is no embedding and no LM head (GPT-2's Conv1D included)
-    block_matrix = sum(p.numel() for p in lm.parameters() if p.dim() >= 2 and id(p) not in embeddings | head_ids)
+    matrices = [p for p in lm.parameters() if p.dim() >= 2 and id(p) not in embeddings | head_ids]
+    block_matrix = sum(p.numel() for p in matrices)
+    # backward = activation gradients (≈ 1 forward) + weight gradients of the trainable matrices only
+    backward_factor = 1 + sum(p.numel() for p in matrices if p.requires_grad) / max(block_matrix, 1)
     layers = next((getattr(cfg, k) for k in ("n_layer", "num_hidden_layers", "num_layers") if hasattr(cfg, k)), None)
     heads = next((getattr(cfg, k) for k in ("n_head", "num_attention_heads", "num_heads") if hasattr(cfg, k)), None)
     d = hidden_size(cfg)
     head_dim = getattr(cfg, "head_dim", None) or (d // heads if heads else d)
     return {"hidden": d, "layers": layers, "heads": heads, "attn_width": (heads or 1) * head_dim,
             "vocab": int(out_emb.weight.shape[0]) if out_emb is not None else cfg.vocab_size,
-            "block_matrix_params": block_matrix, "ffn": getattr(cfg, "n_inner", None) or getattr(cfg, "intermediate_size", None) or 4 * d}
+            "block_matrix_params": block_matrix, "backward_factor": backward_factor, "ffn": getattr(cfg, "n_inner", None) or getattr(cfg, "intermediate_size", None) or 4 * d}
 
 
 def forward_flops(shapes: list[dict], ms: dict) -> dict:
@@ -135,6 +147,8 @@ def forward_flops(shapes: list[dict], ms: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.path.exists(args.recipe):
+        args.recipe = os.path.relpath(os.path.abspath(args.recipe), REPO)
     os.chdir(REPO)  # recipes name data/ and recipes/ relative to the repo root
     torch.set_num_threads(THREADS)
 
@@ -145,12 +159,12 @@ def main(argv=None) -> int:
     from rlcli.config.ppo import PPORecipe
     from rlcli.data.prompts import check_prompt_rows, encode_prompt, left_pad, prompt_column, sample_lengths
     from rlcli.data.sources import load_rows
+    from rlcli.models.loading import load_tokenizer
     from rlcli.rewards.sources import build_reward
     from rlcli.trainers.common import make_optimizer
     from rlcli.trainers.ppo import build_policy, generate, policy_task, preflight, response_texts
     from rlcli.trainers.ppo_learner import PPOLearner
     from rlcli.trainers.sft import index_stream
-    from rlcli.models.loading import load_tokenizer
 
     recipe = load_recipe(PPORecipe, args.recipe, args.overrides)
     notes = preflight(recipe)
@@ -193,7 +207,7 @@ def main(argv=None) -> int:
     def timed(name, fn, phase_name=None):
         def wrapper(*a, **kw):
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if phase_name is None:
                 out = fn(*a, **kw)
             else:
@@ -201,6 +215,7 @@ def main(argv=None) -> int:
                     out = fn(*a, **kw)
             sync(device)
             timers[name] = timers.get(name, 0.0) + time.perf_counter() - t0
+            timers[name + "_cpu"] = timers.get(name + "_cpu", 0.0) + time.process_time() - c0
             return out
         return wrapper
 
@@ -216,7 +231,7 @@ def main(argv=None) -> int:
     ms = model_shape(policy.pretrained) if task == "causal" else None
 
     gen = recipe.generation
-    procs, rank = 1, 0
+    rank = 0  # one process: its share of the batch is all of it
     local_batch = p.batch_size
     per_step = []
     print(f"rlcli ppo benchmark: {args.recipe} {' '.join(args.overrides)}; {task} policy, {trainable:,} trainable "
@@ -230,7 +245,7 @@ def main(argv=None) -> int:
     for step in range(1, total_steps + 1):
         if step == args.warmup + 1 and device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        before = matmul_rate(ref_size[0], device, 0.15)["flop_per_s"] if ref_size and args.warmup < step <= args.warmup + args.steps else None
+        before = matmul_rate(ref_size[0], device, 0.15) if ref_size and args.warmup < step <= args.warmup + args.steps else None
         for c in counters:
             c.reset()
         timers.clear()
@@ -271,6 +286,7 @@ def main(argv=None) -> int:
         rec = {
             "step": step, "measured": args.warmup < step <= args.warmup + args.steps, "seconds": seconds, "generate": t_gen, "score": t_score,
             "rollout": timers.get("rollout", 0.0), "optimise": timers.get("optimise", 0.0),
+            "optimise_cpu": timers.get("optimise_cpu", 0.0),
             "other": t_learn - timers.get("rollout", 0.0) - timers.get("optimise", 0.0),
             "opt_backward": timers.get("opt_backward", 0.0), "opt_adamw_step": timers.get("opt_adamw_step", 0.0),
             "opt_clip_grad": timers.get("opt_clip_grad", 0.0),
@@ -288,8 +304,10 @@ def main(argv=None) -> int:
             opt = forward_flops(pol_counter.shapes.get("optimise", []), ms)
             rf = forward_flops(pol_counter.shapes.get("rollout", []) + ref_counter.shapes.get("rollout", []), ms)
             rec["opt_positions"], rec["opt_real_tokens"] = opt["positions"], opt["real_tokens"]
-            rec["opt_flops_exact"] = 3 * opt["flops"]  # forward + backward (≈ 2× forward)
-            rec["opt_flops_linear"] = 3 * opt["linear_flops"]  # the part done by mm / addmm (not SDPA)
+            # forward + backward (≈ 2× forward when every matrix trains; ≈ 1× + the adapters' share with LoRA)
+            mult = 1 + ms["backward_factor"]
+            rec["opt_flops_exact"] = mult * opt["flops"]
+            rec["opt_flops_linear"] = mult * opt["linear_flops"]  # the part done by mm / addmm (not SDPA)
             rec["opt_flops_6n_positions"] = 6 * trainable * opt["positions"]
             rec["opt_flops_6n_real"] = 6 * trainable * opt["real_tokens"]
             rec["rollout_flops_exact"] = rf["flops"]
@@ -304,8 +322,10 @@ def main(argv=None) -> int:
             ref_size = reference_size(pol_counter.shapes.get("optimise", []), ms)
         if rec["measured"]:
             # the matmul rate right before and after this step: the machine may be shared, compare like with like
-            after = matmul_rate(ref_size[0], device, 0.15)["flop_per_s"]
-            rec["matmul_ref_flop_per_s"] = (after + before) / 2 if before else after
+            after = matmul_rate(ref_size[0], device, 0.15)
+            pair = [after] + ([before] if before else [])
+            rec["matmul_ref_flop_per_s"] = mean(x["flop_per_s"] for x in pair)
+            rec["matmul_ref_flop_per_cpu_s"] = mean(x["flop_per_cpu_s"] for x in pair)
         rec["check"] = check_counts(rec, pol_counter, ref_counter, p, local_batch, ref is not None, stats)
         per_step.append(rec)
         tag = "measured" if rec["measured"] else ("warm-up" if step <= args.warmup else "profiled, not measured")
@@ -332,7 +352,7 @@ def main(argv=None) -> int:
     def m_(key):
         return mean(r[key] for r in measured if r.get(key) is not None)
 
-    summary = {key: m_(key) for key in ("seconds", "generate", "score", "rollout", "optimise", "other", "opt_forward",
+    summary = {key: m_(key) for key in ("seconds", "generate", "score", "rollout", "optimise", "optimise_cpu", "other", "opt_forward",
                                         "opt_backward", "opt_adamw_step", "opt_clip_grad", "rollout_policy_forward",
                                         "generated_tokens", "tokens_per_s")}
     if ref is not None:
@@ -347,6 +367,9 @@ def main(argv=None) -> int:
                             # per step: that step's rate / the reference matmul measured right after it
                             "ratio_vs_reference_per_step_mean": mean(r[key] / r["optimise"] / r["matmul_ref_flop_per_s"]
                                                                      for r in measured)}
+                if device == "cpu":  # the same ratio in CPU time (leaves out waiting for a core on a shared machine)
+                    mfu[key]["ratio_cpu_time_per_step_mean"] = mean(
+                        r[key] / r["optimise_cpu"] / r["matmul_ref_flop_per_cpu_s"] for r in measured)
         if "opt_flops_exact" in measured[0]:
             fb = summary["opt_forward"] + summary["opt_backward"]
             mfu["opt_flops_exact_fwd_bwd_only"] = {"flop_per_s": m_("opt_flops_exact") / fb,
@@ -395,8 +418,10 @@ def profiled(fn, top: int, out: dict):
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=acts) as prof:
             result = fn(*a, **kw)
-        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         averages = prof.key_averages()
+        key = "self_cpu_time_total"
+        if torch.cuda.is_available() and averages:
+            key = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
         out["table"] = averages.table(sort_by=key, row_limit=top)
         total = sum(getattr(e, key) for e in averages)
         out["self_us"] = {e.key: getattr(e, key) for e in averages}
@@ -412,7 +437,7 @@ def reference_size(shapes, ms) -> tuple[int, int, int, int]:
     d = ms["hidden"] if ms else 512
     ffn = ms["ffn"] if ms else 4 * d
     m_rows = int(mean(s["shape"][0] * s["shape"][1] for s in shapes)) if shapes else 1024
-    geo = max(32, int(round((m_rows * d * ffn) ** (1 / 3) / 32)) * 32)
+    geo = max(32, round((m_rows * d * ffn) ** (1 / 3) / 32) * 32)
     return geo, m_rows, d, ffn
 
 
@@ -459,8 +484,9 @@ def report(r: dict, ms) -> None:
         ("recipe", f"{r['recipe']} {' '.join(r['overrides'])}".strip(), ""),
         ("threads / device", f"{r['threads']} / {r['env']['device']}", f"OMP_NUM_THREADS={r['env']['OMP_NUM_THREADS']}"),
         ("trainable parameters", f"{m['trainable_params']:,}", f"policy + value head; reference params with grad: {m['ref_params_requiring_grad']}"),
-        ("PPO shape", f"B={r['ppo']['batch_size']} mini={r['ppo']['mini_batch_size']} micro={r['ppo']['micro_batch_size']} "
-                      f"epochs={r['ppo']['epochs']}", f"max_new_tokens={r['ppo']['max_new_tokens']}"),
+        ("PPO shape", (f"B={r['ppo']['batch_size']} mini={r['ppo']['mini_batch_size']} "
+                       f"micro={r['ppo']['micro_batch_size']} epochs={r['ppo']['epochs']}"),
+         f"max_new_tokens={r['ppo']['max_new_tokens']}"),
         None,
         ("step", f"{step:.3f} s", f"mean of {r['measured_steps']} (after {r['warmup_steps']} warm-up)"),
         ("  generation", f"{s['generate']:.3f} s", share(s["generate"])),
@@ -483,7 +509,7 @@ def report(r: dict, ms) -> None:
                      + ("  ← reference (≈ geometric mean of the MLP matmul of a micro-batch)" if key == r["reference_key"] else "")))
     mfu = r["optimise_flop_rate"]
     refk = r["reference_key"]
-    labels = {"opt_flops_exact": "exact (blocks + attention + LM head) ×3",
+    labels = {"opt_flops_exact": "exact (blocks + attention + LM head), fwd+bwd",
               "opt_flops_6n_positions": "6 × trainable params × positions (incl. pad)",
               "opt_flops_6n_real": "6 × trainable params × real tokens"}
     for key, label in labels.items():
@@ -491,7 +517,9 @@ def report(r: dict, ms) -> None:
             v = mfu[key]
             rows.append((f"optimise FLOP rate: {label}", human(v["flop_per_s"], "FLOP/s"),
                          f"{human(v['flops_per_step'], 'FLOP')}/step; [bold]{100 * v['ratio_vs_reference_per_step_mean']:.1f}%[/] of "
-                         f"{refk} (per step), {100 * v[f'ratio_vs_{refk}']:.1f}% of {refk} (end), "
+                         f"{refk} (per step)"
+                         + (f", {100 * v['ratio_cpu_time_per_step_mean']:.1f}% in CPU time" if "ratio_cpu_time_per_step_mean" in v else "")
+                         + f", {100 * v[f'ratio_vs_{refk}']:.1f}% of {refk} (end), "
                          f"{100 * v['ratio_vs_square_1024']:.1f}% of 1024², {100 * v['ratio_vs_square_2048']:.1f}% of 2048²"))
     if "opt_flops_exact_fwd_bwd_only" in mfu:
         v = mfu["opt_flops_exact_fwd_bwd_only"]
@@ -501,7 +529,7 @@ def report(r: dict, ms) -> None:
     if "profile" in mfu:
         v = mfu["profile"]
         rows.append(("profiled step: time in mm/addmm", f"{100 * v['matmul_time_share']:.1f}%",
-                     f"{v['matmul_seconds']:.2f} of {v['profiled_seconds']:.2f} s self time: the ceiling of the ratio"))
+                     f"{v['matmul_seconds']:.2f} of {v['profiled_seconds']:.2f} s self time (profiler overhead inflates small ops)"))
         if "in_model_matmul_flop_per_s" in v:
             rows.append(("  rate inside those matmuls", human(v["in_model_matmul_flop_per_s"], "FLOP/s"),
                          f"{100 * v[f'ratio_vs_{refk}']:.1f}% of {refk}" if f"ratio_vs_{refk}" in v else

@@ -49,9 +49,21 @@ def prompt_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def memory_answer(a: int, b: int, rng: random.Random) -> str:
+    """What answering from memory looks like: the magnitude and leading digits right, the rest guessed.
+
+    Writing the exact product here would teach the model to *compute* the low digits from the question, and it
+    then mixes that half-learned arithmetic into copying the tool's output; with guessed low digits, copying is
+    the only consistent way to get them."""
+    digits = list(str(a * b))
+    for i in range(2, len(digits)):
+        digits[i] = str(rng.randint(0, 9))
+    return "".join(digits)
+
+
 def sft_rows(n: int, seed: int, tool_fraction: float = 0.5) -> list[dict]:
-    """Synthetic episodes; without the tool the "answer from memory" is the product itself (what a
-    careful person would write): the model learns the format but cannot learn the arithmetic."""
+    """Synthetic episodes: a ``tool_fraction`` of them call the calculator and copy its result; the others
+    answer from memory (approximately right, see ``memory_answer``)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -65,7 +77,7 @@ def sft_rows(n: int, seed: int, tool_fraction: float = 0.5) -> list[dict]:
                 {"source": "model", "text": f"{product}<submit>"},
             ]
         else:
-            segments.append({"source": "model", "text": f"{product}<submit>"})
+            segments.append({"source": "model", "text": f"{memory_answer(a, b, rng)}<submit>"})
         rows.append({"segments": segments})
     return rows
 
@@ -133,7 +145,7 @@ def demo(out: Path) -> None:
     after = _evaluate(out / "ppo", out / "eval-ppo")
     plot(out / "ppo" / "metrics.jsonl", out / "ppo_curve.png")
 
-    table = Table(title="Calculator demo: held-out problems, greedy decoding", header_style="bold")
+    table = Table(title="Calculator demo: 200 held-out problems (sampled at temperature 0.7, as in training)", header_style="bold")
     table.add_column("")
     table.add_column("after SFT", justify="right")
     table.add_column("after PPO", justify="right")

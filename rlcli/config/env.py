@@ -43,6 +43,10 @@ class EnvConfig(Section):
     """Text put before every prompt (example episodes, say)."""
     tool_timeout_s: float = Field(10.0, gt=0)
     """A tool call running longer is killed and answered with an error text."""
+    tool_isolation: Literal["fork", "inline"] = "fork"
+    """``fork``: each call runs in a forked process that is killed on timeout (safe with any tool; ~15 ms per
+    call). ``inline``: calls run in the training process (fast, but a hanging tool hangs the run: only for tools
+    that bound their own work, like the built-in calculator)."""
 
     @field_validator("tools")
     @classmethod

@@ -78,7 +78,8 @@ def _messages(value: Any, column: str, path: str, row: int, *, string_role: str 
                         f"messages, got {type(value).__name__} {str(value)[:80]!r}")
     for j, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") is None or m.get("content") is None:
-            raise UserError(f"data {path}: row {row}: {column!r} message {j} needs 'role' and 'content' keys, got {m!r}")
+            raise UserError(f"data {path}: row {row}: {column!r} message {j} needs 'role' and 'content' keys, "
+                            f"got {m!r}")
     return value
 
 
@@ -157,7 +158,8 @@ def tokenize_pairs(rows: datasets.Dataset, cfg: RMData, tokenizer: PreTrainedTok
         ids = tokenizer(text, add_special_tokens=specials)["input_ids"]
         if len(ids) <= cfg.max_length:
             return ids, False
-        return tokenizer(text, add_special_tokens=specials, truncation=True, max_length=cfg.max_length)["input_ids"], True
+        cut = tokenizer(text, add_special_tokens=specials, truncation=True, max_length=cfg.max_length)["input_ids"]
+        return cut, True
 
     def length(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0

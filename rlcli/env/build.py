@@ -56,4 +56,5 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, temperature: float = 
         top_p=top_p,
         eos_token_id=eos_token_id,
         tool_timeout_s=cfg.tool_timeout_s,
+        tool_isolation=cfg.tool_isolation,
     )

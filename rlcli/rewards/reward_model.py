@@ -192,7 +192,8 @@ class RewardModelScorer:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         truncate = self.max_length is not None
         encoded = self.tokenizer(list(texts), truncation=truncate, max_length=self.max_length if truncate else None)
-        fallback = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
+        tok = self.tokenizer
+        fallback = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
         return [ids if ids else [fallback] for ids in encoded["input_ids"]]  # an empty text still gets a score
 
     @torch.no_grad()
@@ -227,5 +228,5 @@ def _position_limit(config, tokenizer) -> int | None:
     return limit if isinstance(limit, int) and limit < 1_000_000 else None
 
 
-__all__ = ["RewardModelScorer", "sequence_scores", "last_token_index", "save_reward_stats", "load_reward_stats",
-           "resolve_label", "REWARD_STATS_FILE"]
+__all__ = ["REWARD_STATS_FILE", "RewardModelScorer", "last_token_index", "load_reward_stats", "resolve_label",
+           "save_reward_stats", "sequence_scores"]

@@ -80,15 +80,20 @@ def preflight(recipe: RMRecipe, source: str = "recipe") -> list[str]:
     ]
 
 
-def pair_rewards(model, pairs: list[PairExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Score the chosen and the rejected texts of ``pairs`` in one forward pass -> (r_chosen, r_rejected, margin), [B]."""
+def pair_rewards(model, pairs: list[PairExample], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Score the chosen and rejected texts of ``pairs`` in one forward pass -> (r_chosen, r_rejected, margin), [B]."""
     batch = collate_pairs(pairs, pad_id).to(device)
     rewards = sequence_scores(model, batch.input_ids, batch.attention_mask)[:, 0].float()
     return rewards[: len(pairs)], rewards[len(pairs) :], batch.margin
 
 
 def evaluate(model, data: PairSet, accelerator, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Bradley–Terry loss (margin included, centre penalty not), pairwise accuracy and mean r_c - r_r."""
+    """Bradley–Terry loss (margin included, centre penalty not), pairwise accuracy and mean r_c - r_r.
+
+    Each process scores its shard with the unwrapped model: a DDP forward is a collective (it broadcasts
+    buffers), and shards of unequal size would leave one process waiting for the other.
+    """
+    model = accelerator.unwrap_model(model)
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin, pairs
     mine = data.pairs[accelerator.process_index :: accelerator.num_processes]
@@ -107,6 +112,7 @@ def evaluate(model, data: PairSet, accelerator, batch_size: int, pad_id: int) ->
 
 def reward_statistics(model, data: PairSet, accelerator, batch_size: int, pad_id: int) -> tuple[float, float, int]:
     """Mean, std and count of the scores of every training text (chosen and rejected), for normalising in PPO."""
+    model = accelerator.unwrap_model(model)  # see evaluate
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # sum, sum of squares, count
     mine = data.pairs[accelerator.process_index :: accelerator.num_processes]
@@ -142,7 +148,7 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
     train_set = tokenize_pairs(train_rows, recipe.data, tokenizer, recipe.data.path)
     eval_set = tokenize_pairs(eval_rows, recipe.data, tokenizer, recipe.data.eval_path or recipe.data.path) \
         if eval_rows else None
-    print_notes(train_set.notes + (eval_set.notes if eval_set else []), accelerator)
+    print_notes(train_set.notes + [f"eval data: {n}" for n in (eval_set.notes if eval_set else [])], accelerator)
     if len(train_set.pairs) < tcfg.batch_size:
         console.print(f"[yellow]note:[/] {len(train_set.pairs)} training pairs is fewer than one batch "
                       f"({tcfg.batch_size}); batches repeat pairs across epochs")
@@ -166,12 +172,14 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     write_recipe(recipe, accelerator)
     start_trackers(accelerator, recipe)
-    log = MetricsLog(out, is_main=accelerator.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
+    log = MetricsLog(out, is_main=accelerator.is_main_process,
+                     tracker=accelerator if recipe.logging.report_to else None,
                      resume_step=start_step if resume_from else None)
     if accelerator.is_main_process:
         console.print(f"[bold]rlcli rm[/] {describe_model(model)}, {len(train_set.pairs)} train pairs"
                       + (f", {len(eval_set.pairs)} eval" if eval_set else "")
-                      + f", {total_steps} steps" + (f", resuming at step {start_step}" if start_step else ""))
+                      + f", {total_steps} steps" + (f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
+                      + (f", resuming at step {start_step}" if start_step else ""))
 
     # step 4: the loop
     procs, rank = accelerator.num_processes, accelerator.process_index

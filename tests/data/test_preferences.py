@@ -108,6 +108,7 @@ def test_collate_puts_chosen_first_and_masks_by_length_when_pad_is_eos(tok):
     pairs = [type(p)(p.chosen_ids + [eos], p.rejected_ids + [eos], p.margin) for p in out.pairs]  # texts end in EOS
     batch = collate_pairs(pairs, pad_token_id=eos)
     assert batch.input_ids.shape == (4, 4) and batch.margin.tolist() == [0.0, 0.0]
-    assert batch.input_ids[0, :3].tolist() == ids(tok, "ab") + [eos] and batch.input_ids[3].tolist() == ids(tok, "efg") + [eos]
+    assert batch.input_ids[0, :3].tolist() == ids(tok, "ab") + [eos]
+    assert batch.input_ids[3].tolist() == ids(tok, "efg") + [eos]
     assert batch.attention_mask.sum(1).tolist() == [3, 2, 2, 4]  # the real EOS keeps its 1
     assert batch.attention_mask.dtype == torch.long

@@ -138,7 +138,7 @@ def test_scorer_normalises_with_the_saved_statistics(saved_rm):
 
 
 def test_normalize_needs_reward_stats(saved_rm, tmp_path):
-    path, model, tok = saved_rm
+    _, model, tok = saved_rm
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     assert not (tmp_path / REWARD_STATS_FILE).exists()
@@ -155,8 +155,10 @@ def test_label_picks_an_output_by_name_or_index(tmp_path):
     with torch.no_grad():
         ids = torch.tensor([tok(TEXTS[0])["input_ids"]])
         both = sequence_scores(model, ids, torch.ones_like(ids))[0]
-    assert RewardModelScorer.from_pretrained(str(tmp_path), label="POSITIVE")(TEXTS[:1]).item() == pytest.approx(both[1].item(), abs=1e-5)
-    assert RewardModelScorer.from_pretrained(str(tmp_path), label=0)(TEXTS[:1]).item() == pytest.approx(both[0].item(), abs=1e-5)
+    positive = RewardModelScorer.from_pretrained(str(tmp_path), label="POSITIVE")(TEXTS[:1])
+    first = RewardModelScorer.from_pretrained(str(tmp_path), label=0)(TEXTS[:1])
+    assert positive.item() == pytest.approx(both[1].item(), abs=1e-5)
+    assert first.item() == pytest.approx(both[0].item(), abs=1e-5)
     with pytest.raises(UserError, match="NEGATIVE, POSITIVE"):
         RewardModelScorer.from_pretrained(str(tmp_path), label="happy")
     with pytest.raises(UserError, match="out of range"):
