@@ -105,6 +105,14 @@ def _segments_example(segments, tokenizer: PreTrainedTokenizerBase, path: str, r
     return ids, labels
 
 
+def check_rows(rows: datasets.Dataset, cfg: SFTData, path: str) -> None:
+    """The format can be told and every row has its fields (errors name rows as numbered in the file)."""
+    from rlcli.data.sources import require_columns
+
+    fmt = detect_format(cfg, rows.column_names, path)
+    require_columns(rows, _required(cfg, fmt), path, f"format '{fmt}'")
+
+
 def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTokenizerBase, path: str) -> TokenizedSet:
     """Turn rows into ``{input_ids, labels}`` examples (truncated to ``max_length``, packed if asked)."""
     fmt = detect_format(cfg, rows.column_names, path)

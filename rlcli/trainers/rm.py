@@ -176,9 +176,9 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
                      tracker=accelerator if recipe.logging.report_to else None,
                      resume_step=start_step if resume_from else None)
     if accelerator.is_main_process:
+        proc_note = f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         console.print(f"[bold]rlcli rm[/] {describe_model(model)}, {len(train_set.pairs)} train pairs"
-                      + (f", {len(eval_set.pairs)} eval" if eval_set else "")
-                      + f", {total_steps} steps" + (f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
+                      + (f", {len(eval_set.pairs)} eval" if eval_set else "") + f", {total_steps} steps" + proc_note
                       + (f", resuming at step {start_step}" if start_step else ""))
 
     # step 4: the loop

@@ -29,7 +29,7 @@ from rlcli.checkpoint import load_checkpoint, save_checkpoint
 from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError, Problem
 from rlcli.config.sft import SFTRecipe
-from rlcli.data.sft import IGNORE, TokenizedSet, collate, tokenize_rows
+from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
 from rlcli.data.sources import check_data_source, train_eval_rows
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
@@ -111,7 +111,7 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
 
     # step 2: data
     tokenizer = load_tokenizer(recipe.model, padding_side="right")
-    train_rows, eval_rows = train_eval_rows(recipe.data, recipe.seed)
+    train_rows, eval_rows = train_eval_rows(recipe.data, recipe.seed, check=lambda rows, path: check_rows(rows, recipe.data, path))
     train_set = tokenize_rows(train_rows, recipe.data, tokenizer, recipe.data.path)
     eval_set = tokenize_rows(eval_rows, recipe.data, tokenizer, recipe.data.eval_path or recipe.data.path) if eval_rows else None
     print_notes(train_set.notes, accelerator)

@@ -178,10 +178,10 @@ BAD_ROWS = '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n'
         ("yaml syntax", "output_dir: x\nmodel: {architecture: gpt2\n", [], None, 2, ["YAML syntax error", ":3"]),
         ("unknown key", None, ["train.lerning_rate=0.1"], None, 2, ["train.lerning_rate", "unknown key"]),
         ("wrong type", None, ["train.batch_size=lots"], None, 2, ["train.batch_size", "valid integer", "'lots'"]),
-        ("missing data file", None, ["data.path=nowhere.jsonl"], None, 1, ["data.path", "nowhere.jsonl", "does not exist"]),
+        ("missing data file", None, ["data.path=nowhere.jsonl"], None, 2, ["data.path", "nowhere.jsonl", "does not exist"]),
         ("missing field", None, ["data.path=DATA"], BAD_ROWS, 1, ["row 1", "'completion'"]),
         ("empty dataset", None, ["data.path=DATA"], "", 1, ["empty", "no rows"]),
-        ("unknown architecture", None, ["model.architecture=gtp2"], None, 1, ["unknown architecture 'gtp2'", "gpt2"]),
+        ("unknown architecture", None, ["model.architecture=gtp2"], None, 2, ["unknown architecture 'gtp2'", "gpt2"]),
         ("batch does not divide", None, ["train.batch_size=30"], None, 2, ["batch_size=30", "micro_batch_size"]),
     ],
 )

@@ -1,0 +1,216 @@
+"""Which ``accelerate launch`` setups each command supports, checked before any weights load.
+
+``accelerate launch`` (with a preset from ``configs/accelerate/`` or flags) tells the processes it starts how to
+distribute through environment variables (``accelerate/utils/launch.py``: ``prepare_multi_gpu_env`` and
+``prepare_deepspeed_cmd_env``). :func:`detect_launch` reads them back; :func:`check_launch` returns one clear
+problem for each combination of command and setup that rlcli does not support, with what to use instead. The
+trainers call it from their ``preflight``, so ``--dry-run`` reports it too.
+
+The matrix (see README, "Launch presets") and why:
+
+- **single process, DDP on one or several machines, CPU DDP (gloo)**: ``sft``, ``rm`` and ``ppo`` are written
+  for it (``accelerator.prepare(model, optimizer)``, ``no_sync`` while accumulating, one optimizer step per global
+  batch, full ``state_dict`` of the unwrapped model saved by the main process). ``env-rollout`` runs in one
+  process only: it does not split episodes across processes.
+- **DeepSpeed (any ZeRO stage)**: not supported yet. Accelerate's ``backward`` hands the loss to the DeepSpeed
+  engine, which takes an optimizer step inside every ``backward`` unless ``accelerator.accumulate`` drives it,
+  while rlcli's loops accumulate micro-batches themselves (``no_sync``) and step once per global batch; gradient
+  clipping moves into DeepSpeed's config (``clip_grad_norm_`` returns None, so ``grad_norm`` is lost); ZeRO
+  shards the optimizer state that rlcli checkpoints save from the main process only, so ``--resume`` would lose
+  it. ZeRO-3 also shards parameters: PPO's sampler and reference forward run on the unwrapped model and would
+  need the parameters gathered on every process.
+- **FSDP (1 or 2, any sharding strategy)**: not supported yet. It shards parameters: PPO's sampler and
+  reference forward on the unwrapped model, the checkpoints' ``state_dict`` and the final ``save_pretrained``
+  on the main process would not see full weights.
+- **Megatron-LM, tensor / context / sequence parallelism (``parallelism_config``)**: not supported.
+- **Mixed precision**: rlcli takes it from the recipe (``train.mixed_precision``); a launcher that asks for a
+  different one (``--mixed_precision bf16`` or ``mixed_precision:`` in the accelerate config) is refused instead
+  of silently ignored. fp8 is not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("sft", "rm", "ppo", "env-rollout")
+TRAINERS = ("sft", "rm", "ppo")
+
+DDP_PRESET = "configs/accelerate/multi_gpu.yaml"
+SINGLE_PRESET = "configs/accelerate/single_gpu.yaml"
+MULTI_NODE_PRESET = "configs/accelerate/multi_node.yaml"
+
+
+def _true(value: str | None) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+@dataclass(frozen=True)
+class LaunchSetup:
+    """How this process was launched, as far as the environment tells."""
+
+    kind: str  # "single" | "ddp" | "deepspeed" | "fsdp" | "megatron" | "parallelism"
+    processes: int = 1
+    zero_stage: int | None = None  # DeepSpeed
+    deepspeed_config_file: str | None = None
+    fsdp_version: str | None = None
+    fsdp_sharding: str | None = None
+    mixed_precision: str | None = None  # what the launcher asked for (ACCELERATE_MIXED_PRECISION)
+    config_file: str | None = None  # the accelerate config file given to `accelerate launch`, when it can be found
+
+    def describe(self) -> str:
+        if self.kind == "deepspeed":
+            stage = f"ZeRO-{self.zero_stage}" if self.zero_stage is not None else "ZeRO (stage unknown)"
+            name = f"DeepSpeed {stage}"
+        elif self.kind == "fsdp":
+            name = f"FSDP{self.fsdp_version or ''}"
+            if self.fsdp_sharding:
+                name += f" ({self.fsdp_sharding})"
+        elif self.kind == "megatron":
+            name = "Megatron-LM"
+        elif self.kind == "parallelism":
+            name = "Accelerate parallelism_config (tensor/context/sequence parallelism)"
+        elif self.kind == "ddp":
+            name = f"DDP with {self.processes} processes"
+        else:
+            name = "a single process"
+        if self.config_file:
+            name += f" (accelerate config {self.config_file})"
+        return name
+
+
+def detect_launch(environ: Mapping[str, str] | None = None, config_file: str | None = None) -> LaunchSetup:
+    """Read the launch setup from the environment ``accelerate launch`` / torchrun give each process."""
+    env = os.environ if environ is None else environ
+    if config_file is None and environ is None:
+        config_file = _launcher_config_file()
+    processes = _int(env.get("WORLD_SIZE"), 1)
+    mp = (env.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower() or None
+    common: dict[str, Any] = {"processes": processes, "mixed_precision": mp, "config_file": config_file}
+    if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
+        ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+        stage = _int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), None)
+        if stage is None and ds_file:
+            stage = _zero_stage_from_file(ds_file)
+        return LaunchSetup("deepspeed", zero_stage=stage, deepspeed_config_file=ds_file, **common)
+    if _true(env.get("ACCELERATE_USE_FSDP")):
+        return LaunchSetup("fsdp", fsdp_version=env.get("FSDP_VERSION") or "1",
+                           fsdp_sharding=env.get("FSDP_SHARDING_STRATEGY") or None, **common)
+    if _true(env.get("ACCELERATE_USE_MEGATRON_LM")):
+        return LaunchSetup("megatron", **common)
+    if _true(env.get("ACCELERATE_USE_PARALLELISM_CONFIG")):
+        return LaunchSetup("parallelism", **common)
+    return LaunchSetup("ddp" if processes > 1 else "single", **common)
+
+
+def check_launch(command: str, recipe: Any = None, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Problems with running ``rlcli COMMAND`` under the current launch setup (empty list: supported).
+
+    Call it from a trainer's preflight, before any weights load; each message names the command, the setup
+    (and the accelerate config file when it can be found) and what to use instead.
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
+    setup = detect_launch(environ)
+    where = setup.describe()
+    problems: list[str] = []
+
+    if command == "env-rollout":
+        if setup.processes > 1:
+            problems.append(
+                f"launch: `rlcli env-rollout` under {where} is not supported: it runs in one process and does not "
+                f"split episodes across processes, so each of the {setup.processes} processes would run every episode "
+                "and write the same files. Run it without a launcher (`rlcli env-rollout CONFIG`) or with "
+                f"`accelerate launch --config_file {SINGLE_PRESET} -m rlcli env-rollout CONFIG`."
+            )
+        return problems
+
+    instead = (f"Use DDP instead: `accelerate launch --config_file {DDP_PRESET} -m rlcli {command} CONFIG` "
+               f"(several machines: {MULTI_NODE_PRESET} or slurm/multi_node.sbatch)")
+    memory = ("; if the model does not fit in one GPU per process, train a LoRA adapter (`lora:` section"
+              + (", which also avoids a second copy of the weights for the reference model" if command == "ppo" else "")
+              + "), with train.mixed_precision=bf16 and model.gradient_checkpointing=true")
+    if setup.kind == "deepspeed":
+        reasons = ("rlcli's loops accumulate gradients themselves and take one optimizer step per global batch, while "
+                   "the DeepSpeed engine steps inside every backward and takes gradient accumulation and clipping from "
+                   "its own config; ZeRO also shards the optimizer state, which rlcli's checkpoints save from the main "
+                   "process only")
+        if setup.zero_stage == 3:
+            reasons += ("; ZeRO-3 shards the parameters as well, so "
+                        + ("PPO's generation and reference forward passes on the unwrapped model would need the "
+                           "parameters gathered on every process, and " if command == "ppo" else "")
+                        + "the final model (state_dict of the unwrapped model on the main process) would be empty shards")
+        problems.append(f"launch: `rlcli {command}` under {where} is not supported yet: {reasons}. {instead}{memory}.")
+    elif setup.kind == "fsdp":
+        reasons = ("FSDP shards the parameters, so "
+                   + ("PPO's generation and reference forward passes on the unwrapped model, " if command == "ppo" else "")
+                   + "rlcli's checkpoints and the final model (state_dict of the unwrapped model, saved by the main "
+                   "process only) would not see full weights")
+        problems.append(f"launch: `rlcli {command}` under {where} is not supported yet: {reasons}. {instead}{memory}.")
+    elif setup.kind in ("megatron", "parallelism"):
+        problems.append(f"launch: `rlcli {command}` under {where} is not supported: rlcli's trainers are data-parallel "
+                        f"only (every process holds the whole model). {instead}{memory}.")
+
+    wanted = _recipe_precision(recipe)
+    launched = setup.mixed_precision
+    if launched == "fp8":
+        problems.append(f"launch: `rlcli {command}`: the launcher asks for fp8 mixed precision, which rlcli does not "
+                        "support; launch with `--mixed_precision no` (or `mixed_precision: 'no'` in the accelerate "
+                        "config) and set train.mixed_precision=bf16 in the recipe")
+    elif launched not in (None, "no") and wanted is not None and launched != wanted:
+        problems.append(f"launch: `rlcli {command}`: the launcher asks for mixed_precision={launched} but the recipe has "
+                        f"train.mixed_precision={wanted}; rlcli takes precision from the recipe, so say it there: add "
+                        f"`train.mixed_precision={launched}` to the command, or launch with `--mixed_precision no` "
+                        "(or `mixed_precision: 'no'` in the accelerate config)")
+    return problems
+
+
+def _recipe_precision(recipe: Any) -> str | None:
+    train = getattr(recipe, "train", None)
+    value = getattr(train, "mixed_precision", None)
+    return None if value is None else str(value).lower()
+
+
+def _int(value: str | None, default):
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return default
+
+
+def _zero_stage_from_file(path: str) -> int | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    stage = (data.get("zero_optimization") or {}).get("stage") if isinstance(data, dict) else None
+    return _int(stage, None)
+
+
+def _launcher_config_file(max_depth: int = 4) -> str | None:
+    """The ``--config_file`` given to the ``accelerate launch`` that started this process (Linux, best effort).
+
+    The worker's parent is the launcher itself (it runs torchrun in-process) or torchrun's agent, so a few
+    ancestors are enough.
+    """
+    pid = os.getpid()
+    for _ in range(max_depth):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: ppid (after the parenthesised name)
+            if pid <= 1:
+                return None
+            args = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        except (OSError, ValueError, IndexError):
+            return None
+        for i, arg in enumerate(args):
+            if arg in ("--config_file", "--config-file") and i + 1 < len(args):
+                return args[i + 1]
+            for prefix in ("--config_file=", "--config-file="):
+                if arg.startswith(prefix):
+                    return arg[len(prefix):]
+    return None

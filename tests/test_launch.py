@@ -1,0 +1,191 @@
+"""Launch presets (configs/accelerate/) and the preset × command matrix checked before weights load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rlcli import launch
+from rlcli.launch import check_launch, detect_launch
+
+from tests.conftest import REPO, TINY_GPT2, plain, run_cli, write_yaml
+
+PRESETS = REPO / "configs" / "accelerate"
+
+# every variable the tests touch, cleared first so the outer environment (e.g. a launched test run) cannot leak in
+LAUNCH_VARS = ("WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+               "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_SHARDING_STRATEGY",
+               "ACCELERATE_USE_MEGATRON_LM", "ACCELERATE_USE_PARALLELISM_CONFIG", "ACCELERATE_MIXED_PRECISION")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(launch, "_launcher_config_file", lambda: None)
+
+    def set_env(**values):
+        for k, v in values.items():
+            monkeypatch.setenv(k, str(v))
+        return monkeypatch
+
+    return set_env
+
+
+def recipe(mp: str = "no"):
+    return SimpleNamespace(train=SimpleNamespace(mixed_precision=mp))
+
+
+# --- the preset files ------------------------------------------------------------------------------------------------
+
+
+def test_presets_exist_and_are_valid_accelerate_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    expected = {
+        "single_gpu.yaml": DistributedType.NO,
+        "multi_gpu.yaml": DistributedType.MULTI_GPU,
+        "cpu_ddp.yaml": DistributedType.MULTI_GPU,  # MULTI_GPU + use_cpu: several gloo processes without MPI
+        "deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
+        "deepspeed_zero3.yaml": DistributedType.DEEPSPEED,
+        "fsdp.yaml": DistributedType.FSDP,
+        "multi_node.yaml": DistributedType.MULTI_GPU,
+    }
+    assert sorted(p.name for p in PRESETS.glob("*.yaml")) == sorted(expected)
+    for name, dtype in expected.items():
+        cfg = load_config_from_file(str(PRESETS / name))  # raises on unknown keys
+        assert cfg.distributed_type == dtype, name
+        assert cfg.num_processes >= 1, name
+    assert load_config_from_file(str(PRESETS / "cpu_ddp.yaml")).use_cpu
+    assert load_config_from_file(str(PRESETS / "cpu_ddp.yaml")).num_processes == 2
+    assert load_config_from_file(str(PRESETS / "deepspeed_zero2.yaml")).deepspeed_config["zero_stage"] == 2
+    assert load_config_from_file(str(PRESETS / "deepspeed_zero3.yaml")).deepspeed_config["zero_stage"] == 3
+    node = load_config_from_file(str(PRESETS / "multi_node.yaml"))
+    assert node.num_machines == 2 and node.main_process_ip and node.main_process_port
+
+
+# --- the matrix ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo"])
+def test_single_process_and_ddp_are_supported(env, command):
+    assert check_launch(command, recipe()) == []
+    env(WORLD_SIZE=8, ACCELERATE_MIXED_PRECISION="no")
+    assert check_launch(command, recipe()) == []
+    assert detect_launch().kind == "ddp"
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo"])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_is_refused_with_what_to_use_instead(env, command, stage):
+    env(WORLD_SIZE=8, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=stage,
+        ACCELERATE_MIXED_PRECISION="bf16")
+    problems = check_launch(command, recipe("bf16"))
+    assert len(problems) == 1
+    msg = problems[0]
+    assert f"`rlcli {command}`" in msg and f"DeepSpeed ZeRO-{stage}" in msg and "not supported yet" in msg
+    assert "configs/accelerate/multi_gpu.yaml" in msg and "LoRA" in msg
+    assert "optimizer step" in msg
+    if stage == 3:
+        assert "shards the parameters" in msg
+        assert ("generation" in msg) == (command == "ppo")
+
+
+def test_zero_stage_read_from_a_deepspeed_json_config(env, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    env(WORLD_SIZE=2, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=ds)
+    setup = detect_launch()
+    assert setup.zero_stage == 3 and setup.deepspeed_config_file == str(ds)
+    assert "DeepSpeed ZeRO-3" in check_launch("ppo", recipe())[0]
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo"])
+def test_fsdp_is_refused(env, command):
+    env(WORLD_SIZE=4, ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    (msg,) = check_launch(command, recipe())
+    assert f"`rlcli {command}` under FSDP2" in msg and "not supported yet" in msg
+    assert "configs/accelerate/multi_gpu.yaml" in msg and "shards the parameters" in msg
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_MEGATRON_LM", "ACCELERATE_USE_PARALLELISM_CONFIG"])
+def test_model_parallel_setups_are_refused(env, var):
+    env(WORLD_SIZE=4, **{var: "true"})
+    (msg,) = check_launch("sft", recipe())
+    assert "data-parallel only" in msg and "configs/accelerate/multi_gpu.yaml" in msg
+
+
+def test_preset_file_is_named_when_found(env, monkeypatch):
+    monkeypatch.setattr(launch, "_launcher_config_file", lambda: "configs/accelerate/deepspeed_zero3.yaml")
+    env(WORLD_SIZE=8, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=3)
+    (msg,) = check_launch("ppo", recipe())
+    assert "DeepSpeed ZeRO-3 (accelerate config configs/accelerate/deepspeed_zero3.yaml)" in msg
+
+
+def test_env_rollout_runs_in_one_process_only(env):
+    assert check_launch("env-rollout", SimpleNamespace()) == []
+    env(WORLD_SIZE=2)
+    (msg,) = check_launch("env-rollout", SimpleNamespace())
+    assert "`rlcli env-rollout`" in msg and "one process" in msg and "configs/accelerate/single_gpu.yaml" in msg
+
+
+def test_launcher_precision_must_match_the_recipe(env):
+    env(WORLD_SIZE=2, ACCELERATE_MIXED_PRECISION="bf16")
+    (msg,) = check_launch("sft", recipe("no"))
+    assert "mixed_precision=bf16" in msg and "train.mixed_precision=bf16" in msg and "--mixed_precision no" in msg
+    assert check_launch("sft", recipe("bf16")) == []
+    env(ACCELERATE_MIXED_PRECISION="fp8")
+    (msg,) = check_launch("rm", recipe("no"))
+    assert "fp8" in msg
+
+
+def test_unknown_command_is_a_programming_error(env):
+    with pytest.raises(ValueError):
+        check_launch("dpo", recipe())
+
+
+def test_explicit_environ_is_used(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # ignored: an explicit mapping wins
+    assert check_launch("sft", recipe(), environ={"WORLD_SIZE": "2"}) == []
+
+
+def test_launcher_config_file_found_in_parent_cmdline(tmp_path):
+    """The real /proc walk: a child started with --config_file X finds X (Linux only)."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc")
+    code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'from rlcli.launch import _launcher_config_file as f; print(f())'])")
+    out = subprocess.run([sys.executable, "-c", code, "--config_file", "configs/accelerate/fsdp.yaml"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.strip() == "configs/accelerate/fsdp.yaml", out.stderr
+
+
+# --- end to end: the CLI refuses before loading weights (only once the trainers' preflight calls check_launch) ----
+
+
+def _preflight_calls_check_launch() -> bool:
+    from rlcli.trainers import sft
+
+    return "check_launch" in Path(sft.__file__).read_text()
+
+
+@pytest.mark.skipif(not _preflight_calls_check_launch(), reason="trainers' preflight does not call check_launch yet")
+def test_cli_dry_run_refuses_deepspeed_zero3(tmp_path):
+    rec = write_yaml(tmp_path / "sft.yaml", {
+        "output_dir": str(tmp_path / "out"), "model": TINY_GPT2,
+        "data": {"path": str(REPO / "data/tiny/sft.jsonl"), "format": "prompt_completion", "max_length": 32},
+        "train": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 2},
+    })
+    res = run_cli("sft", str(rec), "--dry-run", env={"ACCELERATE_USE_DEEPSPEED": "true",
+                                                     "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "WORLD_SIZE": "1"})
+    assert res.returncode != 0
+    text = plain(res.stderr + res.stdout)
+    assert "DeepSpeed ZeRO-3" in text and "configs/accelerate/multi_gpu.yaml" in text
+    assert not (tmp_path / "out").exists()
