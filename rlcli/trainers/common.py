@@ -174,6 +174,16 @@ def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scr
     tmp.rmdir()
 
 
+def finish(accelerator: Accelerator) -> None:
+    """End a run on every process together: wait for the main process's final save, close trackers, and tear
+    the process group down explicitly (left to interpreter shutdown, gloo can block forever in its destructor
+    once the other ranks have exited)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def describe_model(model: torch.nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -76,6 +76,7 @@ from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, 
 from rlcli.rewards.sources import build_reward, check_reward_function
 from rlcli.rl import Rollout
 from rlcli.trainers.common import (
+    finish,
     clear_output_dir,
     describe_model,
     load_trainable_state,
@@ -372,7 +373,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
         save_policy(unwrapped, tokenizer, out, built_from_scratch=recipe.model.architecture is not None,
                     merge=bool(recipe.lora and recipe.lora.merge_on_save))
         console.print(f"[green]done[/]: reward {stats['reward_mean']:.4g}, kl {stats['kl']:.4g}; policy saved to {out}")
-    accelerator.end_training()
+    finish(accelerator)
     return out
 
 

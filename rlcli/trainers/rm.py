@@ -37,6 +37,7 @@ from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
 from rlcli.trainers.common import (
+    finish,
     clear_output_dir,
     describe_model,
     load_trainable_state,
@@ -248,5 +249,5 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
                             if k in metrics)
         console.print(f"[green]done[/]: {summary}; reward mean {mean:.4g}, std {std:.4g} over {count} training texts; "
                       f"model saved to {out}")
-    accelerator.end_training()
+    finish(accelerator)
     return out

@@ -34,6 +34,7 @@ from rlcli.data.sources import check_data_source, train_eval_rows
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
 from rlcli.trainers.common import (
+    finish,
     clear_output_dir,
     describe_model,
     load_trainable_state,
@@ -212,5 +213,5 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
                          merge=bool(recipe.lora and recipe.lora.merge_on_save))
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "eval_loss"))
         console.print(f"[green]done[/]: {summary}; model saved to {out}")
-    accelerator.end_training()
+    finish(accelerator)
     return out

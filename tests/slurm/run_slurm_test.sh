@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
-# Test slurm/*.sbatch against a real Slurm started on this machine (a one-node cluster on localhost).
+# Test slurm/*.sbatch against a real Slurm started on this machine (a two-node cluster, both nodes on localhost).
 #
 #   bash tests/slurm/run_slurm_test.sh              # needs slurmctld, slurmd, sbatch, munged installed
 #   bash tests/slurm/run_slurm_test.sh --install    # apt-get install them first (Debian/Ubuntu, as root)
 #   options: --keep (keep the temp dir with logs)  --no-multi-node (only slurm/single_node.sbatch)
+#            --one-node (one slurmd; multi_node.sbatch then runs with --nodes=1)
 #
-# What it does: writes a minimal slurm.conf for localhost (no cgroups, no accounting: containers usually have
-# neither), starts its own munged, slurmctld and slurmd on private ports and sockets (the system's munge and
-# Slurm, if any, are left alone), waits for the node to be idle, submits the real templates as CPU jobs
-# (RLCLI_CPU=1, 2 gloo processes) running the tiny SFT recipe for 5 steps (a checkpoint at step 4), waits for
-# them, checks that metrics.jsonl has steps 1..5, model.safetensors exists and the checkpoint holds the RNG
-# states of 2 processes, and shuts everything down.
+# What it does: writes a minimal slurm.conf for this machine (no cgroups, no accounting: containers usually
+# have neither) with two nodes, node1 and node2, both served by slurmd daemons on localhost (one port each),
+# starts its own munged, slurmctld and the slurmds on private ports and sockets (the system's munge and Slurm,
+# if any, are left alone), waits for the nodes to be idle, and submits the real templates as CPU jobs
+# (RLCLI_CPU=1) running the tiny SFT recipe for 5 steps (a checkpoint at step 4):
+#   slurm/single_node.sbatch   1 node × 2 gloo processes
+#   slurm/multi_node.sbatch    2 nodes × 1 process (srun + accelerate launch --machine_rank 0 / 1)
+# It waits for them, checks that metrics.jsonl has steps 1..5, model.safetensors exists and the checkpoint holds
+# the RNG states of 2 processes, and shuts everything down. About 35 s on 2 CPU cores (after the install).
 # Exit status: 0 passed, 1 failed, 77 skipped (Slurm not installed and no --install, or not root).
-# Environment: RLCLI_SLURM_PORT (slurmctld port, default 16817; slurmd uses the next one), PYTHON (the Python
+# Environment: RLCLI_SLURM_PORT (slurmctld port, default 16817; the slurmds use the next two), PYTHON (the Python
 # with rlcli installed; default: .venv/bin/python if present, else python3), RLCLI_SLURM_TIMEOUT (seconds a job
 # may take, default 300).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-INSTALL=0 KEEP=0 MULTI=1
+INSTALL=0 KEEP=0 MULTI=1 TWO=1
 for arg in "$@"; do
     case "$arg" in
         --install) INSTALL=1 ;;
         --keep) KEEP=1 ;;
         --no-multi-node) MULTI=0 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --one-node) TWO=0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -60,16 +65,26 @@ TIMEOUT=${RLCLI_SLURM_TIMEOUT:-300}
 D=$(mktemp -d /tmp/rlcli-slurm.XXXXXX)
 chmod 755 "$D"
 mkdir -p "$D/munge" "$D/state" "$D/spool" "$D/log" "$D/jobs"
-chmod 700 "$D/munge"
+chmod 711 "$D/munge"
 PIDS=()
 
 cleanup() {
     local rc=$?
     set +e
+    if [ -n "${SLURM_CONF:-}" ] && scontrol ping >/dev/null 2>&1; then  # cancel what still runs, let slurmd clean up
+        scancel --partition=debug >/dev/null 2>&1
+        for _ in $(seq 30); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
+    fi
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${PIDS[@]}"; do
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null
+    done
+    # anything left from this cluster (a job step that ignored its signals): only processes carrying our SLURM_CONF
+    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+        if [ "$pid" != $$ ] && tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" | grep -qx "SLURM_CONF=$D/slurm.conf"; then
+            kill -9 "$pid" 2>/dev/null && say "killed leftover process $pid"
+        fi
     done
     if [ "$rc" != 0 ] && [ "$rc" != 77 ]; then
         say "logs in $D/log and $D/jobs:"
@@ -89,7 +104,8 @@ mungekey --create --keyfile="$D/munge/munge.key" 2>/dev/null \
     || dd if=/dev/urandom of="$D/munge/munge.key" bs=1024 count=1 status=none
 chmod 600 "$D/munge/munge.key"
 munged --foreground --force --key-file="$D/munge/munge.key" --socket="$D/munge/munge.socket" \
-    --pid-file="$D/munge/munged.pid" --log-file="$D/log/munged.log" --seed-file="$D/munge/munged.seed" &
+    --pid-file="$D/munge/munged.pid" --log-file="$D/log/munged.log" --seed-file="$D/munge/munged.seed" \
+    >>"$D/log/munged.stdout" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do [ -S "$D/munge/munge.socket" ] && break; sleep 0.1; done
 [ -S "$D/munge/munge.socket" ] || { say "FAIL: munged did not start"; exit 1; }
@@ -126,35 +142,58 @@ MinJobAge=600
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+if [ "$TWO" = 1 ]; then
+    NODES=(node1 node2)
+    sed -i "s|^SlurmdSpoolDir=.*|SlurmdSpoolDir=$D/spool/%n|; s|^SlurmdPidFile=.*|SlurmdPidFile=$D/slurmd-%n.pid|; s|^SlurmdLogFile=.*|SlurmdLogFile=$D/log/slurmd-%n.log|" "$D/slurm.conf"
+    echo "NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$SLURMD_PORT CPUs=$CPUS RealMemory=$MEM State=UNKNOWN" >> "$D/slurm.conf"
+    echo "NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + 1)) CPUs=$CPUS RealMemory=$MEM State=UNKNOWN" >> "$D/slurm.conf"
+    mkdir -p "$D/spool/node1" "$D/spool/node2"
+else
+    NODES=(localhost)
+    echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN" >> "$D/slurm.conf"
+fi
 export SLURM_CONF=$D/slurm.conf
 
-say "starting slurmctld (port $CTLD_PORT) and slurmd (port $SLURMD_PORT); temp dir $D"
+say "starting slurmctld (port $CTLD_PORT) and slurmd for ${NODES[*]} (ports from $SLURMD_PORT); temp dir $D"
 slurmctld -D -i -f "$SLURM_CONF" >>"$D/log/slurmctld.stdout" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
 scontrol ping | grep -q UP || { say "FAIL: slurmctld did not come up"; exit 1; }
-slurmd -D -N localhost -f "$SLURM_CONF" >>"$D/log/slurmd.stdout" 2>&1 &
-PIDS+=($!)
-state=""
-for _ in $(seq 150); do
-    state=$(sinfo -h -n localhost -o %T 2>/dev/null | head -n1)
-    [ "$state" = idle ] && break
-    sleep 0.2
+for node in "${NODES[@]}"; do
+    slurmd -D -N "$node" -f "$SLURM_CONF" >>"$D/log/slurmd-$node.stdout" 2>&1 &
+    PIDS+=($!)
 done
-[ "$state" = idle ] || { say "FAIL: node localhost is '${state}', not idle"; exit 1; }
-say "node localhost idle ($CPUS CPUs)"
+for node in "${NODES[@]}"; do
+    state=""
+    for _ in $(seq 150); do
+        state=$(sinfo -h -n "$node" -o %T 2>/dev/null | head -n1)
+        [ "$state" = idle ] && break
+        sleep 0.2
+    done
+    [ "$state" = idle ] || { say "FAIL: node $node is '${state}', not idle"; exit 1; }
+done
+say "node(s) ${NODES[*]} idle ($CPUS CPUs each)"
 
 # --- jobs ---------------------------------------------------------------------------------------------------------
 submit() {  # submit TEMPLATE NAME [sbatch options...]: the real template, as a CPU job, tiny SFT for 5 steps
     local template=$1 name=$2; shift 2
-    PATH="$PYDIR:$PATH" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 RLCLI_CPU=1 RLCLI_NPROC=2 \
+    PATH="$PYDIR:$PATH" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 RLCLI_CPU=1 RLCLI_NPROC=${NPROC_PER_NODE:-2} \
         RLCLI_OUTPUT_DIR="$D/runs/$name" \
         sbatch --parsable --job-name="rlcli-$name" --gpus-per-node=0 --cpus-per-task="$CPUS" --time=00:20:00 \
         --chdir="$REPO" --output="$D/jobs/$name-%j.out" "$@" "$REPO/$template" \
         sft configs/tiny/sft.yaml train.max_steps=5 train.save_every=4 logging.progress=false
+}
+
+job_processes() {  # job_processes ID: what the job's processes are doing (for a job that does not finish)
+    local pid
+    echo "processes of job $1 (pid ppid state elapsed wchan command):"
+    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+        if tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" | grep -qx "SLURM_JOB_ID=$1"; then
+            ps -o pid=,ppid=,stat=,etime=,wchan:20=,args= -p "$pid" 2>/dev/null | cut -c1-220
+        fi
+    done
 }
 
 wait_job() {  # wait_job ID -> prints the final state
@@ -165,7 +204,10 @@ wait_job() {  # wait_job ID -> prints the final state
         case "$st" in
             COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|BOOT_FAIL|DEADLINE|PREEMPTED) break ;;
         esac
-        if [ $(( $(date +%s) - t0 )) -gt "$TIMEOUT" ]; then scancel "$id" 2>/dev/null; st="TIMEOUT(test)"; break; fi
+        if [ $(( $(date +%s) - t0 )) -gt "$TIMEOUT" ]; then
+            job_processes "$id" >&2
+            scancel "$id" 2>/dev/null; st="TIMEOUT(test)"; break
+        fi
         sleep 1
     done
     echo "$st"
@@ -205,8 +247,12 @@ run_case() {  # run_case TEMPLATE NAME [sbatch options...]
 }
 
 run_case slurm/single_node.sbatch single
-if [ "$MULTI" = 1 ]; then
-    # one node only (this cluster has one); the srun + accelerate launch --machine_rank path is the same
+if [ "$MULTI" = 1 ] && [ "$TWO" = 1 ]; then
+    # two (simulated) nodes × 1 process: srun starts accelerate launch on each with machine_rank 0 and 1
+    NPROC_PER_NODE=1 run_case slurm/multi_node.sbatch multi --nodes=2
+    grep -q "node 1 (" "$D"/jobs/multi-*.out || { say "FAIL: no task ran on node 1"; exit 1; }
+elif [ "$MULTI" = 1 ]; then
+    # one node, 2 processes: the same srun + accelerate launch --machine_rank path, with one machine
     run_case slurm/multi_node.sbatch multi --nodes=1
 fi
 say "PASSED"
