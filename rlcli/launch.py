@@ -155,6 +155,8 @@ def check_launch(command: str, recipe: Any = None, environ: Mapping[str, str] | 
         problems.append(f"launch: `rlcli {command}` under {where} is not supported: rlcli's trainers are data-parallel "
                         f"only (every process holds the whole model). {instead}{memory}.")
 
+    if problems:  # refused already: a precision remark on top would only distract
+        return problems
     wanted = _recipe_precision(recipe)
     launched = setup.mixed_precision
     if launched == "fp8":

@@ -23,6 +23,7 @@ from rlcli.config.errors import Problem, RecipeError, UserError
 from rlcli.data.prompts import check_prompt_rows, prompt_column
 from rlcli.data.sources import check_data_source, load_rows
 from rlcli.env.build import build_environment, check_env
+from rlcli.launch import check_launch
 from rlcli.logging import console
 from rlcli.models.loading import check_model_config, load_model, load_tokenizer
 from rlcli.models.value_head import disable_dropout
@@ -43,6 +44,7 @@ def preflight(recipe: EnvRolloutRecipe, source: str = "recipe") -> list[str]:
             check_reward_function(recipe.reward.function)
         except UserError as exc:
             problems.append(f"reward.function: {exc}")
+    problems += check_launch("env-rollout", recipe)
     if problems:
         raise RecipeError([Problem("", p, source) for p in problems])
     return [f"tools: {', '.join(recipe.env.tools)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]

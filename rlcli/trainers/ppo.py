@@ -69,6 +69,7 @@ from rlcli.data.prompts import (
     sample_lengths,
 )
 from rlcli.data.sources import check_data_source, load_rows
+from rlcli.launch import check_launch
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.generation import sample
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, source_kind
@@ -137,6 +138,7 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
         if recipe.data.prompt_length is not None or recipe.data.chat_template:
             problems.append("data.prompt_length / data.chat_template: not used with env (the environment builds the "
                             "prompt from env.system_prompt, env.few_shot_prefix and the prompt text)")
+    problems += check_launch("ppo", recipe)
     if problems:
         raise RecipeError([Problem("", p, source) for p in problems])
     p = recipe.ppo

@@ -33,6 +33,7 @@ from rlcli.config.errors import Problem, RecipeError
 from rlcli.config.rm import RMRecipe
 from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collate_pairs, tokenize_pairs
 from rlcli.data.sources import check_data_source, train_eval_rows
+from rlcli.launch import check_launch
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
@@ -72,6 +73,7 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
 def preflight(recipe: RMRecipe, source: str = "recipe") -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
     problems = check_model_config(recipe.model, "classifier") + check_data_source(recipe.data)
+    problems += check_launch("rm", recipe)
     if problems:
         raise RecipeError([Problem("", p, source) for p in problems])
     accum = recipe.train.batch_size // (recipe.train.micro_batch_size * world_size())

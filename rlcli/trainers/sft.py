@@ -31,6 +31,7 @@ from rlcli.config.errors import RecipeError, Problem
 from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
 from rlcli.data.sources import check_data_source, train_eval_rows
+from rlcli.launch import check_launch
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
 from rlcli.trainers.common import (
@@ -53,6 +54,7 @@ def preflight(recipe: SFTRecipe, source: str = "recipe") -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
     task = "seq2seq" if recipe.model.architecture == "t5" else "causal"
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
+    problems += check_launch("sft", recipe)
     if problems:
         raise RecipeError([Problem("", p, source) for p in problems])
     accum = recipe.train.batch_size // (recipe.train.micro_batch_size * world_size())

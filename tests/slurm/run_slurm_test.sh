@@ -81,7 +81,8 @@ cleanup() {
         kill -9 "$pid" 2>/dev/null
     done
     # anything left from this cluster (a job step that ignored its signals): only processes carrying our SLURM_CONF
-    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+    for proc in /proc/[0-9]*; do
+        pid=${proc#/proc/}
         if [ "$pid" != $$ ] && tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" | grep -qx "SLURM_CONF=$D/slurm.conf"; then
             kill -9 "$pid" 2>/dev/null && say "killed leftover process $pid"
         fi
@@ -110,9 +111,25 @@ PIDS+=($!)
 for _ in $(seq 50); do [ -S "$D/munge/munge.socket" ] && break; sleep 0.1; done
 [ -S "$D/munge/munge.socket" ] || { say "FAIL: munged did not start"; exit 1; }
 
-# --- slurm.conf: one node (localhost), one partition, no cgroups, no accounting ----------------------------------
+# --- slurm.conf: two nodes served from localhost (or one with --one-node), one partition, no cgroups ----------
 CPUS=$(nproc)
 MEM=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
+if [ "$TWO" = 1 ]; then
+    # two slurmd daemons on one host: each its own port, spool dir, pid file and log (%n = node name)
+    NODES=(node1 node2)
+    SLURMD_FILES="SlurmdSpoolDir=$D/spool/%n
+SlurmdPidFile=$D/slurmd-%n.pid
+SlurmdLogFile=$D/log/slurmd-%n.log"
+    NODE_LINES="NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$SLURMD_PORT CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
+NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + 1)) CPUs=$CPUS RealMemory=$MEM State=UNKNOWN"
+    mkdir -p "$D/spool/node1" "$D/spool/node2"
+else
+    NODES=(localhost)
+    SLURMD_FILES="SlurmdSpoolDir=$D/spool
+SlurmdPidFile=$D/slurmd.pid
+SlurmdLogFile=$D/log/slurmd.log"
+    NODE_LINES="NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN"
+fi
 cat > "$D/slurm.conf" <<EOF
 ClusterName=rlcli-test
 SlurmctldHost=localhost
@@ -124,11 +141,9 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$D/munge/munge.socket
 StateSaveLocation=$D/state
-SlurmdSpoolDir=$D/spool
 SlurmctldPidFile=$D/slurmctld.pid
-SlurmdPidFile=$D/slurmd.pid
 SlurmctldLogFile=$D/log/slurmctld.log
-SlurmdLogFile=$D/log/slurmd.log
+$SLURMD_FILES
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -142,18 +157,9 @@ MinJobAge=600
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
+$NODE_LINES
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
-if [ "$TWO" = 1 ]; then
-    NODES=(node1 node2)
-    sed -i "s|^SlurmdSpoolDir=.*|SlurmdSpoolDir=$D/spool/%n|; s|^SlurmdPidFile=.*|SlurmdPidFile=$D/slurmd-%n.pid|; s|^SlurmdLogFile=.*|SlurmdLogFile=$D/log/slurmd-%n.log|" "$D/slurm.conf"
-    echo "NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$SLURMD_PORT CPUs=$CPUS RealMemory=$MEM State=UNKNOWN" >> "$D/slurm.conf"
-    echo "NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + 1)) CPUs=$CPUS RealMemory=$MEM State=UNKNOWN" >> "$D/slurm.conf"
-    mkdir -p "$D/spool/node1" "$D/spool/node2"
-else
-    NODES=(localhost)
-    echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN" >> "$D/slurm.conf"
-fi
 export SLURM_CONF=$D/slurm.conf
 
 say "starting slurmctld (port $CTLD_PORT) and slurmd for ${NODES[*]} (ports from $SLURMD_PORT); temp dir $D"
@@ -187,9 +193,10 @@ submit() {  # submit TEMPLATE NAME [sbatch options...]: the real template, as a 
 }
 
 job_processes() {  # job_processes ID: what the job's processes are doing (for a job that does not finish)
-    local pid
+    local proc pid
     echo "processes of job $1 (pid ppid state elapsed wchan command):"
-    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+    for proc in /proc/[0-9]*; do
+        pid=${proc#/proc/}
         if tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" | grep -qx "SLURM_JOB_ID=$1"; then
             ps -o pid=,ppid=,stat=,etime=,wchan:20=,args= -p "$pid" 2>/dev/null | cut -c1-220
         fi

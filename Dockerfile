@@ -1,0 +1,51 @@
+# rlcli on a CUDA PyTorch base. Not built in this repository's CI (no Docker daemon there); see README "Docker".
+#   docker build -t rlcli .
+#   docker run --gpus all --ipc=host -v "$PWD":/workspace -v hf-cache:/home/rlcli/.cache/huggingface rlcli ppo configs/imdb.yaml
+# Another PyTorch / CUDA: docker build --build-arg BASE_IMAGE=pytorch/pytorch:<torch>-cuda<cuda>-cudnn9-runtime .
+# (transformers 5 needs torch >= 2.6 and Python >= 3.11; the pytorch/pytorch images ship Python 3.11.)
+ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TOKENIZERS_PARALLELISM=false
+
+# Dependencies first (a layer that survives code changes), pinned to the versions rlcli is tested with.
+# torch comes from the base image and is left alone (every pin below accepts it).
+RUN pip install \
+        "transformers==5.24.0" \
+        "accelerate==1.15.0" \
+        "peft==0.21.2" \
+        "datasets==5.2.0" \
+        "huggingface_hub==2.4.0" \
+        "tokenizers==0.23.3" \
+        "safetensors==0.8.0" \
+        "pydantic==2.14.4" \
+        "PyYAML==6.0.4" \
+        "typer==0.29.2" \
+        "rich==15.0.0"
+
+# The package itself (no dependency changes: everything it needs is installed above).
+COPY pyproject.toml README.md /tmp/rlcli-src/
+COPY rlcli /tmp/rlcli-src/rlcli
+RUN pip install --no-deps /tmp/rlcli-src && rm -rf /tmp/rlcli-src && rlcli --version
+
+# A non-root user; the Hugging Face cache (models, datasets) lives in a volume so downloads outlive containers.
+RUN useradd --create-home --uid 1000 --shell /bin/bash rlcli \
+    && mkdir -p /home/rlcli/.cache/huggingface /workspace \
+    && chown -R rlcli:rlcli /home/rlcli /workspace
+ENV HF_HOME=/home/rlcli/.cache/huggingface
+VOLUME ["/home/rlcli/.cache/huggingface"]
+
+# Recipes, task plug-ins, launch presets and the small shipped datasets, for runs without a mounted checkout
+# (mounting one on /workspace, as in the README, replaces them with yours).
+WORKDIR /workspace
+COPY --chown=rlcli:rlcli configs ./configs
+COPY --chown=rlcli:rlcli recipes ./recipes
+COPY --chown=rlcli:rlcli data ./data
+COPY --chown=rlcli:rlcli slurm ./slurm
+
+USER rlcli
+ENTRYPOINT ["rlcli"]
+CMD ["--help"]
