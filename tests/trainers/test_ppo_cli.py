@@ -132,3 +132,19 @@ def test_bad_reward_function_is_reported(tmp_path):
     assert res.returncode == 2 and "no attribute 'nope'" in plain(res.stderr)
     res = run_cli("ppo", TINY, "ppo.mini_batch_size=48", "--dry-run")
     assert res.returncode == 2 and "ppo.batch_size=64 must be a multiple of ppo.mini_batch_size=48" in plain(res.stderr)
+
+
+def test_reward_model_from_rlcli_rm_trains(tmp_path):
+    """PPO against a reward model trained by `rlcli rm` on the tiny preference task (sorting digits)."""
+    rm_dir = tmp_path / "rm"
+    res = run_cli("rm", "configs/tiny/rm.yaml", f"output_dir={rm_dir}", "train.max_steps=60", "train.save_every=null",
+                  "logging.progress=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "ppo"
+    res = run_cli("ppo", TINY, f"output_dir={out}", "reward.function=null", f"reward.model={rm_dir}",
+                  "reward.normalize=true", "data.path=data/tiny/rm.jsonl", "ppo.steps=12", *FAST,
+                  "generation.max_new_tokens=12", "train.save_every=null")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_metrics(out)
+    assert len(m) == 12 and all(x["kl"] >= -0.1 for x in m)
+    assert _mean([x["reward_mean"] for x in m[-3:]]) > _mean([x["reward_mean"] for x in m[:3]])
