@@ -130,6 +130,17 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key path a schema accepts."""
+    paths = []
+    for name, field in model.model_fields.items():
+        paths.append(prefix + name)
+        inner = _unwrap(field.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            paths += _key_paths(inner, f"{prefix}{name}.")
+    return paths
+
+
 def _unwrap(annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -146,6 +157,12 @@ def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
         owner = _model_at(schema, loc[:-1])
         valid = sorted(owner.model_fields) if owner else []
         guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        if not guess:
+            # nothing close in this section: the key may belong to another one (ppo.learning_rate -> optim.)
+            elsewhere = _key_paths(schema)
+            names = {path.rsplit(".", 1)[-1]: path for path in elsewhere}
+            near = difflib.get_close_matches(str(loc[-1]), list(names), n=1)
+            guess = [names[near[0]]] if near else []
         hint = f"; did you mean '{guess[0]}'?" if guess else ""
         return f"unknown key{hint} (valid keys here: {', '.join(valid)})"
     if kind == "missing":

@@ -83,3 +83,9 @@ def test_model_needs_exactly_one_source(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(SFTRecipe, tmp_path / "nope.yaml")
+
+
+def test_key_in_the_wrong_section_points_to_the_right_one(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(SFTRecipe, _write(tmp_path, BASE), ["train.learning_rate=0.1"])
+    assert "did you mean 'optim.learning_rate'" in str(err.value)
