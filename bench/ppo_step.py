@@ -157,8 +157,7 @@ def main(argv=None) -> int:
 
     from rlcli.config.loader import load_recipe
     from rlcli.config.ppo import PPORecipe
-    from rlcli.data.prompts import check_prompt_rows, encode_prompt, left_pad, prompt_column, sample_lengths
-    from rlcli.data.sources import load_rows
+    from rlcli.data.prompts import encode_prompt, left_pad, load_prompt_rows, sample_lengths
     from rlcli.models.loading import load_tokenizer
     from rlcli.rewards.sources import build_reward
     from rlcli.trainers.common import make_optimizer
@@ -177,10 +176,7 @@ def main(argv=None) -> int:
     # --- build exactly as the trainer does (train(), step 2 and 3) ---
     task = policy_task(recipe)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")
-    rows = load_rows(recipe.data.path, recipe.data.split, recipe.data.name, recipe.data.max_rows)
-    column = prompt_column(rows.column_names, recipe.data.prompt_field, recipe.data.path)
-    check_prompt_rows(rows, column, recipe.data.path)
-    rows = rows.to_list()
+    rows, column = load_prompt_rows(recipe.data)
     policy, ref = build_policy(recipe, tokenizer, task)
     if ref is not None:
         ref.to(accelerator.device)

@@ -29,6 +29,17 @@ def check_prompt_rows(rows: datasets.Dataset, column: str, path: str) -> None:
             raise UserError(f"data {path}: row {i}: prompt column {column!r} must be non-empty text, got {value!r}")
 
 
+def load_prompt_rows(data) -> tuple[list[dict], str]:
+    """Rows of a prompt dataset (any section with path / split / name / max_rows / prompt_field) as dicts, and
+    the prompt column; every row checked."""
+    from rlcli.data.sources import load_rows
+
+    rows = load_rows(data.path, data.split, data.name, data.max_rows)
+    column = prompt_column(rows.column_names, data.prompt_field, data.path)
+    check_prompt_rows(rows, column, data.path)
+    return rows.to_list(), column
+
+
 def encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase, *, chat_template: bool, max_length: int,
                   length: int | None) -> list[int]:
     """Token ids of one prompt: chat-templated if asked, cut to ``length`` leading tokens (prefix sampling),

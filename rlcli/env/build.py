@@ -11,16 +11,17 @@ from rlcli.env.protocols import JsonProtocol, TagProtocol
 from rlcli.env.tools import load_tool
 
 
+def _build_tool(name: str, spec: str | ToolSpec) -> Callable[..., str]:
+    spec = spec if isinstance(spec, ToolSpec) else ToolSpec(spec=spec)
+    try:
+        return load_tool(spec.spec, **spec.options)
+    except ValueError as exc:
+        raise UserError(f"env.tools.{name}: {exc}") from None
+
+
 def build_tools(cfg: EnvConfig) -> dict[str, Callable[..., str]]:
     """Name -> callable; ``UserError`` naming the tool whose spec does not resolve."""
-    tools = {}
-    for name, spec in cfg.tools.items():
-        spec = spec if isinstance(spec, ToolSpec) else ToolSpec(spec=spec)
-        try:
-            tools[name] = load_tool(spec.spec, **spec.options)
-        except ValueError as exc:
-            raise UserError(f"env.tools.{name}: {exc}") from None
-    return tools
+    return {name: _build_tool(name, spec) for name, spec in cfg.tools.items()}
 
 
 def build_protocol(cfg: EnvConfig):
@@ -30,9 +31,9 @@ def build_protocol(cfg: EnvConfig):
 def check_env(cfg: EnvConfig) -> list[str]:
     """Problems with the env section (unknown tools, bad plug-in paths), for --dry-run."""
     problems = []
-    for name in cfg.tools:
+    for name, spec in cfg.tools.items():
         try:
-            build_tools(EnvConfig(**{**cfg.model_dump(), "tools": {name: cfg.tools[name]}}))
+            _build_tool(name, spec)
         except UserError as exc:
             problems.append(str(exc))
     return problems

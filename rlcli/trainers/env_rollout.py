@@ -20,8 +20,8 @@ from rich.table import Table
 
 from rlcli.config.env import EnvRolloutRecipe
 from rlcli.config.errors import Problem, RecipeError, UserError
-from rlcli.data.prompts import check_prompt_rows, prompt_column
-from rlcli.data.sources import check_data_source, load_rows
+from rlcli.data.prompts import load_prompt_rows
+from rlcli.data.sources import check_data_source
 from rlcli.env.build import build_environment, check_env
 from rlcli.launch import check_launch
 from rlcli.logging import console
@@ -94,10 +94,7 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     model = load_model(recipe.model, "causal", tokenizer)
     disable_dropout(model)
     model.eval()
-    rows = load_rows(recipe.data.path, recipe.data.split, recipe.data.name, recipe.data.max_rows)
-    column = prompt_column(rows.column_names, recipe.data.prompt_field, recipe.data.path)
-    check_prompt_rows(rows, column, recipe.data.path)
-    rows = rows.to_list()
+    rows, column = load_prompt_rows(recipe.data)
     env = build_environment(recipe.env, model, tokenizer, temperature=recipe.temperature, top_k=recipe.top_k,
                             top_p=recipe.top_p)
     reward = build_reward(recipe.reward) if recipe.reward is not None else None

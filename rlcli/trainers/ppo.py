@@ -61,14 +61,13 @@ from rlcli.config.common import world_size
 from rlcli.config.errors import Problem, RecipeError, UserError
 from rlcli.config.ppo import PPORecipe
 from rlcli.data.prompts import (
-    check_prompt_rows,
     encode_prompt,
     left_pad,
-    prompt_column,
+    load_prompt_rows,
     right_pad,
     sample_lengths,
 )
-from rlcli.data.sources import check_data_source, load_rows
+from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.generation import sample
@@ -194,7 +193,7 @@ def env_metrics(histories, env, learner) -> dict[str, float]:
     local = [len(histories), sum(1 for h in histories if h.tool_calls), sum(len(h.tool_calls) for h in histories),
              sum(h.num_turns for h in histories), sum(h.finish_reason == "submit" for h in histories),
              stats.pad_fraction] + [stats.tool_outcomes.get(k, 0) for k in outcome_names]
-    total = learner._sum(*local)
+    total = learner.sum_over_processes(*local)
     n = max(total[0], 1)
     out = {"tool_use_rate": total[1] / n, "tool_calls_per_episode": total[2] / n, "turns_per_episode": total[3] / n,
            "submitted_fraction": total[4] / n, "pad_fraction": total[5] / learner.procs}
@@ -253,10 +252,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     # step 2: tokenizer and prompts
     task = policy_task(recipe)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")
-    rows = load_rows(recipe.data.path, recipe.data.split, recipe.data.name, recipe.data.max_rows)
-    column = prompt_column(rows.column_names, recipe.data.prompt_field, recipe.data.path)
-    check_prompt_rows(rows, column, recipe.data.path)
-    rows = rows.to_list()
+    rows, column = load_prompt_rows(recipe.data)
 
     # step 3: models, reward, optimiser, learner
     policy, ref = build_policy(recipe, tokenizer, task)
@@ -344,7 +340,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
 
             # step 8: log, samples, checkpoint
             seconds = time.perf_counter() - t0
-            n_stop, gen_tokens = learner._sum(sum(stopped), rollout.response_mask.sum())
+            n_stop, gen_tokens = learner.sum_over_processes(sum(stopped), rollout.response_mask.sum())
             stats.update({"stopped_fraction": n_stop / stats["episodes"], "time_generate": t_gen, "time_score": t_score,
                           "time_step": seconds, "tokens_per_s": gen_tokens / seconds})
             if histories is not None:

@@ -42,7 +42,6 @@ from rlcli.rl import (
     gae,
     kl_penalty,
     logprobs_from_logits,
-    masked_mean,
     per_token_rewards,
 )
 
@@ -99,7 +98,7 @@ class PPOLearner:
 
     # --- reductions over processes ----------------------------------------------------------------------------
 
-    def _sum(self, *values: torch.Tensor | float) -> list[float]:
+    def sum_over_processes(self, *values: torch.Tensor | float) -> list[float]:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
         if self.procs > 1:
             t = self.accelerator.reduce(t, "sum")
@@ -107,7 +106,7 @@ class PPOLearner:
 
     def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor, recentre: bool = True) -> torch.Tensor:
         m = mask.float()
-        total, sq, count = self._sum((x * m).sum(), (x * x * m).sum(), m.sum())
+        total, sq, count = self.sum_over_processes((x * m).sum(), (x * x * m).sum(), m.sum())
         if count < 2:
             return x * m
         mean = total / count
@@ -256,7 +255,7 @@ class PPOLearner:
                 epoch_kl.append(mini_stats["approx_kl"])
             epochs_done += 1
             if a.target_approx_kl is not None and epoch_kl:
-                kl_sum, kl_n = self._sum(sum(epoch_kl), len(epoch_kl))
+                kl_sum, kl_n = self.sum_over_processes(sum(epoch_kl), len(epoch_kl))
                 if kl_sum / kl_n > a.target_approx_kl:
                     early_stopped = 1.0
                     break
@@ -265,7 +264,7 @@ class PPOLearner:
             raise NonFiniteLossError("every minibatch of this PPO step had a non-finite loss; lower the learning rate, "
                                      "check the reward's scale, or set ppo.score_clip")
         keys = sorted(sums)
-        reduced = self._sum(*[sums[k] / max(counts[k], 1) for k in keys]) if keys else []
+        reduced = self.sum_over_processes(*[sums[k] / max(counts[k], 1) for k in keys]) if keys else []
         out = {k: v / self.procs for k, v in zip(keys, reduced)}
         out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped, "skipped_minibatches": float(skipped),
                     "lr": self.scheduler.get_last_lr()[0]})
@@ -277,7 +276,7 @@ class PPOLearner:
         lengths = rollout.response_mask.sum(dim=1).float()
         model_tokens = mask.sum()
         ev = explained_variance(fwd["values"], returns, mask)
-        sums = self._sum(
+        sums = self.sum_over_processes(
             n_rows, raw_scores.sum(), (raw_scores**2).sum(), scores.sum(), k1.sum(), model_tokens,
             (fwd["kl"] * mask).sum(), (fwd["entropy"] * mask).sum(), lengths.sum(), rollout.tool_mask.sum(),
             (fwd["values"] * mask).sum(), (returns * mask).sum(), (rewards * mask).sum(),

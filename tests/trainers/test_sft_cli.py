@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO, plain, read_metrics, run_cli, write_yaml
+from tests.conftest import REPO, plain, read_metrics, run_cli
 
 TINY = "configs/tiny/sft.yaml"
 
