@@ -49,6 +49,9 @@ def _fail(exc: Exception, code: int) -> None:
 
 
 def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable, resume: bool):
+    from rlcli.launch import relaunch_cpu_processes
+
+    relaunch_cpu_processes(sys.argv[1:])
     try:
         recipe = load_recipe(schema, config, overrides or [])
         notes = preflight(recipe, str(config))

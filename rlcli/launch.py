@@ -199,6 +199,11 @@ def _launcher_config_file(max_depth: int = 4) -> str | None:
     The worker's parent is the launcher itself (it runs torchrun in-process) or torchrun's agent, so a few
     ancestors are enough.
     """
+    return _launcher_option(("--config_file", "--config-file"), max_depth)
+
+
+def _launcher_option(names: tuple[str, ...], max_depth: int = 4) -> str | None:
+    """The value of the first of ``names`` on the command line of the nearest ancestor process that has one."""
     pid = os.getpid()
     for _ in range(max_depth):
         try:
@@ -210,9 +215,69 @@ def _launcher_config_file(max_depth: int = 4) -> str | None:
         except (OSError, ValueError, IndexError):
             return None
         for i, arg in enumerate(args):
-            if arg in ("--config_file", "--config-file") and i + 1 < len(args):
+            if arg in names and i + 1 < len(args):
                 return args[i + 1]
-            for prefix in ("--config_file=", "--config-file="):
-                if arg.startswith(prefix):
-                    return arg[len(prefix):]
+            for name in names:
+                if arg.startswith(name + "="):
+                    return arg[len(name) + 1:]
     return None
+
+
+_DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK",
+                     "MV2_COMM_WORLD_SIZE")
+
+
+def requested_cpu_processes(environ: Mapping[str, str] | None = None) -> int | None:
+    """N when ``accelerate launch --cpu --num_processes N`` (N > 1) started this lone process; else None.
+
+    Accelerate 1.x runs a CPU launch through its "simple" launcher, which starts ONE process unless an MPI
+    hostfile is given (``accelerate/utils/launch.py``, ``prepare_simple_launcher_cmd_env``); it still exports
+    ``ACCELERATE_USE_CPU`` and, when more than one process was asked for, ``MASTER_ADDR``/``MASTER_PORT``. N comes
+    from the launcher's ``--num_processes`` (or its ``--config_file``'s ``num_processes``). One machine only:
+    several CPU machines need MPI, which is Accelerate's business.
+    """
+    env = os.environ if environ is None else environ
+    if not _true(env.get("ACCELERATE_USE_CPU")) or "MASTER_ADDR" not in env:
+        return None
+    if any(name in env for name in _DISTRIBUTED_VARS):
+        return None
+    if _int(_launcher_option(("--num_machines", "--num-machines")), 1) > 1:
+        return None
+    n = _int(_launcher_option(("--num_processes", "--num-processes")), None)
+    if n is None:
+        config_file = _launcher_config_file()
+        if config_file:
+            try:
+                import yaml
+
+                data = yaml.safe_load(Path(config_file).read_text()) or {}
+                n = _int(data.get("num_processes"), None) if isinstance(data, dict) else None
+            except (OSError, ValueError, ImportError):
+                n = None
+    return n if n is not None and n > 1 else None
+
+
+def relaunch_cpu_processes(argv: list[str], environ: Mapping[str, str] | None = None) -> None:
+    """Turn ``accelerate launch --cpu --num_processes N -m rlcli ...`` into N gloo processes, as the user asked.
+
+    Replaces this process with ``python -m torch.distributed.run --nproc_per_node N -m rlcli ARGS`` (the
+    launcher Accelerate itself uses for ``--multi_gpu``; on a machine without CUDA rlcli's Accelerator then runs
+    MULTI_CPU over gloo). Does nothing unless :func:`requested_cpu_processes` says so.
+    """
+    env = os.environ if environ is None else environ
+    n = requested_cpu_processes(env)
+    if n is None:
+        return
+    import sys
+
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(
+        f"[cyan]note:[/] `accelerate launch --cpu` starts one process; rlcli starts the {n} CPU processes you asked "
+        "for itself (torch.distributed.run, gloo backend)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--nnodes", "1",
+           "--master_addr", env["MASTER_ADDR"], "--master_port", str(env.get("MASTER_PORT", "29500")),
+           "-m", "rlcli", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)

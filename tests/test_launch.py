@@ -188,3 +188,26 @@ def test_cli_dry_run_refuses_deepspeed_zero3(tmp_path):
     text = plain(res.stderr + res.stdout)
     assert "DeepSpeed ZeRO-3" in text and "configs/accelerate/multi_gpu.yaml" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_launch_of_several_processes_is_detected(monkeypatch, tmp_path):
+    """`accelerate launch --cpu --num_processes N` leaves ACCELERATE_USE_CPU and MASTER_ADDR in the lone process it
+    starts; rlcli reads N from the launcher's command line (or its --config_file) and starts N processes itself."""
+    import rlcli.launch as launch
+
+    flags = {}
+    monkeypatch.setattr(launch, "_launcher_option", lambda names, max_depth=4: next(
+        (flags[n] for n in names if n in flags), None))
+    cpu = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    flags["--num_processes"] = "3"
+    assert launch.requested_cpu_processes(cpu) == 3
+    assert launch.requested_cpu_processes({**cpu, "RANK": "0", "WORLD_SIZE": "3"}) is None  # already a worker
+    assert launch.requested_cpu_processes({"ACCELERATE_USE_CPU": "True"}) is None  # one process was asked for
+    assert launch.requested_cpu_processes({**cpu, "ACCELERATE_USE_CPU": "False"}) is None
+    flags["--num_machines"] = "2"
+    assert launch.requested_cpu_processes(cpu) is None  # several CPU machines: Accelerate's MPI path
+    flags.clear()
+    config = tmp_path / "cpu.yaml"
+    config.write_text("distributed_type: MULTI_CPU\nnum_processes: 4\nuse_cpu: true\n")
+    flags["--config_file"] = str(config)
+    assert launch.requested_cpu_processes(cpu) == 4

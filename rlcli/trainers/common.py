@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -51,36 +50,26 @@ def clear_output_dir(out: Path) -> None:
         shutil.rmtree(out)
 
 
-def make_accelerator(recipe: RecipeBase, mixed_precision: str) -> Accelerator:
+def make_accelerator(recipe: RecipeBase, mixed_precision: str, *, tf32: bool = True) -> Accelerator:
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or 'no' on CPU")
+    set_tf32(tf32)
     log_with = list(recipe.logging.report_to) or None
     # Without CUDA, say cpu=True: Accelerate then treats a multi-process launch (torchrun, or
     # `accelerate launch --multi_gpu`) as MULTI_CPU with gloo instead of silently running N independent copies.
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=recipe.output_dir,
                               cpu=not torch.cuda.is_available())
-    _warn_single_process_cpu_launch(accelerator)
     # Each process derives its own seed (seed + process index; ppo-details item 16). Initial weights still agree:
     # DDP broadcasts rank 0's parameters when the model is prepared.
     set_seed(recipe.seed, device_specific=True)
     return accelerator
 
 
-def _warn_single_process_cpu_launch(accelerator: Accelerator) -> None:
-    """`accelerate launch --cpu --num_processes N` starts ONE process unless MPI is configured; say so."""
-    if accelerator.num_processes > 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
-        return
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return
-    args = [a.decode(errors="replace") for a in parent]
-    if "--num_processes" in args:
-        n = args[args.index("--num_processes") + 1] if args.index("--num_processes") + 1 < len(args) else "?"
-        if n not in ("1", "?"):
-            console.print(f"[yellow]note:[/] `accelerate launch --cpu --num_processes {n}` started a single process "
-                          "(Accelerate needs MPI for that). For several CPU processes use `accelerate launch --multi_gpu "
-                          f"--num_processes {n} ...` on a machine without GPUs, or `torchrun --nproc_per_node {n} -m rlcli ...`.")
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and convolutions on CUDA (torch's per-backend ``fp32_precision`` switches)."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def start_trackers(accelerator: Accelerator, recipe: RecipeBase) -> None:
@@ -182,6 +171,18 @@ def finish(accelerator: Accelerator) -> None:
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite ``module``'s parameters and buffers, in place, with process ``src``'s (what DDP does for the
+    model it wraps; for models it does not wrap, such as PPO's frozen reference)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict(keep_vars=True).values():
+            dist.broadcast(tensor.data, src=src)
 
 
 def describe_model(model: torch.nn.Module) -> str:

@@ -78,6 +78,7 @@ from rlcli.rl import Rollout
 from rlcli.trainers.common import (
     finish,
     clear_output_dir,
+    broadcast_module,
     describe_model,
     load_trainable_state,
     make_accelerator,
@@ -242,7 +243,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     # step 1: checks, output dir, accelerator
     preflight(recipe)
     resume_from = prepare_output_dir(recipe, resume)
-    accelerator = make_accelerator(recipe, recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe, recipe.train.mixed_precision, tf32=recipe.train.tf32)
     out = Path(recipe.output_dir)
     if resume_from is None and accelerator.is_main_process:
         clear_output_dir(out)
@@ -264,6 +265,10 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     optimizer, scheduler = make_optimizer(policy.parameters(), recipe.optim, optimizer_steps)
     full_state = recipe.lora is None or recipe.model.architecture is not None
     model, optimizer = accelerator.prepare(policy, optimizer)
+    if ref is not None and procs > 1:
+        # DDP gave every process rank 0's policy weights; the reference was copied (or built from scratch) before
+        # that, from each process's own random init. Give it rank 0's weights too, or KL > 0 at step 1.
+        broadcast_module(ref)
     learner = PPOLearner(model, ref_model=ref, algo=p, kl=recipe.kl, temperature=recipe.generation.temperature,
                          optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
                          max_grad_norm=recipe.optim.max_grad_norm, seed=recipe.seed)
@@ -284,7 +289,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
         if resume_from is None:
             samples_path.write_text("")
         console.print(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts, "
-                      f"{p.steps} steps × {p.batch_size} episodes" + (f", resuming at step {start_step}" if start_step else ""))
+                      f"{p.steps} steps × {p.batch_size} episodes" + (f", {procs} processes" if procs > 1 else "")
+                      + (f", resuming at step {start_step}" if start_step else ""))
 
     local_batch = p.batch_size // procs
     unwrapped = accelerator.unwrap_model(model)

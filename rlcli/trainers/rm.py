@@ -138,7 +138,7 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
     preflight(recipe)
     resume_from = prepare_output_dir(recipe, resume)
     tcfg = recipe.train
-    accelerator = make_accelerator(recipe, tcfg.mixed_precision)
+    accelerator = make_accelerator(recipe, tcfg.mixed_precision, tf32=tcfg.tf32)
     out = Path(recipe.output_dir)
     if resume_from is None and accelerator.is_main_process:
         clear_output_dir(out)

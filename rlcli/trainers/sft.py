@@ -106,7 +106,7 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
     preflight(recipe)
     resume_from = prepare_output_dir(recipe, resume)
     tcfg = recipe.train
-    accelerator = make_accelerator(recipe, tcfg.mixed_precision)
+    accelerator = make_accelerator(recipe, tcfg.mixed_precision, tf32=tcfg.tf32)
     out = Path(recipe.output_dir)
     if resume_from is None and accelerator.is_main_process:
         clear_output_dir(out)
@@ -149,7 +149,9 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         console.print(f"[bold]rlcli sft[/] {describe_model(model)}, {len(train_set.examples)} train examples"
                       + (f", {len(eval_set.examples)} eval" if eval_set else "")
-                      + f", {total_steps} steps" + (f", resuming at step {start_step}" if start_step else ""))
+                      + f", {total_steps} steps"
+                      + (f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
+                      + (f", resuming at step {start_step}" if start_step else ""))
 
     # step 4: the loop
     procs, rank = accelerator.num_processes, accelerator.process_index

@@ -136,8 +136,8 @@ def free_port() -> int:
 
 
 def test_accelerate_two_processes_match_one(short_run, tmp_path):
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.x needs mpirun for that); this
-    # launch really starts two, on CPU with gloo.
+    # `accelerate launch --multi_gpu` on a machine without GPUs: two gloo processes (the --cpu form is in the SFT
+    # and PPO tests)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
