@@ -131,6 +131,13 @@ def test_two_processes_learn_like_one(ppo_run, tmp_path):
     # seeds 0-2 on one process end at 5.7-6.9 here, so half the one-process value is a generous noise band
     assert abs(end_two - end_one) < 0.5 * end_one, (end_one, end_two)
     assert (out / "checkpoints" / "step-00000012" / "rng-1.pt").exists()
+    # --resume with two processes: back to the step-12 checkpoint, steps 13-24 again, the same numbers
+    res = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at step 12" in plain(res.stdout)
+    keys = ("reward_mean", "kl", "loss_policy", "loss_value", "entropy")
+    assert [{k: m[k] for k in keys} for m in read_metrics(out)] == [{k: m[k] for k in keys} for m in two]
 
 
 def test_bad_reward_function_is_reported(tmp_path):
