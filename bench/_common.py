@@ -76,15 +76,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_rate(n: int, device: str = "cpu", min_seconds: float = 0.3, m: int | None = None, k: int | None = None) -> dict:
-    """Sustained fp32 rate of ``[m, k] @ [k, n]`` (square n×n×n by default) in FLOP/s: 2·m·k·n per product."""
+def matmul_rate(n: int, device: str = "cpu", min_seconds: float = 0.3, m: int | None = None, k: int | None = None,
+                dtype=None) -> dict:
+    """Sustained rate of ``[m, k] @ [k, n]`` (square n×n×n by default) in FLOP/s: 2·m·k·n per product; float32
+    unless ``dtype`` (e.g. ``torch.bfloat16``, for runs under bf16 autocast, whose matmuls run in bf16)."""
     import torch
 
     m = n if m is None else m
     k = n if k is None else k
-    a = torch.randn(m, k, device=device)
-    b = torch.randn(k, n, device=device)
-    out = torch.empty(m, n, device=device)
+    dtype = torch.float32 if dtype is None else dtype
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b, out=out)
     sync(device)
@@ -101,7 +104,7 @@ def matmul_rate(n: int, device: str = "cpu", min_seconds: float = 0.3, m: int | 
     flops = 2.0 * m * k * n * reps
     # flop_per_cpu_s: per second of this process's CPU time; on a shared, oversubscribed CPU it leaves out the time
     # the process waited for a core (meaningful with one thread on CPU only)
-    return {"shape": [m, k, n], "flop_per_s": flops / elapsed, "flop_per_cpu_s": flops / cpu if cpu > 0 else float("nan"),
+    return {"shape": [m, k, n], "dtype": str(dtype).replace("torch.", ""), "flop_per_s": flops / elapsed, "flop_per_cpu_s": flops / cpu if cpu > 0 else float("nan"),
             "seconds_per_mm": elapsed / reps}
 
 

@@ -24,9 +24,9 @@ FLOP rate of the optimisation phase, three ways (all divided by the phase's wall
   exact   per position 2 × (matrices in the blocks) + 4·T·width·layers (attention over the full T×T, which the masked
           SDPA computes) + 2·hidden·vocab per kept logit, times (2 + share of those matrices that train): 3 when
           everything trains
-and as a share of an fp32 ``torch.mm`` measured in the same process: a square of side ≈ (M·d·4d)^(1/3) (M = rows ×
-positions of a micro-batch: the size of the model's MLP matmul), measured before and after every measured step,
-and squares of 1024 and 2048 at the end. ``--profile N`` adds the share of time spent inside mm/addmm.
+and as a share of a ``torch.mm`` measured in the same process (float32, or bf16 / fp16 under that mixed
+precision): a square of side ≈ (M·d·4d)^(1/3) (M = rows × positions of a micro-batch: the size of the model's MLP
+matmul), measured before and after every measured step, and squares of 1024 and 2048 at the end. ``--profile N`` adds the share of time spent inside mm/addmm.
 
 The forward methods of the policy's LM and of the reference LM are wrapped with counters; the run fails (exit 2)
 when the reference ran with autograd on, or when the counts differ from what the issue claims:
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     from rlcli.data.prompts import encode_prompt, left_pad, load_prompt_rows, sample_lengths
     from rlcli.models.loading import load_tokenizer
     from rlcli.rewards.sources import build_reward
-    from rlcli.trainers.common import make_optimizer
+    from rlcli.trainers.common import make_optimizer, set_tf32
     from rlcli.trainers.ppo import build_policy, generate, policy_task, preflight, response_texts
     from rlcli.trainers.ppo_learner import PPOLearner
     from rlcli.trainers.sft import index_stream
@@ -168,7 +168,10 @@ def main(argv=None) -> int:
     recipe = load_recipe(PPORecipe, args.recipe, args.overrides)
     notes = preflight(recipe)
     device = args.device
+    set_tf32(recipe.train.tf32)  # as make_accelerator does for `rlcli ppo`
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=recipe.train.mixed_precision)
+    # the dtype the training matmuls run in: bf16 / fp16 under autocast, else float32 (TF32 on CUDA when allowed)
+    mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision, torch.float32)
     set_seed(recipe.seed, device_specific=True)
     if accelerator.num_processes != 1:
         raise SystemExit("run the benchmark as one process")
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
     for step in range(1, total_steps + 1):
         if step == args.warmup + 1 and device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        before = matmul_rate(ref_size[0], device, 0.15) if ref_size and args.warmup < step <= args.warmup + args.steps else None
+        before = matmul_rate(ref_size[0], device, 0.15, dtype=mm_dtype) if ref_size and args.warmup < step <= args.warmup + args.steps else None
         for c in counters:
             c.reset()
         timers.clear()
@@ -258,7 +261,8 @@ def main(argv=None) -> int:
         q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
         # step 5: rollout
         with phase(counters, "generate"):
-            rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
+            with accelerator.autocast():  # as the trainer does
+                rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
         sync(device)
         t_gen = time.perf_counter() - t0
         # step 6: score
@@ -318,7 +322,7 @@ def main(argv=None) -> int:
             ref_size = reference_size(pol_counter.shapes.get("optimise", []), ms)
         if rec["measured"]:
             # the matmul rate right before and after this step: the machine may be shared, compare like with like
-            after = matmul_rate(ref_size[0], device, 0.15)
+            after = matmul_rate(ref_size[0], device, 0.15, dtype=mm_dtype)
             pair = [after] + ([before] if before else [])
             rec["matmul_ref_flop_per_s"] = mean(x["flop_per_s"] for x in pair)
             rec["matmul_ref_flop_per_cpu_s"] = mean(x["flop_per_cpu_s"] for x in pair)
@@ -337,11 +341,11 @@ def main(argv=None) -> int:
     # --- reference matmul rates, measured now (same process, same threads) ---
     geo, m_rows, d, ffn = ref_size
     mm = {
-        f"square_{geo}": matmul_rate(geo, device, args.matmul_seconds),
-        f"square_{d}": matmul_rate(d, device, args.matmul_seconds),
-        "square_1024": matmul_rate(1024, device, args.matmul_seconds),
-        "square_2048": matmul_rate(2048, device, args.matmul_seconds),
-        f"mlp_up_{m_rows}x{d}x{ffn}": matmul_rate(ffn, device, args.matmul_seconds, m=m_rows, k=d),
+        f"square_{geo}": matmul_rate(geo, device, args.matmul_seconds, dtype=mm_dtype),
+        f"square_{d}": matmul_rate(d, device, args.matmul_seconds, dtype=mm_dtype),
+        "square_1024": matmul_rate(1024, device, args.matmul_seconds, dtype=mm_dtype),
+        "square_2048": matmul_rate(2048, device, args.matmul_seconds, dtype=mm_dtype),
+        f"mlp_up_{m_rows}x{d}x{ffn}": matmul_rate(ffn, device, args.matmul_seconds, m=m_rows, k=d, dtype=mm_dtype),
     }
     ref_key = f"square_{geo}"
 
@@ -508,7 +512,7 @@ def report(r: dict, ms) -> None:
         None,
     ]
     for key, v in mm.items():
-        rows.append((f"matmul fp32 {key}", human(v["flop_per_s"], "FLOP/s"), f"{v['shape'][0]}×{v['shape'][1]} @ {v['shape'][1]}×{v['shape'][2]}"
+        rows.append((f"matmul {v.get('dtype', 'float32')} {key}", human(v["flop_per_s"], "FLOP/s"), f"{v['shape'][0]}×{v['shape'][1]} @ {v['shape'][1]}×{v['shape'][2]}"
                      + ("  ← reference (≈ geometric mean of the MLP matmul of a micro-batch)" if key == r["reference_key"] else "")))
     mfu = r["optimise_flop_rate"]
     refk = r["reference_key"]

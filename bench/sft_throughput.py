@@ -1,7 +1,7 @@
 """Benchmark SFT training throughput of a from-scratch model of real size: tokens/s, step time, peak memory, model
 FLOPs per token and model-FLOP utilisation (MFU).
 
-    python bench/sft_throughput.py                                   # GPU: Qwen2-0.5B shape, seq 1024, micro-batch 8, bf16
+    python bench/sft_throughput.py                         # GPU: Qwen2-0.5B shape, seq 1024, micro-batch 8, bf16
     python bench/sft_throughput.py --gradient-checkpointing --json sft_gc.json
     python bench/sft_throughput.py --device cpu --seq-len 64 --micro-batch 2 --config hidden_size=64 \\
         intermediate_size=128 num_hidden_layers=2 num_attention_heads=2 num_key_value_heads=1 vocab_size=512
@@ -115,7 +115,7 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--architecture", default=ARCHITECTURE,
-                        help=f"transformers model_type (default {ARCHITECTURE}; other types start from their own defaults)")
+                        help=f"transformers model_type (default {ARCHITECTURE}; others start from their own defaults)")
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="model config overrides (values parse as YAML scalars), e.g. num_hidden_layers=2")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default 1024)")
@@ -129,9 +129,11 @@ def parse_args(argv):
     parser.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing=true")
     parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
                         help="attention implementation (default sdpa; flash_attention_2 needs the flash-attn package)")
-    parser.add_argument("--peak-size", type=int, default=None, help="side of the peak matmul (default 8192 GPU, 1024 CPU)")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="side of the peak matmul (default 8192 on GPU, 1024 on CPU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch / BLAS threads (default: $OMP_NUM_THREADS or 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch / BLAS threads (default: $OMP_NUM_THREADS or 1)")
     parser.add_argument("--max-cpu-minutes", type=float, default=2.0,
                         help="on CPU, refuse runs estimated to take longer than this (default 2)")
     parser.add_argument("--force", action="store_true", help="run even when the CPU estimate says it is too slow")
@@ -280,16 +282,16 @@ def main(argv=None) -> int:
           f"{args.grad_accum} micro-batch(es) per step; {args.warmup} warm-up + {args.steps} measured steps; device "
           f"{device}, mixed precision {args.mixed_precision}, {torch.get_num_threads()} thread(s)")
     if shape["total_params"] > 1e8 and device == "cpu":
-        print(f"warning: a {shape['total_params'] / 1e6:.0f} M-parameter model on CPU; this benchmark is meant for a GPU "
-              "(on CPU use a small --config, see --help)")
+        print(f"warning: a {shape['total_params'] / 1e6:.0f} M-parameter model on CPU; this benchmark is meant for a "
+              "GPU (on CPU use a small --config, see --help)")
     if device == "cpu":
         est = cpu_estimate(args, shape)
         print(f"  CPU estimate: {human(est['step_flops'], 'FLOP')}/step at {human(est['matmul_flop_per_s'], 'FLOP/s')} "
               f"(1024³ fp32 matmul) ≈ {est['seconds'] / 60:.1f} min for {args.warmup + args.steps} steps, "
               f"≥ {est['state_bytes'] / 2**30:.1f} GiB for weights, gradients and AdamW state")
         if est["seconds"] > 60 * args.max_cpu_minutes and not args.force:
-            print(f"refused: estimated {est['seconds'] / 60:.0f} min > --max-cpu-minutes {args.max_cpu_minutes:g}. Run on a "
-                  "GPU, shrink the model (--config num_hidden_layers=2 hidden_size=64 ...), or pass --force.",
+            print(f"refused: estimated {est['seconds'] / 60:.0f} min > --max-cpu-minutes {args.max_cpu_minutes:g}. Run "
+                  "on a GPU, shrink the model (--config num_hidden_layers=2 hidden_size=64 ...), or pass --force.",
                   file=sys.stderr)
             return 2
 
@@ -401,8 +403,8 @@ def report(r: dict) -> None:
         ("model", f"{r['architecture']}, {s['layers']} layers × hidden {s['hidden']}",
          f"{s['heads']} query / {s['kv_heads']} kv heads × {s['head_dim']}, MLP {s['ffn']}, vocab {s['vocab']:,}, "
          + ("tied embeddings" if s["tied_embeddings"] else "untied embeddings")),
-        ("parameters", f"{s['total_params']:,}", f"non-embedding {s['non_embedding_params']:,}; "
-                                                 f"N for 6N (non-embedding + LM head) {s['flop_params']:,}"),
+        ("parameters", f"{s['total_params']:,}", (f"non-embedding {s['non_embedding_params']:,}; "
+                                                 f"N for 6N (non-embedding + LM head) {s['flop_params']:,}")),
         ("device / threads", f"{st['device']}" + (f" ({gpu})" if gpu else "") + f" / {r['threads']}",
          f"torch {r['env']['torch']}, transformers {r['env'].get('transformers', '?')}"),
         ("precision", f"mixed_precision={st['mixed_precision']}"
@@ -413,19 +415,19 @@ def report(r: dict) -> None:
          "micro-batch × seq-len × accumulation; synthetic random ids, no padding"),
         None,
         ("step time (median)", f"{r['step_seconds_median'] * 1e3:.1f} ms",
-         f"min {r['step_seconds_min'] * 1e3:.1f}, max {r['step_seconds_max'] * 1e3:.1f} ms over {st['measured_steps']} "
-         f"steps after {st['warmup_steps']} warm-up"),
+         (f"min {r['step_seconds_min'] * 1e3:.1f}, max {r['step_seconds_max'] * 1e3:.1f} ms over "
+          f"{st['measured_steps']} steps after {st['warmup_steps']} warm-up")),
         ("tokens/s", f"{r['tokens_per_s']:,.0f}", "tokens per step / median step time"),
         ("peak memory", (f"{mem['cuda_max_allocated_mib'] / 1024:.2f} GiB CUDA" if "cuda_max_allocated_mib" in mem
                          else f"{mem['cpu_max_rss_mib']:.0f} MiB RSS"),
          "torch.cuda.max_memory_allocated over the measured steps" if "cuda_max_allocated_mib" in mem
          else "ru_maxrss of the whole process"),
-        ("loss first → last", f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f}", "random tokens: ≈ ln(vocab) = "
-                                                                              f"{math.log(s['vocab']):.3f}"),
+        ("loss first → last", f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f}",
+         f"random tokens: ≈ ln(vocab) = {math.log(s['vocab']):.3f}"),
         None,
         ("model FLOPs / token", human(f["total"], "FLOP"),
-         f"6N = {human(f['dense_6N'], 'FLOP')} + 12·L·H·T = {human(f['attention_12LHT'], 'FLOP')} (full T×T; "
-         f"causal-halved total {human(f['total_causal_halved'], 'FLOP')})"),
+         (f"6N = {human(f['dense_6N'], 'FLOP')} + 12·L·H·T = {human(f['attention_12LHT'], 'FLOP')} (full T×T; "
+          f"causal-halved total {human(f['total_causal_halved'], 'FLOP')})")),
         ("achieved", human(r["achieved_flop_per_s"], "FLOP/s"),
          f"causal-halved count: {human(r['achieved_flop_per_s_causal_halved'], 'FLOP/s')}"),
         ("peak, measured", human(r["peak_measured"]["flop_per_s"], "FLOP/s"),

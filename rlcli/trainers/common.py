@@ -66,10 +66,14 @@ def make_accelerator(recipe: RecipeBase, mixed_precision: str, *, tf32: bool = T
 
 
 def set_tf32(enabled: bool) -> None:
-    """TF32 for float32 matmuls and convolutions on CUDA (torch's per-backend ``fp32_precision`` switches)."""
-    precision = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    """TF32 for float32 matmuls and cuDNN convolutions on CUDA; nothing changes on CPU.
+
+    Through the ``allow_tf32`` switches rather than torch's newer per-backend ``fp32_precision`` ones: once the
+    new ones are set, reading the old ones raises ("mix of legacy and new APIs"), and libraries (Accelerate
+    among them) still use the old ones. Both read back consistently this way.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def start_trackers(accelerator: Accelerator, recipe: RecipeBase) -> None:

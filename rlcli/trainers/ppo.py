@@ -312,11 +312,14 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
             mine = indices[rank * local_batch : (rank + 1) * local_batch]
             step_rows = [rows[i] for i in mine]
 
-            # step 5: rollout (plain sampling, or episodes through the text environment)
+            # step 5: rollout (plain sampling, or episodes through the text environment). Under the recipe's
+            # mixed precision like the training forward: the sampler calls the unwrapped LM, which Accelerate's
+            # autocast wrapper does not cover. Its log-probs are not used (the rollout forward recomputes them).
             histories, answers = None, None
             if env is not None:
                 prompts = [r[column] for r in step_rows]
-                rollout, histories = env_rollout(env, prompts, step_rows, g)
+                with accelerator.autocast():
+                    rollout, histories = env_rollout(env, prompts, step_rows, g)
                 answers = [h.answer or "" for h in histories]
             else:
                 lengths = sample_lengths(len(mine), recipe.data.prompt_length, g)
@@ -324,7 +327,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
                                             max_length=recipe.data.max_prompt_length, length=n)
                               for r, n in zip(step_rows, lengths)]
                 q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-                rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
+                with accelerator.autocast():
+                    rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
                 prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
             t_gen = time.perf_counter() - t0
 

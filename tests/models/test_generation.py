@@ -102,10 +102,10 @@ class BatchRecorder(torch.nn.Module):
         super().__init__()
         self.inner, self.config, self.batch_sizes = inner, inner.config, []
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        # **kwargs: the KV cache under whichever name the installed transformers uses (`cache` or `past_key_values`)
         self.batch_sizes.append(input_ids.shape[0])
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, use_cache=use_cache)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
 def test_finished_rows_leave_the_batch(model, tok):
