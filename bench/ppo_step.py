@@ -260,9 +260,8 @@ def main(argv=None) -> int:
                                     max_length=recipe.data.max_prompt_length, length=n) for r, n in zip(step_rows, lengths)]
         q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
         # step 5: rollout
-        with phase(counters, "generate"):
-            with accelerator.autocast():  # as the trainer does
-                rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
+        with phase(counters, "generate"), accelerator.autocast():  # autocast as the trainer does
+            rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
         sync(device)
         t_gen = time.perf_counter() - t0
         # step 6: score
@@ -530,10 +529,10 @@ def report(r: dict, ms) -> None:
                          f"{100 * v['ratio_vs_square_1024']:.1f}% of 1024², {100 * v['ratio_vs_square_2048']:.1f}% of 2048²"))
     if "opt_flops_exact_fwd_bwd_only" in mfu:
         v = mfu["opt_flops_exact_fwd_bwd_only"]
-        rows.append(("  same, forward+backward time only", human(v["flop_per_s"], "FLOP/s"),
-                     f"{100 * v['ratio_vs_reference_per_step_mean']:.1f}% of {refk} (per step), "
-                     f"{100 * v[f'ratio_vs_{refk}']:.1f}% (end): the model's own ceiling; the loop around it "
-                     f"(losses, AdamW, clipping, slicing) adds {100 * (v['optimise_over_fwd_bwd'] - 1):.1f}%"))
+        note = (f"{100 * v['ratio_vs_reference_per_step_mean']:.1f}% of {refk} (per step), "
+                f"{100 * v[f'ratio_vs_{refk}']:.1f}% (end): the model's own ceiling; the loop around it "
+                f"(losses, AdamW, clipping, slicing) adds {100 * (v['optimise_over_fwd_bwd'] - 1):.1f}%")
+        rows.append(("  same, forward+backward time only", human(v["flop_per_s"], "FLOP/s"), note))
         v = mfu["rollout_flops_exact"]
         rows.append(("rollout forward FLOP rate (exact, no grad)", human(v["flop_per_s"], "FLOP/s"), f"{100 * v[f'ratio_vs_{refk}']:.1f}% of {refk}"))
     if "profile" in mfu:
