@@ -6,6 +6,8 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
+# (hadolint's DL3064 reads the TOKEN in TOKENIZERS_PARALLELISM as a secret)
+# hadolint ignore=DL3064
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
