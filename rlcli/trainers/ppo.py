@@ -32,7 +32,7 @@ How the details of docs/ppo-details.md are handled (numbers refer to its items):
  12. the reference and reward model are frozen, in eval mode, without autograd; with LoRA the reference is the
      base with the adapter disabled inside a context manager.
  13. batch / mini-batch / micro-batch sizes are global and checked to divide exactly; minibatches reshuffled
-     every epoch.
+     every epoch; micro-batches of rows of similar length, weighted by their token counts (below).
  14. all the listed statistics are logged to metrics.jsonl per step (see the README's metric table).
  15. a minibatch with a non-finite loss is skipped without an optimizer step (counted); a step where all are
      skipped stops the run with a message; ppo.target_approx_kl stops the remaining epochs of a step.
@@ -43,7 +43,11 @@ Departures from the textbook, on purpose:
   - the value head shares the policy's trunk (as TRL and most LM PPO code), so the value loss also shapes the
     policy's features; vf_coef keeps that small.
   - the 'full' KL estimator is computed from the logits of the rollout forward pass only (no extra pass).
-  - micro-batch losses are averaged with equal weight (not by token count) within a minibatch.
+
+Losses over micro-batches and processes: each micro-batch contributes its token sum divided by the model tokens
+of the whole (global) minibatch, so every token of a minibatch weighs the same and the update does not depend
+on the micro-batch size or the process count (as in the SFT trainer). That lets the learner sort a minibatch's
+rows by length before cutting micro-batches (less padding to compute), which changes only float summation order.
 """
 
 from __future__ import annotations

@@ -201,12 +201,24 @@ class PPOLearner:
         sums = defaultdict(float)
         counts = defaultdict(int)
         epochs_done, skipped, early_stopped = 0, 0, 0.0
+        model_tokens = rollout.model_mask.sum(dim=1)
+        # rows sorted by length inside a minibatch, so micro-batches hold rows of similar length and _trim cuts
+        # more padding; the loss is normalised by the minibatch's model tokens (below), so the grouping changes
+        # only the order of float sums
+        lengths = rollout.query_mask.sum(dim=1) + rollout.response_mask.sum(dim=1)
         for epoch in range(a.epochs):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps_done * 101 + epoch)
             order = torch.randperm(b, generator=g)
             epoch_kl = []
             for m_start in range(0, b, local_mini):
                 mini = order[m_start : m_start + local_mini]
+                if n_micro > 1:
+                    mini = mini[torch.argsort(lengths[mini], stable=True)]
+                # every token of the (global) minibatch weighs the same, whatever micro-batch or process it is
+                # in: micro-batch loss = its token sum / the minibatch's tokens over all processes, × processes
+                # because DDP averages gradients over processes
+                local_tokens = float(model_tokens[mini].sum())
+                (global_tokens,) = self.sum_over_processes(local_tokens) if self.procs > 1 else (local_tokens,)
                 finite = True
                 mini_stats = defaultdict(float)
                 for i in range(n_micro):
@@ -218,6 +230,7 @@ class PPOLearner:
                     mb = Rollout(*(t.to(dev) for t in (mb.query_ids, mb.query_mask, mb.response_ids,
                                                         mb.response_mask, mb.tool_mask)))
                     m = mb.model_mask.float()
+                    tokens = float(model_tokens[rows].sum())
                     sync = nullcontext() if i == n_micro - 1 else self.accelerator.no_sync(self.model)
                     with sync:
                         logits, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
@@ -226,7 +239,7 @@ class PPOLearner:
                                                           advantages[rows, :width].to(dev), m, a.clip_range)
                         vf_loss, vf = clipped_value_loss(values, old_values[rows, :width].to(dev),
                                                          returns[rows, :width].to(dev), m, a.clip_range_value)
-                        loss = (pg_loss + a.vf_coef * vf_loss) / n_micro
+                        loss = (pg_loss + a.vf_coef * vf_loss) * (tokens * self.procs / max(global_tokens, 1.0))
                         ok = torch.isfinite(loss.detach()).float()
                         if self.procs > 1:
                             ok = self.accelerator.reduce(ok, "min")  # every process skips together
@@ -234,10 +247,11 @@ class PPOLearner:
                             finite = False
                             break
                         self.accelerator.backward(loss)
+                    share = tokens / max(local_tokens, 1.0)  # this process's statistics: token-weighted too
                     for key, value in (("loss_policy", pg_loss), ("loss_value", vf_loss), ("policy_clipfrac", pg["clipfrac"]),
                                        ("approx_kl", pg["approx_kl"]), ("value_clipfrac", vf["vf_clipfrac"]),
                                        ("ratio", pg["ratio_mean"])):
-                        mini_stats[key] += float(value.detach()) / n_micro
+                        mini_stats[key] += float(value.detach()) * share
                 if not finite:
                     # never step on a batch whose loss was dropped (ppo-details item 15)
                     self.optimizer.zero_grad(set_to_none=True)

@@ -138,3 +138,25 @@ def test_non_finite_scores_skip_every_step():
     with pytest.raises(NonFiniteLossError, match="non-finite"):
         learner.step(rollout, torch.full((8,), float("nan")))
     assert all(torch.equal(before[n], p) for n, p in policy.named_parameters()), "no optimizer step on a NaN loss"
+
+
+def test_update_does_not_depend_on_micro_batch_size():
+    """Every token of a minibatch weighs the same: 2 micro-batches of 2 rows (sorted by length) and 1 of 4 give
+    the same update, up to float summation order. (With equal-weight micro-batch means they would differ: the
+    responses here have different lengths.)"""
+    params = []
+    for micro in (4, 2, 1):
+        tok, policy, learner = _setup(lr=1e-2)
+        learner.algo = learner.algo.model_copy(update={"micro_batch_size": micro})
+        # plain SGD: AdamW divides by sqrt(v), which turns float-order noise in near-zero gradients into full steps
+        learner.optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+        learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
+        rollout, out = _rollout(tok, policy)
+        assert len(set(rollout.response_mask.sum(1).tolist())) > 1  # lengths differ, or the test proves nothing
+        learner.step(rollout, torch.tensor([1.0, -1.0, 0.5, 2.0, -0.5, 0.0, 1.5, -2.0]))
+        params.append(torch.cat([p.detach().flatten() for p in policy.parameters()]))
+    start = _setup()[1]
+    moved = (params[0] - torch.cat([p.detach().flatten() for p in start.parameters()])).abs().max()
+    assert moved > 1e-3  # the step did change the weights
+    for other in params[1:]:
+        assert (other - params[0]).abs().max() < 1e-5 * float(moved), ((other - params[0]).abs().max(), moved)
