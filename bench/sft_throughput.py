@@ -199,24 +199,8 @@ def datasheet_peak(name: str, dtype: str) -> tuple[str, float] | None:
 
 
 def matmul_peak(n: int, device: str, dtype: torch.dtype, min_seconds: float = 1.0) -> dict:
-    """Sustained rate of a square ``n×n @ n×n`` product in ``dtype`` (2·n³ FLOPs each), timed after 3 warm-ups."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        torch.mm(a, b, out=out)
-    sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b, out=out)
-        reps += 1
-        if reps % 5 == 0:
-            sync(device)
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min_seconds:
-                break
-    del a, b, out
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flop_per_s": 2.0 * n**3 * reps / elapsed, "reps": reps}
+    """Sustained rate of a square ``n×n @ n×n`` product in ``dtype`` (2·n³ FLOPs each; _common.matmul_rate)."""
+    return {"n": n, **matmul_rate(n, device, min_seconds, dtype=dtype)}
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------------
