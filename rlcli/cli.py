@@ -49,9 +49,13 @@ def _fail(exc: Exception, code: int) -> None:
 
 
 def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable, resume: bool):
-    from rlcli.launch import relaunch_cpu_processes
+    from rlcli.launch import relaunch_cpu_processes, requested_cpu_processes
 
-    relaunch_cpu_processes(sys.argv[1:])
+    # `accelerate launch --cpu --num_processes N` started this one process: check the recipe here, once, as the N
+    # processes will see it (WORLD_SIZE), then start them (a bad recipe fails before any worker exists)
+    processes = requested_cpu_processes()
+    if processes:
+        os.environ["WORLD_SIZE"] = str(processes)
     try:
         recipe = load_recipe(schema, config, overrides or [])
         notes = preflight(recipe, str(config))
@@ -64,6 +68,8 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
                     console.print(f"[cyan]•[/] {note}")
                 console.print(f"[green]dry run OK[/]: {config} is valid (no weights were loaded)")
             return
+        if processes:
+            relaunch_cpu_processes(sys.argv[1:], processes)  # replaces this process
         train(recipe, resume=resume)
     except RecipeError as exc:
         _fail(exc, 2)

@@ -257,25 +257,22 @@ def requested_cpu_processes(environ: Mapping[str, str] | None = None) -> int | N
     return n if n is not None and n > 1 else None
 
 
-def relaunch_cpu_processes(argv: list[str], environ: Mapping[str, str] | None = None) -> None:
+def relaunch_cpu_processes(argv: list[str], processes: int, environ: Mapping[str, str] | None = None) -> None:
     """Turn ``accelerate launch --cpu --num_processes N -m rlcli ...`` into N gloo processes, as the user asked.
 
     Replaces this process with ``python -m torch.distributed.run --nproc_per_node N -m rlcli ARGS`` (the
     launcher Accelerate itself uses for ``--multi_gpu``; on a machine without CUDA rlcli's Accelerator then runs
-    MULTI_CPU over gloo). Does nothing unless :func:`requested_cpu_processes` says so.
+    MULTI_CPU over gloo). Call it when :func:`requested_cpu_processes` returned N.
     """
     env = os.environ if environ is None else environ
-    n = requested_cpu_processes(env)
-    if n is None:
-        return
     import sys
 
     from rich.console import Console
 
     Console(stderr=True, highlight=False).print(
-        f"[cyan]note:[/] `accelerate launch --cpu` starts one process; rlcli starts the {n} CPU processes you asked "
-        "for itself (torch.distributed.run, gloo backend)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--nnodes", "1",
+        f"[cyan]note:[/] `accelerate launch --cpu` starts one process; rlcli starts the {processes} CPU processes you "
+        "asked for itself (torch.distributed.run, gloo backend)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", "1",
            "--master_addr", env["MASTER_ADDR"], "--master_port", str(env.get("MASTER_PORT", "29500")),
            "-m", "rlcli", *argv]
     sys.stdout.flush()

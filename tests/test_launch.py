@@ -211,3 +211,25 @@ def test_cpu_launch_of_several_processes_is_detected(monkeypatch, tmp_path):
     config.write_text("distributed_type: MULTI_CPU\nnum_processes: 4\nuse_cpu: true\n")
     flags["--config_file"] = str(config)
     assert launch.requested_cpu_processes(cpu) == 4
+
+
+def test_cpu_launch_checks_the_recipe_once_for_all_processes(tmp_path):
+    """`accelerate launch --cpu --num_processes 2`: the recipe is checked against 2 processes before any worker
+    starts; a problem is reported once, with no worker tracebacks, and a dry run prints once."""
+    import os
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcli", "ppo", "configs/tiny/ppo.yaml",
+            f"output_dir={tmp_path / 'out'}"]
+    env = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    err = plain(res.stderr)
+    assert res.returncode != 0 and "micro_batch_size × processes = 32 × 2 = 64" in err
+    assert err.count("recipe error") == 1 and "ChildFailedError" not in err and "torch.distributed" not in err
+    res = subprocess.run(base + ["ppo.micro_batch_size=16", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert plain(res.stdout).count("dry run OK") == 1
+    assert not (tmp_path / "out").exists()
