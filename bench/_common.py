@@ -134,9 +134,13 @@ class ForwardCounter:
     ``model.forward`` (the sampler's KV-cache keyword detection) sees the same parameters.
     """
 
-    def __init__(self, name: str, device: str = "cpu"):
+    def __init__(self, name: str, device: str = "cpu", timed: bool = True):
         self.name = name
         self.device = device
+        # timed=False: no per-call synchronisation or clock (on a GPU each would stall the CPU until the kernels
+        # finish, hiding the CPU/GPU overlap a real run has); ``seconds`` stays empty, ``real`` counts stay
+        # tensors until ``finish_shapes``
+        self.timed = timed
         self.phase = "other"
         self.seconds: Counter[str] = Counter()
         self.calls: Counter[tuple[str, bool]] = Counter()
@@ -155,13 +159,15 @@ class ForwardCounter:
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
             if ids is not None and hasattr(ids, "shape"):
-                rec = {"shape": list(ids.shape), "grad": grad,
-                       "real": int(mask[:, -ids.shape[1]:].sum()) if mask is not None else int(ids.numel()),
+                real = mask[:, -ids.shape[1]:].sum() if mask is not None else ids.numel()
+                rec = {"shape": list(ids.shape), "grad": grad, "real": int(real) if self.timed else real,
                        "keep": kwargs.get("logits_to_keep")}
                 dec = kwargs.get("decoder_input_ids")
                 if dec is not None:
                     rec["decoder_shape"] = list(dec.shape)
                 self.shapes.setdefault(self.phase, []).append(rec)
+            if not self.timed:
+                return original(*args, **kwargs)
             t0 = time.perf_counter()
             out = original(*args, **kwargs)
             sync(self.device)
@@ -169,6 +175,12 @@ class ForwardCounter:
             return out
 
         module.forward = forward
+
+    def finish_shapes(self) -> None:
+        """Turn the ``real`` token counts recorded as tensors (``timed=False``) into ints: one sync, at the end."""
+        for recs in self.shapes.values():
+            for rec in recs:
+                rec["real"] = int(rec["real"])
 
     def count(self, phase: str, grad: bool | None = None) -> int:
         return sum(n for (p, g), n in self.calls.items() if p == phase and (grad is None or g == grad))

@@ -82,6 +82,9 @@ def parse_args(argv):
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile the optimisation phase of one extra, unmeasured step; print the N costliest ops")
     parser.add_argument("--matmul-seconds", type=float, default=0.3, help="time spent per reference matmul size")
+    parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=None,
+                        help="time each forward, backward, AdamW step and clip inside the phases (default: on CPU "
+                             "only; on a GPU each of those timers synchronises, hiding the CPU/GPU overlap)")
     args = parser.parse_args(argv)
     recipe_path, overrides = DEFAULT_RECIPE, []
     for item in args.items:
@@ -96,6 +99,8 @@ def parse_args(argv):
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.split is None:
+        args.split = args.device == "cpu"
     return args
 
 
@@ -188,8 +193,8 @@ def main(argv=None) -> int:
     total_steps = args.warmup + args.steps + (1 if args.profile else 0)  # the profiled step is not measured
     optimizer, scheduler = make_optimizer(policy.parameters(), recipe.optim, total_steps * p.epochs * (p.batch_size // p.mini_batch_size))
 
-    pol_counter = ForwardCounter("policy", device)
-    ref_counter = ForwardCounter("reference", device)
+    pol_counter = ForwardCounter("policy", device, timed=args.split)
+    ref_counter = ForwardCounter("reference", device, timed=args.split)
     pol_counter.attach(policy.pretrained)
     if ref is not None:
         ref_counter.attach(ref.pretrained)
@@ -220,9 +225,10 @@ def main(argv=None) -> int:
 
     learner._rollout_forward = timed("rollout", learner._rollout_forward, "rollout")
     learner._optimise = timed("optimise", learner._optimise, "optimise")
-    accelerator.backward = timed("opt_backward", accelerator.backward)
-    optimizer.step = timed("opt_adamw_step", optimizer.step)
-    accelerator.clip_grad_norm_ = timed("opt_clip_grad", accelerator.clip_grad_norm_)
+    if args.split:
+        accelerator.backward = timed("opt_backward", accelerator.backward)
+        optimizer.step = timed("opt_adamw_step", optimizer.step)
+        accelerator.clip_grad_norm_ = timed("opt_clip_grad", accelerator.clip_grad_norm_)
 
     trainable = sum(q.numel() for q in policy.parameters() if q.requires_grad)
     total_params = sum(q.numel() for q in policy.parameters())
@@ -299,6 +305,8 @@ def main(argv=None) -> int:
             "calls": {c.name: {f"{ph}/{'grad' if gr else 'no_grad'}": n for (ph, gr), n in sorted(c.calls.items())}
                       for c in counters},
         }
+        for c in counters:
+            c.finish_shapes()
         if ms is not None:
             opt = forward_flops(pol_counter.shapes.get("optimise", []), ms)
             rf = forward_flops(pol_counter.shapes.get("rollout", []) + ref_counter.shapes.get("rollout", []), ms)
@@ -369,7 +377,7 @@ def main(argv=None) -> int:
                 if device == "cpu":  # the same ratio in CPU time (leaves out waiting for a core on a shared machine)
                     mfu[key]["ratio_cpu_time_per_step_mean"] = mean(
                         r[key] / r["optimise_cpu"] / r["matmul_ref_flop_per_cpu_s"] for r in measured)
-        if "opt_flops_exact" in measured[0]:
+        if "opt_flops_exact" in measured[0] and args.split:
             fb = summary["opt_forward"] + summary["opt_backward"]
             # the model's own forward + backward, without the trainer's losses, AdamW, clipping and slicing: the
             # ceiling the optimisation phase could reach with a zero-cost loop around the model
@@ -380,6 +388,7 @@ def main(argv=None) -> int:
                     r["opt_flops_exact"] / (r["opt_forward"] + r["opt_backward"]) / r["matmul_ref_flop_per_s"]
                     for r in measured),
                 "optimise_over_fwd_bwd": summary["optimise"] / fb}
+        if "opt_flops_exact" in measured[0]:
             rr = m_("rollout_flops_exact") / summary["rollout"]
             mfu["rollout_flops_exact"] = {"flops_per_step": m_("rollout_flops_exact"), "flop_per_s": rr,
                                           f"ratio_vs_{ref_key}": rr / mm[ref_key]["flop_per_s"]}
@@ -397,7 +406,7 @@ def main(argv=None) -> int:
 
     result = {
         "recipe": args.recipe, "overrides": args.overrides, "env": environment(device), "threads": torch.get_num_threads(),
-        "warmup_steps": args.warmup, "measured_steps": args.steps,
+        "warmup_steps": args.warmup, "measured_steps": args.steps, "split": args.split,
         "model": {"trainable_params": trainable, "total_params": total_params, "ref_params_requiring_grad": ref_grad_params,
                   **(ms or {})},
         "ppo": {"batch_size": p.batch_size, "mini_batch_size": p.mini_batch_size, "micro_batch_size": p.micro_batch_size,
@@ -497,12 +506,14 @@ def report(r: dict, ms) -> None:
         ("step", f"{step:.3f} s", f"mean of {r['measured_steps']} (after {r['warmup_steps']} warm-up)"),
         ("  generation", f"{s['generate']:.3f} s", share(s["generate"])),
         ("  scoring", f"{s['score']:.4f} s", share(s["score"])),
-        ("  rollout forward (policy+value, ref)", f"{s['rollout']:.3f} s", share(s["rollout"]) + f"; policy {s['rollout_policy_forward']:.3f} s"
-         + (f", ref {s['rollout_ref_forward']:.3f} s" if s.get("rollout_ref_forward") is not None else "")),
+        ("  rollout forward (policy+value, ref)", f"{s['rollout']:.3f} s", share(s["rollout"])
+         + (f"; policy {s['rollout_policy_forward']:.3f} s" if r["split"] else "")
+         + (f", ref {s['rollout_ref_forward']:.3f} s" if r["split"] and s.get("rollout_ref_forward") is not None else "")),
         ("  optimisation", f"{s['optimise']:.3f} s", share(s["optimise"])),
-        ("    forward / backward", f"{s['opt_forward']:.3f} / {s['opt_backward']:.3f} s", "LM forward (wrapped) / accelerator.backward"),
-        ("    AdamW step / grad clip", f"{s['opt_adamw_step']:.4f} / {s['opt_clip_grad']:.4f} s",
-         f"rest (losses, slicing, bookkeeping) {s['optimise'] - s['opt_forward'] - s['opt_backward'] - s['opt_adamw_step'] - s['opt_clip_grad']:.3f} s"),
+        *([("    forward / backward", f"{s['opt_forward']:.3f} / {s['opt_backward']:.3f} s", "LM forward (wrapped) / accelerator.backward"),
+           ("    AdamW step / grad clip", f"{s['opt_adamw_step']:.4f} / {s['opt_clip_grad']:.4f} s",
+            f"rest (losses, slicing, bookkeeping) {s['optimise'] - s['opt_forward'] - s['opt_backward'] - s['opt_adamw_step'] - s['opt_clip_grad']:.3f} s")]
+          if r["split"] else [("    (not split)", "", "--no-split: no timers inside the phases")]),
         ("  other (rewards, GAE, whitening, stats)", f"{s['other']:.4f} s", share(s["other"])),
         ("generated tokens / step", f"{s['generated_tokens']:.0f}", ""),
         ("tokens/s", f"{s['tokens_per_s']:.1f}", "generated tokens / step time"),
