@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +17,35 @@ from rlcli.config.errors import Problem, RecipeError
 
 R = TypeVar("R", bound=BaseModel)
 CLI = "command line"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a recipe's values came from: its file, the line of each key, the keys set on the command line."""
+
+    source: str
+    lines: dict[str, int] = field(default_factory=dict)
+    touched: frozenset[str] = frozenset()
+
+    def problem(self, key: str, message: str) -> Problem:
+        """``message`` about ``key``, placed at the override that set it or at its line in the file."""
+        if key and any(key == t or key.startswith(t + ".") for t in self.touched):
+            return Problem(key, message, source=CLI)
+        return Problem(key, message, source=self.source, line=self.lines.get(key))
+
+
+def locate(recipe: BaseModel, messages: list[str], source: str = "recipe") -> list[Problem]:
+    """Problems found by a command's checks after validation, each a ``"dotted.key: what is wrong"`` string (or
+    free text), placed where the key was set when ``recipe`` came from :func:`load_recipe`."""
+    origin = getattr(recipe, "_rlcli_origin", None) or Origin(source)
+    problems = []
+    for text in messages:
+        key, sep, message = text.partition(": ")
+        if sep and re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", key):
+            problems.append(origin.problem(key, message))
+        else:
+            problems.append(origin.problem("", text))
+    return problems
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -173,10 +204,10 @@ def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
     return message
 
 
-def validate(schema: type[R], data: dict[str, Any], source: str, lines: dict[str, int], touched: set[str]) -> R:
+def validate(schema: type[R], data: dict[str, Any], origin: Origin) -> R:
     """Validate ``data`` against ``schema``; raise one ``RecipeError`` listing every problem."""
     try:
-        return schema.model_validate(_fix_floats(data))
+        recipe = schema.model_validate(_fix_floats(data))
     except ValidationError as exc:
         problems, seen = [], set()
         for error in exc.errors():
@@ -186,18 +217,18 @@ def validate(schema: type[R], data: dict[str, Any], source: str, lines: dict[str
             if (key, message) in seen:
                 continue
             seen.add((key, message))
-            from_cli = any(key == t or key.startswith(t + ".") for t in touched)
-            problems.append(
-                Problem(key, message, source=CLI if from_cli else source, line=None if from_cli else lines.get(key))
-            )
+            problems.append(origin.problem(key, message))
         raise RecipeError(problems) from None
+    # for the commands' own checks (`locate`): plain attribute, not a field, so dumps and copies leave it out
+    object.__setattr__(recipe, "_rlcli_origin", origin)
+    return recipe
 
 
 def load_recipe(schema: type[R], path: str | Path, overrides: list[str] | None = None) -> R:
     """Read, override and validate a recipe. Every problem is reported together in one ``RecipeError``."""
     data, lines = read_yaml(path)
     touched = apply_overrides(data, list(overrides or []))
-    return validate(schema, data, str(path), lines, touched)
+    return validate(schema, data, Origin(str(path), lines, frozenset(touched)))
 
 
 def recipe_to_yaml(recipe: BaseModel) -> str:

@@ -20,7 +20,7 @@ def check_data_source(src: DataSource, key: str = "data") -> list[str]:
         if path is None:
             continue
         p = Path(path)
-        if p.suffix in _BUILDERS or p.suffix in {".txt", ".tsv"} or path.startswith((".", "/")):
+        if p.is_file() or p.suffix in _BUILDERS or p.suffix in {".txt", ".tsv"} or path.startswith((".", "/")):
             if not p.exists():
                 problems.append(f"{key}.{field}: file {path} does not exist (relative to the working directory)")
             elif p.is_file() and p.suffix not in _BUILDERS:

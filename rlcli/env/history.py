@@ -139,17 +139,19 @@ class TextHistory:
 
     # rendering ------------------------------------------------------------------------------------------------
 
-    def show_text(self, console: Console | None = None) -> None:
-        """Print the episode's text, each segment coloured by source, then a legend and a summary line."""
+    def show_text(self, console: Console | None = None, *, legend: bool = True) -> None:
+        """Print the episode's text, each segment coloured by source, then a legend (unless ``legend=False``, e.g.
+        when the caller prints one for several episodes) and a summary line."""
         console = console or Console()
         body = Text()
         for s in self.segments:
             body.append(s.text, style=STYLES[s.source][0])
         console.print(body)
-        console.print(_legend())
+        if legend:
+            console.print(source_legend())
         console.print(self._summary())
 
-    def show_tokens(self, tokenizer, console: Console | None = None) -> None:
+    def show_tokens(self, tokenizer, console: Console | None = None, *, legend: bool = True) -> None:
         """Print every token on its own, coloured by source (alternating two shades to show boundaries)."""
         console = console or Console()
         body = Text()
@@ -158,7 +160,8 @@ class TextHistory:
                 piece = tokenizer.decode([token_id], skip_special_tokens=False)
                 body.append(piece.replace("\n", "\u23ce\n"), style=STYLES[s.source][i % 2])
         console.print(body)
-        console.print(_legend())
+        if legend:
+            console.print(source_legend())
         console.print(self._summary())
 
     def _summary(self) -> Text:
@@ -209,7 +212,8 @@ def _spans(segments: list[Segment], length) -> list[Span]:
     return spans
 
 
-def _legend() -> Text:
+def source_legend() -> Text:
+    """The colour of each segment source, as the renderings use them."""
     legend = Text()
     legend.append("legend: ", style="dim")
     for source in SOURCES:

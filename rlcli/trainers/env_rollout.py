@@ -19,10 +19,12 @@ import torch
 from rich.table import Table
 
 from rlcli.config.env import EnvRolloutRecipe
-from rlcli.config.errors import Problem, RecipeError, UserError
+from rlcli.config.errors import RecipeError, UserError
+from rlcli.config.loader import locate
 from rlcli.data.prompts import load_prompt_rows
 from rlcli.data.sources import check_data_source
 from rlcli.env.build import build_environment, check_env
+from rlcli.env.history import source_legend
 from rlcli.launch import check_launch
 from rlcli.logging import console
 from rlcli.models.loading import check_model_config, load_model, load_tokenizer
@@ -46,7 +48,7 @@ def preflight(recipe: EnvRolloutRecipe, source: str = "recipe") -> list[str]:
             problems.append(f"reward.function: {exc}")
     problems += check_launch("env-rollout", recipe)
     if problems:
-        raise RecipeError([Problem("", p, source) for p in problems])
+        raise RecipeError(locate(recipe, problems, source))
     return [f"tools: {', '.join(recipe.env.tools)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]
 
 
@@ -121,11 +123,15 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     seconds = time.perf_counter() - start
 
     # step 3: show
-    for h in histories[: recipe.show]:
+    shown = histories[: recipe.show]
+    if shown:
+        console.print(source_legend())
+    for i, h in enumerate(shown, 1):
+        console.rule(f"episode {i} of {len(histories)}", style="dim", align="left")
         if recipe.show_tokens:
-            h.show_tokens(tokenizer, console)
+            h.show_tokens(tokenizer, console, legend=False)
         else:
-            h.show_text(console)
+            h.show_text(console, legend=False)
     summary = summarise(histories, seconds, generated)
     console.print(summary_table(summary))
 

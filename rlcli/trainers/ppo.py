@@ -62,7 +62,8 @@ import torch
 
 from rlcli.checkpoint import load_checkpoint, save_checkpoint
 from rlcli.config.common import world_size
-from rlcli.config.errors import Problem, RecipeError, UserError
+from rlcli.config.errors import RecipeError, UserError
+from rlcli.config.loader import locate
 from rlcli.config.ppo import PPORecipe
 from rlcli.data.prompts import (
     encode_prompt,
@@ -144,7 +145,7 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
                             "prompt from env.system_prompt, env.few_shot_prefix and the prompt text)")
     problems += check_launch("ppo", recipe)
     if problems:
-        raise RecipeError([Problem("", p, source) for p in problems])
+        raise RecipeError(locate(recipe, problems, source))
     p = recipe.ppo
     minis = p.batch_size // p.mini_batch_size
     accum = p.mini_batch_size // (p.micro_batch_size * world_size())

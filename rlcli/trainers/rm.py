@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from rlcli.checkpoint import load_checkpoint, save_checkpoint
 from rlcli.config.common import world_size
-from rlcli.config.errors import Problem, RecipeError
+from rlcli.config.errors import RecipeError
+from rlcli.config.loader import locate
 from rlcli.config.rm import RMRecipe
 from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collate_pairs, tokenize_pairs
 from rlcli.data.sources import check_data_source, train_eval_rows
@@ -75,7 +76,7 @@ def preflight(recipe: RMRecipe, source: str = "recipe") -> list[str]:
     problems = check_model_config(recipe.model, "classifier") + check_data_source(recipe.data)
     problems += check_launch("rm", recipe)
     if problems:
-        raise RecipeError([Problem("", p, source) for p in problems])
+        raise RecipeError(locate(recipe, problems, source))
     accum = recipe.train.batch_size // (recipe.train.micro_batch_size * world_size())
     return [
         f"global batch {recipe.train.batch_size} pairs = micro-batch {recipe.train.micro_batch_size} × "

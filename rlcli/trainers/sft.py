@@ -28,6 +28,7 @@ import torch
 from rlcli.checkpoint import load_checkpoint, save_checkpoint
 from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError, Problem
+from rlcli.config.loader import locate
 from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
 from rlcli.data.sources import check_data_source, train_eval_rows
@@ -56,7 +57,7 @@ def preflight(recipe: SFTRecipe, source: str = "recipe") -> list[str]:
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
     problems += check_launch("sft", recipe)
     if problems:
-        raise RecipeError([Problem("", p, source) for p in problems])
+        raise RecipeError(locate(recipe, problems, source))
     accum = recipe.train.batch_size // (recipe.train.micro_batch_size * world_size())
     return [
         f"global batch {recipe.train.batch_size} = micro-batch {recipe.train.micro_batch_size} × "

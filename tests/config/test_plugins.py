@@ -20,3 +20,14 @@ def test_file_and_module_specs(tmp_path, monkeypatch):
 def test_errors_name_the_spec(spec, fragment):
     with pytest.raises(UserError, match=fragment):
         resolve_object(spec)
+
+
+def test_missing_name_lists_only_the_files_own_callables(tmp_path):
+    plugin = tmp_path / "plug.py"
+    plugin.write_text("from __future__ import annotations\nimport math\nfrom os.path import join\n\nLIMIT = 3\n\n"
+                      "def score(responses):\n    return [1.0] * len(responses)\n")
+    from rlcli.config import UserError, resolve_object
+
+    with pytest.raises(UserError) as err:
+        resolve_object(f"{plugin}:scor")
+    assert str(err.value).endswith("(it has: score)")
