@@ -6,7 +6,7 @@ rate against a matmul measured in the same process, and forward-pass counts per 
     python bench/ppo_step.py --device cuda                     # when a GPU is there
 
 The policy, reference, reward, optimiser and ``PPOLearner`` are built exactly as ``rlcli.trainers.ppo.train``
-builds them (``build_policy``, ``build_reward``, ``make_optimizer``, ``accelerator.prepare``), and each step runs
+builds them (the same ``rlcli.trainers.ppo.build_learner``), and each step runs
 the trainer's steps 4-7: prompts, ``generate``, decode + reward, ``learner.step``. Nothing is written to the
 recipe's output_dir.
 
@@ -164,10 +164,8 @@ def main(argv=None) -> int:
     from rlcli.config.ppo import PPORecipe
     from rlcli.data.prompts import encode_prompt, left_pad, load_prompt_rows, sample_lengths
     from rlcli.models.loading import load_tokenizer
-    from rlcli.rewards.sources import build_reward
-    from rlcli.trainers.common import make_optimizer, set_tf32
-    from rlcli.trainers.ppo import build_policy, generate, policy_task, preflight, response_texts
-    from rlcli.trainers.ppo_learner import PPOLearner
+    from rlcli.trainers.common import set_tf32
+    from rlcli.trainers.ppo import build_learner, generate, policy_task, preflight, response_texts
     from rlcli.trainers.sft import index_stream
 
     recipe = load_recipe(PPORecipe, args.recipe, args.overrides)
@@ -185,23 +183,17 @@ def main(argv=None) -> int:
     task = policy_task(recipe)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")
     rows, column = load_prompt_rows(recipe.data)
-    policy, ref = build_policy(recipe, tokenizer, task)
-    if ref is not None:
-        ref.to(accelerator.device)
-    reward = build_reward(recipe.reward, device=accelerator.device)
     p = recipe.ppo
     total_steps = args.warmup + args.steps + (1 if args.profile else 0)  # the profiled step is not measured
-    optimizer, scheduler = make_optimizer(policy.parameters(), recipe.optim, total_steps * p.epochs * (p.batch_size // p.mini_batch_size))
+    policy, ref, reward, learner = build_learner(recipe, accelerator, tokenizer, task,
+                                                 optimizer_steps=total_steps * p.epochs * (p.batch_size // p.mini_batch_size))
+    model, optimizer = learner.model, learner.optimizer
 
     pol_counter = ForwardCounter("policy", device, timed=args.split)
     ref_counter = ForwardCounter("reference", device, timed=args.split)
     pol_counter.attach(policy.pretrained)
     if ref is not None:
         ref_counter.attach(ref.pretrained)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    learner = PPOLearner(model, ref_model=ref, algo=p, kl=recipe.kl, temperature=recipe.generation.temperature,
-                         optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-                         max_grad_norm=recipe.optim.max_grad_norm, seed=recipe.seed)
     unwrapped = accelerator.unwrap_model(model)
     counters = [pol_counter, ref_counter]
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,12 +19,12 @@ R = TypeVar("R", bound=BaseModel)
 CLI = "command line"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Origin:
     """Where a recipe's values came from: its file, the line of each key, the keys set on the command line."""
 
     source: str
-    lines: dict[str, int] = field(default_factory=dict)
+    lines: dict[str, int] = dataclasses.field(default_factory=dict)
     touched: frozenset[str] = frozenset()
 
     def problem(self, key: str, message: str) -> Problem:

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rlcli.config.errors import UserError
@@ -21,22 +22,36 @@ def _split(spec: str) -> tuple[str, str]:
     return target, attr
 
 
-def _load_file(path: Path) -> Any:
-    # A stable module name per file, so loading the same plug-in twice returns the same module
-    # (and pickling functions defined in it works in forked tool workers).
+def load_module_file(path: Path) -> ModuleType | None:
+    """Import a Python file as a module under a stable name, or None when it cannot be imported as Python.
+
+    The same file always gives the same module (loading a plug-in twice returns it, and functions defined in it
+    pickle in forked tool workers). An exception raised by the file's own code propagates, with the half-made
+    module removed from ``sys.modules``. Shared by reward / plug-in resolution and the text environment's tools.
+    """
     name = "rlcli_plugin_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise UserError(f"plug-in file {path}: cannot be imported as Python")
+        return None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[name] = module  # registered first so dataclasses / pickle inside the file can find it
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # the user's code failed at import: say where, keep it short
+    except BaseException:
         del sys.modules[name]
+        raise
+    return module
+
+
+def _load_file(path: Path) -> ModuleType:
+    try:
+        module = load_module_file(path)
+    except Exception as exc:  # the user's code failed at import: say where, keep it short
         raise UserError(f"plug-in file {path}: importing it raised {type(exc).__name__}: {exc}") from exc
+    if module is None:
+        raise UserError(f"plug-in file {path}: cannot be imported as Python")
     return module
 
 

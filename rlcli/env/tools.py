@@ -32,14 +32,12 @@ state). Use ``isolation="inline"`` for tools that must keep state: they run in-p
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +46,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from rlcli.config.plugins import load_module_file
 from rlcli.env.protocols import Malformed, ToolCall
 
 Tool = Callable[..., str]
@@ -323,20 +322,12 @@ def _import_target(spec: str, target: str):
         path = Path(target)
         if not path.is_file():
             raise ValueError(f"tool {spec!r}: file {target!r} does not exist")
-        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
-        module_name = f"rlcli_tool_{path.stem}_{digest}"
-        if module_name in sys.modules:
-            return sys.modules[module_name]
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"tool {spec!r}: cannot import {target!r} as a Python file")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module  # registered first so dataclasses/pickle inside the file can find it
         try:
-            module_spec.loader.exec_module(module)
+            module = load_module_file(path)
         except Exception as err:  # noqa: BLE001
-            del sys.modules[module_name]
             raise ValueError(f"tool {spec!r}: importing {target!r} failed: {error_text(err)}") from None
+        if module is None:
+            raise ValueError(f"tool {spec!r}: cannot import {target!r} as a Python file")
         return module
     try:
         return importlib.import_module(target)

@@ -244,6 +244,25 @@ def build_policy(recipe: PPORecipe, tokenizer, task: str) -> tuple[ValueHeadMode
     return ValueHeadModel(lm, head), ref
 
 
+def build_learner(recipe: PPORecipe, accelerator, tokenizer, task: str, optimizer_steps: int):
+    """Policy (unwrapped), reference, reward source and the ``PPOLearner`` around the prepared policy, built the
+    way ``train`` runs them (``bench/ppo_step.py`` uses this too); ``optimizer_steps`` sizes the LR schedule."""
+    policy, ref = build_policy(recipe, tokenizer, task)
+    if ref is not None:
+        ref.to(accelerator.device)
+    reward = build_reward(recipe.reward, device=accelerator.device)
+    optimizer, scheduler = make_optimizer(policy.parameters(), recipe.optim, optimizer_steps)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    if ref is not None and accelerator.num_processes > 1:
+        # DDP gave every process rank 0's policy weights; the reference was copied (or built from scratch) before
+        # that, from each process's own random init. Give it rank 0's weights too, or KL > 0 at step 1.
+        broadcast_module(ref)
+    learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl, temperature=recipe.generation.temperature,
+                         optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
+                         max_grad_norm=recipe.optim.max_grad_norm, seed=recipe.seed)
+    return policy, ref, reward, learner
+
+
 def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     # step 1: checks, output dir, accelerator
     preflight(recipe)
@@ -261,22 +280,11 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     rows, column = load_prompt_rows(recipe.data)
 
     # step 3: models, reward, optimiser, learner
-    policy, ref = build_policy(recipe, tokenizer, task)
-    if ref is not None:
-        ref.to(accelerator.device)
-    reward = build_reward(recipe.reward, device=accelerator.device)
     p = recipe.ppo
-    optimizer_steps = p.steps * p.epochs * (p.batch_size // p.mini_batch_size)
-    optimizer, scheduler = make_optimizer(policy.parameters(), recipe.optim, optimizer_steps)
+    policy, _, reward, learner = build_learner(recipe, accelerator, tokenizer, task,
+                                               optimizer_steps=p.steps * p.epochs * (p.batch_size // p.mini_batch_size))
+    model, optimizer, scheduler = learner.model, learner.optimizer, learner.scheduler
     full_state = recipe.lora is None or recipe.model.architecture is not None
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    if ref is not None and procs > 1:
-        # DDP gave every process rank 0's policy weights; the reference was copied (or built from scratch) before
-        # that, from each process's own random init. Give it rank 0's weights too, or KL > 0 at step 1.
-        broadcast_module(ref)
-    learner = PPOLearner(model, ref_model=ref, algo=p, kl=recipe.kl, temperature=recipe.generation.temperature,
-                         optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-                         max_grad_norm=recipe.optim.max_grad_norm, seed=recipe.seed)
     start_step = 0
     if resume_from is not None:
         state, objects = load_checkpoint(resume_from, process_index=rank)
