@@ -247,12 +247,11 @@ def requested_cpu_processes(environ: Mapping[str, str] | None = None) -> int | N
     if n is None:
         config_file = _launcher_config_file()
         if config_file:
-            try:
-                import yaml
+            from accelerate.commands.config.config_args import load_config_from_file
 
-                data = yaml.safe_load(Path(config_file).read_text()) or {}
-                n = _int(data.get("num_processes"), None) if isinstance(data, dict) else None
-            except (OSError, ValueError, ImportError):
+            try:  # Accelerate's own reader (YAML or JSON, its defaults)
+                n = _int(load_config_from_file(config_file).num_processes, None)
+            except Exception:  # noqa: BLE001 - an unreadable config: Accelerate itself will have said so
                 n = None
     return n if n is not None and n > 1 else None
 
