@@ -219,7 +219,7 @@ def validate(schema: type[R], data: dict[str, Any], origin: Origin) -> R:
             seen.add((key, message))
             problems.append(origin.problem(key, message))
         raise RecipeError(problems) from None
-    # for the commands' own checks (`locate`): plain attribute, not a field, so dumps and copies leave it out
+    # for the commands' own checks (`locate`): a plain attribute, not a field, so dumps and the saved recipe leave it out
     object.__setattr__(recipe, "_rlcli_origin", origin)
     return recipe
 

@@ -218,7 +218,7 @@ class PPOLearner:
                 # in: micro-batch loss = its token sum / the minibatch's tokens over all processes, × processes
                 # because DDP averages gradients over processes
                 local_tokens = float(model_tokens[mini].sum())
-                (global_tokens,) = self.sum_over_processes(local_tokens) if self.procs > 1 else (local_tokens,)
+                (global_tokens,) = self.sum_over_processes(local_tokens)
                 finite = True
                 mini_stats = defaultdict(float)
                 for i in range(n_micro):
