@@ -48,8 +48,21 @@ def _fail(exc: Exception, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _without_traceback(exc: BaseException) -> BaseException:
+    """``exc`` and the exceptions chained to it, with their tracebacks (and so the frames they hold) dropped."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+    return exc
+
+
 def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable, resume: bool):
-    from rlcli.launch import relaunch_cpu_processes, requested_cpu_processes
+    from rlcli.launch import relaunch_cpu_processes, release_distributed, requested_cpu_processes
 
     # `accelerate launch --cpu --num_processes N` started this one process: check the recipe here, once, as the N
     # processes will see it (WORLD_SIZE), then start them (a bad recipe fails before any worker exists)
@@ -72,13 +85,24 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
             relaunch_cpu_processes(sys.argv[1:], processes)  # replaces this process
         train(recipe, resume=resume)
     except RecipeError as exc:
-        _fail(exc, 2)
+        failure = (_without_traceback(exc), 2)
     except UserError as exc:
-        _fail(exc, 1)
+        failure = (_without_traceback(exc), 1)
     except KeyboardInterrupt:
-        if _is_main():
-            _stderr_console().print("[yellow]interrupted[/]: the newest checkpoint (if any) can be continued with --resume")
-        raise typer.Exit(130)
+        failure = (None, 130)
+    else:
+        failure = None
+    # the trainer's frames, and its DDP model, are gone now (the failure was kept without its traceback): only now
+    # can the process group go without risking gloo's teardown deadlock
+    release_distributed()
+    if failure is None:
+        return
+    exc, code = failure
+    if exc is not None:
+        _fail(exc, code)
+    if _is_main():
+        _stderr_console().print("[yellow]interrupted[/]: the newest checkpoint (if any) can be continued with --resume")
+    raise typer.Exit(130)
 
 
 @app.command()

@@ -268,12 +268,60 @@ def relaunch_cpu_processes(argv: list[str], processes: int, environ: Mapping[str
 
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(
+    console = Console(stderr=True, highlight=False)
+    console.print(
         f"[cyan]note:[/] `accelerate launch --cpu` starts one process; rlcli starts the {processes} CPU processes you "
         "asked for itself (torch.distributed.run, gloo backend)")
+    addr, port = env["MASTER_ADDR"], int(env.get("MASTER_PORT") or 29500)
+    if _port_in_use(addr, port):
+        # all processes run on this machine, so any free port does; Accelerate's default (29500) is taken as soon as
+        # a second run starts on the same machine
+        free = _free_port(addr)
+        console.print(f"[cyan]note:[/] port {port} on {addr} is in use (another run on this machine?); using {free}")
+        port = free
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", "1",
-           "--master_addr", env["MASTER_ADDR"], "--master_port", str(env.get("MASTER_PORT", "29500")),
-           "-m", "rlcli", *argv]
+           "--master_addr", addr, "--master_port", str(port), "-m", "rlcli", *argv]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, cmd)
+
+
+def _port_in_use(addr: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((addr, port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_port(addr: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr, 0))
+        return sock.getsockname()[1]
+
+
+def release_distributed() -> None:
+    """Destroy the default process group after everything that uses it (the DDP model above all) is freed.
+
+    Why the order matters, with gloo: DDP's C++ ``Reducer`` holds a reference to the process group, and Python
+    frees it while holding the GIL. If the Reducer holds the *last* reference, the group's destructor joins
+    gloo's worker threads with the GIL held; a worker that is still dropping a finished collective's tensors
+    needs the GIL for that, and both wait forever (seen under load: the run printed "done" and never exited).
+    Freed through ``destroy_process_group``, the group's last reference belongs to Python's ProcessGroup binding,
+    whose destructor releases the GIL first. So the command line calls this after the trainer has returned (or
+    failed, with the traceback dropped): it collects any cycle still holding the model, then destroys the group.
+    Without a process group it does nothing (and imports nothing).
+    """
+    import gc
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    gc.collect()
+    dist.destroy_process_group()

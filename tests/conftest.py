@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,29 @@ TINY_GPT2 = {"architecture": "gpt2", "tokenizer": "byte",
              "config": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}
 
 
-def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m rlcli ARGS`` as a user would, with a wide terminal so messages do not wrap."""
+def run(cmd: list[str], *, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a command as a user would (wide terminal, hub offline), in its own process group: on a timeout the
+    whole group is killed, so a hung launcher's workers cannot outlive the test and hold ports the next one needs."""
     full_env = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "rlcli", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    with subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m rlcli ARGS`` (see :func:`run`)."""
+    return run([sys.executable, "-m", "rlcli", *args], cwd=cwd, env=env, timeout=timeout)
+
+
+def accelerate_launch(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``accelerate launch ARGS`` (see :func:`run`)."""
+    return run([sys.executable, "-m", "accelerate.commands.launch", *args], env=env, timeout=timeout)
 
 
 def plain(text: str) -> str:

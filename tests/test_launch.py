@@ -10,7 +10,7 @@ import pytest
 
 from rlcli import launch
 from rlcli.launch import check_launch, detect_launch
-from tests.conftest import REPO, TINY_GPT2, plain, run_cli, write_yaml
+from tests.conftest import REPO, TINY_GPT2, accelerate_launch, plain, run_cli, write_yaml
 
 PRESETS = REPO / "configs" / "accelerate"
 
@@ -216,20 +216,13 @@ def test_cpu_launch_of_several_processes_is_detected(monkeypatch, tmp_path):
 def test_cpu_launch_checks_the_recipe_once_for_all_processes(tmp_path):
     """`accelerate launch --cpu --num_processes 2`: the recipe is checked against 2 processes before any worker
     starts; a problem is reported once, with no worker tracebacks, and a dry run prints once."""
-    import os
-    import subprocess
-    import sys
-
-    base = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcli", "ppo", "configs/tiny/ppo.yaml",
-            f"output_dir={tmp_path / 'out'}"]
-    env = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    base = ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "rlcli", "ppo", "configs/tiny/ppo.yaml", f"output_dir={tmp_path / 'out'}"]
+    res = accelerate_launch(*base, timeout=120)
     err = plain(res.stderr)
     assert res.returncode != 0 and "micro_batch_size × processes = 32 × 2 = 64" in err
     assert err.count("recipe error") == 1 and "ChildFailedError" not in err and "torch.distributed" not in err
-    res = subprocess.run(base + ["ppo.micro_batch_size=16", "--dry-run"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, env=env)
+    res = accelerate_launch(*base, "ppo.micro_batch_size=16", "--dry-run", timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert plain(res.stdout).count("dry run OK") == 1
     assert not (tmp_path / "out").exists()

@@ -168,13 +168,12 @@ def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scr
 
 
 def finish(accelerator: Accelerator) -> None:
-    """End a run on every process together: wait for the main process's final save, close trackers, and tear
-    the process group down explicitly (left to interpreter shutdown, gloo can block forever in its destructor
-    once the other ranks have exited)."""
+    """End a run on every process together: wait for the main process's final save and close trackers.
+
+    The process group itself is torn down by :func:`rlcli.launch.release_distributed`, which the command line calls once the
+    trainer has returned and its DDP-wrapped model is gone (see there why the order matters)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

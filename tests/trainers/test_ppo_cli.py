@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, plain, read_metrics, run_cli
+from tests.conftest import REPO, accelerate_launch, plain, read_metrics, run_cli
 
 TINY = "configs/tiny/ppo.yaml"
 # a faster variant of the shipped recipe for tests: same task, smaller model and batch
@@ -115,10 +115,10 @@ def test_two_processes_learn_like_one(ppo_run, tmp_path):
     """`accelerate launch --cpu --num_processes 2` with the global batch of the one-process fixture run: the same
     learning curve within sampling noise (each process samples its own episodes), statistics over both processes."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcli", "ppo", TINY, f"output_dir={out}",
-           "ppo.steps=24", "train.save_every=12", *FAST, "ppo.micro_batch_size=8"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
+    cmd = ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "rlcli", "ppo", TINY, f"output_dir={out}", "ppo.steps=24", "train.save_every=12", *FAST,
+           "ppo.micro_batch_size=8"]
+    res = accelerate_launch(*cmd, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in plain(res.stdout)
     two, one = read_metrics(out), read_metrics(ppo_run)
@@ -132,8 +132,7 @@ def test_two_processes_learn_like_one(ppo_run, tmp_path):
     assert abs(end_two - end_one) < 0.5 * end_one, (end_one, end_two)
     assert (out / "checkpoints" / "step-00000012" / "rng-1.pt").exists()
     # --resume with two processes: back to the step-12 checkpoint, steps 13-24 again, the same numbers
-    res = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "COLUMNS": "250"})
+    res = accelerate_launch(*cmd, "--resume", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming at step 12" in plain(res.stdout)
     keys = ("reward_mean", "kl", "loss_policy", "loss_value", "entropy")

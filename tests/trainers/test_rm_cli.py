@@ -26,7 +26,7 @@ from rlcli.cli import app
 from rlcli.config.plugins import resolve_object
 from rlcli.rewards.reward_model import RewardModelScorer
 from rlcli.trainers.rm import pairwise_loss
-from tests.conftest import REPO, plain, read_metrics, run_cli
+from tests.conftest import REPO, accelerate_launch, plain, read_metrics, run_cli
 
 TINY = "configs/tiny/rm.yaml"
 WORKSTATION = "configs/rm_qwen_ultrafeedback.yaml"
@@ -139,11 +139,9 @@ def test_accelerate_two_processes_match_one(short_run, tmp_path):
     # `accelerate launch --multi_gpu` on a machine without GPUs: two gloo processes (the --cpu form is in the SFT
     # and PPO tests)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "rlcli", "rm", TINY, f"output_dir={out}", *SHORT]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-                         env={**os.environ, "ACCELERATE_USE_CPU": "1", "COLUMNS": "250", "HF_HUB_OFFLINE": "1"})
+    res = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port",
+                            str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcli", "rm",
+                            TINY, f"output_dir={out}", *SHORT, env={"ACCELERATE_USE_CPU": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in plain(res.stdout)
     one, two = read_metrics(short_run), read_metrics(out)

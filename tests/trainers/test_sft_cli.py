@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO, plain, read_metrics, run_cli
+from tests.conftest import REPO, accelerate_launch, plain, read_metrics, run_cli
 
 TINY = "configs/tiny/sft.yaml"
 
@@ -100,12 +101,18 @@ def test_accelerate_two_processes_match_one(tmp_path):
     order differs)."""
     common = ["logging.progress=false", "train.max_steps=20", "train.save_every=null", "train.eval_every=null", *NO_DROPOUT]
     out = tmp_path / "ddp"
-    # the issue's command: Accelerate's own CPU launcher starts one process, rlcli then starts the two asked for
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcli", "sft", TINY, f"output_dir={out}", *common]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    # the issue's command: Accelerate's own CPU launcher starts one process, rlcli then starts the two asked for;
+    # with its port taken by another listener (a second run on the machine), rlcli moves to a free one
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = accelerate_launch("--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                                "--dynamo_backend", "no", "--main_process_port", str(port),
+                                "-m", "rlcli", "sft", TINY, f"output_dir={out}", *common)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in plain(res.stdout)
+    assert f"port {port} on 127.0.0.1 is in use" in plain(res.stderr)
     two = read_metrics(out)
     res = run_cli("sft", TINY, f"output_dir={tmp_path / 'one'}", *common)
     assert res.returncode == 0, res.stderr[-3000:]
