@@ -170,10 +170,12 @@ def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scr
 def finish(accelerator: Accelerator) -> None:
     """End a run on every process together: wait for the main process's final save and close trackers.
 
-    The process group itself is torn down by :func:`rlcli.launch.release_distributed`, which the command line calls once the
-    trainer has returned and its DDP-wrapped model is gone (see there why the order matters)."""
+    Not ``accelerator.end_training()``: that also destroys the process group while the trainer still holds its
+    DDP model, which is how gloo's teardown deadlocks; :func:`rlcli.launch.release_distributed` destroys it once
+    the model is gone (see there)."""
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
