@@ -35,7 +35,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 COMMANDS = ("sft", "rm", "ppo", "env-rollout")
 TRAINERS = ("sft", "rm", "ppo")
@@ -256,53 +256,55 @@ def requested_cpu_processes(environ: Mapping[str, str] | None = None) -> int | N
     return n if n is not None and n > 1 else None
 
 
-def relaunch_cpu_processes(argv: list[str], processes: int, environ: Mapping[str, str] | None = None) -> None:
+def relaunch_cpu_processes(argv: list[str], processes: int) -> NoReturn:
     """Turn ``accelerate launch --cpu --num_processes N -m rlcli ...`` into N gloo processes, as the user asked.
 
-    Replaces this process with ``python -m torch.distributed.run --nproc_per_node N -m rlcli ARGS`` (the
-    launcher Accelerate itself uses for ``--multi_gpu``; on a machine without CUDA rlcli's Accelerator then runs
-    MULTI_CPU over gloo). Call it when :func:`requested_cpu_processes` returned N.
+    Runs ``torch.distributed.run --nproc_per_node N --nnodes 1 -m rlcli ARGS`` in this process (the launcher
+    Accelerate itself uses for ``--multi_gpu``; on a machine without CUDA rlcli's Accelerator then runs MULTI_CPU
+    over gloo) and exits with the workers' status. All processes are on this machine, so torchrun's own
+    rendezvous on a free port is used rather than the launcher's (29500 by default, taken as soon as a second run
+    starts on the machine). In-process rather than ``exec`` so that a failed run ends with the workers' own error
+    (rank 0 prints it) instead of torchrun's traceback and failure report. Call it when
+    :func:`requested_cpu_processes` returned N.
     """
-    env = os.environ if environ is None else environ
+    import logging
+    import signal
     import sys
 
     from rich.console import Console
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     console = Console(stderr=True, highlight=False)
     console.print(
         f"[cyan]note:[/] `accelerate launch --cpu` starts one process; rlcli starts the {processes} CPU processes you "
         "asked for itself (torch.distributed.run, gloo backend)")
-    addr, port = env["MASTER_ADDR"], int(env.get("MASTER_PORT") or 29500)
-    if _port_in_use(addr, port):
-        # all processes run on this machine, so any free port does; Accelerate's default (29500) is taken as soon as
-        # a second run starts on the same machine
-        free = _free_port(addr)
-        console.print(f"[cyan]note:[/] port {port} on {addr} is in use (another run on this machine?); using {free}")
-        port = free
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", "1",
-           "--master_addr", addr, "--master_port", str(port), "-m", "rlcli", *argv]
+    args = torchrun.get_args_parser().parse_args(["--nproc_per_node", str(processes), "--nnodes", "1", "-m", "rlcli", *argv])
+    # the agent logs each worker it stops, each signal and each failure; rlcli reports those itself, below or in
+    # the workers (torch's elastic loggers carry their own levels, so each is quietened)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, cmd)
-
-
-def _port_in_use(addr: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((addr, port))
-        except OSError:
-            return True
-    return False
-
-
-def _free_port(addr: str) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((addr, 0))
-        return sock.getsockname()[1]
+    try:
+        torchrun.run(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        if code < 0:  # killed by a signal: nothing in the worker reported it
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+            console.print(f"[bold red]error:[/] process {rank} of {processes} was killed by {name}{hint}; the other "
+                          "processes were stopped")
+            sys.exit(1)
+        sys.exit(code)  # the worker printed its own error (rank 0 the recipe/run errors, any rank a traceback)
+    except SignalException as exc:  # Ctrl-C or a SIGTERM to the launcher: torchrun passed it on to the workers
+        if exc.sigval != signal.SIGINT:  # on Ctrl-C the main worker has said so itself
+            console.print(f"[yellow]stopped[/] by {exc.sigval.name}: the newest checkpoint (if any) can be continued "
+                          "with --resume")
+        sys.exit(128 + exc.sigval.value)
+    sys.exit(0)
 
 
 def release_distributed() -> None:

@@ -226,3 +226,19 @@ def test_cpu_launch_checks_the_recipe_once_for_all_processes(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert plain(res.stdout).count("dry run OK") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_launch_failure_is_reported_once(tmp_path):
+    """A run that fails in its workers (here: a reward function returning too few scores) ends with the main
+    process's error and the workers' exit status, not torchrun's failure report or a traceback."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def score(responses, **kw):\n    return [1.0]\n")
+    res = accelerate_launch("-q", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                            "--dynamo_backend", "no", "-m", "rlcli", "ppo", "configs/tiny/ppo.yaml",
+                            f"output_dir={tmp_path / 'out'}", f"reward.function={bad}:score", "model.config.n_layer=1",
+                            "model.config.n_embd=32", "model.config.n_head=2", "ppo.micro_batch_size=16",
+                            "logging.progress=false", timeout=180)
+    err = plain(res.stderr)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert err.count("returned 1 scores for 32 samples") == 1, err
+    assert "Traceback" not in err and "ChildFailedError" not in err and "exitcode" not in err, err

@@ -102,7 +102,7 @@ def test_accelerate_two_processes_match_one(tmp_path):
     common = ["logging.progress=false", "train.max_steps=20", "train.save_every=null", "train.eval_every=null", *NO_DROPOUT]
     out = tmp_path / "ddp"
     # the command: Accelerate's own CPU launcher starts one process, rlcli then starts the two asked for;
-    # with its port taken by another listener (a second run on the machine), rlcli moves to a free one
+    # they meet on a free port, so a port taken by another listener (a second run on the machine) does not matter
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -112,7 +112,6 @@ def test_accelerate_two_processes_match_one(tmp_path):
                                 "-m", "rlcli", "sft", TINY, f"output_dir={out}", *common)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in plain(res.stdout)
-    assert f"port {port} on 127.0.0.1 is in use" in plain(res.stderr)
     two = read_metrics(out)
     res = run_cli("sft", TINY, f"output_dir={tmp_path / 'one'}", *common)
     assert res.returncode == 0, res.stderr[-3000:]
