@@ -293,7 +293,10 @@ def relaunch_cpu_processes(argv: list[str], processes: int) -> NoReturn:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode
         if code < 0:  # killed by a signal: nothing in the worker reported it
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
             console.print(f"[bold red]error:[/] process {rank} of {processes} was killed by {name}{hint}; the other "
                           "processes were stopped")
