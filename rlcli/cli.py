@@ -62,7 +62,7 @@ def _without_traceback(exc: BaseException) -> BaseException:
 
 
 def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable, resume: bool):
-    from rlcli.launch import relaunch_cpu_processes, release_distributed, requested_cpu_processes
+    from rlcli.launch import RESUME_HINT, relaunch_cpu_processes, release_distributed, requested_cpu_processes
 
     # `accelerate launch --cpu --num_processes N` started this one process: check the recipe here, once, as the N
     # processes will see it (WORLD_SIZE), then start them (a bad recipe fails before any worker exists)
@@ -82,7 +82,7 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
                 console.print(f"[green]dry run OK[/]: {config} is valid (no weights were loaded)")
             return
         if processes:
-            relaunch_cpu_processes(sys.argv[1:], processes)  # replaces this process
+            relaunch_cpu_processes(sys.argv[1:], processes)  # runs the N processes, then exits with their status
         train(recipe, resume=resume)
     except RecipeError as exc:
         failure = (_without_traceback(exc), 2)
@@ -101,7 +101,7 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
     if exc is not None:
         _fail(exc, code)
     if _is_main():
-        _stderr_console().print("[yellow]interrupted[/]: the newest checkpoint (if any) can be continued with --resume")
+        _stderr_console().print(f"[yellow]interrupted[/]: {RESUME_HINT}")
     raise typer.Exit(130)
 
 

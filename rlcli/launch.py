@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 COMMANDS = ("sft", "rm", "ppo", "env-rollout")
+RESUME_HINT = "the newest checkpoint (if any) can be continued with --resume"  # after Ctrl-C or a SIGTERM
 TRAINERS = ("sft", "rm", "ppo")
 
 DDP_PRESET = "configs/accelerate/multi_gpu.yaml"
@@ -304,8 +305,7 @@ def relaunch_cpu_processes(argv: list[str], processes: int) -> NoReturn:
         sys.exit(code)  # the worker printed its own error (rank 0 the recipe/run errors, any rank a traceback)
     except SignalException as exc:  # Ctrl-C or a SIGTERM to the launcher: torchrun passed it on to the workers
         if exc.sigval != signal.SIGINT:  # on Ctrl-C the main worker has said so itself
-            console.print(f"[yellow]stopped[/] by {exc.sigval.name}: the newest checkpoint (if any) can be continued "
-                          "with --resume")
+            console.print(f"[yellow]stopped[/] by {exc.sigval.name}: {RESUME_HINT}")
         sys.exit(128 + exc.sigval.value)
     sys.exit(0)
 
