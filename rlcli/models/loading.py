@@ -86,13 +86,34 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
     return problems
 
 
+def load_error(what: str, name_or_path: str, exc: OSError) -> UserError:
+    """One paragraph for a ``from_pretrained`` that failed (transformers raises ``OSError`` with a long text and a
+    chain of hub errors): the first line of its message, and for a hub id what to check."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    hint = ""
+    if not Path(name_or_path).exists():
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            hint = (" It is not a local path, and HF_HUB_OFFLINE is set, so only the local Hugging Face cache was "
+                    "searched: check the id, or download it on a machine with network access.")
+        else:
+            hint = (" It is not a local path, so it was looked up on the Hugging Face hub: check the id, the network "
+                    "and, for a gated model, your login (HF_HUB_OFFLINE=1 uses only the local cache, without retries).")
+    return UserError(f"{what} {name_or_path!r} could not be loaded: {first}{hint}")
+
+
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
     """The recipe's tokenizer, with a pad token that differs from EOS whenever possible and a chat template."""
     source = cfg.tokenizer_source
     if source == BYTE_TOKENIZER_NAME:
         tokenizer = build_byte_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
+                                                      trust_remote_code=cfg.trust_remote_code)
+        except OSError as exc:
+            raise load_error("tokenizer", source, exc) from None
     if tokenizer.pad_token is None:
         # Adding a new token would change the vocab size of a pretrained model; reusing EOS is what GPT-2 users
         # expect. Masks are then built from lengths, never from `ids != pad`, so the real EOS keeps its mask.
@@ -124,18 +145,21 @@ def load_model(
             config.decoder_start_token_id = tokenizer.pad_token_id
         model = auto_cls.from_config(config, dtype=None if dtype == "auto" else dtype)
     else:
-        config = AutoConfig.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **cfg.config, **extra
-        )
-        if task == "classifier" and config.pad_token_id is None:
-            config.pad_token_id = tokenizer.pad_token_id
-        model = auto_cls.from_pretrained(
-            cfg.name_or_path,
-            config=config,
-            revision=cfg.revision,
-            dtype=dtype,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        try:
+            config = AutoConfig.from_pretrained(
+                cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **cfg.config, **extra
+            )
+            if task == "classifier" and config.pad_token_id is None:
+                config.pad_token_id = tokenizer.pad_token_id
+            model = auto_cls.from_pretrained(
+                cfg.name_or_path,
+                config=config,
+                revision=cfg.revision,
+                dtype=dtype,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except OSError as exc:
+            raise load_error("model", cfg.name_or_path, exc) from None
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if task == "classifier" and model.config.pad_token_id is None:

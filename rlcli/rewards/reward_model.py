@@ -142,8 +142,9 @@ def _load(name_or_path: str, revision: str | None):
             model = AutoModelForSequenceClassification.from_pretrained(name_or_path, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     except OSError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"reward model {name_or_path!r} could not be loaded: {first}") from None
+        from rlcli.models.loading import load_error
+
+        raise load_error("reward model", name_or_path, exc) from None
     return model, tokenizer
 
 

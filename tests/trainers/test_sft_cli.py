@@ -193,6 +193,8 @@ BAD_ROWS = '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n'
         ("empty dataset", None, ["data.path=DATA"], "", 1, ["empty", "no rows"]),
         ("unknown architecture", None, ["model.architecture=gtp2"], None, 2, ["unknown architecture 'gtp2'", "gpt2"]),
         ("batch does not divide", None, ["train.batch_size=30"], None, 2, ["batch_size=30", "micro_batch_size"]),
+        ("model not in the cache (offline)", None, ["model.architecture=null", "model.name_or_path=nowhere/model"],
+         None, 1, ["model 'nowhere/model' could not be loaded", "HF_HUB_OFFLINE is set"]),
     ],
 )
 def test_bad_input(tmp_path, case, recipe_text, overrides, data_text, code, fragments):
