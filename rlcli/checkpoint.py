@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlcli import rundir
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -63,6 +65,7 @@ def save_checkpoint(
     final = Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
+        rundir.claim(output_dir, CHECKPOINTS)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()

@@ -61,6 +61,21 @@ def _without_traceback(exc: BaseException) -> BaseException:
     return exc
 
 
+def _checked(recipe, preflight: Callable, source: str, resume: bool) -> list[str]:
+    """The command's own checks and the output dir's, their problems reported together in one error."""
+    from rlcli.config.loader import locate
+    from rlcli.trainers.common import check_output_dir
+
+    problems = locate(recipe, check_output_dir(recipe, resume), source)
+    try:
+        notes = preflight(recipe, source)
+    except RecipeError as exc:
+        raise RecipeError(exc.problems + problems) from None
+    if problems:
+        raise RecipeError(problems)
+    return notes
+
+
 def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable, resume: bool):
     from rlcli.launch import RESUME_HINT, relaunch_cpu_processes, release_distributed, requested_cpu_processes
 
@@ -71,7 +86,7 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
         os.environ["WORLD_SIZE"] = str(processes)
     try:
         recipe = load_recipe(schema, config, overrides or [])
-        notes = preflight(recipe, str(config))
+        notes = _checked(recipe, preflight, str(config), resume)
         if dry_run:
             from rlcli.logging import console
 

@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from rlcli import rundir
+
 console = Console(highlight=False)
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,7 +36,7 @@ class MetricsLog:
         self.is_main = is_main
         self.tracker = tracker  # an Accelerator with trackers initialised, or None
         if is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            rundir.claim(self.path.parent, METRICS_FILE)
             if resume_step is None:
                 self.path.write_text("")
             else:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from rlcli import rundir
 from rlcli.config.errors import UserError
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -84,6 +85,7 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 def save_reward_stats(output_dir: str | Path, mean: float, std: float, count: int, max_length: int) -> Path:
     """Write ``reward_stats.json``: score statistics over the training texts, and the truncation length used."""
     path = Path(output_dir) / REWARD_STATS_FILE
+    rundir.claim(output_dir, REWARD_STATS_FILE)
     path.write_text(json.dumps({"mean": mean, "std": std, "count": count, "max_length": max_length}, indent=2) + "\n")
     return path
 

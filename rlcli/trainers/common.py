@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -14,40 +15,107 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from rlcli.checkpoint import CHECKPOINTS, latest_checkpoint
+from rlcli.checkpoint import latest_checkpoint
 from rlcli.config.common import OptimConfig, RecipeBase
-from rlcli.config.errors import UserError
-from rlcli.config.loader import recipe_to_yaml
-from rlcli.logging import METRICS_FILE, console
+from rlcli import rundir
+from rlcli.config.errors import RecipeError, UserError
+from rlcli.config.loader import locate, recipe_to_yaml
+from rlcli.logging import console
+from rlcli.rundir import RECIPE_FILE
 
-RECIPE_FILE = "recipe.yaml"
+
+COMMANDS = {"SFTRecipe": "sft", "RMRecipe": "rm", "PPORecipe": "ppo", "EnvRolloutRecipe": "env-rollout"}
+
+
+def _command(recipe_type: str | None) -> str:
+    return COMMANDS.get(recipe_type or "", "an older rlcli")
+
+
+def check_output_dir(recipe: RecipeBase, resume: bool = False) -> list[str]:
+    """Problems with ``output_dir`` findable before anything is loaded or written (``--dry-run`` reports them):
+    the working directory or one above it, a file, not writable, or holding files rlcli did not write."""
+    out = Path(recipe.output_dir)
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        where = "the working directory" if resolved == cwd else f"a parent of the working directory ({cwd})"
+        return [f"output_dir: {recipe.output_dir!r} is {where}; a run needs a directory of its own (such as "
+                f"runs/NAME), since it fills it with its files and overwrite_output_dir replaces them"]
+    if out.exists() and not out.is_dir():
+        return [f"output_dir: {out} is a file, not a directory"]
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"output_dir: {out} cannot be created: {existing} is a file"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        target = "" if existing == out else f" cannot be created: {existing}"
+        return [f"output_dir: {out}{target} {why}"]
+    others = rundir.foreign(out)
+    if others and not resume:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        return [f"output_dir: {out} holds files rlcli did not write ({shown}); a run writes only into an empty "
+                "directory or one holding rlcli's own files, so that replacing a run never deletes yours: choose "
+                "another output_dir, or move those files away"]
+    return []
+
+
+def check_run_setup(recipe: RecipeBase, resume: bool = False) -> None:
+    """Raise one ``RecipeError`` for the output dir's problems (see ``check_output_dir``)."""
+    problems = check_output_dir(recipe, resume)
+    if problems:
+        raise RecipeError(locate(recipe, problems))
 
 
 def prepare_output_dir(recipe: RecipeBase, resume: bool) -> Path | None:
     """Check the output dir can be used; return the checkpoint to resume from (or None).
 
     A fresh run refuses a directory that already holds a run unless ``overwrite_output_dir`` is set, so a typo
-    never silently destroys results; ``--resume`` needs a checkpoint.
+    never silently destroys results; it reuses, without asking, one whose run stopped before its first
+    checkpoint (nothing there can be resumed). ``--resume`` needs a checkpoint.
     """
+    check_run_setup(recipe, resume)
     out = Path(recipe.output_dir)
+    manifest = rundir.read_manifest(out)
+    has_run = bool(rundir.owned(out) - {rundir.MANIFEST, rundir.MANIFEST + ".tmp"})
+    other = rundir.running_elsewhere(out)
+    if other is not None:
+        raise UserError(f"output_dir {out} is in use: rlcli process {other} is running there; wait for it to end "
+                        "(or stop it), or choose another output_dir")
+    kind = type(recipe).__name__
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
-            raise UserError(f"--resume: no checkpoint in {out / CHECKPOINTS}; run without --resume to start fresh")
+            if not has_run:
+                raise UserError(f"--resume: {out} holds no run, so no checkpoint to resume from; run the same "
+                                "command without --resume to start one")
+            raise UserError(f"--resume: the run in {out} stopped before its first checkpoint, so there is nothing "
+                            "to resume from (checkpoints are written every train.save_every steps); run the same "
+                            "command without --resume to start it over: a fresh run reuses the directory of a run "
+                            "that never reached a checkpoint")
+        if manifest is not None and manifest.get("recipe") not in (None, kind):
+            raise UserError(f"--resume: {out} holds an `rlcli {_command(manifest.get('recipe'))}` run; "
+                            f"`rlcli {_command(kind)}` cannot continue it")
         return ckpt
-    has_run = (out / METRICS_FILE).exists() or (out / CHECKPOINTS).exists() or (out / RECIPE_FILE).exists()
-    if has_run and not recipe.overwrite_output_dir:
-        raise UserError(
-            f"output_dir {out} already holds a run; pass --resume to continue it, choose another output_dir, "
-            "or set overwrite_output_dir=true to replace it"
-        )
+    if has_run:
+        stopped_early = (manifest is not None and manifest.get("state") == "running"
+                         and latest_checkpoint(out) is None)
+        if stopped_early:
+            console.print(f"[yellow]note:[/] {out} holds a run that stopped before its first checkpoint (nothing to "
+                          "resume); starting over in it")
+        elif not recipe.overwrite_output_dir:
+            raise UserError(
+                f"output_dir {out} already holds a run; pass --resume to continue it from its newest checkpoint, "
+                "choose another output_dir, or set overwrite_output_dir=true to replace it (only the files rlcli "
+                "wrote are deleted)"
+            )
     return None
 
 
 def clear_output_dir(out: Path) -> None:
-    """Remove a previous run's files (only called with overwrite_output_dir and a dir that holds a run)."""
-    if (out / RECIPE_FILE).exists() or (out / METRICS_FILE).exists():
-        shutil.rmtree(out)
+    """Remove a previous run's files: only those rlcli wrote (its manifest); anything else stays."""
+    rundir.remove_owned(out)
 
 
 def make_accelerator(recipe: RecipeBase, mixed_precision: str, *, tf32: bool = True) -> Accelerator:
@@ -96,9 +164,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def write_recipe(recipe: RecipeBase, accelerator: Accelerator) -> None:
+    """Write the resolved recipe and mark the output dir as holding this (running) run."""
     if accelerator.is_main_process:
         out = Path(recipe.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        rundir.adopt_legacy(out)
+        rundir.start(out, type(recipe).__name__)
+        rundir.claim(out, RECIPE_FILE)
+        if "tensorboard" in recipe.logging.report_to:
+            rundir.claim(out, recipe.logging.project)  # Accelerate's TensorBoard tracker writes into OUT/PROJECT
         (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
 
 
@@ -137,6 +210,7 @@ def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scr
     """
     out = Path(output_dir)
     tmp = out / ".final.tmp"
+    rundir.claim(out, tmp.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     is_peft = hasattr(model, "peft_config")
@@ -159,6 +233,8 @@ def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scr
     else:
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    rundir.apply_umask(tmp)
+    rundir.claim(out, *(item.name for item in tmp.iterdir()))
     for item in tmp.iterdir():
         target = out / item.name
         if target.is_dir():
@@ -174,6 +250,12 @@ def finish(accelerator: Accelerator) -> None:
     DDP model, which is how gloo's teardown deadlocks; :func:`rlcli.launch.release_distributed` destroys it once
     the model is gone (see there)."""
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and accelerator.project_dir:
+        out = Path(accelerator.project_dir)
+        for name in rundir.owned(out):  # files saved by other writers (safetensors ignores the umask)
+            if (out / name).is_file():
+                rundir.apply_umask(out / name)
+        rundir.mark_finished(out)
     for tracker in accelerator.trackers:
         tracker.finish()
 

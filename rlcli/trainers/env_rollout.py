@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from rlcli import rundir
 from rlcli.config.env import EnvRolloutRecipe
 from rlcli.config.errors import RecipeError, UserError
 from rlcli.config.loader import locate
@@ -30,7 +31,7 @@ from rlcli.logging import console
 from rlcli.models.loading import check_model_config, load_model, load_tokenizer
 from rlcli.models.value_head import disable_dropout
 from rlcli.rewards.sources import build_reward, check_reward_function
-from rlcli.trainers.common import RECIPE_FILE, recipe_to_yaml
+from rlcli.trainers.common import RECIPE_FILE, clear_output_dir, prepare_output_dir, recipe_to_yaml
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -91,6 +92,14 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     if resume:
         raise UserError("env-rollout has nothing to resume; run it again")
     preflight(recipe)
+    out = Path(recipe.output_dir)
+    previous = (rundir.read_manifest(out) or {}).get("recipe")
+    legacy_training = rundir.is_legacy_run(out) and (out / "metrics.jsonl").exists()
+    if (previous and previous != type(recipe).__name__) or legacy_training:
+        # overwrite_output_dir defaults to true here (a rollout is cheap to redo); a trained model is not
+        raise UserError(f"output_dir {out} holds a training run; env-rollout would replace it: choose another "
+                        "output_dir")
+    prepare_output_dir(recipe, resume=False)
     torch.manual_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")
     model = load_model(recipe.model, "causal", tokenizer)
@@ -100,8 +109,10 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     env = build_environment(recipe.env, model, tokenizer, temperature=recipe.temperature, top_k=recipe.top_k,
                             top_p=recipe.top_p)
     reward = build_reward(recipe.reward) if recipe.reward is not None else None
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # the previous rollout's files go now, so that a run failing below never leaves them beside the new recipe
+    clear_output_dir(out)
+    rundir.start(out, type(recipe).__name__)
+    rundir.claim(out, RECIPE_FILE, EPISODES_FILE, EPISODES_FILE + ".tmp", SUMMARY_FILE)
     (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
 
     # step 2: episodes in batches
@@ -142,5 +153,6 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
             f.write(json.dumps({"text": h.text, **h.to_dict()}) + "\n")
     tmp.rename(out / EPISODES_FILE)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    rundir.mark_finished(out)
     console.print(f"[green]wrote[/] {len(histories)} episodes to {out / EPISODES_FILE}")
     return out

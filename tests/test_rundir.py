@@ -1,0 +1,73 @@
+"""The output-dir manifest: rlcli deletes only what it wrote, whatever else sits in the directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from rlcli import rundir
+
+
+def test_claimed_names_are_owned_and_everything_else_is_foreign(tmp_path):
+    out = tmp_path / "run"
+    rundir.claim(out, "metrics.jsonl", "checkpoints/step-00000002")
+    (out / "metrics.jsonl").write_text("")
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # a name rlcli could write, but this run did not claim it
+    assert rundir.owned(out) == {"metrics.jsonl", "checkpoints", rundir.MANIFEST}
+    assert rundir.foreign(out) == ["config.json", "notes.txt"]
+    rundir.remove_owned(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+
+
+def test_a_claim_is_recorded_before_the_file_exists(tmp_path):
+    rundir.claim(tmp_path, "samples.jsonl")
+    assert json.loads((tmp_path / rundir.MANIFEST).read_text())["files"] == ["samples.jsonl"]
+    (tmp_path / "samples.jsonl").write_text("{}\n")  # written after a kill-safe claim
+    assert rundir.foreign(tmp_path) == []
+
+
+def test_run_without_manifest_owns_only_the_names_rlcli_used_to_write(tmp_path):
+    for name in ("recipe.yaml", "metrics.jsonl", "model.safetensors", "data.jsonl"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoints").mkdir()
+    assert rundir.is_legacy_run(tmp_path)
+    assert rundir.foreign(tmp_path) == ["data.jsonl"]
+    rundir.adopt_legacy(tmp_path)
+    assert not rundir.is_legacy_run(tmp_path)
+    assert set(rundir.read_manifest(tmp_path)["files"]) == {"recipe.yaml", "metrics.jsonl", "model.safetensors",
+                                                             "checkpoints"}
+    rundir.remove_owned(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
+
+
+def test_a_directory_without_rlcli_files_owns_nothing(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("my own metrics")  # no recipe.yaml, no manifest: not a run
+    assert rundir.owned(tmp_path) == set()
+    rundir.remove_owned(tmp_path)
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_running_elsewhere_ignores_dead_and_own_processes(tmp_path):
+    rundir.start(tmp_path, "SFTRecipe")
+    assert rundir.running_elsewhere(tmp_path) is None  # this process
+    data = rundir.read_manifest(tmp_path)
+    data["pid"] = 2**22 + 12345  # above pid_max: never alive
+    (tmp_path / rundir.MANIFEST).write_text(json.dumps(data))
+    assert rundir.running_elsewhere(tmp_path) is None
+    rundir.mark_finished(tmp_path)
+    assert rundir.read_manifest(tmp_path)["state"] == "finished"
+
+
+def test_apply_umask_gives_safetensors_files_the_usual_mode(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    rundir.apply_umask(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
