@@ -181,8 +181,9 @@ def run_env(env, prompts, rows, batch, seed, probe, stop_probe, warmup):
 
 def sampler_compare(model, tokenizer, prompts, batch, args, stop_strings, repeats=3):
     """The sampler alone on the first turn's prompts: drop_finished True vs False, best of ``repeats``."""
-    from rlcli.env.environment import left_pad
     from rlcli.models.generation import sample
+    from rlcli.padding import left_pad
+    from rlcli.rl.sampling import SamplingRules
 
     out = {}
     for drop in (True, False):
@@ -193,7 +194,7 @@ def sampler_compare(model, tokenizer, prompts, batch, args, stop_strings, repeat
             for i, start in enumerate(range(0, len(prompts), batch)):
                 ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start:start + batch]]
                 q, m = left_pad(ids, tokenizer.pad_token_id)
-                s = sample(model, q, m, args.max_new_tokens, temperature=args.temperature,
+                s = sample(model, q, m, args.max_new_tokens, rules=SamplingRules(temperature=args.temperature),
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=stop_strings, tokenizer=tokenizer,
                            generator=torch.Generator().manual_seed(args.seed * 1000 + i), drop_finished=drop)
@@ -240,12 +241,13 @@ def main(argv=None) -> int:
     from rlcli.env.builtin_tools import calculator
     from rlcli.env.environment import TextEnvironment
     from rlcli.env.protocols import TagProtocol
+    from rlcli.rl.sampling import SamplingRules
 
     model, tokenizer, source = load(args)
     protocol = TagProtocol()
     env = TextEnvironment(model, tokenizer, {"Calculator": calculator}, protocol, max_turns=args.max_turns,
                           max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                          temperature=args.temperature, tool_isolation=args.isolation)
+                          rules=SamplingRules(temperature=args.temperature), tool_isolation=args.isolation)
     prompts, rows = prompts_for(args.episodes, args.seed)
     params = sum(p.numel() for p in model.parameters())
     print(f"env rollout benchmark: {source} ({params:,} parameters); {args.episodes} episodes in batches of "

@@ -13,7 +13,7 @@ recipe's output_dir.
 Phases (seconds, mean over the measured steps):
   generate   sampling the responses (KV-cache sampler)
   score      decoding responses + the reward function
-  rollout    ``PPOLearner._rollout_forward``: policy (log-probs + values) and reference passes without autograd
+  rollout    ``PPOLearner.rollout_forward``: policy (log-probs + values) and reference passes without autograd
   optimise   ``PPOLearner._optimise``: epochs × minibatches × micro-batches of forward + backward + AdamW
   other      the rest of ``learner.step`` (score normalisation, rewards, GAE, whitening, statistics)
 
@@ -162,11 +162,10 @@ def main(argv=None) -> int:
 
     from rlcli.config.loader import load_recipe
     from rlcli.config.ppo import PPORecipe
-    from rlcli.data.prompts import encode_prompt, left_pad, load_prompt_rows, sample_lengths
+    from rlcli.data.prompts import load_prompt_rows
     from rlcli.models.loading import load_tokenizer
     from rlcli.trainers.common import set_tf32
-    from rlcli.trainers.ppo import build_learner, generate, policy_task, preflight, response_texts
-    from rlcli.trainers.sft import index_stream
+    from rlcli.trainers.ppo import build_learner, collect_episodes, policy_task, preflight, rollout_setup
 
     recipe = load_recipe(PPORecipe, args.recipe, args.overrides)
     notes = preflight(recipe)
@@ -215,7 +214,7 @@ def main(argv=None) -> int:
             return out
         return wrapper
 
-    learner._rollout_forward = timed("rollout", learner._rollout_forward, "rollout")
+    learner.rollout_forward = timed("rollout", learner.rollout_forward, "rollout")
     learner._optimise = timed("optimise", learner._optimise, "optimise")
     if args.split:
         accelerator.backward = timed("opt_backward", accelerator.backward)
@@ -227,9 +226,8 @@ def main(argv=None) -> int:
     ref_grad_params = sum(q.numel() for q in ref.parameters() if q.requires_grad) if ref is not None else 0
     ms = model_shape(policy.pretrained) if task == "causal" else None
 
-    gen = recipe.generation
-    rank = 0  # one process: its share of the batch is all of it
-    local_batch = p.batch_size
+    local_batch = p.batch_size  # one process: its share of the batch is all of it
+    setup = rollout_setup(recipe, accelerator, tokenizer, rows, column, unwrapped, reward, learner.rules)
     per_step = []
     print(f"rlcli ppo benchmark: {args.recipe} {' '.join(args.overrides)}; {task} policy, {trainable:,} trainable "
           f"parameters; {args.warmup} warm-up + {args.steps} measured steps; device {device}, "
@@ -248,28 +246,12 @@ def main(argv=None) -> int:
         timers.clear()
         sync(device)
         t0 = time.perf_counter()
-        # trainer step 4: prompts
-        g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step * 7919 + rank)
-        indices = index_stream(len(rows), recipe.seed, (step - 1) * p.batch_size, p.batch_size)
-        mine = indices[rank * local_batch : (rank + 1) * local_batch]
-        step_rows = [rows[i] for i in mine]
-        lengths = sample_lengths(len(mine), recipe.data.prompt_length, g)
-        prompt_ids = [encode_prompt(r[column], tokenizer, chat_template=recipe.data.chat_template,
-                                    max_length=recipe.data.max_prompt_length, length=n) for r, n in zip(step_rows, lengths)]
-        q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-        # step 5: rollout
-        with phase(counters, "generate"), accelerator.autocast():  # autocast as the trainer does
-            rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
+        # trainer steps 4-6: the trainer's own function (prompts, rollout, scores)
+        with phase(counters, "generate"):
+            ep = collect_episodes(setup, step)
         sync(device)
-        t_gen = time.perf_counter() - t0
-        # step 6: score
-        t1 = time.perf_counter()
-        prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
-        responses, stopped = response_texts(rollout, tokenizer, gen, recipe.reward)
-        scores = reward(prompts, responses, step_rows)
-        if recipe.reward.missing_eos_penalty is not None:
-            scores = torch.where(torch.tensor(stopped), scores, torch.tensor(recipe.reward.missing_eos_penalty))
-        t_score = time.perf_counter() - t1
+        rollout, scores = ep.rollout, ep.scores
+        t_gen, t_score = ep.seconds_generate, ep.seconds_score
         # step 7: PPO
         t2 = time.perf_counter()
         if args.profile and step == total_steps:
@@ -291,7 +273,7 @@ def main(argv=None) -> int:
             "rollout_policy_forward": pol_counter.seconds.get("rollout", 0.0),
             "rollout_ref_forward": ref_counter.seconds.get("rollout", 0.0) if ref is not None else None,
             "generated_tokens": gen_tokens, "tokens_per_s": gen_tokens / seconds,
-            "batch": rollout.batch_size, "query_width": int(q_ids.shape[1]), "response_width": int(rollout.response_ids.shape[1]),
+            "batch": rollout.batch_size, "query_width": int(rollout.query_ids.shape[1]), "response_width": int(rollout.response_ids.shape[1]),
             "ppo_epochs_done": stats["ppo_epochs"], "skipped_minibatches": stats["skipped_minibatches"],
             "reward_mean": stats["reward_mean"], "kl": stats["kl"],
             "calls": {c.name: {f"{ph}/{'grad' if gr else 'no_grad'}": n for (ph, gr), n in sorted(c.calls.items())}

@@ -60,27 +60,3 @@ def sample_lengths(n: int, bounds: tuple[int, int] | None, generator: torch.Gene
         return [None] * n
     low, high = bounds
     return torch.randint(low, high + 1, (n,), generator=generator).tolist()
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, Q] ids and mask, left-padded."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids, mask
-
-
-def right_pad(sequences: list[list[int]], pad_id: int, value_dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, R] ids and mask, right-padded (width at least 1)."""
-    width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=value_dtype)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, : len(s)] = torch.tensor(s, dtype=value_dtype)
-            mask[i, : len(s)] = 1
-    return ids, mask

@@ -8,7 +8,8 @@
 """
 
 from rlcli.env.builtin_tools import BUILTIN_TOOLS, calculator, make_python_tool, make_search_tool, python
-from rlcli.env.environment import EnvStats, RowState, TextEnvironment, histories_to_rollout, left_pad
+from rlcli.env.environment import EnvStats, RowState, TextEnvironment, histories_to_rollout
+from rlcli.padding import left_pad
 from rlcli.env.history import Segment, Span, TextHistory, ToolCallRecord
 from rlcli.env.protocols import JsonProtocol, Malformed, Submit, TagProtocol, ToolCall, ToolCallProtocol, tool_schema
 from rlcli.env.tools import ToolOutcome, ToolResult, ToolRunner, load_tool

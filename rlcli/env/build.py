@@ -7,6 +7,7 @@ from typing import Callable
 from rlcli.config.env import EnvConfig, ToolSpec
 from rlcli.config.errors import UserError
 from rlcli.env.environment import TextEnvironment
+from rlcli.rl.sampling import SamplingRules
 from rlcli.env.protocols import JsonProtocol, TagProtocol
 from rlcli.env.tools import load_tool
 
@@ -39,8 +40,7 @@ def check_env(cfg: EnvConfig) -> list[str]:
     return problems
 
 
-def build_environment(cfg: EnvConfig, model, tokenizer, *, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, eos_token_id=None) -> TextEnvironment:
+def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules, eos_token_id=None) -> TextEnvironment:
     """A ``TextEnvironment`` for ``model`` (a Hugging Face causal LM) with the recipe's tools and rules."""
     tools = build_tools(cfg)
     protocol = build_protocol(cfg)
@@ -52,9 +52,7 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, temperature: float = 
         max_length=cfg.max_length,
         few_shot_prefix=cfg.few_shot_prefix,
         system_prompt=protocol.system_prompt(tools) if cfg.system_prompt else "",
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        rules=rules,
         eos_token_id=eos_token_id,
         tool_timeout_s=cfg.tool_timeout_s,
         tool_isolation=cfg.tool_isolation,

@@ -36,6 +36,8 @@ from rlcli.env.history import TextHistory, ToolCallRecord
 from rlcli.env.protocols import Malformed, Submit, ToolCall, ToolCallProtocol
 from rlcli.env.tools import ToolRunner
 from rlcli.models.generation import sample
+from rlcli.padding import left_pad, pad, right_pad
+from rlcli.rl.sampling import SamplingRules
 from rlcli.rl.types import Rollout
 
 
@@ -104,7 +106,8 @@ class TextEnvironment:
         max_length: cap on an episode's total tokens, prompt included; prompts must be shorter.
         few_shot_prefix: text put before every prompt (TRL's few-shot examples).
         system_prompt: text put before the few-shot prefix, e.g. ``protocol.system_prompt(tools)``.
-        temperature, top_k, top_p: sampling settings.
+        rules: the sampling rules (temperature, top-k/top-p, EOS before ``min_new_tokens`` of a turn, banned ids;
+            ``rlcli.rl.sampling``); a turn's positions count from 0. PPO replays them on every model token.
         eos_token_id: id(s) that end an episode; defaults to the tokenizer's EOS.
         tool_timeout_s, tool_isolation: passed to ``ToolRunner``.
     """
@@ -122,9 +125,7 @@ class TextEnvironment:
         max_length: int = 512,
         few_shot_prefix: str = "",
         system_prompt: str = "",
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        rules: SamplingRules = SamplingRules(),
         eos_token_id: int | Sequence[int] | None = None,
         tool_timeout_s: float = 10.0,
         tool_isolation: str = "fork",
@@ -146,7 +147,7 @@ class TextEnvironment:
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
         self.prefix = system_prompt + few_shot_prefix
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.rules = rules
         self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self.last_stats: EnvStats | None = None
@@ -205,7 +206,7 @@ class TextEnvironment:
         budgets = [min(self.max_new_tokens, self.max_length - len(ids)) for ids in contexts]
         input_ids, attention_mask = left_pad(contexts, self.pad_token_id)
         out = sample(
-            self.model, input_ids, attention_mask, budgets, **self.sampling,
+            self.model, input_ids, attention_mask, budgets, rules=self.rules,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             stop_strings=self.protocol.stop_strings, tokenizer=self.tokenizer, generator=generator,
         )
@@ -217,7 +218,7 @@ class TextEnvironment:
             history = episode.history
             new_ids = out.response_ids[i, : out.num_generated[i]].tolist()
             text = self.tokenizer.decode(new_ids, skip_special_tokens=False)
-            history.append("model", text, new_ids)
+            history.append("model", text, new_ids, out.logprobs[i, : out.num_generated[i]].tolist())
             history.num_turns += 1
             full = len(history.token_ids) >= self.max_length
             history.answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
@@ -256,37 +257,21 @@ class TextEnvironment:
                 episode.pending, episode.state = None, RowState.GENERATING
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lists of ids -> ``input_ids`` [B, L] left-padded with ``pad_token_id`` and ``attention_mask`` [B, L]."""
-    width = max((len(s) for s in sequences), default=0)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-            attention_mask[row, width - len(seq):] = 1
-    return input_ids, attention_mask
-
-
 def histories_to_rollout(histories: Sequence[TextHistory], pad_token_id: int) -> Rollout:
     """Finished episodes -> a ``Rollout``: query = the leading prompt segment(s), left-padded; response = everything
-    after it (model and tool tokens), right-padded; ``tool_mask`` = 1 on tool tokens."""
+    after it (model and tool tokens), right-padded; ``tool_mask`` = 1 on tool tokens; ``sampler_logprobs`` when every
+    model segment recorded them."""
     query_ids, query_mask = left_pad([h.prompt_ids for h in histories], pad_token_id)
-    responses = [h.response_ids for h in histories]
-    width = max((len(r) for r in responses), default=0)
-    response_ids = torch.full((len(histories), width), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(histories), width), dtype=torch.long)
-    tool_mask = torch.zeros((len(histories), width), dtype=torch.long)
-    for row, history in enumerate(histories):
-        n_prompt = len(history.prompt_ids)
-        ids = history.token_ids[n_prompt:]
-        if not ids:
-            continue
-        response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        response_mask[row, : len(ids)] = 1
-        tool_mask[row, : len(ids)] = torch.tensor(history.tool_mask[n_prompt:], dtype=torch.long)
+    cuts = [len(h.prompt_ids) for h in histories]
+    response_ids, response_mask = right_pad([h.token_ids[n:] for h, n in zip(histories, cuts)], pad_token_id)
+    tool_mask, _ = pad([h.tool_mask[n:] for h, n in zip(histories, cuts)], 0, "right", min_width=response_ids.shape[1])
+    logprobs = [h.sampler_logprobs for h in histories]
+    sampler_logprobs = None
+    if all(lp is not None for lp in logprobs):
+        sampler_logprobs, _ = pad([lp[n:] for lp, n in zip(logprobs, cuts)], 0.0, "right",
+                                  min_width=response_ids.shape[1], dtype=torch.float32)
     return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                   response_mask=response_mask, tool_mask=tool_mask)
+                   response_mask=response_mask, tool_mask=tool_mask, sampler_logprobs=sampler_logprobs)
 
 
 def _stats(histories: list[TextHistory], positions: Counter, seconds: float, tool_seconds: float) -> EnvStats:

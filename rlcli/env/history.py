@@ -32,6 +32,8 @@ class Segment:
     source: Source
     text: str
     token_ids: list[int]
+    logprobs: list[float] | None = None
+    """Model segments: the log-prob the sampler drew each token with (the behaviour distribution's)."""
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -78,8 +80,9 @@ class TextHistory:
     meta: dict[str, Any] = field(default_factory=dict)
     answer: str | None = None
 
-    def append(self, source: Source, text: str, token_ids: list[int]) -> Segment:
-        segment = Segment(source, text, [int(t) for t in token_ids])
+    def append(self, source: Source, text: str, token_ids: list[int], logprobs: list[float] | None = None) -> Segment:
+        segment = Segment(source, text, [int(t) for t in token_ids],
+                          None if logprobs is None else [float(x) for x in logprobs])
         self.segments.append(segment)
         return segment
 
@@ -99,6 +102,13 @@ class TextHistory:
     def tool_mask(self) -> list[int]:
         """1 on tokens a tool wrote."""
         return [int(s.source == "tool") for s in self.segments for _ in s.token_ids]
+
+    @property
+    def sampler_logprobs(self) -> list[float] | None:
+        """The sampler's log-prob of every token (0 on prompt and tool tokens); None if a model segment has none."""
+        if any(s.source == "model" and s.logprobs is None for s in self.segments):
+            return None
+        return [lp for s in self.segments for lp in (s.logprobs if s.source == "model" else [0.0] * len(s.token_ids))]
 
     @property
     def token_spans(self) -> list[Span]:
@@ -178,7 +188,9 @@ class TextHistory:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; ``TextHistory.from_dict(h.to_dict()) == h``."""
         return {
-            "segments": [{"source": s.source, "text": s.text, "token_ids": list(s.token_ids)} for s in self.segments],
+            "segments": [{"source": s.source, "text": s.text, "token_ids": list(s.token_ids),
+                          **({"logprobs": list(s.logprobs)} if s.logprobs is not None else {})}
+                         for s in self.segments],
             "tool_calls": [
                 {"name": c.name, "arguments": c.arguments, "output": c.output, "status": c.status}
                 for c in self.tool_calls
@@ -193,7 +205,8 @@ class TextHistory:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextHistory:
         return cls(
-            segments=[Segment(s["source"], s["text"], list(s["token_ids"])) for s in data["segments"]],
+            segments=[Segment(s["source"], s["text"], list(s["token_ids"]), s.get("logprobs"))
+                      for s in data["segments"]],
             tool_calls=[ToolCallRecord(**c) for c in data.get("tool_calls", [])],
             reward=data.get("reward"),
             finish_reason=data.get("finish_reason"),

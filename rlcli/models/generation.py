@@ -1,12 +1,14 @@
-"""Batched sampling from a decoder-only causal LM, with the same arithmetic as the PPO forward pass.
+"""Batched sampling from a causal or encoder-decoder LM, with the same arithmetic as the PPO forward pass.
 
-``sample()`` is the one generator that plain PPO rollouts and the text environment share. Three things make its
-log-probs equal to the ones a training forward pass over ``Rollout.full_sequences()`` computes:
+``sample()`` is the one generator that plain PPO rollouts (causal and seq2seq policies) and the text environment
+share. Three things make its log-probs equal to the ones a training forward pass computes:
 
-- position ids come from the attention mask's cumulative sum, so a left-padded row sees the same positions as
-  the same row without padding (ppo-details.md item 3);
-- the returned ``logprobs`` are ``log_softmax(logits / temperature)`` at the sampled token: the tempered, *unfiltered*
-  distribution the trainer computes. top-k, top-p and ``min_new_tokens`` only change which token is drawn;
+- position ids come from the attention mask's cumulative sum (``rlcli.padding.position_ids``), so a left-padded
+  row sees the same positions as the same row without padding (ppo-details item 3); seq2seq prompts are
+  right-padded for the encoder in both places;
+- tokens are drawn from, and ``logprobs`` taken from, ``rules.apply(logits)``: the behaviour distribution, with the
+  temperature and every restriction (banned ids, EOS before ``min_new_tokens``, top-k, top-p) applied. The trainer
+  applies the same ``SamplingRules`` to the policy's and the reference's logits (ppo-details item 4);
 - the KV cache is prefilled once and then fed one token per step, with the attention mask growing by one column.
 
 Rows that finish (EOS, a stop string, or their token budget) leave the batch at once: their rows are dropped from
@@ -27,6 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rlcli.padding import left_to_right, pad, position_ids
+from rlcli.rl.sampling import SamplingRules
+
 STOP_REASONS = ("eos", "stop_string", "length")
 
 
@@ -37,8 +42,8 @@ class SampleOutput:
     - ``response_ids``  [B, R] long: new tokens, **right**-padded with the pad id. An EOS that ended a row is kept
       (it is a real model token); so is the token that completed a stop string.
     - ``response_mask`` [B, R] long: 1 on generated tokens, 0 on padding.
-    - ``logprobs``      [B, R] float32: ``log_softmax(logits / temperature)`` of each generated token (plain
-      ``log_softmax(logits)`` when ``temperature == 0``); 0 on padding.
+    - ``logprobs``      [B, R] float32: log-prob of each generated token under the behaviour distribution
+      (``log_softmax(rules.apply(logits))``; temperature 1 when ``rules.temperature == 0``); 0 on padding.
     - ``stop_reason``   B strings, each one of ``"eos"``, ``"stop_string"``, ``"length"``.
     - ``num_generated`` B ints: tokens generated per row (= ``response_mask.sum(1)``).
 
@@ -71,14 +76,11 @@ def sample(
     attention_mask: torch.Tensor,
     max_new_tokens: int | Sequence[int],
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    rules: SamplingRules = SamplingRules(),
     eos_token_id: int | Sequence[int] | None,
     pad_token_id: int,
     stop_strings: Sequence[str] = (),
     tokenizer=None,
-    min_new_tokens: int = 0,
     generator: torch.Generator | None = None,
     drop_finished: bool = True,
 ) -> SampleOutput:
@@ -86,20 +88,19 @@ def sample(
 
     Args:
         model: a Hugging Face decoder-only LM (anything whose forward takes ``input_ids``, ``attention_mask``,
-            ``position_ids`` and a ``cache`` / ``past_key_values`` and returns ``logits`` [B, T, V]).
+            ``position_ids`` and a ``cache`` / ``past_key_values`` and returns ``logits`` [B, T, V]), or an
+            encoder-decoder LM (``config.is_encoder_decoder``): the prompt is encoded once and the decoder starts
+            from ``decoder_start_token_id``.
         input_ids: [B, Q] long, **left**-padded prompts.
         attention_mask: [B, Q] long, 1 on real prompt tokens.
         max_new_tokens: token budget, one int for all rows or one per row (a row with budget <= 0 generates
             nothing and stops with ``"length"``).
-        temperature: logits are divided by it before top-k/top-p; 0 means greedy (argmax).
-        top_k: keep the k most likely tokens; 0 keeps all.
-        top_p: keep the smallest set of tokens whose probability reaches ``top_p``; 1.0 keeps all.
+        rules: the behaviour policy (temperature, bans, min_new_tokens, top-k/top-p; see ``rlcli.rl.sampling``).
+            Tokens are drawn from ``softmax(rules.apply(logits))`` and ``logprobs`` are taken from it.
         eos_token_id: token id(s) that end a row (kept in the response).
         pad_token_id: fills ``response_ids`` after a row ends.
         stop_strings: a row ends as soon as the decoded text of its new tokens contains one of these.
         tokenizer: decodes new tokens for ``stop_strings``; required when they are given.
-        min_new_tokens: EOS is masked out until a row has this many tokens (stop strings are not affected,
-            as in Hugging Face ``generate``).
         generator: source of randomness; the same generator state gives the same samples.
         drop_finished: drop finished rows from the batch (default). False keeps them, fed pad tokens: the
             naive baseline, for benchmarks and tests.
@@ -109,12 +110,6 @@ def sample(
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids and attention_mask must both be [B, Q]; got {tuple(input_ids.shape)} "
                          f"and {tuple(attention_mask.shape)}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     stop_strings = tuple(s for s in stop_strings if s)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated tokens")
@@ -127,16 +122,16 @@ def sample(
     try:
         with torch.no_grad():
             return _sample(
-                model, input_ids, attention_mask, max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, eos_ids=_as_id_list(eos_token_id), pad_token_id=pad_token_id, stop_strings=stop_strings,
-                tokenizer=tokenizer, min_new_tokens=min_new_tokens, generator=generator, drop_finished=drop_finished,
+                model, input_ids, attention_mask, max_new_tokens, rules=rules, eos_ids=_as_id_list(eos_token_id),
+                pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer, generator=generator,
+                drop_finished=drop_finished,
             )
     finally:
         model.train(was_training)
 
 
-def _sample(model, input_ids, attention_mask, max_new_tokens, *, temperature, top_k, top_p, eos_ids, pad_token_id,
-            stop_strings, tokenizer, min_new_tokens, generator, drop_finished) -> SampleOutput:
+def _sample(model, input_ids, attention_mask, max_new_tokens, *, rules, eos_ids, pad_token_id, stop_strings,
+            tokenizer, generator, drop_finished) -> SampleOutput:
     device = _model_device(model, input_ids.device)
     batch_size = input_ids.shape[0]
     if isinstance(max_new_tokens, int):
@@ -169,24 +164,20 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, temperature, to
     first_real = int((seq_mask.sum(0) > 0).nonzero()[0])
     seq_ids, seq_mask = seq_ids[:, first_real:], seq_mask[:, first_real:]
     alive = torch.ones(len(rows), dtype=torch.bool, device=device)
-    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
     stop_window = 4 * max((len(s) for s in stop_strings), default=0) + 8
-    caller = _ModelCaller(model)
+    is_seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    decoder = (_Seq2SeqDecoder if is_seq2seq else _CausalDecoder)(model, seq_ids, seq_mask, pad_token_id)
 
     counters["prefill"] = seq_ids.numel()
     counters["prefill_pad"] = int((seq_mask == 0).sum())
-    logits = caller.prefill(seq_ids, seq_mask)
+    logits = decoder.first_logits()
     step = 0
     while True:
         row_uniforms = torch.cat([torch.rand(1, generator=row_generators[r]) for r in rows.tolist()]).to(device)
-        if min_new_tokens > step and eos_tensor is not None:
-            sample_logits = logits.clone()
-            sample_logits[:, eos_tensor] = float("-inf")
-        else:
-            sample_logits = logits
-        next_tokens = _draw(sample_logits, temperature, top_k, top_p, row_uniforms)
-        scaled = logits.float() / temperature if temperature > 0 else logits.float()
-        next_logprobs = torch.log_softmax(scaled, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+        positions = torch.full((len(rows), 1), step, dtype=torch.long, device=device)
+        z = rules.apply(logits[:, None, :], positions)[:, 0]
+        next_tokens = z.argmax(dim=-1) if rules.temperature == 0 else _draw(z, row_uniforms)
+        next_logprobs = torch.log_softmax(z, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
         step += 1
 
         finished = torch.zeros(len(rows), dtype=torch.bool)
@@ -212,42 +203,28 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, temperature, to
                 break
             if len(keep) < len(rows):
                 rows = rows[keep.cpu()]
-                seq_ids, seq_mask, next_tokens, alive = seq_ids[keep], seq_mask[keep], next_tokens[keep], alive[keep]
-                caller.select_rows(keep)
-            new_mask_col = torch.ones(len(rows), 1, dtype=torch.long, device=device)
+                next_tokens, alive = next_tokens[keep], alive[keep]
+                decoder.select_rows(keep)
+            fed = torch.ones(len(rows), dtype=torch.long, device=device)
         else:
             alive = alive & ~finished
             if not alive.any():
                 break
             next_tokens = torch.where(alive, next_tokens, torch.full_like(next_tokens, pad_token_id))
-            new_mask_col = alive.long()[:, None]
+            fed = alive.long()
             counters["padded"] += int((~alive).sum())
 
-        seq_ids = torch.cat([seq_ids, next_tokens[:, None]], dim=1)
-        seq_mask = torch.cat([seq_mask, new_mask_col], dim=1)
         counters["computed"] += len(rows)
-        logits = caller.step(seq_ids, seq_mask)
+        logits = decoder.step(next_tokens, fed)
 
     return _pack(tokens, logprobs, stop_reason, pad_token_id, counters)
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
-    """[b, V] logits, [b] uniforms in [0, 1) -> [b] token ids, by inverting each row's filtered CDF."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = mass_before >= top_p
-        drop[:, 0] = False
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+def _draw(z: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[b, V] behaviour logits (``SamplingRules.apply``), [b] uniforms in [0, 1) -> [b] token ids, by inverting each
+    row's CDF."""
+    vocab = z.shape[-1]
+    cdf = torch.softmax(z, dim=-1).cumsum(dim=-1)
     targets = uniforms[:, None].to(cdf.dtype) * cdf[:, -1:]
     # right=True: the first token whose cumulative mass exceeds the target, so zero-probability tokens never win
     return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp(max=vocab - 1)
@@ -262,15 +239,8 @@ def _hits_stop_string(tokenizer, tail_ids: list[int], stop_strings: tuple[str, .
 
 
 def _pack(tokens, logprobs, stop_reason, pad_token_id, counters) -> SampleOutput:
-    batch_size = len(tokens)
-    width = max((len(t) for t in tokens), default=0)
-    response_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((batch_size, width), dtype=torch.long)
-    response_logprobs = torch.zeros((batch_size, width), dtype=torch.float32)
-    for row, (ids, lps) in enumerate(zip(tokens, logprobs)):
-        response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        response_mask[row, : len(ids)] = 1
-        response_logprobs[row, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    response_ids, response_mask = pad(tokens, pad_token_id, "right")
+    response_logprobs, _ = pad(logprobs, 0.0, "right", dtype=torch.float32)
     num_generated = [len(t) for t in tokens]
     return SampleOutput(
         response_ids=response_ids,
@@ -301,34 +271,36 @@ def _model_device(model: torch.nn.Module, default: torch.device) -> torch.device
         return default
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Same rule as ``Rollout.full_sequences``: position = number of real tokens before this one."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+def _cache_kwargs(model: torch.nn.Module) -> tuple[list[str], bool, bool]:
+    """Which keyword(s) may carry a KV cache into ``model.forward``, and whether it takes ``logits_to_keep`` and
+    ``use_cache``. transformers 5.x names the cache ``cache`` (``past_key_values`` is a deprecated alias in many
+    models, the only name in some)."""
+    params = inspect.signature(model.forward).parameters
+    takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    names = [k for k in ("cache", "past_key_values") if k in params]
+    if not names and takes_var_kwargs:
+        names = ["cache", "past_key_values"]
+    return names, "logits_to_keep" in params, "use_cache" in params or takes_var_kwargs
 
 
-class _ModelCaller:
-    """Calls the model with a KV cache, whichever keyword the model takes it by.
+class _CausalDecoder:
+    """Feeds a decoder-only LM one token per step on a KV cache it creates itself.
 
-    transformers 5.x names it ``cache`` (``past_key_values`` is a deprecated alias in many models, the only name in
-    some). We create a ``DynamicCache`` ourselves, pass it in, and check after the prefill that the model filled it;
-    if the model ignored it (a wrapper swallowing unknown kwargs), or the cache cannot drop rows, we fall back to
-    recomputing the full sequence each step: slower, same numbers.
+    It passes a ``DynamicCache`` by whichever keyword the model takes and checks after the prefill that the model
+    filled it; if the model ignored it (a wrapper swallowing unknown kwargs), or the cache cannot drop rows, it falls
+    back to recomputing the full sequence each step: slower, same numbers. Position ids always come from the
+    attention mask (``rlcli.padding.position_ids``), as in the training forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int):
         self.model = model
-        params = inspect.signature(model.forward).parameters
-        takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self.cache_kwargs = [k for k in ("cache", "past_key_values") if k in params]
-        if not self.cache_kwargs and takes_var_kwargs:
-            self.cache_kwargs = ["cache", "past_key_values"]
-        self.logits_to_keep = "logits_to_keep" in params
-        self.takes_use_cache = "use_cache" in params or takes_var_kwargs
+        self.ids, self.mask = ids, mask
+        self.cache_kwargs, self.logits_to_keep, self.takes_use_cache = _cache_kwargs(model)
         self.cache = None
         self.use_cache = bool(self.cache_kwargs)
 
     def _call(self, ids, mask, cache_kwarg: str | None):
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, -ids.shape[1]:])
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:])
         if cache_kwarg is not None:
             kwargs[cache_kwarg] = self.cache
             kwargs["use_cache"] = True
@@ -340,27 +312,31 @@ class _ModelCaller:
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1, :]
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def first_logits(self) -> torch.Tensor:
         from transformers import DynamicCache
 
         while self.use_cache and self.cache_kwargs:
             self.cache = DynamicCache(config=getattr(self.model, "config", None))
             kwarg = self.cache_kwargs[0]
-            logits = self._call(ids, mask, kwarg)
+            logits = self._call(self.ids, self.mask, kwarg)
             if self.cache.get_seq_length() > 0:
                 self.cache_kwargs = [kwarg]
                 return logits
             self.cache_kwargs.pop(0)
         self.use_cache, self.cache = False, None
-        return self._call(ids, mask, None)
+        return self._call(self.ids, self.mask, None)
 
-    def step(self, seq_ids: torch.Tensor, seq_mask: torch.Tensor) -> torch.Tensor:
-        """Logits for the next token after ``seq_ids`` (the full sequences; only the last column is new)."""
+    def step(self, next_tokens: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+        """Append ``next_tokens`` [b] (attention mask ``fed`` [b]: 0 for pad fed to finished rows) and return the
+        logits for the token after them."""
+        self.ids = torch.cat([self.ids, next_tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, fed[:, None]], dim=1)
         if self.use_cache:
-            return self._call(seq_ids[:, -1:], seq_mask, self.cache_kwargs[0])
-        return self._call(seq_ids, seq_mask, None)
+            return self._call(self.ids[:, -1:], self.mask, self.cache_kwargs[0])
+        return self._call(self.ids, self.mask, None)
 
     def select_rows(self, keep: torch.Tensor) -> None:
+        self.ids, self.mask = self.ids[keep], self.mask[keep]
         if not self.use_cache:
             return
         try:
@@ -368,3 +344,45 @@ class _ModelCaller:
         except (AttributeError, NotImplementedError, TypeError):
             # a cache type that cannot drop rows (some linear-attention layers): recompute from here on
             self.use_cache, self.cache = False, None
+
+
+class _Seq2SeqDecoder:
+    """Encodes the prompts once, then feeds the decoder one token per step on an ``EncoderDecoderCache``.
+
+    The prompts are moved to right padding first (``rlcli.padding.left_to_right``), as the PPO forward pass does,
+    so encoders with absolute positions see every prompt at positions 0..n-1. The decoder starts from
+    ``config.decoder_start_token_id`` and reads ``[start] + response[:-1]``, like the training forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        self.model = model
+        ids, self.mask = left_to_right(ids, mask, pad_token_id)
+        self.encoded = model.get_encoder()(input_ids=ids, attention_mask=self.mask)
+        start = model.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("the seq2seq model's config has no decoder_start_token_id")
+        self.next_input = torch.full((ids.shape[0], 1), int(start), dtype=torch.long, device=ids.device)
+        names, _, _ = _cache_kwargs(model)
+        self.cache_kwarg = names[0] if names else "past_key_values"
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+    def _call(self) -> torch.Tensor:
+        out = self.model(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=self.next_input,
+                         use_cache=True, **{self.cache_kwarg: self.cache})
+        return out.logits[:, -1, :]
+
+    def first_logits(self) -> torch.Tensor:
+        return self._call()
+
+    def step(self, next_tokens: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+        # finished rows kept in the batch (drop_finished=False) are fed pad; the decoder is causal, so what a
+        # finished row sees never reaches a live one
+        self.next_input = next_tokens[:, None]
+        return self._call()
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.mask = self.mask[keep]
+        self.encoded.last_hidden_state = self.encoded.last_hidden_state[keep]
+        self.cache.batch_select_indices(keep)

@@ -48,6 +48,30 @@ def source_kind(name_or_path: str) -> Literal["local", "hub"]:
     raise UserError(f"{name_or_path!r} is neither an existing local path nor a hub id like 'org/name'")
 
 
+def model_task(cfg: ModelConfig) -> Literal["causal", "seq2seq"]:
+    """Whether a recipe's model is an encoder-decoder (``seq2seq``) or decoder-only (``causal``) LM, without loading
+    weights: from the architecture's config class, a local dir's ``config.json``, or a hub id's cached config; a hub
+    id that is not cached is judged by its name (t5, bart, pegasus, marian, mt5, ul2 are seq2seq)."""
+    import json
+
+    if cfg.architecture is not None:
+        arch = cfg.architecture
+        return "seq2seq" if arch in CONFIG_MAPPING and CONFIG_MAPPING[arch]().is_encoder_decoder else "causal"
+    config_file = Path(cfg.name_or_path) / "config.json"
+    if not config_file.exists() and _HUB_ID.match(cfg.name_or_path) and not cfg.name_or_path.startswith((".", "/")):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.name_or_path, "config.json", revision=cfg.revision)
+        config_file = Path(cached) if isinstance(cached, str) else None
+    if config_file is not None and config_file.exists():
+        try:
+            return "seq2seq" if json.loads(config_file.read_text()).get("is_encoder_decoder") else "causal"
+        except (OSError, ValueError):
+            pass
+    name = cfg.name_or_path.lower().rsplit("/", 1)[-1]
+    return "seq2seq" if any(k in name for k in ("t5", "bart", "pegasus", "marian", "ul2")) else "causal"
+
+
 def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list[str]:
     """Problems findable without weights (unknown architecture, bad config keys, missing local files)."""
     problems = []

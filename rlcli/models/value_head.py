@@ -1,7 +1,7 @@
 """Policies with a scalar value per token, for PPO: a causal or seq2seq LM (optionally a peft LoRA model) plus a
 linear value head on its last hidden state.
 
-One forward pass gives both the logits and the values (ppo-details item 14 of the issue: no wasted pass). The
+One forward pass gives both the logits and the values (no extra pass for the critic). The
 value head is saved beside the model's weights (``value_head.safetensors`` + ``value_head.json``), so an output
 dir loads with ``from_pretrained`` as a plain LM and with :func:`load_value_head_model` as a PPO policy.
 """
@@ -16,16 +16,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rlcli.padding import left_to_right, position_ids
+
 VALUE_HEAD_WEIGHTS = "value_head.safetensors"
 VALUE_HEAD_CONFIG = "value_head.json"
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout (modules and config fields): dropout makes the first-epoch ratio differ from 1
-    (ppo-details item 8)."""
+    """Zero every dropout: ``nn.Dropout`` modules, config fields, and the float rates that attention modules keep
+    as attributes (T5's ``self.dropout``, Llama's ``self.attention_dropout``, passed to the attention function while
+    training). Dropout makes the first-epoch ratio differ from 1 (ppo-details item 8): T5 with only the modules and
+    the config zeroed still gave train-mode logits 1.6 away from eval-mode ones."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+            continue
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and not isinstance(value, bool) and ("dropout" in name or "pdrop" in name):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
         for name, value in list(config.to_dict().items()):
@@ -69,6 +77,7 @@ class ValueHeadModel(nn.Module):
         self.config = pretrained.config
         self.is_encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
         self.is_peft = hasattr(pretrained, "peft_config")
+        self.pad_token_id = int(getattr(self.config, "pad_token_id", None) or 0)
 
     def forward(
         self,
@@ -83,6 +92,8 @@ class ValueHeadModel(nn.Module):
         r = response_ids.shape[1]
         with_values = with_values and self.value_head is not None
         if self.is_encoder_decoder:
+            # the sampler encodes right-padded prompts too (see rlcli.padding.left_to_right)
+            query_ids, query_mask = left_to_right(query_ids, query_mask, self.pad_token_id)
             start = torch.full_like(response_ids[:, :1], self.config.decoder_start_token_id)
             decoder_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
             decoder_mask = torch.cat([torch.ones_like(response_mask[:, :1]), response_mask[:, :-1]], dim=1)
@@ -93,8 +104,8 @@ class ValueHeadModel(nn.Module):
         else:
             input_ids = torch.cat([query_ids, response_ids], dim=1)
             attention_mask = torch.cat([query_mask, response_mask], dim=1)
-            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-            out = self.pretrained(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            out = self.pretrained(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids(attention_mask),
                                   output_hidden_states=with_values, use_cache=False, logits_to_keep=r + 1)
             logits = out.logits[:, :-1]
             hidden = out.hidden_states[-1][:, -(r + 1) : -1] if with_values else None

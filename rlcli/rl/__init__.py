@@ -1,19 +1,23 @@
 """Pure tensor math for PPO on language models: no models, no I/O, no config objects."""
 
 from rlcli.rl.advantages import gae
-from rlcli.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from rlcli.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, KLWatch, kl_penalty
 from rlcli.rl.logprobs import entropy_from_logits, logprobs_from_logits
 from rlcli.rl.losses import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlcli.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
-from rlcli.rl.rewards import RunningMoments, per_token_rewards
-from rlcli.rl.types import Rollout
+from rlcli.rl.rewards import RunningMoments, per_token_rewards, score_and_kl_rewards
+from rlcli.rl.sampling import SamplingRules, turn_positions
+from rlcli.rl.types import Rollout, RolloutForward
 
 __all__ = [
     "KL_ESTIMATORS",
     "AdaptiveKLController",
     "FixedKLController",
+    "KLWatch",
     "Rollout",
+    "RolloutForward",
     "RunningMoments",
+    "SamplingRules",
     "clipped_policy_loss",
     "clipped_value_loss",
     "entropy_from_logits",
@@ -26,4 +30,6 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "per_token_rewards",
+    "score_and_kl_rewards",
+    "turn_positions",
 ]

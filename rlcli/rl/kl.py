@@ -16,25 +16,15 @@ from typing import Any
 
 import torch
 
+from rlcli.rl.sampling import SamplingRules
+
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "abs", "k2", "mse", "k3", "full")
 
 
 def _full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    if logits.shape != ref_logits.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ in shape")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = []
-    # One row at a time: two float32 [T, V] copies at once, not two [B, T, V] ones.
-    for row, ref_row in zip(logits, ref_logits):
-        logp = torch.log_softmax(row.float() / temperature, dim=-1)
-        ref_logp = torch.log_softmax(ref_row.float() / temperature, dim=-1)
-        probs = logp.exp()
-        # Tokens with p = 0 contribute 0 even where a logit is -inf (0 * inf would be nan).
-        terms = torch.where(probs > 0, probs * (logp - ref_logp), torch.zeros_like(probs))
-        rows.append(terms.sum(dim=-1))
-    # Exact KL is >= 0; clamp away the rounding noise of near-identical distributions.
-    return torch.stack(rows).clamp(min=0)
+    return SamplingRules(temperature=temperature).full_kl(logits, ref_logits)
 
 
 def kl_penalty(
@@ -132,3 +122,39 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value = float(state["value"])
+
+
+class KLWatch:
+    """Notices a mean KL that stays negative: the signature of log-probs that do not belong to the distribution the
+    tokens were sampled from (ppo-details item 14).
+
+    ``KL(pi || ref)`` is never negative, and its sample mean over a batch drawn from ``pi`` is negative only by
+    noise. ``update`` counts steps below ``threshold`` (``negative_steps``, for the metrics) and returns True exactly
+    once: at the ``patience``-th consecutive such step, when a warning should be shown.
+    """
+
+    def __init__(self, threshold: float = -0.1, patience: int = 3) -> None:
+        self.threshold = float(threshold)
+        self.patience = int(patience)
+        self.negative_steps = 0
+        self.streak = 0
+        self.warned = False
+
+    def update(self, mean_kl: float) -> bool:
+        if mean_kl < self.threshold:
+            self.negative_steps += 1
+            self.streak += 1
+        else:
+            self.streak = 0
+        if self.streak >= self.patience and not self.warned:
+            self.warned = True
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"negative_steps": self.negative_steps, "streak": self.streak, "warned": self.warned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.negative_steps = int(state["negative_steps"])
+        self.streak = int(state["streak"])
+        self.warned = bool(state["warned"])

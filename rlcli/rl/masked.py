@@ -6,6 +6,8 @@ reach a result, not even as ``0 * nan``: they are replaced with ``torch.where`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -67,22 +69,37 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, restore_mean: bool = False, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    restore_mean: bool = False,
+    eps: float = 1e-8,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Normalise ``x`` to mean 0 and (unbiased) std 1 using statistics over the masked positions only.
 
     Args:
         x: any shape, floating, e.g. advantages ``[batch, response_len]``.
         mask: same shape as ``x`` (or broadcastable to it), 0/1 of any dtype.
         restore_mean: add the mean back after scaling, i.e. divide by the std without re-centring
-            (used for rewards, ppo-details.md item 9).
+            (used for rewards, ppo-details item 9).
         eps: added to the variance before the square root.
+        sum_over_processes: for data split over processes: a function that sums a 1-D float64 tensor over all of
+            them (e.g. an all-reduce), so that every process uses the statistics of the whole batch. None: this
+            process's ``x`` is the whole batch.
 
     Returns:
         ``x``'s shape and dtype; positions where ``mask`` is 0 are 0.
     """
     m = _bool_mask(mask, x)
-    mean = masked_mean(x, m)
-    var = masked_var(x, m)
+    if sum_over_processes is None:
+        mean, var = masked_mean(x, m), masked_var(x, m)
+    else:
+        # two passes (mean, then squared deviations) for the same accuracy as the one-process path
+        total, count = sum_over_processes(torch.stack([masked_sum(x, m).double(), _count(x, m, None).double()]))
+        mean = (total / count.clamp(min=1)).to(x.dtype)
+        (sq,) = sum_over_processes(masked_sum((x - mean) ** 2, m).double().reshape(1))
+        var = (sq / count.clamp(min=1) * count / (count - 1).clamp(min=1)).to(x.dtype)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if restore_mean:
         whitened = whitened + mean

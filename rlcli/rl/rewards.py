@@ -11,6 +11,41 @@ from rlcli.rl.kl import kl_penalty
 
 
 @torch.no_grad()
+def score_and_kl_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float | torch.Tensor,
+) -> torch.Tensor:
+    """``r_t = -kl_coef * kl_t`` on every model token, plus the score on the last one (ppo-details item 6).
+
+    The score goes on the last position where ``mask`` is 1, wherever trailing padding starts; a mask may
+    have holes in the middle (tool output), which get neither reward nor KL. A row whose mask is all zero
+    gets all-zero rewards and its score is dropped. Computed without gradients.
+
+    Args:
+        scores: ``[batch]`` float, one scalar score per sequence (reward model or environment).
+        kl: ``[batch, response_len]`` float, a per-token KL estimate (``kl_penalty``), values at masked positions
+            ignored.
+        mask: ``[batch, response_len]`` 0/1 of any dtype, 1 on model tokens.
+        kl_coef: beta, a float or 0-dim tensor.
+
+    Returns:
+        ``[batch, response_len]`` rewards in the dtype of ``kl``; 0 where ``mask`` is 0.
+    """
+    if scores.dim() != 1 or scores.shape[0] != kl.shape[0]:
+        raise ValueError(f"scores must be [batch] = [{kl.shape[0]}], got {tuple(scores.shape)}")
+    m = mask.to(device=kl.device, dtype=torch.bool)
+    rewards = -kl_coef * torch.where(m, kl, torch.zeros_like(kl))
+
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).max(dim=1).values
+    has_token = last >= 0
+    score_src = torch.where(has_token, scores.to(rewards), 0.0)
+    return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), score_src.unsqueeze(1))
+
+
+@torch.no_grad()
 def per_token_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
@@ -23,14 +58,10 @@ def per_token_rewards(
     ref_logits: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``r_t = -kl_coef * kl_t`` on every model token, plus the score on the last one (ppo-details item 6).
-
-    The score goes on the last position where ``mask`` is 1, wherever trailing padding starts; a mask may
-    have holes in the middle (tool output), which get neither reward nor KL. A row whose mask is all zero
-    gets all-zero rewards and its score is dropped. Computed without gradients.
+    """``kl_penalty`` then ``score_and_kl_rewards``, from the two models' log-probs.
 
     Args:
-        scores: ``[batch]`` float, one scalar score per sequence (reward model or environment).
+        scores: ``[batch]`` float, one scalar score per sequence.
         logprobs: ``[batch, response_len]`` float, policy log-probs of the response tokens.
         ref_logprobs: ``[batch, response_len]`` float, reference log-probs of the same tokens.
         mask: ``[batch, response_len]`` 0/1 of any dtype, 1 on model tokens.
@@ -47,14 +78,7 @@ def per_token_rewards(
     m = mask.to(device=logprobs.device, dtype=torch.bool)
     kl = kl_penalty(logprobs, ref_logprobs, estimator, logits=logits, ref_logits=ref_logits, temperature=temperature)
     kl = torch.where(m, kl.to(logprobs.dtype), torch.zeros_like(logprobs))
-    rewards = -kl_coef * kl
-
-    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
-    last = torch.where(m, positions, torch.full_like(positions, -1)).max(dim=1).values
-    has_token = last >= 0
-    score_src = torch.where(has_token, scores.to(rewards), 0.0)
-    rewards = rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), score_src.unsqueeze(1))
-    return rewards, kl
+    return score_and_kl_rewards(scores, kl, m, kl_coef), kl
 
 
 class RunningMoments:

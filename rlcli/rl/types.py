@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rlcli.padding import position_ids
+from rlcli.rl.sampling import turn_positions
+
 
 @dataclass(frozen=True)
 class Rollout:
@@ -20,6 +23,9 @@ class Rollout:
     - ``response_mask`` [B, R] long: 1 on real response tokens (model or tool), 0 on padding.
     - ``tool_mask``   [B, R] long: 1 on tokens a tool wrote (forced text the model did not choose), else 0.
 
+    - ``sampler_logprobs`` [B, R] float or None: the log-probs the sampler drew each model token with (0 elsewhere).
+      Never used in the loss (the rollout forward recomputes them); compared with them as a health check.
+
     ``model_mask`` (= response_mask and not tool_mask) marks the tokens the policy chose: the only ones that get
     policy loss, value loss and KL penalty.
     """
@@ -29,6 +35,7 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     tool_mask: torch.Tensor
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def model_mask(self) -> torch.Tensor:
@@ -49,15 +56,43 @@ class Rollout:
         """
         input_ids = torch.cat([self.query_ids, self.response_ids], dim=1)
         attention_mask = torch.cat([self.query_mask, self.response_mask], dim=1)
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        return input_ids, attention_mask, position_ids
+        return input_ids, attention_mask, position_ids(attention_mask)
+
+    @property
+    def turn_positions(self) -> torch.Tensor:
+        """[B, R] long: each model token's index inside its model turn (``rlcli.rl.sampling.turn_positions``)."""
+        return turn_positions(self.model_mask)
+
+    def to(self, device) -> "Rollout":
+        return Rollout(*(None if t is None else t.to(device) for t in self._tensors()))
+
+    def _tensors(self) -> tuple:
+        return (self.query_ids, self.query_mask, self.response_ids, self.response_mask, self.tool_mask,
+                self.sampler_logprobs)
 
     def index(self, idx: torch.Tensor | slice) -> "Rollout":
         """Select rows (for minibatches)."""
-        return Rollout(
-            query_ids=self.query_ids[idx],
-            query_mask=self.query_mask[idx],
-            response_ids=self.response_ids[idx],
-            response_mask=self.response_mask[idx],
-            tool_mask=self.tool_mask[idx],
-        )
+        return Rollout(*(None if t is None else t[idx] for t in self._tensors()))
+
+
+@dataclass(frozen=True)
+class RolloutForward:
+    """What the forward passes without autograd compute for a ``Rollout`` before any update. All ``[B, R]`` float32
+    on the CPU, aligned with ``Rollout.response_ids``, 0 on padding and tool tokens (only model tokens are scored):
+
+    - ``pi_logprobs``: log pi_old of each response token under the behaviour distribution (the PPO ratio's
+      denominator);
+    - ``values``: the value head's V(s_t), or None for estimators without a critic;
+    - ``ref_logprobs``: log pi_ref of the same tokens, under the same sampling rules;
+    - ``kl``: the recipe's per-token KL estimator (``kl.estimator``), what the reward is penalised with;
+    - ``entropy``: entropy of the behaviour distribution at each position;
+    - ``forbidden_mass``: probability the unrestricted policy puts on tokens the sampling rules forbid there (a
+      health signal; 0 when there are no rules).
+    """
+
+    pi_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    ref_logprobs: torch.Tensor
+    kl: torch.Tensor
+    entropy: torch.Tensor
+    forbidden_mass: torch.Tensor

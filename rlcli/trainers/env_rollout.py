@@ -19,6 +19,7 @@ import torch
 from rich.table import Table
 
 from rlcli import rundir
+from rlcli.rl.sampling import SamplingRules
 from rlcli.config.env import EnvRolloutRecipe
 from rlcli.config.errors import RecipeError, UserError
 from rlcli.config.loader import locate
@@ -106,8 +107,8 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     disable_dropout(model)
     model.eval()
     rows, column = load_prompt_rows(recipe.data)
-    env = build_environment(recipe.env, model, tokenizer, temperature=recipe.temperature, top_k=recipe.top_k,
-                            top_p=recipe.top_p)
+    rules = SamplingRules(temperature=recipe.temperature, top_k=recipe.top_k, top_p=recipe.top_p)
+    env = build_environment(recipe.env, model, tokenizer, rules=rules)
     reward = build_reward(recipe.reward) if recipe.reward is not None else None
     # the previous rollout's files go now, so that a run failing below never leaves them beside the new recipe
     clear_output_dir(out)

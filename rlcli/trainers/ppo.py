@@ -6,19 +6,25 @@ Steps of ``train`` (each PPO step is steps 4-8):
   3. policy + value head (+ LoRA), reference (LoRA: adapter disabled; else a frozen copy), reward source,
      optimiser, schedule, the PPOLearner; restore a checkpoint on --resume
   4. this step's prompts: a seeded stream over the rows, this process's share, optional prefix-length sampling
-  5. rollout: sample responses (rlcli's own KV-cache sampler for causal LMs, ``generate`` for seq2seq)
+  5. rollout: sample responses with rlcli's own KV-cache sampler (causal and seq2seq), or episodes through the
+     text environment, under the recipe's sampling rules
   6. score: decode, apply the EOS trick / missing-EOS penalty, call the reward source
-  7. ``learner.step(rollout, scores)``: the PPO math (see ppo_learner.py)
-  8. log metrics, samples, progress; checkpoint
+  7. ``learner.step(rollout, scores)``: the PPO math (see ppo_learner.py), under the same sampling rules
+  8. log metrics, samples, progress; KL health warning; checkpoint
   9. save the policy (Hugging Face format) and its value head
 
-How the details of docs/ppo-details.md are handled (numbers refer to its items):
+Steps 4-6 are ``collect_episodes`` (``bench/ppo_step.py`` calls it too).
+
+How the items of docs/ppo-details.md are handled (that file says more on each):
   1. a reward model reads prompt+response and is scored at the last real token (RewardModelScorer).
   2. PAD and EOS stay distinct whenever the tokenizer allows; response masks come from lengths, never from
      `ids != pad`, so a real EOS always keeps mask 1 even when PAD == EOS.
   3. prompts are left-padded; every forward pass takes positions from the attention mask's cumulative sum,
      in the sampler and in training alike.
-  4. top_k=0 / top_p=1.0 by default; log-probs are always those of the tempered, unfiltered distribution.
+  4. one behaviour policy: ``behaviour_rules`` turns the generation section into ``SamplingRules`` (temperature,
+     EOS banned before min_new_tokens, EOS banned everywhere when stop_at_eos is false) that the sampler draws
+     from and the learner replays on the policy's and the reference's logits, for log-probs, entropy and KL.
+     top-k / top-p are refused (see ``TRUNCATION_REFUSED``).
   5. reward.truncate_at cuts the scored text at a stop string; reward.missing_eos_penalty scores responses that
      never stopped.
   6. per-token reward −β·KL_t on model tokens + score on the last model token; β fixed or adaptive (kl.*).
@@ -56,30 +62,28 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.panel import Panel
 
 from rlcli.checkpoint import load_checkpoint, save_checkpoint
 from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError, UserError
 from rlcli.config.loader import locate
-from rlcli.config.ppo import PPORecipe
-from rlcli.data.prompts import (
-    encode_prompt,
-    left_pad,
-    load_prompt_rows,
-    right_pad,
-    sample_lengths,
-)
+from rlcli.config.ppo import GenerationConfig, PPORecipe
+from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.generation import sample
-from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, source_kind
+from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task, source_kind
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size, save_value_head
+from rlcli.padding import left_pad
 from rlcli.rewards.sources import build_reward, check_reward_function
-from rlcli.rl import Rollout
+from rlcli.rl import Rollout, SamplingRules
+from rlcli.seeds import index_stream, rollout_generator
 from rlcli.trainers.common import (
     finish,
     clear_output_dir,
@@ -94,24 +98,41 @@ from rlcli.trainers.common import (
     trainable_state,
     write_recipe,
 )
-from rlcli.trainers.ppo_learner import NonFiniteLossError, PPOLearner
-from rlcli.trainers.sft import index_stream
+from rlcli.trainers.ppo_learner import ForbiddenTokenError, NonFiniteLossError, PPOLearner
 
 SAMPLES_FILE = "samples.jsonl"
 
+TRUNCATION_REFUSED = (
+    "top-k / top-p sampling is not supported in PPO: it makes the sampling distribution depend on the logits "
+    "themselves, and neither way of taking log-probs is sound. With the full distribution in the loss, the policy is "
+    "paid to move probability onto tokens it never samples and the KL goes negative; replaying the cut in the loss, "
+    "the reference's own top-k/top-p set leaves out tokens the policy sampled, and the KL is infinite (both measured: "
+    "bench/README.md, 'top-k / top-p in PPO'). Sample the full distribution (top_k: 0, top_p: 1.0); lower "
+    "generation.temperature for sharper samples. (rlcli env-rollout, which trains nothing, allows them.)"
+)
+
+KL_WARNING = (
+    "The mean KL has been below -0.1 for 3 steps in a row (now {kl:.3g}). KL(policy || reference) cannot be "
+    "negative for tokens sampled from the policy, so the log-probs in the loss do not belong to the distribution the "
+    "tokens were drawn from. Likely causes: a sampling rule the loss does not replay (a custom sampler or "
+    "rollout, a generation setting changed between sampling and training); dropout left on in the policy or the "
+    "reference; a temperature that differs between sampling and the loss; a model whose cached (generation) and "
+    "uncached (training) forward passes differ: see sampler_logprob_diff in metrics.jsonl (about 0 when they "
+    "agree; now {diff}). Training goes on; kl_negative_steps in metrics.jsonl counts such steps."
+)
+
 
 def policy_task(recipe: PPORecipe) -> str:
-    """``seq2seq`` or ``causal``: from the architecture, or from a local/hub config when loading."""
-    if recipe.model.architecture is not None:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    """``seq2seq`` or ``causal`` (``rlcli.models.loading.model_task``)."""
+    return model_task(recipe.model)
 
-        arch = recipe.model.architecture
-        return "seq2seq" if arch in CONFIG_MAPPING and CONFIG_MAPPING[arch]().is_encoder_decoder else "causal"
-    path = Path(recipe.model.name_or_path)
-    if (path / "config.json").exists():
-        return "seq2seq" if json.loads((path / "config.json").read_text()).get("is_encoder_decoder") else "causal"
-    name = recipe.model.name_or_path.lower()
-    return "seq2seq" if any(k in name for k in ("t5", "bart", "pegasus", "marian")) else "causal"
+
+def behaviour_rules(gen: GenerationConfig, tokenizer) -> SamplingRules:
+    """The sampling rules of a recipe's generation section: what the sampler draws from and the learner replays."""
+    eos = tokenizer.eos_token_id
+    eos_ids = () if eos is None else (int(eos),)
+    return SamplingRules(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, eos_ids=eos_ids,
+                         min_new_tokens=gen.min_new_tokens, banned_ids=() if gen.stop_at_eos else eos_ids)
 
 
 def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
@@ -132,8 +153,10 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
                 problems.append(f"reward.model: {recipe.reward.model} has no config.json (not a saved model directory)")
         except UserError as exc:
             problems.append(f"reward.model: {exc}")
-    if task == "seq2seq" and recipe.generation.stop_strings:
-        problems.append("generation.stop_strings: not supported for seq2seq policies (use EOS)")
+    gen = recipe.generation
+    if gen.top_k > 0 or gen.top_p < 1.0:
+        key = "generation.top_k" if gen.top_k > 0 else "generation.top_p"
+        problems.append(f"{key}: {TRUNCATION_REFUSED}")
     if recipe.env is not None:
         from rlcli.env.build import check_env
 
@@ -143,6 +166,8 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
         if recipe.data.prompt_length is not None or recipe.data.chat_template:
             problems.append("data.prompt_length / data.chat_template: not used with env (the environment builds the "
                             "prompt from env.system_prompt, env.few_shot_prefix and the prompt text)")
+        if not gen.stop_at_eos:
+            problems.append("generation.stop_at_eos: false is not used with env (an episode always ends at EOS)")
     problems += check_launch("ppo", recipe)
     if problems:
         raise RecipeError(locate(recipe, problems, source))
@@ -157,31 +182,21 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
     ]
 
 
-# --- step 5: rollouts --------------------------------------------------------------------------------------------
+# --- steps 4-6: prompts, rollouts, scores ------------------------------------------------------------------------
 
 
-def generate(policy: ValueHeadModel, tokenizer, q_ids, q_mask, gen, generator, device) -> Rollout:
-    """Sample responses for left-padded prompts; returns a Rollout (no tool tokens)."""
+def generate(policy: ValueHeadModel, tokenizer, q_ids, q_mask, gen: GenerationConfig, rules: SamplingRules, generator,
+             device) -> Rollout:
+    """Sample responses for left-padded prompts under ``rules``; returns a Rollout (no tool tokens) that keeps the
+    sampler's log-probs for the learner's health check."""
+    lm = policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
     eos = tokenizer.eos_token_id if gen.stop_at_eos else None
-    if policy.is_encoder_decoder:
-        out = policy.pretrained.generate(
-            input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True, top_k=gen.top_k,
-            top_p=gen.top_p, temperature=gen.temperature, max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=gen.min_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        )[:, 1:].cpu()  # drop the decoder start token
-        responses = []
-        for row in out.tolist():
-            cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)
-            responses.append(row[:cut])
-        r_ids, r_mask = right_pad(responses, tokenizer.pad_token_id)
-    else:
-        lm = policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
-        out = sample(lm, q_ids.to(device), q_mask.to(device), gen.max_new_tokens, temperature=gen.temperature,
-                     top_k=gen.top_k, top_p=gen.top_p, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                     stop_strings=gen.stop_strings, tokenizer=tokenizer, min_new_tokens=gen.min_new_tokens,
-                     generator=generator)
-        r_ids, r_mask = out.response_ids.cpu(), out.response_mask.cpu()
-    return Rollout(q_ids, q_mask, r_ids, r_mask, torch.zeros_like(r_ids))
+    out = sample(lm, q_ids.to(device), q_mask.to(device), gen.max_new_tokens, rules=rules, eos_token_id=eos,
+                 pad_token_id=tokenizer.pad_token_id, stop_strings=gen.stop_strings, tokenizer=tokenizer,
+                 generator=generator)
+    r_ids = out.response_ids.cpu()
+    return Rollout(q_ids, q_mask, r_ids, out.response_mask.cpu(), torch.zeros_like(r_ids),
+                   sampler_logprobs=out.logprobs.cpu())
 
 
 def env_rollout(env, prompts: list[str], rows: list[dict], generator) -> tuple[Rollout, list]:
@@ -224,6 +239,79 @@ def response_texts(rollout: Rollout, tokenizer, gen, reward_cfg) -> tuple[list[s
     return texts, stopped
 
 
+@dataclass(frozen=True)
+class RolloutSetup:
+    """What ``collect_episodes`` needs, fixed for a run."""
+
+    recipe: PPORecipe
+    tokenizer: object
+    rows: list[dict]
+    column: str
+    policy: ValueHeadModel  # unwrapped
+    reward: object
+    rules: SamplingRules
+    accelerator: object
+    env: object = None
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """One process's share of a PPO step's batch, generated and scored."""
+
+    rollout: Rollout
+    scores: torch.Tensor  # [B] float, after the missing-EOS penalty
+    prompts: list[str]
+    responses: list[str]
+    stopped: list[bool]
+    histories: list | None  # TextHistory per episode (text environments)
+    answers: list[str] | None
+    seconds_generate: float
+    seconds_score: float
+
+
+def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
+    """Steps 4-6 of a PPO step on this process: its prompts, their rollouts and their scores."""
+    recipe, tokenizer, acc = setup.recipe, setup.tokenizer, setup.accelerator
+    p, gen = recipe.ppo, recipe.generation
+    rank, local_batch = acc.process_index, p.batch_size // acc.num_processes
+    t0 = time.perf_counter()
+    # step 4: this process takes its contiguous share of the global batch
+    g = rollout_generator(recipe.seed, step, rank)
+    indices = index_stream(len(setup.rows), recipe.seed, (step - 1) * p.batch_size, p.batch_size)
+    step_rows = [setup.rows[i] for i in indices[rank * local_batch : (rank + 1) * local_batch]]
+
+    # step 5: rollout (plain sampling, or episodes through the text environment). Under the recipe's mixed
+    # precision like the training forward: the sampler calls the unwrapped LM, which Accelerate's autocast wrapper
+    # does not cover. Its log-probs are only compared with the rollout forward's (the loss uses those).
+    histories, answers = None, None
+    if setup.env is not None:
+        prompts = [r[setup.column] for r in step_rows]
+        with acc.autocast():
+            rollout, histories = env_rollout(setup.env, prompts, step_rows, g)
+        answers = [h.answer or "" for h in histories]
+    else:
+        lengths = sample_lengths(len(step_rows), recipe.data.prompt_length, g)
+        prompt_ids = [encode_prompt(r[setup.column], tokenizer, chat_template=recipe.data.chat_template,
+                                    max_length=recipe.data.max_prompt_length, length=n)
+                      for r, n in zip(step_rows, lengths)]
+        q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+        with acc.autocast():
+            rollout = generate(setup.policy, tokenizer, q_ids, q_mask, gen, setup.rules, g, acc.device)
+        prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
+    t_gen = time.perf_counter() - t0
+
+    # step 6: score
+    t1 = time.perf_counter()
+    responses, stopped = response_texts(rollout, tokenizer, gen, recipe.reward)
+    if histories is not None:
+        stopped = [h.finish_reason in ("submit", "eos") for h in histories]
+    scores = setup.reward(prompts, responses, step_rows, answers=answers, histories=histories)
+    if recipe.reward.missing_eos_penalty is not None:
+        scores = torch.where(torch.tensor(stopped), scores, torch.tensor(recipe.reward.missing_eos_penalty))
+    return Episodes(rollout, scores, prompts, responses, stopped, histories, answers, t_gen,
+                    time.perf_counter() - t1)
+
+
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -257,10 +345,23 @@ def build_learner(recipe: PPORecipe, accelerator, tokenizer, task: str, optimize
         # DDP gave every process rank 0's policy weights; the reference was copied (or built from scratch) before
         # that, from each process's own random init. Give it rank 0's weights too, or KL > 0 at step 1.
         broadcast_module(ref)
-    learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl, temperature=recipe.generation.temperature,
-                         optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-                         max_grad_norm=recipe.optim.max_grad_norm, seed=recipe.seed)
+    learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl,
+                         rules=behaviour_rules(recipe.generation, tokenizer), optimizer=optimizer,
+                         scheduler=scheduler, accelerator=accelerator, max_grad_norm=recipe.optim.max_grad_norm,
+                         seed=recipe.seed)
     return policy, ref, reward, learner
+
+
+def rollout_setup(recipe: PPORecipe, accelerator, tokenizer, rows, column, policy: ValueHeadModel, reward,
+                  rules: SamplingRules) -> RolloutSetup:
+    """The ``RolloutSetup`` of a run, with its text environment when the recipe has one."""
+    env = None
+    if recipe.env is not None:
+        from rlcli.env.build import build_environment
+
+        lm = policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
+        env = build_environment(recipe.env, lm, tokenizer, rules=rules)
+    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, accelerator, env)
 
 
 def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
@@ -272,7 +373,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     if resume_from is None and accelerator.is_main_process:
         clear_output_dir(out)
     accelerator.wait_for_everyone()
-    rank, procs = accelerator.process_index, accelerator.num_processes
+    procs = accelerator.num_processes
 
     # step 2: tokenizer and prompts
     task = policy_task(recipe)
@@ -287,7 +388,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     full_state = recipe.lora is None or recipe.model.architecture is not None
     start_step = 0
     if resume_from is not None:
-        state, objects = load_checkpoint(resume_from, process_index=rank)
+        state, objects = load_checkpoint(resume_from, process_index=accelerator.process_index)
         load_trainable_state(accelerator.unwrap_model(model), objects["model"])
         optimizer.load_state_dict(objects["optimizer"])
         scheduler.load_state_dict(objects["scheduler"])
@@ -298,86 +399,46 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     log = MetricsLog(out, is_main=accelerator.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
                      resume_step=start_step if resume_from else None)
     samples_path = out / SAMPLES_FILE
+    unwrapped = accelerator.unwrap_model(model)
+    setup = rollout_setup(recipe, accelerator, tokenizer, rows, column, unwrapped, reward, learner.rules)
     if accelerator.is_main_process:
         if resume_from is None:
             samples_path.write_text("")
         console.print(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts, "
                       f"{p.steps} steps × {p.batch_size} episodes" + (f", {procs} processes" if procs > 1 else "")
                       + (f", resuming at step {start_step}" if start_step else ""))
+        console.print(f"sampling: {learner.rules.description()}", style="dim")
 
-    local_batch = p.batch_size // procs
-    unwrapped = accelerator.unwrap_model(model)
-    gen = recipe.generation
-    env = None
-    if recipe.env is not None:
-        from rlcli.env.build import build_environment
-
-        lm = unwrapped.pretrained.get_base_model() if unwrapped.is_peft else unwrapped.pretrained
-        env = build_environment(recipe.env, lm, tokenizer, temperature=gen.temperature, top_k=gen.top_k,
-                                top_p=gen.top_p)
     with TrainingProgress("ppo", p.steps, enabled=accelerator.is_main_process and recipe.logging.progress,
                           start=start_step, shown=("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")) as progress:
         for step in range(start_step + 1, p.steps + 1):
             t0 = time.perf_counter()
-            # step 4: prompts of this step; this process takes its contiguous share of the global batch
-            g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step * 7919 + rank)
-            indices = index_stream(len(rows), recipe.seed, (step - 1) * p.batch_size, p.batch_size)
-            mine = indices[rank * local_batch : (rank + 1) * local_batch]
-            step_rows = [rows[i] for i in mine]
-
-            # step 5: rollout (plain sampling, or episodes through the text environment). Under the recipe's
-            # mixed precision like the training forward: the sampler calls the unwrapped LM, which Accelerate's
-            # autocast wrapper does not cover. Its log-probs are not used (the rollout forward recomputes them).
-            histories, answers = None, None
-            if env is not None:
-                prompts = [r[column] for r in step_rows]
-                with accelerator.autocast():
-                    rollout, histories = env_rollout(env, prompts, step_rows, g)
-                answers = [h.answer or "" for h in histories]
-            else:
-                lengths = sample_lengths(len(mine), recipe.data.prompt_length, g)
-                prompt_ids = [encode_prompt(r[column], tokenizer, chat_template=recipe.data.chat_template,
-                                            max_length=recipe.data.max_prompt_length, length=n)
-                              for r, n in zip(step_rows, lengths)]
-                q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-                with accelerator.autocast():
-                    rollout = generate(unwrapped, tokenizer, q_ids, q_mask, gen, g, accelerator.device)
-                prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
-            t_gen = time.perf_counter() - t0
-
-            # step 6: score
-            t1 = time.perf_counter()
-            responses, stopped = response_texts(rollout, tokenizer, gen, recipe.reward)
-            if histories is not None:
-                stopped = [h.finish_reason in ("submit", "eos") for h in histories]
-            scores = reward(prompts, responses, step_rows, answers=answers, histories=histories)
-            if recipe.reward.missing_eos_penalty is not None:
-                scores = torch.where(torch.tensor(stopped), scores, torch.tensor(recipe.reward.missing_eos_penalty))
-            t_score = time.perf_counter() - t1
+            # steps 4-6: prompts, rollouts, scores
+            ep = collect_episodes(setup, step)
 
             # step 7: PPO
             try:
-                stats = learner.step(rollout, scores)
+                stats = learner.step(ep.rollout, ep.scores)
             except NonFiniteLossError as exc:
                 raise UserError(f"PPO step {step}: {exc}") from None
+            except ForbiddenTokenError as exc:
+                raise UserError(f"PPO step {step}: {exc}") from None
 
-            # step 8: log, samples, checkpoint
+            # step 8: log, samples, KL health, checkpoint
             seconds = time.perf_counter() - t0
-            n_stop, gen_tokens = learner.sum_over_processes(sum(stopped), rollout.response_mask.sum())
-            stats.update({"stopped_fraction": n_stop / stats["episodes"], "time_generate": t_gen, "time_score": t_score,
-                          "time_step": seconds, "tokens_per_s": gen_tokens / seconds})
-            if histories is not None:
-                stats.update(env_metrics(histories, env, learner))
+            n_stop, gen_tokens = learner.sum_over_processes(sum(ep.stopped), ep.rollout.response_mask.sum())
+            stats.update({"stopped_fraction": n_stop / stats["episodes"], "time_generate": ep.seconds_generate,
+                          "time_score": ep.seconds_score, "time_step": seconds, "tokens_per_s": gen_tokens / seconds})
+            if ep.histories is not None:
+                stats.update(env_metrics(ep.histories, setup.env, learner))
+            if stats.pop("kl_warning") and accelerator.is_main_process:
+                diff = stats.get("sampler_logprob_diff")
+                console.print(Panel(KL_WARNING.format(kl=stats["kl"], diff="n/a" if diff is None else f"{diff:.2g}"),
+                                    title=f"PPO step {step}: negative KL", border_style="yellow"))
             if step % recipe.logging.log_every == 0 or step == p.steps:
                 log.log(step, stats)
             if accelerator.is_main_process and (step % recipe.train.sample_every == 0 or step == 1 or step == p.steps):
-                with samples_path.open("a") as f:
-                    for i in range(min(recipe.train.samples_per_log, len(responses))):
-                        sample_row = {"step": step, "prompt": prompts[i], "response": responses[i], "reward": float(scores[i])}
-                        if histories is not None:
-                            sample_row["answer"] = answers[i]
-                            sample_row["tool_calls"] = [c.__dict__ for c in histories[i].tool_calls]
-                        f.write(json.dumps(sample_row) + "\n")
+                write_samples(samples_path, step, ep, recipe.train.samples_per_log)
             progress.update(step, stats)
             if recipe.train.save_every and step % recipe.train.save_every == 0 and step < p.steps:
                 save_checkpoint(
@@ -396,6 +457,17 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
         console.print(f"[green]done[/]: reward {stats['reward_mean']:.4g}, kl {stats['kl']:.4g}; policy saved to {out}")
     finish(accelerator)
     return out
+
+
+def write_samples(path: Path, step: int, ep: Episodes, count: int) -> None:
+    """Append a few (prompt, response, reward) rows of this step to samples.jsonl."""
+    with path.open("a") as f:
+        for i in range(min(count, len(ep.responses))):
+            row = {"step": step, "prompt": ep.prompts[i], "response": ep.responses[i], "reward": float(ep.scores[i])}
+            if ep.histories is not None:
+                row["answer"] = ep.answers[i]
+                row["tool_calls"] = [c.__dict__ for c in ep.histories[i].tool_calls]
+            f.write(json.dumps(row) + "\n")
 
 
 def save_policy(policy: ValueHeadModel, tokenizer, out: Path, *, built_from_scratch: bool, merge: bool) -> None:

@@ -1,20 +1,24 @@
 """One PPO step on finished episodes: the Python API below ``rlcli ppo`` (and the text environment).
 
-    learner = PPOLearner(model, ref_model=None, algo=recipe.ppo, kl=recipe.kl, temperature=1.0,
+    learner = PPOLearner(model, ref_model=None, algo=recipe.ppo, kl=recipe.kl, rules=SamplingRules(temperature=1.0),
                          optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
     stats = learner.step(rollout, scores)                      # a Rollout of token ids + one score per episode
     stats = learner.step_from_ids(queries, responses, scores, response_masks=None)   # lists of 1-D id tensors
 
+``rules`` are the sampling rules the rollout was drawn with (``rlcli.rl.sampling``): every log-prob, entropy and KL
+below is taken from the distribution they define, for the policy and the reference alike (docs/ppo-details.md,
+item 4), so the first epoch's ratio is 1 and the KL is an honest KL.
+
 Steps of ``step``:
-  1. forward passes without autograd: policy log-probs and values in one pass, reference log-probs (the
-     adapter disabled for LoRA, else the frozen copy), per-token KL and entropy
+  1. forward passes without autograd (``rollout_forward``): policy log-probs and values in one pass, reference
+     log-probs (the adapter disabled for LoRA, else the frozen copy), per-token KL, entropy
   2. scores: optional running normalisation, scaling, clipping
   3. per-token rewards: -β·KL_t on every model token, plus the score on the last model token
   4. optional reward whitening (no re-centring); GAE over model tokens (tool and pad tokens skipped);
      advantage whitening over model tokens, with statistics over all processes
   5. epochs × shuffled minibatches × micro-batches of clipped policy + value loss; gradient clipping;
      non-finite losses skip the optimizer step; optional early stop on an epoch's approx-KL
-  6. KL controller update; statistics reduced over processes
+  6. KL controller update, KL health check; statistics reduced over processes
 
 Every process holds its own share of the batch; whitening and logged statistics use sums over all processes,
 so 1 process and N processes see the same normalisation.
@@ -29,25 +33,32 @@ from contextlib import nullcontext
 
 import torch
 
-from rlcli.data.prompts import left_pad, right_pad
+from rlcli.padding import left_pad, pad, right_pad
 from rlcli.rl import (
     AdaptiveKLController,
     FixedKLController,
-    RunningMoments,
+    KLWatch,
     Rollout,
+    RolloutForward,
+    RunningMoments,
+    SamplingRules,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_penalty,
-    logprobs_from_logits,
-    per_token_rewards,
+    masked_whiten,
+    score_and_kl_rewards,
 )
+from rlcli.seeds import shuffle_generator
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class ForbiddenTokenError(ValueError):
+    """A rollout holds a model token that its own sampling rules forbid (it cannot have been sampled with them)."""
 
 
 def _trim(mb: Rollout) -> tuple[Rollout, int]:
@@ -61,6 +72,7 @@ def _trim(mb: Rollout) -> tuple[Rollout, int]:
         response_ids=mb.response_ids[:, :r_width],
         response_mask=mb.response_mask[:, :r_width],
         tool_mask=mb.tool_mask[:, :r_width],
+        sampler_logprobs=None if mb.sampler_logprobs is None else mb.sampler_logprobs[:, :r_width],
     )
     return trimmed, r_width
 
@@ -68,19 +80,22 @@ def _trim(mb: Rollout) -> tuple[Rollout, int]:
 class PPOLearner:
     """Holds the policy (with value head), the reference, the optimiser and the KL / score statistics."""
 
-    def __init__(self, model, *, ref_model=None, algo, kl, temperature: float, optimizer, scheduler, accelerator,
+    def __init__(self, model, *, ref_model=None, algo, kl, rules: SamplingRules, optimizer, scheduler, accelerator,
                  max_grad_norm: float | None, seed: int = 0):
+        if rules.temperature <= 0:
+            raise ValueError("PPO needs a sampling temperature > 0 (greedy decoding has no log-probs to learn from)")
         self.model = model  # possibly wrapped by Accelerate (DDP)
         self.ref_model = ref_model  # a ValueHeadModel without value head, or None for LoRA
         self.algo = algo
         self.kl_cfg = kl
-        self.temperature = temperature
+        self.rules = rules
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.accelerator = accelerator
         self.max_grad_norm = max_grad_norm
         self.seed = seed
         self.kl_ctl = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef))
+        self.kl_watch = KLWatch()
         self.score_moments = RunningMoments()
         self.steps_done = 0
         self.procs = accelerator.num_processes
@@ -89,12 +104,14 @@ class PPOLearner:
 
     def state_dict(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-                "steps_done": self.steps_done}
+                "steps_done": self.steps_done, "kl_watch": self.kl_watch.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.steps_done = state["steps_done"]
+        if "kl_watch" in state:
+            self.kl_watch.load_state_dict(state["kl_watch"])
 
     # --- reductions over processes ----------------------------------------------------------------------------
 
@@ -104,32 +121,27 @@ class PPOLearner:
             t = self.accelerator.reduce(t, "sum")
         return t.tolist()
 
-    def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor, recentre: bool = True) -> torch.Tensor:
-        m = mask.float()
-        total, sq, count = self.sum_over_processes((x * m).sum(), (x * x * m).sum(), m.sum())
-        if count < 2:
-            return x * m
-        mean = total / count
-        var = max(sq / count - mean * mean, 0.0) * count / (count - 1)
-        out = (x - mean) * (1.0 / math.sqrt(var + 1e-8))
-        if not recentre:
-            out = out + mean
-        return out * m
+    def _sum_tensor_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t.to(self.accelerator.device), "sum").to(t.device)
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, restore_mean: bool = False) -> torch.Tensor:
+        reduce = self._sum_tensor_over_processes if self.procs > 1 else None
+        return masked_whiten(x, mask, restore_mean=restore_mean, sum_over_processes=reduce)
 
     # --- step 1: forward passes without autograd --------------------------------------------------------------
 
     @torch.no_grad()
-    def _rollout_forward(self, rollout: Rollout):
+    def rollout_forward(self, rollout: Rollout) -> RolloutForward:
+        """Old log-probs, values, reference log-probs, KL and entropy of a rollout, micro-batch by micro-batch."""
         policy = self.accelerator.unwrap_model(self.model)
         policy.eval()
         b, r = rollout.response_ids.shape
-        out = {k: torch.zeros(b, r) for k in ("logprobs", "values", "ref_logprobs", "kl", "entropy")}
-        full_kl = self.kl_cfg.estimator == "full"
+        names = ("pi_logprobs", "values", "ref_logprobs", "kl", "entropy", "forbidden_mass")
+        out = {k: torch.zeros(b, r) for k in names}
         for start in range(0, b, self.algo.micro_batch_size):
             rows = slice(start, start + self.algo.micro_batch_size)
             mb, width = _trim(rollout.index(rows))
-            mb = Rollout(*(t.to(self.accelerator.device) for t in
-                           (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, mb.tool_mask)))
+            mb = mb.to(self.accelerator.device)
             args = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
             with self.accelerator.autocast():
                 logits, values = policy(*args)
@@ -138,15 +150,35 @@ class PPOLearner:
                         ref_logits, _ = policy(*args, with_values=False)
                 else:
                     ref_logits, _ = self.ref_model(*args, with_values=False)
-            lp = logprobs_from_logits(logits, mb.response_ids, self.temperature)
-            ref_lp = logprobs_from_logits(ref_logits, mb.response_ids, self.temperature)
-            kl = kl_penalty(lp, ref_lp, self.kl_cfg.estimator, logits if full_kl else None,
-                            ref_logits if full_kl else None, **({"temperature": self.temperature} if full_kl else {}))
-            for key, value in (("logprobs", lp), ("values", values), ("ref_logprobs", ref_lp), ("kl", kl),
-                               ("entropy", entropy_from_logits(logits, self.temperature))):
-                out[key][rows, :width] = value.float().cpu()
+            turn = mb.turn_positions
+            lp = self.rules.logprobs(logits, mb.response_ids, turn)
+            ref_lp = self.rules.logprobs(ref_logits, mb.response_ids, turn)
+            if self.kl_cfg.estimator == "full":
+                kl = self.rules.full_kl(logits, ref_logits, turn)
+            else:
+                kl = kl_penalty(lp, ref_lp, self.kl_cfg.estimator)
+            computed = {"pi_logprobs": lp, "values": values, "ref_logprobs": ref_lp, "kl": kl,
+                        "entropy": self.rules.entropy(logits, turn)}
+            if self.rules.restricts:
+                computed["forbidden_mass"] = self.rules.forbidden_mass(logits, turn)
+            model_mask = mb.model_mask.bool()
+            for key, value in computed.items():
+                if value is not None:
+                    out[key][rows, :width] = torch.where(model_mask, value.float(), 0.0).cpu()
         policy.train()
-        return out
+        self._check_allowed(rollout, out["pi_logprobs"])
+        return RolloutForward(values=out["values"] if policy.value_head is not None else None,
+                              **{k: out[k] for k in names if k != "values"})
+
+    def _check_allowed(self, rollout: Rollout, pi_logprobs: torch.Tensor) -> None:
+        bad = (pi_logprobs == float("-inf")) & rollout.model_mask.bool()
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            token = int(rollout.response_ids[row, col])
+            raise ForbiddenTokenError(
+                f"episode {row}, response token {col} (id {token}) is a token the sampling rules forbid there "
+                f"({self.rules.description()}): it cannot have been sampled with them. Generate with the same "
+                "rules the learner is given.")
 
     # --- the step ---------------------------------------------------------------------------------------------
 
@@ -158,7 +190,7 @@ class PPOLearner:
         scores = scores.float().cpu()
 
         # step 1: old log-probs, values, reference log-probs, KL
-        fwd = self._rollout_forward(rollout)
+        fwd = self.rollout_forward(rollout)
         timings["time_forward"] = time.perf_counter() - t0
 
         # step 2: score normalisation / scaling / clipping
@@ -171,110 +203,69 @@ class PPOLearner:
         if self.algo.score_clip is not None:
             scores = scores.clamp(-self.algo.score_clip, self.algo.score_clip)
 
-        # step 3: per-token rewards. The KL tensor is already the chosen estimator (the 'full' one needs the
-        # logits, which only the forward pass had); passing it as log-probs against zeros with k1 adds -β·KL_t.
-        rewards, _ = per_token_rewards(scores, fwd["kl"], torch.zeros_like(fwd["kl"]), mask, self.kl_ctl.value, "k1")
+        # step 3: per-token rewards
+        rewards = score_and_kl_rewards(scores, fwd.kl, mask, self.kl_ctl.value)
 
         # step 4: whitening and GAE
         if self.algo.whiten_rewards:
-            rewards = self._global_whiten(rewards, mask, recentre=False)
-        advantages, returns = gae(fwd["values"], rewards, mask, self.algo.gamma, self.algo.lam)
+            rewards = self._whiten(rewards, mask, restore_mean=True)
+        advantages, returns = gae(fwd.values, rewards, mask, self.algo.gamma, self.algo.lam)
         if self.algo.whiten_advantages:
-            advantages = self._global_whiten(advantages, mask)
+            advantages = self._whiten(advantages, mask)
 
         # step 5: epochs of minibatch updates
         t1 = time.perf_counter()
-        train_stats = self._optimise(rollout, fwd["logprobs"], fwd["values"], advantages, returns)
+        train_stats = self._optimise(rollout, fwd.pi_logprobs, fwd.values, advantages, returns)
         timings["time_optimize"] = time.perf_counter() - t1
 
-        # step 6: KL controller and statistics
+        # step 6: KL controller, KL health, statistics
         stats = self._statistics(rollout, raw_scores, scores, fwd, rewards, advantages, returns, mask)
         self.kl_ctl.update(stats["kl"], n_steps=int(stats["episodes"]))
+        stats["kl_warning"] = float(self.kl_watch.update(stats["kl"]))
+        stats["kl_negative_steps"] = float(self.kl_watch.negative_steps)
         self.steps_done += 1
         return {**stats, **train_stats, **timings, "kl_coef_next": self.kl_ctl.value}
 
-    def _optimise(self, rollout, old_logprobs, old_values, advantages, returns) -> dict[str, float]:
+    def _optimise(self, b: Rollout, b_logprobs, b_values, b_advantages, b_returns) -> dict[str, float]:
+        """Epochs × shuffled minibatches; one optimizer step per minibatch (CleanRL's update loop)."""
         a = self.algo
-        b = rollout.batch_size
         local_mini = a.mini_batch_size // self.procs
-        n_micro = max(1, local_mini // a.micro_batch_size)
-        sums = defaultdict(float)
-        counts = defaultdict(int)
-        epochs_done, skipped, early_stopped = 0, 0, 0.0
-        model_tokens = rollout.model_mask.sum(dim=1)
+        b_tokens = b.model_mask.sum(dim=1)
         # rows sorted by length inside a minibatch, so micro-batches hold rows of similar length and _trim cuts
-        # more padding; the loss is normalised by the minibatch's model tokens (below), so the grouping changes
-        # only the order of float sums
-        lengths = rollout.query_mask.sum(dim=1) + rollout.response_mask.sum(dim=1)
+        # more padding; the loss is normalised by the minibatch's model tokens, so the order only changes float sums
+        b_lengths = b.query_mask.sum(dim=1) + b.response_mask.sum(dim=1)
+        sums, counts = defaultdict(float), defaultdict(int)
+        epochs_done, skipped, early_stopped = 0, 0, 0.0
         for epoch in range(a.epochs):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps_done * 101 + epoch)
-            order = torch.randperm(b, generator=g)
+            b_inds = torch.randperm(b.batch_size, generator=shuffle_generator(self.seed, self.steps_done, epoch))
             epoch_kl = []
-            for m_start in range(0, b, local_mini):
-                mini = order[m_start : m_start + local_mini]
-                if n_micro > 1:
-                    mini = mini[torch.argsort(lengths[mini], stable=True)]
-                # every token of the (global) minibatch weighs the same, whatever micro-batch or process it is
-                # in: micro-batch loss = its token sum / the minibatch's tokens over all processes, × processes
-                # because DDP averages gradients over processes
-                local_tokens = float(model_tokens[mini].sum())
-                (global_tokens,) = self.sum_over_processes(local_tokens)
-                finite = True
-                mini_stats = defaultdict(float)
-                for i in range(n_micro):
-                    rows = mini[i * a.micro_batch_size : (i + 1) * a.micro_batch_size]
-                    if len(rows) == 0:
-                        continue
-                    mb, width = _trim(rollout.index(rows))
-                    dev = self.accelerator.device
-                    mb = Rollout(*(t.to(dev) for t in (mb.query_ids, mb.query_mask, mb.response_ids,
-                                                        mb.response_mask, mb.tool_mask)))
-                    m = mb.model_mask.float()
-                    tokens = float(model_tokens[rows].sum())
-                    sync = nullcontext() if i == n_micro - 1 else self.accelerator.no_sync(self.model)
-                    with sync:
-                        logits, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
-                        lp = logprobs_from_logits(logits, mb.response_ids, self.temperature)
-                        pg_loss, pg = clipped_policy_loss(lp, old_logprobs[rows, :width].to(dev),
-                                                          advantages[rows, :width].to(dev), m, a.clip_range)
-                        vf_loss, vf = clipped_value_loss(values, old_values[rows, :width].to(dev),
-                                                         returns[rows, :width].to(dev), m, a.clip_range_value)
-                        loss = (pg_loss + a.vf_coef * vf_loss) * (tokens * self.procs / max(global_tokens, 1.0))
-                        ok = torch.isfinite(loss.detach()).float()
-                        if self.procs > 1:
-                            ok = self.accelerator.reduce(ok, "min")  # every process skips together
-                        if ok.item() < 1:
-                            finite = False
-                            break
-                        self.accelerator.backward(loss)
-                    share = tokens / max(local_tokens, 1.0)  # this process's statistics: token-weighted too
-                    for key, value in (("loss_policy", pg_loss), ("loss_value", vf_loss), ("policy_clipfrac", pg["clipfrac"]),
-                                       ("approx_kl", pg["approx_kl"]), ("value_clipfrac", vf["vf_clipfrac"]),
-                                       ("ratio", pg["ratio_mean"])):
-                        mini_stats[key] += float(value.detach()) * share
-                if not finite:
+            for start in range(0, b.batch_size, local_mini):
+                mb_inds = b_inds[start : start + local_mini]
+                mb_inds = mb_inds[torch.argsort(b_lengths[mb_inds], stable=True)]
+                mb_stats = self._accumulate_minibatch(b, mb_inds, b_tokens, b_logprobs, b_values, b_advantages,
+                                                      b_returns)
+                if mb_stats is None:
                     # never step on a batch whose loss was dropped (ppo-details item 15)
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     continue
                 if self.max_grad_norm is not None:
-                    norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-                    mini_stats["grad_norm"] = float(norm)
+                    mb_stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                                                   self.max_grad_norm))
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for key, value in mini_stats.items():
+                for key, value in mb_stats.items():
                     sums[key] += value
                     counts[key] += 1
-                epoch_kl.append(mini_stats["approx_kl"])
+                epoch_kl.append(mb_stats["approx_kl"])
             epochs_done += 1
             if a.target_approx_kl is not None and epoch_kl:
                 kl_sum, kl_n = self.sum_over_processes(sum(epoch_kl), len(epoch_kl))
                 if kl_sum / kl_n > a.target_approx_kl:
                     early_stopped = 1.0
                     break
-        total_minis = a.epochs * math.ceil(b / local_mini)
-        if skipped == total_minis:
+        if skipped == a.epochs * math.ceil(b.batch_size / local_mini):
             raise NonFiniteLossError("every minibatch of this PPO step had a non-finite loss; lower the learning rate, "
                                      "check the reward's scale, or set ppo.score_clip")
         keys = sorted(sums)
@@ -284,21 +275,72 @@ class PPOLearner:
                     "lr": self.scheduler.get_last_lr()[0]})
         return out
 
-    def _statistics(self, rollout, raw_scores, scores, fwd, rewards, advantages, returns, mask) -> dict[str, float]:
-        k1 = (fwd["logprobs"] - fwd["ref_logprobs"]) * mask
+    def _accumulate_minibatch(self, b: Rollout, mb_inds, b_tokens, b_logprobs, b_values, b_advantages,
+                              b_returns) -> dict[str, float] | None:
+        """Forward + backward over a minibatch's micro-batches, gradients accumulated (synchronised across processes
+        at the last one). Returns the minibatch's token-weighted statistics, or None if a loss was non-finite on any
+        process (then no gradient is kept).
+
+        Every token of the (global) minibatch weighs the same, whatever micro-batch or process it is in: a
+        micro-batch's loss is its token sum over the minibatch's tokens on all processes, × processes because DDP
+        averages gradients over processes.
+        """
+        a, dev = self.algo, self.accelerator.device
+        local_tokens = float(b_tokens[mb_inds].sum())
+        (global_tokens,) = self.sum_over_processes(local_tokens)
+        micro_batches = [mb_inds[i : i + a.micro_batch_size] for i in range(0, len(mb_inds), a.micro_batch_size)]
+        mb_stats = defaultdict(float)
+        for i, rows in enumerate(micro_batches):
+            mb, width = _trim(b.index(rows))
+            mb = mb.to(dev)
+            mb_mask = mb.model_mask.float()
+            tokens = float(b_tokens[rows].sum())
+            sync = nullcontext() if i == len(micro_batches) - 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                logits, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+                mb_logprobs = self.rules.logprobs(logits, mb.response_ids, mb.turn_positions)
+                pg_loss, pg = clipped_policy_loss(mb_logprobs, b_logprobs[rows, :width].to(dev),
+                                                  b_advantages[rows, :width].to(dev), mb_mask, a.clip_range)
+                loss, parts = pg_loss, {"loss_policy": pg_loss, "policy_clipfrac": pg["clipfrac"],
+                                        "approx_kl": pg["approx_kl"], "ratio": pg["ratio_mean"]}
+                if values is not None and b_values is not None:
+                    vf_loss, vf = clipped_value_loss(values, b_values[rows, :width].to(dev),
+                                                     b_returns[rows, :width].to(dev), mb_mask, a.clip_range_value)
+                    loss = loss + a.vf_coef * vf_loss
+                    parts.update({"loss_value": vf_loss, "value_clipfrac": vf["vf_clipfrac"]})
+                loss = loss * (tokens * self.procs / max(global_tokens, 1.0))
+                ok = torch.isfinite(loss.detach()).float()
+                if self.procs > 1:
+                    ok = self.accelerator.reduce(ok, "min")  # every process skips together
+                if ok.item() < 1:
+                    return None
+                self.accelerator.backward(loss)
+            share = tokens / max(local_tokens, 1.0)  # this process's statistics: token-weighted too
+            for key, value in parts.items():
+                mb_stats[key] += float(value.detach()) * share
+        return mb_stats
+
+    def _statistics(self, rollout, raw_scores, scores, fwd: RolloutForward, rewards, advantages, returns,
+                    mask) -> dict[str, float]:
+        k1 = (fwd.pi_logprobs - fwd.ref_logprobs) * mask
         n_rows = rollout.batch_size
         lengths = rollout.response_mask.sum(dim=1).float()
         model_tokens = mask.sum()
-        ev = explained_variance(fwd["values"], returns, mask)
+        values = fwd.values if fwd.values is not None else torch.zeros_like(mask)
+        ev = explained_variance(values, returns, mask) if fwd.values is not None else torch.tensor(float("nan"))
+        drift = 0.0
+        if rollout.sampler_logprobs is not None:
+            drift = ((rollout.sampler_logprobs - fwd.pi_logprobs).abs() * mask).sum()
         sums = self.sum_over_processes(
             n_rows, raw_scores.sum(), (raw_scores**2).sum(), scores.sum(), k1.sum(), model_tokens,
-            (fwd["kl"] * mask).sum(), (fwd["entropy"] * mask).sum(), lengths.sum(), rollout.tool_mask.sum(),
-            (fwd["values"] * mask).sum(), (returns * mask).sum(), (rewards * mask).sum(),
-            0.0 if math.isnan(float(ev)) else float(ev),
+            (fwd.kl * mask).sum(), (fwd.entropy * mask).sum(), lengths.sum(), rollout.tool_mask.sum(),
+            (values * mask).sum(), (returns * mask).sum(), (rewards * mask).sum(),
+            0.0 if math.isnan(float(ev)) else float(ev), (fwd.forbidden_mass * mask).sum(), drift,
         )
-        (n, s_sum, s_sq, sc_sum, k1_sum, tok, kl_pen, ent, len_sum, tool_tok, v_sum, ret_sum, rew_sum, ev_sum) = sums
+        (n, s_sum, s_sq, sc_sum, k1_sum, tok, kl_pen, ent, len_sum, tool_tok, v_sum, ret_sum, rew_sum, ev_sum,
+         forbidden, drift_sum) = sums
         mean = s_sum / n
-        return {
+        stats = {
             "episodes": n,
             "reward_mean": mean,
             "reward_std": math.sqrt(max(s_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)),
@@ -312,11 +354,19 @@ class PPOLearner:
             "response_length": len_sum / n,
             "model_tokens": tok / n,
             "tool_tokens": tool_tok / n,
-            "value_mean": v_sum / max(tok, 1),
             "return_mean": ret_sum / max(tok, 1),
             "token_reward_mean": rew_sum / max(tok, 1),
-            "explained_variance": ev_sum / self.procs,
         }
+        if self.rules.restricts:
+            stats["forbidden_mass"] = forbidden / max(tok, 1)
+        if fwd.values is not None:
+            stats["value_mean"] = v_sum / max(tok, 1)
+            stats["explained_variance"] = ev_sum / self.procs
+        if rollout.sampler_logprobs is not None:
+            # the sampler's log-probs against the training forward's, same weights: 0 up to float noise; large
+            # means the sampler and the forward pass disagree (cache, positions, dtype, a model-specific path)
+            stats["sampler_logprob_diff"] = drift_sum / max(tok, 1)
+        return stats
 
     # --- convenience: lists of id tensors ---------------------------------------------------------------------
 
@@ -327,7 +377,7 @@ class PPOLearner:
         r_ids, r_mask = right_pad([r.tolist() for r in responses], pad_token_id)
         tool = torch.zeros_like(r_ids)
         if response_masks is not None:
-            model_mask, _ = right_pad([m.tolist() for m in response_masks], 0)
+            model_mask, _ = pad([m.tolist() for m in response_masks], 0, "right", min_width=r_ids.shape[1])
             tool = (r_mask * (1 - model_mask)).long()
         rollout = Rollout(q_ids, q_mask, r_ids, r_mask, tool)
         return self.step(rollout, torch.as_tensor(scores, dtype=torch.float32))

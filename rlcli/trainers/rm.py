@@ -37,6 +37,7 @@ from rlcli.data.sources import check_data_source, train_eval_rows
 from rlcli.launch import check_launch
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
+from rlcli.seeds import index_stream
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
 from rlcli.trainers.common import (
     finish,
@@ -52,7 +53,6 @@ from rlcli.trainers.common import (
     trainable_state,
     write_recipe,
 )
-from rlcli.trainers.sft import index_stream
 
 
 def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,

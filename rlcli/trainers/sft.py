@@ -34,7 +34,8 @@ from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_r
 from rlcli.data.sources import check_data_source, train_eval_rows
 from rlcli.launch import check_launch
 from rlcli.logging import MetricsLog, TrainingProgress, console
-from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
+from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task
+from rlcli.seeds import index_stream
 from rlcli.trainers.common import (
     finish,
     clear_output_dir,
@@ -53,7 +54,7 @@ from rlcli.trainers.common import (
 
 def preflight(recipe: SFTRecipe, source: str = "recipe") -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
-    task = "seq2seq" if recipe.model.architecture == "t5" else "causal"
+    task = model_task(recipe.model)
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
     problems += check_launch("sft", recipe)
     if problems:
@@ -63,18 +64,6 @@ def preflight(recipe: SFTRecipe, source: str = "recipe") -> list[str]:
         f"global batch {recipe.train.batch_size} = micro-batch {recipe.train.micro_batch_size} × "
         f"{world_size()} process(es) × {accum} accumulation step(s)"
     ]
-
-
-def index_stream(num_examples: int, seed: int, start: int, count: int) -> list[int]:
-    """Indices ``start .. start+count`` of an endless stream of seeded epoch permutations (no example dropped)."""
-    out, epoch = [], start // num_examples
-    offset = start % num_examples
-    while len(out) < count:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(num_examples, generator=g).tolist()
-        out.extend(perm[offset:])
-        offset, epoch = 0, epoch + 1
-    return out[:count]
 
 
 def _target_tokens(example: dict) -> int:
@@ -124,7 +113,7 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
                       f"({tcfg.batch_size}); batches repeat examples across epochs")
 
     # step 3: model, optimiser, schedule, resume
-    task = "seq2seq" if recipe.model.architecture == "t5" else "causal"
+    task = model_task(recipe.model)
     if task != "causal":
         raise RecipeError([Problem("model.architecture", "rlcli sft trains decoder-only (causal) models", "recipe")])
     model = load_model(recipe.model, task, tokenizer)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from rlcli.config.common import ModelConfig
 from rlcli.config.loader import load_recipe
 from rlcli.config.ppo import PPORecipe
-from rlcli.data.prompts import left_pad
+from rlcli.padding import left_pad
 from rlcli.models.generation import sample
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, load_value_head_model

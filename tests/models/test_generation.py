@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from rlcli.models.generation import sample
 from rlcli.models.tokenizer import build_byte_tokenizer
+from rlcli.rl.sampling import SamplingRules
 from rlcli.rl.types import Rollout
 
 
@@ -36,9 +37,15 @@ def encode(tok, prompts, pad_to: int | None = None):
     return input_ids, mask
 
 
+RULE_KEYS = ("temperature", "top_k", "top_p", "min_new_tokens", "banned_ids")
+
+
 def run(model, tok, input_ids, mask, max_new_tokens=20, seed=0, **kwargs):
     kwargs.setdefault("eos_token_id", tok.eos_token_id)
-    return sample(model, input_ids, mask, max_new_tokens, pad_token_id=tok.pad_token_id,
+    rule_kwargs = {k: kwargs.pop(k) for k in RULE_KEYS if k in kwargs}
+    eos = kwargs["eos_token_id"]
+    rules = SamplingRules(eos_ids=tuple([eos] if isinstance(eos, int) else eos or ()), **rule_kwargs)
+    return sample(model, input_ids, mask, max_new_tokens, rules=rules, pad_token_id=tok.pad_token_id,
                   generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
@@ -57,7 +64,7 @@ def test_left_padding_changes_nothing(model, tok):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_the_training_forward_pass(model, tok, temperature):
     input_ids, mask = encode(tok, ["hi", "a longer prompt", "mid size"])
-    out = run(model, tok, input_ids, mask, max_new_tokens=[5, 30, 17], temperature=temperature, top_k=50)
+    out = run(model, tok, input_ids, mask, max_new_tokens=[5, 30, 17], temperature=temperature)
     rollout = Rollout(input_ids, mask, out.response_ids, out.response_mask, torch.zeros_like(out.response_ids))
     full_ids, full_mask, positions = rollout.full_sequences()
     with torch.no_grad():

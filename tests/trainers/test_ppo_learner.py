@@ -8,11 +8,11 @@ from accelerate import Accelerator
 
 from rlcli.config.common import LoraConfig, ModelConfig
 from rlcli.config.ppo import KLConfig, PPOAlgo
-from rlcli.data.prompts import left_pad
+from rlcli.padding import left_pad
 from rlcli.models.generation import sample
 from rlcli.models.loading import apply_lora, load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, load_value_head_model
-from rlcli.rl import Rollout
+from rlcli.rl import Rollout, SamplingRules
 from rlcli.trainers.common import make_optimizer
 from rlcli.config.common import OptimConfig
 from rlcli.trainers.ppo_learner import PPOLearner
@@ -35,7 +35,7 @@ def _setup(lora: bool = False, lr: float = 1e-3, **algo):
     policy = ValueHeadModel(lm, ValueHead(64))
     a = PPOAlgo(batch_size=8, mini_batch_size=4, micro_batch_size=2, **algo)
     opt, sched = make_optimizer(policy.parameters(), OptimConfig(learning_rate=lr), 100)
-    learner = PPOLearner(policy, ref_model=ref, algo=a, kl=KLConfig(coef=0.05), temperature=1.0, optimizer=opt,
+    learner = PPOLearner(policy, ref_model=ref, algo=a, kl=KLConfig(coef=0.05), rules=SamplingRules(), optimizer=opt,
                          scheduler=sched, accelerator=Accelerator(cpu=True), max_grad_norm=1.0)
     return tok, policy, learner
 
@@ -50,10 +50,10 @@ def _rollout(tok, policy, n=8, new=12):
 def test_first_step_has_zero_kl_and_unit_ratio():
     tok, policy, learner = _setup(lr=1e-9)
     rollout, out = _rollout(tok, policy)
-    fwd = learner._rollout_forward(rollout)
+    fwd = learner.rollout_forward(rollout)
     mask = rollout.response_mask.bool()
     # the sampler's log-probs are the training forward's log-probs (same positions, temperature, no dropout)
-    assert torch.allclose(fwd["logprobs"][mask], out.logprobs[mask], atol=1e-5)
+    assert torch.allclose(fwd.pi_logprobs[mask], out.logprobs[mask], atol=1e-5)
     stats = learner.step(rollout, torch.ones(8))
     assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
     assert stats["ratio"] == pytest.approx(1.0, abs=1e-4) and stats["policy_clipfrac"] == 0.0
@@ -63,10 +63,10 @@ def test_rewarded_tokens_become_more_likely():
     tok, policy, learner = _setup(lr=1e-2)
     rollout, _ = _rollout(tok, policy)
     scores = torch.tensor([1.0, -1.0] * 4)
-    before = learner._rollout_forward(rollout)["logprobs"]
+    before = learner.rollout_forward(rollout).pi_logprobs
     for _ in range(3):
         learner.step(rollout, scores)
-    after = learner._rollout_forward(rollout)["logprobs"]
+    after = learner.rollout_forward(rollout).pi_logprobs
     m = rollout.model_mask.float()
     delta = ((after - before) * m).sum(1) / m.sum(1)
     assert delta[0::2].mean() > 0 > delta[1::2].mean()
@@ -82,15 +82,16 @@ def test_tool_tokens_get_no_gradient_signal():
     tool[:, 3:6] = rollout.response_mask[:, 3:6]
     with_tools = Rollout(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask, tool)
     stats = learner.step(with_tools, torch.tensor([1.0, -1.0] * 4))
-    fwd = learner._rollout_forward(with_tools)  # after an update, so the policy differs from the reference
+    fwd = learner.rollout_forward(with_tools)  # after an update, so the policy differs from the reference
     assert stats["tool_tokens"] == pytest.approx(float(tool.sum()) / 8)
     assert stats["model_tokens"] == pytest.approx(float(with_tools.model_mask.sum()) / 8)
-    # KL penalty is only on model tokens
-    assert (fwd["kl"] * tool).abs().sum() > 0  # the raw KL exists on tool tokens ...
-    from rlcli.rl import per_token_rewards
+    # log-probs and KL exist on model tokens only, and the reward puts nothing on tool tokens
+    assert (fwd.kl * with_tools.model_mask).abs().sum() > 0 and (fwd.kl * tool).abs().sum() == 0
+    assert (fwd.pi_logprobs * tool).abs().sum() == 0
+    from rlcli.rl import score_and_kl_rewards
 
-    rewards, _ = per_token_rewards(torch.ones(8), fwd["kl"], torch.zeros_like(fwd["kl"]), with_tools.model_mask, 0.05)
-    assert (rewards * tool).abs().sum() == 0  # ... but never reaches the reward
+    rewards = score_and_kl_rewards(torch.ones(8), torch.randn_like(fwd.kl), with_tools.model_mask, 0.05)
+    assert (rewards * tool).abs().sum() == 0
 
 
 def test_lora_reference_is_the_base_with_adapter_disabled():
@@ -98,15 +99,15 @@ def test_lora_reference_is_the_base_with_adapter_disabled():
     rollout, _ = _rollout(tok, policy)
     for _ in range(2):
         stats = learner.step(rollout, torch.tensor([1.0, -1.0] * 4))
-    fwd = learner._rollout_forward(rollout)
+    fwd = learner.rollout_forward(rollout)
     mask = rollout.response_mask.bool()
-    assert not torch.allclose(fwd["logprobs"][mask], fwd["ref_logprobs"][mask])
+    assert not torch.allclose(fwd.pi_logprobs[mask], fwd.ref_logprobs[mask])
     # the reference equals the untouched base model
     with policy.reference():
         logits, _ = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
     from rlcli.rl import logprobs_from_logits
 
-    assert torch.allclose(logprobs_from_logits(logits, rollout.response_ids)[mask], fwd["ref_logprobs"][mask], atol=1e-5)
+    assert torch.allclose(logprobs_from_logits(logits, rollout.response_ids)[mask], fwd.ref_logprobs[mask], atol=1e-5)
     assert stats["kl"] != 0  # (off-policy here: the rollout is reused, so its sign is not meaningful)
 
 
