@@ -74,6 +74,9 @@ def save_checkpoint(
         for name, obj in objects.items():
             torch.save(obj.state_dict() if hasattr(obj, "state_dict") else obj, tmp / f"{name}.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        recipe = Path(output_dir) / rundir.RECIPE_FILE
+        if recipe.is_file():  # what --resume compares its recipe with (the run's own copy changes on resume)
+            shutil.copyfile(recipe, tmp / rundir.RECIPE_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

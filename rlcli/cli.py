@@ -67,6 +67,13 @@ def _checked(recipe, preflight: Callable, source: str, resume: bool) -> list[str
     from rlcli.trainers.common import check_output_dir
 
     problems = locate(recipe, check_output_dir(recipe, resume), source)
+    if resume and not problems:
+        from rlcli.checkpoint import latest_checkpoint
+        from rlcli.trainers.common import check_resume_recipe
+
+        ckpt = latest_checkpoint(recipe.output_dir)
+        if ckpt is not None:
+            check_resume_recipe(recipe, ckpt)
     try:
         notes = preflight(recipe, source)
     except RecipeError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rlcli import rundir
+from rlcli.config.errors import UserError
 
 console = Console(highlight=False)
 METRICS_FILE = "metrics.jsonl"
@@ -22,6 +24,52 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep the information as text
     return value
+
+
+def truncate_jsonl(path: str | Path, last_step: int) -> int:
+    """Cut a run's JSONL file back to its rows with ``"step" <= last_step`` (what ``--resume`` needs before it
+    appends the steps after its checkpoint again); returns the rows kept.
+
+    A run killed mid-write leaves a torn last line: it is dropped. A line that is not JSON anywhere else means the
+    file was damaged otherwise, and is a ``UserError`` naming it. Rows without a step are kept. Nothing happens
+    when the file does not exist. The file is replaced atomically, so a kill during the cut loses nothing.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_bytes().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if number == len(lines):
+                break  # torn by a kill mid-write
+            raise UserError(f"{path}:{number}: not a JSON object, so the file cannot be continued: "
+                            f"{line[:60].decode(errors='replace')!r}; move the file away to resume")
+        step = row.get("step")
+        if not isinstance(step, (int, float)) or step <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+    os.replace(tmp, path)
+    return len(kept)
+
+
+def open_jsonl(path: str | Path, resume_step: int | None) -> Path:
+    """Get a run's JSONL file ready for appending (main process only): claim it in the output dir's manifest,
+    then start it empty (fresh run) or cut it back to ``resume_step`` (``--resume``)."""
+    path = Path(path)
+    rundir.claim(path.parent, path.name)
+    if resume_step is None:
+        path.write_text("")
+    else:
+        truncate_jsonl(path, resume_step)
+    return path
 
 
 class MetricsLog:
@@ -36,17 +84,7 @@ class MetricsLog:
         self.is_main = is_main
         self.tracker = tracker  # an Accelerator with trackers initialised, or None
         if is_main:
-            rundir.claim(self.path.parent, METRICS_FILE)
-            if resume_step is None:
-                self.path.write_text("")
-            else:
-                self._truncate(resume_step)
-
-    def _truncate(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            open_jsonl(self.path, resume_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.is_main:
@@ -60,9 +98,16 @@ class MetricsLog:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's ``metrics.jsonl``."""
-    path = Path(output_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All records of a run's ``metrics.jsonl`` (a torn last line, from a killed run, is left out)."""
+    lines = [line for line in (Path(output_dir) / METRICS_FILE).read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
 class TrainingProgress:

@@ -28,11 +28,13 @@ class UserError(Exception):
 class RecipeError(UserError):
     """A recipe with one or more problems; all of them are reported together."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], *, title: str | None = None, hint: str | None = None):
         self.problems = problems
+        self.title = title
+        self.hint = hint
         super().__init__(self.render())
 
     def render(self) -> str:
         head = "1 problem" if len(self.problems) == 1 else f"{len(self.problems)} problems"
-        lines = [f"Invalid recipe ({head}):"] + [f"  - {p.render()}" for p in self.problems]
-        return "\n".join(lines)
+        lines = [self.title or f"Invalid recipe ({head}):"] + [f"  - {p.render()}" for p in self.problems]
+        return "\n".join(lines + ([self.hint] if self.hint else []))

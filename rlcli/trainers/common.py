@@ -73,7 +73,8 @@ def prepare_output_dir(recipe: RecipeBase, resume: bool) -> Path | None:
 
     A fresh run refuses a directory that already holds a run unless ``overwrite_output_dir`` is set, so a typo
     never silently destroys results; it reuses, without asking, one whose run stopped before its first
-    checkpoint (nothing there can be resumed). ``--resume`` needs a checkpoint.
+    checkpoint (nothing there can be resumed). ``--resume`` needs a checkpoint and the recipe the checkpoint was
+    trained with, apart from the settings listed in ``RESUME_MAY_CHANGE``.
     """
     check_run_setup(recipe, resume)
     out = Path(recipe.output_dir)
@@ -97,6 +98,7 @@ def prepare_output_dir(recipe: RecipeBase, resume: bool) -> Path | None:
         if manifest is not None and manifest.get("recipe") not in (None, kind):
             raise UserError(f"--resume: {out} holds an `rlcli {_command(manifest.get('recipe'))}` run; "
                             f"`rlcli {_command(kind)}` cannot continue it")
+        check_resume_recipe(recipe, ckpt)
         return ckpt
     if has_run:
         stopped_early = (manifest is not None and manifest.get("state") == "running"
@@ -116,6 +118,66 @@ def prepare_output_dir(recipe: RecipeBase, resume: bool) -> Path | None:
 def clear_output_dir(out: Path) -> None:
     """Remove a previous run's files: only those rlcli wrote (its manifest); anything else stays."""
     rundir.remove_owned(out)
+
+
+# Settings --resume may change: they do not alter the sequence of updates (how long it runs, what is logged,
+# saved or evaluated, micro-batches that only regroup the same batch).
+RESUME_MAY_CHANGE = (
+    "output_dir", "overwrite_output_dir", "logging", "train.max_steps", "train.epochs", "ppo.steps",
+    "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_batch_size", "train.sample_every",
+    "train.samples_per_log", "train.micro_batch_size", "ppo.micro_batch_size", "model.gradient_checkpointing",
+    "lora.merge_on_save",
+)
+_MISSING = object()
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in list(old) + [k for k in new if k not in old]:
+            a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+            if a is _MISSING or b is _MISSING:
+                continue  # a key of another rlcli version: nothing to compare
+            found += _changes(a, b, f"{prefix}{key}.")
+        return found
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume_recipe(recipe: RecipeBase, ckpt: Path) -> None:
+    """Refuse a resumed recipe that differs from the checkpoint's in a setting that changes the updates."""
+    import yaml
+
+    saved_path = ckpt / RECIPE_FILE
+    if not saved_path.is_file():
+        saved_path = ckpt.parent.parent / RECIPE_FILE
+    if not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    current = recipe.model_dump(mode="json")
+    changed = [(k, a, b) for k, a, b in _changes(saved, current)
+               if not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)]
+    if not changed:
+        return
+    problems = locate(recipe, [f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changed])
+    raise RecipeError(
+        problems,
+        title=f"--resume: {len(changed)} setting(s) differ from those the checkpoint was trained with ({saved_path}):",
+        hint="A resumed run continues exactly as it was trained, so these must stay as they were (drop the "
+             "overrides, or restore the recipe). --resume accepts changes to: more or fewer steps (train.max_steps, "
+             "train.epochs, ppo.steps), logging.*, train.save_every, train.keep_checkpoints, train.eval_every, "
+             "micro_batch_size and similar. To train on with other settings, start a new run in another output_dir "
+             "from this one's model (model.name_or_path=<this output_dir>).",
+    )
 
 
 def make_accelerator(recipe: RecipeBase, mixed_precision: str, *, tf32: bool = True) -> Accelerator:

@@ -1,0 +1,141 @@
+"""``--resume`` through the real CLI: it refuses settings that would change the run it continues, cuts the run's
+JSONL files back to the checkpoint (a torn last line included), and says what to do when there is nothing to
+resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rlcli.config.loader import load_recipe, recipe_to_yaml
+from rlcli.logging import truncate_jsonl
+from rlcli.config.errors import UserError
+from tests.conftest import REPO, plain, read_metrics, run_cli
+
+SFT = "configs/tiny/sft.yaml"
+QUICK = ["train.max_steps=4", "train.save_every=2", "data.eval_fraction=0", "logging.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    res = run_cli("sft", SFT, f"output_dir={out}", *QUICK)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_resume_refuses_changed_settings_and_lists_them(sft_run):
+    before = (sft_run / "recipe.yaml").read_text()
+    for flag in ("--dry-run", None):
+        res = run_cli("sft", SFT, f"output_dir={sft_run}", *QUICK, "train.batch_size=16", "optim.learning_rate=1e-2",
+                      "--resume", *([flag] if flag else []))
+        err = plain(res.stderr)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "2 setting(s) differ" in err, err
+        assert "command line: optim.learning_rate: 0.003 -> 0.01" in err, err
+        assert "command line: train.batch_size: 32 -> 16" in err, err
+        assert "another output_dir" in err and "Traceback" not in res.stderr
+    assert (sft_run / "recipe.yaml").read_text() == before  # nothing recorded for a run that did not happen
+
+
+def test_resume_accepts_more_steps_and_logging_changes(sft_run, tmp_path):
+    out = tmp_path / "more"
+    res = run_cli("sft", SFT, f"output_dir={out}", *QUICK)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli("sft", SFT, f"output_dir={out}", *QUICK, "train.max_steps=6", "train.save_every=3",
+                  "logging.log_every=2", "train.keep_checkpoints=1", "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 4, 6]  # steps 3, 5 not logged any more
+    assert "max_steps: 6" in (out / "recipe.yaml").read_text()
+
+
+def test_torn_metrics_line_is_dropped_on_resume(sft_run, tmp_path):
+    out = tmp_path / "torn"
+    res = run_cli("sft", SFT, f"output_dir={out}", *QUICK)
+    assert res.returncode == 0, res.stderr[-2000:]
+    expected = read_metrics(out)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a kill in the middle of a write
+    res = run_cli("sft", SFT, f"output_dir={out}", *QUICK, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = read_metrics(out)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert [m["loss"] for m in got] == [m["loss"] for m in expected]
+
+
+def test_truncate_jsonl_keeps_rows_up_to_the_step(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    rows = [{"step": 1}, {"step": 2, "prompt": "a"}, {"step": 2, "prompt": "b"}, {"step": 3}, {"note": "no step"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "resp')
+    assert truncate_jsonl(path, 2) == 4
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3] + [rows[4]]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UserError, match=r"samples.jsonl:2: not a JSON object"):
+        truncate_jsonl(path, 1)
+    truncate_jsonl(tmp_path / "missing.jsonl", 3)  # nothing to cut
+    assert not (tmp_path / "missing.jsonl").exists()
+
+
+def _fabricated_run(tmp_path, schema, recipe_file, overrides):
+    """An output dir as a run with a checkpoint at step 2 leaves it (recipe copies and manifest; no weights are
+    needed: the recipe check comes before anything is loaded)."""
+    out = tmp_path / "run"
+    recipe = load_recipe(schema, REPO / recipe_file, [f"output_dir={out}", *overrides])
+    ckpt = out / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    for path in (out / "recipe.yaml", ckpt / "recipe.yaml"):
+        path.write_text(recipe_to_yaml(recipe))
+    (out / ".rlcli-run.json").write_text(json.dumps({"files": ["checkpoints", "recipe.yaml"],
+                                                     "recipe": schema.__name__, "state": "running", "pid": 1 << 22}))
+    return out
+
+
+@pytest.mark.parametrize("command, recipe_file, change, fragment", [
+    ("rm", "configs/tiny/rm.yaml", "train.center_penalty=0.1", "train.center_penalty: 0.0 -> 0.1"),
+    ("ppo", "configs/tiny/ppo.yaml", "kl.coef=0.5", "kl.coef: 0.05 -> 0.5"),
+])
+def test_rm_and_ppo_resume_refuse_changed_settings(tmp_path, command, recipe_file, change, fragment):
+    from rlcli.config.ppo import PPORecipe
+    from rlcli.config.rm import RMRecipe
+
+    schema = {"rm": RMRecipe, "ppo": PPORecipe}[command]
+    out = _fabricated_run(tmp_path, schema, recipe_file, [])
+    res = run_cli(command, recipe_file, f"output_dir={out}", change, "logging.progress=false", "--resume")
+    err = plain(res.stderr)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"command line: {fragment}" in err, err
+    assert "Traceback" not in res.stderr
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_what_to_do_and_is_reused(tmp_path):
+    out = tmp_path / "early"
+    args = ["sft", SFT, f"output_dir={out}", "train.save_every=100", "logging.progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlcli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "250"})
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints").exists()
+    res = run_cli(*args, "--resume")
+    err = plain(res.stderr)
+    assert res.returncode == 1 and "stopped before its first checkpoint" in err, err
+    assert "without --resume" in err
+    res = run_cli(*args, "train.max_steps=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "starting over" in plain(res.stdout)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    # a finished run is not reused that way: it holds a model
+    res = run_cli(*args, "train.max_steps=2")
+    assert res.returncode == 1 and "already holds a run" in plain(res.stderr)
+    assert "overwrite_output_dir=true" in plain(res.stderr)
