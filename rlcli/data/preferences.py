@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlcli.config.errors import UserError
 from rlcli.config.rm import RMData
-from rlcli.data.sources import require_columns
+from rlcli.data.sources import require_columns, row_ref
 
 
 @dataclass(frozen=True)
@@ -74,18 +74,18 @@ def _messages(value: Any, column: str, path: str, row: int, *, string_role: str 
     if isinstance(value, str) and string_role is not None:
         return [{"role": string_role, "content": value}]
     if not isinstance(value, list) or not value:
-        raise UserError(f"data {path}: row {row}: column {column!r} must be a non-empty list of {{role, content}} "
+        raise UserError(f"data {row_ref(path, row)}: column {column!r} must be a non-empty list of {{role, content}} "
                         f"messages, got {type(value).__name__} {str(value)[:80]!r}")
     for j, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") is None or m.get("content") is None:
-            raise UserError(f"data {path}: row {row}: {column!r} message {j} needs 'role' and 'content' keys, "
+            raise UserError(f"data {row_ref(path, row)}: {column!r} message {j + 1} needs 'role' and 'content' keys, "
                             f"got {m!r}")
     return value
 
 
 def _text(value: Any, column: str, path: str, row: int) -> str:
     if not isinstance(value, str):
-        raise UserError(f"data {path}: row {row}: column {column!r} must be text, got {type(value).__name__} {value!r}")
+        raise UserError(f"data {row_ref(path, row)}: column {column!r} must be text, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -138,7 +138,7 @@ def _margin(row: dict, cfg: RMData, path: str, i: int) -> float:
         return 0.0
     value = row[cfg.margin_field]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"data {path}: row {i}: margin column {cfg.margin_field!r} must be a number, got {value!r}")
+        raise UserError(f"data {row_ref(path, i)}: margin column {cfg.margin_field!r} must be a number, got {value!r}")
     return float(value)
 
 

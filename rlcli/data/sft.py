@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlcli.config.errors import UserError
 from rlcli.config.sft import SFTData
+from rlcli.data.sources import require_columns, row_ref
 
 IGNORE = -100
 
@@ -54,6 +55,16 @@ def _required(cfg: SFTData, fmt: str) -> list[str]:
     }[fmt]
 
 
+def _check_messages(messages, path: str, row: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"data {row_ref(path, row)}: 'messages' must be a non-empty list of {{role, content}}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"data {row_ref(path, row)}: message {j + 1} needs 'role' and 'content' keys, got {m!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"data {row_ref(path, row)}: no assistant message, so nothing to learn from")
+
+
 def _messages_example(messages, tokenizer: PreTrainedTokenizerBase, path: str, row: int) -> tuple[list[int], list[int]]:
     """Render with the chat template; label the tokens whose characters fall inside assistant turns.
 
@@ -61,11 +72,7 @@ def _messages_example(messages, tokenizer: PreTrainedTokenizerBase, path: str, r
     tokenizer's offsets on the full text: tokenizing the whole text once avoids boundary effects of
     tokenizing turns separately.
     """
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"data {path}: row {row}: 'messages' must be a non-empty list of {{role, content}}")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"data {path}: row {row}: message {j} needs 'role' and 'content' keys, got {m!r}")
+    _check_messages(messages, path, row)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
@@ -75,7 +82,7 @@ def _messages_example(messages, tokenizer: PreTrainedTokenizerBase, path: str, r
         end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
         spans.append((start, end))
     if not spans:
-        raise UserError(f"data {path}: row {row} has no assistant message, so nothing to learn from")
+        raise UserError(f"data {row_ref(path, row)}: no assistant message, so nothing to learn from")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [tok if any(s <= a and b <= e for s, e in spans) and b > a else IGNORE
@@ -86,17 +93,22 @@ def _messages_example(messages, tokenizer: PreTrainedTokenizerBase, path: str, r
 SOURCES = ("prompt", "model", "tool")
 
 
+def _check_segments(segments, path: str, row: int) -> None:
+    if not isinstance(segments, list) or not segments:
+        raise UserError(f"data {row_ref(path, row)}: 'segments' must be a non-empty list of {{source, text}}")
+    for j, seg in enumerate(segments):
+        if not isinstance(seg, dict) or seg.get("source") not in SOURCES or not isinstance(seg.get("text"), str):
+            raise UserError(f"data {row_ref(path, row)}: segment {j + 1} needs 'source' (one of {', '.join(SOURCES)}) "
+                            f"and 'text'; got {seg!r}")
+
+
 def _segments_example(segments, tokenizer: PreTrainedTokenizerBase, path: str, row: int) -> tuple[list[int], list[int]]:
     """Tokenise an episode segment by segment, exactly as the text environment does: the prompt with special
     tokens, model and tool text without; ``token_ids`` stored with a segment (``rlcli env-rollout`` output) are
     used as they are. The loss is on model segments only."""
-    if not isinstance(segments, list) or not segments:
-        raise UserError(f"data {path}: row {row}: 'segments' must be a non-empty list of {{source, text}}")
+    _check_segments(segments, path, row)
     ids, labels = [], []
-    for j, seg in enumerate(segments):
-        if not isinstance(seg, dict) or seg.get("source") not in SOURCES or not isinstance(seg.get("text"), str):
-            raise UserError(f"data {path}: row {row}: segment {j} needs 'source' (one of {', '.join(SOURCES)}) and "
-                            f"'text'; got {seg!r}")
+    for seg in segments:
         tokens = seg.get("token_ids")
         if tokens is None:
             tokens = tokenizer(seg["text"], add_special_tokens=seg["source"] == "prompt")["input_ids"]
@@ -106,18 +118,24 @@ def _segments_example(segments, tokenizer: PreTrainedTokenizerBase, path: str, r
 
 
 def check_rows(rows: datasets.Dataset, cfg: SFTData, path: str) -> None:
-    """The format can be told and every row has its fields (errors name rows as numbered in the file)."""
-    from rlcli.data.sources import require_columns
-
+    """The format can be told and every row has its fields, of the right types (run before any shuffle, so errors
+    name rows by their file and line)."""
     fmt = detect_format(cfg, rows.column_names, path)
-    require_columns(rows, _required(cfg, fmt), path, f"format '{fmt}'")
+    columns = _required(cfg, fmt)
+    require_columns(rows, columns, path, f"format '{fmt}'")
+    for i, row in enumerate(rows.select_columns(columns)):
+        if fmt in ("text", "prompt_completion"):
+            for column in columns:
+                _text(row, column, path, i)
+        elif fmt == "messages":
+            _check_messages(row[cfg.messages_field], path, i)
+        else:
+            _check_segments(row[cfg.segments_field], path, i)
 
 
 def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTokenizerBase, path: str) -> TokenizedSet:
     """Turn rows into ``{input_ids, labels}`` examples (truncated to ``max_length``, packed if asked)."""
     fmt = detect_format(cfg, rows.column_names, path)
-    from rlcli.data.sources import require_columns
-
     require_columns(rows, _required(cfg, fmt), path, f"format '{fmt}'")
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     out = TokenizedSet(examples=[])
@@ -156,7 +174,7 @@ def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTok
 def _text(row: dict, column: str, path: str, i: int) -> str:
     value = row[column]
     if not isinstance(value, str):
-        raise UserError(f"data {path}: row {i}: column {column!r} must be text, got {type(value).__name__} {value!r}")
+        raise UserError(f"data {row_ref(path, i)}: column {column!r} must be text, got {type(value).__name__} {value!r}")
     return value
 
 

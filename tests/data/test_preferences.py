@@ -69,7 +69,7 @@ def test_margin_column(tok):
     out = pairs_of([{"chosen": "a", "rejected": "b", "m": 2}, {"chosen": "c", "rejected": "d", "m": 0.5}], tok,
                    margin_field="m")
     assert [p.margin for p in out.pairs] == [2.0, 0.5]
-    with pytest.raises(UserError, match=r"row 0: margin column 'm' must be a number"):
+    with pytest.raises(UserError, match=r"row 1: margin column 'm' must be a number"):
         pairs_of([{"chosen": "a", "rejected": "b", "m": "big"}], tok, margin_field="m")
 
 
@@ -87,12 +87,12 @@ def test_chat_pairs_render_with_the_template(tok):
 
 @pytest.mark.parametrize("rows, cfg, fragments", [
     ([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": None}], {},
-     ["row 1", "'rejected'"]),
+     ["pairs.jsonl row 2: no value for 'rejected'"]),
     ([{"prompt": "p", "chosen": "a"}], {}, ["needs column(s) 'rejected'"]),
-    ([{"chosen": "a", "rejected": 3}], {"format": "text"}, ["row 0", "'rejected' must be text"]),
+    ([{"chosen": "a", "rejected": 3}], {"format": "text"}, ["pairs.jsonl row 1: ", "'rejected' must be text"]),
     ([{"chosen": [{"role": "user"}], "rejected": [{"role": "user", "content": "x"}]}], {},
-     ["row 0", "needs 'role' and 'content'"]),
-    ([{"chosen": "a", "rejected": "b"}], {"format": "messages"}, ["row 0", "must be a non-empty list"]),
+     ["row 1: ", "message 1 needs 'role' and 'content'"]),
+    ([{"chosen": "a", "rejected": "b"}], {"format": "messages"}, ["row 1: ", "must be a non-empty list"]),
 ])
 def test_bad_rows_are_named(tok, rows, cfg, fragments):
     with pytest.raises(UserError) as err:

@@ -63,7 +63,7 @@ def test_collate_pads_right():
 
 def test_missing_field_names_the_row():
     rows = datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}])
-    with pytest.raises(UserError, match="row 1 has no value for 'completion'"):
+    with pytest.raises(UserError, match="row 2: no value for 'completion'"):
         tokenize_rows(rows, SFTData(path="x.jsonl", format="prompt_completion"), TOK, "x.jsonl")
 
 
@@ -86,5 +86,5 @@ def test_segments_loss_on_model_text_only():
 
 def test_segments_bad_source_names_the_row():
     rows = datasets.Dataset.from_list([{"segments": [{"source": "user", "text": "hi"}]}])
-    with pytest.raises(UserError, match="row 0: segment 0 needs 'source'"):
+    with pytest.raises(UserError, match="row 1: segment 1 needs 'source'"):
         tokenize_rows(rows, SFTData(path="x.jsonl"), TOK, "x.jsonl")

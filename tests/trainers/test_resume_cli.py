@@ -14,7 +14,6 @@ import time
 import pytest
 
 from rlcli.config.loader import load_recipe, recipe_to_yaml
-from rlcli.logging import truncate_jsonl
 from rlcli.config.errors import UserError
 from tests.conftest import REPO, plain, read_metrics, run_cli
 
@@ -70,6 +69,8 @@ def test_torn_metrics_line_is_dropped_on_resume(sft_run, tmp_path):
 
 
 def test_truncate_jsonl_keeps_rows_up_to_the_step(tmp_path):
+    from rlcli.logging import truncate_jsonl
+
     path = tmp_path / "samples.jsonl"
     rows = [{"step": 1}, {"step": 2, "prompt": "a"}, {"step": 2, "prompt": "b"}, {"step": 3}, {"note": "no step"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "resp')

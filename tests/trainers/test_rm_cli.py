@@ -196,7 +196,7 @@ ROWS = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
     "case, overrides, data_text, code, fragments",
     [
         ("missing field", ["data.path=DATA"], ROWS * 3 + '{"prompt": "p", "chosen": "a"}\n', 1,
-         ["row 3", "'rejected'"]),
+         ["pairs.jsonl:4: no value for 'rejected'"]),
         ("missing column", ["data.path=DATA"], '{"prompt": "p", "chosen": "a"}\n', 1, ["needs column(s) 'rejected'"]),
         ("missing margin column", ["data.path=DATA", "data.margin_field=gap"], ROWS, 1, ["needs column(s) 'gap'"]),
         ("empty dataset", ["data.path=DATA"], "", 1, ["empty", "no rows"]),

@@ -176,6 +176,7 @@ def test_chat_messages_format(tmp_path):
 # --- bad input: clear message, non-zero exit, no traceback, no final model -----------------------------------
 
 BAD_ROWS = '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n'
+BAD_JSON = '{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": }\n'
 
 
 @pytest.mark.parametrize(
@@ -189,7 +190,9 @@ BAD_ROWS = '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n'
          ["command line: data.path", "nowhere.jsonl", "does not exist"]),
         ("data file of another type", None, ["data.path=README.md"], None, 2,
          ["command line: data.path", "unsupported file type '.md'"]),
-        ("missing field", None, ["data.path=DATA"], BAD_ROWS, 1, ["row 1", "'completion'"]),
+        ("missing field", None, ["data.path=DATA"], BAD_ROWS, 1, ["data.jsonl:2: no value for 'completion'"]),
+        ("malformed JSON line", None, ["data.path=DATA"], BAD_JSON, 1,
+         ["data.jsonl:3: not valid JSON: Expecting value (column 31)"]),
         ("empty dataset", None, ["data.path=DATA"], "", 1, ["empty", "no rows"]),
         ("unknown architecture", None, ["model.architecture=gtp2"], None, 2, ["unknown architecture 'gtp2'", "gpt2"]),
         ("batch does not divide", None, ["train.batch_size=30"], None, 2, ["batch_size=30", "micro_batch_size"]),
@@ -215,4 +218,6 @@ def test_bad_input(tmp_path, case, recipe_text, overrides, data_text, code, frag
     for fragment in fragments:
         assert fragment in err, (case, fragment, err)
     assert "Traceback" not in res.stderr + res.stdout
+    assert "An error occurred" not in err and "Failed to load" not in err  # the library's words, not the cause
+    assert res.stderr.lstrip().startswith("╭"), res.stderr  # nothing but the error panel
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
