@@ -44,9 +44,14 @@ class EnvConfig(Section):
     tool_timeout_s: float = Field(10.0, gt=0)
     """A tool call running longer is killed and answered with an error text."""
     tool_isolation: Literal["fork", "inline"] = "fork"
-    """``fork``: each call runs in a forked process that is killed on timeout (safe with any tool; ~15 ms per
-    call). ``inline``: calls run in the training process (fast, but a hanging tool hangs the run: only for tools
-    that bound their own work, like the built-in calculator)."""
+    """``fork``: each call runs in a forked process that is killed, with everything it started, on timeout; its
+    memory is capped (``tool_memory_mb``) and its prints are counted, not shown (safe with any tool; ~15 ms per
+    call). ``inline``: calls run in the training process (fast; the time limit interrupts Python code on the main
+    thread only, and a crash in a tool ends the run: only for tools that bound their own work, like the built-in
+    calculator)."""
+    tool_memory_mb: int = Field(1024, gt=0)
+    """``fork`` only: memory (address space) one call may add to the forked trainer's; past it allocations fail and
+    the call is answered ``Error: MemoryError``. Up to 16 calls run at once."""
 
     @field_validator("tools")
     @classmethod

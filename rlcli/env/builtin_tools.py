@@ -5,16 +5,22 @@ tool (a ``str -> str`` callable): ``BUILTIN_TOOLS["search"](corpus_path="wiki.tx
 ``rlcli.env.tools``) resolves recipe names through it. ``calculator`` and ``python`` also exist as ready-made
 module-level tools with default options.
 
+``python`` runs model-written code inside bubblewrap (no network, no host files but the system, no other
+processes); where bubblewrap cannot run, building it fails unless the recipe opts in with
+``{spec: python, options: {allow_unsandboxed: true}}`` (see ``make_python_tool``).
+
 Tools signal failure by raising; ``ToolRunner`` turns the exception into ``Error: <Type>: <message>`` for the model.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import operator
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,17 +135,100 @@ except BaseException as exc:
     sys.exit(1)
 """
 
+BWRAP = "bwrap"
+"""The bubblewrap executable the python tool sandboxes code with (looked up on PATH)."""
+
+SANDBOX_OPT_IN = "options: {allow_unsandboxed: true}"
+
+
+def sandbox_problem() -> str | None:
+    """Why the python tool cannot sandbox code on this machine, or None when it can.
+
+    Checked once per process by running an empty program in the real sandbox: bubblewrap must be installed and
+    allowed to create namespaces (unprivileged user namespaces, which some containers and hardened kernels refuse).
+    """
+    return _sandbox_problem(BWRAP)
+
+
+@functools.cache
+def _sandbox_problem(bwrap: str) -> str | None:
+    path = shutil.which(bwrap)
+    if path is None:
+        return f"bubblewrap ({bwrap}) is not installed"
+    with tempfile.TemporaryDirectory(prefix="rlcli_python_") as workdir:
+        try:
+            proc = subprocess.run(_sandbox_command(path, workdir) + [sys.executable, "-I", "-c", "pass"],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"{path} could not be run: {err}"
+    if proc.returncode != 0:
+        reason = next((line for line in proc.stderr.splitlines() if line.strip()), f"exit code {proc.returncode}")
+        return f"{path} cannot create its sandbox here ({reason.strip()})"
+    return None
+
+
+def _sandbox_command(bwrap: str, workdir: str) -> list[str]:
+    """bubblewrap arguments that run a command with: no network (an empty network namespace: not even the host's
+    loopback), its own pid namespace (it sees only its own processes; when bwrap dies, the kernel kills every process
+    inside, ``setsid`` or not) that dies with its parent, a clean environment, no capabilities, the system
+    (``/usr``) and this interpreter's prefixes read-only, ``workdir`` as the only writable place, and nothing else of
+    the host's file system (no ``/etc``, ``/home``, ``/tmp``, ``/sys``; a fresh ``/proc`` and a minimal ``/dev``)."""
+    cmd = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
+    for key, value in {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+                       "LC_ALL": "C.UTF-8"}.items():
+        cmd += ["--setenv", key, value]
+    cmd += ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):  # merged /usr: /bin -> usr/bin
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    for path in _interpreter_dirs():
+        cmd += ["--ro-bind", path, path]
+    return cmd + ["--dev", "/dev", "--proc", "/proc", "--bind", workdir, workdir, "--chdir", workdir,
+                  "--remount-ro", "/"]
+
+
+def _interpreter_dirs() -> list[str]:
+    """Where this interpreter, its standard library and its site-packages live, when outside /usr (a venv, pyenv,
+    conda): the sandbox runs the same Python, with the same packages, read-only."""
+    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                  os.path.dirname(os.path.realpath(sys.executable))}
+    candidates |= {os.path.realpath(c) for c in candidates}
+    dirs = sorted(c for c in candidates if os.path.isdir(c) and c != "/" and not _inside(c, "/usr"))
+    return [d for d in dirs if not any(other != d and _inside(d, other) for other in dirs)]
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
 
 def make_python_tool(
-    timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 2000, max_file_mb: int = 1
+    timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 2000, max_file_mb: int = 1,
+    allow_unsandboxed: bool = False,
 ) -> Callable[[str], str]:
-    """A tool that runs Python code in a fresh, isolated interpreter and returns what it printed.
+    """A tool that runs Python code in a fresh, sandboxed interpreter and returns what it printed.
 
-    Each call: a new temporary working directory (deleted afterwards), ``python -I`` (no user site, no PYTHON*
-    variables, no current directory on ``sys.path``), ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` and a wall-clock
-    limit of ``timeout_s``, files (stdout included) capped at ``max_file_mb``. stdout and stderr come back together,
-    cut to ``max_output_chars`` (its start and its end are kept). Running past the time limit raises ``TimeoutError``.
+    Each call: a new temporary working directory (deleted afterwards), this interpreter with ``-I`` (no user site,
+    no PYTHON* variables, no current directory on ``sys.path``), ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` and a
+    wall-clock limit of ``timeout_s``, files (stdout included) capped at ``max_file_mb``. stdout and stderr come back
+    together, cut to ``max_output_chars`` (its start and its end are kept). Running past the time limit raises
+    ``TimeoutError``.
+
+    The interpreter runs inside bubblewrap (see ``_sandbox_command``): no network, no host files but the system and
+    the interpreter (read-only) and the working directory, no view of other processes or of the trainer's
+    environment, and nothing it starts outlives the call. Without a working bubblewrap (``sandbox_problem()``) this
+    raises ``ValueError`` unless ``allow_unsandboxed``: then the code runs in a plain subprocess with the trainer's
+    user, files and network (only the limits above, a clean environment and its own process group).
     """
+    problem = sandbox_problem()
+    if problem is not None and not allow_unsandboxed:
+        raise ValueError(
+            f"the python tool cannot sandbox model-written code: {problem}. Install bubblewrap (Debian/Ubuntu: "
+            f"apt-get install bubblewrap), or accept running the code with the trainer's permissions (its files, "
+            f"network and environment variables are then reachable) by giving this tool {SANDBOX_OPT_IN}"
+        )
+    bwrap = shutil.which(BWRAP) if problem is None else None
     launcher = _LAUNCHER.format(
         # the CPU limit is only a backstop behind the wall-clock one (threads can burn CPU faster than wall time)
         memory=memory_mb * 2**20, cpu=math.ceil(timeout_s) + 1, fsize=max_file_mb * 2**20
@@ -154,10 +243,13 @@ def make_python_tool(
         with tempfile.TemporaryDirectory(prefix="rlcli_python_") as workdir:
             Path(workdir, "main.py").write_text(code, encoding="utf-8")
             out_path = Path(workdir, ".output")
+            command = [sys.executable, "-I", "-c", launcher]
+            if bwrap is not None:
+                command = _sandbox_command(bwrap, workdir) + command
             with open(out_path, "wb") as out:
                 # stdout goes to a file, not a pipe: RLIMIT_FSIZE then bounds what a print loop can produce
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-c", launcher],
+                    command,
                     cwd=workdir,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -177,6 +269,7 @@ def make_python_tool(
             output += f"\n[killed by signal {signal.Signals(-returncode).name}]"
         return output if output.strip() else "(no output)"
 
+    python.sandboxed = bwrap is not None
     return python
 
 
@@ -185,21 +278,36 @@ def _wait_then_kill_group(proc: subprocess.Popen, timeout_s: float) -> int | Non
     deadline = time.monotonic() + timeout_s
     timed_out = False
     # WNOWAIT: notice the exit without reaping, so the pid (= the group id) stays reserved until the kill below and
-    # the kill cannot reach a process that reused it. The kill ends anything the code left running in its group.
-    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        if time.monotonic() >= deadline:
-            timed_out = True
-            break
-        time.sleep(0.005)
+    # the kill cannot reach a process that reused it. The kill ends anything the code left running in its group (in
+    # the sandbox: bwrap, whose death takes the whole pid namespace with it).
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    returncode = proc.wait()
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            time.sleep(0.005)
+    finally:  # also when an inline tool's time limit interrupts the wait
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        returncode = proc.wait()
     return None if timed_out else returncode
 
 
-python = make_python_tool()
+def python(code: str) -> str:
+    """Run Python code in a sandboxed interpreter and return its printed output (stdout and stderr).
+
+    Args:
+        code: the Python program to run; use print() to show results.
+    """
+    # built on first use, so that importing this module never fails on a machine without bubblewrap
+    return _default_python_tool()(code)
+
+
+@functools.cache
+def _default_python_tool() -> Callable[[str], str]:
+    return make_python_tool()
 
 
 # ---------------------------------------------------------------------------------------------------------------

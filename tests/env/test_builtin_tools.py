@@ -1,4 +1,6 @@
-"""Built-in tools: calculator (safe AST arithmetic), python (sandboxed subprocess), search (BM25)."""
+"""Built-in tools: calculator (safe AST arithmetic), python (subprocess; its sandbox: test_sandbox.py), search (BM25).
+
+The python tests here run in the sandbox where bubblewrap works, unsandboxed (opted in) elsewhere."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import time
 import pytest
 
 from rlcli.env.builtin_tools import BUILTIN_TOOLS, calculator, make_python_tool, make_search_tool
+from rlcli.env.tools import ToolOutcome, ToolRunner
 
 
 @pytest.mark.parametrize(
@@ -65,7 +68,7 @@ def test_calculator_division_by_zero_raises():
 
 
 def test_python_tool_runs_code_in_a_fresh_temp_dir():
-    python = make_python_tool(timeout_s=5.0)
+    python = make_python_tool(timeout_s=5.0, allow_unsandboxed=True)
     assert python("print(6 * 7)") == "42\n"
     out = python("import os, sys\nprint(os.getcwd())\nprint(sorted(os.listdir('.')))\nprint(sys.flags.isolated)")
     cwd, listing, isolated = out.splitlines()
@@ -79,7 +82,7 @@ def test_python_tool_runs_code_in_a_fresh_temp_dir():
 
 
 def test_python_tool_limits():
-    python = make_python_tool(timeout_s=1.0, memory_mb=256, max_output_chars=100)
+    python = make_python_tool(timeout_s=1.0, memory_mb=256, max_output_chars=100, allow_unsandboxed=True)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="did not finish within 1 s"):
         python("while True: pass")
@@ -88,6 +91,34 @@ def test_python_tool_limits():
     out = python("print('a' * 10000 + 'end')")
     assert out.startswith("a" * 50) and "[... output truncated ...]" in out and out.endswith("aend\n")
     assert len(out) < 150
+
+
+def test_python_tool_interrupted_inline_leaves_nothing_running():
+    # the inline time limit (SIGALRM) lands in the tool's own wait loop: the code's process must still be killed
+    runner = ToolRunner({"py": make_python_tool(timeout_s=30.0, allow_unsandboxed=True)}, timeout_s=1.0,
+                        isolation="inline")
+    start = time.monotonic()
+    assert runner.run("py", "while True: pass").status == ToolOutcome.TIMEOUT
+    assert time.monotonic() - start < 3.0
+    for _ in range(100):  # the launcher's source is on the interpreter's command line
+        if not _running_with(b"RLIMIT_AS"):
+            return
+        time.sleep(0.02)
+    pytest.fail(f"the code's interpreter outlived the call: {_running_with(b'RLIMIT_AS')}")
+
+
+def _running_with(marker: bytes) -> list[str]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found = marker in f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                if found and f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(pid)
+        except OSError:
+            continue
+    return pids
 
 
 def test_search_finds_the_best_passage(tmp_path):

@@ -1,0 +1,211 @@
+"""The built-in python tool's sandbox (bubblewrap): each way out that the plain subprocess left open is closed; without
+a working bubblewrap the tool refuses to build unless the recipe opts in, and the run header says so."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from rlcli.config.env import EnvConfig
+from rlcli.env import builtin_tools
+from rlcli.env.build import check_env, sandbox_notes
+from rlcli.env.builtin_tools import make_python_tool, sandbox_problem
+from rlcli.env.tools import load_tool
+
+PROBLEM = sandbox_problem()
+needs_sandbox = pytest.mark.skipif(
+    PROBLEM is not None,
+    reason=f"the python tool cannot sandbox code on this machine: {PROBLEM} (.ci/run installs bubblewrap)")
+
+
+@pytest.fixture(scope="module")
+def python():
+    return make_python_tool(timeout_s=5.0)
+
+
+def run_lines(python, code: str) -> list[str]:
+    return python(code).splitlines()
+
+
+@needs_sandbox
+def test_host_files_are_out_of_reach(python, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("trainer data")
+    out = run_lines(python, f"""
+for path in ["/etc/passwd", {str(secret)!r}, {os.path.abspath(__file__)!r}, "/root/.bashrc"]:
+    try:
+        open(path).read()
+        print("READ", path)
+    except OSError as err:
+        print("blocked", type(err).__name__)
+for path in [{str(tmp_path / "escaped.txt")!r}, "/usr/escaped.txt", "/escaped.txt", "/tmp/escaped.txt"]:
+    try:
+        open(path, "w").write("x")
+        print("WROTE", path)
+    except OSError as err:
+        print("blocked", type(err).__name__)
+open("mine.txt", "w").write("ok")
+print(open("mine.txt").read())
+""")
+    assert not [line for line in out if line.startswith(("READ", "WROTE"))], out
+    assert len([line for line in out if line.startswith("blocked")]) == 8 and out[-1] == "ok"
+    assert not (tmp_path / "escaped.txt").exists()
+    assert python.sandboxed
+
+
+@needs_sandbox
+def test_no_network(python):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        out = python(f"""
+import socket
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=2)
+    print("CONNECTED")
+except OSError as err:
+    print("blocked", type(err).__name__)
+""")
+        with pytest.raises(BlockingIOError):  # nothing ever knocked
+            listener.accept()
+    assert out.startswith("blocked"), out
+
+
+@needs_sandbox
+def test_ctypes_reaches_nothing_outside(python):
+    # ctypes skips every Python-level check; only the kernel's namespaces stop it
+    out = run_lines(python, f"""
+import ctypes
+libc = ctypes.CDLL(None)
+print("open", libc.open(b"/etc/passwd", 0))
+print("kill", libc.kill({os.getpid()}, 0))
+""")
+    assert out == ["open -1", "kill -1"]  # no such file, and no such process in its pid namespace
+
+
+@needs_sandbox
+def test_trainer_secrets_are_invisible(python, monkeypatch):
+    key = f"fake-wandb-key-{uuid.uuid4().hex}"
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    # /proc/<pid>/environ shows a process's environment as it started: a stand-in trainer started with the key
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                               env={**os.environ, "WANDB_API_KEY": key})
+    try:
+        out = python(f"""
+import os
+seen = [name for name in os.environ if "WANDB" in name]
+for pid in [{trainer.pid}, {os.getpid()}] + [p for p in os.listdir("/proc") if p.isdigit()]:
+    try:
+        with open(f"/proc/{{pid}}/environ", "rb") as f:
+            if {key!r}.encode() in f.read():
+                seen.append(pid)
+    except OSError:
+        pass
+print("seen", seen)
+""")
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert out == "seen []\n"
+
+
+def _alive_with(marker: str) -> list[int]:
+    """Pids of running (not zombie) processes whose command line contains ``marker``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() not in f.read():
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+DAEMON = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()  # its own session and process group: a process-group kill misses it
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{marker}"])
+time.sleep(0.5)
+print("started")
+"""
+
+
+@needs_sandbox
+@pytest.mark.parametrize("then", ["", "while True: pass"], ids=["returns", "hangs"])
+def test_setsid_descendants_die_with_the_call(then):
+    python = make_python_tool(timeout_s=2.0)
+    marker = f"rlcli-sandbox-test-{uuid.uuid4().hex}"
+    try:
+        if then:
+            with pytest.raises(TimeoutError):
+                python(DAEMON.format(marker=marker) + then)
+        else:
+            assert python(DAEMON.format(marker=marker)) == "started\n"
+        for _ in range(100):
+            if not _alive_with(marker):
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"a process the code started outlived the call: {_alive_with(marker)}")
+    finally:
+        for pid in _alive_with(marker):
+            os.kill(pid, 9)
+
+
+def test_without_a_sandbox_the_recipe_must_opt_in(monkeypatch, tmp_path):
+    monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
+    assert sandbox_problem() == "bubblewrap (rlcli-test-no-such-bwrap) is not installed"
+    with pytest.raises(ValueError, match=r"cannot sandbox .* options: \{allow_unsandboxed: true\}"):
+        make_python_tool()
+    with pytest.raises(ValueError, match="allow_unsandboxed"):
+        load_tool("python")
+    cfg = EnvConfig(tools={"Python": "python", "Calc": "calculator"})
+    [problem] = check_env(cfg)
+    assert problem.startswith("env.tools.Python: the python tool cannot sandbox model-written code: bubblewrap "
+                              "(rlcli-test-no-such-bwrap) is not installed. Install bubblewrap")
+    assert problem.endswith("by giving this tool options: {allow_unsandboxed: true}")
+
+    opted_in = EnvConfig(tools={"Python": {"spec": "python", "options": {"allow_unsandboxed": True}}})
+    assert check_env(opted_in) == []
+    python = load_tool("python", allow_unsandboxed=True)
+    assert not python.sandboxed and python("print(6 * 7)") == "42\n"
+    assert sandbox_notes(opted_in)[0].startswith("tool Python: UNSANDBOXED: model-written code runs with this user's "
+                                                 "files, network and environment (bubblewrap")
+
+    # installed but refused by the kernel or the container (no user namespaces): the probe says why
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(builtin_tools, "BWRAP", str(fake))
+    assert sandbox_problem() == (f"{fake} cannot create its sandbox here "
+                                 "(bwrap: No permissions to creating new namespace)")
+
+
+@needs_sandbox
+def test_header_says_how_tools_are_contained():
+    cfg = EnvConfig(tools={"Python": "python"}, tool_memory_mb=256)
+    assert check_env(cfg) == []
+    assert sandbox_notes(cfg) == [
+        "tool Python: model-written code runs in a bubblewrap sandbox (no network, no host files but the system, "
+        "own pid namespace, clean environment)",
+        "tool calls: forked, killed with all they started after 10 s, up to 256 MB more memory each, prints counted, "
+        "not shown",
+    ]
+    inline = EnvConfig(tools={"Calc": "calculator"}, tool_isolation="inline", tool_timeout_s=2)
+    assert sandbox_notes(inline) == ["tool calls: inline in this process; Python code is interrupted after 2 s, a "
+                                     "call stuck in C code is not, a crash ends the run"]
