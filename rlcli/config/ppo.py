@@ -41,20 +41,26 @@ class PromptData(DataSource):
 
 
 class GenerationConfig(Section):
-    """Sampling for rollouts. The defaults sample the full distribution (ppo-details item 4); log-probs in the
-    loss use the same temperature."""
+    """Sampling for rollouts: the behaviour policy. Every rule here is applied identically by the sampler and by the
+    loss, the entropy and the KL, for the policy and the reference (docs/ppo-details.md, item 4)."""
 
     max_new_tokens: int = Field(32, gt=0)
+    """Token budget of a response (of one model turn in a text environment: see ``env.max_new_tokens``)."""
     min_new_tokens: int = Field(0, ge=0)
-    """EOS is suppressed until a response has this many tokens."""
+    """EOS cannot be sampled until a response (in a text environment: each model turn) has this many tokens; the
+    loss, entropy and KL use the same EOS-less distribution at those positions."""
     temperature: float = Field(1.0, gt=0)
+    """Logits are divided by it for sampling and for every log-prob the loss and the KL use."""
     top_k: int = Field(0, ge=0)
-    """0: no top-k filtering."""
+    """0: no top-k cut. ``rlcli ppo`` refuses any other value (the cut depends on the logits, so no loss can use
+    the sampled distribution soundly: bench/README.md, 'top-k / top-p in PPO'); ``rlcli env-rollout`` takes it."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """1.0: no nucleus cut. Refused below 1.0 by ``rlcli ppo``, as top_k."""
     stop_strings: list[str] = Field(default_factory=list)
     """A response ends at the first of these (kept in the text)."""
     stop_at_eos: bool = True
-    """End a response at EOS (the EOS token is kept: the model learns to stop)."""
+    """End a response at EOS (the EOS token is kept: the model learns to stop). False: EOS is never sampled, so
+    every response runs to ``max_new_tokens`` (or a stop string); the loss uses the same EOS-less distribution."""
 
 
 class RewardConfig(Section):

@@ -42,6 +42,8 @@ def test_reward_rises_and_kl_stays_sane(ppo_run):
     assert end > 3 * max(start, 0.05), (start, end)
     assert all(m["kl"] >= -0.1 for m in metrics), [round(m["kl"], 3) for m in metrics]
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference before the first update
+    assert metrics[-1]["kl_negative_steps"] == 0
+    assert all(m["sampler_logprob_diff"] < 1e-4 for m in metrics)  # the sampler and the training forward agree
     wanted = {"reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_clipfrac", "value_clipfrac", "approx_kl",
               "explained_variance", "response_length", "stopped_fraction", "time_generate", "time_score",
               "time_forward", "time_optimize", "tokens_per_s", "loss_policy", "loss_value", "lr"}
@@ -164,3 +166,48 @@ def test_reward_model_from_rlcli_rm_trains(tmp_path):
     m = read_metrics(out)
     assert len(m) == 12 and all(x["kl"] >= -0.1 for x in m)
     assert _mean([x["reward_mean"] for x in m[-3:]]) > _mean([x["reward_mean"] for x in m[:3]])
+
+
+def test_min_new_tokens_equal_to_max_new_tokens_keeps_the_kl_honest(tmp_path):
+    """The classic TRL settings: EOS banned at every response position. Before rlcli replayed that ban in the loss,
+    this run's mean KL fell to -23 by step 24 (the policy was paid for moving probability onto the EOS it never
+    emits) and reward learning stalled. Now the KL stays >= 0, p(EOS) does not drift up, and the reward rises."""
+    out = tmp_path / "min"
+    res = run_cli("ppo", TINY, f"output_dir={out}", "ppo.steps=40", *FAST, "generation.min_new_tokens=24",
+                  "train.save_every=null")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_metrics(out)
+    assert len(m) == 40
+    assert all(x["kl"] >= -0.1 for x in m), [round(x["kl"], 2) for x in m]
+    assert all(x["response_length"] == 24 for x in m)
+    eos_start = _mean([x["forbidden_mass"] for x in m[:3]])
+    eos_end = _mean([x["forbidden_mass"] for x in m[-3:]])
+    assert eos_end <= 1.5 * eos_start + 0.002, (eos_start, eos_end)  # p(EOS) under the unrestricted policy
+    assert _mean([x["reward_mean"] for x in m[-3:]]) > 3 * max(_mean([x["reward_mean"] for x in m[:3]]), 0.05)
+
+
+def test_negative_kl_warning_names_the_causes(tmp_path, monkeypatch, capsys):
+    """A deliberately broken sampler (it keeps sampling from the initial weights, as a sync that never happens
+    would): the run prints one warning panel naming the likely causes and counts the steps in kl_negative_steps."""
+    import rlcli.trainers.ppo as ppo
+    from rlcli.config.loader import load_recipe
+    from rlcli.config.ppo import PPORecipe
+
+    real_generate, stale = ppo.generate, {}
+
+    def stale_generate(policy, *args, **kwargs):
+        if "policy" not in stale:
+            import copy
+
+            stale["policy"] = copy.deepcopy(policy)
+        return real_generate(stale["policy"], *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "generate", stale_generate)
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(PPORecipe, TINY, [f"output_dir={tmp_path / 'run'}", "ppo.steps=12", *FAST,
+                                           "optim.learning_rate=3e-3", "train.save_every=null"])
+    ppo.train(recipe)
+    text = plain(capsys.readouterr().out)
+    assert text.count("negative KL") == 1 and "cannot be negative" in text and "dropout" in text
+    m = read_metrics(tmp_path / "run")
+    assert m[-1]["kl_negative_steps"] >= 3 and min(x["kl"] for x in m) < -0.1

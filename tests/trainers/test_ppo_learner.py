@@ -161,3 +161,50 @@ def test_update_does_not_depend_on_micro_batch_size():
     assert moved > 1e-3  # the step did change the weights
     for other in params[1:]:
         assert (other - params[0]).abs().max() < 1e-5 * float(moved), ((other - params[0]).abs().max(), moved)
+
+
+def test_kl_watch_flags_a_stale_sampler_once():
+    """A deliberately broken sampler: it keeps drawing from the initial weights while the policy trains (a weight
+    sync that never happens). The mean KL, E_stale[log pi - log ref] = -KL(ref || pi), goes negative; the learner
+    flags it exactly once, at the third step in a row below -0.1, and counts every such step."""
+    tok, policy, learner = _setup(lr=3e-3)
+    stale = learner.ref_model.pretrained  # the initial weights
+    q, qm = left_pad([tok(f"prompt {i}")["input_ids"] for i in range(8)], tok.pad_token_id)
+    kls, warnings, counts = [], [], []
+    for step in range(10):
+        out = sample(stale, q, qm, 16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     generator=torch.Generator().manual_seed(step))
+        rollout = Rollout(q, qm, out.response_ids, out.response_mask, torch.zeros_like(out.response_ids))
+        stats = learner.step(rollout, torch.randn(8, generator=torch.Generator().manual_seed(100 + step)))
+        kls.append(stats["kl"])
+        warnings.append(stats["kl_warning"])
+        counts.append(stats["kl_negative_steps"])
+    assert sum(warnings) == 1, (kls, warnings)
+    first = warnings.index(1.0)
+    assert all(k < -0.1 for k in kls[first - 2 : first + 1]), kls
+    assert counts[-1] == sum(k < -0.1 for k in kls) >= 3
+    # the count survives a checkpoint
+    state = learner.state_dict()
+    _, _, fresh = _setup()
+    fresh.load_state_dict(state)
+    assert fresh.kl_watch.negative_steps == counts[-1] and fresh.kl_watch.warned
+
+
+def test_kl_watch_stays_quiet_on_an_honest_run():
+    tok, policy, learner = _setup(lr=3e-3)
+    for step in range(6):
+        rollout, _ = _rollout(tok, policy)
+        stats = learner.step(rollout, torch.randn(8, generator=torch.Generator().manual_seed(step)))
+        assert stats["kl"] >= -0.1 and stats["kl_warning"] == 0.0 and stats["kl_negative_steps"] == 0.0
+
+
+def test_a_token_the_rules_forbid_is_refused():
+    """A rollout built by hand that breaks its own rules (EOS before min_new_tokens) is an error naming the token."""
+    from rlcli.trainers.ppo_learner import ForbiddenTokenError
+
+    tok, policy, learner = _setup()
+    learner.rules = SamplingRules(eos_ids=(tok.eos_token_id,), min_new_tokens=4)
+    q, qm = left_pad([tok("hi")["input_ids"]] * 8, tok.pad_token_id)
+    r = torch.tensor([[5, 6, tok.eos_token_id]] * 8)
+    with pytest.raises(ForbiddenTokenError, match=r"episode 0, response token 2 \(id 1\).*EOS \[1\] banned"):
+        learner.step(Rollout(q, qm, r, torch.ones_like(r), torch.zeros_like(r)), torch.zeros(8))
