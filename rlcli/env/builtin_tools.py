@@ -158,7 +158,7 @@ def _sandbox_problem(bwrap: str) -> str | None:
     with tempfile.TemporaryDirectory(prefix="rlcli_python_") as workdir:
         try:
             proc = subprocess.run(_sandbox_command(path, workdir) + [sys.executable, "-I", "-c", "pass"],
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False)
         except (OSError, subprocess.TimeoutExpired) as err:
             return f"{path} could not be run: {err}"
     if proc.returncode != 0:

@@ -274,8 +274,9 @@ def _invoke(fn: Tool, arguments: str | dict[str, Any]) -> tuple[ToolOutcome, str
     except _InlineTimeout:
         raise
     except _ToolExited as exc:
-        return (ToolOutcome.ERROR, f"Error: the tool called os._exit({exc.code}); it runs inside the trainer "
-                                   "(isolation inline), so it was stopped instead", "")
+        text = (f"Error: the tool called os._exit({exc.code}); it runs inside the trainer (isolation inline), so it "
+                "was stopped instead")
+        return ToolOutcome.ERROR, text, ""
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt from a tool are errors too
         return ToolOutcome.ERROR, error_text(exc), ""
 
@@ -456,10 +457,10 @@ class _ForkedCall:
         return list(self._open)
 
     def serve(self, handle) -> None:
-        if handle is self.print_fd:
+        if handle == self.print_fd:  # ints (fds) compare by value; Connections by identity
             self._drain()
             return
-        if handle is self.exit_handle:
+        if handle == self.exit_handle:
             self._open.remove(handle)
             if self.result_pipe in self._open and self.result_pipe.poll(0):
                 self._receive()  # sent just before it ended
@@ -506,7 +507,7 @@ class _ForkedCall:
 
     def raw(self, timeout_s: float) -> _Raw:
         tail = self.printed_tail.decode("utf-8", errors="replace")[-PRINTED_TAIL_CHARS:]
-        printed = dict(printed_bytes=self.printed_bytes, printed=tail)
+        printed = {"printed_bytes": self.printed_bytes, "printed": tail}
         seconds = (self.ended or time.monotonic()) - self.started
         if self.result is not None:
             status, text, note, tool_seconds, cut, _ = self.result

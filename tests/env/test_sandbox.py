@@ -200,12 +200,11 @@ def test_without_a_sandbox_the_recipe_must_opt_in(monkeypatch, tmp_path):
 def test_header_says_how_tools_are_contained():
     cfg = EnvConfig(tools={"Python": "python"}, tool_memory_mb=256)
     assert check_env(cfg) == []
-    assert sandbox_notes(cfg) == [
-        "tool Python: model-written code runs in a bubblewrap sandbox (no network, no host files but the system, "
-        "own pid namespace, clean environment)",
-        "tool calls: forked, killed with all they started after 10 s, up to 256 MB more memory each, prints counted, "
-        "not shown",
-    ]
+    sandboxed = ("tool Python: model-written code runs in a bubblewrap sandbox (no network, no host files but the "
+                 "system, own pid namespace, clean environment)")
+    forked = ("tool calls: forked, killed with all they started after 10 s, up to 256 MB more memory each, prints "
+              "counted, not shown")
+    assert sandbox_notes(cfg) == [sandboxed, forked]
     inline = EnvConfig(tools={"Calc": "calculator"}, tool_isolation="inline", tool_timeout_s=2)
-    assert sandbox_notes(inline) == ["tool calls: inline in this process; Python code is interrupted after 2 s, a "
-                                     "call stuck in C code is not, a crash ends the run"]
+    assert sandbox_notes(inline) == [("tool calls: inline in this process; Python code is interrupted after 2 s, a "
+                                      "call stuck in C code is not, a crash ends the run")]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -189,8 +190,7 @@ def test_forked_call_kills_descendants_that_left_its_session(tmp_path):
     results = runner.run_many([ToolCall("returns", files[0]), ToolCall("hangs", files[1]), ToolCall("exits", files[2])])
     assert [r.status for r in results] == [ToolOutcome.OK, ToolOutcome.TIMEOUT, ToolOutcome.ERROR]
     assert "exit code 4" in results[2].output
-    daemons = [int(open(f).read()) for f in files]
-    _assert_all_die(daemons)
+    _assert_all_die([int(Path(f).read_text()) for f in files])
 
 
 def _assert_all_die(pids: list[int]) -> None:
@@ -236,8 +236,8 @@ def test_inline_output_is_cut_before_it_is_tokenised(tok):
     result = runner.run("huge", "")
     assert time.monotonic() - start < 2.0
     assert recording.longest <= runner.max_output_chars == 4096
-    assert (result.status, result.output) == (
-        ToolOutcome.TRUNCATED, "y" * 16 + f"\n[truncated: {4096 - 16} tokens and {20_000_000 - 4096} more characters cut]")
+    marker = f"[truncated: {4096 - 16} tokens and {20_000_000 - 4096} more characters cut]"
+    assert (result.status, result.output) == (ToolOutcome.TRUNCATED, "y" * 16 + "\n" + marker)
 
 
 def loops(text: str) -> str:
@@ -290,6 +290,18 @@ def test_inline_os_exit_is_answered_not_obeyed():
     assert os.waitstatus_to_exitcode(status) == 0
     assert report == ("error|Error: the tool called os._exit(7); it runs inside the trainer (isolation inline), so it "
                       "was stopped instead|6")
+
+
+def test_env_section_sets_the_memory_cap(tok, model):
+    from rlcli.config.env import EnvConfig
+    from rlcli.env.build import build_environment
+    from rlcli.rl.sampling import SamplingRules
+
+    env = build_environment(EnvConfig(tools={"alloc": f"{__file__}:allocates"}, tool_memory_mb=64), model, tok,
+                            rules=SamplingRules())
+    assert env.runner.memory_mb == 64
+    assert env.runner.run("alloc", "128").output == "Error: MemoryError"
+    assert EnvConfig(tools={"c": "calculator"}).tool_memory_mb == 1024
 
 
 def test_error_text_is_short():
