@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import typer
 from rich.panel import Panel
 from rich.syntax import Syntax
+from rich.text import Text
 
 from rlcli import __version__
 from rlcli.config import RecipeError, UserError, load_recipe, recipe_to_yaml
@@ -44,7 +45,9 @@ def _stderr_console():
 def _fail(exc: Exception, code: int) -> None:
     if _is_main():
         title = "recipe error" if isinstance(exc, RecipeError) else "error"
-        _stderr_console().print(Panel(str(exc), title=f"[bold red]{title}", title_align="left", border_style="red"))
+        # as plain text: messages quote values such as train[:100] or ['a'] that rich would read as markup
+        _stderr_console().print(Panel(Text(str(exc)), title=f"[bold red]{title}", title_align="left",
+                                      border_style="red"))
     raise typer.Exit(code)
 
 
@@ -64,9 +67,9 @@ def _without_traceback(exc: BaseException) -> BaseException:
 def _checked(recipe, preflight: Callable, source: str, resume: bool) -> list[str]:
     """The command's own checks and the output dir's, their problems reported together in one error."""
     from rlcli.config.loader import locate
-    from rlcli.trainers.common import check_output_dir
+    from rlcli.trainers.common import check_output_dir, check_trackers
 
-    problems = locate(recipe, check_output_dir(recipe, resume), source)
+    problems = locate(recipe, check_output_dir(recipe, resume) + check_trackers(recipe), source)
     if resume and not problems:
         from rlcli.checkpoint import latest_checkpoint
         from rlcli.trainers.common import check_resume_recipe

@@ -78,7 +78,14 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     if not path.is_file():
         hint = " (it is a directory)" if path.is_dir() else ""
         raise RecipeError([Problem("", f"recipe file not found{hint}", source=str(path))])
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise RecipeError([Problem("", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {column} (save the "
+                                   "file as UTF-8)", source=str(path), line=line)]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -85,12 +87,20 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
             problems.append(f"{key}.architecture: {arch!r} has no {task} model class in transformers "
                             f"(use one of e.g. {', '.join(sorted(auto_names)[:8])}, ...)")
         else:
-            known = set(CONFIG_MAPPING[arch]().to_dict()) | set(getattr(CONFIG_MAPPING[arch], "attribute_map", {}))
-            for name in cfg.config:
+            config_cls = CONFIG_MAPPING[arch]
+            defaults = config_cls().to_dict()
+            aliases = getattr(config_cls, "attribute_map", {})
+            known = set(defaults) | set(aliases)
+            for name, value in cfg.config.items():
                 if name not in known:
                     guess = difflib.get_close_matches(name, sorted(known), n=1)
                     hint = f"; did you mean '{guess[0]}'?" if guess else ""
                     problems.append(f"{key}.config.{name}: not a {arch} config field{hint}")
+                    continue
+                expected = _config_type(config_cls, aliases.get(name, name), defaults)
+                if expected is not None and not _fits(value, expected):
+                    problems.append(f"{key}.config.{name}: expected {_describe_type(expected)} (the type {arch} "
+                                    f"configs take), got {type(value).__name__} {value!r}")
     else:
         try:
             kind = source_kind(cfg.name_or_path)
@@ -108,6 +118,51 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
         except UserError as exc:
             problems.append(f"{key}.tokenizer: {exc}")
     return problems
+
+
+def _config_type(config_cls, name: str, defaults: dict) -> Any:
+    """The type a config field takes: its annotation on the config class (transformers 5 declares them), else the
+    type of its default; None when neither says."""
+    for cls in config_cls.__mro__:
+        annotation = vars(cls).get("__annotations__", {}).get(name)
+        if annotation is not None and not isinstance(annotation, str):
+            return annotation
+    default = defaults.get(name)
+    if default is None:
+        return None
+    return float | int if isinstance(default, float) else type(default)
+
+
+def _fits(value: Any, expected: Any) -> bool:
+    """Whether a YAML value can be ``expected`` (a type, union, ``list[...]``, ``Literal``); True for types it cannot
+    judge. No coercion: ``"two"`` is not an int, ``1`` is not a bool."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(expected))
+    if origin is typing.Literal:
+        return value in typing.get_args(expected)
+    if origin is not None:
+        expected = origin
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected in (str, list, dict, tuple):
+        return isinstance(value, (list, tuple) if expected in (list, tuple) else expected)
+    return True
+
+
+def _describe_type(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(arg) for arg in typing.get_args(expected))
+    if expected is type(None):
+        return "null"
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "text", list: "a list", dict: "a mapping"}
+    return names.get(typing.get_origin(expected) or expected, getattr(expected, "__name__", str(expected)))
 
 
 def load_error(what: str, name_or_path: str, exc: OSError) -> UserError:

@@ -61,9 +61,22 @@ def check_output_dir(recipe: RecipeBase, resume: bool = False) -> list[str]:
     return []
 
 
+def check_trackers(recipe: RecipeBase) -> list[str]:
+    """``logging.report_to`` trackers whose package is missing (Accelerate would skip them without a word)."""
+    import importlib.util
+
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    problems = []
+    for i, name in enumerate(recipe.logging.report_to):
+        if not any(importlib.util.find_spec(p) for p in packages[name]):
+            problems.append(f"logging.report_to.{i}: {name} is not installed in this environment; install it "
+                            f"(pip install {name}, or pip install 'rlcli[{name}]') or remove it from report_to")
+    return problems
+
+
 def check_run_setup(recipe: RecipeBase, resume: bool = False) -> None:
-    """Raise one ``RecipeError`` for the output dir's problems (see ``check_output_dir``)."""
-    problems = check_output_dir(recipe, resume)
+    """Raise one ``RecipeError`` for the output dir's and the trackers' problems (see ``check_output_dir``)."""
+    problems = check_output_dir(recipe, resume) + check_trackers(recipe)
     if problems:
         raise RecipeError(locate(recipe, problems))
 
@@ -332,6 +345,15 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for tensor in module.state_dict(keep_vars=True).values():
             dist.broadcast(tensor.data, src=src)
+
+
+def non_finite_loss(step: int, loss: float, out: Path) -> UserError:
+    """The error that stops a run whose training loss became NaN / inf (no final model is saved)."""
+    return UserError(f"the training loss at step {step} is {loss} (not a finite number), so the run stopped there "
+                     f"and saved no model in {out}. Usual causes: a learning rate too high for this model "
+                     "(optim.learning_rate), no gradient clipping (optim.max_grad_norm: null), or float16 overflow "
+                     "(train.mixed_precision: fp16); start a new run with other settings (another output_dir, or "
+                     "overwrite_output_dir=true)")
 
 
 def describe_model(model: torch.nn.Module) -> str:

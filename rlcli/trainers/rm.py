@@ -43,6 +43,7 @@ from rlcli.trainers.common import (
     finish,
     clear_output_dir,
     describe_model,
+    non_finite_loss,
     load_trainable_state,
     make_accelerator,
     make_optimizer,
@@ -223,7 +224,7 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
             accuracy = accelerator.reduce(correct, "sum").item() / tcfg.batch_size
             seconds = time.perf_counter() - t0
             if not math.isfinite(step_loss):
-                raise RuntimeError(f"non-finite training loss at step {step}: {step_loss} (lower optim.learning_rate?)")
+                raise non_finite_loss(step, step_loss, out)
             metrics = {"loss": step_loss, "accuracy": accuracy, "lr": lr,
                        "epoch": step * tcfg.batch_size / len(train_set.pairs), "pairs_per_s": tcfg.batch_size / seconds}
             if grad_norm is not None:

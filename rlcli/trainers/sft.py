@@ -40,6 +40,7 @@ from rlcli.trainers.common import (
     finish,
     clear_output_dir,
     describe_model,
+    non_finite_loss,
     load_trainable_state,
     make_accelerator,
     make_optimizer,
@@ -182,7 +183,7 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
             tokens = accelerator.reduce(torch.tensor(seen_tokens, device=accelerator.device), "sum").item()
             seconds = time.perf_counter() - t0
             if not math.isfinite(step_loss):
-                raise RuntimeError(f"non-finite training loss at step {step}: {step_loss} (lower optim.learning_rate?)")
+                raise non_finite_loss(step, step_loss, out)
             metrics = {"loss": step_loss, "lr": lr, "epoch": step * tcfg.batch_size / len(train_set.examples),
                        "tokens_per_s": tokens / seconds}
             if grad_norm is not None:
