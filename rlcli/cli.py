@@ -19,7 +19,7 @@ app = typer.Typer(
     name="rlcli",
     help="Train language models with SFT, reward modelling and PPO — including models that call tools — "
     "from YAML recipes. Each command takes a recipe file and optional KEY=VALUE overrides "
-    "(e.g. train.learning_rate=3e-4 output_dir=runs/a).",
+    "(e.g. optim.learning_rate=3e-4 output_dir=runs/a).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Argument(..., help="Recipe YAML file.", show_default=False)
-OVERRIDES = typer.Argument(None, help="KEY=VALUE overrides, dotted keys (train.learning_rate=3e-4).", show_default=False)
+OVERRIDES = typer.Argument(None, help="KEY=VALUE overrides, dotted keys (optim.learning_rate=3e-4).", show_default=False)
 DRY_RUN = typer.Option(False, "--dry-run", help="Validate the recipe without loading weights; print it resolved.")
 RESUME = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir.")
 

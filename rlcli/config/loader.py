@@ -29,7 +29,9 @@ class Origin:
 
     def problem(self, key: str, message: str) -> Problem:
         """``message`` about ``key``, placed at the override that set it or at its line in the file."""
-        if key and any(key == t or key.startswith(t + ".") for t in self.touched):
+        # a key set on the command line, inside one (model.config.x for model.config={...}) or under a section
+        # whose check failed (train, when train.batch_size=33 was given) is the command line's doing
+        if key and any(key == t or key.startswith(t + ".") or t.startswith(key + ".") for t in self.touched):
             return Problem(key, message, source=CLI)
         return Problem(key, message, source=self.source, line=self.lines.get(key))
 
@@ -188,20 +190,50 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
+# Names people carry over from other trainers (TRL, HF Trainer, PyTorch) -> rlcli's key.
+ALIASES = {
+    "lr": "learning_rate", "learningrate": "learning_rate", "wd": "weight_decay", "betas": "adam_betas",
+    "eps": "adam_eps", "adam_epsilon": "adam_eps", "scheduler": "lr_scheduler", "lr_scheduler_type": "lr_scheduler",
+    "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps", "grad_clip": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm", "max_norm": "max_grad_norm", "bs": "batch_size", "batch": "batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "micro_batch": "micro_batch_size", "steps": "max_steps",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "max_len": "max_length", "max_seq_length": "max_length",
+    "seq_len": "max_length", "logging_steps": "log_every", "save_steps": "save_every", "eval_steps": "eval_every",
+    "save_total_limit": "keep_checkpoints", "output": "output_dir", "out_dir": "output_dir", "rank": "r",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_r": "r", "model_name": "name_or_path",
+    "model_name_or_path": "name_or_path", "precision": "mixed_precision", "fp16": "mixed_precision",
+    "bf16": "mixed_precision", "seed_value": "seed",
+}
+
+
+def _suggest(name: str, here: list[str], everywhere: list[str]) -> str | None:
+    """The key meant by an unknown ``name``: an alias or a near spelling in the same section first (``optim.lr`` ->
+    ``learning_rate``), then the same key in another section (``ppo.learning_rate`` -> ``optim.learning_rate``)."""
+    meant = ALIASES.get(name.lower().replace("-", "_"))
+    if meant in here:
+        return meant
+    near = difflib.get_close_matches(name, here, n=1)
+    if near:
+        return near[0]
+    leaves: dict[str, str] = {}
+    for path in everywhere:
+        leaves.setdefault(path.rsplit(".", 1)[-1], path)
+    for candidate in (meant, name):
+        if candidate in leaves:
+            return leaves[candidate]
+    # short names match anything short (lr ~ r): only a close spelling of a real word counts elsewhere
+    near = difflib.get_close_matches(name, [n for n in leaves if len(n) > 3], n=1, cutoff=0.75) if len(name) > 3 else []
+    return leaves[near[0]] if near else None
+
+
 def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
     kind = error["type"]
     loc = tuple(p for p in error["loc"] if not isinstance(p, str) or not p.startswith("function-"))
     if kind == "extra_forbidden":
         owner = _model_at(schema, loc[:-1])
         valid = sorted(owner.model_fields) if owner else []
-        guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        if not guess:
-            # nothing close in this section: the key may belong to another one (ppo.learning_rate -> optim.)
-            elsewhere = _key_paths(schema)
-            names = {path.rsplit(".", 1)[-1]: path for path in elsewhere}
-            near = difflib.get_close_matches(str(loc[-1]), list(names), n=1)
-            guess = [names[near[0]]] if near else []
-        hint = f"; did you mean '{guess[0]}'?" if guess else ""
+        guess = _suggest(str(loc[-1]), valid, _key_paths(schema))
+        hint = f"; did you mean '{guess}'?" if guess else ""
         return f"unknown key{hint} (valid keys here: {', '.join(valid)})"
     if kind == "missing":
         return "required key is missing"

@@ -27,7 +27,7 @@ import torch
 
 from rlcli.checkpoint import load_checkpoint, save_checkpoint
 from rlcli.config.common import world_size
-from rlcli.config.errors import RecipeError, Problem
+from rlcli.config.errors import RecipeError
 from rlcli.config.loader import locate
 from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
@@ -57,6 +57,9 @@ def preflight(recipe: SFTRecipe, source: str = "recipe") -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
     task = model_task(recipe.model)
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
+    if task != "causal":
+        key = "model.architecture" if recipe.model.architecture is not None else "model.name_or_path"
+        problems.append(f"{key}: rlcli sft trains decoder-only (causal) models; this is an encoder-decoder")
     problems += check_launch("sft", recipe)
     if problems:
         raise RecipeError(locate(recipe, problems, source))
@@ -114,9 +117,7 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
                       f"({tcfg.batch_size}); batches repeat examples across epochs")
 
     # step 3: model, optimiser, schedule, resume
-    task = model_task(recipe.model)
-    if task != "causal":
-        raise RecipeError([Problem("model.architecture", "rlcli sft trains decoder-only (causal) models", "recipe")])
+    task = model_task(recipe.model)  # causal (preflight refuses the others)
     model = load_model(recipe.model, task, tokenizer)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora, task, gradient_checkpointing=recipe.model.gradient_checkpointing)
