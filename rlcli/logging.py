@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rlcli import rundir
@@ -113,18 +114,22 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 class TrainingProgress:
     """A rich progress bar with the few metrics that matter; silent on non-main processes or when disabled."""
 
-    def __init__(self, description: str, total: int, *, enabled: bool, start: int = 0, shown: tuple[str, ...] = ()):
+    def __init__(self, description: str, total: int, *, enabled: bool, start: int = 0, shown: tuple[str, ...] = (),
+                 output: Console | None = None):
         self.shown = shown
         self.enabled = enabled
+        # On a narrow terminal the metrics give way (cut with an ellipsis), then the bar; the step count and the
+        # times never do (rich would otherwise squeeze every column, the step count and ETA first).
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[metrics]}"),
-            console=console,
+            TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=6)),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[metrics]}", table_column=Column(ratio=2, no_wrap=True, overflow="ellipsis")),
+            console=output or console,
             disable=not enabled,
+            expand=True,
         )
         self._task = self._progress.add_task(description, total=total, completed=start, metrics="")
 
@@ -134,6 +139,9 @@ class TrainingProgress:
 
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
+
+    def __rich__(self):
+        return self._progress.get_renderable()
 
     def update(self, step: int, metrics: dict[str, Any] | None = None) -> None:
         text = ""

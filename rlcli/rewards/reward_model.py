@@ -129,6 +129,20 @@ def resolve_label(label: str | int | None, config) -> int:
 
 
 def _load(name_or_path: str, revision: str | None):
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" bar per from_pretrained; a scorer is a building block, and whoever
+    # uses it (a PPO run, a script) shows its own progress
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load_quietly(name_or_path, revision)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _load_quietly(name_or_path: str, revision: str | None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     local = Path(name_or_path)

@@ -4,7 +4,9 @@ refuses the working directory, and says what to do with a directory it cannot us
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 from tests.conftest import REPO, plain, run_cli
 
@@ -68,6 +70,18 @@ def test_overwrite_replaces_every_file_of_the_previous_run(tmp_path):
     manifest = json.loads((out / ".rlcli-run.json").read_text())
     assert manifest["state"] == "finished" and "checkpoints" not in manifest["files"]
     assert set(manifest["files"]) >= {"recipe.yaml", "metrics.jsonl", "model.safetensors", "config.json"}
+
+
+def test_saved_model_files_get_the_umask_mode(tmp_path):
+    """safetensors writes 0600 whatever the umask; every file of a run is readable like the others."""
+    out = tmp_path / "run"
+    res = run_cli("sft", TINY, f"output_dir={out}", *QUICK, "lora.r=4")  # LoRA: adapter_model.safetensors and base/
+    assert res.returncode == 0, res.stderr[-2000:]
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert "adapter_model.safetensors" in modes and "base/model.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o666 & ~mask} == {}
 
 
 def test_existing_directory_with_other_files_is_refused(tmp_path):

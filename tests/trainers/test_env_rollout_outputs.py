@@ -1,0 +1,53 @@
+"""``rlcli env-rollout`` and its output dir: a new rollout replaces the previous one's files through the manifest
+(also when it fails, so old episodes never sit beside a new recipe), and it never replaces a training run."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import plain, run_cli
+
+RECIPE = "configs/calculator_eval.yaml"
+SCRATCH = ["model.name_or_path=null", "model.architecture=gpt2", "model.tokenizer=byte",
+           "model.config={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 256}", "data.max_rows=4", "batch_size=2",
+           "env.max_new_tokens=8", "show=0"]
+REWARDS = '''
+calls = []
+
+
+def constant(responses):
+    return [0.5] * len(responses)
+
+
+def fails_on_second_batch(responses):
+    calls.append(1)
+    if len(calls) > 1:
+        raise RuntimeError("the grader crashed")
+    return [0.0] * len(responses)
+'''
+
+
+def test_a_failed_rollout_leaves_no_old_episodes_beside_its_recipe(tmp_path):
+    plugin = tmp_path / "rewards.py"
+    plugin.write_text(REWARDS)
+    out = tmp_path / "eval"
+    res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH, f"reward.function={plugin}:constant")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len((out / "episodes.jsonl").read_text().splitlines()) == 4 and (out / "summary.json").exists()
+    res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH, f"reward.function={plugin}:fails_on_second_batch")
+    assert res.returncode == 1 and "the grader crashed" in plain(res.stderr), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".rlcli-run.json", "recipe.yaml"]
+    assert "fails_on_second_batch" in (out / "recipe.yaml").read_text()
+    assert json.loads((out / ".rlcli-run.json").read_text())["state"] == "running"
+
+
+def test_a_rollout_never_replaces_a_training_run(tmp_path):
+    out = tmp_path / "sft"
+    res = run_cli("sft", "configs/tiny/sft.yaml", f"output_dir={out}", "train.max_steps=1", "train.save_every=null",
+                  "data.eval_fraction=0", "logging.progress=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = sorted(p.name for p in out.iterdir())
+    res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH)
+    assert res.returncode == 1 and "holds a training run" in plain(res.stderr), res.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == before
