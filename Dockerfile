@@ -13,20 +13,13 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TOKENIZERS_PARALLELISM=false
 
-# Dependencies first (a layer that survives code changes), pinned to the versions rlcli is tested with.
-# torch comes from the base image and is left alone (every pin below accepts it).
-RUN pip install \
-        "transformers==5.24.0" \
-        "accelerate==1.15.0" \
-        "peft==0.21.2" \
-        "datasets==5.2.0" \
-        "huggingface_hub==2.4.0" \
-        "tokenizers==0.23.3" \
-        "safetensors==0.8.0" \
-        "pydantic==2.14.4" \
-        "PyYAML==6.0.4" \
-        "typer==0.29.2" \
-        "rich==15.0.0"
+# Dependencies first (a layer that survives code changes), at the versions rlcli is tested with (constraints.txt).
+# torch comes from the base image and is left alone: its pin is dropped, the other pins accept it.
+COPY constraints.txt /tmp/constraints.txt
+RUN sed -i '/^torch==/d' /tmp/constraints.txt \
+    && pip install -c /tmp/constraints.txt \
+        transformers accelerate peft datasets huggingface_hub tokenizers safetensors pydantic PyYAML typer rich \
+    && rm /tmp/constraints.txt
 
 # The package itself (no dependency changes: everything it needs is installed above).
 COPY pyproject.toml README.md /tmp/rlcli-src/

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install rlcli with its test extras. CPU-only torch is installed first, so that
-# no dependency pulls a multi-GB CUDA build; on a GPU machine install your CUDA torch before running this.
-# pip's own output (build-backend notices included) goes to .venv/install.log and is shown only when pip fails.
+# Create .venv (if needed) and install rlcli with its test extras, at the exact versions of constraints.txt (the
+# ones the tests passed with; pyproject.toml only has lower bounds). torch is installed first and on its own, from
+# wherever pip is configured to look (set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU
+# build); a torch already in .venv (your CUDA build, say) is kept: the rest is installed against it, with every
+# other package still pinned. pip's own output (build-backend notices included) goes to .venv/install.log and is
+# shown only when pip fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -21,6 +24,12 @@ pip_install() {
 echo "setup: installing rlcli and its dependencies into .venv (log: $LOG)"
 pip_install --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
-  pip_install "torch==${RLCLI_TORCH_VERSION:-2.13.0}"
+  if [ -n "${RLCLI_TORCH_VERSION:-}" ]; then
+    pip_install "torch==$RLCLI_TORCH_VERSION"
+  else
+    pip_install -c constraints.txt torch
+  fi
 fi
-pip_install -e ".[test,plot]"
+# the torch now installed stays as it is (its pin would make pip replace another build or version)
+grep -v '^torch==' constraints.txt >.venv/constraints.txt
+pip_install -c .venv/constraints.txt -e ".[test,plot]"

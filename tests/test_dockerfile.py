@@ -1,5 +1,6 @@
-"""The Dockerfile, checked without a Docker engine (none in CI): it lints clean, installs the package with the
-dependencies pyproject.toml names, and ships what the README's `docker run` lines use."""
+"""The Dockerfile and the install's pins, checked without a Docker engine (none in CI): constraints.txt pins every
+dependency within pyproject's bounds, setup.sh and the Dockerfile install with it, the Dockerfile lints clean and
+ships what the README's `docker run` lines use."""
 
 from __future__ import annotations
 
@@ -27,11 +28,47 @@ def test_dockerfile_lints_clean():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_dockerfile_pins_every_dependency_and_runs_as_non_root():
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_constraints_pin_every_dependency_within_pyproject_bounds():
+    from packaging.requirements import Requirement
+
+    pins = _constraints()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in ("test", "plot")
+                                              for r in project["optional-dependencies"][extra]]
+    for text in requirements:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(req.specifier))
+    assert pins["torch"] == "2.13.0"
+    # pyproject stays loose: lower bounds only, for installing rlcli into an environment of one's own
+    assert all("==" not in d for d in project["dependencies"])
+
+
+def test_setup_installs_with_the_constraints():
+    text = (REPO / "scripts" / "setup.sh").read_text()
+    assert "-c constraints.txt torch" in text
+    assert re.search(r'-c \.venv/constraints\.txt -e "\.\[test,plot\]"', text)
+
+
+def test_dockerfile_uses_the_constraints_and_runs_as_non_root():
     text = DOCKERFILE.read_text()
-    pinned = {m.lower().replace("_", "-") for m in re.findall(r'"([A-Za-z0-9_.-]+)==[0-9][^"]*"', text)}
-    missing = _requirement_names() - pinned - {"torch"}  # torch comes from the CUDA base image
-    assert not missing, f"pyproject dependencies not pinned in the Dockerfile: {sorted(missing)}"
+    assert re.search(r"^COPY constraints\.txt ", text, re.M)
+    assert "sed -i '/^torch==/d'" in text  # torch comes from the CUDA base image
+    installed = re.search(r"pip install -c /tmp/constraints\.txt \\\n\s+(.+?) \\", text).group(1).split()
+    missing = _requirement_names() - {n.lower().replace("_", "-") for n in installed} - {"torch"}
+    assert not missing, f"pyproject dependencies not installed by the Dockerfile: {sorted(missing)}"
     assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M) and "cuda" in text
     assert re.search(r"^USER (?!root)\S+", text, re.M), "the image must not run as root"
     assert re.search(r'^ENTRYPOINT \["rlcli"\]', text, re.M)

@@ -1,0 +1,55 @@
+"""Print constraints.txt: the installed version of every package rlcli[test,plot] needs, directly or not.
+
+    python scripts/freeze_constraints.py > constraints.txt     # in the .venv the tests passed in
+
+Like ``pip freeze``, but only the packages reachable from rlcli's requirements (not whatever else the environment
+holds), and torch without its build label (``2.13.0``, not ``2.13.0+cpu``), so that one file serves CPU and CUDA
+machines alike.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import re
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+
+HEADER = """\
+# The exact versions rlcli is tested with, for scripts/setup.sh and the Dockerfile (pip install -c constraints.txt).
+# pyproject.toml keeps loose lower bounds, for installing rlcli into an environment of your own.
+# Every package rlcli[test,plot] needs, directly or not, as installed where the tests passed (Python 3.11, Linux
+# x86-64). torch carries no build label: which build pip picks (CPU or CUDA) depends on where it looks; see the
+# README's "Install" section. Regenerate: python scripts/freeze_constraints.py > constraints.txt
+"""
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_closure(root: str = "rlcli", extras: frozenset[str] = frozenset({"test", "plot"})) -> dict[str, str]:
+    """Normalised name -> installed version of every distribution ``root[extras]`` requires, recursively."""
+    env = default_environment()
+    found: dict[str, set[str]] = {}
+    todo = [(root, set(extras))]
+    while todo:
+        name, wanted = todo.pop()
+        key = _norm(name)
+        if key in found and wanted <= found[key]:
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue  # a requirement whose marker held but which is not installed: nothing to pin
+        found[key] = found.get(key, set()) | wanted
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in wanted | {""}):
+                todo.append((req.name, set(req.extras)))
+    found.pop(_norm(root), None)
+    return {key: md.version(key).split("+", 1)[0] for key in sorted(found)}
+
+
+if __name__ == "__main__":
+    print(HEADER + "\n".join(f"{name}=={version}" for name, version in requirement_closure().items()))
