@@ -94,22 +94,67 @@ class RewardConfig(Section):
 
 
 class KLConfig(Section):
-    """KL penalty against the reference model: per-token reward -β·KL_t (ppo-details item 6)."""
+    """The KL penalty against the reference model: as a per-token reward -β·KL_t (PPO, ppo-details item 6), or as
+    a term β·KL of the loss (GRPO)."""
 
     coef: float = Field(0.05, ge=0)
-    """β, or its starting value when adaptive."""
+    """β, or its starting value when adaptive. (GRPO's paper used 0.04; RLOO's and REINFORCE++'s 0.01-0.05.)"""
     adaptive: bool = False
     """Adapt β towards ``target`` (Ziegler et al.)."""
     target: float = Field(6.0, gt=0)
     """Target KL per sequence (summed over tokens) for adaptive β."""
     horizon: int = Field(10000, gt=0)
     """Adaptive β horizon, in episodes."""
-    estimator: Literal["k1", "abs", "k2", "mse", "k3", "full"] = "k1"
-    """Per-token KL estimator in the reward: k1 = log π − log π_ref; full = exact KL over the vocabulary."""
+    mode: Literal["reward", "loss"] | None = None
+    """``reward``: -β·KL_t is part of every model token's reward (Ziegler et al. 2019; PPO, RLOO, REINFORCE++);
+    ``loss``: β × the KL estimate is added to the loss, its gradient taken through the policy's log-probs (GRPO:
+    Shao et al. 2024). Default: ``loss`` for ``ppo.advantage: grpo``, else ``reward``."""
+    estimator: Literal["k1", "abs", "k2", "mse", "k3", "full"] | None = None
+    """Per-token KL estimator: k1 = log π − log π_ref; k3 = (r − 1) − log r with r = π_ref/π (unbiased, never
+    negative: GRPO's choice for the loss); full = exact KL over the vocabulary (reward mode only). Default: k3 in
+    loss mode, else k1."""
+
+
+ESTIMATOR_DEFAULTS = {
+    # advantage: (advantage_scaling, loss_aggregation, kl.mode); each from the paper that introduced it
+    "gae": ("none", "token_mean", "reward"),  # PPO as in Ziegler et al. 2019 / TRL: whitening below
+    "grpo": ("group", "sequence_mean", "loss"),  # Shao et al. 2024 (DeepSeekMath), eq. 3 and 21
+    "rloo": ("none", "token_mean", "reward"),  # Ahmadian et al. 2024; token mean as TRL's RLOOTrainer
+    "reinforce_pp": ("batch", "token_mean", "reward"),  # Hu 2025: token-level KL reward, global normalisation
+}
+
+
+def apply_estimator_defaults(ppo: "PPOAlgo", kl: KLConfig) -> None:
+    """Fill the estimator keys left unset (None) with the defaults of ``ppo.advantage``'s paper, in place."""
+    scaling, aggregation, mode = ESTIMATOR_DEFAULTS[ppo.advantage]
+    ppo.advantage_scaling = ppo.advantage_scaling or scaling
+    ppo.loss_aggregation = ppo.loss_aggregation or aggregation
+    kl.mode = kl.mode or mode
+    kl.estimator = kl.estimator or ("k3" if kl.mode == "loss" else "k1")
 
 
 class PPOAlgo(Section):
-    """The PPO optimisation."""
+    """The PPO optimisation, and the advantage estimator (a critic with GAE, or a critic-free group estimator)."""
+
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """How advantages are estimated. ``gae``: a value head (the critic) and GAE (PPO). Critic-free, no value head
+    in memory or checkpoints: ``grpo`` (score minus its group's mean, scaled by the group's std; Shao et al. 2024),
+    ``rloo`` (score minus the mean of the *other* completions of its prompt; Ahmadian et al. 2024), ``reinforce_pp``
+    (REINFORCE++, Hu 2025: return-to-go of the per-token rewards, normalised over the batch; with
+    ``group_size`` > 1 the group's mean score is subtracted first, "REINFORCE++-baseline")."""
+    group_size: int = Field(1, gt=0)
+    """Completions sampled per prompt; ``batch_size`` counts completions and must be a multiple of it (on each
+    process: the completions of a prompt are generated and judged on one process). grpo and rloo need >= 2."""
+    advantage_scaling: Literal["group", "batch", "none"] | None = None
+    """Divide critic-free advantages by the std of their group's rewards (``group``: GRPO), or normalise them over the
+    whole batch (``batch``: subtract the mean, divide by the std, over all processes: REINFORCE++), or not
+    (``none``: RLOO, and Dr. GRPO, Liu et al. 2025, who show the group std favours too easy and too hard prompts).
+    Default: the estimator's paper. (``gae`` uses ``whiten_advantages`` instead.)"""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
+    """How per-token losses of a minibatch become one number: ``token_mean`` (every token weighs the same; DAPO, Yu
+    et al. 2025; PPO), ``sequence_mean`` (each sequence's token mean, then the mean over sequences; GRPO),
+    ``constant`` (the token sum over sequences × the generation budget; Dr. GRPO, which removes the length bias of
+    ``sequence_mean``). Default: the estimator's paper."""
 
     steps: int = Field(100, gt=0)
     """PPO steps (each: one batch of rollouts, then ``epochs`` passes of minibatch updates)."""
@@ -190,9 +235,33 @@ class PPORecipe(RecipeBase):
                             f"max_new_tokens={self.generation.max_new_tokens}")
         if self.lora is not None and self.ref_model is not None:
             problems.append("ref_model must be omitted with lora: the reference is the base model with the adapter disabled")
+        problems += self._estimator_problems(procs)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _estimator_problems(self, procs: int) -> list[str]:
+        """Check the estimator's keys and fill the ones left unset with the estimator's defaults."""
+        p, kl, problems = self.ppo, self.kl, []
+        apply_estimator_defaults(p, kl)
+        n = p.group_size
+        if p.advantage in ("grpo", "rloo") and n < 2:
+            problems.append(f"ppo.group_size={n}: {p.advantage} compares completions of the same prompt, so it needs "
+                            "ppo.group_size >= 2 (4-16 is usual)")
+        if p.advantage_scaling == "group" and n < 2:
+            problems.append(f"ppo.advantage_scaling=group needs ppo.group_size >= 2, got {n}")
+        if p.batch_size % (n * procs):
+            problems.append(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.group_size × processes = {n} × "
+                            f"{procs} = {n * procs} (each process samples whole groups)")
+        if kl.mode == "loss" and kl.estimator == "full":
+            problems.append("kl.estimator=full works only with kl.mode=reward (the loss term needs a per-token "
+                            "estimate of the sampled tokens: k3, or k1 / k2)")
+        return problems
+
+    @property
+    def critic_free(self) -> bool:
+        """True when no value head is trained (any estimator but gae)."""
+        return self.ppo.advantage != "gae"
 
 
 from rlcli.config.env import EnvConfig  # noqa: E402  (env.py imports RewardConfig from this module)

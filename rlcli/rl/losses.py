@@ -28,6 +28,19 @@ def clipped_policy_loss(
         (fraction of model tokens where the clipped term is the one used), ``approx_kl`` (masked mean of
         ``0.5 * (logprobs - old_logprobs)**2``, as in lm-human-preferences) and ``ratio_mean``.
     """
+    per_token, stats = clipped_policy_terms(logprobs, old_logprobs, advantages, mask, clip_range)
+    return masked_mean(per_token, mask.to(device=logprobs.device, dtype=torch.bool)), stats
+
+
+def clipped_policy_terms(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO-clip surrogate per token, before any averaging (``rlcli.rl.critic_free.aggregate_loss`` chooses
+    how): ``[batch, response_len]``, 0 where ``mask`` is 0; ``stats`` as ``clipped_policy_loss``."""
     m = mask.to(device=logprobs.device, dtype=torch.bool)
     # Zero the log-ratio at masked positions before exp: an inf there would turn into a NaN gradient.
     log_ratio = torch.where(m, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
@@ -35,14 +48,14 @@ def clipped_policy_loss(
     advantages = advantages.detach()
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    per_token = torch.where(m, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), m),
             "approx_kl": masked_mean(0.5 * log_ratio.square(), m),
             "ratio_mean": masked_mean(ratio, m),
         }
-    return loss, stats
+    return per_token, stats
 
 
 def clipped_value_loss(
@@ -65,16 +78,29 @@ def clipped_value_loss(
         ``(loss, stats)``: ``loss`` is a 0-dim tensor; ``stats["vf_clipfrac"]`` is a detached 0-dim tensor,
         the fraction of model tokens where the clipped term is the one used.
     """
+    per_token, stats = clipped_value_terms(values, old_values, returns, mask, clip_range_value)
+    return masked_mean(per_token, mask.to(device=values.device, dtype=torch.bool)), stats
+
+
+def clipped_value_terms(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range_value: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped value loss per token, ``0.5 * max((v - R)**2, (clip(v) - R)**2)``, 0 where ``mask`` is 0;
+    ``stats`` as ``clipped_value_loss``."""
     m = mask.to(device=values.device, dtype=torch.bool)
     old_values = old_values.detach()
     returns = returns.detach()
     values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped = (values - returns).square()
     clipped = (values_clipped - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), m)
+    per_token = torch.where(m, 0.5 * torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), m)}
-    return loss, stats
+    return per_token, stats
 
 
 @torch.no_grad()

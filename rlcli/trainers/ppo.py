@@ -174,12 +174,29 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
     p = recipe.ppo
     minis = p.batch_size // p.mini_batch_size
     accum = p.mini_batch_size // (p.micro_batch_size * world_size())
-    return [
+    notes = [
         f"{task} policy; each PPO step: {p.batch_size} episodes, {p.epochs} epoch(s) × {minis} minibatch(es) of "
         f"{p.mini_batch_size} = {p.epochs * minis} optimizer steps; micro-batch {p.micro_batch_size} × "
         f"{world_size()} process(es) × {accum} accumulation step(s)",
         f"{p.steps} PPO steps = {p.steps * p.batch_size} episodes",
+        f"advantages: {describe_estimator(recipe)}",
     ]
+    if recipe.env is not None:
+        from rlcli.env.build import sandbox_notes
+
+        notes += sandbox_notes(recipe.env)
+    return notes
+
+
+def describe_estimator(recipe: PPORecipe) -> str:
+    """The advantage estimator and its settings, in words."""
+    p, kl = recipe.ppo, recipe.kl
+    kl_text = f"KL ({kl.estimator}, β {kl.coef:g}{' adaptive' if kl.adaptive else ''}) in the {kl.mode}"
+    if p.advantage == "gae":
+        return f"gae with a value head (γ {p.gamma:g}, λ {p.lam:g}); {kl_text}; loss {p.loss_aggregation}"
+    groups = f"{p.batch_size // p.group_size} prompts × {p.group_size} completions"
+    return (f"{p.advantage}, no value head; {groups}; scaling {p.advantage_scaling}; {kl_text}; "
+            f"loss {p.loss_aggregation}")
 
 
 # --- steps 4-6: prompts, rollouts, scores ------------------------------------------------------------------------
@@ -273,12 +290,15 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
     """Steps 4-6 of a PPO step on this process: its prompts, their rollouts and their scores."""
     recipe, tokenizer, acc = setup.recipe, setup.tokenizer, setup.accelerator
     p, gen = recipe.ppo, recipe.generation
-    rank, local_batch = acc.process_index, p.batch_size // acc.num_processes
+    prompts_per_step = p.batch_size // p.group_size
+    rank, local_prompts = acc.process_index, prompts_per_step // acc.num_processes
     t0 = time.perf_counter()
-    # step 4: this process takes its contiguous share of the global batch
+    # step 4: this process takes its contiguous share of the step's prompts, each repeated group_size times
+    # (consecutive rows: the layout the critic-free baselines expect)
     g = rollout_generator(recipe.seed, step, rank)
-    indices = index_stream(len(setup.rows), recipe.seed, (step - 1) * p.batch_size, p.batch_size)
-    step_rows = [setup.rows[i] for i in indices[rank * local_batch : (rank + 1) * local_batch]]
+    indices = index_stream(len(setup.rows), recipe.seed, (step - 1) * prompts_per_step, prompts_per_step)
+    step_rows = [setup.rows[i] for i in indices[rank * local_prompts : (rank + 1) * local_prompts]
+                 for _ in range(p.group_size)]
 
     # step 5: rollout (plain sampling, or episodes through the text environment). Under the recipe's mixed
     # precision like the training forward: the sampler calls the unwrapped LM, which Accelerate's autocast wrapper
@@ -328,7 +348,7 @@ def build_policy(recipe: PPORecipe, tokenizer, task: str) -> tuple[ValueHeadMode
     else:
         lm = apply_lora(lm, recipe.lora, task, gradient_checkpointing=recipe.model.gradient_checkpointing)
         disable_dropout(lm)
-    head = ValueHead(hidden_size(lm.config), recipe.ppo.value_head_init_std)
+    head = None if recipe.critic_free else ValueHead(hidden_size(lm.config), recipe.ppo.value_head_init_std)
     return ValueHeadModel(lm, head), ref
 
 
@@ -348,8 +368,13 @@ def build_learner(recipe: PPORecipe, accelerator, tokenizer, task: str, optimize
     learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl,
                          rules=behaviour_rules(recipe.generation, tokenizer), optimizer=optimizer,
                          scheduler=scheduler, accelerator=accelerator, max_grad_norm=recipe.optim.max_grad_norm,
-                         seed=recipe.seed)
+                         seed=recipe.seed, constant_length=generation_budget(recipe))
     return policy, ref, reward, learner
+
+
+def generation_budget(recipe: PPORecipe) -> int:
+    """The longest a response can be: the constant of ``loss_aggregation: constant`` (Dr. GRPO)."""
+    return recipe.env.max_length if recipe.env is not None else recipe.generation.max_new_tokens
 
 
 def rollout_setup(recipe: PPORecipe, accelerator, tokenizer, rows, column, policy: ValueHeadModel, reward,
@@ -407,7 +432,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
         console.print(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts, "
                       f"{p.steps} steps × {p.batch_size} episodes" + (f", {procs} processes" if procs > 1 else "")
                       + (f", resuming at step {start_step}" if start_step else ""))
-        console.print(f"sampling: {learner.rules.description()}", style="dim")
+        console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}",
+                      style="dim")
 
     with TrainingProgress("ppo", p.steps, enabled=accelerator.is_main_process and recipe.logging.progress,
                           start=start_step, shown=("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")) as progress:
@@ -471,6 +497,8 @@ def write_samples(path: Path, step: int, ep: Episodes, count: int) -> None:
 
 
 def save_policy(policy: ValueHeadModel, tokenizer, out: Path, *, built_from_scratch: bool, merge: bool) -> None:
-    """The LM (or adapter) in Hugging Face format via the shared final save, plus the value head beside it."""
+    """The LM (or adapter) in Hugging Face format via the shared final save, plus the value head beside it (none
+    for critic-free estimators)."""
     save_final_model(policy.pretrained, tokenizer, out, built_from_scratch=built_from_scratch, merge=merge)
-    save_value_head(policy.value_head, out)
+    if policy.value_head is not None:
+        save_value_head(policy.value_head, out)

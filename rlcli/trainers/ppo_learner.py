@@ -33,17 +33,22 @@ from contextlib import nullcontext
 
 import torch
 
+from rlcli.config.ppo import apply_estimator_defaults
 from rlcli.padding import left_pad, pad, right_pad
 from rlcli.rl import (
     AdaptiveKLController,
+    aggregate_loss,
+    clipped_policy_terms,
+    clipped_value_terms,
+    group_baseline,
+    returns_to_go,
+    scale_advantages,
     FixedKLController,
     KLWatch,
     Rollout,
     RolloutForward,
     RunningMoments,
     SamplingRules,
-    clipped_policy_loss,
-    clipped_value_loss,
     explained_variance,
     gae,
     kl_penalty,
@@ -81,9 +86,10 @@ class PPOLearner:
     """Holds the policy (with value head), the reference, the optimiser and the KL / score statistics."""
 
     def __init__(self, model, *, ref_model=None, algo, kl, rules: SamplingRules, optimizer, scheduler, accelerator,
-                 max_grad_norm: float | None, seed: int = 0):
+                 max_grad_norm: float | None, seed: int = 0, constant_length: int | None = None):
         if rules.temperature <= 0:
             raise ValueError("PPO needs a sampling temperature > 0 (greedy decoding has no log-probs to learn from)")
+        apply_estimator_defaults(algo, kl)
         self.model = model  # possibly wrapped by Accelerate (DDP)
         self.ref_model = ref_model  # a ValueHeadModel without value head, or None for LoRA
         self.algo = algo
@@ -99,6 +105,11 @@ class PPOLearner:
         self.score_moments = RunningMoments()
         self.steps_done = 0
         self.procs = accelerator.num_processes
+        # the fixed length of loss_aggregation "constant" (Dr. GRPO: the generation budget)
+        self.constant_length = constant_length
+        self.critic_free = algo.advantage != "gae"
+        if self.critic_free and self.accelerator.unwrap_model(model).value_head is not None:
+            raise ValueError(f"ppo.advantage={algo.advantage} trains no critic: build the policy without a value head")
 
     # --- state ------------------------------------------------------------------------------------------------
 
@@ -203,19 +214,20 @@ class PPOLearner:
         if self.algo.score_clip is not None:
             scores = scores.clamp(-self.algo.score_clip, self.algo.score_clip)
 
-        # step 3: per-token rewards
-        rewards = score_and_kl_rewards(scores, fwd.kl, mask, self.kl_ctl.value)
-
-        # step 4: whitening and GAE
-        if self.algo.whiten_rewards:
-            rewards = self._whiten(rewards, mask, restore_mean=True)
-        advantages, returns = gae(fwd.values, rewards, mask, self.algo.gamma, self.algo.lam)
-        if self.algo.whiten_advantages:
-            advantages = self._whiten(advantages, mask)
+        # steps 3-4: per-token rewards and advantages (GAE with the critic, or a critic-free estimator)
+        if self.critic_free:
+            rewards, advantages, returns = self._critic_free_advantages(scores, fwd, mask)
+        else:
+            rewards = score_and_kl_rewards(scores, self._kl_in_reward(fwd.kl), mask, self.kl_ctl.value)
+            if self.algo.whiten_rewards:
+                rewards = self._whiten(rewards, mask, restore_mean=True)
+            advantages, returns = gae(fwd.values, rewards, mask, self.algo.gamma, self.algo.lam)
+            if self.algo.whiten_advantages:
+                advantages = self._whiten(advantages, mask)
 
         # step 5: epochs of minibatch updates
         t1 = time.perf_counter()
-        train_stats = self._optimise(rollout, fwd.pi_logprobs, fwd.values, advantages, returns)
+        train_stats = self._optimise(rollout, fwd.pi_logprobs, fwd.values, fwd.ref_logprobs, advantages, returns)
         timings["time_optimize"] = time.perf_counter() - t1
 
         # step 6: KL controller, KL health, statistics
@@ -224,9 +236,41 @@ class PPOLearner:
         stats["kl_warning"] = float(self.kl_watch.update(stats["kl"]))
         stats["kl_negative_steps"] = float(self.kl_watch.negative_steps)
         self.steps_done += 1
-        return {**stats, **train_stats, **timings, "kl_coef_next": self.kl_ctl.value}
+        return {**stats, **train_stats, **timings, "kl_coef_next": self.kl_ctl.value, "estimator": self.algo.advantage}
 
-    def _optimise(self, b: Rollout, b_logprobs, b_values, b_advantages, b_returns) -> dict[str, float]:
+    def _kl_in_reward(self, kl: torch.Tensor) -> torch.Tensor:
+        """The per-token KL that enters the reward: all of it in reward mode, none in loss mode."""
+        return kl if self.kl_cfg.mode == "reward" else torch.zeros_like(kl)
+
+    def _critic_free_advantages(self, scores, fwd: RolloutForward, mask):
+        """Advantages of grpo / rloo / reinforce_pp: ``[B, R]`` rewards, advantages and returns (0 off model tokens).
+
+        grpo / rloo judge a whole sequence: its reward (the score, minus β·ΣKL_t in reward mode) against its group's
+        baseline, the same advantage on every model token. reinforce_pp keeps per-token rewards (score on the last
+        token, -β·KL_t on each) and uses the return-to-go; with groups, the group's mean score is subtracted first.
+        """
+        a, n, beta = self.algo, self.algo.group_size, self.kl_ctl.value
+        kl = self._kl_in_reward(fwd.kl)
+        if a.advantage == "reinforce_pp":
+            if n > 1:
+                scores = scores - group_baseline(scores, n, "mean")
+            rewards = score_and_kl_rewards(scores, kl, mask, beta)
+            advantages = returns_to_go(rewards, mask)
+            group_scores = None
+        else:
+            sequence_rewards = scores - beta * (kl * mask).sum(dim=1)
+            baseline = group_baseline(sequence_rewards, n, "mean" if a.advantage == "grpo" else "leave_one_out")
+            advantages = (sequence_rewards - baseline)[:, None] * mask
+            rewards = score_and_kl_rewards(scores, kl, mask, beta)
+            group_scores = sequence_rewards
+        reduce = self._sum_tensor_over_processes if self.procs > 1 else None
+        if a.advantage_scaling == "batch":
+            advantages = masked_whiten(advantages, mask, sum_over_processes=reduce)
+        else:
+            advantages = scale_advantages(advantages, n, a.advantage_scaling, scores=group_scores) * mask
+        return rewards, advantages, returns_to_go(rewards, mask)
+
+    def _optimise(self, b: Rollout, b_logprobs, b_values, b_ref_logprobs, b_advantages, b_returns) -> dict[str, float]:
         """Epochs × shuffled minibatches; one optimizer step per minibatch (CleanRL's update loop)."""
         a = self.algo
         local_mini = a.mini_batch_size // self.procs
@@ -242,8 +286,8 @@ class PPOLearner:
             for start in range(0, b.batch_size, local_mini):
                 mb_inds = b_inds[start : start + local_mini]
                 mb_inds = mb_inds[torch.argsort(b_lengths[mb_inds], stable=True)]
-                mb_stats = self._accumulate_minibatch(b, mb_inds, b_tokens, b_logprobs, b_values, b_advantages,
-                                                      b_returns)
+                mb_stats = self._accumulate_minibatch(b, mb_inds, b_tokens, b_logprobs, b_values, b_ref_logprobs,
+                                                      b_advantages, b_returns)
                 if mb_stats is None:
                     # never step on a batch whose loss was dropped (ppo-details item 15)
                     self.optimizer.zero_grad(set_to_none=True)
@@ -275,49 +319,60 @@ class PPOLearner:
                     "lr": self.scheduler.get_last_lr()[0]})
         return out
 
-    def _accumulate_minibatch(self, b: Rollout, mb_inds, b_tokens, b_logprobs, b_values, b_advantages,
+    def _accumulate_minibatch(self, b: Rollout, mb_inds, b_tokens, b_logprobs, b_values, b_ref_logprobs, b_advantages,
                               b_returns) -> dict[str, float] | None:
         """Forward + backward over a minibatch's micro-batches, gradients accumulated (synchronised across processes
-        at the last one). Returns the minibatch's token-weighted statistics, or None if a loss was non-finite on any
-        process (then no gradient is kept).
+        at the last one). Returns the minibatch's statistics, or None if a loss was non-finite on any process (then
+        no gradient is kept).
 
-        Every token of the (global) minibatch weighs the same, whatever micro-batch or process it is in: a
-        micro-batch's loss is its token sum over the minibatch's tokens on all processes, × processes because DDP
-        averages gradients over processes.
+        The loss is aggregated over the whole (global) minibatch as ``ppo.loss_aggregation`` says, whatever
+        micro-batch or process a token is in: each micro-batch adds its share (``aggregate_loss`` with the
+        minibatch's totals), × processes because DDP averages gradients over processes.
         """
         a, dev = self.algo, self.accelerator.device
         local_tokens = float(b_tokens[mb_inds].sum())
-        (global_tokens,) = self.sum_over_processes(local_tokens)
+        global_tokens, global_rows = self.sum_over_processes(local_tokens, len(mb_inds))
+        totals = dict(total_tokens=global_tokens, total_sequences=global_rows, constant_length=self.constant_length)
+        kl_loss = self.kl_cfg.mode == "loss"
         micro_batches = [mb_inds[i : i + a.micro_batch_size] for i in range(0, len(mb_inds), a.micro_batch_size)]
         mb_stats = defaultdict(float)
         for i, rows in enumerate(micro_batches):
             mb, width = _trim(b.index(rows))
             mb = mb.to(dev)
             mb_mask = mb.model_mask.float()
-            tokens = float(b_tokens[rows].sum())
             sync = nullcontext() if i == len(micro_batches) - 1 else self.accelerator.no_sync(self.model)
             with sync:
                 logits, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
                 mb_logprobs = self.rules.logprobs(logits, mb.response_ids, mb.turn_positions)
-                pg_loss, pg = clipped_policy_loss(mb_logprobs, b_logprobs[rows, :width].to(dev),
-                                                  b_advantages[rows, :width].to(dev), mb_mask, a.clip_range)
+                pg_terms, pg = clipped_policy_terms(mb_logprobs, b_logprobs[rows, :width].to(dev),
+                                                    b_advantages[rows, :width].to(dev), mb_mask, a.clip_range)
+                pg_loss = aggregate_loss(pg_terms, mb_mask, a.loss_aggregation, **totals)
                 loss, parts = pg_loss, {"loss_policy": pg_loss, "policy_clipfrac": pg["clipfrac"],
                                         "approx_kl": pg["approx_kl"], "ratio": pg["ratio_mean"]}
                 if values is not None and b_values is not None:
-                    vf_loss, vf = clipped_value_loss(values, b_values[rows, :width].to(dev),
-                                                     b_returns[rows, :width].to(dev), mb_mask, a.clip_range_value)
+                    vf_terms, vf = clipped_value_terms(values, b_values[rows, :width].to(dev),
+                                                       b_returns[rows, :width].to(dev), mb_mask, a.clip_range_value)
+                    vf_loss = aggregate_loss(vf_terms, mb_mask, "token_mean", **totals)
                     loss = loss + a.vf_coef * vf_loss
                     parts.update({"loss_value": vf_loss, "value_clipfrac": vf["vf_clipfrac"]})
-                loss = loss * (tokens * self.procs / max(global_tokens, 1.0))
+                if kl_loss:
+                    kl_terms = kl_penalty(mb_logprobs, b_ref_logprobs[rows, :width].to(dev), self.kl_cfg.estimator)
+                    kl_part = aggregate_loss(kl_terms, mb_mask, a.loss_aggregation, **totals)
+                    loss = loss + self.kl_ctl.value * kl_part
+                    parts["loss_kl"] = kl_part
+                loss = loss * self.procs
                 ok = torch.isfinite(loss.detach()).float()
                 if self.procs > 1:
                     ok = self.accelerator.reduce(ok, "min")  # every process skips together
                 if ok.item() < 1:
                     return None
                 self.accelerator.backward(loss)
-            share = tokens / max(local_tokens, 1.0)  # this process's statistics: token-weighted too
+            # losses are this micro-batch's shares already (they add up); the ratio-type statistics are per micro-batch
+            # means, weighted by its share of this process's tokens
+            share = float(b_tokens[rows].sum()) / max(local_tokens, 1.0)
             for key, value in parts.items():
-                mb_stats[key] += float(value.detach()) * share
+                weight = self.procs if key.startswith("loss_") else share
+                mb_stats[key] += float(value.detach()) * weight
         return mb_stats
 
     def _statistics(self, rollout, raw_scores, scores, fwd: RolloutForward, rewards, advantages, returns,

@@ -61,6 +61,19 @@ def test_ppo_through_the_environment(sft_model, tmp_path):
     assert samples and "answer" in samples[0] and "tool_calls" in samples[0]
 
 
+def test_critic_free_ppo_through_the_environment(sft_model, tmp_path):
+    """RLOO through the calculator environment: groups of 4 episodes per prompt, tool tokens masked, no value head."""
+    out = tmp_path / "rloo"
+    res = run_cli("ppo", "configs/calculator.yaml", f"model.name_or_path={sft_model}", f"output_dir={out}",
+                  "ppo.advantage=rloo", "ppo.group_size=4", "ppo.steps=3", "ppo.batch_size=16",
+                  "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "logging.progress=false", "train.save_every=null")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert len(metrics) == 3 and all(m["estimator"] == "rloo" and m["kl"] >= -0.1 for m in metrics)
+    assert sum(m["tool_tokens"] for m in metrics) > 0 and "value_mean" not in metrics[-1]
+    assert not (out / "value_head.safetensors").exists()
+
+
 def test_env_recipes_dry_run_and_bad_tools(sft_model, tmp_path):
     # stage 2 recipes point at stage 1's output; before it exists, the dry run says so
     res = run_cli("ppo", "configs/calculator.yaml", "model.name_or_path=runs/not-trained-yet/sft", "--dry-run")
