@@ -68,6 +68,7 @@ from pathlib import Path
 import torch
 from rich.panel import Panel
 
+from rlcli import rundir
 from rlcli.checkpoint import load_checkpoint, save_checkpoint
 from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError, UserError
@@ -76,10 +77,18 @@ from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch
-from rlcli.logging import MetricsLog, TrainingProgress, console
+from rlcli.logging import MetricsLog, TrainingProgress, console, truncate_jsonl
 from rlcli.models.generation import sample
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task, source_kind
-from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size, save_value_head
+from rlcli.models.value_head import (
+    VALUE_HEAD_CONFIG,
+    VALUE_HEAD_WEIGHTS,
+    ValueHead,
+    ValueHeadModel,
+    disable_dropout,
+    hidden_size,
+    save_value_head,
+)
 from rlcli.padding import left_pad
 from rlcli.rewards.sources import build_reward, check_reward_function
 from rlcli.rl import Rollout, SamplingRules
@@ -427,8 +436,11 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     unwrapped = accelerator.unwrap_model(model)
     setup = rollout_setup(recipe, accelerator, tokenizer, rows, column, unwrapped, reward, learner.rules)
     if accelerator.is_main_process:
+        rundir.claim(out, SAMPLES_FILE)
         if resume_from is None:
             samples_path.write_text("")
+        else:  # rows the interrupted run wrote after its checkpoint are written again below
+            truncate_jsonl(samples_path, start_step)
         console.print(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts, "
                       f"{p.steps} steps × {p.batch_size} episodes" + (f", {procs} processes" if procs > 1 else "")
                       + (f", resuming at step {start_step}" if start_step else ""))
@@ -501,4 +513,5 @@ def save_policy(policy: ValueHeadModel, tokenizer, out: Path, *, built_from_scra
     for critic-free estimators)."""
     save_final_model(policy.pretrained, tokenizer, out, built_from_scratch=built_from_scratch, merge=merge)
     if policy.value_head is not None:
+        rundir.claim(out, VALUE_HEAD_WEIGHTS, VALUE_HEAD_CONFIG)
         save_value_head(policy.value_head, out)
