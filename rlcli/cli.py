@@ -165,7 +165,8 @@ def ppo(
     dry_run: bool = DRY_RUN,
     resume: bool = RESUME,
 ) -> None:
-    """KL-penalised PPO with a value head, against a reward function or a reward model."""
+    """KL-penalised PPO with a value head, or critic-free GRPO / RLOO / REINFORCE++, against a reward function or a
+    reward model, optionally through a text environment (tools)."""
     from rlcli.config.ppo import PPORecipe
     from rlcli.trainers import ppo as trainer
 
@@ -183,6 +184,26 @@ def env_rollout(
     from rlcli.trainers import env_rollout as runner
 
     _run(EnvRolloutRecipe, config, overrides, dry_run, runner.preflight, runner.run, False)
+
+
+@app.command()
+def explain(
+    target: str = typer.Argument(..., help="A command, or a command and a dotted key: ppo, ppo.kl, ppo.kl.coef.",
+                                 show_default=False),
+    key: Optional[str] = typer.Argument(None, help="A dotted key, if not given in TARGET (rlcli explain ppo kl.coef).",
+                                        show_default=False),
+) -> None:
+    """What a recipe key means: its type, default, allowed values and documentation (a section: its keys)."""
+    from rlcli.config.explain import explain as explain_key, split_target
+
+    try:
+        command, dotted = split_target(target, key)
+        text = explain_key(command, dotted)
+    except RecipeError as exc:
+        _fail(exc, 2)
+    from rlcli.logging import console
+
+    console.print(Text(text))
 
 
 def _version(value: bool) -> None:

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, defaults are validated too."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+    # use_attribute_docstrings: the docstring under a field becomes its description, which `rlcli explain` prints
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(),
+                              use_attribute_docstrings=True)
 
 
 def world_size() -> int:
@@ -40,6 +42,8 @@ class ModelConfig(Section):
     revision: str | None = None
     """Hub revision (branch, tag or commit) of ``name_or_path``."""
     trust_remote_code: bool = False
+    """Run the model repository's own Python code (architectures transformers does not ship). Only for repositories
+    you trust: the code runs with your permissions."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -95,9 +99,13 @@ class OptimConfig(Section):
     """Optimiser and learning-rate schedule (AdamW)."""
 
     learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate of AdamW (after warm-up; the schedule decays from it)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW's decoupled weight decay."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (β1, β2): decay rates of the running mean and variance of the gradients."""
     adam_eps: float = Field(1e-8, gt=0)
+    """Added to AdamW's denominator; larger values (1e-5, as most PPO code) damp steps on rarely-seen tokens."""
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"

@@ -65,8 +65,11 @@ class RolloutData(Section):
     """Prompts for ``rlcli env-rollout``."""
 
     path: str
+    """A local file or directory (jsonl, json, csv, parquet) or a hub dataset id."""
     split: str = "train"
+    """Dataset split (hub datasets; a local directory's files named after it)."""
     name: str | None = None
+    """Hub dataset configuration name."""
     prompt_field: str | None = None
     """Column with the prompt text (default: prompt, query or text)."""
     max_rows: int | None = Field(None, gt=0)
@@ -84,7 +87,9 @@ class EnvRolloutRecipe(RecipeBase):
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature; 0 = greedy."""
     top_k: int = Field(0, ge=0)
+    """Sample among the k most likely tokens (0: all)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Sample among the smallest set of tokens reaching this probability (1.0: all)."""
     batch_size: int = Field(32, gt=0)
     """Episodes generated together."""
     show: int = Field(3, ge=0)
@@ -92,6 +97,7 @@ class EnvRolloutRecipe(RecipeBase):
     show_tokens: bool = False
     """Render them token by token instead of as text."""
     overwrite_output_dir: bool = True
+    """Replace a previous env-rollout's episodes in output_dir (never a training run's files)."""
 
 
 from rlcli.config.ppo import RewardConfig  # noqa: E402  (after the class that names it)

@@ -167,10 +167,15 @@ class PPOAlgo(Section):
     epochs: int = Field(4, gt=0)
     """Passes over each batch; minibatches are reshuffled every epoch."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """GAE's discount per model token (gae only)."""
     lam: float = Field(0.95, ge=0, le=1)
+    """GAE's λ: 1 = Monte-Carlo returns, 0 = one-step TD (gae only)."""
     clip_range: float = Field(0.2, gt=0)
+    """ε of the clipped policy loss: the ratio π/π_old counts only within [1 - ε, 1 + ε]."""
     clip_range_value: float = Field(0.2, gt=0)
+    """How far a value prediction may move from its rollout value before the value loss is clipped (gae only)."""
     vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss beside the policy loss (gae only; the value head shares the policy's trunk)."""
     whiten_advantages: bool = True
     """Whiten advantages per batch over model tokens (ppo-details item 9)."""
     whiten_rewards: bool = False
@@ -188,7 +193,10 @@ class PPOAlgo(Section):
 
 
 class PPOTrain(Section):
+    """Precision, checkpoints and samples of a PPO run."""
+
     mixed_precision: MixedPrecision = "no"
+    """``bf16`` / ``fp16`` autocast for forward passes (GPU; bf16 also on CPU), ``no`` for float32."""
     tf32: bool = True
     """On CUDA GPUs from Ampere on, run float32 matmuls and convolutions on TF32 tensor cores (~10-bit mantissa
     inputs, float32 accumulation): several times faster for float32 weights, and what mixed precision leaves in
@@ -196,15 +204,18 @@ class PPOTrain(Section):
     save_every: int | None = Field(None, gt=0)
     """Checkpoint every N PPO steps."""
     keep_checkpoints: int = Field(2, gt=0)
+    """Keep the newest N checkpoints; older ones are deleted."""
     sample_every: int = Field(10, gt=0)
     """Write a few (prompt, response, reward) rows to samples.jsonl every N steps."""
     samples_per_log: int = Field(4, gt=0)
+    """Rows written to samples.jsonl each time."""
 
     _mp = field_validator("mixed_precision", mode="before")(_no_means_no)
 
 
 class PPORecipe(RecipeBase):
-    """KL-penalised PPO with a value head, a frozen reference and a reward source."""
+    """KL-penalised PPO with a value head (or a critic-free estimator: GRPO, RLOO, REINFORCE++), a frozen reference
+    and a reward source."""
 
     model: ModelConfig
     """The policy (causal or seq2seq)."""

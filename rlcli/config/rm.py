@@ -37,7 +37,9 @@ class RMData(DataSource):
     prompt_field: str | None = "prompt"
     """Column with the shared prompt. Used when the data has it; null: never use a prompt column."""
     chosen_field: str = "chosen"
+    """Column with the preferred response."""
     rejected_field: str = "rejected"
+    """Column with the other response."""
     margin_field: str | None = None
     """Optional column with a per-pair margin m (how much better chosen is): the loss becomes
     ``-log σ(r_chosen - r_rejected - m)``."""
@@ -68,6 +70,7 @@ class RMTrain(Section):
     """Coefficient c of ``c · mean((r_chosen + r_rejected)²)`` added to the loss: keeps rewards centred on 0
     (the Bradley–Terry loss only sees differences, so the reward's offset would otherwise drift). 0: off."""
     mixed_precision: MixedPrecision = "no"
+    """``bf16`` / ``fp16`` autocast for forward passes (GPU; bf16 also on CPU), ``no`` for float32."""
     tf32: bool = True
     """On CUDA GPUs from Ampere on, run float32 matmuls and convolutions on TF32 tensor cores (~10-bit mantissa
     inputs, float32 accumulation): several times faster for float32 weights, and what mixed precision leaves in

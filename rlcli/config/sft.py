@@ -27,10 +27,15 @@ class SFTData(DataSource):
     format: Literal["auto", "text", "prompt_completion", "messages", "segments"] = "auto"
     """``auto`` picks from the columns: segments > messages > prompt+completion > text."""
     text_field: str = "text"
+    """Column with the text (format ``text``)."""
     prompt_field: str = "prompt"
+    """Column with the prompt (format ``prompt_completion``; no loss on it)."""
     completion_field: str = "completion"
+    """Column with the completion (format ``prompt_completion``; the loss is on it)."""
     messages_field: str = "messages"
+    """Column with a list of chat messages (format ``messages``; the loss is on assistant turns)."""
     segments_field: str = "segments"
+    """Column with ``[{source, text}]`` segments (format ``segments``; the loss is on model segments)."""
     max_length: int = Field(512, gt=1)
     """Truncate each example (prompt included) to this many tokens."""
     packing: bool = False
@@ -52,6 +57,7 @@ class SFTTrain(Section):
     micro_batch_size: int = Field(8, gt=0)
     """Examples per forward pass on one process. Accumulation steps = batch_size / (micro × processes)."""
     mixed_precision: MixedPrecision = "no"
+    """``bf16`` / ``fp16`` autocast for forward passes (GPU; bf16 also on CPU), ``no`` for float32."""
     tf32: bool = True
     """On CUDA GPUs from Ampere on, run float32 matmuls and convolutions on TF32 tensor cores (~10-bit mantissa
     inputs, float32 accumulation): several times faster for float32 weights, and what mixed precision leaves in
@@ -59,6 +65,7 @@ class SFTTrain(Section):
     eval_every: int | None = Field(None, gt=0)
     """Evaluate every N optimizer steps (and at the end) when there is eval data."""
     eval_batch_size: int = Field(16, gt=0)
+    """Examples per forward pass during evaluation (no gradients, so larger than training batches is fine)."""
     save_every: int | None = Field(None, gt=0)
     """Write a resumable checkpoint every N optimizer steps."""
     keep_checkpoints: int = Field(2, gt=0)
