@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, accelerate_launch, plain, read_metrics, run_cli
+from tests.conftest import REPO, accelerate_launch, plain, read_metrics, run, run_cli
 
 TINY = "configs/tiny/ppo.yaml"
 # a faster variant of the shipped recipe for tests: same task, smaller model and batch
@@ -116,7 +116,7 @@ def test_lora_policy_trains_against_disabled_adapter(tmp_path):
     assert (out / "adapter_config.json").exists() and (out / "value_head.safetensors").exists()
 
 
-def test_two_processes_learn_like_one(ppo_run, tmp_path):
+def test_two_processes_learn_and_resume_exactly(tmp_path):
     """`accelerate launch --cpu --num_processes 2` with the global batch of the one-process fixture run: the same
     learning curve within sampling noise (each process samples its own episodes), statistics over both processes."""
     out = tmp_path / "ddp"
@@ -126,15 +126,16 @@ def test_two_processes_learn_like_one(ppo_run, tmp_path):
     res = accelerate_launch(*cmd, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in plain(res.stdout)
-    two, one = read_metrics(out), read_metrics(ppo_run)
+    two = read_metrics(out)
     assert len(two) == 24 and all(m["episodes"] == 32 for m in two)  # statistics cover both processes' episodes
     assert all(m["kl"] >= -0.1 for m in two)
     assert two[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # every process's reference equals the broadcast policy
     start = _mean([m["reward_mean"] for m in two[:3]])
-    end_two, end_one = (_mean([m["reward_mean"] for m in run[-6:]]) for run in (two, one))
+    end_two = _mean([m["reward_mean"] for m in two[-6:]])
+    # each process samples its own episodes, so the curve is another draw of the one-process curve (seeds 0-3 end
+    # at 6.0-7.4 on one process, 2.2-7.4 on two): that it learns is checked here, that an update on the same
+    # episodes is the same on 1 and 2 processes by test_two_processes_update_like_one
     assert end_two > 3 * max(start, 0.05), (start, end_two)
-    # seeds 0-2 on one process end at 5.7-6.9 here, so half the one-process value is a generous noise band
-    assert abs(end_two - end_one) < 0.5 * end_one, (end_one, end_two)
     assert (out / "checkpoints" / "step-00000012" / "rng-1.pt").exists()
     # --resume with two processes: back to the step-12 checkpoint, steps 13-24 again, the same numbers
     res = accelerate_launch(*cmd, "--resume", timeout=600)
@@ -214,3 +215,23 @@ def test_negative_kl_warning_names_the_causes(tmp_path, monkeypatch, capsys):
     assert text.count("negative KL") == 1 and "cannot be negative" in text and "dropout" in text
     m = read_metrics(tmp_path / "run")
     assert m[-1]["kl_negative_steps"] >= 3 and min(x["kl"] for x in m) < -0.1
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_two_processes_update_like_one(estimator, tmp_path):
+    """The same 32 episodes, split over 2 processes or on one: after 3 PPO steps (2 epochs each, gradient clipping,
+    whitening over all processes) the weights agree to float noise."""
+    import socket
+
+    script = REPO / "tests" / "trainers" / "ppo_two_process_step.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = run([sys.executable, str(script), estimator, str(tmp_path / "one.pt")], timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), estimator, str(tmp_path / "two.pt")], timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "procs 2" in two.stdout
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
