@@ -117,8 +117,8 @@ def test_lora_policy_trains_against_disabled_adapter(tmp_path):
 
 
 def test_two_processes_learn_and_resume_exactly(tmp_path):
-    """`accelerate launch --cpu --num_processes 2` with the global batch of the one-process fixture run: the same
-    learning curve within sampling noise (each process samples its own episodes), statistics over both processes."""
+    """`accelerate launch --cpu --num_processes 2` with the global batch of the one-process fixture run: it learns,
+    statistics cover both processes, and --resume on two processes reproduces the run exactly."""
     out = tmp_path / "ddp"
     cmd = ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "rlcli", "ppo", TINY, f"output_dir={out}", "ppo.steps=24", "train.save_every=12", *FAST,
