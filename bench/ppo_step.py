@@ -384,7 +384,7 @@ def main(argv=None) -> int:
         "model": {"trainable_params": trainable, "total_params": total_params, "ref_params_requiring_grad": ref_grad_params,
                   **(ms or {})},
         "ppo": {"batch_size": p.batch_size, "mini_batch_size": p.mini_batch_size, "micro_batch_size": p.micro_batch_size,
-                "epochs": p.epochs, "max_new_tokens": gen.max_new_tokens},
+                "epochs": p.epochs, "max_new_tokens": recipe.generation.max_new_tokens},
         "summary_mean_seconds": summary, "memory": memory, "matmul_reference": mm, "reference_key": ref_key,
         "optimise_flop_rate": mfu, "forward_calls_expected": measured[-1]["check"]["expected"],
         "forward_calls_last_step": measured[-1]["calls"], "forward_check_failures": failures, "steps": per_step,
