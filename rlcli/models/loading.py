@@ -28,6 +28,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from rlcli.config.common import LoraConfig, ModelConfig
 from rlcli.config.errors import UserError
+from rlcli.models import convert as gguf
 from rlcli.models.tokenizer import BYTE_TOKENIZER_NAME, DEFAULT_CHAT_TEMPLATE, build_byte_tokenizer
 
 Task = Literal["causal", "seq2seq", "classifier"]
@@ -42,7 +43,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def source_kind(name_or_path: str) -> Literal["local", "hub"]:
-    """``local`` if the path exists, ``hub`` if it looks like a hub id; else a ``UserError``."""
+    """``local`` if the path exists (``pkg://PACKAGE`` included), ``hub`` if it looks like a hub id; else a
+    ``UserError``."""
+    if name_or_path.startswith(gguf.PKG_PREFIX):
+        if not Path(gguf.resolve_path(name_or_path)).exists():
+            raise UserError(f"{name_or_path}: no such directory in the installed package")
+        return "local"
     if Path(name_or_path).exists():
         return "local"
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/")):
@@ -59,6 +65,12 @@ def model_task(cfg: ModelConfig) -> Literal["causal", "seq2seq"]:
     if cfg.architecture is not None:
         arch = cfg.architecture
         return "seq2seq" if arch in CONFIG_MAPPING and CONFIG_MAPPING[arch]().is_encoder_decoder else "causal"
+    if cfg.gguf_file is not None:
+        try:
+            arch = gguf.gguf_architecture(gguf.gguf_path(cfg.name_or_path, cfg.gguf_file))
+        except UserError:
+            arch = None
+        return "seq2seq" if arch in ("t5",) else "causal"
     config_file = Path(cfg.name_or_path) / "config.json"
     if not config_file.exists() and _HUB_ID.match(cfg.name_or_path) and not cfg.name_or_path.startswith((".", "/")):
         from huggingface_hub import try_to_load_from_cache
@@ -101,6 +113,14 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
                 if expected is not None and not _fits(value, expected):
                     problems.append(f"{key}.config.{name}: expected {_describe_type(expected)} (the type {arch} "
                                     f"configs take), got {type(value).__name__} {value!r}")
+    elif cfg.gguf_file is not None:
+        try:
+            gguf.gguf_path(cfg.name_or_path, cfg.gguf_file)
+        except UserError as exc:
+            problems.append(f"{key}.gguf_file: {exc}" if "gguf_file" in str(exc) else f"{key}.name_or_path: {exc}")
+        else:
+            if gguf.gguf_problem() is not None:
+                problems.append(f"{key}.gguf_file: {gguf.gguf_problem()}")
     else:
         try:
             kind = source_kind(cfg.name_or_path)
@@ -108,7 +128,7 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
             problems.append(f"{key}.name_or_path: {exc}")
         else:
             if kind == "local":
-                p = Path(cfg.name_or_path)
+                p = Path(gguf.resolve_path(cfg.name_or_path))
                 if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
                     problems.append(f"{key}.name_or_path: {p} has no config.json (not a saved model directory)")
     tok = cfg.tokenizer_source
@@ -170,7 +190,7 @@ def load_error(what: str, name_or_path: str, exc: OSError) -> UserError:
     chain of hub errors): the first line of its message, and for a hub id what to check."""
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     hint = ""
-    if not Path(name_or_path).exists():
+    if not Path(name_or_path).exists() and not name_or_path.startswith(gguf.PKG_PREFIX):
         from huggingface_hub import constants
 
         if constants.HF_HUB_OFFLINE:
@@ -182,9 +202,24 @@ def load_error(what: str, name_or_path: str, exc: OSError) -> UserError:
     return UserError(f"{what} {name_or_path!r} could not be loaded: {first}{hint}")
 
 
+def model_dir(cfg: ModelConfig) -> str:
+    """What ``from_pretrained`` gets for a recipe's ``name_or_path``: a hub id or local directory as written,
+    ``pkg://PACKAGE`` resolved, a ``gguf_file`` converted (once) into an ordinary directory in rlcli's cache."""
+    if cfg.gguf_file is not None:
+        from rlcli.logging import console
+
+        return str(gguf.converted_model_dir(cfg.name_or_path, cfg.gguf_file,
+                                            announce=lambda text: console.print(text, style="dim")))
+    return gguf.resolve_path(cfg.name_or_path)
+
+
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
     """The recipe's tokenizer, with a pad token that differs from EOS whenever possible and a chat template."""
     source = cfg.tokenizer_source
+    if source == cfg.name_or_path:
+        source = model_dir(cfg)
+    elif source != BYTE_TOKENIZER_NAME:
+        source = gguf.resolve_path(source)
     if source == BYTE_TOKENIZER_NAME:
         tokenizer = build_byte_tokenizer()
     else:
@@ -224,14 +259,15 @@ def load_model(
             config.decoder_start_token_id = tokenizer.pad_token_id
         model = auto_cls.from_config(config, dtype=None if dtype == "auto" else dtype)
     else:
+        source = model_dir(cfg)
         try:
             config = AutoConfig.from_pretrained(
-                cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **cfg.config, **extra
+                source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **cfg.config, **extra
             )
             if task == "classifier" and config.pad_token_id is None:
                 config.pad_token_id = tokenizer.pad_token_id
             model = auto_cls.from_pretrained(
-                cfg.name_or_path,
+                source,
                 config=config,
                 revision=cfg.revision,
                 dtype=dtype,
