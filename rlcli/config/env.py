@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from rlcli.config.common import ModelConfig, RecipeBase, Section
+from rlcli.config.reward import RewardConfig
 
 
 class ToolSpec(Section):
@@ -82,7 +83,7 @@ class EnvRolloutRecipe(RecipeBase):
     model: ModelConfig
     data: RolloutData
     env: EnvConfig
-    reward: "RewardConfig | None" = None
+    reward: RewardConfig | None = None
     """Optional: score every episode (as in PPO)."""
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature; 0 = greedy."""
@@ -98,8 +99,3 @@ class EnvRolloutRecipe(RecipeBase):
     """Render them token by token instead of as text."""
     overwrite_output_dir: bool = True
     """Replace a previous env-rollout's episodes in output_dir (never a training run's files)."""
-
-
-from rlcli.config.ppo import RewardConfig  # noqa: E402  (after the class that names it)
-
-EnvRolloutRecipe.model_rebuild()

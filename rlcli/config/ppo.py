@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rlcli.config.env import EnvConfig
+from rlcli.config.reward import RewardConfig
 from rlcli.config.common import (
     DataSource,
     LoraConfig,
@@ -61,36 +63,6 @@ class GenerationConfig(Section):
     stop_at_eos: bool = True
     """End a response at EOS (the EOS token is kept: the model learns to stop). False: EOS is never sampled, so
     every response runs to ``max_new_tokens`` (or a stop string); the loss uses the same EOS-less distribution."""
-
-
-class RewardConfig(Section):
-    """Where scores come from: a Python function or a sequence-classifier reward model (exactly one)."""
-
-    function: str | None = None
-    """``path/to/file.py:name`` or ``module:name``: called with the keyword arguments it declares among
-    ``prompts``, ``responses``, ``rows`` (dataset rows), ``answers`` and ``histories`` (text environments),
-    returning one float per sample."""
-    model: str | None = None
-    """Reward model: an ``rlcli rm`` output dir or a hub id of a sequence classifier."""
-    label: str | int | None = None
-    """Output of the reward model to use: index or label name (``POSITIVE``). Default: the only / first output."""
-    normalize: bool = False
-    """Normalise reward-model scores with the mean/std saved by ``rlcli rm``."""
-    batch_size: int = Field(32, gt=0)
-    """Texts per reward-model forward pass."""
-    input: Literal["prompt_and_response", "response"] = "prompt_and_response"
-    """What the reward model reads."""
-    truncate_at: list[str] = Field(default_factory=list)
-    """'EOS trick': score the response cut at the first of these strings (in addition to stop strings)."""
-    missing_eos_penalty: float | None = None
-    """Score given to responses that did not stop (no EOS / stop string) instead of their reward."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "RewardConfig":
-        if (self.function is None) == (self.model is None):
-            raise ValueError(f"give exactly one of 'function' or 'model'; got function={self.function!r}, "
-                             f"model={self.model!r}")
-        return self
 
 
 class KLConfig(Section):
@@ -229,7 +201,7 @@ class PPORecipe(RecipeBase):
     ppo: PPOAlgo = Field(default_factory=PPOAlgo)
     train: PPOTrain = Field(default_factory=PPOTrain)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1.41e-5))
-    env: "EnvConfig | None" = None
+    env: EnvConfig | None = None
     """Roll out through a text environment (tools); tool output gets no loss and no KL penalty."""
 
     @model_validator(mode="after")
@@ -273,8 +245,3 @@ class PPORecipe(RecipeBase):
     def critic_free(self) -> bool:
         """True when no value head is trained (any estimator but gae)."""
         return self.ppo.advantage != "gae"
-
-
-from rlcli.config.env import EnvConfig  # noqa: E402  (env.py imports RewardConfig from this module)
-
-PPORecipe.model_rebuild()
