@@ -27,7 +27,8 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Argument(..., help="Recipe YAML file.", show_default=False)
-OVERRIDES = typer.Argument(None, help="KEY=VALUE overrides, dotted keys (optim.learning_rate=3e-4).", show_default=False)
+OVERRIDES = typer.Argument(None, help="KEY=VALUE overrides, dotted keys (optim.learning_rate=3e-4).",
+                           show_default=False)
 DRY_RUN = typer.Option(False, "--dry-run", help="Validate the recipe without loading weights; print it resolved.")
 RESUME = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir.")
 

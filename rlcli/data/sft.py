@@ -174,7 +174,8 @@ def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTok
 def _text(row: dict, column: str, path: str, i: int) -> str:
     value = row[column]
     if not isinstance(value, str):
-        raise UserError(f"data {row_ref(path, i)}: column {column!r} must be text, got {type(value).__name__} {value!r}")
+        raise UserError(f"data {row_ref(path, i)}: column {column!r} must be text, got {type(value).__name__} "
+                        f"{value!r}")
     return value
 
 

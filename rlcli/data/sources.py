@@ -113,7 +113,8 @@ def _read_error(path: str, files: list[Path], exc: Exception) -> UserError:
 
 def _load_files(builder: str, files: list[Path], split: str, path: str) -> datasets.Dataset:
     for file in files:
-        if file.stat().st_size < 4096 and not file.read_bytes().strip():  # datasets fails on it with a bare StopIteration
+        # datasets fails on an empty file with a bare StopIteration
+        if file.stat().st_size < 4096 and not file.read_bytes().strip():
             raise UserError(f"data {file} is empty: it has no rows")
     # datasets logs the real cause (file, row) as a separate ERROR line before raising a generic error; the
     # error below says it once, with the file and line
