@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
+import tomllib
+from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
+ROOT = Path(__file__).resolve().parent.parent
 HEADER = """\
 # The exact versions rlcli is tested with, for scripts/setup.sh and the Dockerfile (pip install -c constraints.txt).
 # pyproject.toml keeps loose lower bounds, for installing rlcli into an environment of your own.
@@ -28,26 +31,28 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirement_closure(root: str = "rlcli", extras: frozenset[str] = frozenset({"test", "plot"})) -> dict[str, str]:
-    """Normalised name -> installed version of every distribution ``root[extras]`` requires, recursively."""
+def requirement_closure(extras: tuple[str, ...] = ("test", "plot")) -> dict[str, str]:
+    """Normalised name -> installed version of every distribution that rlcli[extras] requires, recursively.
+
+    rlcli's own requirements come from pyproject.toml (an installed rlcli's metadata can be older than the file)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     env = default_environment()
+    todo = [(Requirement(r), {""}) for r in project["dependencies"]]
+    todo += [(Requirement(r), {""}) for extra in extras for r in project["optional-dependencies"][extra]]
     found: dict[str, set[str]] = {}
-    todo = [(root, set(extras))]
     while todo:
-        name, wanted = todo.pop()
-        key = _norm(name)
+        req, parent_extras = todo.pop()
+        if req.marker is not None and not any(req.marker.evaluate({**env, "extra": e}) for e in parent_extras):
+            continue
+        key, wanted = _norm(req.name), set(req.extras)
         if key in found and wanted <= found[key]:
             continue
         try:
-            dist = md.distribution(name)
+            dist = md.distribution(req.name)
         except md.PackageNotFoundError:
             continue  # a requirement whose marker held but which is not installed: nothing to pin
         found[key] = found.get(key, set()) | wanted
-        for text in dist.requires or []:
-            req = Requirement(text)
-            if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in wanted | {""}):
-                todo.append((req.name, set(req.extras)))
-    found.pop(_norm(root), None)
+        todo += [(Requirement(text), wanted | {""}) for text in dist.requires or []]
     return {key: md.version(key).split("+", 1)[0] for key in sorted(found)}
 
 
