@@ -7,7 +7,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlcli.config.errors import UserError
-from rlcli.data.sources import require_columns
+from rlcli.data.sources import require_columns, row_ref
 
 CANDIDATES = ("prompt", "query", "text")
 
@@ -26,7 +26,7 @@ def check_prompt_rows(rows: datasets.Dataset, column: str, path: str) -> None:
     require_columns(rows, [column], path, "PPO prompts")
     for i, value in enumerate(rows[column]):
         if not isinstance(value, str) or not value.strip():
-            raise UserError(f"data {path}: row {i}: prompt column {column!r} must be non-empty text, got {value!r}")
+            raise UserError(f"data {row_ref(path, i)}: prompt column {column!r} must be non-empty text, got {value!r}")
 
 
 def load_prompt_rows(data) -> tuple[list[dict], str]:

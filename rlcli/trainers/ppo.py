@@ -77,7 +77,7 @@ from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch
-from rlcli.logging import MetricsLog, TrainingProgress, console, truncate_jsonl
+from rlcli.logging import MetricsLog, TrainingProgress, console, open_jsonl
 from rlcli.models.generation import sample
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task, source_kind
 from rlcli.models.value_head import (
@@ -436,11 +436,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     unwrapped = accelerator.unwrap_model(model)
     setup = rollout_setup(recipe, accelerator, tokenizer, rows, column, unwrapped, reward, learner.rules)
     if accelerator.is_main_process:
-        rundir.claim(out, SAMPLES_FILE)
-        if resume_from is None:
-            samples_path.write_text("")
-        else:  # rows the interrupted run wrote after its checkpoint are written again below
-            truncate_jsonl(samples_path, start_step)
+        # claimed in the run's manifest; empty for a fresh run, cut back to the checkpoint's step on --resume
+        open_jsonl(samples_path, resume_step=start_step if resume_from else None)
         console.print(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts, "
                       f"{p.steps} steps × {p.batch_size} episodes" + (f", {procs} processes" if procs > 1 else "")
                       + (f", resuming at step {start_step}" if start_step else ""))
