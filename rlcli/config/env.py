@@ -26,9 +26,20 @@ class EnvConfig(Section):
     tools: dict[str, str | ToolSpec]
     """Name the model uses -> tool: ``{Calculator: calculator, Search: {spec: search, options: {...}},
     Weather: recipes/weather.py:lookup}``."""
-    protocol: Literal["tag", "json"] = "tag"
+    protocol: Literal["tag", "json", "chat"] = "tag"
     """``tag``: ``<request><Name>args<call>`` ... ``output<response>`` ... ``<submit>`` (TRL's TextEnvironment);
-    ``json``: ``<tool_call>{"name":..,"arguments":{..}}</tool_call>`` answered in ``<tool_response>``."""
+    ``json``: ``<tool_call>{"name":..,"arguments":{..}}</tool_call>`` answered in ``<tool_response>``;
+    ``chat``: the episode is a chat conversation rendered by the model's own chat template (pretrained chat models):
+    a turn ends at the template's end-of-turn token, calls are read by ``tool_call_parser``, and each result is
+    the template's ``tool`` message followed by its next generation prompt."""
+    tool_call_parser: str = "hermes"
+    """``chat`` only: how tool calls are read from an assistant turn. ``hermes``: ``<tool_call>{"name": ..,
+    "arguments": {..}}</tool_call>`` (Qwen, Hermes, SmolLM2 after rlcli's SFT recipe); ``llama3_json``: a turn
+    that is one JSON object ``{"name": .., "parameters": {..}}``; or ``path/to/file.py:fn`` / ``module:fn``, a
+    function from the turn's text to a list of ``rlcli.env.ToolCall`` / ``rlcli.env.Malformed``."""
+    system_message: str | None = None
+    """``chat`` only: a system message put before every prompt (unless the prompt's messages start with one); the
+    tool description is appended to it for templates without tool support."""
     max_turns: int = Field(4, gt=0)
     """Model turns per episode (a call on the last turn is still answered)."""
     max_new_tokens: int = Field(64, gt=0)
@@ -39,9 +50,10 @@ class EnvConfig(Section):
     """Cap on the whole episode, prompt included, in tokens."""
     system_prompt: bool = False
     """Put the protocol's tool instructions (rendered from the tools' signatures and docstrings) before each
-    prompt."""
+    prompt. ``chat``: tell the model about the tools: as the template's ``tools`` when it renders them, else as a
+    system message in the parser's format."""
     few_shot_prefix: str = ""
-    """Text put before every prompt (example episodes, say)."""
+    """Text put before every prompt (example episodes, say). Not with ``chat`` (give example turns as messages)."""
     tool_timeout_s: float = Field(10.0, gt=0)
     """A tool call running longer is killed and answered with an error text."""
     tool_isolation: Literal["fork", "inline"] = "fork"

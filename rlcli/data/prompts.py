@@ -22,32 +22,40 @@ def prompt_column(columns: list[str], configured: str | None, path: str) -> str:
                     f"the rows have {', '.join(columns)}")
 
 
-def check_prompt_rows(rows: datasets.Dataset, column: str, path: str) -> None:
+def check_prompt_rows(rows: datasets.Dataset, column: str, path: str, *, messages: bool = False) -> None:
+    """Every prompt is non-empty text (or, with ``messages``, a non-empty list of chat messages)."""
     require_columns(rows, [column], path, "PPO prompts")
     for i, value in enumerate(rows[column]):
+        if messages and isinstance(value, list):
+            if value and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value):
+                continue
+            raise UserError(f"data {row_ref(path, i)}: prompt column {column!r} holds a list that is not chat "
+                            f"messages ({{role, content}} each): {value!r}")
         if not isinstance(value, str) or not value.strip():
-            raise UserError(f"data {row_ref(path, i)}: prompt column {column!r} must be non-empty text, got {value!r}")
+            kind = "non-empty text or a list of chat messages" if messages else "non-empty text"
+            raise UserError(f"data {row_ref(path, i)}: prompt column {column!r} must be {kind}, got {value!r}")
 
 
-def load_prompt_rows(data) -> tuple[list[dict], str]:
+def load_prompt_rows(data, *, messages: bool = False) -> tuple[list[dict], str]:
     """Rows of a prompt dataset (any section with path / split / name / max_rows / prompt_field) as dicts, and
-    the prompt column; every row checked."""
+    the prompt column; every row checked. ``messages``: a prompt may be a list of chat messages (chat protocol)."""
     from rlcli.data.sources import load_rows
 
     rows = load_rows(data.path, data.split, data.name, data.max_rows)
     column = prompt_column(rows.column_names, data.prompt_field, data.path)
-    check_prompt_rows(rows, column, data.path)
+    check_prompt_rows(rows, column, data.path, messages=messages)
     return rows.to_list(), column
 
 
 def encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase, *, chat_template: bool, max_length: int,
                   length: int | None) -> list[int]:
-    """Token ids of one prompt: chat-templated if asked, cut to ``length`` leading tokens (prefix sampling),
-    then to the last ``max_length`` tokens."""
+    """Token ids of one prompt: chat-templated if asked (``rlcli.env.chat.prompt_ids``, the rendering the chat
+    protocol and SFT use), cut to ``length`` leading tokens (prefix sampling), then to the last ``max_length``
+    tokens."""
     if chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        ids = list(ids)
+        from rlcli.env.chat import prompt_ids
+
+        ids = prompt_ids(tokenizer, text)
     else:
         ids = tokenizer(text)["input_ids"]
     if length is not None:

@@ -65,14 +65,40 @@ def _check_messages(messages, path: str, row: int) -> None:
         raise UserError(f"data {row_ref(path, row)}: no assistant message, so nothing to learn from")
 
 
-def _messages_example(messages, tokenizer: PreTrainedTokenizerBase, path: str, row: int) -> tuple[list[int], list[int]]:
-    """Render with the chat template; label the tokens whose characters fall inside assistant turns.
+TOOLS_FIELD = "tools"
+"""Column of OpenAI-style tool schemas that ``messages`` rows may carry (rendered with the template's ``tools``)."""
 
-    Character spans come from rendering growing prefixes of the conversation, token labels from the fast
-    tokenizer's offsets on the full text: tokenizing the whole text once avoids boundary effects of
-    tokenizing turns separately.
+
+def _messages_example(messages, tokenizer: PreTrainedTokenizerBase, path: str, row: int,
+                      tools=None) -> tuple[list[int], list[int]]:
+    """Render with the chat template exactly as the chat protocol renders an episode (``rlcli.env.chat``): the
+    text between assistant turns and each assistant turn (through its end-of-turn token) tokenised on their own,
+    the loss on the assistant turns. Assistant ``tool_calls``, ``tool`` messages and a ``tools`` column are rendered
+    by the template (tools in a system message when it has no tool support), so SFT sees the token layout of
+    rollouts. A template whose end of turn is not a special token falls back to labelling by character offsets
+    (conversations without tools only).
     """
+    from rlcli.env.chat import ChatTemplate, ChatTemplateError
+
     _check_messages(messages, path, row)
+    has_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    try:
+        template = ChatTemplate.of(tokenizer)
+    except ChatTemplateError as exc:
+        if has_tools:
+            raise UserError(f"data {row_ref(path, row)}: {exc}") from None
+        return _messages_by_offsets(messages, tokenizer, path, row)
+    try:
+        messages, tools = template.prepare(messages, tools)
+        ids, mask = template.tokens(template.spans(messages, tools))
+    except ChatTemplateError as exc:
+        raise UserError(f"data {row_ref(path, row)}: {exc}") from None
+    return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
+
+
+def _messages_by_offsets(messages, tokenizer, path: str, row: int) -> tuple[list[int], list[int]]:
+    """Label the tokens whose characters fall inside assistant turns (growing prefixes give the character spans,
+    the fast tokenizer's offsets on the full text the tokens)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
@@ -151,7 +177,7 @@ def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTok
         elif fmt == "segments":
             ids, labels = _segments_example(row[cfg.segments_field], tokenizer, path, i)
         else:
-            ids, labels = _messages_example(row[cfg.messages_field], tokenizer, path, i)
+            ids, labels = _messages_example(row[cfg.messages_field], tokenizer, path, i, row.get(TOOLS_FIELD))
         if not cfg.packing and len(ids) > cfg.max_length:
             ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
             out.truncated += 1

@@ -7,10 +7,11 @@ from typing import Callable
 from rlcli.config.env import EnvConfig, ToolSpec
 from rlcli.config.errors import UserError
 from rlcli.env.builtin_tools import sandbox_problem
+from rlcli.env.chat import ChatProtocol, ChatTemplate, ChatTemplateError, load_parser, schemas_for
 from rlcli.env.environment import TextEnvironment
-from rlcli.rl.sampling import SamplingRules
 from rlcli.env.protocols import JsonProtocol, TagProtocol
 from rlcli.env.tools import load_tool
+from rlcli.rl.sampling import SamplingRules
 
 
 def _tool_spec(spec: str | ToolSpec) -> ToolSpec:
@@ -30,8 +31,28 @@ def build_tools(cfg: EnvConfig) -> dict[str, Callable[..., str]]:
     return {name: _build_tool(name, spec) for name, spec in cfg.tools.items()}
 
 
-def build_protocol(cfg: EnvConfig):
-    return TagProtocol() if cfg.protocol == "tag" else JsonProtocol()
+def build_protocol(cfg: EnvConfig, tokenizer=None, tools: dict[str, Callable] | None = None):
+    """The recipe's protocol; ``chat`` needs the tokenizer (its template is probed and checked here, so a template
+    that cannot reproduce episodes is refused before any rollout) and the tools."""
+    if cfg.protocol == "tag":
+        return TagProtocol()
+    if cfg.protocol == "json":
+        return JsonProtocol()
+    if tokenizer is None:
+        raise ValueError("the chat protocol needs the tokenizer")
+    tools = build_tools(cfg) if tools is None else tools
+    try:
+        template = ChatTemplate.of(tokenizer)
+        parser = load_parser(cfg.tool_call_parser)
+        schemas = schemas_for(tools) if cfg.system_prompt else None
+        template.check(schemas or schemas_for(tools), parser, cfg.system_message)
+    except ChatTemplateError as exc:
+        raise UserError(f"env.protocol chat: {exc}. Multi-turn episodes need a template that renders every turn "
+                        "exactly as it was written (edit chat_template.jinja or tokenizer_config.json in the model "
+                        "directory)") from None
+    except UserError as exc:
+        raise UserError(f"env.tool_call_parser: {exc}") from None
+    return ChatProtocol(template, parser, schemas, cfg.system_message)
 
 
 def check_env(cfg: EnvConfig) -> list[str]:
@@ -43,13 +64,29 @@ def check_env(cfg: EnvConfig) -> list[str]:
             _build_tool(name, spec)
         except UserError as exc:
             problems.append(str(exc))
+    if cfg.protocol == "chat":
+        try:
+            load_parser(cfg.tool_call_parser)
+        except UserError as exc:
+            problems.append(f"env.tool_call_parser: {exc}")
+        if cfg.few_shot_prefix:
+            problems.append("env.few_shot_prefix: not used with protocol chat (the template renders the whole "
+                            "prompt; put example turns into the prompt's messages)")
+    else:
+        defaults = EnvConfig.model_fields
+        for key in ("tool_call_parser", "system_message"):
+            if getattr(cfg, key) != defaults[key].default:
+                problems.append(f"env.{key}: only used with protocol chat (this recipe has protocol {cfg.protocol})")
     return problems
 
 
-def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules, eos_token_id=None) -> TextEnvironment:
-    """A ``TextEnvironment`` for ``model`` (a Hugging Face causal LM) with the recipe's tools and rules."""
+def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules, eos_token_id=None,
+                      protocol=None) -> TextEnvironment:
+    """A ``TextEnvironment`` for ``model`` (a Hugging Face causal LM) with the recipe's tools and rules (and the
+    protocol, when ``build_protocol`` already made it)."""
     tools = build_tools(cfg)
-    protocol = build_protocol(cfg)
+    protocol = build_protocol(cfg, tokenizer, tools) if protocol is None else protocol
+    chat = cfg.protocol == "chat"
     env = TextEnvironment(
         model, tokenizer, tools, protocol,
         max_turns=cfg.max_turns,
@@ -57,7 +94,7 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
         max_tool_output_tokens=cfg.max_tool_output_tokens,
         max_length=cfg.max_length,
         few_shot_prefix=cfg.few_shot_prefix,
-        system_prompt=protocol.system_prompt(tools) if cfg.system_prompt else "",
+        system_prompt=protocol.system_prompt(tools) if cfg.system_prompt and not chat else "",
         rules=rules,
         eos_token_id=eos_token_id,
         tool_timeout_s=cfg.tool_timeout_s,

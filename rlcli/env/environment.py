@@ -9,6 +9,15 @@ Every episode is a row with an explicit state (``RowState``):
 Each turn samples for all GENERATING rows at once with ``rlcli.models.generation.sample`` (stop strings = the
 protocol's call/submit markers; EOS stops too), then runs the tools of all WAITING_FOR_TOOL rows at once.
 
+Rows keep their KV cache across turns (``kv_reuse``): a turn feeds each continuing row only what its cache does not
+hold (the last token it sampled and the forced tool tokens), not the whole episode again.
+
+With the chat protocol (``rlcli.env.chat.ChatProtocol``) the episode is a list of chat messages and every token
+outside the model's own comes from its chat template: the prompt is the rendered conversation with the generation
+prompt, a turn ends at the template's end-of-turn token, and a tool result is the text the template writes for the
+``tool`` message(s) and the next generation prompt. ``history.messages`` holds the conversation; when the episode
+ends, its ids are checked against the template's rendering of those messages.
+
 Token bookkeeping, the contract PPO relies on:
 
 - the prompt is tokenised once (``add_special_tokens=True``) into a "prompt" segment;
@@ -32,10 +41,11 @@ from typing import Any
 
 import torch
 
+from rlcli.env.chat import ChatProtocol, ChatTemplateError
 from rlcli.env.history import TextHistory, ToolCallRecord
 from rlcli.env.protocols import Malformed, Submit, ToolCall, ToolCallProtocol
 from rlcli.env.tools import ToolRunner
-from rlcli.models.generation import sample
+from rlcli.models.generation import KeptCache, sample
 from rlcli.padding import left_pad, pad, right_pad
 from rlcli.rl.sampling import SamplingRules
 from rlcli.rl.types import Rollout
@@ -51,12 +61,15 @@ class RowState(Enum):
 class _Row:
     history: TextHistory
     state: RowState = RowState.GENERATING
-    pending: ToolCall | Malformed | None = None
+    pending: ToolCall | Malformed | list[ToolCall | Malformed] | None = None
+    cache: KeptCache | None = None  # the row's KV cache after its last turn (kv_reuse)
+    rendered: str = ""  # chat protocol: the template's text of everything so far
 
     def finish(self, reason: str) -> None:
         self.history.finish_reason = reason
         self.state = RowState.DONE
         self.pending = None
+        self.cache = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,8 @@ class EnvStats:
     tokens_per_s: float
     pad_fraction: float  # share of positions pushed through the model that were padding (prefill and decode)
     tool_seconds: float = 0.0
+    reused_positions: int = 0  # context positions a kept KV cache covered (not computed again)
+    computed_positions: int = 0  # positions pushed through the model (prefill and decode, padding included)
 
     def as_metrics(self, prefix: str = "env/") -> dict[str, float]:
         metrics = {
@@ -86,6 +101,8 @@ class EnvStats:
             f"{prefix}tool_seconds": self.tool_seconds,
             f"{prefix}tokens_per_s": self.tokens_per_s,
             f"{prefix}pad_fraction": self.pad_fraction,
+            f"{prefix}reused_positions": self.reused_positions,
+            f"{prefix}computed_positions": self.computed_positions,
         }
         metrics.update({f"{prefix}tool_{k}": v for k, v in self.tool_outcomes.items()})
         metrics.update({f"{prefix}finish_{k}": v for k, v in self.finish_reasons.items()})
@@ -99,7 +116,8 @@ class TextEnvironment:
         model: a Hugging Face causal LM (see ``rlcli.models.generation.sample``).
         tokenizer: its tokenizer; needs a pad token (masks come from the segments, never from `ids != pad`).
         tools: name -> callable (``str -> str``; the JSON protocol passes keyword arguments).
-        protocol: how calls are written and answered (``TagProtocol()``, ``JsonProtocol()``).
+        protocol: how calls are written and answered (``TagProtocol()``, ``JsonProtocol()``, or a
+            ``ChatProtocol``: the model's chat template writes everything but the model's tokens).
         max_turns: generation turns per episode; a call made on the last turn is still answered, then it ends.
         max_new_tokens: token budget of one turn.
         max_tool_output_tokens: longer tool outputs are cut (and marked) before the protocol wraps them.
@@ -108,8 +126,11 @@ class TextEnvironment:
         system_prompt: text put before the few-shot prefix, e.g. ``protocol.system_prompt(tools)``.
         rules: the sampling rules (temperature, top-k/top-p, EOS before ``min_new_tokens`` of a turn, banned ids;
             ``rlcli.rl.sampling``); a turn's positions count from 0. PPO replays them on every model token.
-        eos_token_id: id(s) that end an episode; defaults to the tokenizer's EOS.
+        eos_token_id: id(s) that end an episode; defaults to the tokenizer's EOS (chat: the template's end-of-turn
+            token ends a turn, and the tokenizer's EOS too).
         tool_timeout_s, tool_isolation: passed to ``ToolRunner``.
+        kv_reuse: keep each row's KV cache across turns and feed only the new tokens (False: prefill the whole
+            episode every turn; same tokens up to float rounding, for benchmarks and tests).
     """
 
     def __init__(
@@ -129,6 +150,7 @@ class TextEnvironment:
         eos_token_id: int | Sequence[int] | None = None,
         tool_timeout_s: float = 10.0,
         tool_isolation: str = "fork",
+        kv_reuse: bool = True,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one (distinct from EOS) before rollouts")
@@ -148,8 +170,15 @@ class TextEnvironment:
         self.max_length = max_length
         self.prefix = system_prompt + few_shot_prefix
         self.rules = rules
-        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        self.chat = protocol if isinstance(protocol, ChatProtocol) else None
+        if eos_token_id is None:
+            eos_token_id = tokenizer.eos_token_id
+            if self.chat is not None:
+                eos_token_id = list(dict.fromkeys(t for t in (self.chat.template.eot_id, eos_token_id)
+                                                  if t is not None))
+        self.eos_token_id = eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
+        self.kv_reuse = kv_reuse
         self.last_stats: EnvStats | None = None
 
     @property
@@ -158,11 +187,12 @@ class TextEnvironment:
 
     def run(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[Mapping[str, Any]]],
         rows: Sequence[dict[str, Any]] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[TextHistory]:
         """Run one episode per prompt until every episode is DONE; ``rows`` (dataset rows) land in ``history.meta``.
+        With the chat protocol a prompt may also be a list of chat messages.
 
         Stats of the run are left in ``self.last_stats``.
         """
@@ -190,15 +220,21 @@ class TextEnvironment:
 
     # the two phases of a turn -----------------------------------------------------------------------------------
 
-    def _start_episode(self, index: int, prompt: str, row: dict[str, Any]) -> _Row:
-        text = self.prefix + prompt
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def _start_episode(self, index: int, prompt, row: dict[str, Any]) -> _Row:
+        history = TextHistory(meta=dict(row))
+        if self.chat is not None:
+            history.messages, history.tools, text = self.chat.start(prompt)
+            ids = self.chat.template.encode(text)
+        else:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt {index}: a list of messages needs the chat protocol")
+            text = self.prefix + prompt
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) >= self.max_length:
             raise ValueError(f"prompt {index} has {len(ids)} tokens (few-shot prefix and system prompt included); "
                              f"max_length={self.max_length} leaves no room to generate")
-        history = TextHistory(meta=dict(row))
         history.append("prompt", text, ids)
-        return _Row(history)
+        return _Row(history, rendered=text)
 
     def _generate_turn(self, episodes: list[_Row], generator, positions: Counter) -> None:
         """GENERATING -> WAITING_FOR_TOOL or DONE for every row given."""
@@ -209,12 +245,19 @@ class TextEnvironment:
             self.model, input_ids, attention_mask, budgets, rules=self.rules,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             stop_strings=self.protocol.stop_strings, tokenizer=self.tokenizer, generator=generator,
+            past=[e.cache for e in episodes] if self.kv_reuse else None, keep_cache=self.kv_reuse,
         )
         positions["prefill"] += out.prefill_positions
         positions["prefill_pad"] += out.prefill_pad_positions
         positions["decode"] += out.computed_positions
         positions["decode_pad"] += out.padded_positions
+        positions["reused"] += out.reused_positions
         for i, episode in enumerate(episodes):
+            episode.cache = out.kept[i] if out.kept is not None else None
+            if self.chat is not None:
+                self._chat_turn(episode, out.response_ids[i, : out.num_generated[i]].tolist(),
+                                out.logprobs[i, : out.num_generated[i]].tolist(), out.stop_reason[i])
+                continue
             history = episode.history
             new_ids = out.response_ids[i, : out.num_generated[i]].tolist()
             text = self.tokenizer.decode(new_ids, skip_special_tokens=False)
@@ -236,6 +279,9 @@ class TextEnvironment:
 
     def _answer_tools(self, episodes: list[_Row]) -> None:
         """WAITING_FOR_TOOL -> GENERATING or DONE: run every pending call, append the answers as tool segments."""
+        if self.chat is not None:
+            self._answer_chat_tools(episodes)
+            return
         results = self.runner.run_many([e.pending for e in episodes])
         for episode, result in zip(episodes, results):
             history, call = episode.history, episode.pending
@@ -255,6 +301,100 @@ class TextEnvironment:
                 episode.finish("max_turns")
             else:
                 episode.pending, episode.state = None, RowState.GENERATING
+
+
+    # the chat protocol -------------------------------------------------------------------------------------------
+
+    def _chat_turn(self, episode: _Row, new_ids: list[int], logprobs: list[float], stop_reason: str) -> None:
+        """One sampled turn of a chat episode: the model segment, the assistant message, and the next state."""
+        history, template = episode.history, self.chat.template
+        text = template.decode(new_ids, before=history.token_ids)
+        history.append("model", text, new_ids, logprobs)
+        history.num_turns += 1
+        ended_turn = stop_reason == "eos" and new_ids and new_ids[-1] == template.eot_id
+        content = template.decode(new_ids[:-1], before=history.token_ids[: -len(new_ids)]) if ended_turn else text
+        calls = self.chat.parse(content) if ended_turn else []
+        parsed = [c for c in calls if isinstance(c, ToolCall)]
+        message = template.assistant_message(content, parsed, f"call_{history.num_turns}",
+                                             parser_ok=len(parsed) == len(calls), messages=history.messages,
+                                             tools=history.tools, head=episode.rendered)
+        history.messages.append(message)
+        episode.rendered += text
+        history.answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        if calls and len(history.token_ids) < self.max_length:
+            episode.pending, episode.state = calls, RowState.WAITING_FOR_TOOL
+        elif ended_turn or stop_reason == "eos":
+            self._finish_chat(episode, "eos")
+        elif len(history.token_ids) >= self.max_length:
+            self._finish_chat(episode, "max_length")
+        else:
+            self._finish_chat(episode, "max_new_tokens")
+
+    def _answer_chat_tools(self, episodes: list[_Row]) -> None:
+        """Run every pending call of every row; append the tool messages and the template's text for them."""
+        flat = [call for e in episodes for call in e.pending]
+        results = iter(self.runner.run_many(flat))
+        template = self.chat.template
+        for episode in episodes:
+            history, calls = episode.history, episode.pending
+            assistant = history.messages[-1]
+            ids_of_calls = iter(c["id"] for c in assistant.get("tool_calls", []))
+            new_messages = []
+            for call in calls:
+                result = next(results)
+                message = {"role": "tool", "content": result.output}
+                if isinstance(call, ToolCall):
+                    call_id = next(ids_of_calls, None)
+                    message = {"role": "tool", **({"tool_call_id": call_id} if call_id else {}),
+                               "name": call.name, "content": result.output}
+                new_messages.append(message)
+                name, arguments = (call.name, call.arguments) if isinstance(call, ToolCall) else ("", None)
+                history.tool_calls.append(ToolCallRecord(name, arguments, result.output, result.status.value))
+            last_turn = history.num_turns >= self.max_turns
+            after = template.render(history.messages + new_messages, history.tools, add_generation_prompt=not last_turn)
+            if not after.startswith(episode.rendered):
+                from rlcli.env.chat import _difference
+
+                raise ChatTemplateError(
+                    "the chat template renders an episode's earlier turns differently once its tool results follow, "
+                    "so the tokens the model saw are not the template's rendering of the conversation: "
+                    + _difference(episode.rendered, after, "the episode", "the template"))
+            text = after[len(episode.rendered):]
+            ids = template.encode(text)
+            if len(history.token_ids) + len(ids) > self.max_length:
+                # the tool turn does not fit: the episode ends before it (its messages stay whole; the calls were made
+                # and stay in tool_calls)
+                self._finish_chat(episode, "max_length")
+                continue
+            history.messages += new_messages
+            history.append("tool", text, ids)
+            episode.rendered = after
+            if last_turn:
+                self._finish_chat(episode, "max_turns")
+            else:
+                episode.pending, episode.state = None, RowState.GENERATING
+
+    def _finish_chat(self, episode: _Row, reason: str) -> None:
+        episode.finish(reason)
+        history = episode.history
+        expected = chat_token_ids(self.chat.template, history)
+        if history.token_ids != expected[: len(history.token_ids)]:
+            at = next(i for i, (a, b) in enumerate(zip(history.token_ids, expected)) if a != b)
+            raise ChatTemplateError(
+                f"an episode's tokens differ from the chat template's rendering of its messages at token {at}: the "
+                f"episode has {self.tokenizer.decode(history.token_ids[max(0, at - 8):at + 8])!r}, the template "
+                f"{self.tokenizer.decode(expected[max(0, at - 8):at + 8])!r}")
+
+
+def chat_token_ids(template, history: TextHistory) -> list[int]:
+    """The token ids of ``history.messages`` as the chat template renders them (``ChatTemplate.spans``), with each
+    assistant turn's tokens as the model sampled them. An episode's ``token_ids`` are a prefix of these: all of
+    them, but what the template writes after the last token the episode holds (the newline after an end-of-turn
+    token, or a turn the episode's length cut)."""
+    spans = template.spans(history.messages, history.tools)
+    model_turns = [s.token_ids for s in history.segments if s.source == "model"]
+    ids, _ = template.tokens(spans, model_turns[: len(spans.assistant)])
+    return ids
 
 
 def histories_to_rollout(histories: Sequence[TextHistory], pad_token_id: int) -> Rollout:
@@ -291,4 +431,6 @@ def _stats(histories: list[TextHistory], positions: Counter, seconds: float, too
         tokens_per_s=generated / seconds if seconds > 0 else 0.0,
         pad_fraction=padding / computed if computed else 0.0,
         tool_seconds=tool_seconds,
+        reused_positions=positions["reused"],
+        computed_positions=computed,
     )

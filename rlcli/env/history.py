@@ -67,9 +67,14 @@ class TextHistory:
     """One episode: segments in order, the tool calls made, and how it ended.
 
     ``finish_reason`` is one of ``submit`` (the model submitted), ``eos``, ``no_call`` (a turn ended with neither a tool
-    call nor EOS), ``max_turns``, ``max_length``; None while the episode runs. ``num_turns`` counts generation turns.
+    call nor EOS), ``max_turns``, ``max_length``, ``max_new_tokens`` (chat: a turn used its whole token budget
+    without ending); None while the episode runs. ``num_turns`` counts generation turns.
     ``meta`` holds the dataset row the prompt came from (for reward functions). ``answer`` is the episode's final
     answer: the text the model submitted, or its last turn's text (special tokens dropped) if it never submitted.
+
+    Chat-protocol episodes also hold the conversation: ``messages`` (OpenAI style: assistant ``tool_calls``,
+    ``tool`` messages) and ``tools`` (the schemas given to the template, None when they are described in a system
+    message), exactly as ``apply_chat_template`` renders them into this episode's tokens.
     """
 
     segments: list[Segment] = field(default_factory=list)
@@ -79,6 +84,8 @@ class TextHistory:
     num_turns: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     answer: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
 
     def append(self, source: Source, text: str, token_ids: list[int], logprobs: list[float] | None = None) -> Segment:
         segment = Segment(source, text, [int(t) for t in token_ids],
@@ -200,6 +207,7 @@ class TextHistory:
             "num_turns": self.num_turns,
             "meta": self.meta,
             "answer": self.answer,
+            **({"messages": self.messages, "tools": self.tools} if self.messages is not None else {}),
         }
 
     @classmethod
@@ -213,6 +221,8 @@ class TextHistory:
             num_turns=data.get("num_turns", 0),
             meta=dict(data.get("meta") or {}),
             answer=data.get("answer"),
+            messages=data.get("messages"),
+            tools=data.get("tools"),
         )
 
 

@@ -9,7 +9,8 @@ Every protocol fits one small ``ToolCallProtocol`` slot:
 - ``system_prompt(tools)``: text that tells the model which tools exist and how to call them.
 
 Two are built in: ``TagProtocol`` (TRL's ``TextEnvironment`` tags) and ``JsonProtocol`` (Hermes/Qwen-style
-``<tool_call>`` JSON).
+``<tool_call>`` JSON). The chat protocol (``rlcli.env.chat``), where the model's chat template writes the
+conversation, has a different shape and lives there.
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
 class ToolCall:
-    """The model asked for tool ``name``; ``arguments`` is a string (tag protocol) or a dict of keyword arguments."""
+    """The model asked for tool ``name``; ``arguments`` is a string (tag protocol) or a dict of keyword arguments.
+    ``start``: where the call begins in the turn's text, when the parser knows (the chat protocol splits a turn
+    into content and calls there)."""
 
     name: str
     arguments: str | dict[str, Any]
+    start: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

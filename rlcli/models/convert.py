@@ -81,7 +81,7 @@ def gguf_architecture(path: Path) -> str | None:
 
         field = GGUFReader(str(path)).fields.get("general.architecture")
         return bytes(field.parts[field.data[0]]).decode() if field is not None else None
-    except Exception:  # an unreadable file is reported when it is loaded
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
         return None
 
 

@@ -13,7 +13,13 @@ share. Three things make its log-probs equal to the ones a training forward pass
 
 Rows that finish (EOS, a stop string, or their token budget) leave the batch at once: their rows are dropped from
 the input, the attention mask and the KV cache (``Cache.batch_select_indices``), so every decoded position is a
-real token. ``drop_finished=False`` keeps them in the batch, fed pad tokens, which is what a naive padded loop
+real token.
+
+Multi-turn rows (text environments) need not prefill again: with ``keep_cache=True`` each row leaves with a
+``KeptCache`` (its keys and values at its real positions, and the token ids they cover), and a later ``sample``
+given ``past=`` feeds each row only the tokens its cache does not cover (the last sampled token and the forced
+tool tokens). Kept caches of several rows are left-padded into one ``DynamicCache``; positions still come from the
+attention mask, so a continued row sees the positions a full prefill would give it. ``drop_finished=False`` keeps them in the batch, fed pad tokens, which is what a naive padded loop
 does; it exists as the baseline that the position counters of ``SampleOutput`` are compared with.
 
 Randomness is per row: ``generator`` gives row i a seed (its i-th draw), and row i's own stream gives one uniform
@@ -68,6 +74,29 @@ class SampleOutput:
     padded_positions: int
     prefill_positions: int
     prefill_pad_positions: int
+    reused_positions: int = 0
+    """Context positions covered by ``past`` caches, so not computed again."""
+    kept: list[KeptCache | None] | None = None
+    """With ``keep_cache=True``: each row's cache when it finished (None where the model's cache cannot be kept)."""
+
+
+@dataclass(frozen=True)
+class KeptCache:
+    """One row's KV cache, to continue from later without computing its context again.
+
+    - ``token_ids``: the tokens it covers, in order (all real; padding columns are dropped when it is taken);
+    - ``layers``: per layer ``(keys, values)``, each ``[1, heads, len(token_ids), head_dim]``.
+
+    Keys and values do not depend on the column a token sits in (positions are baked in by the model: rotary or
+    absolute), so dropping padding columns and re-padding in another batch changes nothing but float summation
+    order. Only plain ``DynamicLayer`` caches are kept (a sliding-window layer holds fewer columns than the mask).
+    """
+
+    token_ids: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
 
 
 def sample(
@@ -83,6 +112,8 @@ def sample(
     tokenizer=None,
     generator: torch.Generator | None = None,
     drop_finished: bool = True,
+    past: Sequence[KeptCache | None] | None = None,
+    keep_cache: bool = False,
 ) -> SampleOutput:
     """Sample continuations of a batch of prompts, one token per step on a KV cache.
 
@@ -104,6 +135,11 @@ def sample(
         generator: source of randomness; the same generator state gives the same samples.
         drop_finished: drop finished rows from the batch (default). False keeps them, fed pad tokens: the
             naive baseline, for benchmarks and tests.
+        past: per row, a ``KeptCache`` from an earlier call (or None). Where its ``token_ids`` are a prefix of the
+            row's real prompt tokens, only the rest of the prompt is fed; otherwise the row is prefilled whole.
+            Decoder-only models.
+        keep_cache: return each row's ``KeptCache`` in ``SampleOutput.kept`` (its prompt and generated tokens but
+            the last, which was sampled and never fed).
 
     Runs under ``torch.no_grad()`` with the model in eval mode (its previous mode is restored).
     """
@@ -116,6 +152,10 @@ def sample(
     empty_rows = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty_rows:
         raise ValueError(f"rows {empty_rows} have no real prompt token (attention_mask all 0)")
+    if past is not None and len(past) != input_ids.shape[0]:
+        raise ValueError(f"past has {len(past)} entries for a batch of {input_ids.shape[0]}")
+    if (past is not None or keep_cache) and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError("past / keep_cache are for decoder-only models")
 
     was_training = model.training
     model.eval()
@@ -124,14 +164,14 @@ def sample(
             return _sample(
                 model, input_ids, attention_mask, max_new_tokens, rules=rules, eos_ids=_as_id_list(eos_token_id),
                 pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer, generator=generator,
-                drop_finished=drop_finished,
+                drop_finished=drop_finished, past=past, keep_cache=keep_cache,
             )
     finally:
         model.train(was_training)
 
 
 def _sample(model, input_ids, attention_mask, max_new_tokens, *, rules, eos_ids, pad_token_id, stop_strings,
-            tokenizer, generator, drop_finished) -> SampleOutput:
+            tokenizer, generator, drop_finished, past, keep_cache) -> SampleOutput:
     device = _model_device(model, input_ids.device)
     batch_size = input_ids.shape[0]
     if isinstance(max_new_tokens, int):
@@ -144,7 +184,8 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, rules, eos_ids,
     tokens: list[list[int]] = [[] for _ in range(batch_size)]
     logprobs: list[list[float]] = [[] for _ in range(batch_size)]
     stop_reason: list[str | None] = ["length" if b <= 0 else None for b in budgets]
-    counters = dict(computed=0, padded=0, prefill=0, prefill_pad=0)
+    counters = dict(computed=0, padded=0, prefill=0, prefill_pad=0, reused=0)
+    kept: list[KeptCache | None] | None = [None] * batch_size if keep_cache else None
 
     # one seed per row, drawn in row order, so row i's stream does not depend on the batch size
     seed_device = generator.device if generator is not None else "cpu"
@@ -156,7 +197,7 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, rules, eos_ids,
     # batch (drop_finished=False).
     rows = torch.tensor([i for i in range(batch_size) if budgets[i] > 0], dtype=torch.long)
     if len(rows) == 0:
-        return _pack(tokens, logprobs, stop_reason, pad_token_id, counters)
+        return _pack(tokens, logprobs, stop_reason, pad_token_id, counters, kept)
     seq_ids = input_ids[rows].to(device)
     seq_mask = attention_mask[rows].to(device=device, dtype=torch.long)
     # Columns that are padding in every remaining row carry nothing: drop them (positions come from the cumsum, so
@@ -166,11 +207,15 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, rules, eos_ids,
     alive = torch.ones(len(rows), dtype=torch.bool, device=device)
     stop_window = 4 * max((len(s) for s in stop_strings), default=0) + 8
     is_seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    decoder = (_Seq2SeqDecoder if is_seq2seq else _CausalDecoder)(model, seq_ids, seq_mask, pad_token_id)
+    if is_seq2seq:
+        decoder = _Seq2SeqDecoder(model, seq_ids, seq_mask, pad_token_id)
+    else:
+        decoder = _CausalDecoder(model, seq_ids, seq_mask, pad_token_id,
+                                 past=None if past is None else [past[r] for r in rows.tolist()])
 
-    counters["prefill"] = seq_ids.numel()
-    counters["prefill_pad"] = int((seq_mask == 0).sum())
     logits = decoder.first_logits()
+    counters["prefill"], counters["prefill_pad"] = decoder.prefill_positions, decoder.prefill_pad_positions
+    counters["reused"] = decoder.reused_positions
     step = 0
     while True:
         row_uniforms = torch.cat([torch.rand(1, generator=row_generators[r]) for r in rows.tolist()]).to(device)
@@ -195,6 +240,8 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, rules, eos_ids,
             elif len(tokens[row]) >= budgets[row]:
                 stop_reason[row] = "length"
             finished[i] = stop_reason[row] is not None
+            if finished[i] and keep_cache:
+                kept[row] = decoder.keep(i)
         finished = finished.to(device)
 
         if drop_finished:
@@ -217,7 +264,7 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, *, rules, eos_ids,
         counters["computed"] += len(rows)
         logits = decoder.step(next_tokens, fed)
 
-    return _pack(tokens, logprobs, stop_reason, pad_token_id, counters)
+    return _pack(tokens, logprobs, stop_reason, pad_token_id, counters, kept)
 
 
 def _draw(z: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -238,7 +285,7 @@ def _hits_stop_string(tokenizer, tail_ids: list[int], stop_strings: tuple[str, .
     return any(s in text for s in stop_strings)
 
 
-def _pack(tokens, logprobs, stop_reason, pad_token_id, counters) -> SampleOutput:
+def _pack(tokens, logprobs, stop_reason, pad_token_id, counters, kept) -> SampleOutput:
     response_ids, response_mask = pad(tokens, pad_token_id, "right")
     response_logprobs, _ = pad(logprobs, 0.0, "right", dtype=torch.float32)
     num_generated = [len(t) for t in tokens]
@@ -253,6 +300,8 @@ def _pack(tokens, logprobs, stop_reason, pad_token_id, counters) -> SampleOutput
         padded_positions=counters["padded"],
         prefill_positions=counters["prefill"],
         prefill_pad_positions=counters["prefill_pad"],
+        reused_positions=counters["reused"],
+        kept=kept,
     )
 
 
@@ -284,20 +333,65 @@ def _cache_kwargs(model: torch.nn.Module) -> tuple[list[str], bool, bool]:
 
 
 class _CausalDecoder:
-    """Feeds a decoder-only LM one token per step on a KV cache it creates itself.
+    """Feeds a decoder-only LM one token per step on a KV cache it creates itself (or builds from kept caches).
 
     It passes a ``DynamicCache`` by whichever keyword the model takes and checks after the prefill that the model
     filled it; if the model ignored it (a wrapper swallowing unknown kwargs), or the cache cannot drop rows, it falls
     back to recomputing the full sequence each step: slower, same numbers. Position ids always come from the
     attention mask (``rlcli.padding.position_ids``), as in the training forward pass.
+
+    With ``past``, each row's covered prefix comes from its ``KeptCache``: the kept caches are left-padded to a
+    common length ``C`` and the rest of every row (its "chunk") is left-padded to ``F``, so ``self.ids`` /
+    ``self.mask`` are ``[b, C + F]`` with a hole between a short cache and a short chunk; the mask hides it.
     """
 
-    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int):
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int,
+                 past: list[KeptCache | None] | None = None):
         self.model = model
-        self.ids, self.mask = ids, mask
         self.cache_kwargs, self.logits_to_keep, self.takes_use_cache = _cache_kwargs(model)
         self.cache = None
         self.use_cache = bool(self.cache_kwargs)
+        self.past_layers = None
+        self.ids, self.mask, self.feed_width, self.reused_positions = ids, mask, ids.shape[1], 0
+        if past is not None and self.use_cache and any(p is not None for p in past):
+            self._continue_from(ids, mask, pad_token_id, past)
+        self.prefill_positions = ids.shape[0] * self.feed_width
+        self.prefill_pad_positions = int((self.mask[:, -self.feed_width:] == 0).sum())
+
+    def _continue_from(self, ids, mask, pad_token_id, past) -> None:
+        contexts = [row[m == 1].tolist() for row, m in zip(ids, mask)]
+        covered = []
+        for context, kept in zip(contexts, past):
+            n = 0
+            if kept is not None and tuple(context[: len(kept)]) == kept.token_ids[: len(context)]:
+                n = min(len(kept), len(context) - 1)  # at least one token is fed: its logits come next
+            covered.append(n)
+        if not any(covered):
+            return
+        width_c = max(covered)
+        chunks = [c[n:] for c, n in zip(contexts, covered)]
+        self.feed_width = max(len(c) for c in chunks)
+        device = ids.device
+        rows_ids, rows_mask = [], []
+        for context, n, chunk in zip(contexts, covered, chunks):
+            row = [pad_token_id] * (width_c - n) + context[:n] + [pad_token_id] * (self.feed_width - len(chunk)) + chunk
+            row_mask = [0] * (width_c - n) + [1] * n + [0] * (self.feed_width - len(chunk)) + [1] * len(chunk)
+            rows_ids.append(row)
+            rows_mask.append(row_mask)
+        self.ids = torch.tensor(rows_ids, dtype=torch.long, device=device)
+        self.mask = torch.tensor(rows_mask, dtype=torch.long, device=device)
+        layers = []
+        template = next(p for p, n in zip(past, covered) if n)
+        for layer, (k0, v0) in enumerate(template.layers):
+            keys, values = [], []
+            for kept, n in zip(past, covered):
+                k = kept.layers[layer][0][:, :, :n] if n else k0[:, :, :0]
+                v = kept.layers[layer][1][:, :, :n] if n else v0[:, :, :0]
+                keys.append(torch.nn.functional.pad(k, (0, 0, width_c - n, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, width_c - n, 0)))
+            layers.append((torch.cat(keys).to(device), torch.cat(values).to(device)))
+        self.past_layers = layers
+        self.reused_positions = sum(covered)
 
     def _call(self, ids, mask, cache_kwarg: str | None):
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:])
@@ -316,15 +410,41 @@ class _CausalDecoder:
         from transformers import DynamicCache
 
         while self.use_cache and self.cache_kwargs:
-            self.cache = DynamicCache(config=getattr(self.model, "config", None))
+            if self.past_layers is None:
+                self.cache = DynamicCache(config=getattr(self.model, "config", None))
+            else:
+                self.cache = DynamicCache(ddp_cache_data=self.past_layers)
+            before = self.cache.get_seq_length()
             kwarg = self.cache_kwargs[0]
-            logits = self._call(self.ids, self.mask, kwarg)
-            if self.cache.get_seq_length() > 0:
+            logits = self._call(self.ids[:, -self.feed_width:], self.mask, kwarg)
+            if self.cache.get_seq_length() == before + self.feed_width:
                 self.cache_kwargs = [kwarg]
+                self.past_layers = None
                 return logits
             self.cache_kwargs.pop(0)
-        self.use_cache, self.cache = False, None
+        # the model ignored the cache: recompute whole sequences (a kept cache's tokens included) from here on
+        self.use_cache, self.cache, self.past_layers = False, None, None
+        self.prefill_positions = self.ids.numel()
+        self.prefill_pad_positions = int((self.mask == 0).sum())
+        self.reused_positions = 0
         return self._call(self.ids, self.mask, None)
+
+    def keep(self, i: int) -> KeptCache | None:
+        """Row ``i``'s cache as it is now (every token fed so far), or None when it cannot be kept."""
+        from transformers.cache_utils import DynamicLayer
+
+        if not self.use_cache or self.cache is None:
+            return None
+        layers = getattr(self.cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return None
+        real = self.mask[i] == 1
+        if any(layer.keys is None or layer.keys.shape[-2] != real.shape[0] for layer in layers):
+            return None
+        return KeptCache(
+            token_ids=tuple(self.ids[i][real].tolist()),
+            layers=tuple((layer.keys[i : i + 1, :, real], layer.values[i : i + 1, :, real]) for layer in layers),
+        )
 
     def step(self, next_tokens: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
         """Append ``next_tokens`` [b] (attention mask ``fed`` [b]: 0 for pad fed to finished rows) and return the
@@ -358,6 +478,7 @@ class _Seq2SeqDecoder:
         from transformers import DynamicCache, EncoderDecoderCache
 
         self.model = model
+        self.prefill_positions, self.prefill_pad_positions, self.reused_positions = ids.numel(), int((mask == 0).sum()), 0
         ids, self.mask = left_to_right(ids, mask, pad_token_id)
         self.encoded = model.get_encoder()(input_ids=ids, attention_mask=self.mask)
         start = model.config.decoder_start_token_id

@@ -67,8 +67,10 @@ def random_turn(rng: random.Random, tok, kind: str | None = None) -> list[int] |
     return ids(tok, text) + ([tok.eos_token_id] if kind == "eos" else [])
 
 
-def test_bookkeeping_property_over_random_episodes(tok, scripted):
-    """What the model was fed == the history's segments == what PPO's forward pass gets; mask 1 on model tokens."""
+@pytest.mark.parametrize("kv_reuse", [True, False], ids=["kv-reuse", "prefill-every-turn"])
+def test_bookkeeping_property_over_random_episodes(tok, scripted, kv_reuse):
+    """What the model was fed == the history's segments == what PPO's forward pass gets; mask 1 on model tokens.
+    With kv_reuse, later turns continue from each row's kept cache and are fed only the new tokens."""
     rng = random.Random(0)
     n = 40
     # every kind of turn opens some episode; the rest is random
@@ -77,8 +79,15 @@ def test_bookkeeping_property_over_random_episodes(tok, scripted):
     prompts = [f"#{k}:" + "".join(rng.choice("qwerty uiop ü€\n") for _ in range(rng.randint(1, 30))) for k in range(n)]
     model = scripted(plans)
     env = TextEnvironment(model, tok, TOOLS, TagProtocol(), max_turns=3, max_new_tokens=40,
-                          max_tool_output_tokens=16, max_length=300, tool_timeout_s=5.0)
+                          max_tool_output_tokens=16, max_length=300, tool_timeout_s=5.0, kv_reuse=kv_reuse)
     histories = env.run(prompts, rows=[{"k": k} for k in range(n)], generator=torch.Generator().manual_seed(0))
+    later_turns = sum(max(h.num_turns - 1, 0) for h in histories)
+    assert later_turns > 0
+    if kv_reuse:  # every later turn continued from its kept cache; the prompts were never computed again
+        assert model.continued_rows == later_turns
+        assert env.last_stats.reused_positions >= sum(len(h.prompt_ids) for h in histories if h.num_turns > 1)
+    else:
+        assert model.continued_rows == 0 and env.last_stats.reused_positions == 0
 
     assert [h.meta["k"] for h in histories] == list(range(n))
     for k, (prompt, h) in enumerate(zip(prompts, histories)):
