@@ -1,7 +1,8 @@
 """Reward sources behind one interface: ``source(prompts, responses, rows) -> Tensor [N] float32``.
 
 - :class:`FunctionReward`: a user's Python function (``path/to/file.py:name`` or ``module:name``).
-- :class:`ModelReward`: a sequence-classifier reward model (an ``rlcli rm`` output dir or a hub id).
+- :class:`ModelReward`: a sequence-classifier reward model (an ``rlcli rm`` output dir or a hub id), or a
+  reward-model LoRA adapter on the policy's own base (``rlcli.rewards.adapter``).
 """
 
 from __future__ import annotations
@@ -84,12 +85,51 @@ class ModelReward:
         return self.scorer(texts).float().cpu()
 
 
-def build_reward(cfg, device=None) -> RewardSource:
-    """The reward source a ``RewardConfig`` asks for."""
+def check_reward(recipe) -> list[str]:
+    """Problems with a recipe's ``reward:`` section findable without loading weights, as ``"key: what"`` strings."""
+    from pathlib import Path
+
+    from rlcli.models.loading import source_kind
+
+    cfg, problems = recipe.reward, []
+    if cfg.function is not None:
+        try:
+            check_reward_function(cfg.function)
+        except UserError as exc:
+            problems.append(f"reward.function: {exc}")
+    elif cfg.model is not None:
+        try:
+            kind = source_kind(cfg.model)
+            if kind == "local" and not ((Path(cfg.model) / "config.json").exists()
+                                        or (Path(cfg.model) / "adapter_config.json").exists()):
+                problems.append(f"reward.model: {cfg.model} has no config.json (not a saved model directory)")
+        except UserError as exc:
+            problems.append(f"reward.model: {exc}")
+    else:
+        from rlcli.rewards.adapter import check_reward_adapter
+
+        problems += check_reward_adapter(recipe)
+    return problems
+
+
+def build_reward(cfg, device=None, *, policy=None, tokenizer=None) -> RewardSource:
+    """The reward source a ``RewardConfig`` asks for. ``policy`` (a ``ValueHeadModel`` with a peft LoRA model,
+    unwrapped) and its ``tokenizer``: the base a ``reward.adapter`` is loaded onto."""
     if cfg.function is not None:
         return FunctionReward(cfg.function)
+    if cfg.adapter is not None and policy is not None:
+        from rlcli.rewards.adapter import AdapterRewardModel
+
+        if not getattr(policy, "is_peft", False):
+            raise UserError("reward.adapter needs a LoRA policy (a `lora:` section)")
+        scorer = AdapterRewardModel(policy.pretrained, cfg.adapter, label=cfg.label, normalize=cfg.normalize,
+                                    batch_size=cfg.batch_size, device=device)
+        if tokenizer is not None:
+            scorer.check_tokenizer(tokenizer)
+        return ModelReward(scorer, cfg.input)
     from rlcli.rewards.reward_model import RewardModelScorer
 
-    scorer = RewardModelScorer.from_pretrained(cfg.model, label=cfg.label, normalize=cfg.normalize,
+    # without a policy to share a base with (rlcli env-rollout), an adapter dir loads as a model of its own
+    scorer = RewardModelScorer.from_pretrained(cfg.model or cfg.adapter, label=cfg.label, normalize=cfg.normalize,
                                                batch_size=cfg.batch_size, device=device)
     return ModelReward(scorer, cfg.input)

@@ -79,7 +79,7 @@ from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch
 from rlcli.logging import MetricsLog, TrainingProgress, console, open_jsonl
 from rlcli.models.generation import sample
-from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task, source_kind
+from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task
 from rlcli.models.value_head import (
     VALUE_HEAD_CONFIG,
     VALUE_HEAD_WEIGHTS,
@@ -90,7 +90,7 @@ from rlcli.models.value_head import (
     save_value_head,
 )
 from rlcli.padding import left_pad
-from rlcli.rewards.sources import build_reward, check_reward_function
+from rlcli.rewards.sources import build_reward, check_reward
 from rlcli.rl import Rollout, SamplingRules
 from rlcli.seeds import index_stream, rollout_generator
 from rlcli.trainers.common import (
@@ -150,18 +150,10 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
     if recipe.ref_model is not None:
         problems += check_model_config(recipe.ref_model, task, key="ref_model")
-    if recipe.reward.function is not None:
-        try:
-            check_reward_function(recipe.reward.function)
-        except UserError as exc:
-            problems.append(f"reward.function: {exc}")
-    else:
-        try:
-            kind = source_kind(recipe.reward.model)
-            if kind == "local" and not (Path(recipe.reward.model) / "config.json").exists():
-                problems.append(f"reward.model: {recipe.reward.model} has no config.json (not a saved model directory)")
-        except UserError as exc:
-            problems.append(f"reward.model: {exc}")
+    problems += check_reward(recipe)
+    if recipe.reward.adapter is not None and task == "seq2seq":
+        problems.append("reward.adapter: needs a decoder-only (causal) policy: the reward adapter is a decoder "
+                        "classifier's adapter on the policy's base")
     gen = recipe.generation
     if gen.top_k > 0 or gen.top_p < 1.0:
         key = "generation.top_k" if gen.top_k > 0 else "generation.top_p"
@@ -367,7 +359,9 @@ def build_learner(recipe: PPORecipe, accelerator, tokenizer, task: str, optimize
     policy, ref = build_policy(recipe, tokenizer, task)
     if ref is not None:
         ref.to(accelerator.device)
-    reward = build_reward(recipe.reward, device=accelerator.device)
+    # reward.adapter: loaded onto the policy's own base (one copy of the weights), before the optimizer and the
+    # Accelerate wrapping see the model; frozen, so neither trains it
+    reward = build_reward(recipe.reward, device=accelerator.device, policy=policy, tokenizer=tokenizer)
     optimizer, scheduler = make_optimizer(policy.parameters(), recipe.optim, optimizer_steps)
     model, optimizer = accelerator.prepare(policy, optimizer)
     if ref is not None and accelerator.num_processes > 1:
