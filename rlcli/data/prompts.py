@@ -26,6 +26,10 @@ def check_prompt_rows(rows: datasets.Dataset, column: str, path: str, *, message
     """Every prompt is non-empty text (or, with ``messages``, a non-empty list of chat messages)."""
     require_columns(rows, [column], path, "PPO prompts")
     for i, value in enumerate(rows[column]):
+        if isinstance(value, dict):
+            keys = ", ".join(map(str, value)) or "none"
+            raise UserError(f"data {row_ref(path, i)}: prompt column {column!r} holds a mapping (keys: {keys}), not "
+                            f"text: name the text inside it with a dotted data.prompt_field, e.g. {column}.text")
         if messages and isinstance(value, list):
             if value and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value):
                 continue
@@ -43,8 +47,36 @@ def load_prompt_rows(data, *, messages: bool = False) -> tuple[list[dict], str]:
 
     rows = load_rows(data.path, data.split, data.name, data.max_rows)
     column = prompt_column(rows.column_names, data.prompt_field, data.path)
+    if column not in rows.column_names and "." in column:
+        return nested_prompt_rows(rows, column, data.path), column
     check_prompt_rows(rows, column, data.path, messages=messages)
     return rows.to_list(), column
+
+
+def nested_prompt_rows(rows: datasets.Dataset, field: str, path: str) -> list[dict]:
+    """Rows whose prompt sits inside a column of mappings, named by a dotted path (``prompt.text`` in
+    allenai/real-toxicity-prompts, where ``prompt`` is ``{text, toxicity, ...}``): each row as a dict with the text
+    also under the dotted name itself, where the trainers read the prompt column (``datasets``' ``flatten()`` names
+    nested columns the same way). The rest of the row, nested columns included, is kept as it was for reward
+    functions."""
+    head, *keys = field.split(".")
+    if head not in rows.column_names:
+        raise UserError(f"data {path}: no column {head!r} for data.prompt_field {field!r}; the rows have "
+                        f"{', '.join(rows.column_names)}")
+    out = []
+    for i, row in enumerate(rows.to_list()):
+        value, walked = row[head], head
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                found = f"keys: {', '.join(map(str, value))}" if isinstance(value, dict) else type(value).__name__
+                raise UserError(f"data {row_ref(path, i)}: data.prompt_field {field!r}: {walked!r} has no key "
+                                f"{key!r} ({found})")
+            value, walked = value[key], f"{walked}.{key}"
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"data {row_ref(path, i)}: prompt {field!r} must be non-empty text, got {value!r}")
+        row[field] = value
+        out.append(row)
+    return out
 
 
 def encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase, *, chat_template: bool, max_length: int,

@@ -175,10 +175,11 @@ def tokenizer_fingerprint(tokenizer) -> tuple:
 
 
 @contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode for the block, then every module's own train / eval flag back as it was."""
+def modes_kept(model: nn.Module, *, evaluate: bool = False):
+    """Every module's own train / eval flag back as it was after the block (in eval mode when ``evaluate``)."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if evaluate:
+        model.eval()
     try:
         yield
     finally:
@@ -219,7 +220,8 @@ class AdapterRewardModel:
         self.policy_adapter = peft_model.active_adapter
         folder = Path(adapter_dir)
         policy_trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-        peft_model.load_adapter(str(folder), adapter_name=REWARD_ADAPTER, is_trainable=False)
+        with modes_kept(peft_model):  # peft puts the whole model in eval mode when it loads a frozen adapter
+            peft_model.load_adapter(str(folder), adapter_name=REWARD_ADAPTER, is_trainable=False)
         # Out of peft_config, peft saves and lists only the policy's adapter; the LoRA layers keep the reward's
         # weights, which the adapter_names routing below finds by name.
         self.adapter_config = peft_model.peft_config.pop(REWARD_ADAPTER)
@@ -290,7 +292,7 @@ class AdapterRewardModel:
         captured: list[torch.Tensor] = []
         hook = self.trunk.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
         try:
-            with eval_mode(self.model):
+            with modes_kept(self.model, evaluate=True):
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start : start + self.batch_size]
                     width = max(len(encoded[i]) for i in idx)
