@@ -109,5 +109,9 @@ class EnvRolloutRecipe(RecipeBase):
     """Histories to render in the terminal."""
     show_tokens: bool = False
     """Render them token by token instead of as text."""
+    accept_min_reward: float | None = None
+    """Also write ``accepted.jsonl``: the episodes whose reward is at least this (needs ``reward``). Its rows are SFT
+    data as they are, so env-rollout -> ``rlcli sft data.path=OUTPUT_DIR/accepted.jsonl`` is rejection sampling
+    (expert iteration) with no glue code."""
     overwrite_output_dir: bool = True
     """Replace a previous env-rollout's episodes in output_dir (never a training run's files)."""

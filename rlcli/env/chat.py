@@ -37,9 +37,10 @@ from rlcli.config.errors import UserError
 from rlcli.env.protocols import Malformed, ToolCall, tool_schema
 
 ToolCallParser = Callable[[str], list]
-"""``model text -> [ToolCall | Malformed, ...]`` (empty: the turn calls nothing, so the episode ends). A parser may
-carry ``instructions(schemas) -> str``: the system text that teaches its format to a model whose template has no
-tool support."""
+"""``model text -> [ToolCall | Malformed, ...]`` (empty: the turn calls nothing, so the episode ends). For templates
+without tool support a parser may carry ``instructions(schemas) -> str`` (the system text that teaches its format)
+and ``write([(name, arguments), ...]) -> str`` (how it writes calls into an assistant message's content); the
+Hermes ones are used otherwise."""
 
 
 class ChatTemplateError(UserError):
@@ -74,7 +75,13 @@ def _hermes_instructions(schemas: Sequence[Mapping]) -> str:
             "Each result comes back to you in a tool message.")
 
 
+def _hermes_write(calls: Sequence[tuple[str, dict]]) -> str:
+    return "\n".join(f"<tool_call>\n{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}\n</tool_call>"
+                     for n, a in calls)
+
+
 hermes_calls.instructions = _hermes_instructions
+hermes_calls.write = _hermes_write
 
 
 def llama3_json_calls(text: str) -> list[ToolCall | Malformed]:
@@ -92,6 +99,8 @@ def _llama3_instructions(schemas: Sequence[Mapping]) -> str:
 
 
 llama3_json_calls.instructions = _llama3_instructions
+llama3_json_calls.write = lambda calls: "\n".join(json.dumps({"name": n, "parameters": a}, ensure_ascii=False)
+                                                 for n, a in calls)
 
 PARSERS: dict[str, ToolCallParser] = {"hermes": hermes_calls, "llama3_json": llama3_json_calls}
 
@@ -319,9 +328,13 @@ class ChatTemplate:
                 parser: ToolCallParser | None = None) -> tuple[list[dict], list[dict] | None]:
         """``(messages, tools)`` exactly as ``apply_chat_template`` gets them: messages normalised
         (``normalise_messages``); ``tools`` kept for a template that renders them, otherwise described in a system
-        message (``describe_tools``: the parser's format, Hermes by default) and returned as None, so preparing the
-        result again changes nothing."""
+        message (``describe_tools``: the parser's format, Hermes by default) and returned as None. For a template
+        that ignores ``tool_calls``, an assistant message's calls are written into its content in the parser's
+        format unless the content already holds them (as in episodes). Preparing the result again changes
+        nothing."""
         messages = normalise_messages(messages)
+        if not self.renders_tool_calls:
+            messages = [self._calls_in_content(m, parser) for m in messages]
         tools = clean_schemas(tools)
         if not tools or self.renders_tools:
             return messages, tools
@@ -330,6 +343,18 @@ class ChatTemplate:
             first = dict(messages[0], content=f"{messages[0]['content']}\n\n{description}")
             return [first] + messages[1:], None
         return [{"role": "system", "content": description}] + messages, None
+
+    def _calls_in_content(self, message: dict, parser: ToolCallParser | None) -> dict:
+        """For a template that ignores ``tool_calls``: the message with its calls written at the end of its
+        content, in the parser's format, unless they are written there already."""
+        if message["role"] != "assistant" or not message.get("tool_calls"):
+            return message
+        write = getattr(parser, "write", None) or _hermes_write
+        written = write([(c["function"]["name"], c["function"].get("arguments", {})) for c in message["tool_calls"]])
+        content = message["content"]
+        if content.endswith(written):
+            return message
+        return dict(message, content=(content + "\n" if content else "") + written)
 
     def spans(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> Spans:
         """The rendered conversation and where each assistant turn's own text is in it.
@@ -362,10 +387,15 @@ class ChatTemplate:
     def tokens(self, spans: Spans, assistant_ids: Sequence[Sequence[int]] | None = None
                ) -> tuple[list[int], list[int]]:
         """Token ids of a rendered conversation and a 0/1 mask of assistant tokens: the text between assistant
-        turns tokenised piece by piece, each assistant turn tokenised on its own or, when given, replaced by the
-        ids the model sampled (``assistant_ids[j]`` for the j-th turn)."""
+        turns tokenised piece by piece and each assistant turn on its own. With ``assistant_ids`` (the ids the
+        model sampled, one list per turn) only the last ``len(assistant_ids)`` turns are the model's and are
+        replaced by them; earlier assistant messages (examples in a prompt) stay inside the text around them, as
+        the prompt was tokenised whole."""
+        turns = spans.assistant
+        if assistant_ids is not None:
+            turns = turns[len(turns) - len(assistant_ids):]
         ids, mask, at = [], [], 0
-        for j, (start, end) in enumerate(spans.assistant):
+        for j, (start, end) in enumerate(turns):
             piece = self.encode(spans.text[at:start])
             turn = list(assistant_ids[j]) if assistant_ids is not None else self.encode(spans.text[start:end])
             ids += piece + turn
@@ -403,13 +433,14 @@ class ChatTemplate:
         if not canonical.startswith(text):
             raise ChatTemplateError("an assistant message with tool_calls does not start with the generation prompt: "
                                     + _difference(text, canonical, "the generation prompt", "the message"))
-        written = canonical[len(text):canonical.rfind(self.eot_text)] if self.renders_tool_calls else "rlcli probe call"
+        written = canonical[len(text):canonical.rfind(self.eot_text)] if self.renders_tool_calls else (
+            (getattr(parser, "write", None) or _hermes_write)([(name, call.arguments)]))
         assistant = self.assistant_message(written, [call], "call", parser_ok=True, messages=messages, tools=tools,
-                                           head=text)
-        conversation = messages + [assistant]
+                                           head=text, parser=parser)
+        conversation, _ = self.prepare(messages + [assistant], None, parser)
         so_far = text + written + self.eot_text
         result = {"role": "tool", "tool_call_id": "call_0", "name": name, "content": "rlcli probe result"}
-        if "tool_calls" not in assistant:
+        if "tool_calls" not in assistant and self.renders_tool_calls:
             raise ChatTemplateError("the chat template renders an assistant message with tool_calls differently from "
                                     "itself (no layout of content and tool_calls renders back to the same text)")
         after = self.render(conversation + [result], tools, add_generation_prompt=True)
@@ -428,25 +459,28 @@ class ChatTemplate:
     # assistant turns -----------------------------------------------------------------------------------------
 
     def assistant_message(self, text: str, calls: Sequence[ToolCall], turn_id: str, *, parser_ok: bool,
-                          messages: Sequence[Mapping], tools: Sequence[Mapping] | None, head: str) -> dict:
+                          messages: Sequence[Mapping], tools: Sequence[Mapping] | None, head: str,
+                          parser: ToolCallParser | None = None) -> dict:
         """The assistant message for a turn whose text (end-of-turn token excluded) is ``text``, following
-        ``messages`` whose rendering with the generation prompt is ``head``.
+        ``messages`` (prepared) whose rendering with the generation prompt is ``head``.
 
-        With tool calls, the OpenAI layout (``content`` + ``tool_calls``) when the template renders it back to
-        exactly ``text``; for a template that ignores ``tool_calls`` that is always so (``content`` is the whole
-        text). When the model wrote a call in a layout the template would render differently, ``content`` is the
-        whole text and there are no ``tool_calls``: the conversation must render what the model wrote."""
+        With tool calls, the OpenAI layout (``content`` before the calls + ``tool_calls``) when preparing and
+        rendering it gives back exactly ``text``: the template writes the calls, or, for a template that ignores
+        ``tool_calls``, ``prepare`` writes them into the content (Hermes format only: the one SFT writes for data
+        that names no parser). Otherwise ``content`` is the whole text and there are no ``tool_calls``, so the
+        conversation renders what the model wrote, whatever reads it later."""
         entries = [tool_call_entry(c, f"{turn_id}_{j}") for j, c in enumerate(calls)] if parser_ok else []
-        if not entries:
-            return {"role": "assistant", "content": text}
-        if not self.renders_tool_calls:
-            return {"role": "assistant", "content": text, "tool_calls": entries}
+        raw = {"role": "assistant", "content": text}
+        writes_hermes = (getattr(parser, "write", None) or _hermes_write) is _hermes_write
+        if not entries or (not self.renders_tool_calls and not writes_hermes):
+            return raw
         start = calls[0].start if calls[0].start is not None else 0
         for content in dict.fromkeys((text[:start].rstrip(), text[:start], "")):
             message = {"role": "assistant", "content": content, "tool_calls": entries}
-            if self.render(list(messages) + [message], tools).startswith(head + text + self.eot_text):
+            prepared, _ = self.prepare(list(messages) + [message], None, parser)
+            if self.render(prepared, tools).startswith(head + text + self.eot_text):
                 return message
-        return {"role": "assistant", "content": text}
+        return raw
 
 
 _TEMPLATES: dict[tuple[int, str | None], ChatTemplate] = {}

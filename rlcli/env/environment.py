@@ -317,8 +317,8 @@ class TextEnvironment:
         parsed = [c for c in calls if isinstance(c, ToolCall)]
         message = template.assistant_message(content, parsed, f"call_{history.num_turns}",
                                              parser_ok=len(parsed) == len(calls), messages=history.messages,
-                                             tools=history.tools, head=episode.rendered)
-        history.messages.append(message)
+                                             tools=history.tools, head=episode.rendered, parser=self.chat.parser)
+        history.messages.append(self.chat.template.prepare([message], None, self.chat.parser)[0][0])
         episode.rendered += text
         history.answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         if calls and len(history.token_ids) < self.max_length:
@@ -393,7 +393,7 @@ def chat_token_ids(template, history: TextHistory) -> list[int]:
     token, or a turn the episode's length cut)."""
     spans = template.spans(history.messages, history.tools)
     model_turns = [s.token_ids for s in history.segments if s.source == "model"]
-    ids, _ = template.tokens(spans, model_turns[: len(spans.assistant)])
+    ids, _ = template.tokens(spans, model_turns)
     return ids
 
 

@@ -4,8 +4,12 @@ Steps:
   1. check the recipe (tools resolve, files exist); load tokenizer, model and prompts
   2. run the episodes in batches through the text environment (optionally scoring them with the reward)
   3. render a few histories (prompt / model / tool in their own colours), print a summary table
-  4. write ``episodes.jsonl`` (one TextHistory per line: text, segments with token ids, tool calls, reward) and
-     ``summary.json`` into output_dir
+  4. write ``episodes.jsonl`` (one TextHistory per line: text, segments with token ids, the token ids with their
+     model / tool masks, tool calls, reward; chat episodes also their ``messages`` and ``tools``) and
+     ``summary.json`` into output_dir; with ``accept_min_reward``, ``accepted.jsonl`` (the episodes that reached it)
+
+With ``env.protocol: chat`` the chat template is probed right after the tokenizer loads, before the model: a
+template that cannot render episodes exactly stops the run before any weights load.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from rlcli.config.errors import RecipeError, UserError
 from rlcli.config.loader import locate
 from rlcli.data.prompts import load_prompt_rows
 from rlcli.data.sources import check_data_source
-from rlcli.env.build import build_environment, check_env
+from rlcli.env.build import build_environment, build_protocol, check_env
 from rlcli.env.history import source_legend
 from rlcli.launch import check_launch
 from rlcli.logging import console
@@ -36,6 +40,7 @@ from rlcli.trainers.common import RECIPE_FILE, clear_output_dir, prepare_output_
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
+ACCEPTED_FILE = "accepted.jsonl"
 
 
 def preflight(recipe: EnvRolloutRecipe, source: str = "recipe") -> list[str]:
@@ -49,6 +54,8 @@ def preflight(recipe: EnvRolloutRecipe, source: str = "recipe") -> list[str]:
         except UserError as exc:
             problems.append(f"reward.function: {exc}")
     problems += check_launch("env-rollout", recipe)
+    if recipe.accept_min_reward is not None and recipe.reward is None:
+        problems.append("accept_min_reward: needs a reward section to score the episodes")
     if problems:
         raise RecipeError(locate(recipe, problems, source))
     return [f"tools: {', '.join(recipe.env.tools)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]
@@ -77,6 +84,13 @@ def summarise(histories, seconds: float, generated: int) -> dict[str, float]:
     return summary
 
 
+def episode_row(h) -> dict:
+    """One line of episodes.jsonl: the episode's text, its token ids with the model and tool masks, and
+    ``TextHistory.to_dict()`` (segments, tool calls, reward, meta, answer; chat: ``messages`` and ``tools``)."""
+    return {"text": h.text, "token_ids": h.token_ids, "token_mask": h.token_mask, "tool_mask": h.tool_mask,
+            **h.to_dict()}
+
+
 def summary_table(summary: dict) -> Table:
     table = Table(title="env-rollout summary", show_header=True, header_style="bold")
     table.add_column("metric")
@@ -103,17 +117,20 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     prepare_output_dir(recipe, resume=False)
     torch.manual_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")
+    chat = recipe.env.protocol == "chat"
+    protocol = build_protocol(recipe.env, tokenizer) if chat else None  # the template's probe, before the weights
     model = load_model(recipe.model, "causal", tokenizer)
     disable_dropout(model)
     model.eval()
-    rows, column = load_prompt_rows(recipe.data)
+    rows, column = load_prompt_rows(recipe.data, messages=chat)
     rules = SamplingRules(temperature=recipe.temperature, top_k=recipe.top_k, top_p=recipe.top_p)
-    env = build_environment(recipe.env, model, tokenizer, rules=rules)
+    env = build_environment(recipe.env, model, tokenizer, rules=rules, protocol=protocol)
     reward = build_reward(recipe.reward) if recipe.reward is not None else None
     # the previous rollout's files go now, so that a run failing below never leaves them beside the new recipe
     clear_output_dir(out)
     rundir.start(out, type(recipe).__name__)
-    rundir.claim(out, RECIPE_FILE, EPISODES_FILE, EPISODES_FILE + ".tmp", SUMMARY_FILE)
+    rundir.claim(out, RECIPE_FILE, EPISODES_FILE, EPISODES_FILE + ".tmp", SUMMARY_FILE, ACCEPTED_FILE,
+                 ACCEPTED_FILE + ".tmp")
     (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
 
     # step 2: episodes in batches
@@ -148,11 +165,19 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     console.print(summary_table(summary))
 
     # step 4: write (to a temp file first: a crash never leaves a half-written file that looks finished)
+    lines = [json.dumps(episode_row(h)) + "\n" for h in histories]
     tmp = out / (EPISODES_FILE + ".tmp")
-    with tmp.open("w") as f:
-        for h in histories:
-            f.write(json.dumps({"text": h.text, **h.to_dict()}) + "\n")
+    tmp.write_text("".join(lines))
     tmp.rename(out / EPISODES_FILE)
+    if recipe.accept_min_reward is not None:
+        accepted = [line for h, line in zip(histories, lines)
+                    if h.reward is not None and h.reward >= recipe.accept_min_reward]
+        tmp = out / (ACCEPTED_FILE + ".tmp")
+        tmp.write_text("".join(accepted))
+        tmp.rename(out / ACCEPTED_FILE)
+        summary["accepted"] = len(accepted)
+        console.print(f"[green]accepted[/] {len(accepted)} episodes with reward >= {recipe.accept_min_reward:g}: "
+                      f"{out / ACCEPTED_FILE}")
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     rundir.mark_finished(out)
     console.print(f"[green]wrote[/] {len(histories)} episodes to {out / EPISODES_FILE}")

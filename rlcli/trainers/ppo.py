@@ -137,11 +137,27 @@ def policy_task(recipe: PPORecipe) -> str:
 
 
 def behaviour_rules(gen: GenerationConfig, tokenizer) -> SamplingRules:
-    """The sampling rules of a recipe's generation section: what the sampler draws from and the learner replays."""
+    """The sampling rules of a recipe's generation section: what the sampler draws from and the learner replays.
+
+    The EOS ids the rules know (banned before ``min_new_tokens``, or always when ``stop_at_eos`` is false) are the
+    tokenizer's EOS and its chat template's end-of-turn token when that differs (``<|im_end|>`` of a ChatML
+    template over a tokenizer whose EOS is ``<|endoftext|>``): a chat-protocol turn ends at the latter."""
     eos = tokenizer.eos_token_id
     eos_ids = () if eos is None else (int(eos),)
+    end_of_turn = _end_of_turn_id(tokenizer)
+    if end_of_turn is not None and end_of_turn not in eos_ids:
+        eos_ids += (end_of_turn,)
     return SamplingRules(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, eos_ids=eos_ids,
                          min_new_tokens=gen.min_new_tokens, banned_ids=() if gen.stop_at_eos else eos_ids)
+
+
+def _end_of_turn_id(tokenizer) -> int | None:
+    from rlcli.env.chat import ChatTemplate, ChatTemplateError
+
+    try:
+        return ChatTemplate.of(tokenizer).eot_id
+    except (ChatTemplateError, TypeError, ValueError):  # no template, or one whose end of turn is no single token
+        return None
 
 
 def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
