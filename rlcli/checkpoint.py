@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,13 @@ def save_checkpoint(
     objects: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    write_shards: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``objects`` (name -> tensor dict or object with ``state_dict``), JSON ``state`` and RNG states.
 
-    All processes must call it (it synchronises them).
+    All processes must call it (it synchronises them). ``objects`` are written by the main process;
+    ``write_shards(directory)``, when given, runs on every process into the same directory before it is published
+    (sharded optimizer state: ``rlcli.parallel.Parallel.save_shards``).
     """
     final = Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -70,6 +74,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if write_shards is not None:
+        write_shards(tmp)
     if accelerator.is_main_process:
         for name, obj in objects.items():
             torch.save(obj.state_dict() if hasattr(obj, "state_dict") else obj, tmp / f"{name}.pt")
@@ -95,7 +101,7 @@ def load_checkpoint(path: Path, *, process_index: int) -> tuple[dict[str, Any], 
     """
     state = json.loads((path / "state.json").read_text())
     objects = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in path.glob("*.pt")
-               if not p.stem.startswith("rng-")}
+               if not p.stem.startswith(("rng-", "optimizer-shard-"))}
     rng_file = path / f"rng-{process_index}.pt"
     if not rng_file.exists():
         rng_file = path / "rng-0.pt"

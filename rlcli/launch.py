@@ -6,22 +6,14 @@ distribute through environment variables (``accelerate/utils/launch.py``: ``prep
 problem for each combination of command and setup that rlcli does not support, with what to use instead. The
 trainers call it from their ``preflight``, so ``--dry-run`` reports it too.
 
-The matrix (see README, "Launch presets") and why:
+The matrix (see README, "Launch presets"):
 
-- **single process, DDP on one or several machines, CPU DDP (gloo)**: ``sft``, ``rm`` and ``ppo`` are written
-  for it (``accelerator.prepare(model, optimizer)``, ``no_sync`` while accumulating, one optimizer step per global
-  batch, full ``state_dict`` of the unwrapped model saved by the main process). ``env-rollout`` runs in one
-  process only: it does not split episodes across processes.
-- **DeepSpeed (any ZeRO stage)**: not supported yet. Accelerate's ``backward`` hands the loss to the DeepSpeed
-  engine, which takes an optimizer step inside every ``backward`` unless ``accelerator.accumulate`` drives it,
-  while rlcli's loops accumulate micro-batches themselves (``no_sync``) and step once per global batch; gradient
-  clipping moves into DeepSpeed's config (``clip_grad_norm_`` returns None, so ``grad_norm`` is lost); ZeRO
-  shards the optimizer state that rlcli checkpoints save from the main process only, so ``--resume`` would lose
-  it. ZeRO-3 also shards parameters: PPO's sampler and reference forward run on the unwrapped model and would
-  need the parameters gathered on every process.
-- **FSDP (1 or 2, any sharding strategy)**: not supported yet. It shards parameters: PPO's sampler and
-  reference forward on the unwrapped model, the checkpoints' ``state_dict`` and the final ``save_pretrained``
-  on the main process would not see full weights.
+- **single process, DDP (one or several machines, or CPU processes over gloo), FSDP2, DeepSpeed ZeRO-1/2/3**:
+  ``sft``, ``rm`` and ``ppo`` run under all of them; ``rlcli.parallel`` owns everything that differs (sharding,
+  gradient accumulation, clipping, gathered weights for generation, full state dicts for saving, sharded optimizer
+  state in checkpoints). DeepSpeed must be installed (``rlcli[deepspeed]``). ``env-rollout`` runs in one process
+  only: it does not split episodes across processes.
+- **FSDP1** (``fsdp_version: 1``): refused; rlcli shards with FSDP2 (torch's ``fully_shard``).
 - **Megatron-LM, tensor / context / sequence parallelism (``parallelism_config``)**: not supported.
 - **Mixed precision**: rlcli takes it from the recipe (``train.mixed_precision``); a launcher that asks for a
   different one (``--mixed_precision bf16`` or ``mixed_precision:`` in the accelerate config) is refused instead
@@ -30,6 +22,7 @@ The matrix (see README, "Launch presets") and why:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
@@ -42,6 +35,8 @@ RESUME_HINT = "the newest checkpoint (if any) can be continued with --resume"  #
 TRAINERS = ("sft", "rm", "ppo")
 
 DDP_PRESET = "configs/accelerate/multi_gpu.yaml"
+FSDP_PRESET = "configs/accelerate/fsdp.yaml"
+ZERO3_PRESET = "configs/accelerate/deepspeed_zero3.yaml"
 SINGLE_PRESET = "configs/accelerate/single_gpu.yaml"
 MULTI_NODE_PRESET = "configs/accelerate/multi_node.yaml"
 
@@ -135,23 +130,17 @@ def check_launch(command: str, recipe: Any = None, environ: Mapping[str, str] | 
     memory = ("; if the model does not fit in one GPU per process, train a LoRA adapter (`lora:` section"
               + (", which also avoids a second copy of the weights for the reference model" if command == "ppo" else "")
               + "), with train.mixed_precision=bf16 and model.gradient_checkpointing=true")
-    if setup.kind == "deepspeed":
-        reasons = ("rlcli's loops accumulate gradients themselves and take one optimizer step per global batch, while "
-                   "the DeepSpeed engine steps inside every backward and takes gradient accumulation and clipping from "
-                   "its own config; ZeRO also shards the optimizer state, which rlcli's checkpoints save from the main "
-                   "process only")
-        if setup.zero_stage == 3:
-            reasons += ("; ZeRO-3 shards the parameters as well, so "
-                        + ("PPO's generation and reference forward passes on the unwrapped model would need the "
-                           "parameters gathered on every process, and " if command == "ppo" else "")
-                        + "the final model (state_dict of the unwrapped model on the main process) would be empty shards")
-        problems.append(f"launch: `rlcli {command}` under {where} is not supported yet: {reasons}. {instead}{memory}.")
-    elif setup.kind == "fsdp":
-        reasons = ("FSDP shards the parameters, so "
-                   + ("PPO's generation and reference forward passes on the unwrapped model, " if command == "ppo" else "")
-                   + "rlcli's checkpoints and the final model (state_dict of the unwrapped model, saved by the main "
-                   "process only) would not see full weights")
-        problems.append(f"launch: `rlcli {command}` under {where} is not supported yet: {reasons}. {instead}{memory}.")
+    if setup.kind == "fsdp" and str(setup.fsdp_version or "1") != "2":
+        problems.append(f"launch: `rlcli {command}` under {where} is not supported: rlcli shards with FSDP2 only "
+                        "(torch's fully_shard); set `fsdp_version: 2` in the accelerate config (as "
+                        f"{FSDP_PRESET} does), or use DeepSpeed ZeRO ({ZERO3_PRESET}). {instead}.")
+    elif setup.kind == "deepspeed" and setup.zero_stage not in (None, 0, 1, 2, 3):
+        problems.append(f"launch: `rlcli {command}` under {where}: unknown ZeRO stage {setup.zero_stage}; use 1, 2 or 3")
+    elif setup.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append(f"launch: `rlcli {command}` under {where} needs DeepSpeed, which is not installed: "
+                        "`pip install \"rlcli[deepspeed]\"` (on a machine without CUDA: `DS_BUILD_OPS=0 pip install "
+                        "--no-build-isolation deepspeed`). Or use FSDP2, which needs nothing more: "
+                        f"`accelerate launch --config_file {FSDP_PRESET} ...`")
     elif setup.kind in ("megatron", "parallelism"):
         problems.append(f"launch: `rlcli {command}` under {where} is not supported: rlcli's trainers are data-parallel "
                         f"only (every process holds the whole model). {instead}{memory}.")

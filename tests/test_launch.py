@@ -53,6 +53,10 @@ def test_presets_exist_and_are_valid_accelerate_configs():
         "deepspeed_zero3.yaml": DistributedType.DEEPSPEED,
         "fsdp.yaml": DistributedType.FSDP,
         "multi_node.yaml": DistributedType.MULTI_GPU,
+        # CPU twins: 2 processes over gloo (use_cpu false: accelerate would start one plain process)
+        "cpu_fsdp2.yaml": DistributedType.FSDP,
+        "cpu_deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
+        "cpu_deepspeed_zero3.yaml": DistributedType.DEEPSPEED,
     }
     assert sorted(p.name for p in PRESETS.glob("*.yaml")) == sorted(expected)
     for name, dtype in expected.items():
@@ -80,18 +84,21 @@ def test_single_process_and_ddp_are_supported(env, command):
 
 @pytest.mark.parametrize("command", ["sft", "rm", "ppo"])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_is_refused_with_what_to_use_instead(env, command, stage):
+def test_deepspeed_is_supported(env, command, stage):
     env(WORLD_SIZE=8, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=stage,
         ACCELERATE_MIXED_PRECISION="bf16")
-    problems = check_launch(command, recipe("bf16"))
-    assert len(problems) == 1
-    msg = problems[0]
-    assert f"`rlcli {command}`" in msg and f"DeepSpeed ZeRO-{stage}" in msg and "not supported yet" in msg
-    assert "configs/accelerate/multi_gpu.yaml" in msg and "LoRA" in msg
-    assert "optimizer step" in msg
-    if stage == 3:
-        assert "shards the parameters" in msg
-        assert ("generation" in msg) == (command == "ppo")
+    assert check_launch(command, recipe("bf16")) == []
+    assert detect_launch().zero_stage == stage
+
+
+def test_deepspeed_not_installed_is_said(env, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    env(WORLD_SIZE=2, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=2)
+    (msg,) = check_launch("sft", recipe())
+    assert "needs DeepSpeed, which is not installed" in msg and "rlcli[deepspeed]" in msg and "fsdp.yaml" in msg
 
 
 def test_zero_stage_read_from_a_deepspeed_json_config(env, tmp_path):
@@ -100,15 +107,16 @@ def test_zero_stage_read_from_a_deepspeed_json_config(env, tmp_path):
     env(WORLD_SIZE=2, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=ds)
     setup = detect_launch()
     assert setup.zero_stage == 3 and setup.deepspeed_config_file == str(ds)
-    assert "DeepSpeed ZeRO-3" in check_launch("ppo", recipe())[0]
+    assert setup.describe() == "DeepSpeed ZeRO-3"
 
 
 @pytest.mark.parametrize("command", ["sft", "rm", "ppo"])
-def test_fsdp_is_refused(env, command):
+def test_fsdp2_is_supported_and_fsdp1_refused(env, command):
     env(WORLD_SIZE=4, ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    assert check_launch(command, recipe()) == []
+    env(FSDP_VERSION="1")
     (msg,) = check_launch(command, recipe())
-    assert f"`rlcli {command}` under FSDP2" in msg and "not supported yet" in msg
-    assert "configs/accelerate/multi_gpu.yaml" in msg and "shards the parameters" in msg
+    assert f"`rlcli {command}` under FSDP1" in msg and "fsdp_version: 2" in msg
 
 
 @pytest.mark.parametrize("var", ["ACCELERATE_USE_MEGATRON_LM", "ACCELERATE_USE_PARALLELISM_CONFIG"])
@@ -119,10 +127,10 @@ def test_model_parallel_setups_are_refused(env, var):
 
 
 def test_preset_file_is_named_when_found(env, monkeypatch):
-    monkeypatch.setattr(launch, "_launcher_config_file", lambda: "configs/accelerate/deepspeed_zero3.yaml")
-    env(WORLD_SIZE=8, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=3)
+    monkeypatch.setattr(launch, "_launcher_config_file", lambda: "configs/accelerate/fsdp.yaml")
+    env(WORLD_SIZE=8, ACCELERATE_USE_FSDP="true", FSDP_VERSION="1")
     (msg,) = check_launch("ppo", recipe())
-    assert "DeepSpeed ZeRO-3 (accelerate config configs/accelerate/deepspeed_zero3.yaml)" in msg
+    assert "FSDP1 (accelerate config configs/accelerate/fsdp.yaml)" in msg
 
 
 def test_env_rollout_runs_in_one_process_only(env):
@@ -176,17 +184,17 @@ def _preflight_calls_check_launch() -> bool:
 
 
 @pytest.mark.skipif(not _preflight_calls_check_launch(), reason="trainers' preflight does not call check_launch yet")
-def test_cli_dry_run_refuses_deepspeed_zero3(tmp_path):
+def test_cli_dry_run_refuses_fsdp1(tmp_path):
     rec = write_yaml(tmp_path / "sft.yaml", {
         "output_dir": str(tmp_path / "out"), "model": TINY_GPT2,
         "data": {"path": str(REPO / "data/tiny/sft.jsonl"), "format": "prompt_completion", "max_length": 32},
         "train": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 2},
     })
-    res = run_cli("sft", str(rec), "--dry-run", env={"ACCELERATE_USE_DEEPSPEED": "true",
-                                                     "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "WORLD_SIZE": "1"})
+    res = run_cli("sft", str(rec), "--dry-run", env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1",
+                                                     "WORLD_SIZE": "1"})
     assert res.returncode != 0
     text = plain(res.stderr + res.stdout)
-    assert "DeepSpeed ZeRO-3" in text and "configs/accelerate/multi_gpu.yaml" in text
+    assert "FSDP1" in text and "fsdp_version: 2" in text
     assert not (tmp_path / "out").exists()
 
 

@@ -193,21 +193,6 @@ def check_resume_recipe(recipe: RecipeBase, ckpt: Path) -> None:
     )
 
 
-def make_accelerator(recipe: RecipeBase, mixed_precision: str, *, tf32: bool = True) -> Accelerator:
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or 'no' on CPU")
-    set_tf32(tf32)
-    log_with = list(recipe.logging.report_to) or None
-    # Without CUDA, say cpu=True: Accelerate then treats a multi-process launch (torchrun, or
-    # `accelerate launch --multi_gpu`) as MULTI_CPU with gloo instead of silently running N independent copies.
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=recipe.output_dir,
-                              cpu=not torch.cuda.is_available())
-    # Each process derives its own seed (seed + process index; ppo-details item 16). Initial weights still agree:
-    # DDP broadcasts rank 0's parameters when the model is prepared.
-    set_seed(recipe.seed, device_specific=True)
-    return accelerator
-
-
 def set_tf32(enabled: bool) -> None:
     """TF32 for float32 matmuls and cuDNN convolutions on CUDA; nothing changes on CPU.
 
@@ -266,6 +251,34 @@ def trainable_state(model: torch.nn.Module, full: bool) -> dict[str, torch.Tenso
     if full:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_training_checkpoint(par, out: Path, step: int, model, optimizer, scheduler, *, full: bool, keep: int,
+                             state: dict[str, Any]) -> None:
+    """A checkpoint of a training run under any engine (every process calls it): the model's weights (all, or the
+    trainable ones for LoRA on a hub base) and the schedule from the main process, the optimizer state whole from
+    the main process or in shards from every process (``rlcli.parallel.Parallel``), RNG states of each process."""
+    from rlcli.checkpoint import save_checkpoint
+
+    weights = par.full_state_dict(model)  # collective under sharding
+    if not full:
+        trainable = {n for n, p in par.unwrap(model).named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k in trainable}
+    objects: dict[str, Any] = {"model": {k: v.clone() for k, v in weights.items()}, "scheduler": scheduler}
+    if not par.optimizer_in_shards:
+        objects["optimizer"] = optimizer
+    save_checkpoint(out, step, accelerator=par.accelerator, keep=keep, state=state, objects=objects,
+                    write_shards=lambda directory: par.save_shards(directory, model, optimizer))
+
+
+def restore_optimizer(par, checkpoint: Path, objects: dict[str, Any], model, optimizer, scheduler) -> None:
+    """The optimizer state and schedule of a checkpoint, into the prepared model's optimizer (after ``prepare``;
+    the weights were loaded into the model before it, with ``load_trainable_state``)."""
+    if par.optimizer_in_shards:
+        par.load_shards(checkpoint, model, optimizer)
+    else:
+        optimizer.load_state_dict(objects["optimizer"])
+    scheduler.load_state_dict(objects["scheduler"])
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -69,7 +69,7 @@ import torch
 from rich.panel import Panel
 
 from rlcli import rundir
-from rlcli.checkpoint import load_checkpoint, save_checkpoint
+from rlcli.checkpoint import load_checkpoint
 from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError, UserError
 from rlcli.config.loader import locate
@@ -93,18 +93,18 @@ from rlcli.padding import left_pad
 from rlcli.rewards.sources import build_reward, check_reward
 from rlcli.rl import Rollout, SamplingRules
 from rlcli.seeds import index_stream, rollout_generator
+from rlcli.parallel import Parallel, as_parallel
 from rlcli.trainers.common import (
     finish,
     clear_output_dir,
-    broadcast_module,
     describe_model,
     load_trainable_state,
-    make_accelerator,
     make_optimizer,
     prepare_output_dir,
+    restore_optimizer,
     save_final_model,
+    save_training_checkpoint,
     start_trackers,
-    trainable_state,
     write_recipe,
 )
 from rlcli.trainers.ppo_learner import ForbiddenTokenError, NonFiniteLossError, PPOLearner
@@ -284,7 +284,7 @@ class RolloutSetup:
     policy: ValueHeadModel  # unwrapped
     reward: object
     rules: SamplingRules
-    accelerator: object
+    par: Parallel
     env: object = None
 
 
@@ -305,10 +305,10 @@ class Episodes:
 
 def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
     """Steps 4-6 of a PPO step on this process: its prompts, their rollouts and their scores."""
-    recipe, tokenizer, acc = setup.recipe, setup.tokenizer, setup.accelerator
+    recipe, tokenizer, par = setup.recipe, setup.tokenizer, setup.par
     p, gen = recipe.ppo, recipe.generation
     prompts_per_step = p.batch_size // p.group_size
-    rank, local_prompts = acc.process_index, prompts_per_step // acc.num_processes
+    rank, local_prompts = par.process_index, prompts_per_step // par.num_processes
     t0 = time.perf_counter()
     # step 4: this process takes its contiguous share of the step's prompts, each repeated group_size times
     # (consecutive rows: the layout the critic-free baselines expect)
@@ -319,11 +319,12 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
 
     # step 5: rollout (plain sampling, or episodes through the text environment). Under the recipe's mixed
     # precision like the training forward: the sampler calls the unwrapped LM, which Accelerate's autocast wrapper
-    # does not cover. Its log-probs are only compared with the rollout forward's (the loss uses those).
+    # does not cover. Its log-probs are only compared with the rollout forward's (the loss uses those). With the
+    # weights gathered (FSDP2 / ZeRO-3): processes make different numbers of forward calls while sampling.
     histories, answers = None, None
     if setup.env is not None:
         prompts = [r[setup.column] for r in step_rows]
-        with acc.autocast():
+        with par.autocast(), par.gathered(setup.policy):
             rollout, histories = env_rollout(setup.env, prompts, step_rows, g)
         answers = [h.answer or "" for h in histories]
     else:
@@ -332,8 +333,8 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
                                     max_length=recipe.data.max_prompt_length, length=n)
                       for r, n in zip(step_rows, lengths)]
         q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-        with acc.autocast():
-            rollout = generate(setup.policy, tokenizer, q_ids, q_mask, gen, setup.rules, g, acc.device)
+        with par.autocast(), par.gathered(setup.policy):
+            rollout = generate(setup.policy, tokenizer, q_ids, q_mask, gen, setup.rules, g, par.device)
         prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
     t_gen = time.perf_counter() - t0
 
@@ -358,7 +359,12 @@ def build_policy(recipe: PPORecipe, tokenizer, task: str) -> tuple[ValueHeadMode
     disable_dropout(lm)
     ref = None
     if recipe.lora is None:
-        ref_lm = load_model(recipe.ref_model, task, tokenizer) if recipe.ref_model else copy.deepcopy(lm)
+        if recipe.ref_model is not None:
+            ref_lm = load_model(recipe.ref_model, task, tokenizer)
+        elif hasattr(next(lm.parameters()), "ds_id"):  # partitioned by ZeRO-3 as it loaded: load a second copy
+            ref_lm = load_model(recipe.model, task, tokenizer)
+        else:
+            ref_lm = copy.deepcopy(lm)
         disable_dropout(ref_lm)
         ref_lm.eval().requires_grad_(False)
         ref = ValueHeadModel(ref_lm, None)
@@ -369,24 +375,28 @@ def build_policy(recipe: PPORecipe, tokenizer, task: str) -> tuple[ValueHeadMode
     return ValueHeadModel(lm, head), ref
 
 
-def build_learner(recipe: PPORecipe, accelerator, tokenizer, task: str, optimizer_steps: int):
+def build_learner(recipe: PPORecipe, par: Parallel, tokenizer, task: str, optimizer_steps: int,
+                  weights: dict | None = None):
     """Policy (unwrapped), reference, reward source and the ``PPOLearner`` around the prepared policy, built the
-    way ``train`` runs them (``bench/ppo_step.py`` uses this too); ``optimizer_steps`` sizes the LR schedule."""
-    policy, ref = build_policy(recipe, tokenizer, task)
-    if ref is not None:
-        ref.to(accelerator.device)
+    way ``train`` runs them (``bench/ppo_step.py`` uses this too); ``optimizer_steps`` sizes the LR schedule;
+    ``weights``: a checkpoint's, loaded before the policy is prepared (sharded). ``par`` may be an Accelerator."""
+    par = as_parallel(par, recipe.optim.max_grad_norm)
+    with par.building(from_scratch=recipe.model.architecture is not None):
+        policy, ref = build_policy(recipe, tokenizer, task)
+    if weights is not None:
+        load_trainable_state(policy, weights)
     # reward.adapter: loaded onto the policy's own base (one copy of the weights), before the optimizer and the
     # Accelerate wrapping see the model; frozen, so neither trains it
-    reward = build_reward(recipe.reward, device=accelerator.device, policy=policy, tokenizer=tokenizer)
-    optimizer, scheduler = make_optimizer(policy.parameters(), recipe.optim, optimizer_steps)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    if ref is not None and accelerator.num_processes > 1:
-        # DDP gave every process rank 0's policy weights; the reference was copied (or built from scratch) before
-        # that, from each process's own random init. Give it rank 0's weights too, or KL > 0 at step 1.
-        broadcast_module(ref)
+    reward = build_reward(recipe.reward, device=par.device, policy=policy, tokenizer=tokenizer)
+    # the reference gets rank 0's weights like the policy (a copy of a from-scratch policy was made from each
+    # process's own init, or KL > 0 at step 1), and is sharded like it under FSDP2 / ZeRO-3
+    if ref is not None:
+        ref = par.prepare_frozen(ref)
+    model, optimizer, scheduler = par.prepare(policy, lambda params: make_optimizer(params, recipe.optim,
+                                                                                    optimizer_steps))
     learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl,
                          rules=behaviour_rules(recipe.generation, tokenizer), optimizer=optimizer,
-                         scheduler=scheduler, accelerator=accelerator, max_grad_norm=recipe.optim.max_grad_norm,
+                         scheduler=scheduler, accelerator=par, max_grad_norm=recipe.optim.max_grad_norm,
                          seed=recipe.seed, constant_length=generation_budget(recipe))
     return policy, ref, reward, learner
 
@@ -396,65 +406,68 @@ def generation_budget(recipe: PPORecipe) -> int:
     return recipe.env.max_length if recipe.env is not None else recipe.generation.max_new_tokens
 
 
-def rollout_setup(recipe: PPORecipe, accelerator, tokenizer, rows, column, policy: ValueHeadModel, reward,
+def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, policy: ValueHeadModel, reward,
                   rules: SamplingRules) -> RolloutSetup:
     """The ``RolloutSetup`` of a run, with its text environment when the recipe has one."""
+    par = as_parallel(par)
     env = None
     if recipe.env is not None:
         from rlcli.env.build import build_environment
 
         lm = policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
         env = build_environment(recipe.env, lm, tokenizer, rules=rules)
-    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, accelerator, env)
+    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env)
 
 
 def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
-    # step 1: checks, output dir, accelerator
+    # step 1: checks, output dir, the parallel engine
     preflight(recipe)
     resume_from = prepare_output_dir(recipe, resume)
-    accelerator = make_accelerator(recipe, recipe.train.mixed_precision, tf32=recipe.train.tf32)
+    p = recipe.ppo
+    par = Parallel(recipe, mixed_precision=recipe.train.mixed_precision, tf32=recipe.train.tf32,
+                   micro_steps=p.mini_batch_size // (p.micro_batch_size * world_size()),
+                   micro_batch_size=p.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
+    accelerator = par.accelerator
     out = Path(recipe.output_dir)
-    if resume_from is None and accelerator.is_main_process:
+    if resume_from is None and par.is_main_process:
         clear_output_dir(out)
-    accelerator.wait_for_everyone()
-    procs = accelerator.num_processes
+    par.wait_for_everyone()
+    procs = par.num_processes
 
     # step 2: tokenizer and prompts
     task = policy_task(recipe)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")
     rows, column = load_prompt_rows(recipe.data)
 
-    # step 3: models, reward, optimiser, learner
-    p = recipe.ppo
-    policy, _, reward, learner = build_learner(recipe, accelerator, tokenizer, task,
-                                               optimizer_steps=p.steps * p.epochs * (p.batch_size // p.mini_batch_size))
+    # step 3: models, reward, optimiser, learner (a checkpoint's weights go in before the policy is sharded)
+    start_step, objects, state = 0, {}, {}
+    if resume_from is not None:
+        state, objects = load_checkpoint(resume_from, process_index=par.process_index)
+        start_step = state["step"]
+    policy, _, reward, learner = build_learner(recipe, par, tokenizer, task,
+                                               optimizer_steps=p.steps * p.epochs * (p.batch_size // p.mini_batch_size),
+                                               weights=objects.get("model"))
     model, optimizer, scheduler = learner.model, learner.optimizer, learner.scheduler
     full_state = recipe.lora is None or recipe.model.architecture is not None
-    start_step = 0
     if resume_from is not None:
-        state, objects = load_checkpoint(resume_from, process_index=accelerator.process_index)
-        load_trainable_state(accelerator.unwrap_model(model), objects["model"])
-        optimizer.load_state_dict(objects["optimizer"])
-        scheduler.load_state_dict(objects["scheduler"])
+        restore_optimizer(par, resume_from, objects, model, optimizer, scheduler)
         learner.load_state_dict(state["learner"])
-        start_step = state["step"]
     write_recipe(recipe, accelerator)
     start_trackers(accelerator, recipe)
-    log = MetricsLog(out, is_main=accelerator.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
+    log = MetricsLog(out, is_main=par.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
                      resume_step=start_step if resume_from else None)
     samples_path = out / SAMPLES_FILE
-    unwrapped = accelerator.unwrap_model(model)
-    setup = rollout_setup(recipe, accelerator, tokenizer, rows, column, unwrapped, reward, learner.rules)
-    if accelerator.is_main_process:
+    setup = rollout_setup(recipe, par, tokenizer, rows, column, par.unwrap(model), reward, learner.rules)
+    if par.is_main_process:
         # claimed in the run's manifest; empty for a fresh run, cut back to the checkpoint's step on --resume
         open_jsonl(samples_path, resume_step=start_step if resume_from else None)
         console.print(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts, "
-                      f"{p.steps} steps × {p.batch_size} episodes" + (f", {procs} processes" if procs > 1 else "")
+                      f"{p.steps} steps × {p.batch_size} episodes" + (f", {par.describe()}" if procs > 1 else "")
                       + (f", resuming at step {start_step}" if start_step else ""))
         console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}",
                       style="dim")
 
-    with TrainingProgress("ppo", p.steps, enabled=accelerator.is_main_process and recipe.logging.progress,
+    with TrainingProgress("ppo", p.steps, enabled=par.is_main_process and recipe.logging.progress,
                           start=start_step, shown=("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")) as progress:
         for step in range(start_step + 1, p.steps + 1):
             t0 = time.perf_counter()
@@ -476,28 +489,25 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
                           "time_score": ep.seconds_score, "time_step": seconds, "tokens_per_s": gen_tokens / seconds})
             if ep.histories is not None:
                 stats.update(env_metrics(ep.histories, setup.env, learner))
-            if stats.pop("kl_warning") and accelerator.is_main_process:
+            if stats.pop("kl_warning") and par.is_main_process:
                 diff = stats.get("sampler_logprob_diff")
                 console.print(Panel(KL_WARNING.format(kl=stats["kl"], diff="n/a" if diff is None else f"{diff:.2g}"),
                                     title=f"PPO step {step}: negative KL", border_style="yellow"))
             if step % recipe.logging.log_every == 0 or step == p.steps:
                 log.log(step, stats)
-            if accelerator.is_main_process and (step % recipe.train.sample_every == 0 or step == 1 or step == p.steps):
+            if par.is_main_process and (step % recipe.train.sample_every == 0 or step == 1 or step == p.steps):
                 write_samples(samples_path, step, ep, recipe.train.samples_per_log)
             progress.update(step, stats)
             if recipe.train.save_every and step % recipe.train.save_every == 0 and step < p.steps:
-                save_checkpoint(
-                    out, step, accelerator=accelerator, keep=recipe.train.keep_checkpoints,
-                    state={"learner": learner.state_dict()},
-                    objects={"model": trainable_state(unwrapped, full_state), "optimizer": optimizer, "scheduler": scheduler},
-                )
+                save_training_checkpoint(par, out, step, model, optimizer, scheduler, full=full_state,
+                                         keep=recipe.train.keep_checkpoints, state={"learner": learner.state_dict()})
             if not math.isfinite(stats["reward_mean"]):
                 raise UserError(f"PPO step {step}: non-finite mean reward")
 
     # step 9: final policy and value head
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_policy(unwrapped, tokenizer, out, built_from_scratch=recipe.model.architecture is not None,
+    plain = par.materialise(model)  # every process: gathers a sharded model's weights
+    if par.is_main_process:
+        save_policy(plain, tokenizer, out, built_from_scratch=recipe.model.architecture is not None,
                     merge=bool(recipe.lora and recipe.lora.merge_on_save))
         console.print(f"[green]done[/]: reward {stats['reward_mean']:.4g}, kl {stats['kl']:.4g}; policy saved to {out}")
     finish(accelerator)

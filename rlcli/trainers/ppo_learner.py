@@ -1,7 +1,7 @@
 """One PPO step on finished episodes: the Python API below ``rlcli ppo`` (and the text environment).
 
     learner = PPOLearner(model, ref_model=None, algo=recipe.ppo, kl=recipe.kl, rules=SamplingRules(temperature=1.0),
-                         optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
+                         optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)  # or a rlcli Parallel
     stats = learner.step(rollout, scores)                      # a Rollout of token ids + one score per episode
     stats = learner.step_from_ids(queries, responses, scores, response_masks=None)   # lists of 1-D id tensors
 
@@ -29,12 +29,12 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 
 import torch
 
 from rlcli.config.ppo import apply_estimator_defaults
 from rlcli.padding import left_pad, pad, right_pad
+from rlcli.parallel import as_parallel
 from rlcli.rl import (
     AdaptiveKLController,
     aggregate_loss,
@@ -90,25 +90,26 @@ class PPOLearner:
         if rules.temperature <= 0:
             raise ValueError("PPO needs a sampling temperature > 0 (greedy decoding has no log-probs to learn from)")
         apply_estimator_defaults(algo, kl)
-        self.model = model  # possibly wrapped by Accelerate (DDP)
+        # everything parallel goes through rlcli.parallel (an Accelerator from elsewhere: single process or DDP)
+        self.par = as_parallel(accelerator, max_grad_norm)
+        self.model = model  # prepared by self.par: DDP-wrapped, FSDP2-sharded or a DeepSpeed engine
         self.ref_model = ref_model  # a ValueHeadModel without value head, or None for LoRA
         self.algo = algo
         self.kl_cfg = kl
         self.rules = rules
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.accelerator = accelerator
         self.max_grad_norm = max_grad_norm
         self.seed = seed
         self.kl_ctl = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef))
         self.kl_watch = KLWatch()
         self.score_moments = RunningMoments()
         self.steps_done = 0
-        self.procs = accelerator.num_processes
+        self.procs = self.par.num_processes
         # the fixed length of loss_aggregation "constant" (Dr. GRPO: the generation budget)
         self.constant_length = constant_length
         self.critic_free = algo.advantage != "gae"
-        if self.critic_free and self.accelerator.unwrap_model(model).value_head is not None:
+        if self.critic_free and self.par.unwrap(model).value_head is not None:
             raise ValueError(f"ppo.advantage={algo.advantage} trains no critic: build the policy without a value head")
 
     # --- state ------------------------------------------------------------------------------------------------
@@ -127,13 +128,13 @@ class PPOLearner:
     # --- reductions over processes ----------------------------------------------------------------------------
 
     def sum_over_processes(self, *values: torch.Tensor | float) -> list[float]:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.par.device)
         if self.procs > 1:
-            t = self.accelerator.reduce(t, "sum")
+            t = self.par.reduce(t, "sum")
         return t.tolist()
 
     def _sum_tensor_over_processes(self, t: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(t.to(self.accelerator.device), "sum").to(t.device)
+        return self.par.reduce(t.to(self.par.device), "sum").to(t.device)
 
     def _whiten(self, x: torch.Tensor, mask: torch.Tensor, restore_mean: bool = False) -> torch.Tensor:
         reduce = self._sum_tensor_over_processes if self.procs > 1 else None
@@ -144,7 +145,7 @@ class PPOLearner:
     @torch.no_grad()
     def rollout_forward(self, rollout: Rollout) -> RolloutForward:
         """Old log-probs, values, reference log-probs, KL and entropy of a rollout, micro-batch by micro-batch."""
-        policy = self.accelerator.unwrap_model(self.model)
+        policy = self.par.unwrap(self.model)
         policy.eval()
         b, r = rollout.response_ids.shape
         names = ("pi_logprobs", "values", "ref_logprobs", "kl", "entropy", "forbidden_mass")
@@ -152,9 +153,9 @@ class PPOLearner:
         for start in range(0, b, self.algo.micro_batch_size):
             rows = slice(start, start + self.algo.micro_batch_size)
             mb, width = _trim(rollout.index(rows))
-            mb = mb.to(self.accelerator.device)
+            mb = mb.to(self.par.device)
             args = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
-            with self.accelerator.autocast():
+            with self.par.autocast():
                 logits, values = policy(*args)
                 if self.ref_model is None:
                     with policy.reference():
@@ -207,7 +208,7 @@ class PPOLearner:
         # step 2: score normalisation / scaling / clipping
         raw_scores = scores
         if self.algo.score_norm == "running":
-            gathered = self.accelerator.gather(scores.to(self.accelerator.device)).cpu() if self.procs > 1 else scores
+            gathered = self.par.gather(scores.to(self.par.device)).cpu() if self.procs > 1 else scores
             self.score_moments.update(gathered)
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
         scores = scores * self.algo.score_scale
@@ -290,15 +291,12 @@ class PPOLearner:
                                                       b_advantages, b_returns)
                 if mb_stats is None:
                     # never step on a batch whose loss was dropped (ppo-details item 15)
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.par.drop_gradients(self.model, self.optimizer)
                     skipped += 1
                     continue
-                if self.max_grad_norm is not None:
-                    mb_stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                                                   self.max_grad_norm))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = self.par.clip_and_step(self.model, self.optimizer, self.scheduler)
+                if grad_norm is not None:
+                    mb_stats["grad_norm"] = grad_norm
                 for key, value in mb_stats.items():
                     sums[key] += value
                     counts[key] += 1
@@ -329,7 +327,7 @@ class PPOLearner:
         micro-batch or process a token is in: each micro-batch adds its share (``aggregate_loss`` with the
         minibatch's totals), × processes because DDP averages gradients over processes.
         """
-        a, dev = self.algo, self.accelerator.device
+        a, dev = self.algo, self.par.device
         local_tokens = float(b_tokens[mb_inds].sum())
         global_tokens, global_rows = self.sum_over_processes(local_tokens, len(mb_inds))
         totals = dict(total_tokens=global_tokens, total_sequences=global_rows, constant_length=self.constant_length)
@@ -340,8 +338,7 @@ class PPOLearner:
             mb, width = _trim(b.index(rows))
             mb = mb.to(dev)
             mb_mask = mb.model_mask.float()
-            sync = nullcontext() if i == len(micro_batches) - 1 else self.accelerator.no_sync(self.model)
-            with sync:
+            with self.par.micro_batch(self.model, last=i == len(micro_batches) - 1):
                 logits, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
                 mb_logprobs = self.rules.logprobs(logits, mb.response_ids, mb.turn_positions)
                 pg_terms, pg = clipped_policy_terms(mb_logprobs, b_logprobs[rows, :width].to(dev),
@@ -363,10 +360,10 @@ class PPOLearner:
                 loss = loss * self.procs
                 ok = torch.isfinite(loss.detach()).float()
                 if self.procs > 1:
-                    ok = self.accelerator.reduce(ok, "min")  # every process skips together
+                    ok = self.par.reduce(ok, "min")  # every process skips together
                 if ok.item() < 1:
                     return None
-                self.accelerator.backward(loss)
+                self.par.backward(self.model, loss)
             # losses are this micro-batch's shares already (they add up); the ratio-type statistics are per micro-batch
             # means, weighted by its share of this process's tokens
             share = float(b_tokens[rows].sum()) / max(local_tokens, 1.0)

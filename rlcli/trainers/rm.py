@@ -19,7 +19,6 @@ Steps of ``train`` (the same skeleton as ``trainers/sft.py``):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlcli.checkpoint import load_checkpoint, save_checkpoint
+from rlcli.checkpoint import load_checkpoint
+from rlcli.parallel import Parallel
 from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError
 from rlcli.config.loader import locate
@@ -45,13 +45,13 @@ from rlcli.trainers.common import (
     describe_model,
     non_finite_loss,
     load_trainable_state,
-    make_accelerator,
+    restore_optimizer,
+    save_training_checkpoint,
     make_optimizer,
     prepare_output_dir,
     print_notes,
     save_final_model,
     start_trackers,
-    trainable_state,
     write_recipe,
 )
 
@@ -92,42 +92,39 @@ def pair_rewards(model, pairs: list[PairExample], pad_id: int, device) -> tuple[
     return rewards[: len(pairs)], rewards[len(pairs) :], batch.margin
 
 
-def evaluate(model, data: PairSet, accelerator, batch_size: int, pad_id: int) -> dict[str, float]:
+def evaluate(model, data: PairSet, par, batch_size: int, pad_id: int) -> dict[str, float]:
     """Bradley–Terry loss (margin included, centre penalty not), pairwise accuracy and mean r_c - r_r.
 
-    Each process scores its shard with the unwrapped model: a DDP forward is a collective (it broadcasts
-    buffers), and shards of unequal size would leave one process waiting for the other.
-    """
-    model = accelerator.unwrap_model(model)
+    Pairs are split across processes with the same number of forward passes on each (``Parallel.my_batches``):
+    the forwards of a DDP or sharded model are collective."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin, pairs
-    mine = data.pairs[accelerator.process_index :: accelerator.num_processes]
+    totals = torch.zeros(4, dtype=torch.float64, device=par.device)  # loss, correct, margin, pairs
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            chosen, rejected, margin = pair_rewards(model, mine[i : i + batch_size], pad_id, accelerator.device)
-            totals += torch.stack([pairwise_loss(chosen, rejected, margin).sum().double(),
-                                   (chosen > rejected).sum().double(), (chosen - rejected).sum().double(),
-                                   torch.tensor(len(chosen), dtype=torch.float64, device=chosen.device)])
-    totals = accelerator.reduce(totals, "sum")
+        for chunk, real in par.my_batches(data.pairs, batch_size):
+            chosen, rejected, margin = pair_rewards(model, chunk, pad_id, par.device)
+            if real:
+                totals += torch.stack([pairwise_loss(chosen, rejected, margin).sum().double(),
+                                       (chosen > rejected).sum().double(), (chosen - rejected).sum().double(),
+                                       torch.tensor(len(chosen), dtype=torch.float64, device=chosen.device)])
+    totals = par.reduce(totals, "sum")
     model.train()
     n = totals[3].clamp(min=1)
     return {"eval_loss": (totals[0] / n).item(), "eval_accuracy": (totals[1] / n).item(),
             "eval_margin": (totals[2] / n).item()}
 
 
-def reward_statistics(model, data: PairSet, accelerator, batch_size: int, pad_id: int) -> tuple[float, float, int]:
+def reward_statistics(model, data: PairSet, par, batch_size: int, pad_id: int) -> tuple[float, float, int]:
     """Mean, std and count of the scores of every training text (chosen and rejected), for normalising in PPO."""
-    model = accelerator.unwrap_model(model)  # see evaluate
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # sum, sum of squares, count
-    mine = data.pairs[accelerator.process_index :: accelerator.num_processes]
+    totals = torch.zeros(3, dtype=torch.float64, device=par.device)  # sum, sum of squares, count
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            chosen, rejected, _ = pair_rewards(model, mine[i : i + batch_size], pad_id, accelerator.device)
+        for chunk, real in par.my_batches(data.pairs, batch_size):
+            chosen, rejected, _ = pair_rewards(model, chunk, pad_id, par.device)
             scores = torch.cat([chosen, rejected]).double()
-            totals += torch.stack([scores.sum(), (scores**2).sum(),
-                                   torch.tensor(scores.numel(), dtype=torch.float64, device=scores.device)])
-    totals = accelerator.reduce(totals, "sum")
+            if real:
+                totals += torch.stack([scores.sum(), (scores**2).sum(),
+                                       torch.tensor(scores.numel(), dtype=torch.float64, device=scores.device)])
+    totals = par.reduce(totals, "sum")
     model.train()
     count = int(totals[2].item())
     mean = totals[0].item() / count
@@ -136,15 +133,18 @@ def reward_statistics(model, data: PairSet, accelerator, batch_size: int, pad_id
 
 
 def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
-    # step 1: checks, output dir, accelerator
+    # step 1: checks, output dir, the parallel engine
     preflight(recipe)
     resume_from = prepare_output_dir(recipe, resume)
     tcfg = recipe.train
-    accelerator = make_accelerator(recipe, tcfg.mixed_precision, tf32=tcfg.tf32)
+    par = Parallel(recipe, mixed_precision=tcfg.mixed_precision, tf32=tcfg.tf32,
+                   micro_steps=tcfg.batch_size // (tcfg.micro_batch_size * world_size()),
+                   micro_batch_size=tcfg.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
+    accelerator = par.accelerator
     out = Path(recipe.output_dir)
-    if resume_from is None and accelerator.is_main_process:
+    if resume_from is None and par.is_main_process:
         clear_output_dir(out)
-    accelerator.wait_for_everyone()
+    par.wait_for_everyone()
 
     # step 2: data
     tokenizer = load_tokenizer(recipe.model, padding_side="right")
@@ -159,39 +159,39 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
                       f"({tcfg.batch_size}); batches repeat pairs across epochs")
 
     # step 3: model, optimiser, schedule, resume
-    model = load_model(recipe.model, "classifier", tokenizer)
+    with par.building(from_scratch=recipe.model.architecture is not None):
+        model = load_model(recipe.model, "classifier", tokenizer)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora, "classifier", gradient_checkpointing=recipe.model.gradient_checkpointing)
     full_state = recipe.lora is None or recipe.model.architecture is not None
     steps_per_epoch = len(train_set.pairs) / tcfg.batch_size
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    optimizer, scheduler = make_optimizer(model.parameters(), recipe.optim, total_steps)
-    start_step = 0
+    start_step, objects = 0, {}
     if resume_from is not None:
-        state, objects = load_checkpoint(resume_from, process_index=accelerator.process_index)
+        state, objects = load_checkpoint(resume_from, process_index=par.process_index)
         load_trainable_state(model, objects["model"])
-        optimizer.load_state_dict(objects["optimizer"])
-        scheduler.load_state_dict(objects["scheduler"])
         start_step = state["step"]
     model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = par.prepare(model, lambda params: make_optimizer(params, recipe.optim, total_steps))
+    if resume_from is not None:
+        restore_optimizer(par, resume_from, objects, model, optimizer, scheduler)
     write_recipe(recipe, accelerator)
     start_trackers(accelerator, recipe)
-    log = MetricsLog(out, is_main=accelerator.is_main_process,
+    log = MetricsLog(out, is_main=par.is_main_process,
                      tracker=accelerator if recipe.logging.report_to else None,
                      resume_step=start_step if resume_from else None)
-    if accelerator.is_main_process:
-        proc_note = f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
-        console.print(f"[bold]rlcli rm[/] {describe_model(model)}, {len(train_set.pairs)} train pairs"
+    if par.is_main_process:
+        proc_note = f", {par.describe()}" if par.num_processes > 1 else ""
+        console.print(f"[bold]rlcli rm[/] {describe_model(par.unwrap(model))}, {len(train_set.pairs)} train pairs"
                       + (f", {len(eval_set.pairs)} eval" if eval_set else "") + f", {total_steps} steps" + proc_note
                       + (f", resuming at step {start_step}" if start_step else ""))
 
     # step 4: the loop
-    procs, rank = accelerator.num_processes, accelerator.process_index
+    procs, rank = par.num_processes, par.process_index
     per_proc = tcfg.batch_size // procs
     pad_id = tokenizer.pad_token_id
     metrics: dict = {}
-    with TrainingProgress("rm", total_steps, enabled=accelerator.is_main_process and recipe.logging.progress,
+    with TrainingProgress("rm", total_steps, enabled=par.is_main_process and recipe.logging.progress,
                           start=start_step, shown=("loss", "accuracy", "eval_accuracy")) as progress:
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
@@ -199,54 +199,44 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
             batch = [train_set.pairs[i] for i in indices]
             mine = batch[rank * per_proc : (rank + 1) * per_proc]
             micro_batches = [mine[i : i + tcfg.micro_batch_size] for i in range(0, per_proc, tcfg.micro_batch_size)]
-            loss_sum = torch.zeros((), device=accelerator.device)
-            correct = torch.zeros((), device=accelerator.device)
+            loss_sum = torch.zeros((), device=par.device)
+            correct = torch.zeros((), device=par.device)
             for i, micro in enumerate(micro_batches):
-                sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
-                with sync:
-                    chosen, rejected, margin = pair_rewards(model, micro, pad_id, accelerator.device)
-                    # sum over pairs / pairs in the global batch; DDP averages gradients over processes, so scale
-                    # by the process count to get the global mean back.
+                with par.micro_batch(model, last=i == len(micro_batches) - 1):
+                    chosen, rejected, margin = pair_rewards(model, micro, pad_id, par.device)
+                    # sum over pairs / pairs in the global batch; every engine averages gradients over processes,
+                    # so scale by the process count to get the global mean back.
                     loss = pairwise_loss(chosen, rejected, margin, tcfg.center_penalty).sum() / tcfg.batch_size
-                    accelerator.backward(loss * procs)
+                    par.backward(model, loss * procs)
                 loss_sum += loss.detach()
                 correct += (chosen.detach() > rejected.detach()).sum()
-            grad_norm = None
-            if recipe.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = par.clip_and_step(model, optimizer, scheduler)
 
             # step 5: log, evaluate, checkpoint
-            step_loss = accelerator.reduce(loss_sum, "sum").item()
-            accuracy = accelerator.reduce(correct, "sum").item() / tcfg.batch_size
+            step_loss = par.reduce(loss_sum, "sum").item()
+            accuracy = par.reduce(correct, "sum").item() / tcfg.batch_size
             seconds = time.perf_counter() - t0
             if not math.isfinite(step_loss):
                 raise non_finite_loss(step, step_loss, out)
             metrics = {"loss": step_loss, "accuracy": accuracy, "lr": lr,
                        "epoch": step * tcfg.batch_size / len(train_set.pairs), "pairs_per_s": tcfg.batch_size / seconds}
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = grad_norm
             if eval_set is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == total_steps):
-                metrics.update(evaluate(model, eval_set, accelerator, tcfg.eval_batch_size, pad_id))
+                metrics.update(evaluate(model, eval_set, par, tcfg.eval_batch_size, pad_id))
             if step % recipe.logging.log_every == 0 or step == total_steps or "eval_loss" in metrics:
                 log.log(step, metrics)
             progress.update(step, metrics)
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                save_checkpoint(
-                    out, step, accelerator=accelerator, keep=tcfg.keep_checkpoints, state={},
-                    objects={"model": trainable_state(accelerator.unwrap_model(model), full_state),
-                             "optimizer": optimizer, "scheduler": scheduler},
-                )
+                save_training_checkpoint(par, out, step, model, optimizer, scheduler, full=full_state,
+                                         keep=tcfg.keep_checkpoints, state={})
 
     # step 6: final model and reward statistics
-    mean, std, count = reward_statistics(model, train_set, accelerator, tcfg.eval_batch_size, pad_id)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(model), tokenizer, out,
-                         built_from_scratch=recipe.model.architecture is not None,
+    mean, std, count = reward_statistics(model, train_set, par, tcfg.eval_batch_size, pad_id)
+    plain = par.materialise(model)  # every process: gathers a sharded model's weights
+    if par.is_main_process:
+        save_final_model(plain, tokenizer, out, built_from_scratch=recipe.model.architecture is not None,
                          merge=bool(recipe.lora and recipe.lora.merge_on_save))
         save_reward_stats(out, mean, std, count, recipe.data.max_length)
         summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "accuracy", "eval_loss", "eval_accuracy")

@@ -18,14 +18,14 @@ Steps of ``train``:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from rlcli.checkpoint import load_checkpoint, save_checkpoint
+from rlcli.checkpoint import load_checkpoint
+from rlcli.parallel import Parallel
 from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError
 from rlcli.config.loader import locate
@@ -42,13 +42,13 @@ from rlcli.trainers.common import (
     describe_model,
     non_finite_loss,
     load_trainable_state,
-    make_accelerator,
+    restore_optimizer,
+    save_training_checkpoint,
     make_optimizer,
     prepare_output_dir,
     print_notes,
     save_final_model,
     start_trackers,
-    trainable_state,
     write_recipe,
 )
 
@@ -74,37 +74,40 @@ def _target_tokens(example: dict) -> int:
     return sum(1 for t in example["labels"][1:] if t != IGNORE)
 
 
-def evaluate(model, data: TokenizedSet, accelerator, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Mean per-token loss over the eval set (sharded across processes, summed back)."""
+def evaluate(model, data: TokenizedSet, par, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean per-token loss over the eval set (split across processes, summed back; ``Parallel.my_batches`` gives
+    every process the same number of forward passes, as a sharded model needs)."""
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    total_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    mine = data.examples[accelerator.process_index :: accelerator.num_processes]
+    total_loss = torch.zeros((), dtype=torch.float64, device=par.device)
+    total_tokens = torch.zeros((), dtype=torch.float64, device=par.device)
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            chunk = mine[i : i + batch_size]
+        for chunk, real in par.my_batches(data.examples, batch_size):
             n = sum(_target_tokens(ex) for ex in chunk)
-            batch = {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id).items()}
+            batch = {k: v.to(par.device) for k, v in collate(chunk, pad_id).items()}
             out = model(**batch, num_items_in_batch=max(n, 1))
-            total_loss += out.loss.double() * n
-            total_tokens += n
-    total_loss = accelerator.reduce(total_loss, "sum")
-    total_tokens = accelerator.reduce(total_tokens, "sum")
+            if real:
+                total_loss += out.loss.double() * n
+                total_tokens += n
+    total_loss = par.reduce(total_loss, "sum")
+    total_tokens = par.reduce(total_tokens, "sum")
     model.train()
     loss = (total_loss / total_tokens.clamp(min=1)).item()
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
 
 
 def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
-    # step 1: checks, output dir, accelerator
+    # step 1: checks, output dir, the parallel engine
     preflight(recipe)
     resume_from = prepare_output_dir(recipe, resume)
     tcfg = recipe.train
-    accelerator = make_accelerator(recipe, tcfg.mixed_precision, tf32=tcfg.tf32)
+    par = Parallel(recipe, mixed_precision=tcfg.mixed_precision, tf32=tcfg.tf32,
+                   micro_steps=tcfg.batch_size // (tcfg.micro_batch_size * world_size()),
+                   micro_batch_size=tcfg.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
+    accelerator = par.accelerator
     out = Path(recipe.output_dir)
-    if resume_from is None and accelerator.is_main_process:
+    if resume_from is None and par.is_main_process:
         clear_output_dir(out)
-    accelerator.wait_for_everyone()
+    par.wait_for_everyone()
 
     # step 2: data
     tokenizer = load_tokenizer(recipe.model, padding_side="right")
@@ -118,39 +121,38 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
 
     # step 3: model, optimiser, schedule, resume
     task = model_task(recipe.model)  # causal (preflight refuses the others)
-    model = load_model(recipe.model, task, tokenizer)
+    with par.building(from_scratch=recipe.model.architecture is not None):
+        model = load_model(recipe.model, task, tokenizer)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora, task, gradient_checkpointing=recipe.model.gradient_checkpointing)
     full_state = recipe.lora is None or recipe.model.architecture is not None
     steps_per_epoch = len(train_set.examples) / tcfg.batch_size
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    optimizer, scheduler = make_optimizer(model.parameters(), recipe.optim, total_steps)
-    start_step = 0
+    start_step, objects = 0, {}
     if resume_from is not None:
-        state, objects = load_checkpoint(resume_from, process_index=accelerator.process_index)
+        state, objects = load_checkpoint(resume_from, process_index=par.process_index)
         load_trainable_state(model, objects["model"])
-        optimizer.load_state_dict(objects["optimizer"])
-        scheduler.load_state_dict(objects["scheduler"])
         start_step = state["step"]
     model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = par.prepare(model, lambda params: make_optimizer(params, recipe.optim, total_steps))
+    if resume_from is not None:
+        restore_optimizer(par, resume_from, objects, model, optimizer, scheduler)
     write_recipe(recipe, accelerator)
     start_trackers(accelerator, recipe)
-    log = MetricsLog(out, is_main=accelerator.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
+    log = MetricsLog(out, is_main=par.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
                      resume_step=start_step if resume_from else None)
-    if accelerator.is_main_process:
-        console.print(f"[bold]rlcli sft[/] {describe_model(model)}, {len(train_set.examples)} train examples"
-                      + (f", {len(eval_set.examples)} eval" if eval_set else "")
-                      + f", {total_steps} steps"
-                      + (f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
+    if par.is_main_process:
+        console.print(f"[bold]rlcli sft[/] {describe_model(par.unwrap(model))}, {len(train_set.examples)} train "
+                      "examples" + (f", {len(eval_set.examples)} eval" if eval_set else "") + f", {total_steps} steps"
+                      + (f", {par.describe()}" if par.num_processes > 1 else "")
                       + (f", resuming at step {start_step}" if start_step else ""))
 
     # step 4: the loop
-    procs, rank = accelerator.num_processes, accelerator.process_index
+    procs, rank = par.num_processes, par.process_index
     per_proc = tcfg.batch_size // procs
     pad_id = tokenizer.pad_token_id
     metrics: dict = {}
-    with TrainingProgress("sft", total_steps, enabled=accelerator.is_main_process and recipe.logging.progress,
+    with TrainingProgress("sft", total_steps, enabled=par.is_main_process and recipe.logging.progress,
                           start=start_step, shown=("loss", "eval_loss", "lr")) as progress:
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
@@ -159,53 +161,43 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
             global_tokens = sum(_target_tokens(ex) for ex in batch)
             mine = batch[rank * per_proc : (rank + 1) * per_proc]
             micro_batches = [mine[i : i + tcfg.micro_batch_size] for i in range(0, per_proc, tcfg.micro_batch_size)]
-            loss_sum = torch.zeros((), device=accelerator.device)
+            loss_sum = torch.zeros((), device=par.device)
             seen_tokens = 0
             for i, micro in enumerate(micro_batches):
-                inputs = {k: v.to(accelerator.device) for k, v in collate(micro, pad_id).items()}
+                inputs = {k: v.to(par.device) for k, v in collate(micro, pad_id).items()}
                 seen_tokens += int(inputs["attention_mask"].sum())
-                sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
-                with sync:
-                    # loss = sum of token losses / target tokens of the global batch; DDP averages gradients
-                    # over processes, so scale by the process count to get the global sum back.
+                with par.micro_batch(model, last=i == len(micro_batches) - 1):
+                    # loss = sum of token losses / target tokens of the global batch; every engine averages
+                    # gradients over processes, so scale by the process count to get the global sum back.
                     loss = model(**inputs, num_items_in_batch=global_tokens).loss
-                    accelerator.backward(loss * procs)
+                    par.backward(model, loss * procs)
                 loss_sum += loss.detach()
-            grad_norm = None
-            if recipe.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = par.clip_and_step(model, optimizer, scheduler)
 
             # step 5: log, evaluate, checkpoint
-            step_loss = accelerator.reduce(loss_sum, "sum").item()
-            tokens = accelerator.reduce(torch.tensor(seen_tokens, device=accelerator.device), "sum").item()
+            step_loss = par.reduce(loss_sum, "sum").item()
+            tokens = par.reduce(torch.tensor(seen_tokens, device=par.device), "sum").item()
             seconds = time.perf_counter() - t0
             if not math.isfinite(step_loss):
                 raise non_finite_loss(step, step_loss, out)
             metrics = {"loss": step_loss, "lr": lr, "epoch": step * tcfg.batch_size / len(train_set.examples),
                        "tokens_per_s": tokens / seconds}
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = grad_norm
             if eval_set is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == total_steps):
-                metrics.update(evaluate(model, eval_set, accelerator, tcfg.eval_batch_size, pad_id))
+                metrics.update(evaluate(model, eval_set, par, tcfg.eval_batch_size, pad_id))
             if step % recipe.logging.log_every == 0 or step == total_steps or "eval_loss" in metrics:
                 log.log(step, metrics)
             progress.update(step, metrics)
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                save_checkpoint(
-                    out, step, accelerator=accelerator, keep=tcfg.keep_checkpoints, state={},
-                    objects={"model": trainable_state(accelerator.unwrap_model(model), full_state),
-                             "optimizer": optimizer, "scheduler": scheduler},
-                )
+                save_training_checkpoint(par, out, step, model, optimizer, scheduler, full=full_state,
+                                         keep=tcfg.keep_checkpoints, state={})
 
     # step 6: final model
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(model), tokenizer, out,
-                         built_from_scratch=recipe.model.architecture is not None,
+    plain = par.materialise(model)  # every process: gathers a sharded model's weights
+    if par.is_main_process:
+        save_final_model(plain, tokenizer, out, built_from_scratch=recipe.model.architecture is not None,
                          merge=bool(recipe.lora and recipe.lora.merge_on_save))
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "eval_loss"))
         console.print(f"[green]done[/]: {summary}; model saved to {out}")
