@@ -26,7 +26,7 @@ from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout
 from rlcli.rewards.adapter import REWARD_ADAPTER, AdapterRewardModel, unique_parameter_bytes
 from rlcli.rewards.reward_model import RewardModelScorer, save_reward_stats
 from rlcli.trainers.common import save_final_model
-from tests.conftest import plain, run_cli, write_yaml
+from tests.conftest import REPO, plain, write_yaml
 
 CONFIGS = {
     "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
@@ -207,18 +207,34 @@ def test_build_learner_holds_one_copy_of_the_base(tmp_path):
             small = sum(p.numel() * p.element_size() for n, p in policy.named_parameters()
                         if "lora_" in n or "value_head" in n) + unique_parameter_bytes(scorer.head)
             extra = held[mode] - small
+            reward_lora = sum(p.numel() * p.element_size() for p in scorer.reward_parameters)
             optimised = {id(p) for g in learner.optimizer.param_groups for p in g["params"]}
             assert not optimised & {id(p) for p in scorer.reward_parameters}
             # the scores PPO gets: the same as the reward model on its own
             want = RewardModelScorer.from_pretrained(str(rm_dir))(["ab", "cde"])
             assert torch.allclose(source(["a", "c"], ["b", "de"], [{}, {}]), want, atol=1e-5)
     lm = AutoModelForCausalLM.from_pretrained(base_dir)
-    # adapter: exactly one base besides the adapters and heads; separate: the reward model's own trunk on top
+    # adapter: exactly one base besides the adapters and heads; separate: a second trunk (the reward model's own,
+    # its adapter merged in) instead of the reward adapter
     assert extra == unique_parameter_bytes(lm), (held, extra)
-    assert held["separate"] - held["adapter"] > 0.95 * unique_parameter_bytes(lm.base_model), held
+    assert held["separate"] == held["adapter"] - reward_lora + unique_parameter_bytes(lm.base_model), held
 
 
 # --- --dry-run: each broken setup named -----------------------------------------------------------------------------
+
+
+def cli(*args: str, monkeypatch) -> tuple[int, str, str]:
+    """``rlcli ARGS`` in this process -> (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from rlcli.cli import app
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("COLUMNS", "250")
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
 
 
 def _problems(recipe: PPORecipe) -> str:
@@ -264,21 +280,21 @@ def test_dry_run_refuses_what_cannot_share_a_base(tmp_path):
     assert "was trained with another tokenizer than the policy's" in text
 
 
-def test_dry_run_names_the_key_without_a_traceback(tmp_path):
+def test_dry_run_names_the_key_without_a_traceback(tmp_path, monkeypatch):
     rm_dir = make_base_and_rm(tmp_path, "gpt2")[1]
-    res = run_cli("ppo", "configs/tiny/ppo.yaml", f"output_dir={tmp_path / 'o'}", "reward.function=null",
-                  f"reward.adapter={rm_dir}", "--dry-run")
-    text = plain(res.stderr)
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    code, _, err = cli("ppo", "configs/tiny/ppo.yaml", f"output_dir={tmp_path / 'o'}", "reward.function=null",
+                       f"reward.adapter={rm_dir}", "--dry-run", monkeypatch=monkeypatch)
+    text = plain(err)
+    assert code == 2 and "Traceback" not in err, err
     assert "reward.adapter: needs a LoRA policy" in text
     assert "the policy is built from scratch (model.architecture)" in text
-    res = run_cli("ppo", "configs/tiny/ppo.yaml", "reward.model=runs/x", "--dry-run")
-    assert res.returncode == 2 and "give exactly one of 'function', 'model' or 'adapter'" in plain(res.stderr)
+    code, _, err = cli("ppo", "configs/tiny/ppo.yaml", "reward.model=runs/x", "--dry-run", monkeypatch=monkeypatch)
+    assert code == 2 and "give exactly one of 'function', 'model' or 'adapter'" in plain(err)
 
 
-def test_explain_documents_the_key():
-    res = run_cli("explain", "ppo.reward.adapter")
-    assert res.returncode == 0 and "one copy of the base" in plain(res.stdout)
+def test_explain_documents_the_key(monkeypatch):
+    code, out, _ = cli("explain", "ppo.reward.adapter", monkeypatch=monkeypatch)
+    assert code == 0 and "one copy of the base" in plain(out)
 
 
 def test_env_rollout_loads_an_adapter_as_a_model_of_its_own(saved):
