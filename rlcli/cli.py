@@ -65,7 +65,7 @@ def _without_traceback(exc: BaseException) -> BaseException:
     return exc
 
 
-def _checked(recipe, preflight: Callable, source: str, resume: bool) -> list[str]:
+def _checked(recipe, preflight: Callable, source: str, resume: bool, processes: int = 1) -> list[str]:
     """The command's own checks and the output dir's, their problems reported together in one error."""
     from rlcli.config.loader import locate
     from rlcli.trainers.common import check_output_dir, check_trackers
@@ -79,7 +79,7 @@ def _checked(recipe, preflight: Callable, source: str, resume: bool) -> list[str
         if ckpt is not None:
             check_resume_recipe(recipe, ckpt)
     try:
-        notes = preflight(recipe, source)
+        notes = preflight(recipe, source, processes)
     except RecipeError as exc:
         raise RecipeError(exc.problems + problems) from None
     if problems:
@@ -88,16 +88,22 @@ def _checked(recipe, preflight: Callable, source: str, resume: bool) -> list[str
 
 
 def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable, resume: bool):
-    from rlcli.launch import RESUME_HINT, relaunch_cpu_processes, release_distributed, requested_cpu_processes
+    from rlcli.launch import (
+        RESUME_HINT,
+        launch_processes,
+        relaunch_cpu_processes,
+        release_distributed,
+        requested_cpu_processes,
+    )
 
-    # `accelerate launch --cpu --num_processes N` started this one process: check the recipe here, once, as the N
-    # processes will see it (WORLD_SIZE), then start them (a bad recipe fails before any worker exists)
-    processes = requested_cpu_processes()
-    if processes:
-        os.environ["WORLD_SIZE"] = str(processes)
+    # the process count, read from the launch once: `accelerate launch --cpu --num_processes N` started this one
+    # process, so the recipe is checked here, once, for N processes, before they start (a bad recipe fails before
+    # any worker exists); under torchrun / accelerate's other launchers every process reads its WORLD_SIZE
+    cpu_processes = requested_cpu_processes()
+    processes = cpu_processes or launch_processes()
     try:
-        recipe = load_recipe(schema, config, overrides or [])
-        notes = _checked(recipe, preflight, str(config), resume)
+        recipe = load_recipe(schema, config, overrides or [], processes=processes)
+        notes = _checked(recipe, preflight, str(config), resume, processes)
         if dry_run:
             from rlcli.logging import console
 
@@ -107,8 +113,8 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
                     console.print(f"[cyan]•[/] {note}")
                 console.print(f"[green]dry run OK[/]: {config} is valid (no weights were loaded)")
             return
-        if processes:
-            relaunch_cpu_processes(sys.argv[1:], processes)  # runs the N processes, then exits with their status
+        if cpu_processes:
+            relaunch_cpu_processes(sys.argv[1:], cpu_processes)  # runs the N processes, then exits with their status
         train(recipe, resume=resume)
     except RecipeError as exc:
         failure = (_without_traceback(exc), 2)

@@ -22,6 +22,7 @@ The matrix (see README, "Launch presets"):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -103,15 +104,20 @@ def detect_launch(environ: Mapping[str, str] | None = None, config_file: str | N
     return LaunchSetup("ddp" if processes > 1 else "single", **common)
 
 
-def check_launch(command: str, recipe: Any = None, environ: Mapping[str, str] | None = None) -> list[str]:
+def check_launch(command: str, recipe: Any = None, environ: Mapping[str, str] | None = None,
+                 processes: int | None = None) -> list[str]:
     """Problems with running ``rlcli COMMAND`` under the current launch setup (empty list: supported).
 
     Call it from a trainer's preflight, before any weights load; each message names the command, the setup
-    (and the accelerate config file when it can be found) and what to use instead.
+    (and the accelerate config file when it can be found) and what to use instead. ``processes``: the run's
+    process count when the environment does not tell it yet (``launch_processes``).
     """
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
     setup = detect_launch(environ)
+    if processes is not None and processes != setup.processes:
+        setup = dataclasses.replace(setup, processes=processes,
+                                    kind="ddp" if setup.kind in ("single", "ddp") and processes > 1 else setup.kind)
     where = setup.describe()
     problems: list[str] = []
 
@@ -244,6 +250,13 @@ def requested_cpu_processes(environ: Mapping[str, str] | None = None) -> int | N
             except Exception:  # noqa: BLE001 - an unreadable config: Accelerate itself will have said so
                 n = None
     return n if n is not None and n > 1 else None
+
+
+def launch_processes() -> int:
+    """How many processes this run has: the N of ``accelerate launch --cpu --num_processes N`` (which starts one
+    process that rlcli turns into N), else the ``WORLD_SIZE`` torchrun / accelerate gave each process. The command
+    line reads it once and passes it to recipe validation."""
+    return requested_cpu_processes() or detect_launch().processes
 
 
 def relaunch_cpu_processes(argv: list[str], processes: int) -> NoReturn:

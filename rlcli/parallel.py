@@ -31,6 +31,7 @@ Nothing else in rlcli calls Accelerate's, FSDP's or DeepSpeed's parallelism API.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,13 +65,14 @@ class Parallel:
     Args:
         recipe: the run's recipe (output_dir, logging, seed).
         mixed_precision: ``no`` | ``bf16`` | ``fp16``.
-        micro_steps: micro-batches per optimizer step on one process (DeepSpeed's gradient accumulation steps).
-        micro_batch_size: rows per micro-batch (DeepSpeed's ``train_micro_batch_size_per_gpu``).
+        batch_size: rows per optimizer step over all processes (a minibatch in PPO).
+        micro_batch_size: rows per micro-batch (DeepSpeed's ``train_micro_batch_size_per_gpu``); micro-batches per
+            optimizer step on one process = batch_size / (micro_batch_size × processes).
         max_grad_norm: gradient clipping (None: off).
         tf32: TF32 matmuls on CUDA.
     """
 
-    def __init__(self, recipe, *, mixed_precision: str, micro_steps: int, micro_batch_size: int,
+    def __init__(self, recipe, *, mixed_precision: str, batch_size: int, micro_batch_size: int,
                  max_grad_norm: float | None, tf32: bool = True):
         from rlcli.launch import detect_launch
         from rlcli.trainers.common import set_tf32
@@ -87,23 +89,31 @@ class Parallel:
         log_with = list(recipe.logging.report_to) or None
         kwargs: dict[str, Any] = dict(mixed_precision=mixed_precision, log_with=log_with,
                                       project_dir=recipe.output_dir)
+        # RLCLI_DIST_TIMEOUT_S: how long a collective may wait before the run fails (the tests set it short, so
+        # that a hang fails in seconds); default: torch's (10-30 minutes)
+        timeout = os.environ.get("RLCLI_DIST_TIMEOUT_S")
+        group = {"timeout": datetime.timedelta(seconds=float(timeout))} if timeout else {}
         if self.engine == "deepspeed":
             from accelerate import DeepSpeedPlugin
 
             # not cpu=True: Accelerate then drops DeepSpeed; on a machine without CUDA, gloo carries the collectives
             if not cuda:
-                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+                group["backend"] = "gloo"
+            if group:
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin()  # the launcher's settings, from the environment
-            kwargs["gradient_accumulation_steps"] = micro_steps
             self.accelerator = Accelerator(**kwargs)
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            config["gradient_accumulation_steps"] = micro_steps
+            # rlcli marks the accumulation boundary itself; these keep DeepSpeed's own checks and logs consistent
+            config["gradient_accumulation_steps"] = batch_size // (micro_batch_size * self.accelerator.num_processes)
             config["train_micro_batch_size_per_gpu"] = micro_batch_size
             config["gradient_clipping"] = max_grad_norm or 0.0
             if self.zero_stage == 3:
                 config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
         else:
             # Accelerate's own FSDP plugin is left out (see the module docstring): rlcli shards with fully_shard
+            if group:
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
             with _without_env("ACCELERATE_USE_FSDP"):
                 # Without CUDA, cpu=True: a multi-process launch is then MULTI_CPU over gloo instead of N copies
                 self.accelerator = Accelerator(cpu=not cuda, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ValidationInfo, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -16,9 +16,28 @@ class Section(BaseModel):
                               use_attribute_docstrings=True)
 
 
-def world_size() -> int:
-    """Number of processes this run will have (set by ``accelerate launch`` / torchrun; 1 otherwise)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def processes_of(info: ValidationInfo | None) -> int:
+    """The process count a recipe is validated for: given by the caller (``load_recipe(..., processes=N)``, which
+    the command line reads from the launch once); 1 when validated on its own."""
+    context = getattr(info, "context", None) or {}
+    return int(context.get("processes", 1))
+
+
+def share_micro_batch(batch: int, micro: int | None, processes: int, batch_key: str,
+                      micro_key: str) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for ``batch`` rows per optimizer step over ``processes``: ``micro`` as
+    given, or when None the whole per-process share (one forward pass per process and step). Raises naming the key
+    to set."""
+    if batch % processes:
+        raise ValueError(f"{batch_key}={batch} must be a multiple of the process count {processes}: set {batch_key} "
+                         f"to a multiple of {processes}")
+    share = batch // processes
+    micro = share if micro is None else micro
+    if share % micro:
+        raise ValueError(f"{batch_key}={batch} must be a multiple of {micro_key} × processes = {micro} × {processes} = "
+                         f"{micro * processes}: set {micro_key} to a divisor of {share} (or leave it unset: the whole "
+                         f"per-process share, {share})")
+    return micro, share // micro
 
 
 class ModelConfig(Section):
@@ -159,18 +178,6 @@ class RecipeBase(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
-def check_batch_arithmetic(batch_size: int, micro_batch_size: int, where: str) -> int:
-    """Return gradient-accumulation steps; raise if the global batch does not split exactly."""
-    procs = world_size()
-    per_step = micro_batch_size * procs
-    if batch_size % per_step:
-        raise ValueError(
-            f"{where}batch_size={batch_size} must be a multiple of micro_batch_size × processes = "
-            f"{micro_batch_size} × {procs} = {per_step}"
-        )
-    return batch_size // per_step
-
-
 __all__ = [
     "Section",
     "ModelConfig",
@@ -180,8 +187,8 @@ __all__ = [
     "LoggingConfig",
     "RecipeBase",
     "MixedPrecision",
-    "world_size",
-    "check_batch_arithmetic",
+    "processes_of",
+    "share_micro_batch",
     "_no_means_no",
     "field_validator",
 ]

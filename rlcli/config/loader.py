@@ -243,10 +243,11 @@ def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
     return message
 
 
-def validate(schema: type[R], data: dict[str, Any], origin: Origin) -> R:
-    """Validate ``data`` against ``schema``; raise one ``RecipeError`` listing every problem."""
+def validate(schema: type[R], data: dict[str, Any], origin: Origin, processes: int = 1) -> R:
+    """Validate ``data`` against ``schema`` for a run on ``processes`` processes (batch arithmetic); raise one
+    ``RecipeError`` listing every problem."""
     try:
-        recipe = schema.model_validate(_fix_floats(data))
+        recipe = schema.model_validate(_fix_floats(data), context={"processes": processes})
     except ValidationError as exc:
         problems, seen = [], set()
         for error in exc.errors():
@@ -263,11 +264,13 @@ def validate(schema: type[R], data: dict[str, Any], origin: Origin) -> R:
     return recipe
 
 
-def load_recipe(schema: type[R], path: str | Path, overrides: list[str] | None = None) -> R:
-    """Read, override and validate a recipe. Every problem is reported together in one ``RecipeError``."""
+def load_recipe(schema: type[R], path: str | Path, overrides: list[str] | None = None, *, processes: int = 1) -> R:
+    """Read, override and validate a recipe for a run on ``processes`` processes (the command line reads the count
+    from the launch once and passes it; nothing here reads the environment). Every problem is reported together in
+    one ``RecipeError``."""
     data, lines = read_yaml(path)
     touched = apply_overrides(data, list(overrides or []))
-    return validate(schema, data, Origin(str(path), lines, frozenset(touched)))
+    return validate(schema, data, Origin(str(path), lines, frozenset(touched)), processes)
 
 
 def recipe_to_yaml(recipe: BaseModel) -> str:

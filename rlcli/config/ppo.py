@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ValidationInfo, Field, field_validator, model_validator
 
 from rlcli.config.env import EnvConfig
 from rlcli.config.reward import RewardConfig
@@ -17,7 +17,8 @@ from rlcli.config.common import (
     RecipeBase,
     Section,
     _no_means_no,
-    world_size,
+    processes_of,
+    share_micro_batch,
 )
 
 
@@ -134,8 +135,9 @@ class PPOAlgo(Section):
     """Episodes per PPO step, over all processes."""
     mini_batch_size: int = Field(16, gt=0)
     """Episodes per optimizer step, over all processes."""
-    micro_batch_size: int = Field(8, gt=0)
-    """Episodes per forward pass on one process (gradient accumulation fills a minibatch)."""
+    micro_batch_size: int | None = Field(None, gt=0)
+    """Episodes per forward pass on one process (gradient accumulation fills a minibatch). Default: the whole
+    per-process share of a minibatch, mini_batch_size / processes, in one pass; set it lower when memory is short."""
     epochs: int = Field(4, gt=0)
     """Passes over each batch; minibatches are reshuffled every epoch."""
     gamma: float = Field(1.0, ge=0, le=1)
@@ -205,14 +207,16 @@ class PPORecipe(RecipeBase):
     """Roll out through a text environment (tools); tool output gets no loss and no KL penalty."""
 
     @model_validator(mode="after")
-    def _sizes(self) -> "PPORecipe":
-        p, procs = self.ppo, world_size()
+    def _sizes(self, info: ValidationInfo) -> "PPORecipe":
+        p, procs = self.ppo, processes_of(info)
         problems = []
         if p.batch_size % p.mini_batch_size:
             problems.append(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.mini_batch_size={p.mini_batch_size}")
-        if p.mini_batch_size % (p.micro_batch_size * procs):
-            problems.append(f"ppo.mini_batch_size={p.mini_batch_size} must be a multiple of micro_batch_size × processes "
-                            f"= {p.micro_batch_size} × {procs} = {p.micro_batch_size * procs}")
+        try:
+            p.micro_batch_size, _ = share_micro_batch(p.mini_batch_size, p.micro_batch_size, procs,
+                                                      "ppo.mini_batch_size", "ppo.micro_batch_size")
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.generation.min_new_tokens > self.generation.max_new_tokens:
             problems.append(f"generation.min_new_tokens={self.generation.min_new_tokens} exceeds "
                             f"max_new_tokens={self.generation.max_new_tokens}")

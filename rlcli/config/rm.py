@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ValidationInfo, Field, field_validator, model_validator
 
 from rlcli.config.common import (
     DataSource,
@@ -15,7 +15,8 @@ from rlcli.config.common import (
     RecipeBase,
     Section,
     _no_means_no,
-    check_batch_arithmetic,
+    processes_of,
+    share_micro_batch,
 )
 
 
@@ -64,8 +65,9 @@ class RMTrain(Section):
     """Stop after this many optimizer steps."""
     batch_size: int = Field(32, gt=0)
     """Global batch: pairs per optimizer step, across all processes and accumulation steps."""
-    micro_batch_size: int = Field(8, gt=0)
-    """Pairs per forward pass on one process (2 × this many texts). Accumulation = batch_size / (micro × processes)."""
+    micro_batch_size: int | None = Field(None, gt=0)
+    """Pairs per forward pass on one process (accumulation steps = batch_size / (micro × processes)).
+    Default: the whole per-process share, batch_size / processes, in one pass; set it lower when memory is short."""
     center_penalty: float = Field(0.0, ge=0)
     """Coefficient c of ``c · mean((r_chosen + r_rejected)²)`` added to the loss: keeps rewards centred on 0
     (the Bradley–Terry loss only sees differences, so the reward's offset would otherwise drift). 0: off."""
@@ -87,8 +89,9 @@ class RMTrain(Section):
     _mp = field_validator("mixed_precision", mode="before")(_no_means_no)
 
     @model_validator(mode="after")
-    def _batches_divide(self) -> "RMTrain":
-        check_batch_arithmetic(self.batch_size, self.micro_batch_size, "")
+    def _batches_divide(self, info: ValidationInfo) -> "RMTrain":
+        self.micro_batch_size, _ = share_micro_batch(self.batch_size, self.micro_batch_size, processes_of(info),
+                                                     "train.batch_size", "train.micro_batch_size")
         return self
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ValidationInfo, Field, field_validator, model_validator
 
 from rlcli.config.common import (
     DataSource,
@@ -15,7 +15,8 @@ from rlcli.config.common import (
     RecipeBase,
     Section,
     _no_means_no,
-    check_batch_arithmetic,
+    processes_of,
+    share_micro_batch,
 )
 
 
@@ -54,8 +55,9 @@ class SFTTrain(Section):
     """Stop after this many optimizer steps."""
     batch_size: int = Field(32, gt=0)
     """Global batch: examples per optimizer step, across all processes and accumulation steps."""
-    micro_batch_size: int = Field(8, gt=0)
-    """Examples per forward pass on one process. Accumulation steps = batch_size / (micro × processes)."""
+    micro_batch_size: int | None = Field(None, gt=0)
+    """Examples per forward pass on one process (accumulation steps = batch_size / (micro × processes)).
+    Default: the whole per-process share, batch_size / processes, in one pass; set it lower when memory is short."""
     mixed_precision: MixedPrecision = "no"
     """``bf16`` / ``fp16`` autocast for forward passes (GPU; bf16 also on CPU), ``no`` for float32."""
     tf32: bool = True
@@ -74,8 +76,9 @@ class SFTTrain(Section):
     _mp = field_validator("mixed_precision", mode="before")(_no_means_no)
 
     @model_validator(mode="after")
-    def _batches_divide(self) -> "SFTTrain":
-        check_batch_arithmetic(self.batch_size, self.micro_batch_size, "")
+    def _batches_divide(self, info: ValidationInfo) -> "SFTTrain":
+        self.micro_batch_size, _ = share_micro_batch(self.batch_size, self.micro_batch_size, processes_of(info),
+                                                     "train.batch_size", "train.micro_batch_size")
         return self
 
 

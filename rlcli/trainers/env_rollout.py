@@ -43,7 +43,7 @@ SUMMARY_FILE = "summary.json"
 ACCEPTED_FILE = "accepted.jsonl"
 
 
-def preflight(recipe: EnvRolloutRecipe, source: str = "recipe") -> list[str]:
+def preflight(recipe: EnvRolloutRecipe, source: str = "recipe", processes: int | None = None) -> list[str]:
     problems = check_model_config(recipe.model, "causal") + check_env(recipe.env)
     from rlcli.config.common import DataSource
 
@@ -53,7 +53,7 @@ def preflight(recipe: EnvRolloutRecipe, source: str = "recipe") -> list[str]:
             check_reward_function(recipe.reward.function)
         except UserError as exc:
             problems.append(f"reward.function: {exc}")
-    problems += check_launch("env-rollout", recipe)
+    problems += check_launch("env-rollout", recipe, processes=processes)
     if recipe.accept_min_reward is not None and recipe.reward is None:
         problems.append("accept_min_reward: needs a reward section to score the episodes")
     if problems:

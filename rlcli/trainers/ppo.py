@@ -70,13 +70,12 @@ from rich.panel import Panel
 
 from rlcli import rundir
 from rlcli.checkpoint import load_checkpoint
-from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError, UserError
 from rlcli.config.loader import locate
 from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
 from rlcli.data.sources import check_data_source
-from rlcli.launch import check_launch
+from rlcli.launch import check_launch, launch_processes
 from rlcli.logging import MetricsLog, TrainingProgress, console, open_jsonl
 from rlcli.models.generation import sample
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task
@@ -160,7 +159,7 @@ def _end_of_turn_id(tokenizer) -> int | None:
         return None
 
 
-def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
+def preflight(recipe: PPORecipe, source: str = "recipe", processes: int | None = None) -> list[str]:
     """Everything checkable without weights; raises ``RecipeError`` listing all problems."""
     task = policy_task(recipe)
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
@@ -185,16 +184,17 @@ def preflight(recipe: PPORecipe, source: str = "recipe") -> list[str]:
                             "prompt from env.system_prompt, env.few_shot_prefix and the prompt text)")
         if not gen.stop_at_eos:
             problems.append("generation.stop_at_eos: false is not used with env (an episode always ends at EOS)")
-    problems += check_launch("ppo", recipe)
+    processes = processes or launch_processes()
+    problems += check_launch("ppo", recipe, processes=processes)
     if problems:
         raise RecipeError(locate(recipe, problems, source))
     p = recipe.ppo
     minis = p.batch_size // p.mini_batch_size
-    accum = p.mini_batch_size // (p.micro_batch_size * world_size())
+    accum = p.mini_batch_size // (p.micro_batch_size * processes)
     notes = [
         f"{task} policy; each PPO step: {p.batch_size} episodes, {p.epochs} epoch(s) × {minis} minibatch(es) of "
         f"{p.mini_batch_size} = {p.epochs * minis} optimizer steps; micro-batch {p.micro_batch_size} × "
-        f"{world_size()} process(es) × {accum} accumulation step(s)",
+        f"{processes} process(es) × {accum} accumulation step(s)",
         f"{p.steps} PPO steps = {p.steps * p.batch_size} episodes",
         f"advantages: {describe_estimator(recipe)}",
     ]
@@ -425,7 +425,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     resume_from = prepare_output_dir(recipe, resume)
     p = recipe.ppo
     par = Parallel(recipe, mixed_precision=recipe.train.mixed_precision, tf32=recipe.train.tf32,
-                   micro_steps=p.mini_batch_size // (p.micro_batch_size * world_size()),
+                   batch_size=p.mini_batch_size,
                    micro_batch_size=p.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
     accelerator = par.accelerator
     out = Path(recipe.output_dir)

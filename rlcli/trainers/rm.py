@@ -28,13 +28,12 @@ import torch.nn.functional as F
 
 from rlcli.checkpoint import load_checkpoint
 from rlcli.parallel import Parallel
-from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError
 from rlcli.config.loader import locate
 from rlcli.config.rm import RMRecipe
 from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collate_pairs, tokenize_pairs
 from rlcli.data.sources import check_data_source, train_eval_rows
-from rlcli.launch import check_launch
+from rlcli.launch import check_launch, launch_processes
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
 from rlcli.seeds import index_stream
@@ -72,16 +71,17 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
     return loss
 
 
-def preflight(recipe: RMRecipe, source: str = "recipe") -> list[str]:
+def preflight(recipe: RMRecipe, source: str = "recipe", processes: int | None = None) -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
     problems = check_model_config(recipe.model, "classifier") + check_data_source(recipe.data)
-    problems += check_launch("rm", recipe)
+    processes = processes or launch_processes()
+    problems += check_launch("rm", recipe, processes=processes)
     if problems:
         raise RecipeError(locate(recipe, problems, source))
-    accum = recipe.train.batch_size // (recipe.train.micro_batch_size * world_size())
+    accum = recipe.train.batch_size // (recipe.train.micro_batch_size * processes)
     return [
         f"global batch {recipe.train.batch_size} pairs = micro-batch {recipe.train.micro_batch_size} × "
-        f"{world_size()} process(es) × {accum} accumulation step(s)"
+        f"{processes} process(es) × {accum} accumulation step(s)"
     ]
 
 
@@ -138,7 +138,7 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
     resume_from = prepare_output_dir(recipe, resume)
     tcfg = recipe.train
     par = Parallel(recipe, mixed_precision=tcfg.mixed_precision, tf32=tcfg.tf32,
-                   micro_steps=tcfg.batch_size // (tcfg.micro_batch_size * world_size()),
+                   batch_size=tcfg.batch_size,
                    micro_batch_size=tcfg.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
     accelerator = par.accelerator
     out = Path(recipe.output_dir)

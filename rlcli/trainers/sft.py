@@ -26,13 +26,12 @@ import torch
 
 from rlcli.checkpoint import load_checkpoint
 from rlcli.parallel import Parallel
-from rlcli.config.common import world_size
 from rlcli.config.errors import RecipeError
 from rlcli.config.loader import locate
 from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
 from rlcli.data.sources import check_data_source, train_eval_rows
-from rlcli.launch import check_launch
+from rlcli.launch import check_launch, launch_processes
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task
 from rlcli.seeds import index_stream
@@ -53,20 +52,21 @@ from rlcli.trainers.common import (
 )
 
 
-def preflight(recipe: SFTRecipe, source: str = "recipe") -> list[str]:
+def preflight(recipe: SFTRecipe, source: str = "recipe", processes: int | None = None) -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
     task = model_task(recipe.model)
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
     if task != "causal":
         key = "model.architecture" if recipe.model.architecture is not None else "model.name_or_path"
         problems.append(f"{key}: rlcli sft trains decoder-only (causal) models; this is an encoder-decoder")
-    problems += check_launch("sft", recipe)
+    processes = processes or launch_processes()
+    problems += check_launch("sft", recipe, processes=processes)
     if problems:
         raise RecipeError(locate(recipe, problems, source))
-    accum = recipe.train.batch_size // (recipe.train.micro_batch_size * world_size())
+    accum = recipe.train.batch_size // (recipe.train.micro_batch_size * processes)
     return [
         f"global batch {recipe.train.batch_size} = micro-batch {recipe.train.micro_batch_size} × "
-        f"{world_size()} process(es) × {accum} accumulation step(s)"
+        f"{processes} process(es) × {accum} accumulation step(s)"
     ]
 
 
@@ -101,7 +101,7 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
     resume_from = prepare_output_dir(recipe, resume)
     tcfg = recipe.train
     par = Parallel(recipe, mixed_precision=tcfg.mixed_precision, tf32=tcfg.tf32,
-                   micro_steps=tcfg.batch_size // (tcfg.micro_batch_size * world_size()),
+                   batch_size=tcfg.batch_size,
                    micro_batch_size=tcfg.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
     accelerator = par.accelerator
     out = Path(recipe.output_dir)

@@ -63,10 +63,19 @@ def test_batch_arithmetic_quotes_values(tmp_path):
     assert "train" in msg and "batch_size=30" in msg and "micro_batch_size" in msg
 
 
-def test_batch_arithmetic_uses_world_size(tmp_path, monkeypatch):
+def test_batch_arithmetic_uses_the_process_count_it_is_given(tmp_path, monkeypatch):
+    """The count comes from the caller (the command line reads the launch once); the environment is not read."""
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(RecipeError, match="8 × 3 = 24"):
-        load_recipe(SFTRecipe, _write(tmp_path, BASE))
+    assert load_recipe(SFTRecipe, _write(tmp_path, BASE)).train.micro_batch_size == 8
+    with pytest.raises(RecipeError, match="16 × 4 = 64: set train.micro_batch_size to a divisor of 8"):
+        load_recipe(SFTRecipe, _write(tmp_path, BASE), ["train.micro_batch_size=16"], processes=4)
+    # unset, the micro-batch is each process's whole share
+    recipe = load_recipe(SFTRecipe, _write(tmp_path, BASE), ["train.micro_batch_size=null", "train.batch_size=32"],
+                         processes=4)
+    assert recipe.train.micro_batch_size == 8
+    with pytest.raises(RecipeError, match="multiple of the process count 3: set train.batch_size"):
+        load_recipe(SFTRecipe, _write(tmp_path, BASE), ["train.micro_batch_size=null", "train.batch_size=32"],
+                    processes=3)
 
 
 def test_yaml_syntax_error_has_line(tmp_path):
