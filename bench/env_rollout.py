@@ -18,7 +18,15 @@ Prompts are arithmetic questions ``Q: 347*29=?\\n``. Measured:
   ``TextEnvironment`` does not expose the switch, so the benchmark wraps the ``sample`` function the environment
   calls. Rows draw from their own random streams, so both runs should produce the same episodes; the fraction of
   identical episodes is reported;
-- the sampler alone on the first turn's prompts: ``sample(..., drop_finished=True)`` vs ``False``.
+- the sampler alone on the first turn's prompts: ``sample(..., drop_finished=True)`` vs ``False``;
+- KV-cache reuse across turns, in the same process: ``--kv-turns`` (3) turn episodes in which every turn is answered
+  by the calculator (a protocol that reads each turn, cut at ``--kv-new-tokens``, as a call), run with
+  ``kv_reuse=True`` (each row keeps its cache; a turn feeds only the new tokens) and ``False`` (every turn prefills
+  the whole episode), alternating, best of 2 each; ``--chat-prompts`` renders each question with the model's chat
+  template and the calculator's schema in a system message (a real chat model's prompt length). ``--kv-only`` runs
+  just this part.
+
+    python bench/env_rollout.py --kv-only --model ~/.cache/rlcli/gguf/SmolLM2-135M-Instruct.Q4_1-* --chat-prompts
 
 One BLAS thread unless ``--threads N`` or OMP_NUM_THREADS says otherwise.
 """
@@ -63,6 +71,12 @@ def parse_args(argv):
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile one extra batch and print the N functions with the most own time")
+    parser.add_argument("--kv-turns", type=int, default=3, help="turns per episode of the KV-reuse comparison (3)")
+    parser.add_argument("--kv-new-tokens", type=int, default=16, help="tokens per turn there (16)")
+    parser.add_argument("--kv-episodes", type=int, default=32, help="episodes there (32)")
+    parser.add_argument("--chat-prompts", action="store_true",
+                        help="KV comparison: questions rendered by the model's chat template with the tool's schema")
+    parser.add_argument("--kv-only", action="store_true", help="run only the KV-reuse comparison")
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.batch < 1:
         parser.error("--episodes and --batch must be >= 1")
@@ -211,6 +225,80 @@ def sampler_compare(model, tokenizer, prompts, batch, args, stop_strings, repeat
     return out
 
 
+class EveryTurnCalls:
+    """A protocol for the KV-reuse comparison: every turn (cut at its token budget) is a Calculator call, so every
+    episode runs its full number of turns with forced tool text between them."""
+
+    stop_strings: tuple[str, ...] = ()
+
+    def parse(self, model_text):
+        from rlcli.env.protocols import ToolCall
+
+        return ToolCall("Calculator", "12*7")
+
+    def format_response(self, output):
+        return f"\n[calculator: {output}]\n"
+
+    def system_prompt(self, tools):
+        return ""
+
+
+def kv_reuse_compare(model, tokenizer, questions: list[str], args) -> dict:
+    """Multi-turn episodes with and without KV-cache reuse across turns (same seeds): time, positions computed."""
+    from rlcli.env.builtin_tools import calculator
+    from rlcli.env.environment import TextEnvironment
+    from rlcli.rl.sampling import SamplingRules
+
+    prompts = questions[: args.kv_episodes]
+    if args.chat_prompts:
+        from rlcli.env.chat import ChatProtocol, ChatTemplate, hermes_calls, schemas_for
+
+        chat = ChatProtocol(ChatTemplate(tokenizer), hermes_calls, schemas_for({"calculator": calculator}))
+        prompts = [chat.start(q.strip())[2] for q in prompts]
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    max_length = longest + args.kv_turns * (args.kv_new_tokens + 16)
+    envs = {reuse: TextEnvironment(model, tokenizer, {"Calculator": calculator}, EveryTurnCalls(),
+                                   max_turns=args.kv_turns, max_new_tokens=args.kv_new_tokens, max_length=max_length,
+                                   rules=SamplingRules(temperature=args.temperature), tool_isolation="inline",
+                                   kv_reuse=reuse)
+            for reuse in (True, False)}
+
+    def run(reuse):
+        env, histories, stats = envs[reuse], [], []
+        t0 = time.perf_counter()
+        for i, start in enumerate(range(0, len(prompts), args.batch)):
+            histories += env.run(prompts[start:start + args.batch],
+                                 generator=torch.Generator().manual_seed(args.seed * 1000 + i))
+            stats.append(env.last_stats)
+        return time.perf_counter() - t0, histories, stats
+
+    run(True)  # warm-up (allocations, the first touch of mmapped weights)
+    best, out = {True: float("inf"), False: float("inf")}, {}
+    for _ in range(2):
+        for reuse in (True, False):
+            seconds, histories, stats = run(reuse)
+            if seconds < best[reuse]:
+                best[reuse] = seconds
+                out[reuse] = (histories, stats)
+    figures = {}
+    for reuse in (True, False):
+        histories, stats = out[reuse]
+        figures["reuse" if reuse else "prefill_every_turn"] = {
+            "seconds": best[reuse], "episodes": len(histories),
+            "turns_per_episode": sum(h.num_turns for h in histories) / len(histories),
+            "computed_positions": sum(s.computed_positions for s in stats),
+            "reused_positions": sum(s.reused_positions for s in stats),
+            "generated_tokens": sum(s.generated_tokens for s in stats),
+        }
+    a, b = out[True][0], out[False][0]
+    figures["identical_episodes_fraction"] = sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / len(a)
+    figures["speedup"] = best[False] / best[True]
+    figures["positions_ratio"] = (figures["prefill_every_turn"]["computed_positions"]
+                                  / figures["reuse"]["computed_positions"])
+    figures["prompt_tokens_longest"] = longest
+    return figures
+
+
 def tool_cost(batch: int, seed: int) -> dict:
     """``ToolRunner.run_many`` of one batch of calculator calls: forked (the environment's default) vs inline."""
     from rlcli.env.builtin_tools import calculator
@@ -252,6 +340,12 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"env rollout benchmark: {source} ({params:,} parameters); {args.episodes} episodes in batches of "
           f"{args.batch}; {torch.get_num_threads()} thread(s)")
+    kv = kv_reuse_compare(model, tokenizer, prompts_for(args.kv_episodes, args.seed)[0], args)
+    report_kv(kv, args)
+    if args.kv_only:
+        write_json(args.json, {"model": source, "parameters": params, "env": environment("cpu"),
+                               "threads": torch.get_num_threads(), "kv_reuse": kv})
+        return 0
 
     probe = SamplerProbe(env_module)
     stop_probe = StopStringProbe(gen_module)
@@ -283,11 +377,26 @@ def main(argv=None) -> int:
               "env_speedup_drop_vs_keep": keep["seconds"] / drop["seconds"],
               "env_sampler_speedup_drop_vs_keep": keep["sampler_seconds"] / drop["sampler_seconds"],
               "sampler_first_turn": sampler,
-              "tool_cost": tools, "memory": memory,
+              "tool_cost": tools, "memory": memory, "kv_reuse": kv,
               "examples": [h.text for h in histories[:3]]}
     report(result)
     write_json(args.json, result)
     return 0
+
+
+def report_kv(kv: dict, args) -> None:
+    r, p = kv["reuse"], kv["prefill_every_turn"]
+    print_table("KV-cache reuse across turns", [
+        ("episodes", f"{r['episodes']} × {r['turns_per_episode']:.2f} turns",
+         f"{args.kv_new_tokens} tokens a turn, forced tool text between turns; longest prompt "
+         f"{kv['prompt_tokens_longest']} tokens{' (chat template)' if args.chat_prompts else ''}"),
+        ("seconds: reuse / prefill every turn", f"{r['seconds']:.2f} / {p['seconds']:.2f}",
+         f"speedup {kv['speedup']:.2f}× (best of 2 each, alternating)"),
+        ("positions computed: reuse / prefill", f"{r['computed_positions']} / {p['computed_positions']}",
+         f"{kv['positions_ratio']:.2f}× fewer; {r['reused_positions']} context positions taken from kept caches"),
+        ("identical episodes", f"{100 * kv['identical_episodes_fraction']:.0f}%",
+         "same seeds; a difference is a float tie broken the other way"),
+    ])
 
 
 def report(r):

@@ -2,12 +2,15 @@
 
 - ``history``: ``TextHistory`` (prompt / model / tool segments, token masks, rich rendering, JSON round trip);
 - ``protocols``: how a tool call is written (``TagProtocol``: TRL tags, ``JsonProtocol``: ``<tool_call>`` JSON);
+- ``chat``: the chat protocol (``ChatProtocol``, ``ChatTemplate``): episodes as chat messages rendered token for
+  token by the model's own chat template; tool-call parsers (``hermes_calls``, ``llama3_json_calls``);
 - ``tools``: ``ToolRunner`` (time limits, outcomes as text, counts) and ``load_tool`` (recipe specs);
 - ``builtin_tools``: ``calculator``, ``python``, ``search``;
 - ``environment``: ``TextEnvironment`` (the batched multi-turn loop) and ``histories_to_rollout``.
 """
 
 from rlcli.env.builtin_tools import BUILTIN_TOOLS, calculator, make_python_tool, make_search_tool, python
+from rlcli.env.chat import ChatProtocol, ChatTemplate, ChatTemplateError, hermes_calls, llama3_json_calls
 from rlcli.env.environment import EnvStats, RowState, TextEnvironment, histories_to_rollout
 from rlcli.padding import left_pad
 from rlcli.env.history import Segment, Span, TextHistory, ToolCallRecord
@@ -16,6 +19,9 @@ from rlcli.env.tools import ToolOutcome, ToolResult, ToolRunner, load_tool
 
 __all__ = [
     "BUILTIN_TOOLS",
+    "ChatProtocol",
+    "ChatTemplate",
+    "ChatTemplateError",
     "EnvStats",
     "JsonProtocol",
     "Malformed",
@@ -33,8 +39,10 @@ __all__ = [
     "ToolResult",
     "ToolRunner",
     "calculator",
+    "hermes_calls",
     "histories_to_rollout",
     "left_pad",
+    "llama3_json_calls",
     "load_tool",
     "make_python_tool",
     "make_search_tool",

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from rlcli.env.chat import ChatProtocol, ChatTemplateError
+from rlcli.env.chat import ChatProtocol, ChatTemplateError, _difference
 from rlcli.env.history import TextHistory, ToolCallRecord
 from rlcli.env.protocols import Malformed, Submit, ToolCall, ToolCallProtocol
 from rlcli.env.tools import ToolRunner
@@ -302,7 +302,6 @@ class TextEnvironment:
             else:
                 episode.pending, episode.state = None, RowState.GENERATING
 
-
     # the chat protocol -------------------------------------------------------------------------------------------
 
     def _chat_turn(self, episode: _Row, new_ids: list[int], logprobs: list[float], stop_reason: str) -> None:
@@ -353,12 +352,10 @@ class TextEnvironment:
             last_turn = history.num_turns >= self.max_turns
             after = template.render(history.messages + new_messages, history.tools, add_generation_prompt=not last_turn)
             if not after.startswith(episode.rendered):
-                from rlcli.env.chat import _difference
-
                 raise ChatTemplateError(
-                    "the chat template renders an episode's earlier turns differently once its tool results follow, "
-                    "so the tokens the model saw are not the template's rendering of the conversation: "
-                    + _difference(episode.rendered, after, "the episode", "the template"))
+                    "env.protocol chat: the chat template renders an episode's earlier turns differently once its "
+                    "tool results follow, so the tokens the model saw would not be the template's rendering of the "
+                    "conversation: " + _difference(episode.rendered, after, "the episode", "the template"))
             text = after[len(episode.rendered):]
             ids = template.encode(text)
             if len(history.token_ids) + len(ids) > self.max_length:
@@ -379,11 +376,10 @@ class TextEnvironment:
         history = episode.history
         expected = chat_token_ids(self.chat.template, history)
         if history.token_ids != expected[: len(history.token_ids)]:
-            at = next(i for i, (a, b) in enumerate(zip(history.token_ids, expected)) if a != b)
-            raise ChatTemplateError(
-                f"an episode's tokens differ from the chat template's rendering of its messages at token {at}: the "
-                f"episode has {self.tokenizer.decode(history.token_ids[max(0, at - 8):at + 8])!r}, the template "
-                f"{self.tokenizer.decode(expected[max(0, at - 8):at + 8])!r}")
+            at = next((i for i, (a, b) in enumerate(zip(history.token_ids, expected)) if a != b), len(expected))
+            got, want = (self.tokenizer.decode(ids[max(0, at - 8):at + 8]) for ids in (history.token_ids, expected))
+            raise ChatTemplateError(f"env.protocol chat: an episode's tokens differ from the chat template's rendering "
+                                    f"of its messages at token {at}: the episode has {got!r}, the template {want!r}")
 
 
 def chat_token_ids(template, history: TextHistory) -> list[int]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.conftest import plain, read_metrics, run_cli
 from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
+
+# ruff: noqa: F811  (the tests take the imported fixture as an argument)
 
 def test_recipes_dry_run(smollm2_dir, tmp_path):
     """sft and ppo validate (env-rollout's recipe is validated by the run below); a missing package and an
