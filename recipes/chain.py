@@ -8,6 +8,8 @@ answer is helpful (``use sort() on the list.``), a less liked one is not (``goog
 ``answer``, holds one of the two at random: what a forum has, helpful or not, and what the twin's SFT stage learns
 from, so the SFT model writes both kinds and PPO has something to choose (the workstation SFT uses ``response_j``).
 
+``python recipes/chain.py demo [--out runs/tiny-chain]`` runs the three stages with the shipped recipes and prints the
+figures before and after PPO (about 2 minutes on 2 CPU cores).
 ``python recipes/chain.py evaluate RUN_DIR [--rm RM_DIR]`` samples the policy in RUN_DIR (an SFT model or a PPO
 policy adapter) on 256 questions and prints the fraction of helpful answers (a call such as ``sort()``), of answers
 that call the question's own verb, and, with RM_DIR, the answers' mean normalised reward-model score: the "before /
@@ -19,13 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "tiny" / "chain" / "stack.jsonl"
 
-VERBS = "sort reverse merge split parse copy rename delete count print".split()
-NOUNS = "list file string table array dict folder path number date".split()
+VERBS = ["sort", "reverse", "merge", "split", "parse", "copy", "rename", "delete", "count", "print"]
+NOUNS = ["list", "file", "string", "table", "array", "dict", "folder", "path", "number", "date"]
 HELPFUL = ("use {verb}() on the {noun}.", "try {noun}.{verb}() and read the docs.")
 UNHELPFUL = ("google it.", "why would you do that?", "this was asked before.", "you can not {verb} a {noun}.")
 
@@ -89,15 +93,40 @@ def evaluate(run_dir: str, rm_dir: str | None = None, n: int = 256, seed: int = 
     return result
 
 
+def rlcli(*args: str) -> None:
+    print("\n$ rlcli " + " ".join(args), flush=True)
+    if subprocess.run([sys.executable, "-m", "rlcli", *args], cwd=ROOT, check=False).returncode:
+        sys.exit(1)
+
+
+def demo(out: str) -> None:
+    """The three stages into OUT/{sft,rm,ppo}, then the policy before and after PPO."""
+    rlcli("sft", "configs/tiny/chain/sft.yaml", f"output_dir={out}/sft", "overwrite_output_dir=true")
+    rlcli("rm", "configs/tiny/chain/rm.yaml", f"output_dir={out}/rm", f"model.name_or_path={out}/sft",
+          "overwrite_output_dir=true")
+    rlcli("ppo", "configs/tiny/chain/ppo.yaml", f"output_dir={out}/ppo", f"model.name_or_path={out}/sft",
+          f"reward.adapter={out}/rm", "overwrite_output_dir=true")
+    before, after = evaluate(f"{ROOT / out}/sft", f"{ROOT / out}/rm"), evaluate(f"{ROOT / out}/ppo", f"{ROOT / out}/rm")
+    print("\n256 questions, sampled at temperature 1      after SFT   after PPO")
+    for key, name in (("helpful", "helpful answers"), ("on_topic", "... calling the question's verb"),
+                      ("rm_score", "reward-model score (normalised)")):
+        fmt = "{:>10.1%}" if key != "rm_score" else "{:>10.2f}"
+        print(f"{name:<44}" + fmt.format(before[key]) + "  " + fmt.format(after[key]))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     ev = sub.add_parser("evaluate", help="helpful-answer rate and reward-model score of a policy")
     ev.add_argument("run_dir")
     ev.add_argument("--rm", default=None, help="an rlcli rm output dir: also report its mean normalised score")
+    d = sub.add_parser("demo", help="the three stages, then the figures before / after PPO")
+    d.add_argument("--out", default="runs/tiny-chain")
     args = parser.parse_args()
     if args.command == "evaluate":
         print(json.dumps(evaluate(args.run_dir, args.rm)))
+    elif args.command == "demo":
+        demo(args.out)
     else:
         DATA.parent.mkdir(parents=True, exist_ok=True)
         DATA.write_text("".join(json.dumps(r) + "\n" for r in rows(1000, seed=7)))

@@ -18,7 +18,7 @@ The workstation recipe follows TRL's detoxification example: GPT-Neo continues p
   fraction of toxic continuations (those holding an insult from ``TOXIC``) and the classifier's mean ``nothate``
   logit and mean P(hate): the README's before / after figures.
 
-The whole twin (README "Detoxification"):
+The whole twin (README "Detoxification"), or ``python recipes/detox.py demo`` for all of it and the figures:
 
     python recipes/detox.py classifier
     rlcli sft configs/tiny/sft.yaml data.path=data/tiny/detox/sft.jsonl output_dir=runs/tiny-detox/sft
@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,6 +187,28 @@ def evaluate(run_dir: str, classifier: str | None, n: int = 256, seed: int = 123
     return result
 
 
+def rlcli(*args: str) -> None:
+    print("\n$ rlcli " + " ".join(args), flush=True)
+    if subprocess.run([sys.executable, "-m", "rlcli", *args], cwd=ROOT, check=False).returncode:
+        sys.exit(1)
+
+
+def demo(out: str) -> None:
+    """Classifier, SFT policy, PPO into OUT/{classifier,sft,ppo}, then the policy before and after PPO."""
+    print(json.dumps(train_classifier(ROOT / out / "classifier")))
+    rlcli("sft", "configs/tiny/sft.yaml", "data.path=data/tiny/detox/sft.jsonl", f"output_dir={out}/sft",
+          "overwrite_output_dir=true")
+    rlcli("ppo", "configs/tiny/detox.yaml", f"output_dir={out}/ppo", f"model.name_or_path={out}/sft",
+          f"reward.model={out}/classifier", "overwrite_output_dir=true")
+    classifier = str(ROOT / out / "classifier")
+    before, after = evaluate(str(ROOT / out / "sft"), classifier), evaluate(str(ROOT / out / "ppo"), classifier)
+    print("\n256 prompts, 16 tokens at temperature 1    after SFT   after PPO")
+    for key, name, fmt in (("toxic_fraction", "toxic continuations", "{:>10.1%}"),
+                           ("p_hate", "classifier's mean P(hate)", "{:>10.1%}"),
+                           ("nothate_logit", "classifier's mean nothate logit", "{:>10.2f}")):
+        print(f"{name:<42}" + fmt.format(before[key]) + "  " + fmt.format(after[key]))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,9 +219,13 @@ if __name__ == "__main__":
     e = sub.add_parser("evaluate", help="toxic fraction of a policy's continuations")
     e.add_argument("run_dir")
     e.add_argument("--classifier", default="runs/tiny-detox/classifier")
+    d = sub.add_parser("demo", help="classifier, SFT, PPO, then the figures before / after PPO")
+    d.add_argument("--out", default="runs/tiny-detox")
     args = parser.parse_args()
     if args.command == "data":
         write_data()
+    elif args.command == "demo":
+        demo(args.out)
     elif args.command == "classifier":
         print(json.dumps(train_classifier(Path(args.out), steps=args.steps)))
     else:

@@ -73,6 +73,13 @@ def check_reward_adapter(recipe) -> list[str]:
         problems.append(f"{key}: needs a LoRA policy (a `lora:` section): the reward adapter shares the policy's base "
                         "weights, which full fine-tuning would change under it (for a separate reward model use "
                         "reward.model)")
+    from rlcli.launch import detect_launch
+
+    launch = detect_launch()
+    if launch.kind == "fsdp" or (launch.kind == "deepspeed" and launch.zero_stage == 3):
+        problems.append(f"{key}: not supported under {launch.describe()} yet: the reward forward runs the policy's "
+                        "model outside the sharded engine, where its weights are shards (use DDP or DeepSpeed "
+                        "ZeRO-1/2, or reward.model)")
     if getattr(model, "architecture", None) is not None:
         problems.append(f"{key}: the policy is built from scratch (model.architecture), so it cannot share the base the "
                         f"reward adapter was trained on: set model.name_or_path to that base (see {path}/{ADAPTER_CONFIG}, "

@@ -196,7 +196,7 @@ class RewardModelScorer:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, label: str | int | None = None, normalize: bool = False,
                         batch_size: int = 32, device=None, max_length: int | None = None,
-                        revision: str | None = None) -> "RewardModelScorer":
+                        revision: str | None = None) -> RewardModelScorer:
         """Load an ``rlcli rm`` output dir (full model or LoRA adapter) or a hub sequence classifier."""
         model, tokenizer = _load(name_or_path, revision)
         stats = load_reward_stats(name_or_path, revision)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -126,6 +127,12 @@ def build_reward(cfg, device=None, *, policy=None, tokenizer=None) -> RewardSour
                                     batch_size=cfg.batch_size, device=device)
         if tokenizer is not None:
             scorer.check_tokenizer(tokenizer)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            from rlcli.logging import console
+
+            console.print(scorer.describe(), style="dim")
         return ModelReward(scorer, cfg.input)
     from rlcli.rewards.reward_model import RewardModelScorer
 
