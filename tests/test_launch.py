@@ -226,11 +226,11 @@ def test_cpu_launch_checks_the_recipe_once_for_all_processes(tmp_path):
     starts; a problem is reported once, with no worker tracebacks, and a dry run prints once."""
     base = ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "-m", "rlcli", "ppo", "configs/tiny/ppo.yaml", f"output_dir={tmp_path / 'out'}"]
-    res = accelerate_launch(*base, timeout=120)
+    res = accelerate_launch(*base, "ppo.micro_batch_size=32", timeout=120)
     err = plain(res.stderr)
     assert res.returncode != 0 and "micro_batch_size × processes = 32 × 2 = 64" in err
     assert err.count("recipe error") == 1 and "ChildFailedError" not in err and "torch.distributed" not in err
-    res = accelerate_launch(*base, "ppo.micro_batch_size=16", "--dry-run", timeout=120)
+    res = accelerate_launch(*base, "--dry-run", timeout=120)  # as shipped: the micro-batch is each process's share
     assert res.returncode == 0, res.stderr[-2000:]
     assert plain(res.stdout).count("dry run OK") == 1
     assert not (tmp_path / "out").exists()

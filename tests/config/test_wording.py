@@ -37,13 +37,13 @@ def test_unknown_key_without_a_likely_meaning_gets_no_guess():
 
 def test_problems_of_command_line_keys_blame_the_command_line(tmp_path):
     # the section's own check fails (batch arithmetic), because of a key set on the command line
-    problem = _problems("train.batch_size=33")["train"]
+    problem = _problems("train.batch_size=33", "train.micro_batch_size=16")["train"]
     assert problem.source == "command line" and "batch_size=33" in problem.message
     problem = _problems("model.name_or_path=gpt2")["model"]
     assert problem.source == "command line" and "exactly one of" in problem.message
     # ... and the same problem of the file's own keys still points at its line
     path = tmp_path / "r.yaml"
-    path.write_text(TINY.read_text().replace("batch_size: 32", "batch_size: 33"))
+    path.write_text(TINY.read_text().replace("batch_size: 32", "batch_size: 33\n  micro_batch_size: 16"))
     with pytest.raises(RecipeError) as err:
         load_recipe(SFTRecipe, path, [])
     (problem,) = err.value.problems
