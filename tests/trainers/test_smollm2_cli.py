@@ -47,7 +47,7 @@ def test_env_rollout_chat_protocol_on_smollm2(smollm2_dir, tmp_path):
     out = tmp_path / "eval"
     res = run_cli("env-rollout", "configs/smollm2/eval.yaml", f"output_dir={out}", f"data.path={data}",
                   "batch_size=3", "temperature=0", "env.tool_call_parser=tests/env/parsers.py:every_turn_calls",
-                  "env.max_new_tokens=24", "show=1")
+                  "env.max_new_tokens=24", "show=1", "accept_min_reward=0")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "tool_use_rate" in plain(res.stdout)
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -67,6 +67,30 @@ def test_env_rollout_chat_protocol_on_smollm2(smollm2_dir, tmp_path):
         assert h.token_ids == chat_token_ids(template, h)  # ids too, the model's tokens as sampled
         tool_turns = [s for s in h.segments if s.source == "tool"]
         assert tool_turns[0].text == "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+
+    # accepted.jsonl (every episode has reward >= 0) is SFT data as it is: its sampled ids (segments), or its
+    # messages through the template (the same text; the model's text re-tokenised), with the loss on the model's
+    # tokens
+    import datasets
+
+    from rlcli.config.sft import SFTData
+    from rlcli.data.sft import IGNORE, tokenize_rows
+    from rlcli.data.sources import load_rows
+
+    assert (out / "accepted.jsonl").read_text() == (out / "episodes.jsonl").read_text()
+    rows = load_rows(str(out / "accepted.jsonl"))
+    assert isinstance(rows, datasets.Dataset)
+    for fmt in ("messages", "segments"):
+        examples = tokenize_rows(rows, SFTData(path="a.jsonl", format=fmt, max_length=4096), tok, "a.jsonl").examples
+        for e, ex in zip(episodes, examples):
+            if fmt == "segments":
+                assert ex["input_ids"] == e["token_ids"]
+                assert [int(t != IGNORE) for t in ex["labels"]] == e["token_mask"]
+            else:
+                assert tok.decode(ex["input_ids"]) == e["text"]
+                learned = tok.decode([t for t in ex["labels"] if t != IGNORE])  # the prompt's example turn too
+                assert learned == "12 times 7 is 84.<|im_end|>" + "".join(
+                    s["text"] for s in e["segments"] if s["source"] == "model")
 
 
 def test_lora_sft_and_grpo_smoke(smollm2_dir, tmp_path):
