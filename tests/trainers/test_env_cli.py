@@ -79,7 +79,8 @@ def test_env_recipes_dry_run_and_bad_tools(sft_model, tmp_path):
     res = run_cli("ppo", "configs/calculator.yaml", "model.name_or_path=runs/not-trained-yet/sft", "--dry-run")
     assert res.returncode == 2 and "model.name_or_path" in plain(res.stderr)
     model = f"model.name_or_path={sft_model}"
-    for args in (("ppo", "configs/calculator.yaml", model), ("env-rollout", "configs/calculator_eval.yaml", model),
+    for args in (("ppo", "configs/calculator.yaml", model), ("ppo", "configs/calculator_rloo.yaml", model),
+                 ("env-rollout", "configs/calculator_eval.yaml", model),
                  ("sft", "configs/calculator_sft.yaml")):
         res = run_cli(*args, "--dry-run")
         assert res.returncode == 0, (args, res.stderr[-2000:])
