@@ -44,35 +44,36 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def tiny(seed: int, out: Path, extra: list[str]) -> dict:
-    run = out / f"tiny-seed{seed}"
-    seconds = rlcli("ppo", "configs/tiny/ppo.yaml", f"seed={seed}", f"output_dir={run}", "logging.progress=false",
-                    "overwrite_output_dir=true", *extra, log=out / f"tiny-seed{seed}.log")
+def tiny(seed: int, out: Path, extra: list[str], recipe: str = "configs/tiny/ppo.yaml", label: str = "tiny") -> dict:
+    run = out / f"{label}-seed{seed}"
+    seconds = rlcli("ppo", recipe, f"seed={seed}", f"output_dir={run}", "logging.progress=false",
+                    "overwrite_output_dir=true", *extra, log=out / f"{label}-seed{seed}.log")
     m = metrics(run)
     final = statistics.mean(r["reward_mean"] for r in m[-5:])
     return {"seed": seed, "seconds": seconds, "rewards": [r["reward_mean"] for r in m],
-            "kl": [r["kl"] for r in m], "final_reward": final, "min_kl": min(r["kl"] for r in m),
-            "kl_negative_steps": m[-1].get("kl_negative_steps", 0.0), "success": final >= 12 and
-            min(r["kl"] for r in m) >= -0.1}
+            "step_seconds": [r["time_step"] for r in m], "kl": [r["kl"] for r in m], "final_reward": final,
+            "min_kl": min(r["kl"] for r in m), "kl_negative_steps": m[-1].get("kl_negative_steps", 0.0),
+            "success": final >= 12 and min(r["kl"] for r in m) >= -0.1}
 
 
-def calculator(seed: int, out: Path, extra: list[str]) -> dict:
+def calculator(seed: int, out: Path, extra: list[str], recipe: str = "configs/calculator.yaml",
+               label: str = "calc-ppo") -> dict:
     sft = out / "calc-sft"
     if not (sft / "config.json").exists():
         rlcli("sft", "configs/calculator_sft.yaml", f"output_dir={sft}", "overwrite_output_dir=true",
               log=out / "calc-sft.log")
         rlcli("env-rollout", "configs/calculator_eval.yaml", f"model.name_or_path={sft}",
               f"output_dir={out / 'calc-eval-sft'}", "show=0", log=out / "calc-eval-sft.log")
-    run = out / f"calc-ppo-seed{seed}"
-    seconds = rlcli("ppo", "configs/calculator.yaml", f"model.name_or_path={sft}", f"seed={seed}",
-                    f"output_dir={run}", "logging.progress=false", "overwrite_output_dir=true", *extra,
-                    log=out / f"calc-ppo-seed{seed}.log")
-    evaluation = out / f"calc-eval-seed{seed}"
+    run = out / f"{label}-seed{seed}"
+    seconds = rlcli("ppo", recipe, f"model.name_or_path={sft}", f"seed={seed}", f"output_dir={run}",
+                    "logging.progress=false", "overwrite_output_dir=true", *extra, log=out / f"{label}-seed{seed}.log")
+    evaluation = out / f"{label}-eval-seed{seed}"
     rlcli("env-rollout", "configs/calculator_eval.yaml", f"model.name_or_path={run}", f"output_dir={evaluation}",
-          "show=0", log=out / f"calc-eval-seed{seed}.log")
+          "show=0", log=out / f"{label}-eval-seed{seed}.log")
     summary = json.loads((evaluation / "summary.json").read_text())
     m = metrics(run)
-    return {"seed": seed, "seconds": seconds, "rewards": [r["reward_mean"] for r in m], "kl": [r["kl"] for r in m],
+    return {"seed": seed, "seconds": seconds, "rewards": [r["reward_mean"] for r in m],
+            "step_seconds": [r["time_step"] for r in m], "kl": [r["kl"] for r in m],
             "final_reward": summary["reward_mean"], "tool_use_rate": summary["tool_use_rate"],
             "min_kl": min(r["kl"] for r in m), "kl_negative_steps": m[-1].get("kl_negative_steps", 0.0),
             "success": summary["reward_mean"] >= 0.9 and min(r["kl"] for r in m) >= -0.1}
