@@ -163,13 +163,15 @@ def test_reward_model_from_rlcli_rm_trains(tmp_path):
                   "logging.progress=false")
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "ppo"
+    # a random policy writes bytes the reward model scores all alike (std ~0.01): the signal appears only once
+    # digits do, so a higher learning rate and a light KL penalty (measured: seeds 0 and 1 go -1.73 -> 1.3-1.8)
     res = run_cli("ppo", TINY, f"output_dir={out}", "reward.function=null", f"reward.model={rm_dir}",
-                  "reward.normalize=true", "data.path=data/tiny/rm.jsonl", "ppo.steps=12", *FAST,
-                  "generation.max_new_tokens=12", "train.save_every=null")
+                  "reward.normalize=true", "data.path=data/tiny/rm.jsonl", "ppo.steps=24", *FAST,
+                  "generation.max_new_tokens=12", "optim.learning_rate=3e-3", "kl.coef=0.01", "train.save_every=null")
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(out)
-    assert len(m) == 12 and all(x["kl"] >= -0.1 for x in m)
-    assert _mean([x["reward_mean"] for x in m[-3:]]) > _mean([x["reward_mean"] for x in m[:3]])
+    assert len(m) == 24 and all(x["kl"] >= -0.1 for x in m)
+    assert _mean([x["reward_mean"] for x in m[-3:]]) > _mean([x["reward_mean"] for x in m[:3]]) + 1.0
 
 
 def test_min_new_tokens_equal_to_max_new_tokens_keeps_the_kl_honest(tmp_path):
