@@ -43,6 +43,22 @@ class PromptData(DataSource):
         return v
 
 
+class VLLMConfig(Section):
+    """vLLM, when ``generation.engine: vllm``: colocated in the training process, weights copied in once per PPO
+    step (LoRA merged for the copy)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Share of the GPU's memory vLLM may take (weights, KV cache); the rest is the trainer's."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Precision vLLM runs the policy in (auto: the checkpoint's)."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + response vLLM plans its KV cache for (null: the model's)."""
+    enforce_eager: bool = True
+    """No CUDA graphs: faster to start, and weights can be replaced without recapturing them."""
+    sleep_between_steps: bool = False
+    """Free vLLM's memory while the optimizer runs (``LLM.sleep``), wake it for the next rollouts."""
+
+
 class GenerationConfig(Section):
     """Sampling for rollouts: the behaviour policy. Every rule here is applied identically by the sampler and by the
     loss, the entropy and the KL, for the policy and the reference (docs/ppo-details.md, item 4)."""
@@ -64,6 +80,12 @@ class GenerationConfig(Section):
     stop_at_eos: bool = True
     """End a response at EOS (the EOS token is kept: the model learns to stop). False: EOS is never sampled, so
     every response runs to ``max_new_tokens`` (or a stop string); the loss uses the same EOS-less distribution."""
+    engine: Literal["local", "vllm"] = "local"
+    """What samples the rollouts: ``local`` (rlcli's own KV-cache sampler, the reference) or ``vllm`` (a serving
+    engine in the training process; ``pip install vllm``). Either way the loss recomputes the log-probs itself; the
+    difference to the engine's is logged (``sampler_logprob_diff``, ``sampler_kl``)."""
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    """Settings of the vLLM engine."""
 
 
 class KLConfig(Section):

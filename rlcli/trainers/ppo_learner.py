@@ -58,6 +58,11 @@ from rlcli.rl import (
 from rlcli.seeds import shuffle_generator
 
 
+# mean |log p| difference per model token between the sampler and the training forward above which the run warns:
+# about 1e-7 in float32 on the same weights, a few 1e-3 to 1e-2 under bf16; 0.1 means another distribution
+SAMPLER_DIFF_WARNING = 0.1
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -103,6 +108,7 @@ class PPOLearner:
         self.seed = seed
         self.kl_ctl = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef))
         self.kl_watch = KLWatch()
+        self.sampler_warned = False
         self.score_moments = RunningMoments()
         self.steps_done = 0
         self.procs = self.par.num_processes
@@ -380,17 +386,20 @@ class PPOLearner:
         model_tokens = mask.sum()
         values = fwd.values if fwd.values is not None else torch.zeros_like(mask)
         ev = explained_variance(values, returns, mask) if fwd.values is not None else torch.tensor(float("nan"))
-        drift = 0.0
+        drift, drift_kl = 0.0, 0.0
         if rollout.sampler_logprobs is not None:
-            drift = ((rollout.sampler_logprobs - fwd.pi_logprobs).abs() * mask).sum()
+            log_r = (fwd.pi_logprobs - rollout.sampler_logprobs) * mask  # log pi_trainer - log q_sampler
+            drift = log_r.abs().sum()
+            # k3 estimate of KL(q_sampler || pi_trainer) on tokens the sampler drew: never negative, 0 when they agree
+            drift_kl = ((torch.expm1(log_r) - log_r) * mask).sum()
         sums = self.sum_over_processes(
             n_rows, raw_scores.sum(), (raw_scores**2).sum(), scores.sum(), k1.sum(), model_tokens,
             (fwd.kl * mask).sum(), (fwd.entropy * mask).sum(), lengths.sum(), rollout.tool_mask.sum(),
             (values * mask).sum(), (returns * mask).sum(), (rewards * mask).sum(),
-            0.0 if math.isnan(float(ev)) else float(ev), (fwd.forbidden_mass * mask).sum(), drift,
+            0.0 if math.isnan(float(ev)) else float(ev), (fwd.forbidden_mass * mask).sum(), drift, drift_kl,
         )
         (n, s_sum, s_sq, sc_sum, k1_sum, tok, kl_pen, ent, len_sum, tool_tok, v_sum, ret_sum, rew_sum, ev_sum,
-         forbidden, drift_sum) = sums
+         forbidden, drift_sum, drift_kl_sum) = sums
         mean = s_sum / n
         stats = {
             "episodes": n,
@@ -418,6 +427,12 @@ class PPOLearner:
             # the sampler's log-probs against the training forward's, same weights: 0 up to float noise; large
             # means the sampler and the forward pass disagree (cache, positions, dtype, a model-specific path)
             stats["sampler_logprob_diff"] = drift_sum / max(tok, 1)
+            stats["sampler_kl"] = drift_kl_sum / max(tok, 1)
+            # a rollout engine whose numbers differ from the trainer's (another kernel, precision, a weight sync
+            # that did not happen): said once; the loss is not affected (it recomputes the log-probs)
+            large = stats["sampler_logprob_diff"] > SAMPLER_DIFF_WARNING
+            stats["sampler_warning"] = float(large and not self.sampler_warned)
+            self.sampler_warned = self.sampler_warned or large
         return stats
 
     # --- convenience: lists of id tensors ---------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""The rollout-engine contract, with a fake engine that holds its own copy of the model (as vLLM does): weights
+reach it under plain Hugging Face names, once per PPO step, LoRA merged for the copy and left unmerged in the
+policy; the trainer watches the engine's log-probs against its own."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlcli.models.engines import LocalEngine, plain_weights
+from rlcli.models.generation import sample
+from rlcli.padding import left_pad
+from tests.conftest import REPO, plain, read_metrics
+
+FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=16",
+        "ppo.mini_batch_size=16", "optim.learning_rate=3e-3", "logging.progress=false", "generation.max_new_tokens=12",
+        "train.save_every=null"]
+
+
+class FakeEngine:
+    """An engine with a model of its own, built from the policy's config and filled only by ``sync``."""
+
+    name = "fake"
+
+    def __init__(self, lm, *, stale: bool = False):
+        self.model = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config)).eval()
+        self.stale = stale  # a sync that never happens (ignores the weights after the first)
+        self.synced_names: list[list[str]] = []
+
+    def sync(self, policy) -> None:
+        weights = dict(plain_weights(policy))
+        self.synced_names.append(sorted(weights))
+        if self.stale and len(self.synced_names) > 1:
+            return
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        assert not unexpected, unexpected
+        assert all("attn.bias" in k or "masked_bias" in k for k in missing), missing  # buffers only
+
+    def generate(self, prompts, max_new_tokens, **kwargs):
+        ids, mask = left_pad(prompts, kwargs["pad_token_id"])
+        return sample(self.model, ids, mask, max_new_tokens, **kwargs)
+
+
+def _train(tmp_path, monkeypatch, *, stale=False, extra=()):
+    import rlcli.trainers.ppo as ppo
+    from rlcli.config.loader import load_recipe
+    from rlcli.config.ppo import PPORecipe
+
+    engines = []
+
+    def fake_engine(recipe, par, policy, tokenizer, out):
+        engines.append(FakeEngine(ppo._lm(policy), stale=stale))
+        return engines[-1]
+
+    monkeypatch.setattr(ppo, "build_engine", fake_engine)
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(PPORecipe, "configs/tiny/ppo.yaml", [f"output_dir={tmp_path / 'run'}", "ppo.steps=4", *FAST,
+                                                                *extra])
+    ppo.train(recipe)
+    return engines[0], read_metrics(tmp_path / "run")
+
+
+def test_one_sync_per_step_under_plain_names_and_the_same_numbers(tmp_path, monkeypatch):
+    engine, m = _train(tmp_path, monkeypatch)
+    assert len(engine.synced_names) == 4  # once before each step's rollouts
+    expected = sorted(k for k in AutoModelForCausalLM.from_config(engine.model.config).state_dict())
+    assert engine.synced_names[0] == expected
+    # the engine sampled with the policy's weights of that step: its log-probs are the trainer's
+    assert all(x["sampler_logprob_diff"] < 1e-4 and x["sampler_kl"] < 1e-6 for x in m)
+
+
+def test_lora_weights_are_merged_for_the_engine_and_the_policy_stays_adapted(tmp_path, monkeypatch):
+    engine, m = _train(tmp_path, monkeypatch, extra=["lora.r=8"])
+    assert not any("lora_" in n or "base_layer" in n for n in engine.synced_names[-1])
+    assert all(x["sampler_logprob_diff"] < 1e-4 for x in m)  # merged weights compute what the adapted policy does
+    assert m[-1]["kl"] > 0.0  # and the policy (adapter on) moved away from its base (adapter off): still unmerged
+
+
+def test_plain_weights_round_trip_a_lora_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,
+                                                       bos_token_id=0, eos_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False,
+                                            fan_in_fan_out=True)).eval()
+    x = torch.tensor([[1, 2, 3, 4]])
+    before = model(input_ids=x).logits
+    weights = dict(plain_weights(model))
+    copy_ = AutoModelForCausalLM.from_config(base.config).eval()
+    copy_.load_state_dict(weights)
+    torch.testing.assert_close(copy_(input_ids=x).logits, before, atol=1e-5, rtol=0)  # merged == adapted
+    torch.testing.assert_close(model(input_ids=x).logits, before)  # the policy is unmerged again
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_a_stale_engine_is_noticed(tmp_path, monkeypatch, capsys):
+    """An engine that keeps the first weights (a sync that never happens): the trainer's log-probs part from the
+    engine's as the policy learns; one warning panel says so."""
+    engine, m = _train(tmp_path, monkeypatch, stale=True, extra=["ppo.steps=6", "optim.learning_rate=1e-2"])
+    assert m[0]["sampler_logprob_diff"] < 1e-4 and m[-1]["sampler_logprob_diff"] > 0.1
+    text = plain(capsys.readouterr().out)
+    assert text.count("sampler and trainer disagree") == 1 and "got this step's weights" in text
+
+
+def test_local_engine_is_rlclis_sampler():
+    from rlcli.rl import SamplingRules
+
+    torch.manual_seed(0)
+    from transformers import GPT2Config
+
+    lm = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
+                                                     eos_token_id=0)).eval()
+    engine = LocalEngine(lm)
+    prompts = [[1, 2, 3], [4, 5]]
+    kwargs = dict(rules=SamplingRules(), eos_token_id=0, pad_token_id=63)
+    a = engine.generate(prompts, 6, generator=torch.Generator().manual_seed(3), **kwargs)
+    ids, mask = left_pad(prompts, 63)
+    b = sample(lm, ids, mask, 6, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    engine.sync(lm)
+    assert engine.syncs == 1
