@@ -22,6 +22,7 @@ from rlcli.config.common import ModelConfig, OptimConfig
 from rlcli.config.ppo import GenerationConfig, KLConfig, PPOAlgo
 from rlcli.env.environment import TextEnvironment, histories_to_rollout
 from rlcli.env.protocols import ToolCall
+from rlcli.models.engines import LocalEngine
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
 from rlcli.padding import left_pad
@@ -190,9 +191,8 @@ def test_sampler_loss_and_kl_share_one_distribution(models, model_name, setting)
     rules = behaviour_rules(gen, tok)
     prompts = ["the quick brown fox", "seven", "hello world, the lazy dog jumps", "a", "dog", "fox jumps over",
                "the", "world"]
-    q_ids, q_mask = left_pad([tok(p)["input_ids"] or [tok.eos_token_id] for p in prompts], tok.pad_token_id)
-    policy = ValueHeadModel(lm, None)
-    rollout = generate(policy, tok, q_ids, q_mask, gen, rules, torch.Generator().manual_seed(0), "cpu")
+    prompt_ids = [tok(p)["input_ids"] or [tok.eos_token_id] for p in prompts]
+    rollout = generate(LocalEngine(lm), tok, prompt_ids, gen, rules, torch.Generator().manual_seed(0))
     lengths = rollout.response_mask.sum(1)
     if gen.min_new_tokens == MAX_NEW or not gen.stop_at_eos:
         assert (lengths == MAX_NEW).all()  # EOS (boosted to be likely) never ended a response early

@@ -201,12 +201,12 @@ def test_negative_kl_warning_names_the_causes(tmp_path, monkeypatch, capsys):
 
     real_generate, stale = ppo.generate, {}
 
-    def stale_generate(policy, *args, **kwargs):
-        if "policy" not in stale:
+    def stale_generate(engine, *args, **kwargs):
+        if "engine" not in stale:  # a copy of the engine (its model included) as it was at step 1
             import copy
 
-            stale["policy"] = copy.deepcopy(policy)
-        return real_generate(stale["policy"], *args, **kwargs)
+            stale["engine"] = copy.deepcopy(engine)
+        return real_generate(stale["engine"], *args, **kwargs)
 
     monkeypatch.setattr(ppo, "generate", stale_generate)
     monkeypatch.chdir(REPO)
