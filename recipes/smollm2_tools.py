@@ -16,8 +16,9 @@ Pieces the recipes point at:
 - ``python recipes/smollm2_tools.py data``: writes ``data/smollm2/``: ``sft.jsonl`` (``messages`` + ``tools``),
   ``prompts.jsonl`` (PPO prompts), ``eval.jsonl`` (held-out prompts);
 - ``exact_answer``: the reward: 1 when the last number of the final answer is the product;
-- ``python recipes/smollm2_tools.py pipeline [--out runs/smollm2] [--eval-rows N] [--sft-steps N] [--ppo-steps N]``:
-  the whole thing, with a before/after table and the time of each stage (``pipeline.json``).
+- ``python recipes/smollm2_tools.py pipeline [--out runs/smollm2] [--eval-rows N] [--sft-steps N] [--ppo-steps N]
+  [--resume]``: the whole thing, with a before/after table and the time of each stage (``pipeline.json``, written
+  after every stage; ``--resume`` keeps the stages a previous run finished).
 
 A conversation, as the SFT data and the episodes hold it (OpenAI style)::
 
@@ -169,31 +170,44 @@ def _rlcli(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def _evaluate(out: Path, model: list[str], rows: int) -> tuple[dict, float]:
-    seconds = _rlcli("env-rollout", "configs/smollm2/eval.yaml", *model, f"output_dir={out}", f"data.max_rows={rows}")
-    return json.loads((out / "summary.json").read_text()), seconds
-
-
-def pipeline(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | None) -> None:
+def pipeline(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | None, resume: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    if out.exists():
+    record = out / "pipeline.json"
+    progress = json.loads(record.read_text()) if resume and record.exists() else {}
+    if not resume and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     if not (DATA / "sft.jsonl").exists():
         write_data()
-    times = {}
-    base, times["eval_base"] = _evaluate(out / "eval-base", GGUF, eval_rows)
-    sft_args = [f"train.max_steps={sft_steps}"] if sft_steps else []
-    times["sft"] = _rlcli("sft", "configs/smollm2/sft.yaml", f"output_dir={out / 'sft'}", *sft_args)
-    merged = [f"model.name_or_path={out / 'sft' / 'merged'}"]
-    after_sft, times["eval_sft"] = _evaluate(out / "eval-sft", merged, eval_rows)
-    ppo_args = [f"ppo.steps={ppo_steps}"] if ppo_steps else []
-    times["ppo"] = _rlcli("ppo", "configs/smollm2/ppo.yaml", *merged, f"output_dir={out / 'ppo'}", *ppo_args)
-    after_ppo, times["eval_ppo"] = _evaluate(out / "eval-ppo", [f"model.name_or_path={out / 'ppo' / 'merged'}"],
-                                             eval_rows)
+    times, summaries = progress.get("seconds", {}), progress.get("summaries", {})
+
+    def stage(name: str, done: Path, *args: str) -> None:
+        if resume and done.exists():
+            console.print(f"[dim]{name}: done by an earlier run ({done})[/]")
+        else:
+            times[name] = _rlcli(*args)
+        if name.startswith("eval"):
+            summaries[name] = json.loads(done.read_text())
+        record.write_text(json.dumps({"summaries": summaries, "seconds": times, "eval_rows": eval_rows}, indent=2))
+
+    def evaluate(name: str, model: list[str]) -> None:
+        stage(name, out / name / "summary.json", "env-rollout", "configs/smollm2/eval.yaml", *model,
+              f"output_dir={out / name}", f"data.max_rows={eval_rows}")
+
+    def local(path: Path) -> list[str]:
+        return [f"model.name_or_path={path}", "model.gguf_file=null"]
+
+    evaluate("eval-base", GGUF)
+    stage("sft", out / "sft" / "merged" / "config.json", "sft", "configs/smollm2/sft.yaml", f"output_dir={out / 'sft'}",
+          *([f"train.max_steps={sft_steps}"] if sft_steps else []))
+    evaluate("eval-sft", local(out / "sft" / "merged"))
+    stage("ppo", out / "ppo" / "merged" / "config.json", "ppo", "configs/smollm2/ppo.yaml",
+          *local(out / "sft" / "merged"), f"output_dir={out / 'ppo'}", *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
+    evaluate("eval-ppo", local(out / "ppo" / "merged"))
+    base, after_sft, after_ppo = (summaries[k] for k in ("eval-base", "eval-sft", "eval-ppo"))
 
     stages = {"SmolLM2-135M-Instruct": base, "after LoRA SFT": after_sft, "after PPO": after_ppo}
     table = Table(title=f"SmolLM2-135M-Instruct with a calculator: {eval_rows} held-out problems", header_style="bold")
@@ -206,8 +220,6 @@ def pipeline(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | 
         table.add_row(label, *(fmt.format(s[key]) for s in stages.values()))
     console.print(table)
     console.print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    (out / "pipeline.json").write_text(json.dumps({"stages": stages, "seconds": times, "eval_rows": eval_rows},
-                                                  indent=2))
 
 
 if __name__ == "__main__":
@@ -219,10 +231,11 @@ if __name__ == "__main__":
     p.add_argument("--eval-rows", type=int, default=100, help="held-out problems per evaluation (default 100)")
     p.add_argument("--sft-steps", type=int, default=None, help="override train.max_steps of the SFT recipe")
     p.add_argument("--ppo-steps", type=int, default=None, help="override ppo.steps of the PPO recipe")
+    p.add_argument("--resume", action="store_true", help="keep the stages an earlier run of --out finished")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.command == "data":
         write_data()
     else:
         pipeline(ROOT / args.out if not os.path.isabs(args.out) else Path(args.out), args.eval_rows, args.sft_steps,
-                 args.ppo_steps)
+                 args.ppo_steps, args.resume)
