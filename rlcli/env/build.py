@@ -81,7 +81,7 @@ def check_env(cfg: EnvConfig) -> list[str]:
 
 
 def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules, eos_token_id=None,
-                      protocol=None) -> TextEnvironment:
+                      protocol=None, engine=None) -> TextEnvironment:
     """A ``TextEnvironment`` for ``model`` (a Hugging Face causal LM) with the recipe's tools and rules (and the
     protocol, when ``build_protocol`` already made it)."""
     tools = build_tools(cfg)
@@ -99,6 +99,7 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
         eos_token_id=eos_token_id,
         tool_timeout_s=cfg.tool_timeout_s,
         tool_isolation=cfg.tool_isolation,
+        engine=engine,
     )
     env.runner.memory_mb = cfg.tool_memory_mb  # TextEnvironment has no argument for it; the runner reads it per call
     return env

@@ -131,6 +131,9 @@ class TextEnvironment:
         tool_timeout_s, tool_isolation: passed to ``ToolRunner``.
         kv_reuse: keep each row's KV cache across turns and feed only the new tokens (False: prefill the whole
             episode every turn; same tokens up to float rounding, for benchmarks and tests).
+        engine: a rollout engine (``rlcli.models.engines``, e.g. vLLM) that samples the model turns instead of
+            rlcli's own sampler: each turn re-submits the episode's exact token ids, forced tool tokens included
+            (the engine's prefix cache stands in for ``kv_reuse``); the token layout is the same either way.
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class TextEnvironment:
         tool_timeout_s: float = 10.0,
         tool_isolation: str = "fork",
         kv_reuse: bool = True,
+        engine=None,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one (distinct from EOS) before rollouts")
@@ -178,7 +182,8 @@ class TextEnvironment:
                                                   if t is not None))
         self.eos_token_id = eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
-        self.kv_reuse = kv_reuse
+        self.kv_reuse = kv_reuse and engine is None
+        self.engine = engine
         self.last_stats: EnvStats | None = None
 
     @property
@@ -240,13 +245,18 @@ class TextEnvironment:
         """GENERATING -> WAITING_FOR_TOOL or DONE for every row given."""
         contexts = [e.history.token_ids for e in episodes]
         budgets = [min(self.max_new_tokens, self.max_length - len(ids)) for ids in contexts]
-        input_ids, attention_mask = left_pad(contexts, self.pad_token_id)
-        out = sample(
-            self.model, input_ids, attention_mask, budgets, rules=self.rules,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            stop_strings=self.protocol.stop_strings, tokenizer=self.tokenizer, generator=generator,
-            past=[e.cache for e in episodes] if self.kv_reuse else None, keep_cache=self.kv_reuse,
-        )
+        if self.engine is not None:
+            out = self.engine.generate(contexts, budgets, rules=self.rules, eos_token_id=self.eos_token_id,
+                                       pad_token_id=self.pad_token_id, stop_strings=self.protocol.stop_strings,
+                                       tokenizer=self.tokenizer, generator=generator)
+        else:
+            input_ids, attention_mask = left_pad(contexts, self.pad_token_id)
+            out = sample(
+                self.model, input_ids, attention_mask, budgets, rules=self.rules,
+                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                stop_strings=self.protocol.stop_strings, tokenizer=self.tokenizer, generator=generator,
+                past=[e.cache for e in episodes] if self.kv_reuse else None, keep_cache=self.kv_reuse,
+            )
         positions["prefill"] += out.prefill_positions
         positions["prefill_pad"] += out.prefill_pad_positions
         positions["decode"] += out.computed_positions

@@ -109,6 +109,12 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, settings: VLLMSettings, seed: int = 0):
+        import os
+
+        # the engine core in this process (colocated): weights are then copied in by reference, not pickled to a
+        # worker process, and nothing is spawned
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # rlcli shows its own progress
         from vllm import LLM
 
         self.settings = settings
@@ -160,11 +166,13 @@ class VLLMEngine:
 
     def sync(self, policy: torch.nn.Module) -> None:
         """Copy the policy's weights into vLLM's model (in this process)."""
-        weights = list(plain_weights(policy))
+        dtype = self.llm.llm_engine.model_config.dtype  # the precision vLLM runs in (auto: the checkpoint's)
+        weights = [(name, tensor.to(dtype)) for name, tensor in plain_weights(policy)]
         if self.settings.sleep_between_steps:
             self.llm.wake_up()
-        # vLLM's model loads weights by their Hugging Face names (its own load_weights), in each worker
-        self.llm.apply_model(lambda model: model.load_weights(weights=weights))
+        # vLLM's in-place reload (its workers' reload_weights: the model's own load_weights by Hugging Face names,
+        # wrapped in the layerwise reload that redoes any post-load processing); in this process, by reference
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self.syncs += 1
 

@@ -228,9 +228,6 @@ def check_vllm(recipe: PPORecipe, task: str) -> list[str]:
                         "generation.engine=local")
     if task == "seq2seq":
         problems.append("generation.engine: vllm samples decoder-only policies only; use generation.engine=local")
-    if recipe.env is not None:
-        problems.append("generation.engine: vllm does not drive text environments yet; use generation.engine=local "
-                        "with env:")
     return problems
 
 
@@ -352,6 +349,8 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
     # does not cover. Its log-probs are only compared with the rollout forward's (the loss uses those). With the
     # weights gathered (FSDP2 / ZeRO-3): processes make different numbers of forward calls while sampling.
     histories, answers = None, None
+    engine = setup.engine or LocalEngine(_lm(setup.policy))
+    engine.sync(setup.policy.pretrained)  # once per step: the engine samples with the step's starting weights
     if setup.env is not None:
         prompts = [r[setup.column] for r in step_rows]
         with par.autocast(), par.gathered(setup.policy):
@@ -362,8 +361,6 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
         prompt_ids = [encode_prompt(r[setup.column], tokenizer, chat_template=recipe.data.chat_template,
                                     max_length=recipe.data.max_prompt_length, length=n)
                       for r, n in zip(step_rows, lengths)]
-        engine = setup.engine or LocalEngine(_lm(setup.policy))
-        engine.sync(setup.policy.pretrained)  # once per step: the engine samples with the step's starting weights
         with par.autocast(), par.gathered(setup.policy):
             rollout = generate(engine, tokenizer, prompt_ids, gen, setup.rules, g)
         prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
@@ -468,8 +465,9 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
     if recipe.env is not None:
         from rlcli.env.build import build_environment
 
-        lm = policy.pretrained.get_base_model() if policy.is_peft else policy.pretrained
-        env = build_environment(recipe.env, lm, tokenizer, rules=rules)
+        # rlcli's own sampler keeps each episode's KV cache across turns; another engine samples the turns itself
+        other = engine if engine is not None and not isinstance(engine, LocalEngine) else None
+        env = build_environment(recipe.env, _lm(policy), tokenizer, rules=rules, engine=other)
     return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine)
 
 
