@@ -124,3 +124,32 @@ def test_local_engine_is_rlclis_sampler():
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
     engine.sync(lm)
     assert engine.syncs == 1
+
+
+def test_text_environment_turns_through_an_engine_have_the_local_layout():
+    """Multi-turn episodes (forced tool tokens between turns) sampled by an engine with its own copy of the model:
+    the same token ids, masks and log-probs as rlcli's own sampler on the same seeds (prefilling every turn)."""
+    from rlcli.env.environment import TextEnvironment, histories_to_rollout
+    from rlcli.models.loading import load_model, load_tokenizer
+    from rlcli.config.common import ModelConfig
+    from rlcli.rl import SamplingRules
+    from tests.trainers.test_behaviour_policy import _AlwaysCalls
+
+    cfg = ModelConfig(architecture="gpt2", config={"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 256})
+    torch.manual_seed(0)
+    tok = load_tokenizer(cfg, "left")
+    lm = load_model(cfg, "causal", tok).eval()
+    engine = FakeEngine(lm)
+    engine.sync(lm)
+    rules = SamplingRules(eos_ids=(tok.eos_token_id,), min_new_tokens=3)
+    runs = []
+    for kwargs in ({"kv_reuse": False}, {"engine": engine}):
+        env = TextEnvironment(lm, tok, {"Echo": lambda text: text.upper()}, _AlwaysCalls(), max_turns=3,
+                              max_new_tokens=6, max_tool_output_tokens=8, max_length=200, rules=rules,
+                              tool_isolation="inline", **kwargs)
+        runs.append(env.run([f"episode {i}" for i in range(6)], generator=torch.Generator().manual_seed(1)))
+    local, remote = (histories_to_rollout(h, tok.pad_token_id) for h in runs)
+    assert local.tool_mask.sum() > 0
+    for a, b in zip(runs[0], runs[1]):
+        assert a.token_ids == b.token_ids and a.tool_mask == b.tool_mask and a.num_turns == b.num_turns
+    torch.testing.assert_close(local.sampler_logprobs, remote.sampler_logprobs, atol=1e-5, rtol=0)
