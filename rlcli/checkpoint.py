@@ -93,17 +93,24 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, *, process_index: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: Path, *, process_index: int, restore_rng: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (state.json contents, {name: loaded object}) and restore this process's RNG states.
 
-    The RNG file of this process is used when present; a run resumed with more processes than it was saved
-    with falls back to rank 0's states (the run continues, but is no longer bit-identical).
+    ``restore_rng=False`` leaves the RNG alone, for a caller that still has to build things the way the original run
+    built them (from its seeds) before continuing; it then calls :func:`restore_rng_state` itself.
     """
     state = json.loads((path / "state.json").read_text())
     objects = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in path.glob("*.pt")
                if not p.stem.startswith(("rng-", "optimizer-shard-"))}
+    if restore_rng:
+        restore_rng_state(path, process_index=process_index)
+    return state, objects
+
+
+def restore_rng_state(path: Path, *, process_index: int) -> None:
+    """This process's RNG states from a checkpoint. The RNG file of this process is used when present; a run resumed
+    with more processes than it was saved with falls back to rank 0's (it continues, but not bit-identically)."""
     rng_file = path / f"rng-{process_index}.pt"
     if not rng_file.exists():
         rng_file = path / "rng-0.pt"
     set_rng_state(torch.load(rng_file, weights_only=False))
-    return state, objects

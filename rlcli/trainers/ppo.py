@@ -69,7 +69,7 @@ import torch
 from rich.panel import Panel
 
 from rlcli import rundir
-from rlcli.checkpoint import load_checkpoint
+from rlcli.checkpoint import load_checkpoint, restore_rng_state
 from rlcli.config.errors import RecipeError, UserError
 from rlcli.config.loader import locate
 from rlcli.config.ppo import GenerationConfig, PPORecipe
@@ -494,11 +494,15 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     # step 3: models, reward, optimiser, learner (a checkpoint's weights go in before the policy is sharded)
     start_step, objects, state = 0, {}, {}
     if resume_from is not None:
-        state, objects = load_checkpoint(resume_from, process_index=par.process_index)
+        # the RNG is restored only after the models are built: a from-scratch policy and its reference copy must
+        # be the original run's (built from the seed), before the checkpoint's weights replace the policy's
+        state, objects = load_checkpoint(resume_from, process_index=par.process_index, restore_rng=False)
         start_step = state["step"]
     policy, _, reward, learner = build_learner(recipe, par, tokenizer, task,
                                                optimizer_steps=p.steps * p.epochs * (p.batch_size // p.mini_batch_size),
                                                weights=objects.get("model"))
+    if resume_from is not None:
+        restore_rng_state(resume_from, process_index=par.process_index)
     model, optimizer, scheduler = learner.model, learner.optimizer, learner.scheduler
     full_state = recipe.lora is None or recipe.model.architecture is not None
     if resume_from is not None:

@@ -209,7 +209,8 @@ ROWS = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
          '{"prompt": "p", "chosen": "a", "rejected": "a"}\n' * 3, 1, ["none of its 3 pairs is usable", "identical"]),
         ("same column twice", ["data.rejected_field=chosen"], None, 2, ["data", "different columns"]),
         ("unknown architecture", ["model.architecture=gtp2"], None, 2, ["unknown architecture 'gtp2'"]),
-        ("batch does not divide", ["train.batch_size=30"], None, 2, ["batch_size=30", "micro_batch_size"]),
+        ("batch does not divide", ["train.batch_size=30", "train.micro_batch_size=16"], None, 2,
+         ["batch_size=30", "micro_batch_size", "divisor of 30"]),
     ],
 )
 def test_bad_input(tmp_path, monkeypatch, case, overrides, data_text, code, fragments):

@@ -84,7 +84,10 @@ def test_dry_run_prints_resolved_recipe_and_writes_nothing(tmp_path):
     res = run_cli("sft", TINY, f"output_dir={out}", "--dry-run")
     assert res.returncode == 0, res.stderr
     text = plain(res.stdout)
-    assert "dry run OK" in text and "micro_batch_size: 16" in text and "2 accumulation step(s)" in text
+    # micro_batch_size unset in the recipe: resolved to the whole share of the one process
+    assert "dry run OK" in text and "micro_batch_size: 32" in text and "1 accumulation step(s)" in text
+    res = run_cli("sft", TINY, f"output_dir={out}", "train.micro_batch_size=16", "--dry-run")
+    assert "micro_batch_size: 16" in plain(res.stdout) and "2 accumulation step(s)" in plain(res.stdout)
     assert not out.exists()
 
 
@@ -200,7 +203,8 @@ BAD_JSON = '{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": 
          ["data.jsonl:3: not valid JSON: Expecting value (column 31)"]),
         ("empty dataset", None, ["data.path=DATA"], "", 1, ["empty", "no rows"]),
         ("unknown architecture", None, ["model.architecture=gtp2"], None, 2, ["unknown architecture 'gtp2'", "gpt2"]),
-        ("batch does not divide", None, ["train.batch_size=30"], None, 2, ["batch_size=30", "micro_batch_size"]),
+        ("batch does not divide", None, ["train.batch_size=30", "train.micro_batch_size=16"], None, 2,
+         ["batch_size=30", "micro_batch_size", "divisor of 30"]),
         ("model not in the cache (offline)", None, ["model.architecture=null", "model.name_or_path=nowhere/model"],
          None, 1, ["model 'nowhere/model' could not be loaded", "HF_HUB_OFFLINE is set"]),
     ],
