@@ -13,7 +13,8 @@ from rich.syntax import Syntax
 from rich.text import Text
 
 from rlcli import __version__
-from rlcli.config import RecipeError, UserError, load_recipe, recipe_to_yaml
+from rlcli.config import RecipeError, UserError, recipe_to_yaml
+from rlcli.config.loader import load_recipe_and_origin
 
 app = typer.Typer(
     name="rlcli",
@@ -65,21 +66,22 @@ def _without_traceback(exc: BaseException) -> BaseException:
     return exc
 
 
-def _checked(recipe, preflight: Callable, source: str, resume: bool, processes: int = 1) -> list[str]:
-    """The command's own checks and the output dir's, their problems reported together in one error."""
+def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int = 1) -> list[str]:
+    """The command's own checks and the output dir's, their problems reported together in one error, each placed
+    where its key was set (``origin``)."""
     from rlcli.config.loader import locate
     from rlcli.trainers.common import check_output_dir, check_trackers
 
-    problems = locate(recipe, check_output_dir(recipe, resume) + check_trackers(recipe), source)
+    problems = locate(check_output_dir(recipe, resume) + check_trackers(recipe), origin)
     if resume and not problems:
         from rlcli.checkpoint import latest_checkpoint
         from rlcli.trainers.common import check_resume_recipe
 
         ckpt = latest_checkpoint(recipe.output_dir)
         if ckpt is not None:
-            check_resume_recipe(recipe, ckpt)
+            check_resume_recipe(recipe, ckpt, origin)
     try:
-        notes = preflight(recipe, source, processes)
+        notes = preflight(recipe, origin, processes)
     except RecipeError as exc:
         raise RecipeError(exc.problems + problems) from None
     if problems:
@@ -102,8 +104,8 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
     cpu_processes = requested_cpu_processes()
     processes = cpu_processes or launch_processes()
     try:
-        recipe = load_recipe(schema, config, overrides or [], processes=processes)
-        notes = _checked(recipe, preflight, str(config), resume, processes)
+        recipe, origin = load_recipe_and_origin(schema, config, overrides or [], processes=processes)
+        notes = _checked(recipe, origin, preflight, resume, processes)
         if dry_run:
             from rlcli.logging import console
 

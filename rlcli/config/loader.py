@@ -36,10 +36,11 @@ class Origin:
         return Problem(key, message, source=self.source, line=self.lines.get(key))
 
 
-def locate(recipe: BaseModel, messages: list[str], source: str = "recipe") -> list[Problem]:
-    """Problems found by a command's checks after validation, each a ``"dotted.key: what is wrong"`` string (or
-    free text), placed where the key was set when ``recipe`` came from :func:`load_recipe`."""
-    origin = getattr(recipe, "_rlcli_origin", None) or Origin(source)
+def locate(messages: list[str], origin: Origin | str = "recipe") -> list[Problem]:
+    """Problems found by a command's checks after validation, each a ``"dotted.key: what is wrong"`` string (or free
+    text), placed where the key was set: ``origin`` comes from :func:`load_recipe_and_origin` (a plain source name
+    when the recipe was built otherwise)."""
+    origin = origin if isinstance(origin, Origin) else Origin(origin)
     problems = []
     for text in messages:
         key, sep, message = text.partition(": ")
@@ -259,8 +260,6 @@ def validate(schema: type[R], data: dict[str, Any], origin: Origin, processes: i
             seen.add((key, message))
             problems.append(origin.problem(key, message))
         raise RecipeError(problems) from None
-    # for the commands' own checks (`locate`): a plain attribute, not a field, so dumps and the saved recipe leave it out
-    object.__setattr__(recipe, "_rlcli_origin", origin)
     return recipe
 
 
@@ -268,9 +267,17 @@ def load_recipe(schema: type[R], path: str | Path, overrides: list[str] | None =
     """Read, override and validate a recipe for a run on ``processes`` processes (the command line reads the count
     from the launch once and passes it; nothing here reads the environment). Every problem is reported together in
     one ``RecipeError``."""
+    return load_recipe_and_origin(schema, path, overrides, processes=processes)[0]
+
+
+def load_recipe_and_origin(schema: type[R], path: str | Path, overrides: list[str] | None = None, *,
+                           processes: int = 1) -> tuple[R, Origin]:
+    """``load_recipe``, and where each value came from (file line or command line), for placing the problems the
+    commands' own checks find later (:func:`locate`)."""
     data, lines = read_yaml(path)
     touched = apply_overrides(data, list(overrides or []))
-    return validate(schema, data, Origin(str(path), lines, frozenset(touched)), processes)
+    origin = Origin(str(path), lines, frozenset(touched))
+    return validate(schema, data, origin, processes), origin
 
 
 def recipe_to_yaml(recipe: BaseModel) -> str:

@@ -19,7 +19,7 @@ from rlcli.checkpoint import latest_checkpoint
 from rlcli.config.common import OptimConfig, RecipeBase
 from rlcli import rundir
 from rlcli.config.errors import RecipeError, UserError
-from rlcli.config.loader import locate, recipe_to_yaml
+from rlcli.config.loader import Origin, locate, recipe_to_yaml
 from rlcli.logging import console
 from rlcli.rundir import RECIPE_FILE
 
@@ -74,11 +74,11 @@ def check_trackers(recipe: RecipeBase) -> list[str]:
     return problems
 
 
-def check_run_setup(recipe: RecipeBase, resume: bool = False) -> None:
+def check_run_setup(recipe: RecipeBase, resume: bool = False, origin: Origin | str = "recipe") -> None:
     """Raise one ``RecipeError`` for the output dir's and the trackers' problems (see ``check_output_dir``)."""
     problems = check_output_dir(recipe, resume) + check_trackers(recipe)
     if problems:
-        raise RecipeError(locate(recipe, problems))
+        raise RecipeError(locate(problems, origin))
 
 
 def prepare_output_dir(recipe: RecipeBase, resume: bool) -> Path | None:
@@ -163,7 +163,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_resume_recipe(recipe: RecipeBase, ckpt: Path) -> None:
+def check_resume_recipe(recipe: RecipeBase, ckpt: Path, origin: Origin | str = "recipe") -> None:
     """Refuse a resumed recipe that differs from the checkpoint's in a setting that changes the updates."""
     import yaml
 
@@ -181,7 +181,7 @@ def check_resume_recipe(recipe: RecipeBase, ckpt: Path) -> None:
                if not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)]
     if not changed:
         return
-    problems = locate(recipe, [f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changed])
+    problems = locate([f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changed], origin)
     raise RecipeError(
         problems,
         title=f"--resume: {len(changed)} setting(s) differ from those the checkpoint was trained with ({saved_path}):",

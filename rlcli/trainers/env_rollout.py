@@ -26,7 +26,7 @@ from rlcli import rundir
 from rlcli.rl.sampling import SamplingRules
 from rlcli.config.env import EnvRolloutRecipe
 from rlcli.config.errors import RecipeError, UserError
-from rlcli.config.loader import locate
+from rlcli.config.loader import Origin, locate
 from rlcli.data.prompts import load_prompt_rows
 from rlcli.data.sources import check_data_source
 from rlcli.env.build import build_environment, build_protocol, check_env
@@ -43,7 +43,7 @@ SUMMARY_FILE = "summary.json"
 ACCEPTED_FILE = "accepted.jsonl"
 
 
-def preflight(recipe: EnvRolloutRecipe, source: str = "recipe", processes: int | None = None) -> list[str]:
+def preflight(recipe: EnvRolloutRecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
     problems = check_model_config(recipe.model, "causal") + check_env(recipe.env)
     from rlcli.config.common import DataSource
 
@@ -57,7 +57,7 @@ def preflight(recipe: EnvRolloutRecipe, source: str = "recipe", processes: int |
     if recipe.accept_min_reward is not None and recipe.reward is None:
         problems.append("accept_min_reward: needs a reward section to score the episodes")
     if problems:
-        raise RecipeError(locate(recipe, problems, source))
+        raise RecipeError(locate(problems, origin))
     return [f"tools: {', '.join(recipe.env.tools)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]
 
 

@@ -71,7 +71,7 @@ from rich.panel import Panel
 from rlcli import rundir
 from rlcli.checkpoint import load_checkpoint, restore_rng_state
 from rlcli.config.errors import RecipeError, UserError
-from rlcli.config.loader import locate
+from rlcli.config.loader import Origin, locate
 from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
 from rlcli.data.sources import check_data_source
@@ -169,7 +169,7 @@ def _end_of_turn_id(tokenizer) -> int | None:
         return None
 
 
-def preflight(recipe: PPORecipe, source: str = "recipe", processes: int | None = None) -> list[str]:
+def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
     """Everything checkable without weights; raises ``RecipeError`` listing all problems."""
     task = policy_task(recipe)
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
@@ -199,7 +199,7 @@ def preflight(recipe: PPORecipe, source: str = "recipe", processes: int | None =
         problems += check_vllm(recipe, task)
     problems += check_launch("ppo", recipe, processes=processes)
     if problems:
-        raise RecipeError(locate(recipe, problems, source))
+        raise RecipeError(locate(problems, origin))
     p = recipe.ppo
     minis = p.batch_size // p.mini_batch_size
     accum = p.mini_batch_size // (p.micro_batch_size * processes)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from rlcli.checkpoint import load_checkpoint
 from rlcli.parallel import Parallel
 from rlcli.config.errors import RecipeError
-from rlcli.config.loader import locate
+from rlcli.config.loader import Origin, locate
 from rlcli.config.rm import RMRecipe
 from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collate_pairs, tokenize_pairs
 from rlcli.data.sources import check_data_source, train_eval_rows
@@ -71,13 +71,13 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
     return loss
 
 
-def preflight(recipe: RMRecipe, source: str = "recipe", processes: int | None = None) -> list[str]:
+def preflight(recipe: RMRecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
     problems = check_model_config(recipe.model, "classifier") + check_data_source(recipe.data)
     processes = processes or launch_processes()
     problems += check_launch("rm", recipe, processes=processes)
     if problems:
-        raise RecipeError(locate(recipe, problems, source))
+        raise RecipeError(locate(problems, origin))
     accum = recipe.train.batch_size // (recipe.train.micro_batch_size * processes)
     return [
         f"global batch {recipe.train.batch_size} pairs = micro-batch {recipe.train.micro_batch_size} × "

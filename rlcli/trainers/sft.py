@@ -27,7 +27,7 @@ import torch
 from rlcli.checkpoint import load_checkpoint
 from rlcli.parallel import Parallel
 from rlcli.config.errors import RecipeError
-from rlcli.config.loader import locate
+from rlcli.config.loader import Origin, locate
 from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
 from rlcli.data.sources import check_data_source, train_eval_rows
@@ -52,7 +52,7 @@ from rlcli.trainers.common import (
 )
 
 
-def preflight(recipe: SFTRecipe, source: str = "recipe", processes: int | None = None) -> list[str]:
+def preflight(recipe: SFTRecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
     task = model_task(recipe.model)
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
@@ -62,7 +62,7 @@ def preflight(recipe: SFTRecipe, source: str = "recipe", processes: int | None =
     processes = processes or launch_processes()
     problems += check_launch("sft", recipe, processes=processes)
     if problems:
-        raise RecipeError(locate(recipe, problems, source))
+        raise RecipeError(locate(problems, origin))
     accum = recipe.train.batch_size // (recipe.train.micro_batch_size * processes)
     return [
         f"global batch {recipe.train.batch_size} = micro-batch {recipe.train.micro_batch_size} × "

@@ -102,15 +102,15 @@ def test_key_in_the_wrong_section_points_to_the_right_one(tmp_path):
 
 def test_problems_found_after_validation_point_to_the_file_line_or_the_command_line(tmp_path):
     """A command's own checks (`locate`) place a "key: message" where that key was set."""
-    from rlcli.config.loader import locate
+    from rlcli.config.loader import load_recipe_and_origin, locate
 
     path = _write(tmp_path, BASE)
-    recipe = load_recipe(SFTRecipe, path, ["train.batch_size=64"])
-    problems = locate(recipe, ["data.path: does not exist", "train.batch_size: too big", "something else is off"])
+    recipe, origin = load_recipe_and_origin(SFTRecipe, path, ["train.batch_size=64"])
+    assert not hasattr(recipe, "_rlcli_origin")  # the origin travels beside the recipe, not hidden on it
+    problems = locate(["data.path: does not exist", "train.batch_size: too big", "something else is off"], origin)
     assert (problems[0].key, problems[0].source, problems[0].line) == ("data.path", str(path), 5)
     assert (problems[1].key, problems[1].source, problems[1].line) == ("train.batch_size", "command line", None)
     assert problems[2].key == "" and problems[2].message == "something else is off"
     assert problems[0].render() == f"{path}:5: data.path: does not exist"
     # a recipe built in code has no origin: the source given is used
-    built = SFTRecipe.model_validate({"output_dir": "x", "model": {"architecture": "gpt2"}, "data": {"path": "d.jsonl"}})
-    assert locate(built, ["data.path: nope"], "mine")[0].render() == "mine: data.path: nope"
+    assert locate(["data.path: nope"], "mine")[0].render() == "mine: data.path: nope"
