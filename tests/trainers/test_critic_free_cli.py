@@ -65,6 +65,7 @@ def test_grpo_resume_is_exact(grpo_run, tmp_path):
     # Dr. GRPO: no std scaling, a constant normaliser
     ["ppo.advantage=grpo", "ppo.advantage_scaling=none", "ppo.loss_aggregation=constant"],
 ])
+@pytest.mark.slow
 def test_other_estimators_learn(settings, tmp_path):
     out = tmp_path / "run"
     res = run_cli("ppo", GRPO, f"output_dir={out}", "ppo.steps=16", "train.save_every=null", *FAST, *settings)

@@ -116,6 +116,7 @@ def test_lora_policy_trains_against_disabled_adapter(tmp_path):
     assert (out / "adapter_config.json").exists() and (out / "value_head.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_learn_and_resume_exactly(tmp_path):
     """`accelerate launch --cpu --num_processes 2` with the global batch of the one-process fixture run: it learns,
     statistics cover both processes, and --resume on two processes reproduces the run exactly."""
@@ -156,6 +157,7 @@ def test_bad_reward_function_is_reported(tmp_path):
     assert res.returncode == 2 and "ppo.batch_size=64 must be a multiple of ppo.mini_batch_size=48" in plain(res.stderr)
 
 
+@pytest.mark.slow
 def test_reward_model_from_rlcli_rm_trains(tmp_path):
     """PPO against a reward model trained by `rlcli rm` on the tiny preference task (sorting digits)."""
     rm_dir = tmp_path / "rm"

@@ -56,6 +56,7 @@ def chain(tmp_path_factory):
     return sft, rm, ppo
 
 
+@pytest.mark.slow
 def test_chain_each_stage_learns(chain):
     sft, rm, ppo = chain
     losses = [m["loss"] for m in read_metrics(sft)]
@@ -105,6 +106,7 @@ def test_workstation_chain_recipes_dry_run(chain, monkeypatch):
     assert code == 2 and "reward.adapter:" in plain(err) and "was trained on base" in plain(err), err
 
 
+@pytest.mark.slow
 def test_detox_twin_learns(tmp_path):
     detox = _recipe_module("detox")
     classifier, sft, ppo = tmp_path / "classifier", tmp_path / "sft", tmp_path / "ppo"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import plain, read_metrics, run_cli
 from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
 
@@ -93,6 +95,7 @@ def test_env_rollout_chat_protocol_on_smollm2(smollm2_dir, tmp_path):
                     s["text"] for s in e["segments"] if s["source"] == "model")
 
 
+@pytest.mark.slow
 def test_lora_sft_and_grpo_smoke(smollm2_dir, tmp_path):
     """2 LoRA SFT steps on the generated conversations, and 2 GRPO steps through the chat protocol."""
     sft = tmp_path / "sft"
