@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rlcli.config.errors import Problem
+
 COMMANDS = ("sft", "rm", "ppo", "env-rollout")
 RESUME_HINT = "the newest checkpoint (if any) can be continued with --resume"  # after Ctrl-C or a SIGTERM
 TRAINERS = ("sft", "rm", "ppo")
@@ -105,7 +107,7 @@ def detect_launch(environ: Mapping[str, str] | None = None, config_file: str | N
 
 
 def check_launch(command: str, recipe: Any = None, environ: Mapping[str, str] | None = None,
-                 processes: int | None = None) -> list[str]:
+                 processes: int | None = None) -> list[Problem]:
     """Problems with running ``rlcli COMMAND`` under the current launch setup (empty list: supported).
 
     Call it from a trainer's preflight, before any weights load; each message names the command, the setup
@@ -119,15 +121,16 @@ def check_launch(command: str, recipe: Any = None, environ: Mapping[str, str] | 
         setup = dataclasses.replace(setup, processes=processes,
                                     kind="ddp" if setup.kind in ("single", "ddp") and processes > 1 else setup.kind)
     where = setup.describe()
-    problems: list[str] = []
+    problems: list[Problem] = []
 
     if command == "env-rollout":
         if setup.processes > 1:
             problems.append(
-                f"launch: `rlcli env-rollout` under {where} is not supported: it runs in one process and does not "
-                f"split episodes across processes, so each of the {setup.processes} processes would run every episode "
-                "and write the same files. Run it without a launcher (`rlcli env-rollout CONFIG`) or with "
-                f"`accelerate launch --config_file {SINGLE_PRESET} -m rlcli env-rollout CONFIG`."
+                Problem("launch", f"`rlcli env-rollout` under {where} is not supported: it runs in one process and "
+                                  f"does not split episodes across processes, so each of the {setup.processes} "
+                                  "processes would run every episode and write the same files. Run it without a "
+                                  "launcher (`rlcli env-rollout CONFIG`) or with `accelerate launch --config_file "
+                                  f"{SINGLE_PRESET} -m rlcli env-rollout CONFIG`.")
             )
         return problems
 
@@ -137,33 +140,38 @@ def check_launch(command: str, recipe: Any = None, environ: Mapping[str, str] | 
               + (", which also avoids a second copy of the weights for the reference model" if command == "ppo" else "")
               + "), with train.mixed_precision=bf16 and model.gradient_checkpointing=true")
     if setup.kind == "fsdp" and str(setup.fsdp_version or "1") != "2":
-        problems.append(f"launch: `rlcli {command}` under {where} is not supported: rlcli shards with FSDP2 only "
-                        "(torch's fully_shard); set `fsdp_version: 2` in the accelerate config (as "
-                        f"{FSDP_PRESET} does), or use DeepSpeed ZeRO ({ZERO3_PRESET}). {instead}.")
+        problems.append(Problem("launch", f"`rlcli {command}` under {where} is not supported: rlcli shards with FSDP2 "
+                                          "only (torch's fully_shard); set `fsdp_version: 2` in the accelerate config "
+                                          f"(as {FSDP_PRESET} does), or use DeepSpeed ZeRO ({ZERO3_PRESET}). "
+                                          f"{instead}."))
     elif setup.kind == "deepspeed" and setup.zero_stage not in (None, 0, 1, 2, 3):
-        problems.append(f"launch: `rlcli {command}` under {where}: unknown ZeRO stage {setup.zero_stage}; use 1, 2 or 3")
+        problems.append(Problem("launch", f"`rlcli {command}` under {where}: unknown ZeRO stage {setup.zero_stage}; "
+                                          "use 1, 2 or 3"))
     elif setup.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        problems.append(f"launch: `rlcli {command}` under {where} needs DeepSpeed, which is not installed: "
+        problems.append(Problem("launch", f"`rlcli {command}` under {where} needs DeepSpeed, which is not installed: "
                         "`pip install \"rlcli[deepspeed]\"` (on a machine without CUDA: `DS_BUILD_OPS=0 pip install "
                         "--no-build-isolation deepspeed`). Or use FSDP2, which needs nothing more: "
-                        f"`accelerate launch --config_file {FSDP_PRESET} ...`")
+                        f"`accelerate launch --config_file {FSDP_PRESET} ...`"))
     elif setup.kind in ("megatron", "parallelism"):
-        problems.append(f"launch: `rlcli {command}` under {where} is not supported: rlcli's trainers are data-parallel "
-                        f"only (every process holds the whole model). {instead}{memory}.")
+        problems.append(Problem("launch", f"`rlcli {command}` under {where} is not supported: rlcli's trainers are "
+                                          "data-parallel only (every process holds the whole model). "
+                                          f"{instead}{memory}."))
 
     if problems:  # refused already: a precision remark on top would only distract
         return problems
     wanted = _recipe_precision(recipe)
     launched = setup.mixed_precision
     if launched == "fp8":
-        problems.append(f"launch: `rlcli {command}`: the launcher asks for fp8 mixed precision, which rlcli does not "
-                        "support; launch with `--mixed_precision no` (or `mixed_precision: 'no'` in the accelerate "
-                        "config) and set train.mixed_precision=bf16 in the recipe")
+        problems.append(Problem("launch", f"`rlcli {command}`: the launcher asks for fp8 mixed precision, which rlcli "
+                                          "does not support; launch with `--mixed_precision no` (or `mixed_precision: "
+                                          "'no'` in the accelerate config) and set train.mixed_precision=bf16 in the "
+                                          "recipe"))
     elif launched not in (None, "no") and wanted is not None and launched != wanted:
-        problems.append(f"launch: `rlcli {command}`: the launcher asks for mixed_precision={launched} but the recipe has "
-                        f"train.mixed_precision={wanted}; rlcli takes precision from the recipe, so say it there: add "
-                        f"`train.mixed_precision={launched}` to the command, or launch with `--mixed_precision no` "
-                        "(or `mixed_precision: 'no'` in the accelerate config)")
+        problems.append(Problem("launch", f"`rlcli {command}`: the launcher asks for mixed_precision={launched} but "
+                                          f"the recipe has train.mixed_precision={wanted}; rlcli takes precision from "
+                                          f"the recipe, so say it there: add `train.mixed_precision={launched}` to the "
+                                          "command, or launch with `--mixed_precision no` (or `mixed_precision: 'no'` "
+                                          "in the accelerate config)"))
     return problems
 
 

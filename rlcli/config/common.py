@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationInfo, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rlcli.config.errors import Problem, RecipeProblems
+
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, defaults are validated too."""
@@ -27,16 +29,17 @@ def share_micro_batch(batch: int, micro: int | None, processes: int, batch_key: 
                       micro_key: str) -> tuple[int, int]:
     """(micro-batch, accumulation steps) for ``batch`` rows per optimizer step over ``processes``: ``micro`` as
     given, or when None the whole per-process share (one forward pass per process and step). Raises naming the key
-    to set."""
+    to set (``RecipeProblems``: the keys are full dotted paths)."""
     if batch % processes:
-        raise ValueError(f"{batch_key}={batch} must be a multiple of the process count {processes}: set {batch_key} "
-                         f"to a multiple of {processes}")
+        raise RecipeProblems([Problem(batch_key, f"{batch_key}={batch} must be a multiple of the process count "
+                                                 f"{processes}: set {batch_key} to a multiple of {processes}")])
     share = batch // processes
     micro = share if micro is None else micro
     if share % micro:
-        raise ValueError(f"{batch_key}={batch} must be a multiple of {micro_key} × processes = {micro} × {processes} = "
-                         f"{micro * processes}: set {micro_key} to a divisor of {share} (or leave it unset: the whole "
-                         f"per-process share, {share})")
+        raise RecipeProblems([Problem(batch_key, (
+            f"{batch_key}={batch} must be a multiple of {micro_key} × processes = {micro} × {processes} = "
+            f"{micro * processes}: set {micro_key} to a divisor of {share} (or leave it unset: the whole per-process "
+            f"share, {share})"))])
     return micro, share // micro
 
 

@@ -18,11 +18,34 @@ class Problem:
         where = self.source or "recipe"
         if self.line is not None:
             where += f":{self.line}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        # "ppo.batch_size=64 must be ..." names its key already
+        named = not self.key or self.message.startswith((self.key + "=", self.key + " "))
+        return f"{where}: {self.message}" if named else f"{where}: {self.key}: {self.message}"
+
+
+class RecipeProblems(ValueError):
+    """Several problems a schema's cross-field check found at once. Raised out of a pydantic validator (which lets
+    only a ``ValueError`` through, kept on the error as ``ctx["error"]``); the loader lists each one under its own
+    key, a full dotted path from the recipe's top (a problem without one stays on the validator's section)."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p.key}: {p.message}" if p.key else p.message for p in problems))
 
 
 class UserError(Exception):
-    """Bad input the user can fix (a data file, a plug-in, an output dir). Printed as one paragraph, exit 1."""
+    """Bad input the user can fix (a data file, a plug-in, an output dir). Printed as one paragraph, exit 1.
+
+    ``key``: the recipe key the problem is about, when there is one; the message then reads ``key: detail``, and
+    :meth:`problem` turns it into a recipe :class:`Problem` (a preflight's checks collect them)."""
+
+    def __init__(self, message: str = "", *, key: str | None = None):
+        self.key, self.detail = key, message
+        super().__init__(f"{key}: {message}" if key else message)
+
+    def problem(self, key: str = "") -> Problem:
+        """This error as a recipe problem about its own key, or ``key`` when it has none."""
+        return Problem(self.key or key, self.detail)
 
 
 class RecipeError(UserError):

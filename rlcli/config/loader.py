@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from rlcli.config.errors import Problem, RecipeError
+from rlcli.config.errors import Problem, RecipeError, RecipeProblems
 
 R = TypeVar("R", bound=BaseModel)
 CLI = "command line"
@@ -27,28 +26,21 @@ class Origin:
     lines: dict[str, int] = dataclasses.field(default_factory=dict)
     touched: frozenset[str] = frozenset()
 
-    def problem(self, key: str, message: str) -> Problem:
-        """``message`` about ``key``, placed at the override that set it or at its line in the file."""
+    def place(self, problem: Problem) -> Problem:
+        """``problem``, placed at the override that set its key or at the key's line in the file."""
+        key = problem.key
         # a key set on the command line, inside one (model.config.x for model.config={...}) or under a section
         # whose check failed (train, when train.batch_size=33 was given) is the command line's doing
         if key and any(key == t or key.startswith(t + ".") or t.startswith(key + ".") for t in self.touched):
-            return Problem(key, message, source=CLI)
-        return Problem(key, message, source=self.source, line=self.lines.get(key))
+            return dataclasses.replace(problem, source=CLI, line=None)
+        return dataclasses.replace(problem, source=self.source, line=self.lines.get(key))
 
 
-def locate(messages: list[str], origin: Origin | str = "recipe") -> list[Problem]:
-    """Problems found by a command's checks after validation, each a ``"dotted.key: what is wrong"`` string (or free
-    text), placed where the key was set: ``origin`` comes from :func:`load_recipe_and_origin` (a plain source name
-    when the recipe was built otherwise)."""
+def locate(problems: list[Problem], origin: Origin | str = "recipe") -> list[Problem]:
+    """The problems a command's checks found after validation, each placed where its key was set: ``origin`` comes
+    from :func:`load_recipe_and_origin` (a plain source name when the recipe was built otherwise)."""
     origin = origin if isinstance(origin, Origin) else Origin(origin)
-    problems = []
-    for text in messages:
-        key, sep, message = text.partition(": ")
-        if sep and re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", key):
-            problems.append(origin.problem(key, message))
-        else:
-            problems.append(origin.problem("", text))
-    return problems
+    return [origin.place(p) for p in problems]
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -250,15 +242,16 @@ def validate(schema: type[R], data: dict[str, Any], origin: Origin, processes: i
     try:
         recipe = schema.model_validate(_fix_floats(data), context={"processes": processes})
     except ValidationError as exc:
-        problems, seen = [], set()
+        problems: list[Problem] = []
         for error in exc.errors():
-            loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            key = ".".join(str(p) for p in loc)
-            message = _describe(error, schema)
-            if (key, message) in seen:
-                continue
-            seen.add((key, message))
-            problems.append(origin.problem(key, message))
+            loc = tuple(str(p) for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            cause = error.get("ctx", {}).get("error")
+            found = (cause.problems if isinstance(cause, RecipeProblems)
+                     else [Problem(".".join(loc), _describe(error, schema))])
+            for p in found:
+                placed = origin.place(Problem(p.key or ".".join(loc), p.message))
+                if placed not in problems:
+                    problems.append(placed)
         raise RecipeError(problems) from None
     return recipe
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import ValidationInfo, Field, field_validator, model_validator
 
 from rlcli.config.env import EnvConfig
+from rlcli.config.errors import Problem, RecipeProblems
 from rlcli.config.reward import RewardConfig
 from rlcli.config.common import (
     DataSource,
@@ -233,38 +234,44 @@ class PPORecipe(RecipeBase):
         p, procs = self.ppo, processes_of(info)
         problems = []
         if p.batch_size % p.mini_batch_size:
-            problems.append(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.mini_batch_size={p.mini_batch_size}")
+            problems.append(Problem("ppo.batch_size", f"ppo.batch_size={p.batch_size} must be a multiple of "
+                                                      f"ppo.mini_batch_size={p.mini_batch_size}"))
         try:
             p.micro_batch_size, _ = share_micro_batch(p.mini_batch_size, p.micro_batch_size, procs,
                                                       "ppo.mini_batch_size", "ppo.micro_batch_size")
-        except ValueError as exc:
-            problems.append(str(exc))
-        if self.generation.min_new_tokens > self.generation.max_new_tokens:
-            problems.append(f"generation.min_new_tokens={self.generation.min_new_tokens} exceeds "
-                            f"max_new_tokens={self.generation.max_new_tokens}")
+        except RecipeProblems as exc:
+            problems += exc.problems
+        gen = self.generation
+        if gen.min_new_tokens > gen.max_new_tokens:
+            problems.append(Problem("generation.min_new_tokens", f"generation.min_new_tokens={gen.min_new_tokens} "
+                                                                 f"exceeds max_new_tokens={gen.max_new_tokens}"))
         if self.lora is not None and self.ref_model is not None:
-            problems.append("ref_model must be omitted with lora: the reference is the base model with the adapter disabled")
+            problems.append(Problem("ref_model", "ref_model must be omitted with lora: the reference is the base "
+                                                 "model with the adapter disabled"))
         problems += self._estimator_problems(procs)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise RecipeProblems(problems)
         return self
 
-    def _estimator_problems(self, procs: int) -> list[str]:
+    def _estimator_problems(self, procs: int) -> list[Problem]:
         """Check the estimator's keys and fill the ones left unset with the estimator's defaults."""
         p, kl, problems = self.ppo, self.kl, []
         apply_estimator_defaults(p, kl)
         n = p.group_size
         if p.advantage in ("grpo", "rloo") and n < 2:
-            problems.append(f"ppo.group_size={n}: {p.advantage} compares completions of the same prompt, so it needs "
-                            "ppo.group_size >= 2 (4-16 is usual)")
+            problems.append(Problem("ppo.group_size", f"ppo.group_size={n}: {p.advantage} compares completions of the "
+                                                      "same prompt, so it needs ppo.group_size >= 2 (4-16 is usual)"))
         if p.advantage_scaling == "group" and n < 2:
-            problems.append(f"ppo.advantage_scaling=group needs ppo.group_size >= 2, got {n}")
+            problems.append(Problem("ppo.advantage_scaling",
+                                    f"ppo.advantage_scaling=group needs ppo.group_size >= 2, got {n}"))
         if p.batch_size % (n * procs):
-            problems.append(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.group_size × processes = {n} × "
-                            f"{procs} = {n * procs} (each process samples whole groups)")
+            problems.append(Problem("ppo.batch_size", f"ppo.batch_size={p.batch_size} must be a multiple of "
+                                                      f"ppo.group_size × processes = {n} × {procs} = {n * procs} "
+                                                      "(each process samples whole groups)"))
         if kl.mode == "loss" and kl.estimator == "full":
-            problems.append("kl.estimator=full works only with kl.mode=reward (the loss term needs a per-token "
-                            "estimate of the sampled tokens: k3, or k1 / k2)")
+            problems.append(Problem("kl.estimator", "kl.estimator=full works only with kl.mode=reward (the loss term "
+                                                    "needs a per-token estimate of the sampled tokens: k3, or k1 / "
+                                                    "k2)"))
         return problems
 
     @property

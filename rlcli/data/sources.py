@@ -10,13 +10,13 @@ from pathlib import Path
 import datasets
 
 from rlcli.config.common import DataSource
-from rlcli.config.errors import UserError
+from rlcli.config.errors import Problem, UserError
 from rlcli.models.loading import source_kind
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def check_data_source(src: DataSource, key: str = "data") -> list[str]:
+def check_data_source(src: DataSource, key: str = "data") -> list[Problem]:
     """Problems findable without reading the data: local files that do not exist, unknown file types."""
     problems = []
     for field, path in (("path", src.path), ("eval_path", src.eval_path)):
@@ -25,14 +25,16 @@ def check_data_source(src: DataSource, key: str = "data") -> list[str]:
         p = Path(path)
         if p.is_file() or p.suffix in _BUILDERS or p.suffix in {".txt", ".tsv"} or path.startswith((".", "/")):
             if not p.exists():
-                problems.append(f"{key}.{field}: file {path} does not exist (relative to the working directory)")
+                problems.append(Problem(f"{key}.{field}", f"file {path} does not exist (relative to the working "
+                                                          "directory)"))
             elif p.is_file() and p.suffix not in _BUILDERS:
-                problems.append(f"{key}.{field}: unsupported file type {p.suffix!r} (use {', '.join(_BUILDERS)})")
+                problems.append(Problem(f"{key}.{field}", f"unsupported file type {p.suffix!r} (use "
+                                                          f"{', '.join(_BUILDERS)})"))
         elif not p.exists():
             try:
                 source_kind(path)
             except UserError as exc:
-                problems.append(f"{key}.{field}: {exc}")
+                problems.append(Problem(f"{key}.{field}", str(exc)))
     return problems
 
 

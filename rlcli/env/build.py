@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from rlcli.config.env import EnvConfig, ToolSpec
-from rlcli.config.errors import UserError
+from rlcli.config.errors import Problem, UserError
 from rlcli.env.builtin_tools import sandbox_problem
 from rlcli.env.chat import ChatProtocol, ChatTemplate, ChatTemplateError, load_parser, schemas_for
 from rlcli.env.environment import TextEnvironment
@@ -23,7 +23,7 @@ def _build_tool(name: str, spec: str | ToolSpec) -> Callable[..., str]:
     try:
         return load_tool(spec.spec, **spec.options)
     except ValueError as exc:
-        raise UserError(f"env.tools.{name}: {exc}") from None
+        raise UserError(str(exc), key=f"env.tools.{name}") from None
 
 
 def build_tools(cfg: EnvConfig) -> dict[str, Callable[..., str]]:
@@ -55,7 +55,7 @@ def build_protocol(cfg: EnvConfig, tokenizer=None, tools: dict[str, Callable] | 
     return ChatProtocol(template, parser, schemas, cfg.system_message)
 
 
-def check_env(cfg: EnvConfig) -> list[str]:
+def check_env(cfg: EnvConfig) -> list[Problem]:
     """Problems with the env section (unknown tools, bad plug-in paths, a python tool with no sandbox and no
     ``allow_unsandboxed`` opt-in), for --dry-run."""
     problems = []
@@ -63,20 +63,22 @@ def check_env(cfg: EnvConfig) -> list[str]:
         try:
             _build_tool(name, spec)
         except UserError as exc:
-            problems.append(str(exc))
+            problems.append(exc.problem())
     if cfg.protocol == "chat":
         try:
             load_parser(cfg.tool_call_parser)
         except UserError as exc:
-            problems.append(f"env.tool_call_parser: {exc}")
+            problems.append(Problem("env.tool_call_parser", str(exc)))
         if cfg.few_shot_prefix:
-            problems.append("env.few_shot_prefix: not used with protocol chat (the template renders the whole "
-                            "prompt; put example turns into the prompt's messages)")
+            problems.append(Problem("env.few_shot_prefix", "not used with protocol chat (the template renders the "
+                                                           "whole prompt; put example turns into the prompt's "
+                                                           "messages)"))
     else:
         defaults = EnvConfig.model_fields
         for key in ("tool_call_parser", "system_message"):
             if getattr(cfg, key) != defaults[key].default:
-                problems.append(f"env.{key}: only used with protocol chat (this recipe has protocol {cfg.protocol})")
+                problems.append(Problem(f"env.{key}", "only used with protocol chat (this recipe has protocol "
+                                                      f"{cfg.protocol})"))
     return problems
 
 

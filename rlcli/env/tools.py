@@ -24,7 +24,9 @@ than that many tokens of any tokenizer's text), so a tool that returns 50 MB cos
 - *memory*: the call may add at most ``memory_mb`` of address space to what the forked trainer already had
   (``RLIMIT_AS``, soft and hard, in the process that runs the tool); past it allocations fail with
   ``MemoryError`` and the call is an ``error``. Address space, not resident memory: a 4 GB ``bytearray`` fails
-  although the kernel would have handed its pages out lazily. Up to ``max_parallel`` calls run at once.
+  although the kernel would have handed its pages out lazily. Memory the trainer had freed but still maps (free
+  blocks of its heap) is already counted as its own, so a call can use that much on top: the cap stops a runaway
+  allocation, it is not an exact budget. Up to ``max_parallel`` calls run at once.
 - *prints*: file descriptors 1 and 2 of the call (and of every process it starts) are a pipe the trainer reads
   while it waits: nothing reaches the terminal, the bytes are counted (``ToolResult.printed_bytes``,
   ``ToolRunner.printed_bytes``) and the last ``PRINTED_TAIL_CHARS`` characters kept (``ToolResult.printed``).

@@ -27,7 +27,7 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from rlcli.config.common import LoraConfig, ModelConfig
-from rlcli.config.errors import UserError
+from rlcli.config.errors import Problem, UserError
 from rlcli.models import convert as gguf
 from rlcli.models.tokenizer import BYTE_TOKENIZER_NAME, DEFAULT_CHAT_TEMPLATE, build_byte_tokenizer
 
@@ -86,7 +86,7 @@ def model_task(cfg: ModelConfig) -> Literal["causal", "seq2seq"]:
     return "seq2seq" if any(k in name for k in ("t5", "bart", "pegasus", "marian", "ul2")) else "causal"
 
 
-def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list[str]:
+def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list[Problem]:
     """Problems findable without weights (unknown architecture, bad config keys, missing local files)."""
     problems = []
     auto_names = _AUTO_CLASSES[task][1]
@@ -94,10 +94,11 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
         arch = cfg.architecture
         if arch not in CONFIG_MAPPING:
             guess = difflib.get_close_matches(arch, list(CONFIG_MAPPING.keys()), n=3)
-            problems.append(f"{key}.architecture: unknown architecture {arch!r}; did you mean {', '.join(guess) or '?'}")
+            problems.append(Problem(f"{key}.architecture", f"unknown architecture {arch!r}; did you mean "
+                                                           f"{', '.join(guess) or '?'}"))
         elif arch not in auto_names:
-            problems.append(f"{key}.architecture: {arch!r} has no {task} model class in transformers "
-                            f"(use one of e.g. {', '.join(sorted(auto_names)[:8])}, ...)")
+            problems.append(Problem(f"{key}.architecture", f"{arch!r} has no {task} model class in transformers "
+                            f"(use one of e.g. {', '.join(sorted(auto_names)[:8])}, ...)"))
         else:
             config_cls = CONFIG_MAPPING[arch]
             defaults = config_cls().to_dict()
@@ -107,36 +108,38 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
                 if name not in known:
                     guess = difflib.get_close_matches(name, sorted(known), n=1)
                     hint = f"; did you mean '{guess[0]}'?" if guess else ""
-                    problems.append(f"{key}.config.{name}: not a {arch} config field{hint}")
+                    problems.append(Problem(f"{key}.config.{name}", f"not a {arch} config field{hint}"))
                     continue
                 expected = _config_type(config_cls, aliases.get(name, name), defaults)
                 if expected is not None and not _fits(value, expected):
-                    problems.append(f"{key}.config.{name}: expected {_describe_type(expected)} (the type {arch} "
-                                    f"configs take), got {type(value).__name__} {value!r}")
+                    problems.append(Problem(f"{key}.config.{name}", f"expected {_describe_type(expected)} (the type "
+                                                                    f"{arch} configs take), got {type(value).__name__} "
+                                                                    f"{value!r}"))
     elif cfg.gguf_file is not None:
         try:
             gguf.gguf_path(cfg.name_or_path, cfg.gguf_file)
         except UserError as exc:
-            problems.append(f"{key}.gguf_file: {exc}" if "gguf_file" in str(exc) else f"{key}.name_or_path: {exc}")
+            problems.append(Problem(f"{key}.gguf_file" if "gguf_file" in str(exc) else f"{key}.name_or_path", str(exc)))
         else:
             if gguf.gguf_problem() is not None:
-                problems.append(f"{key}.gguf_file: {gguf.gguf_problem()}")
+                problems.append(Problem(f"{key}.gguf_file", gguf.gguf_problem()))
     else:
         try:
             kind = source_kind(cfg.name_or_path)
         except UserError as exc:
-            problems.append(f"{key}.name_or_path: {exc}")
+            problems.append(Problem(f"{key}.name_or_path", str(exc)))
         else:
             if kind == "local":
                 p = Path(gguf.resolve_path(cfg.name_or_path))
                 if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-                    problems.append(f"{key}.name_or_path: {p} has no config.json (not a saved model directory)")
+                    problems.append(Problem(f"{key}.name_or_path", f"{p} has no config.json (not a saved model "
+                                                                   "directory)"))
     tok = cfg.tokenizer_source
     if tok != BYTE_TOKENIZER_NAME and tok != cfg.name_or_path:
         try:
             source_kind(tok)
         except UserError as exc:
-            problems.append(f"{key}.tokenizer: {exc}")
+            problems.append(Problem(f"{key}.tokenizer", str(exc)))
     return problems
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlcli.config.errors import UserError
+from rlcli.config.errors import Problem, UserError
 from rlcli.rewards.reward_model import REWARD_STATS_FILE, last_token_index, load_reward_stats, resolve_label
 
 REWARD_ADAPTER = "reward"
@@ -63,76 +63,77 @@ def _score_shape(weights: Path) -> tuple[int, int] | None:
     return int(shape[0]), int(shape[1])
 
 
-def check_reward_adapter(recipe) -> list[str]:
+def check_reward_adapter(recipe) -> list[Problem]:
     """Problems with ``reward.adapter`` findable without loading weights: a LoRA policy, a LoRA reward-model adapter
     with a score head, trained on the policy's base (``model.name_or_path``) with the policy's tokenizer."""
     path, cfg, model = recipe.reward.adapter, recipe.reward, recipe.model
     key = "reward.adapter"
     problems = []
     if recipe.lora is None:
-        problems.append(f"{key}: needs a LoRA policy (a `lora:` section): the reward adapter shares the policy's base "
-                        "weights, which full fine-tuning would change under it (for a separate reward model use "
-                        "reward.model)")
+        problems.append(Problem(key, "needs a LoRA policy (a `lora:` section): the reward adapter shares the "
+                                          "policy's base weights, which full fine-tuning would change under it (for a "
+                                          "separate reward model use reward.model)"))
     from rlcli.launch import detect_launch
 
     launch = detect_launch()
     if launch.kind == "fsdp" or (launch.kind == "deepspeed" and launch.zero_stage == 3):
-        problems.append(f"{key}: not supported under {launch.describe()} yet: the reward forward runs the policy's "
-                        "model outside the sharded engine, where its weights are shards (use DDP or DeepSpeed "
-                        "ZeRO-1/2, or reward.model)")
+        problems.append(Problem(key, f"not supported under {launch.describe()} yet: the reward forward runs the "
+                                          "policy's model outside the sharded engine, where its weights are shards "
+                                          "(use DDP or DeepSpeed ZeRO-1/2, or reward.model)"))
     if getattr(model, "architecture", None) is not None:
-        problems.append(f"{key}: the policy is built from scratch (model.architecture), so it cannot share the base the "
-                        f"reward adapter was trained on: set model.name_or_path to that base (see {path}/{ADAPTER_CONFIG}, "
-                        "base_model_name_or_path)")
+        problems.append(Problem(key, "the policy is built from scratch (model.architecture), so it cannot share "
+                                          "the base the reward adapter was trained on: set model.name_or_path to that "
+                                          f"base (see {path}/{ADAPTER_CONFIG}, base_model_name_or_path)"))
         return problems
     if model.gguf_file is not None:
-        problems.append(f"{key}: not supported with model.gguf_file (use reward.model)")
+        problems.append(Problem(key, "not supported with model.gguf_file (use reward.model)"))
         return problems
     folder = Path(path)
     if not folder.is_dir():
-        missing = f"{key}: {path} is not a directory (an `rlcli rm` output dir trained with `lora:`; run that first)"
-        return [*problems, missing]
+        missing = f"{path} is not a directory (an `rlcli rm` output dir trained with `lora:`; run that first)"
+        return [*problems, Problem(key, missing)]
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
         hint = " (a fully trained reward model: use reward.model)" if (folder / "config.json").is_file() else ""
-        not_lora = (f"{key}: {path} has no {ADAPTER_CONFIG}: not a LoRA adapter{hint}; train the reward model with "
+        not_lora = (f"{path} has no {ADAPTER_CONFIG}: not a LoRA adapter{hint}; train the reward model with "
                     "`rlcli rm` and a `lora:` section on the policy's base")
-        return [*problems, not_lora]
+        return [*problems, Problem(key, not_lora)]
     try:
         adapter_cfg = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        return [*problems, f"{key}: {config_file} cannot be read: {exc}"]
+        return [*problems, Problem(key, f"{config_file} cannot be read: {exc}")]
     if adapter_cfg.get("peft_type") != "LORA" or adapter_cfg.get("task_type") != "SEQ_CLS":
-        problems.append(f"{key}: {path} holds a {adapter_cfg.get('peft_type')} adapter for task "
+        problems.append(Problem(key, f"{path} holds a {adapter_cfg.get('peft_type')} adapter for task "
                         f"{adapter_cfg.get('task_type')}; a reward adapter is a LORA adapter of a sequence classifier "
-                        "(SEQ_CLS), as `rlcli rm` with `lora:` saves it")
+                        "(SEQ_CLS), as `rlcli rm` with `lora:` saves it"))
         return problems
     weights = folder / ADAPTER_WEIGHTS
     shape = _score_shape(weights) if weights.is_file() else None
     if shape is None:
-        problems.append(f"{key}: {path} has no score head ({SCORE_PREFIX}weight in {ADAPTER_WEIGHTS}): only decoder "
-                        "reward models (GPT-2, Llama, Qwen2, ... classifiers) can share the policy's base")
+        problems.append(Problem(key, f"{path} has no score head ({SCORE_PREFIX}weight in {ADAPTER_WEIGHTS}): only "
+                                          "decoder reward models (GPT-2, Llama, Qwen2, ... classifiers) can share the "
+                                          "policy's base"))
     elif cfg.label is not None:
         try:
             resolve_label(cfg.label, SimpleNamespace(num_labels=shape[0], label2id={}))
         except UserError as exc:
-            problems.append(f"reward.label: {exc}")
+            problems.append(Problem("reward.label", str(exc)))
     base = adapter_cfg.get("base_model_name_or_path")
     if not base or not _same_path(base, model.name_or_path):
-        problems.append(f"{key}: {path} was trained on base {base!r}, but the policy's model.name_or_path is "
-                        f"{model.name_or_path!r}: the reward adapter only means something on the base it was trained "
-                        "on (point both at the same model)")
+        problems.append(Problem(key, f"{path} was trained on base {base!r}, but the policy's model.name_or_path "
+                                          f"is {model.name_or_path!r}: the reward adapter only means something on the "
+                                          "base it was trained on (point both at the same model)"))
     elif (adapter_cfg.get("revision") or None) != (model.revision or None):
-        problems.append(f"{key}: {path} was trained on revision {adapter_cfg.get('revision')!r} of {base}, the policy "
-                        f"loads model.revision={model.revision!r}")
+        problems.append(Problem(key, f"{path} was trained on revision {adapter_cfg.get('revision')!r} of {base}, "
+                                          f"the policy loads model.revision={model.revision!r}"))
     problems += _tokenizer_problems(recipe, folder)
     if cfg.normalize and not (folder / REWARD_STATS_FILE).is_file():
-        problems.append(f"reward.normalize: {path} has no {REWARD_STATS_FILE} (written by `rlcli rm`); set "
-                        "reward.normalize to false")
+        problems.append(Problem("reward.normalize", f"{path} has no {REWARD_STATS_FILE} (written by `rlcli rm`); set "
+                        "reward.normalize to false"))
     return problems
 
 
-def _tokenizer_problems(recipe, folder: Path) -> list[str]:
+def _tokenizer_problems(recipe, folder: Path) -> list[Problem]:
     """The reward adapter reads the policy's token ids with the base's embeddings: the two tokenizers must agree.
     Compared when both can be read locally (the adapter dir always; a hub tokenizer only from the local cache)."""
     from transformers import AutoTokenizer
@@ -140,7 +141,8 @@ def _tokenizer_problems(recipe, folder: Path) -> list[str]:
     try:
         rm_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError):
-        return [f"reward.adapter: {folder} has no tokenizer files (`rlcli rm` saves them beside the adapter)"]
+        return [Problem("reward.adapter", f"{folder} has no tokenizer files (`rlcli rm` saves them beside the "
+                                          "adapter)")]
     try:
         from rlcli.models.loading import load_tokenizer
 
@@ -149,10 +151,10 @@ def _tokenizer_problems(recipe, folder: Path) -> list[str]:
         return []  # a hub tokenizer that is not cached: the base ids were compared above
     if policy_tok is None or tokenizer_fingerprint(policy_tok) == tokenizer_fingerprint(rm_tok):
         return []
-    message = (f"reward.adapter: {folder} was trained with another tokenizer than the policy's (model.tokenizer / "
+    message = (f"{folder} was trained with another tokenizer than the policy's (model.tokenizer / "
                f"model.name_or_path: {recipe.model.tokenizer_source}): {len(rm_tok)} vs {len(policy_tok)} tokens or "
                "different ids; the reward adapter must read the policy's token ids as it was trained to")
-    return [message]
+    return [Problem("reward.adapter", message)]
 
 
 def _offline(load):

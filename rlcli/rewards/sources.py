@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlcli.config.errors import UserError
+from rlcli.config.errors import Problem, UserError
 from rlcli.config.plugins import resolve_object
 
 # What a reward function may ask for, by parameter name. ``answers`` is the final answer of each episode (in a
@@ -86,8 +86,8 @@ class ModelReward:
         return self.scorer(texts).float().cpu()
 
 
-def check_reward(recipe) -> list[str]:
-    """Problems with a recipe's ``reward:`` section findable without loading weights, as ``"key: what"`` strings."""
+def check_reward(recipe) -> list[Problem]:
+    """Problems with a recipe's ``reward:`` section findable without loading weights."""
     from pathlib import Path
 
     from rlcli.models.loading import source_kind
@@ -97,15 +97,16 @@ def check_reward(recipe) -> list[str]:
         try:
             check_reward_function(cfg.function)
         except UserError as exc:
-            problems.append(f"reward.function: {exc}")
+            problems.append(Problem("reward.function", str(exc)))
     elif cfg.model is not None:
         try:
             kind = source_kind(cfg.model)
             if kind == "local" and not ((Path(cfg.model) / "config.json").exists()
                                         or (Path(cfg.model) / "adapter_config.json").exists()):
-                problems.append(f"reward.model: {cfg.model} has no config.json (not a saved model directory)")
+                problems.append(Problem("reward.model", f"{cfg.model} has no config.json (not a saved model "
+                                                        "directory)"))
         except UserError as exc:
-            problems.append(f"reward.model: {exc}")
+            problems.append(Problem("reward.model", str(exc)))
     else:
         from rlcli.rewards.adapter import check_reward_adapter
 

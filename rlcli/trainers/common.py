@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from rlcli.checkpoint import latest_checkpoint
 from rlcli.config.common import OptimConfig, RecipeBase
 from rlcli import rundir
-from rlcli.config.errors import RecipeError, UserError
+from rlcli.config.errors import Problem, RecipeError, UserError
 from rlcli.config.loader import Origin, locate, recipe_to_yaml
 from rlcli.logging import console
 from rlcli.rundir import RECIPE_FILE
@@ -31,37 +31,38 @@ def _command(recipe_type: str | None) -> str:
     return COMMANDS.get(recipe_type or "", "an older rlcli")
 
 
-def check_output_dir(recipe: RecipeBase, resume: bool = False) -> list[str]:
+def check_output_dir(recipe: RecipeBase, resume: bool = False) -> list[Problem]:
     """Problems with ``output_dir`` findable before anything is loaded or written (``--dry-run`` reports them):
     the working directory or one above it, a file, not writable, or holding files rlcli did not write."""
     out = Path(recipe.output_dir)
     resolved, cwd = out.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         where = "the working directory" if resolved == cwd else f"a parent of the working directory ({cwd})"
-        return [f"output_dir: {recipe.output_dir!r} is {where}; a run needs a directory of its own (such as "
-                f"runs/NAME), since it fills it with its files and overwrite_output_dir replaces them"]
+        return [Problem("output_dir", f"{recipe.output_dir!r} is {where}; a run needs a directory of its own (such as "
+                                      "runs/NAME), since it fills it with its files and overwrite_output_dir replaces "
+                                      "them")]
     if out.exists() and not out.is_dir():
-        return [f"output_dir: {out} is a file, not a directory"]
+        return [Problem("output_dir", f"{out} is a file, not a directory")]
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return [f"output_dir: {out} cannot be created: {existing} is a file"]
+        return [Problem("output_dir", f"{out} cannot be created: {existing} is a file")]
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         why = "is on a read-only file system" if read_only else "is not writable by this user"
         target = "" if existing == out else f" cannot be created: {existing}"
-        return [f"output_dir: {out}{target} {why}"]
+        return [Problem("output_dir", f"{out}{target} {why}")]
     others = rundir.foreign(out)
     if others and not resume:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        return [f"output_dir: {out} holds files rlcli did not write ({shown}); a run writes only into an empty "
-                "directory or one holding rlcli's own files, so that replacing a run never deletes yours: choose "
-                "another output_dir, or move those files away"]
+        return [Problem("output_dir", f"{out} holds files rlcli did not write ({shown}); a run writes only into an "
+                                      "empty directory or one holding rlcli's own files, so that replacing a run never "
+                                      "deletes yours: choose another output_dir, or move those files away")]
     return []
 
 
-def check_trackers(recipe: RecipeBase) -> list[str]:
+def check_trackers(recipe: RecipeBase) -> list[Problem]:
     """``logging.report_to`` trackers whose package is missing (Accelerate would skip them without a word)."""
     import importlib.util
 
@@ -69,8 +70,9 @@ def check_trackers(recipe: RecipeBase) -> list[str]:
     problems = []
     for i, name in enumerate(recipe.logging.report_to):
         if not any(importlib.util.find_spec(p) for p in packages[name]):
-            problems.append(f"logging.report_to.{i}: {name} is not installed in this environment; install it "
-                            f"(pip install {name}, or pip install 'rlcli[{name}]') or remove it from report_to")
+            problems.append(Problem(f"logging.report_to.{i}", f"{name} is not installed in this environment; install "
+                                                              f"it (pip install {name}, or pip install "
+                                                              f"'rlcli[{name}]') or remove it from report_to"))
     return problems
 
 
@@ -181,7 +183,7 @@ def check_resume_recipe(recipe: RecipeBase, ckpt: Path, origin: Origin | str = "
                if not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)]
     if not changed:
         return
-    problems = locate([f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changed], origin)
+    problems = locate([Problem(k, f"{_show(a)} -> {_show(b)}") for k, a, b in changed], origin)
     raise RecipeError(
         problems,
         title=f"--resume: {len(changed)} setting(s) differ from those the checkpoint was trained with ({saved_path}):",

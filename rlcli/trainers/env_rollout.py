@@ -25,7 +25,7 @@ from rich.table import Table
 from rlcli import rundir
 from rlcli.rl.sampling import SamplingRules
 from rlcli.config.env import EnvRolloutRecipe
-from rlcli.config.errors import RecipeError, UserError
+from rlcli.config.errors import Problem, RecipeError, UserError
 from rlcli.config.loader import Origin, locate
 from rlcli.data.prompts import load_prompt_rows
 from rlcli.data.sources import check_data_source
@@ -52,10 +52,10 @@ def preflight(recipe: EnvRolloutRecipe, origin: Origin | str = "recipe", process
         try:
             check_reward_function(recipe.reward.function)
         except UserError as exc:
-            problems.append(f"reward.function: {exc}")
+            problems.append(Problem("reward.function", str(exc)))
     problems += check_launch("env-rollout", recipe, processes=processes)
     if recipe.accept_min_reward is not None and recipe.reward is None:
-        problems.append("accept_min_reward: needs a reward section to score the episodes")
+        problems.append(Problem("accept_min_reward", "needs a reward section to score the episodes"))
     if problems:
         raise RecipeError(locate(problems, origin))
     return [f"tools: {', '.join(recipe.env.tools)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]

