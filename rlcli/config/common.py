@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import ValidationInfo, BaseModel, ConfigDict, Field, field_validator, model_validator

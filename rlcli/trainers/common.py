@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from rlcli.checkpoint import latest_checkpoint

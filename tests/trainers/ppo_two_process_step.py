@@ -1,7 +1,9 @@
 """Run by tests/trainers/test_ppo_cli.py under torchrun: PPOLearner steps on fixed rollouts, the batch split over the
 processes; rank 0 saves the weights. ``python ppo_two_process_step.py ESTIMATOR OUT.pt``."""
 
-import sys, copy, torch
+import sys
+import copy
+import torch
 from accelerate import Accelerator
 from rlcli.config.common import ModelConfig, OptimConfig
 from rlcli.config.ppo import KLConfig, PPOAlgo

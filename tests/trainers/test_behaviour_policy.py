@@ -25,7 +25,6 @@ from rlcli.env.protocols import ToolCall
 from rlcli.models.engines import LocalEngine
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
-from rlcli.padding import left_pad
 from rlcli.rl import SamplingRules
 from rlcli.trainers.common import make_optimizer
 from rlcli.trainers.ppo import behaviour_rules, generate
