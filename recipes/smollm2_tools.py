@@ -177,7 +177,11 @@ def pipeline(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | 
     console = Console()
     record = out / "pipeline.json"
     progress = json.loads(record.read_text()) if resume and record.exists() else {}
-    if not resume and out.exists():
+    if not resume and out.exists() and any(out.iterdir()):
+        # only a directory an earlier pipeline wrote is replaced: --out . or a directory of the user's stays untouched
+        if not record.exists():
+            sys.exit(f"--out {out} holds files this pipeline did not write (no pipeline.json there): choose an empty "
+                     "or new directory, or --resume an earlier pipeline's")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not (DATA / "sft.jsonl").exists():
@@ -227,7 +231,8 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("data", help="write data/smollm2/*.jsonl")
     p = sub.add_parser("pipeline", help="evaluate, SFT, evaluate, PPO, evaluate")
-    p.add_argument("--out", default="runs/smollm2", help="run directory (replaced)")
+    p.add_argument("--out", default="runs/smollm2",
+                   help="run directory (an earlier pipeline's is replaced; any other non-empty one is refused)")
     p.add_argument("--eval-rows", type=int, default=100, help="held-out problems per evaluation (default 100)")
     p.add_argument("--sft-steps", type=int, default=None, help="override train.max_steps of the SFT recipe")
     p.add_argument("--ppo-steps", type=int, default=None, help="override ppo.steps of the PPO recipe")

@@ -183,16 +183,9 @@ def test_launcher_config_file_found_in_parent_cmdline(tmp_path):
     assert out.stdout.strip() == "configs/accelerate/fsdp.yaml", out.stderr
 
 
-# --- end to end: the CLI refuses before loading weights (only once the trainers' preflight calls check_launch) ----
+# --- end to end: the CLI refuses before loading weights --------------------------------------------------------------
 
 
-def _preflight_calls_check_launch() -> bool:
-    from rlcli.trainers import sft
-
-    return "check_launch" in Path(sft.__file__).read_text()
-
-
-@pytest.mark.skipif(not _preflight_calls_check_launch(), reason="trainers' preflight does not call check_launch yet")
 def test_cli_dry_run_refuses_fsdp1(tmp_path):
     rec = write_yaml(tmp_path / "sft.yaml", {
         "output_dir": str(tmp_path / "out"), "model": TINY_GPT2,
