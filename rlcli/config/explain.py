@@ -3,12 +3,14 @@
     rlcli explain ppo                 # the sections of a ppo recipe
     rlcli explain ppo.kl              # a section: its keys, types, defaults, first lines of their docs
     rlcli explain ppo.kl.coef         # one key: type, default, constraints, the whole docstring
+    rlcli explain ppo.coef            # a key named without its section, when only one section has it
 
 The text is the schema's, so it cannot drift from what validation accepts.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import types
 import typing
@@ -117,11 +119,30 @@ def _summary(doc: str) -> str:
     return first if end < 0 else first[: end + 1]
 
 
+def _resolve_partial(schema: type[BaseModel], key: str, paths: list[str]) -> str:
+    """A key given without its section (``advantage`` for ``ppo.advantage``, ``coef`` for ``kl.coef``) when exactly
+    one full key path ends with it; otherwise the key as given."""
+    head = key.split(".")[0]
+    if not key or head in schema.model_fields:
+        return key
+    matches = [path for path in paths if path.endswith("." + key)]
+    return matches[0] if len(matches) == 1 else key
+
+
+def _close_full_path(name: str, paths: list[str]) -> str | None:
+    """The one full key path whose last part is close to ``name`` (``advantag`` -> ``ppo.advantage``), if any."""
+    leaves = {path.rsplit(".", 1)[-1] for path in paths if "." in path}
+    close = difflib.get_close_matches(name, sorted(leaves), n=1, cutoff=0.8)
+    matches = [path for path in paths if close and path.endswith("." + close[0])]
+    return matches[0] if len(matches) == 1 else None
+
+
 def explain(command: str, key: str = "") -> str:
     """The documentation of ``key`` (dotted, "" for the whole recipe) in ``command``'s recipe, as plain text."""
     from rlcli.config.loader import _key_paths, _suggest
 
     schema = schema_for(command)
+    key = _resolve_partial(schema, key, _key_paths(schema))
     current: type[BaseModel] = schema
     field: FieldInfo | None = None
     walked: list[str] = []
@@ -131,7 +152,8 @@ def explain(command: str, key: str = "") -> str:
         field = current.model_fields.get(part)
         if field is None:
             here = list(current.model_fields)
-            guess = _suggest(part, here, _key_paths(schema))
+            guess = (_close_full_path(part, _key_paths(schema)) if not walked else None) \
+                or _suggest(part, here, _key_paths(schema))
             hint = f"; did you mean {guess!r}?" if guess else f"; the keys here are {', '.join(here)}"
             raise _error(".".join(walked + [part]), f"no such key in a {command} recipe{hint}")
         walked.append(part)

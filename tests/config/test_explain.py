@@ -15,6 +15,10 @@ def test_explain_a_key_a_section_and_a_typo():
     assert res.returncode == 0 and "min_new_tokens: int = 0" in text and "behaviour policy" in text
     res = run_cli("explain", "sft.optim.lr")
     assert res.returncode == 2 and "did you mean 'learning_rate'" in plain(res.stderr)
+    res = run_cli("explain", "ppo.advantage")  # named without its section (ppo.ppo.advantage): the only one
+    assert res.returncode == 0 and plain(res.stdout).startswith("ppo ppo.advantage") and "'rloo'" in res.stdout
+    res = run_cli("explain", "ppo.advantag")  # a typo of a key in a section is suggested with its section
+    assert res.returncode == 2 and "did you mean 'ppo.advantage'" in plain(res.stderr)
     res = run_cli("explain", "train.x")
     assert res.returncode == 2 and "unknown command 'train'" in plain(res.stderr)
 
