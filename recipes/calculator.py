@@ -145,13 +145,15 @@ def demo(out: Path) -> None:
     after = _evaluate(out / "ppo", out / "eval-ppo")
     plot(out / "ppo" / "metrics.jsonl", out / "ppo_curve.png")
 
-    table = Table(title="Calculator demo: 200 held-out problems (sampled at temperature 0.7, as in training)", header_style="bold")
+    table = Table(title="Calculator demo: 200 held-out problems (sampled at temperature 0.7, as in training)",
+                  header_style="bold")
     table.add_column("")
     table.add_column("after SFT", justify="right")
     table.add_column("after PPO", justify="right")
     table.add_row("exact-match accuracy", f"{before['reward_mean']:.1%}", f"{after['reward_mean']:.1%}")
     table.add_row("tool-use rate", f"{before['tool_use_rate']:.1%}", f"{after['tool_use_rate']:.1%}")
-    table.add_row("tool calls per episode", f"{before['tool_calls_per_episode']:.2f}", f"{after['tool_calls_per_episode']:.2f}")
+    table.add_row("tool calls per episode", f"{before['tool_calls_per_episode']:.2f}",
+                  f"{after['tool_calls_per_episode']:.2f}")
     console.print(table)
     (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_ppo": after}, indent=2))
     console.print(f"plot: {out / 'ppo_curve.png'}; runs: {out}/sft, {out}/ppo; episodes: {out}/eval-*/episodes.jsonl")

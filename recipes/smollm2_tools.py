@@ -209,7 +209,8 @@ def pipeline(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | 
           *([f"train.max_steps={sft_steps}"] if sft_steps else []))
     evaluate("eval-sft", local(out / "sft" / "merged"))
     stage("ppo", out / "ppo" / "merged" / "config.json", "ppo", "configs/smollm2/ppo.yaml",
-          *local(out / "sft" / "merged"), f"output_dir={out / 'ppo'}", *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
+          *local(out / "sft" / "merged"), f"output_dir={out / 'ppo'}",
+          *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
     evaluate("eval-ppo", local(out / "ppo" / "merged"))
     base, after_sft, after_ppo = (summaries[k] for k in ("eval-base", "eval-sft", "eval-ppo"))
 

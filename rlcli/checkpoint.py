@@ -93,7 +93,8 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, *, process_index: int, restore_rng: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: Path, *, process_index: int,
+                    restore_rng: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (state.json contents, {name: loaded object}) and restore this process's RNG states.
 
     ``restore_rng=False`` leaves the RNG alone, for a caller that still has to build things the way the original run

@@ -89,7 +89,8 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
     return notes
 
 
-def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable, resume: bool):
+def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable,
+         resume: bool):
     from rlcli.launch import (
         RESUME_HINT,
         launch_processes,

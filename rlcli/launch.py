@@ -291,7 +291,8 @@ def relaunch_cpu_processes(argv: list[str], processes: int) -> NoReturn:
     console.print(
         f"[cyan]note:[/] `accelerate launch --cpu` starts one process; rlcli starts the {processes} CPU processes you "
         "asked for itself (torch.distributed.run, gloo backend)")
-    args = torchrun.get_args_parser().parse_args(["--nproc_per_node", str(processes), "--nnodes", "1", "-m", "rlcli", *argv])
+    args = torchrun.get_args_parser().parse_args(["--nproc_per_node", str(processes), "--nnodes", "1", "-m", "rlcli",
+                                                   *argv])
     # the agent logs each worker it stops, each signal and each failure; rlcli reports those itself, below or in
     # the workers (torch's elastic loggers carry their own levels, so each is quietened)
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:

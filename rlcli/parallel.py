@@ -260,7 +260,10 @@ class Parallel:
 
         mesh = init_device_mesh(self.device.type, (self.num_processes,))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        if dtype:
+            policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        else:
+            policy = MixedPrecisionPolicy()
         if trainable:
             # every process shards the weights of rank 0 (built from the same seed or loaded from the same files,
             # but a from-scratch model on another rank had its own random init); frozen models got them already

@@ -78,4 +78,5 @@ def resolve_object(spec: str) -> Any:
         # what a spec could name: the module's own callables (not its imports or `from __future__` features)
         names = sorted(n for n, v in vars(module).items() if not n.startswith("_") and callable(v)
                        and getattr(v, "__module__", None) == module.__name__)
-        raise UserError(f"plug-in {spec!r}: {target} has no attribute {attr!r} (it has: {', '.join(names[:20])})") from None
+        raise UserError(f"plug-in {spec!r}: {target} has no attribute {attr!r} "
+                        f"(it has: {', '.join(names[:20])})") from None

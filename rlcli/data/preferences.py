@@ -85,7 +85,8 @@ def _messages(value: Any, column: str, path: str, row: int, *, string_role: str 
 
 def _text(value: Any, column: str, path: str, row: int) -> str:
     if not isinstance(value, str):
-        raise UserError(f"data {row_ref(path, row)}: column {column!r} must be text, got {type(value).__name__} {value!r}")
+        raise UserError(f"data {row_ref(path, row)}: column {column!r} must be text, "
+                        f"got {type(value).__name__} {value!r}")
     return value
 
 

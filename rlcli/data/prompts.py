@@ -18,8 +18,8 @@ def prompt_column(columns: list[str], configured: str | None, path: str) -> str:
     for name in CANDIDATES:
         if name in columns:
             return name
-    raise UserError(f"data {path}: no prompt column; expected one of {', '.join(CANDIDATES)} (or set data.prompt_field); "
-                    f"the rows have {', '.join(columns)}")
+    raise UserError(f"data {path}: no prompt column; expected one of {', '.join(CANDIDATES)} "
+                    f"(or set data.prompt_field); the rows have {', '.join(columns)}")
 
 
 def check_prompt_rows(rows: datasets.Dataset, column: str, path: str, *, messages: bool = False) -> None:

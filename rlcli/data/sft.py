@@ -171,7 +171,8 @@ def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTok
             labels = list(ids)
         elif fmt == "prompt_completion":
             prompt = tokenizer(_text(row, cfg.prompt_field, path, i))["input_ids"]
-            completion = tokenizer(_text(row, cfg.completion_field, path, i), add_special_tokens=False)["input_ids"] + eos
+            text = _text(row, cfg.completion_field, path, i)
+            completion = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
             ids = prompt + completion
             labels = [IGNORE] * len(prompt) + completion
         elif fmt == "segments":
@@ -193,7 +194,8 @@ def tokenize_rows(rows: datasets.Dataset, cfg: SFTData, tokenizer: PreTrainedTok
     if out.truncated:
         out.notes.append(f"{out.truncated} of {len(rows)} examples were truncated to max_length={cfg.max_length}")
     if out.dropped_no_loss:
-        out.notes.append(f"{out.dropped_no_loss} examples had no completion tokens left after truncation and were dropped")
+        out.notes.append(f"{out.dropped_no_loss} examples had no completion tokens left after truncation and were "
+                         "dropped")
     return out
 
 

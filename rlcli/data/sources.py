@@ -195,7 +195,8 @@ def _kind(feature) -> str:
     return re.sub(r"\b(u?int|float)\d+\b", r"\1", text)
 
 
-def load_rows(path: str, split: str = "train", name: str | None = None, max_rows: int | None = None) -> datasets.Dataset:
+def load_rows(path: str, split: str = "train", name: str | None = None,
+              max_rows: int | None = None) -> datasets.Dataset:
     """One split of a dataset as a ``datasets.Dataset``; raises ``UserError`` when it cannot be read or is empty.
 
     A local directory is read file by file: every jsonl / json / csv / parquet file of the split (all of them for

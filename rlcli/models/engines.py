@@ -130,7 +130,10 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if eos_token_id is None:
+            eos_ids = []
+        else:
+            eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         # one seed per row from the caller's generator, as rlcli's sampler draws them
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
         params, live = [], []

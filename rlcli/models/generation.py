@@ -19,8 +19,10 @@ Multi-turn rows (text environments) need not prefill again: with ``keep_cache=Tr
 ``KeptCache`` (its keys and values at its real positions, and the token ids they cover), and a later ``sample``
 given ``past=`` feeds each row only the tokens its cache does not cover (the last sampled token and the forced
 tool tokens). Kept caches of several rows are left-padded into one ``DynamicCache``; positions still come from the
-attention mask, so a continued row sees the positions a full prefill would give it. ``drop_finished=False`` keeps them in the batch, fed pad tokens, which is what a naive padded loop
-does; it exists as the baseline that the position counters of ``SampleOutput`` are compared with.
+attention mask, so a continued row sees the positions a full prefill would give it.
+
+``drop_finished=False`` keeps finished rows in the batch, fed pad tokens, which is what a naive padded loop does; it
+exists as the baseline that the position counters of ``SampleOutput`` are compared with.
 
 Randomness is per row: ``generator`` gives row i a seed (its i-th draw), and row i's own stream gives one uniform
 per step, which inverts that row's CDF. A row's tokens therefore depend on its logits, the generator's state and
@@ -478,7 +480,8 @@ class _Seq2SeqDecoder:
         from transformers import DynamicCache, EncoderDecoderCache
 
         self.model = model
-        self.prefill_positions, self.prefill_pad_positions, self.reused_positions = ids.numel(), int((mask == 0).sum()), 0
+        self.prefill_positions, self.prefill_pad_positions = ids.numel(), int((mask == 0).sum())
+        self.reused_positions = 0
         ids, self.mask = left_to_right(ids, mask, pad_token_id)
         self.encoded = model.get_encoder()(input_ids=ids, attention_mask=self.mask)
         start = model.config.decoder_start_token_id

@@ -98,7 +98,8 @@ class ValueHeadModel(nn.Module):
             decoder_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
             decoder_mask = torch.cat([torch.ones_like(response_mask[:, :1]), response_mask[:, :-1]], dim=1)
             out = self.pretrained(input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=decoder_ids,
-                                  decoder_attention_mask=decoder_mask, output_hidden_states=with_values, use_cache=False)
+                                  decoder_attention_mask=decoder_mask, output_hidden_states=with_values,
+                                  use_cache=False)
             logits = out.logits
             hidden = out.decoder_hidden_states[-1] if with_values else None
         else:

@@ -64,9 +64,11 @@ class FunctionReward:
         try:
             scores = torch.as_tensor(result, dtype=torch.float32).flatten()
         except (TypeError, ValueError, RuntimeError):
-            raise UserError(f"reward.function {self.spec!r} must return one float per sample; got {type(result).__name__}") from None
+            raise UserError(f"reward.function {self.spec!r} must return one float per sample; "
+                            f"got {type(result).__name__}") from None
         if scores.numel() != len(responses):
-            raise UserError(f"reward.function {self.spec!r} returned {scores.numel()} scores for {len(responses)} samples")
+            raise UserError(f"reward.function {self.spec!r} returned {scores.numel()} scores for {len(responses)} "
+                            "samples")
         bad = [i for i, s in enumerate(scores.tolist()) if not math.isfinite(s)]
         if bad:
             raise UserError(f"reward.function {self.spec!r} returned non-finite scores at samples {bad[:5]}")

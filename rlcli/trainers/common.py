@@ -243,7 +243,8 @@ def make_optimizer(params, cfg: OptimConfig, total_steps: int):
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
     return optimizer, scheduler
 
 

@@ -527,8 +527,9 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
         console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}",
                       style="dim")
 
+    shown = ("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")
     with TrainingProgress("ppo", p.steps, enabled=par.is_main_process and recipe.logging.progress,
-                          start=start_step, shown=("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")) as progress:
+                          start=start_step, shown=shown) as progress:
         for step in range(start_step + 1, p.steps + 1):
             t0 = time.perf_counter()
             # steps 4-6: prompts, rollouts, scores

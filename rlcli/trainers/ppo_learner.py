@@ -106,7 +106,8 @@ class PPOLearner:
         self.scheduler = scheduler
         self.max_grad_norm = max_grad_norm
         self.seed = seed
-        self.kl_ctl = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef))
+        self.kl_ctl = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
+                       else FixedKLController(kl.coef))
         self.kl_watch = KLWatch()
         self.sampler_warned = False
         self.score_moments = RunningMoments()
@@ -319,8 +320,8 @@ class PPOLearner:
         keys = sorted(sums)
         reduced = self.sum_over_processes(*[sums[k] / max(counts[k], 1) for k in keys]) if keys else []
         out = {k: v / self.procs for k, v in zip(keys, reduced)}
-        out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped, "skipped_minibatches": float(skipped),
-                    "lr": self.scheduler.get_last_lr()[0]})
+        out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped,
+                    "skipped_minibatches": float(skipped), "lr": self.scheduler.get_last_lr()[0]})
         return out
 
     def _accumulate_minibatch(self, b: Rollout, mb_inds, b_tokens, b_logprobs, b_values, b_ref_logprobs, b_advantages,

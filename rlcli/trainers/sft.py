@@ -111,9 +111,11 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
 
     # step 2: data
     tokenizer = load_tokenizer(recipe.model, padding_side="right")
-    train_rows, eval_rows = train_eval_rows(recipe.data, recipe.seed, check=lambda rows, path: check_rows(rows, recipe.data, path))
+    train_rows, eval_rows = train_eval_rows(recipe.data, recipe.seed,
+                                            check=lambda rows, path: check_rows(rows, recipe.data, path))
     train_set = tokenize_rows(train_rows, recipe.data, tokenizer, recipe.data.path)
-    eval_set = tokenize_rows(eval_rows, recipe.data, tokenizer, recipe.data.eval_path or recipe.data.path) if eval_rows else None
+    eval_path = recipe.data.eval_path or recipe.data.path
+    eval_set = tokenize_rows(eval_rows, recipe.data, tokenizer, eval_path) if eval_rows else None
     print_notes(train_set.notes, accelerator)
     if len(train_set.examples) < tcfg.batch_size:
         console.print(f"[yellow]note:[/] {len(train_set.examples)} training examples is fewer than one batch "
