@@ -69,6 +69,21 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
     return run([sys.executable, "-m", "rlcli", *args], cwd=cwd, env=env, timeout=timeout)
 
 
+def invoke_cli(*args: str, monkeypatch) -> tuple[int, str, str]:
+    """``rlcli ARGS`` in this process -> (exit code, stdout, stderr), for dry runs and bad input: no new process
+    paying the import time each. An exception that escaped the CLI (a traceback a user would see) fails the test."""
+    from typer.testing import CliRunner
+
+    from rlcli.cli import app
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("COLUMNS", "250")
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
 def accelerate_launch(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``accelerate launch ARGS`` (see :func:`run`)."""
     return run([sys.executable, "-m", "accelerate.commands.launch", *args], env=env, timeout=timeout)

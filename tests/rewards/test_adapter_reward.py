@@ -26,7 +26,7 @@ from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout
 from rlcli.rewards.adapter import REWARD_ADAPTER, AdapterRewardModel, unique_parameter_bytes
 from rlcli.rewards.reward_model import RewardModelScorer, save_reward_stats
 from rlcli.trainers.common import save_final_model
-from tests.conftest import REPO, plain, write_yaml
+from tests.conftest import invoke_cli as cli, plain, write_yaml
 
 CONFIGS = {
     "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
@@ -221,20 +221,6 @@ def test_build_learner_holds_one_copy_of_the_base(tmp_path):
 
 
 # --- --dry-run: each broken setup named -----------------------------------------------------------------------------
-
-
-def cli(*args: str, monkeypatch) -> tuple[int, str, str]:
-    """``rlcli ARGS`` in this process -> (exit code, stdout, stderr)."""
-    from typer.testing import CliRunner
-
-    from rlcli.cli import app
-
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("COLUMNS", "250")
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def _problems(recipe: PPORecipe) -> str:

@@ -9,10 +9,8 @@ import importlib.util
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from rlcli.cli import app
-from tests.conftest import REPO, plain, read_metrics, run_cli
+from tests.conftest import REPO, invoke_cli as cli, plain, read_metrics, run_cli
 
 CHAIN = "configs/tiny/chain"
 FAST = ["logging.progress=false", "train.save_every=null"]
@@ -20,16 +18,6 @@ FAST = ["logging.progress=false", "train.save_every=null"]
 
 def _mean(values):
     return sum(values) / len(values)
-
-
-def cli(*args: str, monkeypatch) -> tuple[int, str, str]:
-    """``rlcli ARGS`` in this process (dry runs: no need to pay the import time of a new process each)."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("COLUMNS", "250")
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def _recipe_module(name: str):

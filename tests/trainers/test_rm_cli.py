@@ -21,28 +21,16 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from rlcli.cli import app
 from rlcli.config.plugins import resolve_object
 from rlcli.rewards.reward_model import RewardModelScorer
 from rlcli.trainers.rm import pairwise_loss
-from tests.conftest import REPO, accelerate_launch, plain, read_metrics, run_cli
+from tests.conftest import REPO, accelerate_launch, invoke_cli as cli, plain, read_metrics, run_cli
 
 TINY = "configs/tiny/rm.yaml"
 WORKSTATION = "configs/rm_qwen_ultrafeedback.yaml"
 # a short run of the tiny recipe: the reference for resume and for 2 processes
 SHORT = ["logging.progress=false", "train.max_steps=24", "train.save_every=8", "train.eval_every=12"]
-
-
-def cli(*args: str, monkeypatch) -> tuple[int, str, str]:
-    """``rlcli ARGS`` in this process -> (exit code, stdout, stderr); fails on an exception that escaped the CLI."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("COLUMNS", "250")
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_bradley_terry_loss_on_a_hand_computed_example():
