@@ -73,7 +73,8 @@ class GenerationConfig(Section):
     """Logits are divided by it for sampling and for every log-prob the loss and the KL use."""
     top_k: int = Field(0, ge=0)
     """0: no top-k cut. ``rlcli ppo`` refuses any other value (the cut depends on the logits, so no loss can use
-    the sampled distribution soundly: bench/README.md, 'top-k / top-p in PPO'); ``rlcli env-rollout`` takes it."""
+    the sampled distribution soundly: bench/README.md, 'why rlcli ppo refuses top-k / top-p'); ``rlcli
+    env-rollout`` takes it."""
     top_p: float = Field(1.0, gt=0, le=1)
     """1.0: no nucleus cut. Refused below 1.0 by ``rlcli ppo``, as top_k."""
     stop_strings: list[str] = Field(default_factory=list)

@@ -113,11 +113,12 @@ VLLM_MODEL_DIR = "vllm-model"  # the initial policy, saved for vLLM to build its
 
 TRUNCATION_REFUSED = (
     "top-k / top-p sampling is not supported in PPO: it makes the sampling distribution depend on the logits "
-    "themselves, and neither way of taking log-probs is sound. With the full distribution in the loss, the policy is "
-    "paid to move probability onto tokens it never samples and the KL goes negative; replaying the cut in the loss, "
-    "the reference's own top-k/top-p set leaves out tokens the policy sampled, and the KL is infinite (both measured: "
-    "bench/README.md, 'top-k / top-p in PPO'). Sample the full distribution (top_k: 0, top_p: 1.0); lower "
-    "generation.temperature for sharper samples. (rlcli env-rollout, which trains nothing, allows them.)"
+    "themselves, and neither way of taking log-probs is sound. With the full distribution in the loss, the ratio is "
+    "taken against a distribution the tokens were not drawn from and the policy keeps probability on tokens it can "
+    "never sample (on the tiny recipe with top_k=10 the reward fell back to zero twice); replaying the cut in the "
+    "loss, the reference's own top-k/top-p set leaves out most sampled tokens, and the KL is infinite (measured: "
+    "bench/README.md, 'why rlcli ppo refuses top-k / top-p'). Sample the full distribution (top_k: 0, top_p: 1.0); "
+    "lower generation.temperature for sharper samples. (rlcli env-rollout, which trains nothing, allows them.)"
 )
 
 KL_WARNING = (
