@@ -72,6 +72,12 @@ class ModelConfig(Section):
     ``~/.cache/rlcli``), so models saved from it are ordinary Hugging Face directories. ``name_or_path:
     pkg://PACKAGE`` means the directory of an installed Python package (found without importing it)."""
 
+    @field_validator("config", mode="before")
+    @classmethod
+    def _no_overrides(cls, value: Any) -> Any:
+        # ``model.config=null`` (clearing a tiny recipe's config to load a real model) means no overrides
+        return {} if value is None else value
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
         if (self.name_or_path is None) == (self.architecture is None):

@@ -151,3 +151,10 @@ ppo:
     assert ("ppo.batch_size", 15, path) in where
     assert ("ppo.advantage_scaling", None, path) in where  # grpo's default scaling, not written in the file
     assert len(err.value.problems) == 4
+
+
+def test_model_config_null_means_no_overrides():
+    # clearing a from-scratch recipe's model section to load a saved model: model.config=null, not a type error
+    from rlcli.config.common import ModelConfig
+
+    assert ModelConfig(name_or_path="some/dir", config=None).config == {}
