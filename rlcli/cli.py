@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -233,7 +234,13 @@ def _quiet_libraries() -> None:
     # rlcli shows its own progress; library progress bars and advisory warnings would bury it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
+    import torch
     import transformers
+
+    if not torch.accelerator.is_available() and importlib.util.find_spec("deepspeed") is not None:
+        # DeepSpeed, once installed (rlcli[deepspeed]), is imported by accelerate and transformers and logs "Setting
+        # accelerator to CPU ..." on every CPU run; naming the CPU is what its own detection concludes, said quietly
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
