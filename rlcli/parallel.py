@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -303,9 +304,14 @@ class Parallel:
         else:
             self.accelerator.backward(loss)
 
-    def clip_and_step(self, model: torch.nn.Module, optimizer, scheduler) -> float | None:
+    def clip_and_step(self, model: torch.nn.Module, optimizer, scheduler, *, skip_nonfinite: bool = False
+                      ) -> float | None:
         """Clip (``max_grad_norm``), step, advance the schedule, zero the gradients; returns the gradient norm
-        before clipping (None without clipping)."""
+        before clipping (None without clipping, unless ``skip_nonfinite`` needed it).
+
+        ``skip_nonfinite``: when the gradient norm is not finite, drop the gradients instead of stepping (neither the
+        optimizer nor the schedule moves) and return that norm; the caller counts the skip. Every process sees the
+        same norm (gradients are synchronised), so all of them skip together. DeepSpeed checks overflow itself."""
         norm = None
         if self.engine == "deepspeed":
             model.step()  # clips, steps its optimizer, zeroes gradients
@@ -313,12 +319,16 @@ class Parallel:
                 value = model.get_global_grad_norm()
                 norm = None if value is None else float(value)
         else:
-            if self.max_grad_norm is not None:
+            if self.max_grad_norm is not None or skip_nonfinite:
+                limit = self.max_grad_norm if self.max_grad_norm is not None else float("inf")  # inf: measure only
                 if self.engine == "fsdp2":
-                    total = torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+                    total = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
                     norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
                 else:
-                    norm = float(self.accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm))
+                    norm = float(self.accelerator.clip_grad_norm_(model.parameters(), limit))
+            if skip_nonfinite and norm is not None and not math.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)
+                return norm
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()

@@ -107,9 +107,11 @@ class KLConfig(Section):
     ``loss``: β × the KL estimate is added to the loss, its gradient taken through the policy's log-probs (GRPO:
     Shao et al. 2024). Default: ``loss`` for ``ppo.advantage: grpo``, else ``reward``."""
     estimator: Literal["k1", "abs", "k2", "mse", "k3", "full"] | None = None
-    """Per-token KL estimator: k1 = log π − log π_ref; k3 = (r − 1) − log r with r = π_ref/π (unbiased, never
-    negative: GRPO's choice for the loss); full = exact KL over the vocabulary (reward mode only). Default: k3 in
-    loss mode, else k1."""
+    """Per-token KL estimator, with d = log π − log π_ref: k1 = d; abs = |d|; k2 (= mse) = d²/2; k3 = (r − 1) − log r
+    with r = π_ref/π (unbiased, never negative); full = exact KL(π‖π_ref) over the vocabulary (reward mode only).
+    In loss mode only the gradient matters, taken on tokens sampled from π: k2's is the gradient of KL(π‖π_ref),
+    k3's (GRPO's choice) that of KL(π_ref‖π); k1's is 0 in expectation and abs's no KL's, so both are refused there.
+    Default: k3 in loss mode, else k1."""
 
 
 ESTIMATOR_DEFAULTS = {
@@ -168,8 +170,19 @@ class PPOAlgo(Section):
     """GAE's discount per model token (gae only)."""
     lam: float = Field(0.95, ge=0, le=1)
     """GAE's λ: 1 = Monte-Carlo returns, 0 = one-step TD (gae only)."""
-    clip_range: float = Field(0.2, gt=0)
-    """ε of the clipped policy loss: the ratio π/π_old counts only within [1 - ε, 1 + ε]."""
+    clip_range: float = Field(0.2, gt=0, lt=1)
+    """ε of the clipped policy loss: the ratio π/π_old counts only within [1 - ε, 1 + ε] (Schulman et al. 2017)."""
+    clip_range_high: float | None = Field(None, gt=0)
+    """Upper ε of the ratio's clip, [1 - clip_range, 1 + clip_range_high]: a larger one lets unlikely tokens with a
+    positive advantage grow faster and keeps the entropy from collapsing ("clip-higher", DAPO: Yu et al. 2025, who
+    use 0.28 with clip_range 0.2). Null: clip_range (symmetric)."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip PPO (Ye et al. 2020; verl's clip_ratio_c, 3.0): a token with a negative advantage loses at most
+    c × |A|, however far its ratio has grown above 1. Null: off."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus: the loss subtracts this × the entropy of the sampling distribution (the same rules as the
+    log-probs), aggregated like the policy loss. 0 (the default, as TRL and most LM recipes): no bonus, and no extra
+    computation."""
     clip_range_value: float = Field(0.2, gt=0)
     """How far a value prediction may move from its rollout value before the value loss is clipped (gae only)."""
     vf_coef: float = Field(0.1, ge=0)
@@ -269,10 +282,17 @@ class PPORecipe(RecipeBase):
             problems.append(Problem("ppo.batch_size", f"ppo.batch_size={p.batch_size} must be a multiple of "
                                                       f"ppo.group_size × processes = {n} × {procs} = {n * procs} "
                                                       "(each process samples whole groups)"))
+        if kl.mode == "loss" and kl.estimator in ("k1", "abs"):
+            why = ("its gradient on tokens sampled from the policy is 0 in expectation (E_π[∇log π] = 0): the term "
+                   "would cost compute and pull nothing" if kl.estimator == "k1" else
+                   "its gradient is not the gradient of any KL")
+            problems.append(Problem("kl.estimator", f"kl.estimator={kl.estimator} with kl.mode=loss: {why}. Use k3 "
+                                                    "(gradient of KL(π_ref‖π), GRPO's) or k2 (gradient of "
+                                                    f"KL(π‖π_ref)), or kl.mode=reward, where {kl.estimator} is a "
+                                                    "per-token reward"))
         if kl.mode == "loss" and kl.estimator == "full":
             problems.append(Problem("kl.estimator", "kl.estimator=full works only with kl.mode=reward (the loss term "
-                                                    "needs a per-token estimate of the sampled tokens: k3, or k1 / "
-                                                    "k2)"))
+                                                    "needs a per-token estimate of the sampled tokens: k3 or k2)"))
         return problems
 
     @property

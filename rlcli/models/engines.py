@@ -44,6 +44,9 @@ class RolloutEngine(Protocol):
     def sync(self, policy: torch.nn.Module) -> None:
         """Take the weights of ``policy`` (the policy's LM: a transformers model or a peft model around one)."""
 
+    def release(self) -> None:
+        """The step's rollouts are done: free what the engine can until the next ``sync``."""
+
 
 class LocalEngine:
     """rlcli's own KV-cache sampler on the policy itself: the reference the other engines are compared with."""
@@ -64,6 +67,9 @@ class LocalEngine:
 
     def sync(self, policy) -> None:
         self.syncs += 1  # the sampler reads the policy's own weights: nothing to copy
+
+    def release(self) -> None:
+        pass  # nothing of its own to free
 
 
 def plain_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -123,6 +129,7 @@ class VLLMEngine:
                        enforce_eager=settings.enforce_eager, enable_prefix_caching=True,
                        logprobs_mode="processed_logprobs", enable_sleep_mode=settings.sleep_between_steps)
         self.syncs = 0
+        self.sleeping = False
 
     def generate(self, prompts, max_new_tokens, *, rules, eos_token_id, pad_token_id, stop_strings=(),
                  tokenizer=None, generator=None) -> SampleOutput:
@@ -171,8 +178,9 @@ class VLLMEngine:
         """Copy the policy's weights into vLLM's model (in this process)."""
         dtype = self.llm.llm_engine.model_config.dtype  # the precision vLLM runs in (auto: the checkpoint's)
         weights = [(name, tensor.to(dtype)) for name, tensor in plain_weights(policy)]
-        if self.settings.sleep_between_steps:
+        if self.sleeping:
             self.llm.wake_up()
+            self.sleeping = False
         # vLLM's in-place reload (its workers' reload_weights: the model's own load_weights by Hugging Face names,
         # wrapped in the layerwise reload that redoes any post-load processing); in this process, by reference
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -180,6 +188,8 @@ class VLLMEngine:
         self.syncs += 1
 
     def release(self) -> None:
-        """Free the engine's memory while the optimizer runs (``sleep_between_steps``)."""
-        if self.settings.sleep_between_steps:
+        """Free the engine's memory while the optimizer runs (``sleep_between_steps``): level 1 offloads the weights
+        to CPU memory and drops the KV cache; the next ``sync`` wakes it and copies the new weights in."""
+        if self.settings.sleep_between_steps and not self.sleeping:
             self.llm.sleep(level=1)
+            self.sleeping = True

@@ -7,8 +7,8 @@ others: rows ``g*N .. g*N+N-1`` of a batch are the ``N`` completions of prompt `
 - ``group_baseline(scores, N, "leave_one_out")``: the mean of the *other* completions' scores, an unbiased baseline
   (RLOO: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization ...", after Kool et al.
   2019).
-- ``scale_advantages(adv, N, "group")``: divide by the group's score std (GRPO); ``"batch"``: by the std over the
-  whole batch (REINFORCE++: Hu 2025, global normalisation); ``"none"``: leave as is (Dr. GRPO: Liu et al. 2025,
+- ``scale_advantages(adv, N, "group")``: divide by the group's score std (GRPO); ``"batch"``: centre and divide by
+  the std over the whole batch (REINFORCE++: Hu 2025, global normalisation); ``"none"``: leave as is (Dr. GRPO: Liu et al. 2025,
   "Understanding R1-Zero-Like Training", shows the group std biases updates towards too-easy and too-hard prompts).
 - ``returns_to_go(rewards, mask)``: REINFORCE's return from every model token to the end (γ = 1), skipping tool and
   pad tokens (REINFORCE++ keeps the per-token KL reward and uses this as the advantage).
@@ -24,6 +24,8 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+
+from rlcli.rl.masked import masked_whiten
 
 Baseline = Literal["mean", "leave_one_out"]
 Scaling = Literal["group", "batch", "none"]
@@ -81,11 +83,12 @@ def scale_advantages(
     Args:
         advantages: ``[batch]`` (one per sequence) or ``[batch, T]`` (per token; then ``mask`` marks model tokens).
         group_size: completions per prompt (for ``"group"``).
-        kind: ``"group"``: by the (unbiased) std of the group's ``scores`` (GRPO); ``"batch"``: by the std of all
-            advantages in the batch, over model tokens when per token (REINFORCE++); ``"none"``: unchanged.
+        kind: ``"group"``: by the (unbiased) std of the group's ``scores`` (GRPO); ``"batch"``: minus the mean and
+            by the std of all advantages in the batch, over model tokens when per token (REINFORCE++'s global
+            normalisation, ``masked_whiten``); ``"none"``: unchanged.
         scores: ``[batch]``, required by ``"group"``.
         mask: ``[batch, T]`` 0/1, for per-token advantages with ``"batch"``.
-        eps: added to the std.
+        eps: added to the std (``"group"``) or to the variance (``"batch"``).
         sum_over_processes: sums a 1-D float64 tensor over processes (``"batch"`` only), so that every process
             divides by the std of the whole batch.
 
@@ -105,16 +108,9 @@ def scale_advantages(
             per_row = per_row[:, None]
         return advantages / (per_row + eps)
     if kind == "batch":
+        # REINFORCE++'s global normalisation centres and scales: the batch whitening PPO uses, one function for both
         m = torch.ones_like(advantages, dtype=torch.bool) if mask is None else mask.bool()
-        x = torch.where(m, advantages, torch.zeros_like(advantages)).double()
-        stats = torch.stack([x.sum(), (x * x).sum(), m.sum().double()])
-        if sum_over_processes is not None:
-            stats = sum_over_processes(stats)
-        total, sq, n = stats.tolist()
-        mean = total / max(n, 1.0)
-        var = max(sq / max(n, 1.0) - mean * mean, 0.0) * n / max(n - 1.0, 1.0)
-        out = advantages / (var**0.5 + eps)
-        return torch.where(m, out, torch.zeros_like(out))
+        return masked_whiten(advantages, m, eps=eps, sum_over_processes=sum_over_processes)
     raise ValueError(f"unknown scaling {kind!r}; use 'group', 'batch' or 'none'")
 
 

@@ -13,22 +13,26 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip surrogate: masked mean of ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))``.
+    """PPO-clip surrogate: masked mean of ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))``.
 
     Args:
         logprobs: ``[batch, response_len]`` float, current policy log-probs (carries the gradient).
         old_logprobs: ``[batch, response_len]`` float, log-probs at rollout time (treated as constants).
         advantages: ``[batch, response_len]`` float, usually whitened (treated as constants).
         mask: ``[batch, response_len]`` 0/1 of any dtype, 1 on model tokens.
-        clip_range: eps.
+        clip_range, clip_range_high, dual_clip: see :func:`clipped_policy_terms`.
 
     Returns:
         ``(loss, stats)``: ``loss`` is a 0-dim tensor; ``stats`` holds detached 0-dim tensors ``clipfrac``
         (fraction of model tokens where the clipped term is the one used), ``approx_kl`` (masked mean of
-        ``0.5 * (logprobs - old_logprobs)**2``, as in lm-human-preferences) and ``ratio_mean``.
+        ``0.5 * (logprobs - old_logprobs)**2``, as in lm-human-preferences), ``ratio_mean`` and
+        ``dual_clipfrac`` (tokens whose loss the dual clip capped; 0 without it).
     """
-    per_token, stats = clipped_policy_terms(logprobs, old_logprobs, advantages, mask, clip_range)
+    per_token, stats = clipped_policy_terms(logprobs, old_logprobs, advantages, mask, clip_range, clip_range_high,
+                                            dual_clip)
     return masked_mean(per_token, mask.to(device=logprobs.device, dtype=torch.bool)), stats
 
 
@@ -38,22 +42,40 @@ def clipped_policy_terms(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO-clip surrogate per token, before any averaging (``rlcli.rl.critic_free.aggregate_loss`` chooses
-    how): ``[batch, response_len]``, 0 where ``mask`` is 0; ``stats`` as ``clipped_policy_loss``."""
+    how): ``[batch, response_len]``, 0 where ``mask`` is 0; ``stats`` as ``clipped_policy_loss``.
+
+    The ratio ``r = π / π_old`` counts within ``[1 - clip_range, 1 + clip_range_high]`` (``clip_range_high`` None:
+    ``clip_range``, the symmetric clip of Schulman et al. 2017). A larger upper bound lets unlikely tokens with a
+    positive advantage grow faster ("clip-higher", DAPO: Yu et al. 2025, 0.2 / 0.28). ``dual_clip`` = c > 1 caps the
+    loss of a token with a negative advantage at ``-A · c`` (Ye et al. 2020, "Mastering Complex Control in MOBA
+    Games"; verl's ``clip_ratio_c``, 3.0): without it, a token whose ratio has grown far above 1 while its
+    advantage is negative gets an unbounded push.
+    """
     m = mask.to(device=logprobs.device, dtype=torch.bool)
+    high = clip_range if clip_range_high is None else clip_range_high
     # Zero the log-ratio at masked positions before exp: an inf there would turn into a NaN gradient.
     log_ratio = torch.where(m, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio)
     advantages = advantages.detach()
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_token = torch.where(m, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    loss = torch.maximum(unclipped, clipped)
+    capped = torch.zeros_like(m)
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        capped = (advantages < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+    per_token = torch.where(m, loss, torch.zeros_like(loss))
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), m),
             "approx_kl": masked_mean(0.5 * log_ratio.square(), m),
             "ratio_mean": masked_mean(ratio, m),
+            "dual_clipfrac": masked_mean(capped.to(ratio.dtype), m),
         }
     return per_token, stats
 

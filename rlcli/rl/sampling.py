@@ -130,16 +130,24 @@ class SamplingRules:
         return mask
 
     def logprobs(self, logits: torch.Tensor, labels: torch.Tensor,
-                 turn_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-prob of each label under the behaviour distribution. ``logits`` ``[B, T, V]``, ``labels`` and
-        ``turn_positions`` ``[B, T]``; returns ``[B, T]`` float32. One row at a time, so at most one row's
-        ``[T, V]`` float32 copy exists besides the logits (a bf16 batch is never upcast as a whole)."""
+                 turn_positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-prob of each label under the behaviour distribution. ``logits`` ``[B, T, V]``, ``labels``,
+        ``turn_positions`` and ``mask`` ``[B, T]``; returns ``[B, T]`` float32. One row at a time, so at most one
+        row's ``[T, V]`` float32 copy exists besides the logits (a bf16 batch is never upcast as a whole).
+
+        ``mask`` (1 on the labels that count): elsewhere the log-prob is exactly 0, with no gradient. Padding's label
+        is the PAD id, and when PAD is EOS the rules may ban it there (``min_new_tokens``, ``stop_at_eos: false``):
+        its log-prob is ``-inf``, and any nonlinear term built on it (the k2 / k3 KL, a ratio) turns the ``0 · inf``
+        of a later ``torch.where`` into a NaN gradient. Masked here, at the source, no later term sees it."""
         if logits.shape[:-1] != labels.shape:
             raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
         rows = []
         for i in range(logits.shape[0]):
             z = self.apply(logits[i], None if turn_positions is None else turn_positions[i])
-            rows.append(z.gather(-1, labels[i].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
+            row = z.gather(-1, labels[i].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+            if mask is not None:
+                row = torch.where(mask[i].to(device=row.device, dtype=torch.bool), row, torch.zeros_like(row))
+            rows.append(row)
         if not rows:
             return logits.new_zeros(labels.shape, dtype=torch.promote_types(logits.dtype, torch.float32))
         return torch.stack(rows)
@@ -190,10 +198,11 @@ class SamplingRules:
 
 
 def _entropy(z: torch.Tensor) -> torch.Tensor:
-    # H = logsumexp(z) - sum_v p_v z_v; tokens with p = 0 (z = -inf) contribute 0, not nan
+    # H = logsumexp(z) - sum_v p_v z_v; forbidden tokens (z = -inf, p = 0) contribute 0. z is made finite there
+    # first: p * (-inf) is NaN, and even hidden by a torch.where its gradient would be 0 · inf = NaN
     p = torch.softmax(z, dim=-1)
-    p_z = torch.where(p > 0, p * z, torch.zeros_like(z))
-    return torch.logsumexp(z, dim=-1) - p_z.sum(dim=-1)
+    finite_z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    return torch.logsumexp(z, dim=-1) - (p * finite_z).sum(dim=-1)
 
 
 def turn_positions(model_mask: torch.Tensor) -> torch.Tensor:

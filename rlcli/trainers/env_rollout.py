@@ -30,11 +30,13 @@ from rlcli.config.loader import Origin, locate
 from rlcli.data.prompts import load_prompt_rows
 from rlcli.data.sources import check_data_source
 from rlcli.env.build import build_environment, build_protocol, check_env
+from rlcli.env.environment import histories_to_rollout
 from rlcli.env.history import source_legend
 from rlcli.launch import check_launch
 from rlcli.logging import console
 from rlcli.models.loading import check_model_config, load_model, load_tokenizer
 from rlcli.models.value_head import disable_dropout
+from rlcli.rewards.scoring import score_episodes
 from rlcli.rewards.sources import build_reward, check_reward_function
 from rlcli.trainers.common import RECIPE_FILE, clear_output_dir, prepare_output_dir, recipe_to_yaml
 
@@ -142,10 +144,11 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
             done = env.run([r[column] for r in batch], batch, generator=generator)
             generated += env.last_stats.generated_tokens
             if reward is not None:
-                prompts = [h.segments[0].text for h in done]
-                responses = ["".join(s.text for s in h.segments[1:]) for h in done]
-                scores = reward(prompts, responses, batch, answers=[h.answer or "" for h in done], histories=done)
-                for h, s in zip(done, scores.tolist()):
+                # PPO's own scoring of the same episodes (response text, truncate_at, missing_eos_penalty), so that
+                # accept_min_reward filters on the reward PPO would train on
+                scored = score_episodes(reward, recipe.reward, histories_to_rollout(done, env.pad_token_id), tokenizer,
+                                        prompts=[r[column] for r in batch], rows=batch, histories=done)
+                for h, s in zip(done, scored.scores.tolist()):
                     h.reward = s
             histories += done
             status.update(f"ran {len(histories)}/{len(rows)} episodes")

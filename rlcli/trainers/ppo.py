@@ -89,6 +89,7 @@ from rlcli.models.value_head import (
     save_value_head,
 )
 from rlcli.padding import left_pad
+from rlcli.rewards.scoring import score_episodes
 from rlcli.rewards.sources import build_reward, check_reward
 from rlcli.rl import Rollout, SamplingRules
 from rlcli.seeds import index_stream, rollout_generator
@@ -252,8 +253,9 @@ def describe_estimator(recipe: PPORecipe) -> str:
 def generate(engine: RolloutEngine, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
              rules: SamplingRules, generator) -> Rollout:
     """Sample responses for the prompts under ``rules`` with the run's engine; returns a Rollout (no tool tokens)
-    that keeps the engine's log-probs for the learner's health check."""
-    eos = tokenizer.eos_token_id if gen.stop_at_eos else None
+    that keeps the engine's log-probs for the learner's health check. A response ends at any of the rules' EOS ids:
+    the tokenizer's EOS and a chat template's end-of-turn token (``<|im_end|>``) when that differs."""
+    eos = list(rules.eos_ids) if gen.stop_at_eos else None
     out = engine.generate(prompt_ids, gen.max_new_tokens, rules=rules, eos_token_id=eos,
                           pad_token_id=tokenizer.pad_token_id, stop_strings=gen.stop_strings, tokenizer=tokenizer,
                           generator=generator)
@@ -284,23 +286,6 @@ def env_metrics(histories, env, learner) -> dict[str, float]:
            "submitted_fraction": total[4] / n, "pad_fraction": total[5] / learner.procs}
     out.update({f"tool_{k}": v for k, v in zip(outcome_names, total[6:])})
     return out
-
-
-def response_texts(rollout: Rollout, tokenizer, gen, reward_cfg) -> tuple[list[str], list[bool]]:
-    """Decoded responses (cut at the EOS-trick strings) and whether each one stopped by itself."""
-    texts, stopped = [], []
-    cut_at = list(gen.stop_strings) + list(reward_cfg.truncate_at)
-    for ids, mask in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist()):
-        ids = [t for t, m in zip(ids, mask) if m]
-        ended = bool(ids) and ids[-1] == tokenizer.eos_token_id and gen.stop_at_eos
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        for s in cut_at:
-            if s in text:
-                text = text[: text.index(s) + len(s)] if s in gen.stop_strings else text[: text.index(s)]
-                ended = True
-        texts.append(text)
-        stopped.append(ended)
-    return texts, stopped
 
 
 @dataclass(frozen=True)
@@ -368,17 +353,15 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
         with par.autocast(), par.gathered(setup.policy):
             rollout = generate(engine, tokenizer, prompt_ids, gen, setup.rules, g)
         prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
+    engine.release()  # rollouts done: an engine that can (vLLM's sleep mode) frees its memory until the next sync
     t_gen = time.perf_counter() - t0
 
     # step 6: score
     t1 = time.perf_counter()
-    responses, stopped = response_texts(rollout, tokenizer, gen, recipe.reward)
-    if histories is not None:
-        stopped = [h.finish_reason in ("submit", "eos") for h in histories]
-    scores = setup.reward(prompts, responses, step_rows, answers=answers, histories=histories)
-    if recipe.reward.missing_eos_penalty is not None:
-        scores = torch.where(torch.tensor(stopped), scores, torch.tensor(recipe.reward.missing_eos_penalty))
-    return Episodes(rollout, scores, prompts, responses, stopped, histories, answers, t_gen,
+    scored = score_episodes(setup.reward, recipe.reward, rollout, tokenizer, prompts=prompts, rows=step_rows,
+                            stop_ids=setup.rules.eos_ids if gen.stop_at_eos else (), stop_strings=gen.stop_strings,
+                            histories=histories)
+    return Episodes(rollout, scored.scores, prompts, scored.responses, scored.stopped, histories, answers, t_gen,
                     time.perf_counter() - t1)
 
 

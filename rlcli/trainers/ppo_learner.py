@@ -63,6 +63,10 @@ from rlcli.seeds import shuffle_generator
 SAMPLER_DIFF_WARNING = 0.1
 
 
+# the parts of the loss checked for finiteness one by one, so that a skipped minibatch says which one it was
+LOSS_PARTS = ("loss_policy", "loss_value", "loss_kl", "loss_entropy")
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -169,9 +173,10 @@ class PPOLearner:
                         ref_logits, _ = policy(*args, with_values=False)
                 else:
                     ref_logits, _ = self.ref_model(*args, with_values=False)
-            turn = mb.turn_positions
-            lp = self.rules.logprobs(logits, mb.response_ids, turn)
-            ref_lp = self.rules.logprobs(ref_logits, mb.response_ids, turn)
+            turn, model_mask = mb.turn_positions, mb.model_mask.bool()
+            # the rules' log-prob of a pad label may be -inf (PAD = EOS, banned there): masked at the source
+            lp = self.rules.logprobs(logits, mb.response_ids, turn, mask=model_mask)
+            ref_lp = self.rules.logprobs(ref_logits, mb.response_ids, turn, mask=model_mask)
             if self.kl_cfg.estimator == "full":
                 kl = self.rules.full_kl(logits, ref_logits, turn)
             else:
@@ -180,7 +185,6 @@ class PPOLearner:
                         "entropy": self.rules.entropy(logits, turn)}
             if self.rules.restricts:
                 computed["forbidden_mass"] = self.rules.forbidden_mass(logits, turn)
-            model_mask = mb.model_mask.bool()
             for key, value in computed.items():
                 if value is not None:
                     out[key][rows, :width] = torch.where(model_mask, value.float(), 0.0).cpu()
@@ -260,11 +264,11 @@ class PPOLearner:
         a, n, beta = self.algo, self.algo.group_size, self.kl_ctl.value
         kl = self._kl_in_reward(fwd.kl)
         if a.advantage == "reinforce_pp":
+            group_scores = scores  # the group's spread, for advantage_scaling: group
             if n > 1:
                 scores = scores - group_baseline(scores, n, "mean")
             rewards = score_and_kl_rewards(scores, kl, mask, beta)
             advantages = returns_to_go(rewards, mask)
-            group_scores = None
         else:
             sequence_rewards = scores - beta * (kl * mask).sum(dim=1)
             baseline = group_baseline(sequence_rewards, n, "mean" if a.advantage == "grpo" else "leave_one_out")
@@ -272,10 +276,8 @@ class PPOLearner:
             rewards = score_and_kl_rewards(scores, kl, mask, beta)
             group_scores = sequence_rewards
         reduce = self._sum_tensor_over_processes if self.procs > 1 else None
-        if a.advantage_scaling == "batch":
-            advantages = masked_whiten(advantages, mask, sum_over_processes=reduce)
-        else:
-            advantages = scale_advantages(advantages, n, a.advantage_scaling, scores=group_scores) * mask
+        advantages = scale_advantages(advantages, n, a.advantage_scaling, scores=group_scores, mask=mask,
+                                      sum_over_processes=reduce) * mask
         return rewards, advantages, returns_to_go(rewards, mask)
 
     def _optimise(self, b: Rollout, b_logprobs, b_values, b_ref_logprobs, b_advantages, b_returns) -> dict[str, float]:
@@ -287,7 +289,8 @@ class PPOLearner:
         # more padding; the loss is normalised by the minibatch's model tokens, so the order only changes float sums
         b_lengths = b.query_mask.sum(dim=1) + b.response_mask.sum(dim=1)
         sums, counts = defaultdict(float), defaultdict(int)
-        epochs_done, skipped, early_stopped = 0, 0, 0.0
+        epochs_done, early_stopped = 0, 0.0
+        skipped: list[str] = []  # why each skipped minibatch was skipped
         for epoch in range(a.epochs):
             b_inds = torch.randperm(b.batch_size, generator=shuffle_generator(self.seed, self.steps_done, epoch))
             epoch_kl = []
@@ -296,12 +299,17 @@ class PPOLearner:
                 mb_inds = mb_inds[torch.argsort(b_lengths[mb_inds], stable=True)]
                 mb_stats = self._accumulate_minibatch(b, mb_inds, b_tokens, b_logprobs, b_values, b_ref_logprobs,
                                                       b_advantages, b_returns)
-                if mb_stats is None:
+                where = f"epoch {epoch + 1}, minibatch {start // local_mini + 1}"
+                if isinstance(mb_stats, str):
                     # never step on a batch whose loss was dropped (ppo-details item 15)
                     self.par.drop_gradients(self.model, self.optimizer)
-                    skipped += 1
+                    skipped.append(f"{mb_stats} ({where})")
                     continue
-                grad_norm = self.par.clip_and_step(self.model, self.optimizer, self.scheduler)
+                grad_norm = self.par.clip_and_step(self.model, self.optimizer, self.scheduler, skip_nonfinite=True)
+                if grad_norm is not None and not math.isfinite(grad_norm):
+                    # finite losses, non-finite gradients (an overflow inside the backward pass): dropped, not stepped
+                    skipped.append(f"non-finite gradient norm {grad_norm} ({where})")
+                    continue
                 if grad_norm is not None:
                     mb_stats["grad_norm"] = grad_norm
                 for key, value in mb_stats.items():
@@ -314,21 +322,25 @@ class PPOLearner:
                 if kl_sum / kl_n > a.target_approx_kl:
                     early_stopped = 1.0
                     break
-        if skipped == a.epochs * math.ceil(b.batch_size / local_mini):
-            raise NonFiniteLossError("every minibatch of this PPO step had a non-finite loss; lower the learning rate, "
-                                     "check the reward's scale, or set ppo.score_clip")
+        if len(skipped) == a.epochs * math.ceil(b.batch_size / local_mini):
+            raise NonFiniteLossError(
+                f"every minibatch of this PPO step was skipped, none stepped the optimizer: {'; '.join(skipped[:3])}"
+                + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "") + ". The parts of the loss are "
+                "checked separately (policy, value, kl, entropy); a non-finite policy or kl part with finite scores "
+                "points at the log-probs (a token the sampling rules forbid), a value part at the reward's scale "
+                "(ppo.score_clip, ppo.score_norm=running)")
         keys = sorted(sums)
         reduced = self.sum_over_processes(*[sums[k] / max(counts[k], 1) for k in keys]) if keys else []
         out = {k: v / self.procs for k, v in zip(keys, reduced)}
         out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped,
-                    "skipped_minibatches": float(skipped), "lr": self.scheduler.get_last_lr()[0]})
+                    "skipped_minibatches": float(len(skipped)), "lr": self.scheduler.get_last_lr()[0]})
         return out
 
     def _accumulate_minibatch(self, b: Rollout, mb_inds, b_tokens, b_logprobs, b_values, b_ref_logprobs, b_advantages,
-                              b_returns) -> dict[str, float] | None:
+                              b_returns) -> dict[str, float] | str:
         """Forward + backward over a minibatch's micro-batches, gradients accumulated (synchronised across processes
-        at the last one). Returns the minibatch's statistics, or None if a loss was non-finite on any process (then
-        no gradient is kept).
+        at the last one). Returns the minibatch's statistics, or, when a part of the loss was non-finite on any
+        process (then no gradient is kept), a text naming the part.
 
         The loss is aggregated over the whole (global) minibatch as ``ppo.loss_aggregation`` says, whatever
         micro-batch or process a token is in: each micro-batch adds its share (``aggregate_loss`` with the
@@ -338,38 +350,24 @@ class PPOLearner:
         local_tokens = float(b_tokens[mb_inds].sum())
         global_tokens, global_rows = self.sum_over_processes(local_tokens, len(mb_inds))
         totals = dict(total_tokens=global_tokens, total_sequences=global_rows, constant_length=self.constant_length)
-        kl_loss = self.kl_cfg.mode == "loss"
         micro_batches = [mb_inds[i : i + a.micro_batch_size] for i in range(0, len(mb_inds), a.micro_batch_size)]
         mb_stats = defaultdict(float)
         for i, rows in enumerate(micro_batches):
             mb, width = _trim(b.index(rows))
             mb = mb.to(dev)
-            mb_mask = mb.model_mask.float()
             with self.par.micro_batch(self.model, last=i == len(micro_batches) - 1):
                 logits, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
-                mb_logprobs = self.rules.logprobs(logits, mb.response_ids, mb.turn_positions)
-                pg_terms, pg = clipped_policy_terms(mb_logprobs, b_logprobs[rows, :width].to(dev),
-                                                    b_advantages[rows, :width].to(dev), mb_mask, a.clip_range)
-                pg_loss = aggregate_loss(pg_terms, mb_mask, a.loss_aggregation, **totals)
-                loss, parts = pg_loss, {"loss_policy": pg_loss, "policy_clipfrac": pg["clipfrac"],
-                                        "approx_kl": pg["approx_kl"], "ratio": pg["ratio_mean"]}
-                if values is not None and b_values is not None:
-                    vf_terms, vf = clipped_value_terms(values, b_values[rows, :width].to(dev),
-                                                       b_returns[rows, :width].to(dev), mb_mask, a.clip_range_value)
-                    vf_loss = aggregate_loss(vf_terms, mb_mask, "token_mean", **totals)
-                    loss = loss + a.vf_coef * vf_loss
-                    parts.update({"loss_value": vf_loss, "value_clipfrac": vf["vf_clipfrac"]})
-                if kl_loss:
-                    kl_terms = kl_penalty(mb_logprobs, b_ref_logprobs[rows, :width].to(dev), self.kl_cfg.estimator)
-                    kl_part = aggregate_loss(kl_terms, mb_mask, a.loss_aggregation, **totals)
-                    loss = loss + self.kl_ctl.value * kl_part
-                    parts["loss_kl"] = kl_part
+                loss, parts = self._minibatch_loss(mb, logits, values, rows, width, b_logprobs, b_values,
+                                                   b_ref_logprobs, b_advantages, b_returns, totals)
                 loss = loss * self.procs
-                ok = torch.isfinite(loss.detach()).float()
+                losses = [parts[k] for k in LOSS_PARTS if k in parts]
+                finite = torch.stack([torch.isfinite(x.detach()).all() for x in losses]).float()
                 if self.procs > 1:
-                    ok = self.par.reduce(ok, "min")  # every process skips together
-                if ok.item() < 1:
-                    return None
+                    finite = self.par.reduce(finite, "min")  # every process skips together
+                if finite.min().item() < 1:
+                    bad = [k.removeprefix("loss_") for k, ok in zip([k for k in LOSS_PARTS if k in parts],
+                                                                    finite.tolist()) if ok < 1]
+                    return f"non-finite {' and '.join(bad)} loss"
                 self.par.backward(self.model, loss)
             # losses are this micro-batch's shares already (they add up); the ratio-type statistics are per micro-batch
             # means, weighted by its share of this process's tokens
@@ -378,6 +376,41 @@ class PPOLearner:
                 weight = self.procs if key.startswith("loss_") else share
                 mb_stats[key] += float(value.detach()) * weight
         return mb_stats
+
+    def _minibatch_loss(self, mb: Rollout, logits, values, rows, width, b_logprobs, b_values, b_ref_logprobs,
+                        b_advantages, b_returns, totals) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's share of the minibatch loss: clipped policy loss, clipped value loss (gae), β·KL (loss
+        mode), minus the entropy bonus; and its parts, for the statistics and the finiteness check."""
+        a, dev = self.algo, self.par.device
+        mb_mask = mb.model_mask.float()
+        model_mask = mb_mask.bool()
+        mb_logprobs = self.rules.logprobs(logits, mb.response_ids, mb.turn_positions, mask=model_mask)
+        pg_terms, pg = clipped_policy_terms(mb_logprobs, b_logprobs[rows, :width].to(dev),
+                                            b_advantages[rows, :width].to(dev), mb_mask, a.clip_range,
+                                            a.clip_range_high, a.dual_clip)
+        pg_loss = aggregate_loss(pg_terms, mb_mask, a.loss_aggregation, **totals)
+        loss, parts = pg_loss, {"loss_policy": pg_loss, "policy_clipfrac": pg["clipfrac"],
+                                "approx_kl": pg["approx_kl"], "ratio": pg["ratio_mean"]}
+        if a.dual_clip is not None:
+            parts["policy_dual_clipfrac"] = pg["dual_clipfrac"]
+        if values is not None and b_values is not None:
+            vf_terms, vf = clipped_value_terms(values, b_values[rows, :width].to(dev),
+                                               b_returns[rows, :width].to(dev), mb_mask, a.clip_range_value)
+            vf_loss = aggregate_loss(vf_terms, mb_mask, "token_mean", **totals)
+            loss = loss + a.vf_coef * vf_loss
+            parts.update({"loss_value": vf_loss, "value_clipfrac": vf["vf_clipfrac"]})
+        if self.kl_cfg.mode == "loss":
+            # the gradient flows through the policy's log-probs only (the reference's are constants)
+            kl_terms = kl_penalty(mb_logprobs, b_ref_logprobs[rows, :width].to(dev), self.kl_cfg.estimator)
+            kl_part = aggregate_loss(kl_terms, mb_mask, a.loss_aggregation, **totals)
+            loss = loss + self.kl_ctl.value * kl_part
+            parts["loss_kl"] = kl_part
+        if a.entropy_coef > 0:
+            entropy = aggregate_loss(self.rules.entropy(logits, mb.turn_positions), mb_mask, a.loss_aggregation,
+                                     **totals)
+            loss = loss - a.entropy_coef * entropy
+            parts["loss_entropy"] = entropy
+        return loss, parts
 
     def _statistics(self, rollout, raw_scores, scores, fwd: RolloutForward, rewards, advantages, returns,
                     mask) -> dict[str, float]:

@@ -42,6 +42,9 @@ class FakeEngine:
         ids, mask = left_pad(prompts, kwargs["pad_token_id"])
         return sample(self.model, ids, mask, max_new_tokens, **kwargs)
 
+    def release(self) -> None:
+        pass
+
 
 def _train(tmp_path, monkeypatch, *, stale=False, extra=()):
     import rlcli.trainers.ppo as ppo
@@ -152,3 +155,58 @@ def test_text_environment_turns_through_an_engine_have_the_local_layout():
     for a, b in zip(runs[0], runs[1]):
         assert a.token_ids == b.token_ids and a.tool_mask == b.tool_mask and a.num_turns == b.num_turns
     torch.testing.assert_close(local.sampler_logprobs, remote.sampler_logprobs, atol=1e-5, rtol=0)
+
+
+class _FakeLLM:
+    """What VLLMEngine calls on vLLM's ``LLM``: records sleep / wake / weight reloads; holds a model of its own."""
+
+    def __init__(self, lm):
+        from types import SimpleNamespace
+
+        self.model = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config)).eval()
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+        self.calls: list[str] = []
+
+    def sleep(self, level):
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self):
+        self.calls.append("wake")
+
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights"
+        self.calls.append("load")
+        self.model.load_state_dict(dict(kwargs["weights_iterator"]), strict=False)
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def test_vllm_sleep_mode_frees_the_engine_once_per_step(tmp_path, monkeypatch):
+    """generation.vllm.sleep_between_steps: the engine sleeps after every step's rollouts (while the optimizer runs)
+    and wakes before the next step's weights go in; it never samples asleep. (Issue 19, finding 6: release was never
+    called, so the engine slept at most once and memory was never freed between steps.)"""
+    import rlcli.trainers.ppo as ppo
+    from rlcli.models.engines import VLLMEngine, VLLMSettings
+
+    class SleepyEngine(VLLMEngine):
+        def __init__(self, lm):  # VLLMEngine's own state, without starting vLLM
+            self.settings = VLLMSettings(sleep_between_steps=True)
+            self.llm = _FakeLLM(lm)
+            self.syncs, self.sleeping = 0, False
+
+        def generate(self, prompts, max_new_tokens, **kwargs):
+            assert not self.sleeping, "sampled while asleep"
+            ids, mask = left_pad(prompts, kwargs["pad_token_id"])
+            return sample(self.llm.model, ids, mask, max_new_tokens, **kwargs)
+
+    engines = []
+    monkeypatch.setattr(ppo, "build_engine", lambda recipe, par, policy, tokenizer, out:
+                        engines.append(SleepyEngine(ppo._lm(policy))) or engines[-1])
+    from rlcli.config.loader import load_recipe
+    from rlcli.config.ppo import PPORecipe
+
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(PPORecipe, "configs/tiny/ppo.yaml", [f"output_dir={tmp_path / 'run'}", "ppo.steps=3", *FAST])
+    ppo.train(recipe)
+    assert engines[0].llm.calls == ["load", "sleep1", "wake", "load", "sleep1", "wake", "load", "sleep1"]
