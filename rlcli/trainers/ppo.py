@@ -132,6 +132,13 @@ KL_WARNING = (
     "agree; now {diff}). Training goes on; kl_negative_steps in metrics.jsonl counts such steps."
 )
 
+RATIO_WARNING = (
+    "The ratio π/π_old of this step's first minibatch, before any update, is {ratio:.4g}; it is 1 when the training "
+    "forward pass computes what the rollout forward computed on the same weights. Likely causes: dropout or another "
+    "train-mode difference in the policy (a custom model), a forward pass that depends on the micro-batch (padding "
+    "side, positions), or precision (bf16 differs by ~1e-3). Said once; ratio_first in metrics.jsonl follows it."
+)
+
 
 SAMPLER_WARNING = (
     "The {engine} engine's log-probs of the tokens it sampled differ from the training forward's by {diff:.3g} nats "
@@ -538,6 +545,9 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
                 console.print(Panel(SAMPLER_WARNING.format(diff=stats["sampler_logprob_diff"], kl=stats["sampler_kl"],
                                                            engine=recipe.generation.engine),
                                     title=f"PPO step {step}: sampler and trainer disagree", border_style="yellow"))
+            if stats.pop("ratio_warning") and par.is_main_process:
+                console.print(Panel(RATIO_WARNING.format(ratio=stats["ratio_first"]),
+                                    title=f"PPO step {step}: first ratio is not 1", border_style="yellow"))
             if stats.pop("kl_warning") and par.is_main_process:
                 diff = stats.get("sampler_logprob_diff")
                 console.print(Panel(KL_WARNING.format(kl=stats["kl"], diff="n/a" if diff is None else f"{diff:.2g}"),

@@ -58,6 +58,10 @@ from rlcli.rl import (
 from rlcli.seeds import shuffle_generator
 
 
+# |ratio - 1| of a step's first minibatch (before any update) above which the run warns: the training forward and
+# the rollout forward on the same weights and rows differ by ~1e-7 in float32, ~1e-3 under bf16 autocast
+FIRST_RATIO_TOLERANCE = 0.01
+
 # mean |log p| difference per model token between the sampler and the training forward above which the run warns:
 # about 1e-7 in float32 on the same weights, a few 1e-3 to 1e-2 under bf16; 0.1 means another distribution
 SAMPLER_DIFF_WARNING = 0.1
@@ -114,6 +118,7 @@ class PPOLearner:
                        else FixedKLController(kl.coef))
         self.kl_watch = KLWatch()
         self.sampler_warned = False
+        self.ratio_warned = False
         self.score_moments = RunningMoments()
         self.steps_done = 0
         self.procs = self.par.num_processes
@@ -246,6 +251,10 @@ class PPOLearner:
         stats = self._statistics(rollout, raw_scores, scores, fwd, rewards, advantages, returns, mask)
         self.kl_ctl.update(stats["kl"], n_steps=int(stats["episodes"]))
         stats["kl_warning"] = float(self.kl_watch.update(stats["kl"]))
+        first = train_stats.get("ratio_first")
+        off = first is not None and abs(first - 1.0) > FIRST_RATIO_TOLERANCE
+        stats["ratio_warning"] = float(off and not self.ratio_warned)
+        self.ratio_warned = self.ratio_warned or off
         stats["kl_negative_steps"] = float(self.kl_watch.negative_steps)
         self.steps_done += 1
         return {**stats, **train_stats, **timings, "kl_coef_next": self.kl_ctl.value, "estimator": self.algo.advantage}
@@ -289,7 +298,7 @@ class PPOLearner:
         # more padding; the loss is normalised by the minibatch's model tokens, so the order only changes float sums
         b_lengths = b.query_mask.sum(dim=1) + b.response_mask.sum(dim=1)
         sums, counts = defaultdict(float), defaultdict(int)
-        epochs_done, early_stopped = 0, 0.0
+        epochs_done, early_stopped, first_ratio = 0, 0.0, None
         skipped: list[str] = []  # why each skipped minibatch was skipped
         for epoch in range(a.epochs):
             b_inds = torch.randperm(b.batch_size, generator=shuffle_generator(self.seed, self.steps_done, epoch))
@@ -312,6 +321,8 @@ class PPOLearner:
                     continue
                 if grad_norm is not None:
                     mb_stats["grad_norm"] = grad_norm
+                if first_ratio is None:
+                    first_ratio = mb_stats["ratio"]  # before any optimizer step of this PPO step: 1 up to float noise
                 for key, value in mb_stats.items():
                     sums[key] += value
                     counts[key] += 1
@@ -332,6 +343,9 @@ class PPOLearner:
         keys = sorted(sums)
         reduced = self.sum_over_processes(*[sums[k] / max(counts[k], 1) for k in keys]) if keys else []
         out = {k: v / self.procs for k, v in zip(keys, reduced)}
+        if first_ratio is not None and not skipped:
+            # the first minibatch's ratio π/π_old, before any update: exactly what the rollout forward computed
+            out["ratio_first"] = self.sum_over_processes(first_ratio)[0] / self.procs
         out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped,
                     "skipped_minibatches": float(len(skipped)), "lr": self.scheduler.get_last_lr()[0]})
         return out
@@ -431,9 +445,10 @@ class PPOLearner:
             (fwd.kl * mask).sum(), (fwd.entropy * mask).sum(), lengths.sum(), rollout.tool_mask.sum(),
             (values * mask).sum(), (returns * mask).sum(), (rewards * mask).sum(),
             0.0 if math.isnan(float(ev)) else float(ev), (fwd.forbidden_mass * mask).sum(), drift, drift_kl,
+            (k1.sum(dim=1) ** 2).sum(),
         )
         (n, s_sum, s_sq, sc_sum, k1_sum, tok, kl_pen, ent, len_sum, tool_tok, v_sum, ret_sum, rew_sum, ev_sum,
-         forbidden, drift_sum, drift_kl_sum) = sums
+         forbidden, drift_sum, drift_kl_sum, k1_sq) = sums
         mean = s_sum / n
         stats = {
             "episodes": n,
@@ -442,6 +457,8 @@ class PPOLearner:
             "score_used_mean": sc_sum / n,
             # mean over episodes of the summed per-token log-ratio: the true KL(π‖π_ref) estimate of the batch
             "kl": k1_sum / n,
+            # its standard error over the batch's episodes: a mean KL below 0 by a few of these is noise, not a bug
+            "kl_std_error": math.sqrt(max(k1_sq / n - (k1_sum / n) ** 2, 0.0) / max(n - 1, 1)),
             "kl_per_token": k1_sum / max(tok, 1),
             "kl_penalty_per_token": kl_pen / max(tok, 1),
             "kl_coef": self.kl_ctl.value,
