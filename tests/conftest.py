@@ -106,3 +106,17 @@ def read_metrics(output_dir: Path) -> list[dict]:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def float32_rounding_bound(reference: torch.Tensor, *, width: int, layers: int) -> float:
+    """How far two float32 evaluations of the same network may differ from rounding alone, for comparisons of one
+    computation done two ways (a batch vs one row, a LoRA adapter merged vs applied, another machine's CPU kernels,
+    thread count or attention path: each sums in another order).
+
+    Higham's worst-case bound for a length-``width`` dot product is γ = width·ε (ε = 2^-23); a network stacks
+    ``layers`` + 1 such reductions (the head included), and softmax and normalisation layers can amplify an
+    input's relative error a few times (×4 here). Relative to the outputs' magnitude (at least 1). A real bug (another
+    token read, an adapter not applied) moves scores by orders of magnitude more: the tests also check the compared
+    values are spread out that far."""
+    eps = torch.finfo(torch.float32).eps
+    return 4 * (layers + 1) * width * eps * max(1.0, float(reference.abs().max()))

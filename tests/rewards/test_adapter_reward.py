@@ -26,13 +26,16 @@ from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout
 from rlcli.rewards.adapter import REWARD_ADAPTER, AdapterRewardModel, unique_parameter_bytes
 from rlcli.rewards.reward_model import RewardModelScorer, save_reward_stats
 from rlcli.trainers.common import save_final_model
-from tests.conftest import invoke_cli as cli, plain, write_yaml
+from tests.conftest import float32_rounding_bound, invoke_cli as cli, plain, write_yaml
 
 CONFIGS = {
     "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
     "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 2, "max_position_embeddings": 64},
 }
+# the longest float32 reduction in these models (llama's MLP down-projection sums 64 products) and their depth: the
+# rounding bound of comparisons between two ways of computing the same scores or logits (tests/conftest.py)
+WIDEST, LAYERS = 64, 2
 TEXTS = ["how do I sort a list?\nuse sort() on the list.", "hi", "a somewhat longer text than the others", "x y"]
 
 
@@ -93,10 +96,12 @@ def test_scores_equal_the_reward_model_loaded_on_its_own(saved):
     separate = RewardModelScorer.from_pretrained(str(rm_dir), batch_size=3)
     got, want = scorer(TEXTS), separate(TEXTS)
     assert got.shape == (4,) and got.dtype == torch.float32
-    assert torch.allclose(got, want, atol=1e-5), (got, want)
-    assert want.std() > 0.05  # a reward model that tells the texts apart, so the comparison means something
+    # one computation two ways (the reward adapter on the policy's base vs the reward model alone): rounding only
+    tol = float32_rounding_bound(want, width=WIDEST, layers=LAYERS)
+    assert torch.allclose(got, want, rtol=0, atol=tol), (got, want, tol)
+    assert want.std() > 100 * tol  # a reward model that tells the texts apart, so the comparison means something
     normalised = AdapterRewardModel(policy_on(base_dir).pretrained, str(rm_dir), normalize=True)
-    assert torch.allclose(normalised(TEXTS), (want - 0.5) / 2.0, atol=1e-5)
+    assert torch.allclose(normalised(TEXTS), (want - 0.5) / 2.0, rtol=0, atol=tol)
 
 
 def test_policy_untouched_by_loading_and_scoring(saved):
@@ -129,7 +134,8 @@ def test_reference_has_every_adapter_off(saved):
     bare = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     with policy.reference():
         ref = _logits(policy.pretrained, TEXTS, tok)
-    assert torch.allclose(ref, _logits(bare, TEXTS, tok), atol=1e-6)
+    bare_logits = _logits(bare, TEXTS, tok)
+    assert torch.allclose(ref, bare_logits, rtol=0, atol=float32_rounding_bound(bare_logits, width=WIDEST, layers=LAYERS))
     assert not torch.allclose(_logits(policy.pretrained, TEXTS, tok), ref, atol=1e-3)  # the policy's adapter does act
 
 
@@ -154,7 +160,8 @@ def test_reward_adapter_on_other_modules_than_the_policy(saved):
     attention = ["c_attn"] if "gpt2" in base_dir.name else ["q_proj", "v_proj"]
     policy = policy_on(base_dir, target_modules=attention)
     scorer = AdapterRewardModel(policy.pretrained, str(rm_dir))
-    assert torch.allclose(scorer(TEXTS), RewardModelScorer.from_pretrained(str(rm_dir))(TEXTS), atol=1e-5)
+    want = RewardModelScorer.from_pretrained(str(rm_dir))(TEXTS)
+    assert torch.allclose(scorer(TEXTS), want, rtol=0, atol=float32_rounding_bound(want, width=WIDEST, layers=LAYERS))
 
 
 def test_policy_save_holds_only_its_own_adapter(saved, tmp_path):
@@ -165,9 +172,11 @@ def test_policy_save_holds_only_its_own_adapter(saved, tmp_path):
     save_final_model(policy.pretrained, tok, tmp_path, built_from_scratch=False, merge=True)
     assert not (tmp_path / REWARD_ADAPTER).exists()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path).eval()
-    assert torch.allclose(_logits(reloaded, TEXTS, tok), _logits(policy.pretrained, TEXTS, tok), atol=1e-5)
+    want = _logits(policy.pretrained, TEXTS, tok)
+    tol = float32_rounding_bound(want, width=WIDEST, layers=LAYERS)
+    assert torch.allclose(_logits(reloaded, TEXTS, tok), want, rtol=0, atol=tol)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # merged: the policy adapter only
-    assert torch.allclose(_logits(merged, TEXTS, tok), _logits(policy.pretrained, TEXTS, tok), atol=1e-4)
+    assert torch.allclose(_logits(merged, TEXTS, tok), want, rtol=0, atol=tol)
 
 
 # --- through build_learner: one copy of the base ------------------------------------------------------------------
@@ -212,7 +221,8 @@ def test_build_learner_holds_one_copy_of_the_base(tmp_path):
             assert not optimised & {id(p) for p in scorer.reward_parameters}
             # the scores PPO gets: the same as the reward model on its own
             want = RewardModelScorer.from_pretrained(str(rm_dir))(["ab", "cde"])
-            assert torch.allclose(source(["a", "c"], ["b", "de"], [{}, {}]), want, atol=1e-5)
+            tol = float32_rounding_bound(want, width=WIDEST, layers=LAYERS)
+            assert torch.allclose(source(["a", "c"], ["b", "de"], [{}, {}]), want, rtol=0, atol=tol)
     lm = AutoModelForCausalLM.from_pretrained(base_dir)
     # adapter: exactly one base besides the adapters and heads; separate: a second trunk (the reward model's own,
     # its adapter merged in) instead of the reward adapter
