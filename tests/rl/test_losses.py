@@ -87,3 +87,39 @@ def test_mask_dtypes(mask_dtype):
     mask = torch.tensor([[1, 0]]).to(mask_dtype)
     loss, _ = clipped_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[2.0, 5.0]]), mask)
     torch.testing.assert_close(loss, torch.tensor(-2.0))
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    """DAPO's clip-higher: ratios count within [1 - 0.2, 1 + 0.28]."""
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.25, 1.5, 0.7, 1.25]])).requires_grad_(True)
+    advantages = torch.tensor([[1.0, 1.0, 1.0, -1.0]])
+    loss, stats = clipped_policy_loss(logp, old, advantages, torch.ones(1, 4), clip_range=0.2, clip_range_high=0.28)
+    # A > 0: min(r, clip(r)) -> 1.25 (inside the wider bound), 1.28 (clipped), 0.7 (below: the unclipped counts);
+    # A < 0: max(r, clip(r)) -> 1.25 (inside [0.8, 1.28]); per-token loss = -A * that
+    torch.testing.assert_close(loss, torch.tensor((-1.25 - 1.28 - 0.7 + 1.25) / 4))
+    torch.testing.assert_close(stats["clipfrac"], torch.tensor(0.25))
+    loss.backward()
+    # gradient -A * r / 4 where the unclipped term is used, 0 at the clipped token
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.25 / 4, 0.0, -0.7 / 4, 1.25 / 4]]))
+    # the symmetric clip would have cut the first token at 1.2
+    symmetric, _ = clipped_policy_loss(logp.detach(), old, advantages, torch.ones(1, 4), clip_range=0.2)
+    torch.testing.assert_close(symmetric, torch.tensor((-1.2 - 1.2 - 0.7 + 1.25) / 4))
+
+
+def test_dual_clip_caps_the_loss_of_negative_advantages():
+    """Dual-clip (Ye et al. 2020, verl's clip_ratio_c): with A < 0 the loss is at most -A * c."""
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[5.0, 2.0, 5.0, 0.5]])).requires_grad_(True)
+    advantages = torch.tensor([[-2.0, -2.0, 1.0, -2.0]])
+    loss, stats = clipped_policy_loss(logp, old, advantages, torch.ones(1, 4), clip_range=0.2, dual_clip=3.0)
+    # token 0: max(2 * 5, 2 * 1.2) = 10, capped at 2 * 3 = 6; token 1: 4 < 6, kept; token 2 (A > 0): min(5, 1.2) -> -1.2;
+    # token 3: max(2 * 0.5, 2 * 0.8) = 1.6
+    torch.testing.assert_close(loss, torch.tensor((6.0 + 4.0 - 1.2 + 1.6) / 4))
+    torch.testing.assert_close(stats["dual_clipfrac"], torch.tensor(0.25))
+    loss.backward()
+    # the capped token is a constant (no gradient), token 1 gets -A * r / 4 = 1, the clipped ones 0
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    plain, plain_stats = clipped_policy_loss(logp.detach(), old, advantages, torch.ones(1, 4), clip_range=0.2)
+    torch.testing.assert_close(plain, torch.tensor((10.0 + 4.0 - 1.2 + 1.6) / 4))
+    assert plain_stats["dual_clipfrac"].item() == 0.0

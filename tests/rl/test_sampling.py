@@ -118,3 +118,32 @@ def test_score_and_kl_rewards_by_hand():
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 3.0 - 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="scores"):
         score_and_kl_rewards(torch.ones(3), kl, mask, 0.1)
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_a_banned_pad_label_gives_finite_gradients_when_masked(estimator):
+    """PAD = EOS, EOS banned by min_new_tokens: the padding's label has log-prob -inf under the rules. Masked at the
+    source it is 0, and the loss-mode KL's gradient stays finite (issue 19, finding 1: 0 · inf = NaN)."""
+    from rlcli.rl.kl import kl_penalty
+
+    eos = 1
+    rules = SamplingRules(eos_ids=(eos,), min_new_tokens=4)
+    logits = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    labels = torch.tensor([[4, 2, eos, eos]])  # two model tokens, then padding whose id is EOS
+    mask = torch.tensor([[1, 1, 0, 0]])
+    unmasked = rules.logprobs(logits, labels)
+    assert torch.isinf(unmasked[0, 2:]).all()  # what the bug fed into the KL
+    logp = rules.logprobs(logits, labels, mask=mask)
+    assert (logp[0, 2:] == 0).all() and torch.isfinite(logp).all()
+    ref = logp.detach() - 0.3
+    kl = kl_penalty(logp, ref, estimator)
+    torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_entropy_gradient_is_finite_with_banned_tokens():
+    rules = SamplingRules(banned_ids=(0, 3))
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    rules.entropy(logits).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[..., [0, 3]] == 0).all()  # forbidden tokens: no gradient

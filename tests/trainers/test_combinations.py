@@ -150,3 +150,69 @@ def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monk
     code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "--dry-run", *overrides, monkeypatch=monkeypatch)
     text = " ".join((out + err).split())
     assert code == 2 and key in text and reason in text, text
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("kl_mode", ["reward", "loss"])
+def test_pad_is_eos_trains_with_every_estimator_and_kl_mode(estimator, kl_mode, tokenizers, tmp_path, monkeypatch):
+    """Issue 19, finding 1: a GPT-2-style tokenizer (no pad token, so PAD = EOS), responses of varying length
+    (min_new_tokens 4 < max_new_tokens 32) and GRPO's defaults (k3 in the loss) skipped 15 of 16 minibatches at step
+    1 and died at step 2: the padding's label, EOS, is banned there, its log-prob -inf, and the KL's gradient NaN."""
+    out = tmp_path / "run"
+    _run([f"output_dir={out}", f"model.tokenizer={tokenizers['pad_eos']}", "model.config.n_layer=2",
+          "model.config.n_embd=64", "model.config.n_head=2", "ppo.steps=6", "ppo.batch_size=32",
+          "ppo.mini_batch_size=16", "ppo.epochs=2", f"ppo.advantage={estimator}",
+          f"ppo.group_size={1 if estimator == 'gae' else 4}", f"kl.mode={kl_mode}", "kl.coef=0.04",
+          f"kl.estimator={'k3' if kl_mode == 'loss' else 'k1'}",
+          "optim.learning_rate=3e-4", "generation.min_new_tokens=4", "generation.max_new_tokens=32",
+          "logging.progress=false", "train.save_every=null"], monkeypatch)
+    metrics = read_metrics(out)
+    assert len(metrics) == 6
+    assert all(m["skipped_minibatches"] == 0 and m["kl"] >= -0.1 for m in metrics), metrics
+    assert metrics[0]["kl"] == 0.0 and abs(metrics[0]["ratio_first"] - 1) < 1e-5
+    assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
+
+
+def test_plain_ppo_stops_at_the_chat_templates_end_of_turn(tokenizers):
+    """Issue 19, finding 3: with a chat template whose end-of-turn token (<|im_end|>) is not EOS, plain PPO's
+    responses ran past it to the budget, and the stopped flag (missing_eos_penalty) looked at EOS only."""
+    import torch
+
+    from rlcli.config.common import ModelConfig
+    from rlcli.config.ppo import GenerationConfig
+    from rlcli.config.reward import RewardConfig
+    from rlcli.models.engines import LocalEngine
+    from rlcli.models.loading import load_model, load_tokenizer
+    from rlcli.rewards.scoring import score_episodes
+    from rlcli.trainers.ppo import behaviour_rules, generate
+
+    cfg = ModelConfig(architecture="gpt2", tokenizer=str(tokenizers["chat_eot"]),
+                      config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64})
+    tok = load_tokenizer(cfg, "left")
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eot != tok.eos_token_id
+    torch.manual_seed(0)
+    lm = load_model(cfg, "causal", tok).eval()
+    bias = torch.zeros(len(tok))
+    bias[eot] = 4.0  # end of turn likely, not certain: some responses stop at it after a few tokens
+    lm.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    gen = GenerationConfig(max_new_tokens=20, min_new_tokens=2)
+    rules = behaviour_rules(gen, tok)
+    assert eot in rules.eos_ids
+    texts = [tok.apply_chat_template([{"role": "user", "content": f"q{i}"}], add_generation_prompt=True,
+                                     tokenize=False) for i in range(16)]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rollout = generate(LocalEngine(lm), tok, prompts, gen, rules, torch.Generator().manual_seed(0))
+    lengths = rollout.response_mask.sum(dim=1).tolist()
+    ends = [int(rollout.response_ids[i, n - 1]) for i, n in enumerate(lengths)]
+    # every response either ended at <|im_end|> (kept, so the model learns to stop) or ran to the budget
+    assert all(e == eot or n == 20 for e, n in zip(ends, lengths)), (ends, lengths)
+    assert sum(e == eot for e in ends) >= 8
+    # nothing is generated after the end of turn
+    assert all(eot not in rollout.response_ids[i, : n - 1].tolist() for i, n in enumerate(lengths))
+
+    scored = score_episodes(lambda p, r, rows, **kw: torch.ones(len(r)), RewardConfig(function="x:y",
+                            missing_eos_penalty=-1.0), rollout, tok, prompts=["p"] * 16, rows=[{}] * 16,
+                            stop_ids=rules.eos_ids)
+    assert scored.stopped == [e == eot for e in ends]
+    assert scored.scores.tolist() == [1.0 if e == eot else -1.0 for e in ends]

@@ -20,7 +20,7 @@ from rlcli.trainers.ppo_learner import PPOLearner
 CFG = ModelConfig(architecture="gpt2", config={"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128})
 
 
-def _setup(lora: bool = False, lr: float = 1e-3, **algo):
+def _setup(lora: bool = False, lr: float = 1e-3, kl_coef: float = 0.05, **algo):
     torch.manual_seed(0)
     tok = load_tokenizer(CFG, "left")
     lm = load_model(CFG, "causal", tok)
@@ -32,10 +32,10 @@ def _setup(lora: bool = False, lr: float = 1e-3, **algo):
         import copy
 
         ref = ValueHeadModel(copy.deepcopy(lm).eval().requires_grad_(False), None)
-    policy = ValueHeadModel(lm, ValueHead(64))
+    policy = ValueHeadModel(lm, ValueHead(64) if algo.get("advantage", "gae") == "gae" else None)
     a = PPOAlgo(batch_size=8, mini_batch_size=4, micro_batch_size=2, **algo)
     opt, sched = make_optimizer(policy.parameters(), OptimConfig(learning_rate=lr), 100)
-    learner = PPOLearner(policy, ref_model=ref, algo=a, kl=KLConfig(coef=0.05), rules=SamplingRules(), optimizer=opt,
+    learner = PPOLearner(policy, ref_model=ref, algo=a, kl=KLConfig(coef=kl_coef), rules=SamplingRules(), optimizer=opt,
                          scheduler=sched, accelerator=Accelerator(cpu=True), max_grad_norm=1.0)
     return tok, policy, learner
 
@@ -136,8 +136,11 @@ def test_non_finite_scores_skip_every_step():
     tok, policy, learner = _setup()
     rollout, _ = _rollout(tok, policy)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    with pytest.raises(NonFiniteLossError, match="non-finite"):
+    with pytest.raises(NonFiniteLossError, match="non-finite") as error:
         learner.step(rollout, torch.full((8,), float("nan")))
+    # the error names what was non-finite and where, not a learning rate
+    assert "non-finite policy and value loss (epoch 1, minibatch 1)" in str(error.value)
+    assert "learning rate" not in str(error.value)
     assert all(torch.equal(before[n], p) for n, p in policy.named_parameters()), "no optimizer step on a NaN loss"
 
 
@@ -208,3 +211,34 @@ def test_a_token_the_rules_forbid_is_refused():
     r = torch.tensor([[5, 6, tok.eos_token_id]] * 8)
     with pytest.raises(ForbiddenTokenError, match=r"episode 0, response token 2 \(id 1\).*EOS \[1\] banned"):
         learner.step(Rollout(q, qm, r, torch.ones_like(r), torch.zeros_like(r)), torch.zeros(8))
+
+
+def test_reinforce_pp_with_group_scaling_divides_by_the_group_std():
+    """A recipe the schema accepts runs (issue 19, finding 4: reinforce_pp + advantage_scaling=group raised
+    'scale "group" needs the scores' at step 1)."""
+    from rlcli.rl import RolloutForward
+
+    tok, policy, learner = _setup(advantage="reinforce_pp", group_size=2, advantage_scaling="group", kl_coef=0.0)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]).float()
+    zeros = torch.zeros(4, 3)
+    fwd = RolloutForward(pi_logprobs=zeros, values=None, ref_logprobs=zeros, kl=zeros, entropy=zeros,
+                         forbidden_mass=zeros)
+    _, advantages, _ = learner._critic_free_advantages(torch.tensor([1.0, 3.0, 0.0, 0.0]), fwd, mask)
+    # group 1: scores 1, 3 -> minus the mean 2 -> -1, +1, over the group's std sqrt(2), on every model token (the
+    # return-to-go of a final reward); group 2: all equal, advantage 0
+    r = 2 ** -0.5
+    torch.testing.assert_close(advantages, torch.tensor([[-r, -r, 0.0], [r, r, r], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+                               atol=1e-5, rtol=0)
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.arange(8.0))
+    assert stats["skipped_minibatches"] == 0 and stats["estimator"] == "reinforce_pp"
+
+
+def test_entropy_bonus_raises_the_entropy():
+    """ppo.entropy_coef: with every advantage 0 (equal scores) and no KL, the entropy bonus is the only gradient."""
+    tok, policy, learner = _setup(advantage="grpo", group_size=2, kl_coef=0.0, entropy_coef=1.0, lr=1e-2)
+    rollout, _ = _rollout(tok, policy)
+    before = learner.rollout_forward(rollout).entropy[rollout.model_mask.bool()].mean()
+    stats = learner.step(rollout, torch.ones(8))
+    after = learner.rollout_forward(rollout).entropy[rollout.model_mask.bool()].mean()
+    assert stats["loss_entropy"] > 0 and after > before + 1e-3, (before, after)
