@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from rlcli.config.errors import UserError
 from rlcli.env.chat import ChatProtocol, ChatTemplateError, _difference
 from rlcli.env.history import TextHistory, ToolCallRecord
 from rlcli.env.protocols import Malformed, Submit, ToolCall, ToolCallProtocol
@@ -232,12 +233,14 @@ class TextEnvironment:
             ids = self.chat.template.encode(text)
         else:
             if not isinstance(prompt, str):
-                raise ValueError(f"prompt {index}: a list of messages needs the chat protocol")
+                raise UserError(f"prompt {index} is a list of messages, which needs the chat protocol",
+                                key="env.protocol")
             text = self.prefix + prompt
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) >= self.max_length:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens (few-shot prefix and system prompt included); "
-                             f"max_length={self.max_length} leaves no room to generate")
+            raise UserError(f"prompt {index} has {len(ids)} tokens (few-shot prefix and system prompt included): "
+                            f"env.max_length={self.max_length} leaves no room to generate; raise env.max_length "
+                            "or shorten the prompt", key="env.max_length")
         history.append("prompt", text, ids)
         return _Row(history, rendered=text)
 

@@ -51,3 +51,36 @@ def test_a_rollout_never_replaces_a_training_run(tmp_path):
     res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH)
     assert res.returncode == 1 and "holds a training run" in plain(res.stderr), res.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+SCORING = '''
+def prompt_is_the_rows(prompts, rows):
+    return [1.0 if p == r["prompt"] else 0.0 for p, r in zip(prompts, rows)]
+'''
+
+
+def test_episodes_are_scored_as_ppo_scores_them(tmp_path):
+    """Issue 19, finding 5: env-rollout gave the reward the first segment (system prompt and few-shot prefix) as the
+    prompt and ignored reward.missing_eos_penalty, so accept_min_reward filtered on another reward than PPO trains
+    on. Now both commands call rlcli.rewards.scoring.score_episodes."""
+    plugin = tmp_path / "scoring.py"
+    plugin.write_text(SCORING)
+    out = tmp_path / "eval"
+    res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH, f"reward.function={plugin}:prompt_is_the_rows",
+                  "reward.missing_eos_penalty=-3.0", "env.system_prompt=true", "data.max_rows=6",
+                  "model.config={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 512}", "env.max_length=400")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        stopped = row["finish_reason"] in ("submit", "eos")
+        assert row["reward"] == (1.0 if stopped else -3.0), row["finish_reason"]
+    assert any(row["reward"] == -3.0 for row in rows)  # an 8-token budget: episodes that never stopped
+
+
+def test_a_prompt_longer_than_max_length_is_one_paragraph(tmp_path):
+    res = run_cli("env-rollout", RECIPE, f"output_dir={tmp_path / 'eval'}", *SCRATCH, "env.system_prompt=true",
+                  "env.max_length=128")
+    text = plain(res.stderr)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "env.max_length" in text and "leaves no room to generate" in text
