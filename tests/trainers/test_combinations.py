@@ -216,3 +216,49 @@ def test_plain_ppo_stops_at_the_chat_templates_end_of_turn(tokenizers):
                             stop_ids=rules.eos_ids)
     assert scored.stopped == [e == eot for e in ends]
     assert scored.scores.tolist() == [1.0 if e == eot else -1.0 for e in ends]
+
+
+# Paths the pairwise matrix does not cross: a seq2seq policy, a LoRA policy (reference = adapter disabled), and the
+# clipping / entropy options, each with a critic-free estimator and the PAD = EOS tokenizer where it applies.
+OTHER_CELLS = {
+    "t5-grpo-loss-k3-no_eos": ("configs/tiny/ppo_t5.yaml", ["ppo.advantage=grpo", "ppo.group_size=4",
+                                                            "generation.stop_at_eos=false"]),
+    "t5-gae-min<max-pad_eos": ("configs/tiny/ppo_t5.yaml", ["generation.min_new_tokens=3", "TOKENIZER=pad_eos"]),
+    "lora-rloo-min<max-pad_eos": ("configs/tiny/ppo.yaml", ["lora={r: 4}", "ppo.advantage=rloo", "ppo.group_size=4",
+                                                           "generation.min_new_tokens=3", "TOKENIZER=pad_eos"]),
+    "lora-gae-loss-k2": ("configs/tiny/ppo.yaml", ["lora={r: 4}", "kl.mode=loss", "kl.estimator=k2"]),
+    "clip-high-dual-entropy-grpo": ("configs/tiny/ppo.yaml", ["ppo.advantage=grpo", "ppo.group_size=4",
+                                                             "kl.estimator=k3", "ppo.clip_range_high=0.28",
+                                                             "ppo.dual_clip=3", "ppo.entropy_coef=0.01",
+                                                             "generation.min_new_tokens=3", "TOKENIZER=pad_eos"]),
+    "dual-entropy-gae-env-chat": ("configs/tiny/ppo.yaml", ["ppo.dual_clip=2", "ppo.entropy_coef=0.01",
+                                                           "data.path=data/calculator/prompts.jsonl",
+                                                           "reward.function=recipes/calculator.py:exact_match",
+                                                           "env.tools={Calculator: calculator}",
+                                                           "env.tool_isolation=inline", "env.protocol=chat",
+                                                           "env.max_new_tokens=8", "env.max_length=120",
+                                                           "TOKENIZER=chat_eot"]),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_CELLS))
+def test_other_cell(name, tokenizers, tmp_path, monkeypatch):
+    recipe, extra = OTHER_CELLS[name]
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "ppo.steps=3", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.epochs=2",
+                 "logging.progress=false", "train.save_every=null", "generation.max_new_tokens=8"]
+    for item in extra:
+        key, value = item.split("=", 1)
+        overrides.append(f"model.tokenizer={tokenizers[value]}" if key == "TOKENIZER" else item)
+    import rlcli.trainers.ppo as ppo
+    from rlcli.config.loader import load_recipe
+    from rlcli.config.ppo import PPORecipe
+
+    monkeypatch.chdir(REPO)
+    ppo.train(load_recipe(PPORecipe, recipe, overrides))
+    metrics = read_metrics(out)
+    assert len(metrics) == 3
+    for m in metrics:
+        assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)), m
+        assert m["skipped_minibatches"] == 0 and m["kl"] >= -max(0.1, 4 * m["kl_std_error"]), m
+    assert metrics[0]["kl"] == 0.0 and abs(metrics[0]["ratio_first"] - 1.0) < 1e-5
