@@ -196,6 +196,16 @@ ALIASES = {
     "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_r": "r", "model_name": "name_or_path",
     "model_name_or_path": "name_or_path", "precision": "mixed_precision", "fp16": "mixed_precision",
     "bf16": "mixed_precision", "seed_value": "seed",
+    # TRL's GRPOConfig / PPOConfig and verl's actor settings
+    "epsilon": "clip_range", "cliprange": "clip_range", "clip_ratio": "clip_range", "clip_ratio_low": "clip_range",
+    "epsilon_high": "clip_range_high", "clip_ratio_high": "clip_range_high", "clip_ratio_c": "dual_clip",
+    "entropy_coeff": "entropy_coef", "ent_coef": "entropy_coef", "cliprange_value": "clip_range_value",
+    "num_generations": "group_size", "rollout_n": "group_size", "n_samples_per_prompt": "group_size",
+    "loss_agg_mode": "loss_aggregation", "loss_type": "loss_aggregation", "beta": "coef", "kl_coef": "coef",
+    "init_kl_coef": "coef", "kl_loss_coef": "coef", "kl_loss_type": "estimator", "kl_estimator": "estimator",
+    "adv_estimator": "advantage", "num_ppo_epochs": "epochs", "ppo_epochs": "epochs", "mini_batch": "mini_batch_size",
+    "ppo_mini_batch_size": "mini_batch_size", "response_length": "max_new_tokens", "max_completion_length": "max_new_tokens",
+    "total_episodes": "steps", "vf_coef": "vf_coef",
 }
 
 

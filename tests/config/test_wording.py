@@ -61,3 +61,21 @@ def test_sft_of_an_encoder_decoder_is_found_by_dry_run_and_blames_the_command_li
     res = run_cli("sft", str(TINY), f"output_dir={tmp_path / 'o'}", "model.architecture=t5", "--dry-run")
     err = plain(res.stderr)
     assert res.returncode == 2 and "command line: model.architecture: rlcli sft trains decoder-only" in err, err
+
+
+@pytest.mark.parametrize("key, meant", [
+    ("ppo.clip_ratio_high", "'clip_range_high'"),  # verl
+    ("ppo.epsilon_high", "'clip_range_high'"),  # TRL's GRPOConfig
+    ("ppo.clip_ratio_c", "'dual_clip'"),
+    ("ppo.num_generations", "'group_size'"),
+    ("ppo.entropy_coeff", "'entropy_coef'"),
+    ("ppo.beta", "'kl.coef'"),
+    ("kl.kl_loss_type", "'estimator'"),
+])
+def test_settings_copied_from_trl_or_verl_name_rlclis_key(key, meant):
+    from rlcli.config.ppo import PPORecipe
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(PPORecipe, REPO / "configs/tiny/grpo.yaml", [f"{key}=1"])
+    problem = {p.key: p for p in err.value.problems}[key]
+    assert f"did you mean {meant}?" in problem.message, problem.message

@@ -242,3 +242,17 @@ def test_entropy_bonus_raises_the_entropy():
     stats = learner.step(rollout, torch.ones(8))
     after = learner.rollout_forward(rollout).entropy[rollout.model_mask.bool()].mean()
     assert stats["loss_entropy"] > 0 and after > before + 1e-3, (before, after)
+
+
+def test_a_first_ratio_off_1_is_warned_once():
+    """The ratio π/π_old of a step's first minibatch is 1 unless the training forward computes something else than
+    the rollout forward (here: dropout switched back on in the policy)."""
+    tok, policy, learner = _setup()
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.arange(8.0))
+    assert abs(stats["ratio_first"] - 1.0) < 1e-5 and stats["ratio_warning"] == 0.0
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    warnings = [learner.step(rollout, torch.arange(8.0))["ratio_warning"] for _ in range(2)]
+    assert warnings == [1.0, 0.0]
