@@ -205,6 +205,19 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
         if not gen.stop_at_eos:
             problems.append(Problem("generation.stop_at_eos", "false is not used with env (an episode always ends at "
                                                               "EOS)"))
+        # generation keys a text environment decides itself: refused rather than silently ignored
+        if gen.stop_strings:
+            problems.append(Problem("generation.stop_strings", "not used with env: a model turn ends at the "
+                                                               "protocol's markers (a complete tool call, a "
+                                                               "submission) or at EOS"))
+        if "max_new_tokens" in gen.model_fields_set:
+            problems.append(Problem("generation.max_new_tokens", "not used with env: each model turn's budget is "
+                                                                 f"env.max_new_tokens ({recipe.env.max_new_tokens})"))
+        if gen.min_new_tokens > recipe.env.max_new_tokens:
+            problems.append(Problem("generation.min_new_tokens", f"generation.min_new_tokens={gen.min_new_tokens} "
+                                                                 "exceeds a turn's budget env.max_new_tokens="
+                                                                 f"{recipe.env.max_new_tokens}: no turn could end "
+                                                                 "before its budget"))
     processes = processes or launch_processes()
     if gen.engine == "vllm":
         problems += check_vllm(recipe, task)

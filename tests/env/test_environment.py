@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from rlcli.config.errors import UserError
 from rlcli.env import (
     JsonProtocol,
     TagProtocol,
@@ -204,7 +205,7 @@ def test_limits_max_turns_and_max_length(tok, scripted):
     h0, _ = env.run(["#0: a", "#1: b"])
     assert h0.finish_reason == "max_length" and len(h0.token_ids) == 60
 
-    with pytest.raises(ValueError, match="prompt 0 has"):
+    with pytest.raises(UserError, match="prompt 0 has"):
         env.run(["#0:" + "x" * 80])
 
 

@@ -31,8 +31,9 @@ FACTORS = {
 
 
 def _allowed(cell: dict) -> bool:
-    # a text environment's episode always ends at EOS: stop_at_eos=false is refused with it (tested below)
-    return not (cell.get("protocol") in ("tag", "chat") and cell.get("length") == "no_eos")
+    # a text environment's turns end at its protocol's markers and episodes at EOS: stop_at_eos=false and
+    # generation.stop_strings are refused with it (tested below)
+    return not (cell.get("protocol") in ("tag", "chat") and cell.get("length") in ("no_eos", "stop_strings"))
 
 
 def pairwise_cells() -> list[dict]:
@@ -63,13 +64,14 @@ def _overrides(cell: dict, tokenizer_dir, out) -> list[str]:
          "model.config.n_head=2", "ppo.steps=3", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.epochs=2",
          f"ppo.advantage={cell['estimator']}", f"ppo.group_size={4 if critic_free else 1}", f"kl.mode={mode}",
          f"kl.estimator={kl_estimator}", "kl.coef=0.1", "optim.learning_rate=3e-3", "logging.progress=false",
-         "train.save_every=null", "train.sample_every=1", "generation.max_new_tokens=8"]
+         "train.save_every=null", "train.sample_every=1"]
     o += {"min=max": ["generation.min_new_tokens=8"],
           "min<max": ["generation.min_new_tokens=3"],
           "stop_strings": ["generation.stop_strings=['7']", "generation.min_new_tokens=1"],
           "no_eos": ["generation.stop_at_eos=false"]}[cell["length"]]
     if cell["protocol"] == "none":
-        o += ["data.path=data/tiny/prompts.jsonl", "reward.function=recipes/sevens.py:score"]
+        o += ["data.path=data/tiny/prompts.jsonl", "reward.function=recipes/sevens.py:score",
+              "generation.max_new_tokens=8"]
         if cell["tokenizer"] == "chat_eot":
             o.append("data.chat_template=true")  # rendered by the template: responses end at <|im_end|>
     else:
@@ -143,6 +145,11 @@ def test_cell(cell, tokenizers, tmp_path, monkeypatch):
     (["kl.mode=loss", "kl.estimator=abs"], "kl.estimator", "not the gradient of any KL"),
     (["kl.mode=loss", "kl.estimator=full"], "kl.estimator", "only with kl.mode=reward"),
     (["env.tools={Calculator: calculator}", "generation.stop_at_eos=false"], "generation.stop_at_eos", "always ends"),
+    (["env.tools={Calculator: calculator}", "generation.stop_strings=[x]"], "generation.stop_strings", "not used"),
+    (["env.tools={Calculator: calculator}", "generation.max_new_tokens=8"], "generation.max_new_tokens",
+     "env.max_new_tokens"),
+    (["env.tools={Calculator: calculator}", "env.max_new_tokens=8", "generation.min_new_tokens=9"],
+     "generation.min_new_tokens", "no turn could end"),
 ])
 def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monkeypatch):
     from tests.conftest import invoke_cli
@@ -246,7 +253,9 @@ def test_other_cell(name, tokenizers, tmp_path, monkeypatch):
     recipe, extra = OTHER_CELLS[name]
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", "ppo.steps=3", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.epochs=2",
-                 "logging.progress=false", "train.save_every=null", "generation.max_new_tokens=8"]
+                 "logging.progress=false", "train.save_every=null"]
+    if not any(item.startswith("env.") for item in extra):
+        overrides.append("generation.max_new_tokens=8")
     for item in extra:
         key, value = item.split("=", 1)
         overrides.append(f"model.tokenizer={tokenizers[value]}" if key == "TOKENIZER" else item)
