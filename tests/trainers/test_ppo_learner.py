@@ -256,3 +256,21 @@ def test_a_first_ratio_off_1_is_warned_once():
             module.p = 0.5
     warnings = [learner.step(rollout, torch.arange(8.0))["ratio_warning"] for _ in range(2)]
     assert warnings == [1.0, 0.0]
+
+
+def test_a_non_finite_gradient_norm_skips_the_minibatch():
+    """Finite losses, an overflow inside the backward pass: the minibatch is counted and not stepped."""
+    tok, policy, learner = _setup()
+    rollout, _ = _rollout(tok, policy)
+    calls = []
+    weight = policy.pretrained.transformer.wte.weight
+
+    def overflow_once(grad):
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 1 else grad
+
+    handle = weight.register_hook(overflow_once)
+    stats = learner.step(rollout, torch.arange(8.0))
+    handle.remove()
+    assert stats["skipped_minibatches"] == 1.0
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
