@@ -210,9 +210,6 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
             problems.append(Problem("generation.stop_strings", "not used with env: a model turn ends at the "
                                                                "protocol's markers (a complete tool call, a "
                                                                "submission) or at EOS"))
-        if "max_new_tokens" in gen.model_fields_set:
-            problems.append(Problem("generation.max_new_tokens", "not used with env: each model turn's budget is "
-                                                                 f"env.max_new_tokens ({recipe.env.max_new_tokens})"))
         if gen.min_new_tokens > recipe.env.max_new_tokens:
             problems.append(Problem("generation.min_new_tokens", f"generation.min_new_tokens={gen.min_new_tokens} "
                                                                  "exceeds a turn's budget env.max_new_tokens="
@@ -238,7 +235,17 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
         from rlcli.env.build import sandbox_notes
 
         notes += sandbox_notes(recipe.env)
+        notes += env_generation_notes(recipe)
     return notes
+
+
+def env_generation_notes(recipe: PPORecipe) -> list[str]:
+    """Generation keys a recipe sets that its text environment overrides (legal, but worth saying)."""
+    gen = recipe.generation
+    if recipe.env is None or "max_new_tokens" not in gen.model_fields_set:
+        return []
+    return [f"generation.max_new_tokens ({gen.max_new_tokens}) is not used with env: each model turn's budget is "
+            f"env.max_new_tokens ({recipe.env.max_new_tokens})"]
 
 
 def check_vllm(recipe: PPORecipe, task: str) -> list[Problem]:
@@ -530,6 +537,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
                       + (f", resuming at step {start_step}" if start_step else ""))
         console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}",
                       style="dim")
+        for note in env_generation_notes(recipe):
+            console.print(f"note: {note}", style="yellow")
 
     shown = ("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")
     with TrainingProgress("ppo", p.steps, enabled=par.is_main_process and recipe.logging.progress,
