@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TIMING = ("time_", "tokens_per_s", "seconds", "episodes_per_s", "samples_per_s")
+TIMING = ("time_", "tokens_per_s", "seconds", "episodes_per_s", "samples_per_s", "pairs_per_s")
 SCRATCH = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2"]
 
 

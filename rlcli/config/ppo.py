@@ -114,22 +114,15 @@ class KLConfig(Section):
     Default: k3 in loss mode, else k1."""
 
 
-ESTIMATOR_DEFAULTS = {
-    # advantage: (advantage_scaling, loss_aggregation, kl.mode); each from the paper that introduced it
-    "gae": ("none", "token_mean", "reward"),  # PPO as in Ziegler et al. 2019 / TRL: whitening below
-    "grpo": ("group", "sequence_mean", "loss"),  # Shao et al. 2024 (DeepSeekMath), eq. 3 and 21
-    "rloo": ("none", "token_mean", "reward"),  # Ahmadian et al. 2024; token mean as TRL's RLOOTrainer
-    "reinforce_pp": ("batch", "token_mean", "reward"),  # Hu 2025: token-level KL reward, global normalisation
-}
+def estimator_settings(ppo: "PPOAlgo", kl: KLConfig) -> tuple[str, str, str, str]:
+    """(advantage_scaling, loss_aggregation, kl.mode, kl.estimator): the recipe's, or where it leaves one unset
+    (None), the default of ``ppo.advantage``'s paper (``rlcli.rl.estimators.ESTIMATORS``). Changes nothing."""
+    from rlcli.rl.estimators import ESTIMATORS  # the registry lives with the maths (torch: loaded at this check only)
 
-
-def apply_estimator_defaults(ppo: "PPOAlgo", kl: KLConfig) -> None:
-    """Fill the estimator keys left unset (None) with the defaults of ``ppo.advantage``'s paper, in place."""
-    scaling, aggregation, mode = ESTIMATOR_DEFAULTS[ppo.advantage]
-    ppo.advantage_scaling = ppo.advantage_scaling or scaling
-    ppo.loss_aggregation = ppo.loss_aggregation or aggregation
-    kl.mode = kl.mode or mode
-    kl.estimator = kl.estimator or ("k3" if kl.mode == "loss" else "k1")
+    e = ESTIMATORS[ppo.advantage]
+    mode = kl.mode or e.kl_mode
+    return (ppo.advantage_scaling or e.scaling, ppo.loss_aggregation or e.aggregation, mode,
+            kl.estimator or ("k3" if mode == "loss" else "k1"))
 
 
 class PPOAlgo(Section):
@@ -270,7 +263,8 @@ class PPORecipe(RecipeBase):
     def _estimator_problems(self, procs: int) -> list[Problem]:
         """Check the estimator's keys and fill the ones left unset with the estimator's defaults."""
         p, kl, problems = self.ppo, self.kl, []
-        apply_estimator_defaults(p, kl)
+        # the recipe is filled in once, here, so recipe.yaml shows the values the run uses
+        p.advantage_scaling, p.loss_aggregation, kl.mode, kl.estimator = estimator_settings(p, kl)
         n = p.group_size
         if p.advantage in ("grpo", "rloo") and n < 2:
             problems.append(Problem("ppo.group_size", f"ppo.group_size={n}: {p.advantage} compares completions of the "

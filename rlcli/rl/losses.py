@@ -1,9 +1,13 @@
-"""PPO-clip policy and value losses, averaged over model tokens (ppo-details item 11)."""
+"""PPO-clip policy and value losses (ppo-details item 11), and ``ppo_loss``: the whole loss of a micro-batch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from rlcli.rl.critic_free import aggregate_loss
+from rlcli.rl.kl import kl_penalty
 from rlcli.rl.masked import masked_mean, masked_var
 
 
@@ -143,3 +147,80 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_returns = masked_var(returns, mask)
     ratio = masked_var(returns - values, mask) / var_returns
     return torch.where(var_returns > 0, 1.0 - ratio, torch.full_like(ratio, float("nan")))
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How ``ppo_loss`` puts its terms together (from the recipe's ``ppo`` and ``kl`` sections)."""
+
+    aggregation: str = "token_mean"  # of the policy, KL and entropy terms (the value loss is always a token mean)
+    clip_range: float = 0.2
+    clip_range_high: float | None = None
+    dual_clip: float | None = None
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    kl_estimator: str = "k3"  # of the KL term, when ``kl_coef`` applies (loss mode)
+    entropy_coef: float = 0.0
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    settings: LossSettings,
+    totals: dict,
+    *,
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO loss of one micro-batch, as its share of the minibatch's: the clipped policy loss, plus ``vf_coef`` ×
+    the clipped value loss (with a critic), plus ``kl_coef`` × the KL estimate (``ref_logprobs`` given: the KL in
+    the loss, GRPO), minus ``entropy_coef`` × the entropy (``entropy`` given).
+
+    Args:
+        logprobs: ``[b, T]`` the current policy's log-probs of the sampled tokens (carries the gradient; 0 off model
+            tokens: ``SamplingRules.logprobs(..., mask=)``).
+        old_logprobs, advantages: ``[b, T]`` from the rollout (constants).
+        mask: ``[b, T]`` 0/1, model tokens.
+        settings: the recipe's knobs (``LossSettings``).
+        totals: the minibatch's ``total_tokens`` / ``total_sequences`` / ``constant_length`` (``aggregate_loss``).
+        values, old_values, returns: ``[b, T]`` the value head's predictions (gradient) and the rollout's (constants).
+        ref_logprobs: ``[b, T]`` the reference's log-probs (constants), for the KL term.
+        kl_coef: β of the KL term.
+        entropy: ``[b, T]`` the sampling distribution's entropy at each position (gradient).
+
+    Returns:
+        ``(loss, parts)``: the 0-dim loss and its parts: ``loss_policy`` / ``loss_value`` / ``loss_kl`` /
+        ``loss_entropy`` (differentiable shares) and detached statistics (``policy_clipfrac``, ``approx_kl``,
+        ``ratio``, ``policy_dual_clipfrac``, ``value_clipfrac``).
+    """
+    s = settings
+    pg_terms, pg = clipped_policy_terms(logprobs, old_logprobs, advantages, mask, s.clip_range, s.clip_range_high,
+                                        s.dual_clip)
+    pg_loss = aggregate_loss(pg_terms, mask, s.aggregation, **totals)
+    loss, parts = pg_loss, {"loss_policy": pg_loss, "policy_clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"],
+                            "ratio": pg["ratio_mean"]}
+    if s.dual_clip is not None:
+        parts["policy_dual_clipfrac"] = pg["dual_clipfrac"]
+    if values is not None and old_values is not None:
+        vf_terms, vf = clipped_value_terms(values, old_values, returns, mask, s.clip_range_value)
+        vf_loss = aggregate_loss(vf_terms, mask, "token_mean", **totals)
+        loss = loss + s.vf_coef * vf_loss
+        parts.update({"loss_value": vf_loss, "value_clipfrac": vf["vf_clipfrac"]})
+    if ref_logprobs is not None:
+        # the gradient flows through the policy's log-probs only (the reference's are constants): k3's is that of
+        # KL(π_ref‖π), k2's that of KL(π‖π_ref) (rlcli.rl.kl)
+        kl_terms = kl_penalty(logprobs, ref_logprobs.detach(), s.kl_estimator)
+        kl_part = aggregate_loss(kl_terms, mask, s.aggregation, **totals)
+        loss = loss + kl_coef * kl_part
+        parts["loss_kl"] = kl_part
+    if entropy is not None:
+        entropy_part = aggregate_loss(entropy, mask, s.aggregation, **totals)
+        loss = loss - s.entropy_coef * entropy_part
+        parts["loss_entropy"] = entropy_part
+    return loss, parts

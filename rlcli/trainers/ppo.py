@@ -264,13 +264,15 @@ def check_vllm(recipe: PPORecipe, task: str) -> list[Problem]:
 
 
 def describe_estimator(recipe: PPORecipe) -> str:
-    """The advantage estimator and its settings, in words."""
-    p, kl = recipe.ppo, recipe.kl
+    """The advantage estimator and its settings, in words (rlcli.rl.estimators holds each one's description)."""
+    from rlcli.rl.estimators import ESTIMATORS
+
+    p, kl, e = recipe.ppo, recipe.kl, ESTIMATORS[recipe.ppo.advantage]
     kl_text = f"KL ({kl.estimator}, β {kl.coef:g}{' adaptive' if kl.adaptive else ''}) in the {kl.mode}"
-    if p.advantage == "gae":
-        return f"gae with a value head (γ {p.gamma:g}, λ {p.lam:g}); {kl_text}; loss {p.loss_aggregation}"
+    if e.critic:
+        return f"{e.name}: {e.description} (γ {p.gamma:g}, λ {p.lam:g}); {kl_text}; loss {p.loss_aggregation}"
     groups = f"{p.batch_size // p.group_size} prompts × {p.group_size} completions"
-    return (f"{p.advantage}, no value head; {groups}; scaling {p.advantage_scaling}; {kl_text}; "
+    return (f"{e.name}: {e.description}, no value head; {groups}; scaling {p.advantage_scaling}; {kl_text}; "
             f"loss {p.loss_aggregation}")
 
 

@@ -32,17 +32,11 @@ from collections import defaultdict
 
 import torch
 
-from rlcli.config.ppo import apply_estimator_defaults
+from rlcli.config.ppo import estimator_settings
 from rlcli.padding import left_pad, pad, right_pad
 from rlcli.parallel import as_parallel
 from rlcli.rl import (
     AdaptiveKLController,
-    aggregate_loss,
-    clipped_policy_terms,
-    clipped_value_terms,
-    group_baseline,
-    returns_to_go,
-    scale_advantages,
     FixedKLController,
     KLWatch,
     Rollout,
@@ -50,11 +44,10 @@ from rlcli.rl import (
     RunningMoments,
     SamplingRules,
     explained_variance,
-    gae,
     kl_penalty,
-    masked_whiten,
-    score_and_kl_rewards,
 )
+from rlcli.rl.estimators import ESTIMATORS, AdvantageInputs
+from rlcli.rl.losses import LossSettings, ppo_loss
 from rlcli.seeds import shuffle_generator
 
 
@@ -102,7 +95,13 @@ class PPOLearner:
                  max_grad_norm: float | None, seed: int = 0, constant_length: int | None = None):
         if rules.temperature <= 0:
             raise ValueError("PPO needs a sampling temperature > 0 (greedy decoding has no log-probs to learn from)")
-        apply_estimator_defaults(algo, kl)
+        # the estimator's defaults for keys a hand-built algo / kl section left unset (a recipe has them filled)
+        self.scaling, self.aggregation, self.kl_mode, self.kl_estimator = estimator_settings(algo, kl)
+        self.estimator = ESTIMATORS[algo.advantage]
+        self.loss_settings = LossSettings(aggregation=self.aggregation, clip_range=algo.clip_range,
+                                          clip_range_high=algo.clip_range_high, dual_clip=algo.dual_clip,
+                                          clip_range_value=algo.clip_range_value, vf_coef=algo.vf_coef,
+                                          kl_estimator=self.kl_estimator, entropy_coef=algo.entropy_coef)
         # everything parallel goes through rlcli.parallel (an Accelerator from elsewhere: single process or DDP)
         self.par = as_parallel(accelerator, max_grad_norm)
         self.model = model  # prepared by self.par: DDP-wrapped, FSDP2-sharded or a DeepSpeed engine
@@ -124,7 +123,7 @@ class PPOLearner:
         self.procs = self.par.num_processes
         # the fixed length of loss_aggregation "constant" (Dr. GRPO: the generation budget)
         self.constant_length = constant_length
-        self.critic_free = algo.advantage != "gae"
+        self.critic_free = not ESTIMATORS[algo.advantage].critic
         if self.critic_free and self.par.unwrap(model).value_head is not None:
             raise ValueError(f"ppo.advantage={algo.advantage} trains no critic: build the policy without a value head")
 
@@ -152,10 +151,6 @@ class PPOLearner:
     def _sum_tensor_over_processes(self, t: torch.Tensor) -> torch.Tensor:
         return self.par.reduce(t.to(self.par.device), "sum").to(t.device)
 
-    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, restore_mean: bool = False) -> torch.Tensor:
-        reduce = self._sum_tensor_over_processes if self.procs > 1 else None
-        return masked_whiten(x, mask, restore_mean=restore_mean, sum_over_processes=reduce)
-
     # --- step 1: forward passes without autograd --------------------------------------------------------------
 
     @torch.no_grad()
@@ -182,10 +177,10 @@ class PPOLearner:
             # the rules' log-prob of a pad label may be -inf (PAD = EOS, banned there): masked at the source
             lp = self.rules.logprobs(logits, mb.response_ids, turn, mask=model_mask)
             ref_lp = self.rules.logprobs(ref_logits, mb.response_ids, turn, mask=model_mask)
-            if self.kl_cfg.estimator == "full":
+            if self.kl_estimator == "full":
                 kl = self.rules.full_kl(logits, ref_logits, turn)
             else:
-                kl = kl_penalty(lp, ref_lp, self.kl_cfg.estimator)
+                kl = kl_penalty(lp, ref_lp, self.kl_estimator)
             computed = {"pi_logprobs": lp, "values": values, "ref_logprobs": ref_lp, "kl": kl,
                         "entropy": self.rules.entropy(logits, turn)}
             if self.rules.restricts:
@@ -231,16 +226,9 @@ class PPOLearner:
         if self.algo.score_clip is not None:
             scores = scores.clamp(-self.algo.score_clip, self.algo.score_clip)
 
-        # steps 3-4: per-token rewards and advantages (GAE with the critic, or a critic-free estimator)
-        if self.critic_free:
-            rewards, advantages, returns = self._critic_free_advantages(scores, fwd, mask)
-        else:
-            rewards = score_and_kl_rewards(scores, self._kl_in_reward(fwd.kl), mask, self.kl_ctl.value)
-            if self.algo.whiten_rewards:
-                rewards = self._whiten(rewards, mask, restore_mean=True)
-            advantages, returns = gae(fwd.values, rewards, mask, self.algo.gamma, self.algo.lam)
-            if self.algo.whiten_advantages:
-                advantages = self._whiten(advantages, mask)
+        # steps 3-4: per-token rewards and advantages (rlcli.rl.estimators: GAE with the critic, or critic-free)
+        rewards, advantages, returns = self.estimator.advantages(scores, self._kl_in_reward(fwd.kl), mask,
+                                                                 self._advantage_inputs(fwd))
 
         # step 5: epochs of minibatch updates
         t1 = time.perf_counter()
@@ -261,33 +249,14 @@ class PPOLearner:
 
     def _kl_in_reward(self, kl: torch.Tensor) -> torch.Tensor:
         """The per-token KL that enters the reward: all of it in reward mode, none in loss mode."""
-        return kl if self.kl_cfg.mode == "reward" else torch.zeros_like(kl)
+        return kl if self.kl_mode == "reward" else torch.zeros_like(kl)
 
-    def _critic_free_advantages(self, scores, fwd: RolloutForward, mask):
-        """Advantages of grpo / rloo / reinforce_pp: ``[B, R]`` rewards, advantages and returns (0 off model tokens).
-
-        grpo / rloo judge a whole sequence: its reward (the score, minus β·ΣKL_t in reward mode) against its group's
-        baseline, the same advantage on every model token. reinforce_pp keeps per-token rewards (score on the last
-        token, -β·KL_t on each) and uses the return-to-go; with groups, the group's mean score is subtracted first.
-        """
-        a, n, beta = self.algo, self.algo.group_size, self.kl_ctl.value
-        kl = self._kl_in_reward(fwd.kl)
-        if a.advantage == "reinforce_pp":
-            group_scores = scores  # the group's spread, for advantage_scaling: group
-            if n > 1:
-                scores = scores - group_baseline(scores, n, "mean")
-            rewards = score_and_kl_rewards(scores, kl, mask, beta)
-            advantages = returns_to_go(rewards, mask)
-        else:
-            sequence_rewards = scores - beta * (kl * mask).sum(dim=1)
-            baseline = group_baseline(sequence_rewards, n, "mean" if a.advantage == "grpo" else "leave_one_out")
-            advantages = (sequence_rewards - baseline)[:, None] * mask
-            rewards = score_and_kl_rewards(scores, kl, mask, beta)
-            group_scores = sequence_rewards
-        reduce = self._sum_tensor_over_processes if self.procs > 1 else None
-        advantages = scale_advantages(advantages, n, a.advantage_scaling, scores=group_scores, mask=mask,
-                                      sum_over_processes=reduce) * mask
-        return rewards, advantages, returns_to_go(rewards, mask)
+    def _advantage_inputs(self, fwd: RolloutForward) -> AdvantageInputs:
+        a = self.algo
+        return AdvantageInputs(beta=self.kl_ctl.value, group_size=a.group_size, scaling=self.scaling,
+                               values=fwd.values, gamma=a.gamma, lam=a.lam, whiten_rewards=a.whiten_rewards,
+                               whiten_advantages=a.whiten_advantages,
+                               sum_over_processes=self._sum_tensor_over_processes if self.procs > 1 else None)
 
     def _optimise(self, b: Rollout, b_logprobs, b_values, b_ref_logprobs, b_advantages, b_returns) -> dict[str, float]:
         """Epochs × shuffled minibatches; one optimizer step per minibatch (CleanRL's update loop)."""
@@ -395,36 +364,19 @@ class PPOLearner:
                         b_advantages, b_returns, totals) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch's share of the minibatch loss: clipped policy loss, clipped value loss (gae), β·KL (loss
         mode), minus the entropy bonus; and its parts, for the statistics and the finiteness check."""
-        a, dev = self.algo, self.par.device
+        dev = self.par.device
         mb_mask = mb.model_mask.float()
-        model_mask = mb_mask.bool()
-        mb_logprobs = self.rules.logprobs(logits, mb.response_ids, mb.turn_positions, mask=model_mask)
-        pg_terms, pg = clipped_policy_terms(mb_logprobs, b_logprobs[rows, :width].to(dev),
-                                            b_advantages[rows, :width].to(dev), mb_mask, a.clip_range,
-                                            a.clip_range_high, a.dual_clip)
-        pg_loss = aggregate_loss(pg_terms, mb_mask, a.loss_aggregation, **totals)
-        loss, parts = pg_loss, {"loss_policy": pg_loss, "policy_clipfrac": pg["clipfrac"],
-                                "approx_kl": pg["approx_kl"], "ratio": pg["ratio_mean"]}
-        if a.dual_clip is not None:
-            parts["policy_dual_clipfrac"] = pg["dual_clipfrac"]
-        if values is not None and b_values is not None:
-            vf_terms, vf = clipped_value_terms(values, b_values[rows, :width].to(dev),
-                                               b_returns[rows, :width].to(dev), mb_mask, a.clip_range_value)
-            vf_loss = aggregate_loss(vf_terms, mb_mask, "token_mean", **totals)
-            loss = loss + a.vf_coef * vf_loss
-            parts.update({"loss_value": vf_loss, "value_clipfrac": vf["vf_clipfrac"]})
-        if self.kl_cfg.mode == "loss":
-            # the gradient flows through the policy's log-probs only (the reference's are constants)
-            kl_terms = kl_penalty(mb_logprobs, b_ref_logprobs[rows, :width].to(dev), self.kl_cfg.estimator)
-            kl_part = aggregate_loss(kl_terms, mb_mask, a.loss_aggregation, **totals)
-            loss = loss + self.kl_ctl.value * kl_part
-            parts["loss_kl"] = kl_part
-        if a.entropy_coef > 0:
-            entropy = aggregate_loss(self.rules.entropy(logits, mb.turn_positions), mb_mask, a.loss_aggregation,
-                                     **totals)
-            loss = loss - a.entropy_coef * entropy
-            parts["loss_entropy"] = entropy
-        return loss, parts
+        mb_logprobs = self.rules.logprobs(logits, mb.response_ids, mb.turn_positions, mask=mb_mask.bool())
+        critic = values is not None and b_values is not None
+        return ppo_loss(
+            mb_logprobs, b_logprobs[rows, :width].to(dev), b_advantages[rows, :width].to(dev), mb_mask,
+            self.loss_settings, totals,
+            values=values if critic else None,
+            old_values=b_values[rows, :width].to(dev) if critic else None,
+            returns=b_returns[rows, :width].to(dev) if critic else None,
+            ref_logprobs=b_ref_logprobs[rows, :width].to(dev) if self.kl_mode == "loss" else None,
+            kl_coef=self.kl_ctl.value,
+            entropy=self.rules.entropy(logits, mb.turn_positions) if self.algo.entropy_coef > 0 else None)
 
     def _statistics(self, rollout, raw_scores, scores, fwd: RolloutForward, rewards, advantages, returns,
                     mask) -> dict[str, float]:

@@ -213,22 +213,10 @@ def test_a_token_the_rules_forbid_is_refused():
         learner.step(Rollout(q, qm, r, torch.ones_like(r), torch.zeros_like(r)), torch.zeros(8))
 
 
-def test_reinforce_pp_with_group_scaling_divides_by_the_group_std():
+def test_reinforce_pp_with_group_scaling_runs():
     """A recipe the schema accepts runs (issue 19, finding 4: reinforce_pp + advantage_scaling=group raised
-    'scale "group" needs the scores' at step 1)."""
-    from rlcli.rl import RolloutForward
-
+    'scale "group" needs the scores' at step 1; the arithmetic: tests/rl/test_estimators.py)."""
     tok, policy, learner = _setup(advantage="reinforce_pp", group_size=2, advantage_scaling="group", kl_coef=0.0)
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]).float()
-    zeros = torch.zeros(4, 3)
-    fwd = RolloutForward(pi_logprobs=zeros, values=None, ref_logprobs=zeros, kl=zeros, entropy=zeros,
-                         forbidden_mass=zeros)
-    _, advantages, _ = learner._critic_free_advantages(torch.tensor([1.0, 3.0, 0.0, 0.0]), fwd, mask)
-    # group 1: scores 1, 3 -> minus the mean 2 -> -1, +1, over the group's std sqrt(2), on every model token (the
-    # return-to-go of a final reward); group 2: all equal, advantage 0
-    r = 2 ** -0.5
-    torch.testing.assert_close(advantages, torch.tensor([[-r, -r, 0.0], [r, r, r], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
-                               atol=1e-5, rtol=0)
     rollout, _ = _rollout(tok, policy)
     stats = learner.step(rollout, torch.arange(8.0))
     assert stats["skipped_minibatches"] == 0 and stats["estimator"] == "reinforce_pp"

@@ -1,0 +1,116 @@
+"""The advantage estimators: one registry entry each, holding its advantage function, its defaults, a description
+and its paper. ``ppo.advantage`` names one; the recipe check, ``rlcli explain``, the run header and the learner all
+read this table.
+
+Every advantage function has the same signature (pure tensor math, no model):
+
+    rewards, advantages, returns = estimator.advantages(scores, kl, mask, AdvantageInputs(...))
+
+- ``scores`` ``[B]`` float: each episode's score (after normalisation / scaling / clipping); rows ``g*N .. g*N+N-1``
+  are the ``N = group_size`` completions of prompt ``g``;
+- ``kl`` ``[B, T]`` float: the per-token KL that enters the reward (zeros when the KL is a loss term instead);
+- ``mask`` ``[B, T]`` 0/1: model tokens (tool output and padding are 0);
+- returns ``[B, T]`` per-token rewards (for the statistics), advantages and returns, all 0 off model tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rlcli.rl.advantages import gae
+from rlcli.rl.critic_free import group_baseline, returns_to_go, scale_advantages
+from rlcli.rl.masked import masked_whiten
+from rlcli.rl.rewards import score_and_kl_rewards
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an estimator may use besides scores, KL and mask (each estimator reads the fields it needs)."""
+
+    beta: float  # the KL coefficient of the reward
+    group_size: int = 1
+    scaling: str = "none"  # advantage_scaling: group | batch | none (critic-free)
+    values: torch.Tensor | None = None  # [B, T] the value head's predictions (gae)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    # sums a 1-D float64 tensor over processes (an all-reduce), so batch statistics are the whole batch's
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+Advantages = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    advantages: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AdvantageInputs], Advantages]
+    critic: bool  # trains a value head
+    scaling: str  # default advantage_scaling
+    aggregation: str  # default loss_aggregation
+    kl_mode: str  # default kl.mode
+    description: str
+    paper: str
+
+
+def _gae(scores, kl, mask, x: AdvantageInputs) -> Advantages:
+    """PPO with a critic: r_t = -β·KL_t, plus the score on the last model token; GAE over model tokens; advantages
+    whitened over the batch."""
+    rewards = score_and_kl_rewards(scores, kl, mask, x.beta)
+    if x.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, restore_mean=True, sum_over_processes=x.sum_over_processes)
+    advantages, returns = gae(x.values, rewards, mask, x.gamma, x.lam)
+    if x.whiten_advantages:
+        advantages = masked_whiten(advantages, mask, sum_over_processes=x.sum_over_processes)
+    return rewards, advantages, returns
+
+
+def _sequence_baseline(kind: str):
+    def advantages(scores, kl, mask, x: AdvantageInputs) -> Advantages:
+        """A whole sequence judged against its group: its reward (the score minus β·ΣKL_t in reward mode) minus the
+        group's baseline, the same advantage on every model token."""
+        sequence_rewards = scores - x.beta * (kl * mask).sum(dim=1)
+        baseline = group_baseline(sequence_rewards, x.group_size, kind)
+        adv = (sequence_rewards - baseline)[:, None] * mask
+        return _finish(adv, score_and_kl_rewards(scores, kl, mask, x.beta), sequence_rewards, mask, x)
+
+    return advantages
+
+
+def _reinforce_pp(scores, kl, mask, x: AdvantageInputs) -> Advantages:
+    """Per-token rewards (score on the last token, -β·KL_t on each) and the return-to-go; with groups, the group's
+    mean score is subtracted first (REINFORCE++-baseline)."""
+    group_scores = scores  # the group's spread, for advantage_scaling: group
+    if x.group_size > 1:
+        scores = scores - group_baseline(scores, x.group_size, "mean")
+    rewards = score_and_kl_rewards(scores, kl, mask, x.beta)
+    return _finish(returns_to_go(rewards, mask), rewards, group_scores, mask, x)
+
+
+def _finish(advantages, rewards, group_scores, mask, x: AdvantageInputs) -> Advantages:
+    advantages = scale_advantages(advantages, x.group_size, x.scaling, scores=group_scores, mask=mask,
+                                  sum_over_processes=x.sum_over_processes) * mask
+    return rewards, advantages, returns_to_go(rewards, mask)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e for e in (
+        Estimator("gae", _gae, critic=True, scaling="none", aggregation="token_mean", kl_mode="reward",
+                  description="a value head (the critic) and GAE", paper="Schulman et al. 2016 (GAE); Ziegler et al. "
+                  "2019 (KL-penalised PPO for LMs)"),
+        Estimator("grpo", _sequence_baseline("mean"), critic=False, scaling="group", aggregation="sequence_mean",
+                  kl_mode="loss", description="score minus its group's mean, scaled by the group's std",
+                  paper="Shao et al. 2024, DeepSeekMath (eq. 3 and 21)"),
+        Estimator("rloo", _sequence_baseline("leave_one_out"), critic=False, scaling="none",
+                  aggregation="token_mean", kl_mode="reward",
+                  description="score minus the mean of the other completions of its prompt",
+                  paper="Ahmadian et al. 2024, Back to Basics (after Kool et al. 2019)"),
+        Estimator("reinforce_pp", _reinforce_pp, critic=False, scaling="batch", aggregation="token_mean",
+                  kl_mode="reward", description="return-to-go of per-token rewards, normalised over the batch",
+                  paper="Hu 2025, REINFORCE++"),
+    )
+}

@@ -1,0 +1,44 @@
+"""The estimator registry: each entry's advantage function by hand, and the registry agrees with the recipe schema."""
+
+from __future__ import annotations
+
+import typing
+
+import torch
+
+from rlcli.rl.estimators import ESTIMATORS, AdvantageInputs
+
+MASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]).float()
+NO_KL = torch.zeros(4, 3)
+
+
+def test_the_schema_offers_exactly_the_registered_estimators():
+    from rlcli.config.ppo import PPOAlgo
+
+    assert set(typing.get_args(PPOAlgo.model_fields["advantage"].annotation)) == set(ESTIMATORS)
+    for e in ESTIMATORS.values():
+        assert e.paper and e.description and e.kl_mode in ("reward", "loss")
+        assert e.critic == (e.name == "gae")
+
+
+def test_reinforce_pp_with_group_scaling_divides_by_the_group_std():
+    """Issue 19, finding 4: reinforce_pp + advantage_scaling=group raised 'scale "group" needs the scores'."""
+    _, advantages, _ = ESTIMATORS["reinforce_pp"].advantages(torch.tensor([1.0, 3.0, 0.0, 0.0]), NO_KL, MASK,
+                                                            AdvantageInputs(beta=0.0, group_size=2, scaling="group"))
+    # group 1: scores 1, 3 -> minus the mean 2 -> -1, +1, over the group's std sqrt(2), on every model token (the
+    # return-to-go of a final reward); group 2: all equal, advantage 0
+    r = 2 ** -0.5
+    torch.testing.assert_close(advantages, torch.tensor([[-r, -r, 0.0], [r, r, r], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+                               atol=1e-5, rtol=0)
+
+
+def test_rloo_and_grpo_by_hand_with_the_kl_in_the_reward():
+    scores = torch.tensor([1.0, 3.0, 0.0, 2.0])
+    kl = torch.tensor([[0.5, 0.5, 9.0], [0.0, 0.0, 0.0], [1.0, 9.0, 9.0], [0.0, 0.0, 0.0]])  # 9s: off the mask
+    x = AdvantageInputs(beta=0.1, group_size=2, scaling="none")
+    # sequence rewards: score - β·ΣKL over model tokens = 0.9, 3, -0.1, 2
+    _, rloo, _ = ESTIMATORS["rloo"].advantages(scores, kl, MASK, x)
+    torch.testing.assert_close(rloo[:, 0], torch.tensor([0.9 - 3.0, 3.0 - 0.9, -0.1 - 2.0, 2.0 + 0.1]))
+    _, grpo, _ = ESTIMATORS["grpo"].advantages(scores, kl, MASK, x)
+    torch.testing.assert_close(grpo[:, 0], torch.tensor([-1.05, 1.05, -1.05, 1.05]))
+    assert (grpo[MASK == 0] == 0).all() and (rloo[MASK == 0] == 0).all()
