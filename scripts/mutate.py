@@ -481,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--only", type=int, nargs="+", help="run only these mutant numbers (see --list)")
     p.add_argument("--operators", nargs="+", help="run only mutants of these operators")
+    p.add_argument("--survivors-of", type=Path, metavar="REPORT",
+                   help="rerun only the mutants an earlier report did not kill (after adding tests); the others keep "
+                        "that report's outcome, and the report written covers them all")
     p.add_argument("--jobs", type=int, default=1, help="parallel runs (only 1 is supported: mutants share the files)")
     p.add_argument("--timeout-factor", type=float, default=3.0, help="per-mutant limit = this × the clean run + 10 s")
     p.add_argument("--report", type=Path, default=REPO / "mutation-report.json", help="where the JSON report goes")
@@ -502,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         mutants = [m for m in mutants if m.number in set(args.only)]
     if args.operators:
         mutants = [m for m in mutants if m.operator in set(args.operators)]
+    earlier: dict[str, dict] = {}
+    if args.survivors_of:
+        earlier = {r["id"]: r for r in json.loads(args.survivors_of.read_text())["mutants"]}
 
     files = sorted({_parse_target(t)[0] for t in args.targets})
     changed = dirty(files)
@@ -540,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             if m.id in equivalent:
                 m.status, m.reason = "equivalent", equivalent[m.id]
+            elif earlier.get(m.id, {}).get("status") in ("killed", "build"):
+                m.status, m.reason, m.tests_run = earlier[m.id]["status"], "earlier report", earlier[m.id]["tests_run"]
+                continue
             else:
                 source = mutated_source(originals[m.file], m)
                 try:
