@@ -181,3 +181,11 @@ def test_kl_watch_starts_clean():
     from rlcli.rl.kl import KLWatch
 
     assert KLWatch().state_dict() == {"negative_steps": 0, "streak": 0, "warned": False}
+
+
+def test_kl_watch_threshold_is_strict():
+    from rlcli.rl.kl import KLWatch
+
+    watch = KLWatch(threshold=-0.1, patience=1)
+    assert watch.update(-0.1) is False and watch.negative_steps == 0  # at the threshold: not below it
+    assert watch.update(-0.11) is True and watch.negative_steps == 1
