@@ -118,3 +118,19 @@ def test_only_the_new_log_probs_and_values_get_gradients():
     loss, _ = clipped_value_loss(values, old_values, returns, torch.ones(1, 2))
     loss.backward()
     assert values.grad is not None and old_values.grad is None and returns.grad is None
+
+
+def test_per_token_terms_default_clip_ranges_are_0_2():
+    from rlcli.rl.losses import clipped_policy_terms, clipped_value_terms
+
+    terms, _ = clipped_policy_terms(torch.log(torch.tensor([[1.5]])), torch.zeros(1, 1), torch.ones(1, 1),
+                                    torch.ones(1, 1))
+    torch.testing.assert_close(terms, torch.tensor([[-1.2]]))
+    terms, _ = clipped_value_terms(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1))
+    torch.testing.assert_close(terms, torch.tensor([[0.32]]))
+
+
+def test_explained_variance_of_small_returns():
+    # returns [0, 0.2]: variance 0.02 (below 1 but not 0); residuals [-0.05, 0.05]: variance 0.005
+    ev = explained_variance(torch.tensor([[0.05, 0.15]]), torch.tensor([[0.0, 0.2]]), torch.ones(1, 2))
+    torch.testing.assert_close(ev, torch.tensor(0.75))
