@@ -118,3 +118,12 @@ def test_state_dict_round_trip():
         restored.update(batch)
     assert restored.state_dict() == rm.state_dict()
     assert restored.std == rm.std
+
+
+def test_score_lands_on_a_lone_first_token():
+    from rlcli.rl.rewards import score_and_kl_rewards
+
+    # the only model token is at position 0: the score goes there; beta 0.5 charges its KL
+    kl = torch.tensor([[2.0, 7.0, 7.0]])
+    rewards = score_and_kl_rewards(torch.tensor([3.0]), kl, torch.tensor([[1, 0, 0]]), 0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[2.0, 0.0, 0.0]]))
