@@ -118,3 +118,10 @@ def test_score_and_kl_rewards_by_hand():
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 3.0 - 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="scores"):
         score_and_kl_rewards(torch.ones(3), kl, mask, 0.1)
+
+
+def test_default_rules_restrict_nothing():
+    # eos_ids alone ban nothing: min_new_tokens defaults to 0
+    rules = SamplingRules(eos_ids=(3,))
+    assert not rules.restricts and not rules.filters
+    torch.testing.assert_close(rules.apply(LOGITS), LOGITS)
