@@ -125,3 +125,12 @@ def test_default_rules_restrict_nothing():
     rules = SamplingRules(eos_ids=(3,))
     assert not rules.restricts and not rules.filters
     torch.testing.assert_close(rules.apply(LOGITS), LOGITS)
+
+
+def test_rules_accept_their_boundary_values():
+    # greedy (temperature 0), no top-k (0), no top-p (1.0), no minimum length (0) are all legal
+    rules = SamplingRules(temperature=0.0, top_k=0, top_p=1.0, min_new_tokens=0)
+    assert not rules.restricts
+    for bad in (dict(top_k=-1), dict(min_new_tokens=-1), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingRules(**bad)
