@@ -134,3 +134,31 @@ def test_rules_accept_their_boundary_values():
     for bad in (dict(top_k=-1), dict(min_new_tokens=-1), dict(top_p=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingRules(**bad)
+
+
+def test_which_rules_restrict_and_filter():
+    assert SamplingRules(banned_ids=(1,)).restricts and not SamplingRules(banned_ids=(1,)).filters
+    assert SamplingRules(eos_ids=(3,), min_new_tokens=2).restricts
+    assert not SamplingRules(min_new_tokens=2).restricts  # no EOS to ban
+    for rules in (SamplingRules(top_k=1), SamplingRules(top_k=2), SamplingRules(top_p=0.9)):
+        assert rules.filters and rules.restricts, rules
+
+
+def test_descriptions_name_only_the_rules_in_force():
+    assert SamplingRules().description() == "temperature 1"
+    assert SamplingRules(min_new_tokens=2).description() == "temperature 1"
+    assert SamplingRules(eos_ids=(3,)).description() == "temperature 1"
+    assert SamplingRules(top_p=0.9).description() == "temperature 1, top-p 0.9"
+
+
+def test_apply_on_a_batch_greedy_and_top_k_boundaries():
+    z = LOGITS.expand(3, 2, 4)  # [B, T, V] with T = 2 < V = 4
+    # temperature 0 (greedy) leaves the logits as they are: log-probs at temperature 1
+    torch.testing.assert_close(SamplingRules(temperature=0.0).apply(z), z)
+    # top-k 3 drops the least likely token; top-k 1 keeps the argmax alone; top-k = vocabulary keeps all
+    inf = float("-inf")
+    torch.testing.assert_close(SamplingRules(top_k=3).apply(z)[..., 0], torch.full((3, 2), inf))
+    assert torch.isfinite(SamplingRules(top_k=3).apply(z)[..., 1:]).all()
+    kept = torch.isfinite(SamplingRules(top_k=1).apply(z))
+    assert kept[..., 3].all() and not kept[..., :3].any()
+    torch.testing.assert_close(SamplingRules(top_k=4).apply(z), z)
