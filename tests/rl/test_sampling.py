@@ -162,3 +162,13 @@ def test_apply_on_a_batch_greedy_and_top_k_boundaries():
     kept = torch.isfinite(SamplingRules(top_k=1).apply(z))
     assert kept[..., 3].all() and not kept[..., :3].any()
     torch.testing.assert_close(SamplingRules(top_k=4).apply(z), z)
+
+
+def test_top_p_stops_as_soon_as_the_mass_is_reached():
+    # four equally likely tokens (p = 0.25 exactly): top-p 0.5 keeps two, top-p 0.1 keeps the first alone
+    z = torch.zeros(1, 4)
+    assert int(torch.isfinite(SamplingRules(top_p=0.5).apply(z)).sum()) == 2
+    assert int(torch.isfinite(SamplingRules(top_p=0.1).apply(z)).sum()) == 1
+    # a peaked distribution: top-p 0.1 keeps only the most likely token (0.4), never the runner-up
+    kept = torch.isfinite(SamplingRules(top_p=0.1).apply(LOGITS[0]))
+    assert kept[:, 3].all() and not kept[:, :3].any()
