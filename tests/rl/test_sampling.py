@@ -169,6 +169,7 @@ def test_top_p_stops_as_soon_as_the_mass_is_reached():
     z = torch.zeros(1, 4)
     assert int(torch.isfinite(SamplingRules(top_p=0.5).apply(z)).sum()) == 2
     assert int(torch.isfinite(SamplingRules(top_p=0.1).apply(z)).sum()) == 1
-    # a peaked distribution: top-p 0.1 keeps only the most likely token (0.4), never the runner-up
-    kept = torch.isfinite(SamplingRules(top_p=0.1).apply(LOGITS[0]))
-    assert kept[:, 3].all() and not kept[:, :3].any()
+    # a peaked distribution, as a [B, T, V] batch: top-p 0.1 keeps only the most likely token (0.4), never the
+    # runner-up
+    kept = torch.isfinite(SamplingRules(top_p=0.1).apply(LOGITS))
+    assert kept[..., 3].all() and not kept[..., :3].any()
