@@ -173,3 +173,11 @@ def test_top_p_stops_as_soon_as_the_mass_is_reached():
     # runner-up
     kept = torch.isfinite(SamplingRules(top_p=0.1).apply(LOGITS))
     assert kept[..., 3].all() and not kept[..., :3].any()
+
+
+def test_bans_reach_id_zero_and_ignore_ids_outside_the_vocabulary():
+    z, inf = LOGITS.expand(3, 2, 4), float("-inf")  # [B, T, V]
+    out = SamplingRules(banned_ids=(0, 4)).apply(z)
+    assert (out[..., 0] == inf).all() and torch.isfinite(out[..., 1:]).all()
+    out = SamplingRules(eos_ids=(0, 4), min_new_tokens=1).apply(z)
+    assert (out[:, 0, 0] == inf).all() and torch.isfinite(out[:, 0, 1:]).all() and torch.isfinite(out[:, 1]).all()
