@@ -181,3 +181,16 @@ def test_bans_reach_id_zero_and_ignore_ids_outside_the_vocabulary():
     assert (out[..., 0] == inf).all() and torch.isfinite(out[..., 1:]).all()
     out = SamplingRules(eos_ids=(0, 4), min_new_tokens=1).apply(z)
     assert (out[:, 0, 0] == inf).all() and torch.isfinite(out[:, 0, 1:]).all() and torch.isfinite(out[:, 1]).all()
+
+
+def test_forbidden_mass_under_a_temperature_and_unnormalised_logits():
+    # temperature 0.5 squares the probabilities: the banned EOS holds 0.16 / 0.30 of the tempered mass
+    rules = SamplingRules(temperature=0.5, banned_ids=(3,))
+    torch.testing.assert_close(rules.forbidden_mass(LOGITS + 1.0), torch.full((1, 2), 0.16 / 0.30))
+
+
+def test_empty_batches_keep_their_shapes():
+    rules, logits = SamplingRules(), torch.zeros(0, 3, 5)
+    assert rules.logprobs(logits, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
+    for out in (rules.entropy(logits), rules.full_kl(logits, logits), rules.forbidden_mass(logits)):
+        assert out.shape == (0, 3)
