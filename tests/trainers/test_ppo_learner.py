@@ -352,3 +352,17 @@ def test_whitened_rewards_keep_their_mean():
     # KL is 0 at the first step: the rewards are the 8 scores on the last tokens; whitening rescales but keeps the mean
     tokens = float(rollout.model_mask.sum())
     assert stats["token_reward_mean"] == pytest.approx(8 / tokens, rel=1e-4)
+
+
+def test_value_head_learns_towards_the_returns():
+    tok, policy, learner = _setup(lr=1e-2)
+    rollout, _ = _rollout(tok, policy)
+    head = [p.detach().clone() for p in policy.value_head.parameters()]
+    m = rollout.model_mask.float()
+    before = (learner.rollout_forward(rollout).values * m).sum() / m.sum()
+    for _ in range(3):
+        stats = learner.step(rollout, torch.full((8,), 2.0))  # returns near 2 everywhere (gamma 1, KL ~ 0)
+    after = (learner.rollout_forward(rollout).values * m).sum() / m.sum()
+    assert stats["loss_value"] > 0
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(head, policy.value_head.parameters()))
+    assert after > before + 0.1, (before, after)
