@@ -31,7 +31,7 @@ its file. A mutant no test reaches
 survives without a run. Each run is a ``fork`` of this process, which has imported torch, transformers and pytest
 once (``--no-fork``: a fresh ``python -m pytest`` per mutant, several seconds slower each).
 
-Outcomes: killed (a test failed, or collection failed), survived (the selected tests passed), timeout (ran past
+Outcomes: killed (a test failed, or a test module failed to import), survived (the selected tests passed), timeout (ran past
 ``--timeout-factor`` × the clean run's time), error (pytest usage or internal error), build (the mutant does not
 compile: killed at build, not in the score). Score = killed / (killed + survived), after removing the mutants listed
 in ``scripts/mutate_equivalent.txt`` (``id  reason``, one per line; the reason is printed with them).
@@ -573,8 +573,11 @@ def main(argv: list[str] | None = None) -> int:
                             m.status = "survived"
                         elif code in (1, 2):  # a test failed, or collecting them did (the module broke on import)
                             m.status = "killed"
+                        elif code == 4 and "found no collectors" in log.read_text():
+                            # a test module failed to import, so pytest could not find the test ids it was given
+                            m.status, m.reason = "killed", "a test module failed to import"
                         else:
-                            m.status, m.reason = "error", f"pytest exit {code}: " + log.read_text()[-500:]
+                            m.status, m.reason = "error", f"pytest exit {code}: " + log.read_text()[-2000:]
             m.seconds = time.perf_counter() - t
             print(f"[{k}/{len(mutants)}] {m.status:10s} {m.seconds:5.1f}s {m.tests_run:3d} tests  {m.id}  "
                   f"{m.where()}", flush=True)
