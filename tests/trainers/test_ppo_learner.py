@@ -366,3 +366,11 @@ def test_value_head_learns_towards_the_returns():
     assert stats["loss_value"] > 0
     assert any(not torch.equal(a, b.detach()) for a, b in zip(head, policy.value_head.parameters()))
     assert after > before + 0.1, (before, after)
+
+
+def test_reinforce_pp_without_groups_uses_the_raw_scores():
+    _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="reward", estimator="k1"), advantage="reinforce_pp",
+                                       batch_size=4, group_size=1, advantage_scaling="none")
+    rewards, advantages, _ = learner._critic_free_advantages(CF_SCORES, _forward(CF_KL), CF_MASK)
+    torch.testing.assert_close(rewards, CF_REWARDS)
+    torch.testing.assert_close(advantages, CF_RETURNS)
