@@ -31,8 +31,8 @@ its file. A mutant no test reaches
 survives without a run. Each run is a ``fork`` of this process, which has imported torch, transformers and pytest
 once (``--no-fork``: a fresh ``python -m pytest`` per mutant, several seconds slower each).
 
-Outcomes: killed (a test failed, or a test module failed to import), survived (the selected tests passed), timeout (ran past
-``--timeout-factor`` × the clean run's time), error (pytest usage or internal error), build (the mutant does not
+Outcomes: killed (a test failed, or a test module failed to import), survived (the selected tests passed), timeout
+(ran past ``--timeout-factor`` × the clean run's time), error (pytest usage or internal error), build (the mutant does not
 compile: killed at build, not in the score). Score = killed / (killed + survived), after removing the mutants listed
 in ``scripts/mutate_equivalent.txt`` (``id  reason``, one per line; the reason is printed with them).
 """
