@@ -89,3 +89,11 @@ def test_no_gradient():
     values = torch.randn(2, 3, requires_grad=True)
     advantages, returns = gae(values, torch.randn(2, 3), torch.ones(2, 3))
     assert not advantages.requires_grad and not returns.requires_grad
+
+
+def test_defaults_are_gamma_1_and_lambda_0_95():
+    values = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    mask = torch.ones(1, 4)
+    for got, expected in zip(gae(values, rewards, mask), gae(values, rewards, mask, gamma=1.0, lam=0.95)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -80,3 +80,60 @@ def test_k3_by_hand():
     # log pi = log 0.5, log ref = log 0.25: r = ref / pi = 0.5, k3 = (r - 1) - log r = -0.5 + log 2
     got = kl_penalty(torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]]), "k3")
     torch.testing.assert_close(got, torch.tensor([[-0.5 + math.log(2.0)]]))
+
+
+def test_group_scaling_needs_scores_and_groups_of_two():
+    adv = torch.tensor([1.0, -1.0])
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        scale_advantages(adv, 1, "group", scores=adv)
+    with pytest.raises(ValueError, match="needs the scores"):
+        scale_advantages(adv, 2, "group")
+
+
+def test_scaling_adds_eps_to_the_std():
+    # a group whose scores differ by 0.002: std = 0.001 * sqrt(2), so eps = 1e-6 shows in the 4th digit
+    scores = torch.tensor([0.0, 0.002], dtype=torch.float64)
+    adv = scores - scores.mean()
+    std = 0.001 * math.sqrt(2)
+    torch.testing.assert_close(scale_advantages(adv, 2, "group", scores=scores), adv / (std + 1e-6), rtol=1e-9, atol=0)
+    # batch scaling of the same two values: minus the mean 0.001, over sqrt(unbiased variance 2e-6 + eps 1e-6)
+    torch.testing.assert_close(scale_advantages(scores, 1, "batch"), (scores - 0.001) / math.sqrt(3e-6), rtol=1e-9,
+                               atol=0)
+
+
+def test_batch_scaling_of_small_and_single_values():
+    # population variance 0.01 (below 1: a floor at 1 would show), unbiased 0.02
+    adv = torch.tensor([[0.1, -0.1]], dtype=torch.float64)
+    torch.testing.assert_close(scale_advantages(adv, 1, "batch", eps=0.0), adv / math.sqrt(0.02), rtol=1e-9, atol=0)
+    # one model token: it is its own mean, so it becomes 0 (no division by n - 1 = 0, no NaN)
+    one = torch.tensor([[2.0, 5.0]], dtype=torch.float64)
+    got = scale_advantages(one, 1, "batch", mask=torch.tensor([[1, 0]]), eps=0.5)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.0]], dtype=torch.float64))
+
+
+def test_aggregations_of_empty_rows_and_minibatches_are_zero_not_nan():
+    per_token = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1], [0, 0]])  # the second row has no model token
+    # sequence_mean: row means 1.5 and 0 (not 0/0)
+    got = aggregate_loss(per_token, mask, "sequence_mean", total_tokens=2.0, total_sequences=2.0)
+    torch.testing.assert_close(got, torch.tensor(0.75))
+    empty = torch.zeros(2, 2)
+    for kind in ("token_mean", "sequence_mean", "constant"):
+        loss = aggregate_loss(per_token, empty, kind, total_tokens=0.0, total_sequences=0.0, constant_length=4.0)
+        assert loss.item() == 0.0, kind
+    # totals below 1 count as 1; a constant length of 1 is legal
+    torch.testing.assert_close(aggregate_loss(per_token, mask, "token_mean", total_tokens=0.5, total_sequences=1.0),
+                               torch.tensor(3.0))
+    torch.testing.assert_close(aggregate_loss(per_token, mask, "constant", total_tokens=2.0, total_sequences=0.5,
+                                              constant_length=1.0), torch.tensor(3.0))
+    with pytest.raises(ValueError, match="constant_length"):
+        aggregate_loss(per_token, mask, "constant", total_tokens=2.0, total_sequences=2.0, constant_length=-1.0)
+
+
+def test_aggregate_loss_keeps_the_gradient():
+    per_token = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    for kind in ("token_mean", "sequence_mean", "constant"):
+        per_token.grad = None
+        aggregate_loss(per_token, mask, kind, total_tokens=2.0, total_sequences=1.0, constant_length=2.0).backward()
+        torch.testing.assert_close(per_token.grad, torch.tensor([[0.5, 0.5, 0.0]]))

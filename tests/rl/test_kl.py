@@ -134,3 +134,58 @@ def test_adaptive_controller_numbers_and_state():
 def test_adaptive_controller_rejects_bad_settings():
     with pytest.raises(ValueError, match="target.*horizon"):
         AdaptiveKLController(0.1, target=0.0, horizon=-1)
+
+
+def test_full_needs_both_logits_and_a_positive_temperature():
+    logits = torch.zeros(1, 1, 3)
+    with pytest.raises(ValueError, match="both logits and ref_logits"):
+        kl_penalty(LOGP, REF, "full", logits=logits)
+    with pytest.raises(ValueError, match="both logits and ref_logits"):
+        kl_penalty(LOGP, REF, "full", ref_logits=logits)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        kl_penalty(LOGP, REF, "full", logits=logits, ref_logits=logits, temperature=0.0)
+
+
+def test_full_kl_gradient_pulls_the_policy_logits_towards_the_reference():
+    # p = softmax([1, 2, 3]), q = softmax([3, 2, 1]): d KL / d z_i = p_i * ((log p_i - log q_i) - KL)
+    logits = torch.tensor([[[1.0, 2.0, 3.0]]], requires_grad=True)
+    ref_logits = torch.tensor([[[3.0, 2.0, 1.0]]])
+    kl = kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "full", logits=logits, ref_logits=ref_logits)
+    kl.sum().backward()
+    p = torch.softmax(torch.tensor([1.0, 2.0, 3.0]), -1)
+    expected = p * (torch.tensor([-2.0, 0.0, 2.0]) - 1.1504208)
+    torch.testing.assert_close(logits.grad, expected[None, None])
+    assert logits.grad[0, 0, 2] > 0  # descending the KL lowers the logit the reference likes least
+
+
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
+def test_token_estimators_have_the_gradient_of_the_policy_log_prob(estimator):
+    # d/d logp at d = logp - ref = 0.5: k1 1, abs sign(d) = 1, k2 d = 0.5, k3 1 - e^{-d} = 1 - e^{-0.5}
+    logp = torch.tensor([[-0.5]], requires_grad=True)
+    kl_penalty(logp, torch.tensor([[-1.0]]), estimator).sum().backward()
+    expected = {"k1": 1.0, "abs": 1.0, "k2": 0.5, "k3": 1 - math.exp(-0.5)}[estimator]
+    assert logp.grad.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_adaptive_controller_boundaries():
+    for bad in (dict(init_kl_coef=0.0, target=6.0, horizon=10), dict(init_kl_coef=0.1, target=6.0, horizon=0)):
+        with pytest.raises(ValueError, match="must be > 0"):
+            AdaptiveKLController(**bad)
+    # small targets and horizons are legal
+    ctl = AdaptiveKLController(init_kl_coef=0.5, target=0.5, horizon=1)
+    ctl.update(0.6, n_steps=1)  # e = 0.6 / 0.5 - 1 = 0.2
+    assert ctl.value == pytest.approx(0.5 * 1.2)
+
+
+def test_kl_watch_starts_clean():
+    from rlcli.rl.kl import KLWatch
+
+    assert KLWatch().state_dict() == {"negative_steps": 0, "streak": 0, "warned": False}
+
+
+def test_kl_watch_threshold_is_strict():
+    from rlcli.rl.kl import KLWatch
+
+    watch = KLWatch(threshold=-0.1, patience=1)
+    assert watch.update(-0.1) is False and watch.negative_steps == 0  # at the threshold: not below it
+    assert watch.update(-0.11) is True and watch.negative_steps == 1

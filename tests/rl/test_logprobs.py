@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rlcli.rl.logprobs import entropy_from_logits, logprobs_from_logits
@@ -60,3 +61,19 @@ def test_entropy_temperature():
     for banned in (-1e4, float("-inf")):  # p = 0 on the last token: no nan from 0 * log 0
         peaked = torch.tensor([[[0.0, 0.0, banned]]])
         torch.testing.assert_close(entropy_from_logits(peaked), torch.tensor([[math.log(2.0)]]))
+
+
+def test_temperature_must_be_positive():
+    for fn in (lambda t: logprobs_from_logits(LOGITS, torch.tensor([[0]]), temperature=t),
+               lambda t: entropy_from_logits(LOGITS, temperature=t)):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            fn(0.0)
+
+
+def test_entropy_gradient_by_hand():
+    # dH/dz_i = -p_i (log p_i + H): an entropy bonus needs it (p = [1, 2, 3] / 6)
+    logits = LOGITS.clone().requires_grad_(True)
+    entropy_from_logits(logits).sum().backward()
+    p = torch.tensor([1 / 6, 2 / 6, 3 / 6])
+    h = -(p * p.log()).sum()
+    torch.testing.assert_close(logits.grad, (-p * (p.log() + h))[None, None])

@@ -123,3 +123,50 @@ def test_dual_clip_caps_the_loss_of_negative_advantages():
     plain, plain_stats = clipped_policy_loss(logp.detach(), old, advantages, torch.ones(1, 4), clip_range=0.2)
     torch.testing.assert_close(plain, torch.tensor((10.0 + 4.0 - 1.2 + 1.6) / 4))
     assert plain_stats["dual_clipfrac"].item() == 0.0
+
+
+def test_policy_loss_default_clip_range_is_0_2():
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    loss, stats = clipped_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2))
+    # ratios clipped to 1.2 and 0.8: mean(-1.2, 0.8)
+    torch.testing.assert_close(loss, torch.tensor(-0.2))
+    assert stats["clipfrac"].item() == 1.0
+
+
+def test_value_loss_default_clip_range_is_0_2():
+    # v moved from 0 to 1, return 1: the clipped prediction 0.2 is the worse one: 0.5 * 0.8**2
+    loss, stats = clipped_value_loss(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1))
+    torch.testing.assert_close(loss, torch.tensor(0.32))
+    assert stats["vf_clipfrac"].item() == 1.0
+
+
+def test_only_the_new_log_probs_and_values_get_gradients():
+    """Old log-probs, advantages, old values and returns are constants of the loss, even when they carry a graph."""
+    logp = torch.tensor([[-1.0, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.1, -0.4]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0]], requires_grad=True)
+    loss, _ = clipped_policy_loss(logp, old, adv, torch.ones(1, 2))
+    loss.backward()
+    assert logp.grad is not None and old.grad is None and adv.grad is None
+    values = torch.tensor([[0.5, 0.1]], requires_grad=True)
+    old_values = torch.tensor([[0.4, 0.0]], requires_grad=True)
+    returns = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    loss, _ = clipped_value_loss(values, old_values, returns, torch.ones(1, 2))
+    loss.backward()
+    assert values.grad is not None and old_values.grad is None and returns.grad is None
+
+
+def test_per_token_terms_default_clip_ranges_are_0_2():
+    from rlcli.rl.losses import clipped_policy_terms, clipped_value_terms
+
+    terms, _ = clipped_policy_terms(torch.log(torch.tensor([[1.5]])), torch.zeros(1, 1), torch.ones(1, 1),
+                                    torch.ones(1, 1))
+    torch.testing.assert_close(terms, torch.tensor([[-1.2]]))
+    terms, _ = clipped_value_terms(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1))
+    torch.testing.assert_close(terms, torch.tensor([[0.32]]))
+
+
+def test_explained_variance_of_small_returns():
+    # returns [0, 0.2]: variance 0.02 (below 1 but not 0); residuals [-0.05, 0.05]: variance 0.005
+    ev = explained_variance(torch.tensor([[0.05, 0.15]]), torch.tensor([[0.0, 0.2]]), torch.ones(1, 2))
+    torch.testing.assert_close(ev, torch.tensor(0.75))

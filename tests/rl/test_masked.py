@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rlcli.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
@@ -60,3 +61,14 @@ def test_restore_mean_scales_without_recentring():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(masked_mean(out, MASK), torch.tensor(2.5))
     torch.testing.assert_close(masked_var(out, MASK), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("reduce", [None, lambda t: t], ids=["one process", "sum over one process"])
+def test_whitening_a_constant_or_a_single_value_gives_zero_not_nan(reduce):
+    # variance 0: (x - mean) = 0 is multiplied by rsqrt(0 + eps), finite only because eps > 0
+    x, mask = torch.full((2, 3), 4.0), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(masked_whiten(x, mask, sum_over_processes=reduce), torch.zeros(2, 3))
+    # one selected value: the unbiased variance divides by max(n - 1, 1), not by 0
+    one = torch.tensor([[3.0, 9.0]])
+    torch.testing.assert_close(masked_whiten(one, torch.tensor([[1, 0]]), sum_over_processes=reduce),
+                               torch.zeros(1, 2))

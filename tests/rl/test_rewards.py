@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -118,3 +120,40 @@ def test_state_dict_round_trip():
         restored.update(batch)
     assert restored.state_dict() == rm.state_dict()
     assert restored.std == rm.std
+
+
+def test_score_lands_on_a_lone_first_token():
+    from rlcli.rl.rewards import score_and_kl_rewards
+
+    # the only model token is at position 0: the score goes there; beta 0.5 charges its KL
+    kl = torch.tensor([[2.0, 7.0, 7.0]])
+    rewards = score_and_kl_rewards(torch.tensor([3.0]), kl, torch.tensor([[1, 0, 0]]), 0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[2.0, 0.0, 0.0]]))
+
+
+def test_scores_must_be_a_vector():
+    from rlcli.rl.rewards import score_and_kl_rewards
+
+    with pytest.raises(ValueError, match="scores must be"):
+        per_token_rewards(SCORES[:, None], LOGP, REF, MASK, kl_coef=0.1)
+    with pytest.raises(ValueError, match="scores must be"):
+        score_and_kl_rewards(SCORES[:, None], LOGP, MASK, 0.1)
+
+
+def test_full_estimator_uses_temperature_one_by_default():
+    from rlcli.rl.kl import kl_penalty
+
+    g = torch.Generator().manual_seed(0)
+    logits, ref_logits = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    _, kl = per_token_rewards(SCORES, LOGP, REF, MASK, 0.1, "full", logits=logits, ref_logits=ref_logits)
+    expected = kl_penalty(LOGP, REF, "full", logits=logits, ref_logits=ref_logits, temperature=1.0)
+    torch.testing.assert_close(kl, expected * MASK)
+
+
+def test_running_moments_start_empty_and_use_two_values():
+    moments = RunningMoments()
+    assert moments.state_dict() == {"mean": 0.0, "var": 0.0, "count": 0.0} and moments.std == 1.0
+    moments.update(torch.tensor([1.0, 3.0]))
+    assert moments.std == pytest.approx(math.sqrt(2.0))  # from the second value on: the sample std
+    with pytest.raises(ValueError, match="count must be > 0"):
+        moments.update_from_stats(0.0, 0.0, 0)

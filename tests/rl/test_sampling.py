@@ -147,3 +147,79 @@ def test_entropy_gradient_is_finite_with_banned_tokens():
     rules.entropy(logits).sum().backward()
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[..., [0, 3]] == 0).all()  # forbidden tokens: no gradient
+
+
+def test_default_rules_restrict_nothing():
+    # eos_ids alone ban nothing: min_new_tokens defaults to 0
+    rules = SamplingRules(eos_ids=(3,))
+    assert not rules.restricts and not rules.filters
+    torch.testing.assert_close(rules.apply(LOGITS), LOGITS)
+
+
+def test_rules_accept_their_boundary_values():
+    # greedy (temperature 0), no top-k (0), no top-p (1.0), no minimum length (0) are all legal
+    rules = SamplingRules(temperature=0.0, top_k=0, top_p=1.0, min_new_tokens=0)
+    assert not rules.restricts
+    for bad in (dict(top_k=-1), dict(min_new_tokens=-1), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingRules(**bad)
+
+
+def test_which_rules_restrict_and_filter():
+    assert SamplingRules(banned_ids=(1,)).restricts and not SamplingRules(banned_ids=(1,)).filters
+    assert SamplingRules(eos_ids=(3,), min_new_tokens=2).restricts
+    assert not SamplingRules(min_new_tokens=2).restricts  # no EOS to ban
+    for rules in (SamplingRules(top_k=1), SamplingRules(top_k=2), SamplingRules(top_p=0.9)):
+        assert rules.filters and rules.restricts, rules
+
+
+def test_descriptions_name_only_the_rules_in_force():
+    assert SamplingRules().description() == "temperature 1"
+    assert SamplingRules(min_new_tokens=2).description() == "temperature 1"
+    assert SamplingRules(eos_ids=(3,)).description() == "temperature 1"
+    assert SamplingRules(top_p=0.9).description() == "temperature 1, top-p 0.9"
+
+
+def test_apply_on_a_batch_greedy_and_top_k_boundaries():
+    z = LOGITS.expand(3, 2, 4)  # [B, T, V] with T = 2 < V = 4
+    # temperature 0 (greedy) leaves the logits as they are: log-probs at temperature 1
+    torch.testing.assert_close(SamplingRules(temperature=0.0).apply(z), z)
+    # top-k 3 drops the least likely token; top-k 1 keeps the argmax alone; top-k = vocabulary keeps all
+    inf = float("-inf")
+    torch.testing.assert_close(SamplingRules(top_k=3).apply(z)[..., 0], torch.full((3, 2), inf))
+    assert torch.isfinite(SamplingRules(top_k=3).apply(z)[..., 1:]).all()
+    kept = torch.isfinite(SamplingRules(top_k=1).apply(z))
+    assert kept[..., 3].all() and not kept[..., :3].any()
+    torch.testing.assert_close(SamplingRules(top_k=4).apply(z), z)
+
+
+def test_top_p_stops_as_soon_as_the_mass_is_reached():
+    # four equally likely tokens (p = 0.25 exactly): top-p 0.5 keeps two, top-p 0.1 keeps the first alone
+    z = torch.zeros(1, 4)
+    assert int(torch.isfinite(SamplingRules(top_p=0.5).apply(z)).sum()) == 2
+    assert int(torch.isfinite(SamplingRules(top_p=0.1).apply(z)).sum()) == 1
+    # a peaked distribution, as a [B, T, V] batch: top-p 0.1 keeps only the most likely token (0.4), never the
+    # runner-up
+    kept = torch.isfinite(SamplingRules(top_p=0.1).apply(LOGITS))
+    assert kept[..., 3].all() and not kept[..., :3].any()
+
+
+def test_bans_reach_id_zero_and_ignore_ids_outside_the_vocabulary():
+    z, inf = LOGITS.expand(3, 2, 4), float("-inf")  # [B, T, V]
+    out = SamplingRules(banned_ids=(0, 4)).apply(z)
+    assert (out[..., 0] == inf).all() and torch.isfinite(out[..., 1:]).all()
+    out = SamplingRules(eos_ids=(0, 4), min_new_tokens=1).apply(z)
+    assert (out[:, 0, 0] == inf).all() and torch.isfinite(out[:, 0, 1:]).all() and torch.isfinite(out[:, 1]).all()
+
+
+def test_forbidden_mass_under_a_temperature_and_unnormalised_logits():
+    # temperature 0.5 squares the probabilities: the banned EOS holds 0.16 / 0.30 of the tempered mass
+    rules = SamplingRules(temperature=0.5, banned_ids=(3,))
+    torch.testing.assert_close(rules.forbidden_mass(LOGITS + 1.0), torch.full((1, 2), 0.16 / 0.30))
+
+
+def test_empty_batches_keep_their_shapes():
+    rules, logits = SamplingRules(), torch.zeros(0, 3, 5)
+    assert rules.logprobs(logits, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
+    for out in (rules.entropy(logits), rules.full_kl(logits, logits), rules.forbidden_mass(logits)):
+        assert out.shape == (0, 3)

@@ -262,3 +262,175 @@ def test_a_non_finite_gradient_norm_skips_the_minibatch():
     handle.remove()
     assert stats["skipped_minibatches"] == 1.0
     assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+# --- the loss assembly on hand-computed numbers (issue 19: tests that catch a wrong sign) -------------------------
+
+def _critic_free_setup(kl: KLConfig, lr: float = 1e-3, **algo):
+    """A learner without value head (critic-free), plain SGD and no gradient clipping, so that an update is exactly
+    -lr × the gradient."""
+    import copy
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(CFG, "left")
+    lm = load_model(CFG, "causal", tok)
+    disable_dropout(lm)
+    ref = ValueHeadModel(copy.deepcopy(lm).eval().requires_grad_(False), None)
+    policy = ValueHeadModel(lm, None)
+    a = PPOAlgo(**{"batch_size": 8, "mini_batch_size": 4, "micro_batch_size": 2, "group_size": 2, **algo})
+    opt = torch.optim.SGD(policy.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    learner = PPOLearner(policy, ref_model=ref, algo=a, kl=kl, rules=SamplingRules(), optimizer=opt,
+                         scheduler=sched, accelerator=Accelerator(cpu=True), max_grad_norm=None)
+    return tok, policy, learner
+
+
+# two groups of two; row 2 has a tool token at index 1, row 1 padding at index 2. The 9s sit where the mask is 0.
+CF_MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=torch.float32)
+CF_KL = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 9.0], [1.0, 9.0, 0.0], [0.5, 0.5, 0.0]])  # masked sums 2, 0, 1, 1
+CF_SCORES = torch.tensor([1.0, 1.0, 0.0, 2.0])
+# beta = 0.5: per-token rewards -0.5 * KL_t, plus the score on the last model token
+CF_REWARDS = torch.tensor([[-0.5, -0.5, 1.0], [0.0, 1.0, 0.0], [-0.5, 0.0, 0.0], [-0.25, -0.25, 2.0]])
+CF_RETURNS = torch.tensor([[0.0, 0.5, 1.0], [1.0, 1.0, 0.0], [-0.5, 0.0, 0.0], [1.5, 1.75, 2.0]])
+
+
+def _critic_free_advantages(learner, scores, fwd, mask):
+    """The learner's steps 3-4 on given scores and forward results: its estimator (rlcli.rl.estimators), fed the
+    KL its mode puts in the reward and the inputs it assembles."""
+    return learner.estimator.advantages(scores, learner._kl_in_reward(fwd.kl), mask, learner._advantage_inputs(fwd))
+
+
+def _forward(kl: torch.Tensor):
+    from rlcli.rl.types import RolloutForward
+
+    zeros = torch.zeros_like(kl)
+    return RolloutForward(pi_logprobs=zeros, values=None, ref_logprobs=zeros, kl=kl, entropy=zeros,
+                          forbidden_mass=zeros)
+
+
+@pytest.mark.parametrize("estimator, per_row", [
+    # sequence rewards = score - beta * sum KL = [0, 1, -0.5, 1.5]; group means 0.5 and 0.5
+    ("grpo", [-0.5, 0.5, -1.0, 1.0]),
+    # leave-one-out with two per group: the baseline is the other completion's sequence reward
+    ("rloo", [-1.0, 1.0, -2.0, 2.0]),
+])
+def test_critic_free_sequence_reward_is_the_score_minus_beta_times_the_kl(estimator, per_row):
+    """The policy pays beta for every nat it moves away from the reference: of two completions with the same score,
+    the one with more KL gets the lower advantage (issue 19: a flipped sign here passed every test)."""
+    _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="reward", estimator="k1"), advantage=estimator,
+                                       batch_size=4, advantage_scaling="none")
+    rewards, advantages, returns = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
+    torch.testing.assert_close(advantages, torch.tensor(per_row)[:, None] * CF_MASK)
+    torch.testing.assert_close(rewards, CF_REWARDS)
+    torch.testing.assert_close(returns, CF_RETURNS)
+    assert advantages[0, 0] < advantages[1, 0]  # same score, more KL: worse
+
+
+def test_critic_free_group_scaling_divides_by_the_std_of_the_sequence_rewards():
+    # sequence rewards [0, 1 | -0.5, 1.5]: group stds (unbiased) sqrt(0.5) and sqrt(2)
+    _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="reward", estimator="k1"), advantage="grpo",
+                                       batch_size=4, advantage_scaling="group")
+    _, advantages, _ = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
+    s1, s2 = 0.5**0.5, 2.0**0.5
+    expected = torch.tensor([-0.5 / s1, 0.5 / s1, -1.0 / s2, 1.0 / s2])[:, None] * CF_MASK
+    torch.testing.assert_close(advantages, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reinforce_pp_advantages_are_returns_to_go_of_the_kl_penalised_rewards():
+    # group-mean baseline on the scores first: [1, 1 | 0, 2] -> [0, 0 | -1, 1]; then -0.5 * KL_t per token
+    _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="reward", estimator="k1"), advantage="reinforce_pp",
+                                       batch_size=4, advantage_scaling="none")
+    rewards, advantages, returns = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
+    expected_rewards = torch.tensor([[-0.5, -0.5, 0.0], [0.0, 0.0, 0.0], [-0.5, 0.0, -1.0], [-0.25, -0.25, 1.0]])
+    expected_returns = torch.tensor([[-1.0, -0.5, 0.0], [0.0, 0.0, 0.0], [-1.5, 0.0, -1.0], [0.5, 0.75, 1.0]])
+    torch.testing.assert_close(rewards, expected_rewards)
+    torch.testing.assert_close(advantages, expected_returns)
+    torch.testing.assert_close(returns, expected_returns)
+
+
+def test_loss_mode_keeps_the_kl_out_of_the_reward():
+    _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="loss", estimator="k3"), advantage="grpo",
+                                       batch_size=4, advantage_scaling="none")
+    rewards, advantages, _ = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
+    # sequence rewards are the scores [1, 1 | 0, 2]: advantages [0, 0 | -1, 1]
+    torch.testing.assert_close(advantages, torch.tensor([0.0, 0.0, -1.0, 1.0])[:, None] * CF_MASK)
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0],
+                                                      [0.0, 0.0, 2.0]]))
+
+
+def _kl_loss_update(coef: float):
+    """One optimizer step whose only gradient is the loss-mode KL: equal scores give GRPO advantages of 0, the
+    reference is the policy with perturbed weights. Returns (mask, KL before, KL after, parameter change)."""
+    tok, policy, learner = _critic_free_setup(KLConfig(coef=coef, mode="loss", estimator="k3"), lr=0.05,
+                                              advantage="grpo", mini_batch_size=8, micro_batch_size=4, epochs=1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in learner.ref_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    rollout, _ = _rollout(tok, policy)
+    before = torch.cat([p.detach().flatten() for p in policy.parameters()])
+    kl_before = learner.rollout_forward(rollout).kl
+    stats = learner.step(rollout, torch.zeros(8))
+    kl_after = learner.rollout_forward(rollout).kl
+    delta = torch.cat([p.detach().flatten() for p in policy.parameters()]) - before
+    return rollout.model_mask.float(), kl_before, kl_after, delta, stats
+
+
+def test_loss_mode_kl_gradient_pulls_the_policy_towards_the_reference():
+    """The KL term of the loss carries a gradient (issue 19: a detached KL term passed every test), it points towards
+    the reference (the KL falls after one step that has no other signal), and it scales with beta."""
+    mask, kl_before, kl_after, delta, stats = _kl_loss_update(coef=1.0)
+    assert stats["loss_policy"] == 0.0 and stats["loss_kl"] > 0
+    assert delta.abs().max() > 0, "the KL term gave no gradient"
+    assert (kl_after * mask).sum() < 0.9 * (kl_before * mask).sum()
+    # one SGD step is -lr * beta * grad(KL): twice the beta, twice the step
+    _, _, _, delta2, _ = _kl_loss_update(coef=2.0)
+    # (up to the rounding of p - lr * g in float32)
+    assert (delta2 - 2 * delta).abs().max() < 1e-3 * delta.abs().max()
+
+
+def test_step_normalises_scales_and_clips_the_scores():
+    """Running normalisation, then score_scale, then score_clip, as the step reports them (score_used_mean)."""
+    tok, policy, learner = _setup(lr=1e-9, score_norm="running", score_scale=2.0, score_clip=1.5)
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.tensor([0.0] * 7 + [8.0]))
+    # mean 1, unbiased std sqrt(8): seven of (0 - 1) / sqrt(8) * 2 = -0.7071, one (8 - 1) / sqrt(8) * 2 = 4.95 -> 1.5
+    assert stats["score_used_mean"] == pytest.approx((7 * -2 / 8**0.5 + 1.5) / 8, abs=1e-6)
+    assert stats["reward_mean"] == pytest.approx(1.0)
+    assert learner.steps_done == 1 and learner.score_moments.count == 8
+    assert 0 <= stats["time_forward"] < 60 and 0 <= stats["time_optimize"] < 60
+    # equal scores: std 0 -> divided by 1e-8, giving 0 (not 0 / 0)
+    tok, policy, learner = _setup(lr=1e-9, score_norm="running")
+    stats = learner.step(rollout, torch.full((8,), 3.0))
+    assert stats["score_used_mean"] == 0.0
+
+
+def test_whitened_rewards_keep_their_mean():
+    tok, policy, learner = _setup(lr=1e-9, whiten_rewards=True)
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.ones(8))
+    # KL is 0 at the first step: the rewards are the 8 scores on the last tokens; whitening rescales but keeps the mean
+    tokens = float(rollout.model_mask.sum())
+    assert stats["token_reward_mean"] == pytest.approx(8 / tokens, rel=1e-4)
+
+
+def test_value_head_learns_towards_the_returns():
+    tok, policy, learner = _setup(lr=1e-2)
+    rollout, _ = _rollout(tok, policy)
+    head = [p.detach().clone() for p in policy.value_head.parameters()]
+    m = rollout.model_mask.float()
+    before = (learner.rollout_forward(rollout).values * m).sum() / m.sum()
+    for _ in range(3):
+        stats = learner.step(rollout, torch.full((8,), 2.0))  # returns near 2 everywhere (gamma 1, KL ~ 0)
+    after = (learner.rollout_forward(rollout).values * m).sum() / m.sum()
+    assert stats["loss_value"] > 0
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(head, policy.value_head.parameters()))
+    assert after > before + 0.1, (before, after)
+
+
+def test_reinforce_pp_without_groups_uses_the_raw_scores():
+    _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="reward", estimator="k1"), advantage="reinforce_pp",
+                                       batch_size=4, group_size=1, advantage_scaling="none")
+    rewards, advantages, _ = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
+    torch.testing.assert_close(rewards, CF_REWARDS)
+    torch.testing.assert_close(advantages, CF_RETURNS)
