@@ -62,7 +62,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TARGETS = [
     *sorted(str(p.relative_to(REPO)) for p in (REPO / "rlcli" / "rl").glob("*.py") if p.name != "__init__.py"),
-    "rlcli/trainers/ppo_learner.py:_accumulate_minibatch,_critic_free_advantages,step,_kl_in_reward",
+    "rlcli/trainers/ppo_learner.py:_accumulate_minibatch,_minibatch_loss,_advantage_inputs,step,_kl_in_reward",
 ]
 DEFAULT_TESTS = ["tests/rl", "tests/trainers/test_ppo_learner.py"]
 EQUIVALENT_FILE = REPO / "scripts" / "mutate_equivalent.txt"
