@@ -99,6 +99,9 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
         notes = preflight(recipe, origin, processes)
     except RecipeError as exc:
         raise RecipeError(exc.problems + problems) from None
+    from rlcli.trainers.common import check_model_fits_recipe
+
+    problems += locate(check_model_fits_recipe(recipe), origin)
     if problems:
         raise RecipeError(problems)
     return notes

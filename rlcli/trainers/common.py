@@ -122,6 +122,29 @@ def check_trackers(recipe: RecipeBase) -> list[Problem]:
     return problems
 
 
+def check_model_fits_recipe(recipe: RecipeBase) -> list[Problem]:
+    """``models.loading.check_model_fits`` for a recipe of any command: its model(s), LoRA and the longest inputs
+    it gives them (all read from the recipe; the model is built on the meta device, no weights)."""
+    from rlcli.models.loading import check_model_fits, model_task
+
+    kind = type(recipe).__name__
+    task = "classifier" if kind == "RMRecipe" else model_task(recipe.model)
+    lengths: tuple = ()
+    data, gen, env = getattr(recipe, "data", None), getattr(recipe, "generation", None), getattr(recipe, "env", None)
+    if kind in ("SFTRecipe", "RMRecipe"):
+        lengths = (("data.max_length", data.max_length, "a training text"),)
+    elif env is not None and task == "causal":
+        lengths = (("env.max_length", env.max_length, "an episode"),)
+    elif gen is not None and task == "causal":
+        # the prompt's length depends on the data; the response alone must fit, beside at least one prompt token
+        lengths = (("generation.max_new_tokens", gen.max_new_tokens + 1, "a response and its prompt's last token"),)
+    problems = check_model_fits(recipe.model, task, lora=getattr(recipe, "lora", None), lengths=lengths)
+    ref = getattr(recipe, "ref_model", None)
+    if ref is not None:
+        problems += check_model_fits(ref, task, key="ref_model", lengths=lengths)
+    return problems
+
+
 def check_run_setup(recipe: RecipeBase, resume: bool = False, origin: Origin | str = "recipe") -> None:
     """Raise one ``RecipeError`` for the output dir's and the trackers' problems (see ``check_output_dir``)."""
     problems = check_output_dir(recipe, resume) + check_trackers(recipe)
