@@ -167,10 +167,11 @@ def _model_config_without_weights(cfg: ModelConfig):
 
 
 def check_model_fits(cfg: ModelConfig, task: Task, *, key: str = "model", lora: LoraConfig | None = None,
-                     lengths: tuple[tuple[str, int, str], ...] = ()) -> list[Problem]:
+                     lengths: tuple[tuple, ...] = ()) -> list[Problem]:
     """What the model's config decides, checked without weights (the model is built on the meta device): that it
     can be built at all (heads dividing the width, no zero sizes), that ``lengths`` ((key, tokens, what), e.g.
-    ("data.max_length", 512, "a training text")) fit its learned positions, that LoRA's ``target_modules`` name
+    ("data.max_length", 512, "a training text"), and optionally the tokens counted beyond the key's own value) fit
+    its learned positions, that LoRA's ``target_modules`` name
     modules it has."""
     try:
         config = _model_config_without_weights(cfg)
@@ -209,11 +210,12 @@ def check_model_fits(cfg: ModelConfig, task: Task, *, key: str = "model", lora: 
                   for name, m in model.named_modules())
     if learned and isinstance(positions, int):
         pos_key = f"{key}.config.{names.get('max_position_embeddings', 'max_position_embeddings')}"
-        for length_key, tokens, what in lengths:
+        for length_key, tokens, what, *extra in lengths:
             if tokens > positions:
+                most = positions - (extra[0] if extra else 0)  # tokens beyond the key's own value
                 problems.append(Problem(length_key, (
                     f"{tokens} tokens for {what}, but the model has {positions} positions ({pos_key}): longer "
-                    f"inputs would fail with an index error; set {length_key} to at most {positions}, or use a "
+                    f"inputs would fail with an index error; set {length_key} to at most {most}, or use a "
                     "model with more positions")))
     if lora is not None and lora.target_modules != "all-linear":
         module_names = [n for n, _ in model.named_modules() if n]

@@ -137,7 +137,8 @@ def check_model_fits_recipe(recipe: RecipeBase) -> list[Problem]:
         lengths = (("env.max_length", env.max_length, "an episode"),)
     elif gen is not None and task == "causal":
         # the prompt's length depends on the data; the response alone must fit, beside at least one prompt token
-        lengths = (("generation.max_new_tokens", gen.max_new_tokens + 1, "a response and its prompt's last token"),)
+        lengths = (("generation.max_new_tokens", gen.max_new_tokens + 1, "a response and its prompt's last token",
+                    1),)
     problems = check_model_fits(recipe.model, task, lora=getattr(recipe, "lora", None), lengths=lengths)
     ref = getattr(recipe, "ref_model", None)
     if ref is not None:

@@ -32,7 +32,8 @@ NULL_FIRST = 'null\n{"prompt": "a", "completion": "b"}\n'
 BAD = [
     ("sft", SFT, ["data.path=DATA"], NULL_FIRST, 2, ["data.path", "data.jsonl:1: expected a JSON object", "null"], []),
     ("sft", SFT, ["data.max_length=200"], None, 2, ["data.max_length", "128 positions", "n_positions"], []),
-    ("ppo", PPO, ["generation.max_new_tokens=200"], None, 2, ["generation.max_new_tokens", "128 positions"], []),
+    ("ppo", PPO, ["generation.max_new_tokens=200"], None, 2, ["generation.max_new_tokens", "128 positions",
+                                                                  "at most 127"], []),
     ("sft", SFT, ["lora.target_modules=[q_proj]"], None, 2, ["lora.target_modules", "'q_proj' names no module",
                                                               "c_attn"], []),
     ("sft", SFT, ["model.config.n_head=3"], None, 2, ["model.config.n_head", "n_embd=128", "multiple of 3"], []),
