@@ -186,28 +186,6 @@ def remove_owned(out: str | Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
-def running_elsewhere(out: str | Path) -> int | None:
-    """The pid of another live rlcli process on this host that marked ``out`` running, else None."""
-    data = read_manifest(out)
-    if not data or data.get("state") != "running" or data.get("host") != socket.gethostname():
-        return None
-    pid = data.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, owned by another user
-    try:  # a recycled pid that is not rlcli's does not count
-        if b"rlcli" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return None
-    except OSError:
-        pass
-    return pid
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -276,7 +254,17 @@ def lock(out: str | Path) -> None:
         if same:
             break
         os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())  # who holds it, for the in-use message
     _held = _Held(out, fd, made_dir)
+
+
+def holder(out: str | Path) -> int | None:
+    """The pid written into ``out``'s lock file by the process that holds it (or held it last)."""
+    try:
+        return int((Path(out) / LOCK).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def held() -> Path | None:

@@ -50,15 +50,16 @@ def test_a_directory_without_rlcli_files_owns_nothing(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()
 
 
-def test_running_elsewhere_ignores_dead_and_own_processes(tmp_path):
+def test_the_manifest_records_the_state_and_the_lock_its_holder(tmp_path):
     rundir.start(tmp_path, "SFTRecipe")
-    assert rundir.running_elsewhere(tmp_path) is None  # this process
-    data = rundir.read_manifest(tmp_path)
-    data["pid"] = 2**22 + 12345  # above pid_max: never alive
-    (tmp_path / rundir.MANIFEST).write_text(json.dumps(data))
-    assert rundir.running_elsewhere(tmp_path) is None
+    assert rundir.read_manifest(tmp_path)["state"] == "running"
     rundir.mark_finished(tmp_path)
     assert rundir.read_manifest(tmp_path)["state"] == "finished"
+    rundir.lock(tmp_path)
+    try:
+        assert rundir.holder(tmp_path) == os.getpid()
+    finally:
+        rundir.release(ok=True)
 
 
 def test_apply_umask_gives_safetensors_files_the_usual_mode(tmp_path):

@@ -165,8 +165,8 @@ def lock_output_dir(out: Path) -> None:
     try:
         rundir.lock(out)
     except rundir.InUse:
-        pid = (rundir.read_manifest(out) or {}).get("pid")
-        who = f"rlcli process {pid}" if isinstance(pid, int) else "another rlcli process"
+        pid = rundir.holder(out)
+        who = f"rlcli process {pid}" if pid is not None else "another rlcli process"
         raise UserError(f"output_dir {out} is in use: {who} is running there; wait for it to end (or stop it), "
                         "or choose another output_dir") from None
     for old in rundir.leftover_trash(out):
@@ -262,11 +262,6 @@ def usable_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
             return ckpt, notes
         notes.append(f"checkpoint {ckpt} cannot be read ({problem}); it is skipped")
     return None, notes
-
-
-def clear_output_dir(out: Path) -> None:
-    """Remove a previous run's files: only those rlcli wrote (its manifest); anything else stays."""
-    rundir.remove_owned(out)
 
 
 def _last_logged_step(out: Path) -> int | None:

@@ -204,7 +204,7 @@ def test_a_held_lock_refuses_a_second_run_and_a_dead_holder_does_not(tmp_path, m
     try:
         assert holder.stdout.readline().strip() == "held"
         code, _, err = invoke_cli("sft", TINY, f"output_dir={out}", *QUICK, monkeypatch=monkeypatch)
-        assert code == 1 and "is in use" in plain(err), err
+        assert code == 1 and f"is in use: rlcli process {holder.pid} is running there" in plain(err), err
     finally:
         holder.kill()
         holder.wait()
