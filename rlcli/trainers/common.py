@@ -57,9 +57,10 @@ def check_output_dir(recipe: RecipeBase, resume: bool = False) -> list[Problem]:
     others = rundir.foreign(out)
     if others and not resume:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        return inside + [Problem("output_dir", f"{out} holds files rlcli did not write ({shown}); a run writes only into an "
-                                      "empty directory or one holding rlcli's own files, so that replacing a run never "
-                                      "deletes yours: choose another output_dir, or move those files away")]
+        return inside + [Problem("output_dir", (
+            f"{out} holds files rlcli did not write ({shown}); a run writes only into an empty directory or one "
+            "holding rlcli's own files, so that replacing a run never deletes yours: choose another output_dir, or "
+            "move those files away"))]
     return inside
 
 

@@ -1,9 +1,8 @@
 """``rlcli env-rollout`` and its output dir: a new rollout replaces the previous one's files through the manifest
-(also when it fails, so old episodes never sit beside a new recipe), and it never replaces a training run."""
+(one that fails puts the previous one back, so old episodes never sit beside a new recipe), and it never replaces a
+training run."""
 
 from __future__ import annotations
-
-import json
 
 from tests.conftest import plain, run_cli, snapshot
 
@@ -37,7 +36,8 @@ def test_a_failed_rollout_puts_the_previous_one_back(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 4 and (out / "summary.json").exists()
     before = snapshot(out)
-    res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH, f"reward.function={plugin}:fails_on_second_batch")
+    res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH,
+                  f"reward.function={plugin}:fails_on_second_batch")
     assert res.returncode == 1 and "the grader crashed" in plain(res.stderr), res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert snapshot(out) == before
