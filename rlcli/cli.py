@@ -13,8 +13,9 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.text import Text
 
-from rlcli import __version__
+from rlcli import __version__, rundir
 from rlcli.config import RecipeError, UserError, recipe_to_yaml
+from rlcli.config.errors import NothingToDo
 from rlcli.config.loader import load_recipe_and_origin
 
 app = typer.Typer(
@@ -54,6 +55,14 @@ def _fail(exc: Exception, code: int) -> None:
     raise typer.Exit(code)
 
 
+def no_space_error(exc: OSError) -> UserError:
+    """A full disk (or quota), as one paragraph naming where the write failed."""
+    where = exc.filename or "the output directory"
+    return UserError(f"no space left on {where}: the device (or your quota) is full, so the run stopped. What was "
+                     "written before stays intact: the previous checkpoint and any finished model (a half-written "
+                     "file is removed). Free some space, then continue with --resume (or start again)")
+
+
 def _without_traceback(exc: BaseException) -> BaseException:
     """``exc`` and the exceptions chained to it, with their tracebacks (and so the frames they hold) dropped."""
     seen, todo = set(), [exc]
@@ -75,16 +84,24 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
 
     problems = locate(check_output_dir(recipe, resume) + check_trackers(recipe), origin)
     if resume and not problems:
+        from rlcli.trainers.common import (check_resume_forward, check_resume_kind, check_resume_recipe,
+                                           resume_length)
         from rlcli.checkpoint import latest_checkpoint
-        from rlcli.trainers.common import check_resume_recipe
 
-        ckpt = latest_checkpoint(recipe.output_dir)
+        check_resume_kind(recipe)
+        ckpt = latest_checkpoint(recipe.output_dir)  # (the run verifies its files, and falls back)
         if ckpt is not None:
             check_resume_recipe(recipe, ckpt, origin)
+            length = resume_length(recipe)
+            if length is not None:
+                check_resume_forward(Path(recipe.output_dir), int(ckpt.name.split("-")[1]), *length, origin=origin)
     try:
         notes = preflight(recipe, origin, processes)
     except RecipeError as exc:
         raise RecipeError(exc.problems + problems) from None
+    from rlcli.trainers.common import check_model_fits_recipe
+
+    problems += locate(check_model_fits_recipe(recipe), origin)
     if problems:
         raise RecipeError(problems)
     return notes
@@ -120,14 +137,28 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
         if cpu_processes:
             relaunch_cpu_processes(sys.argv[1:], cpu_processes)  # runs the N processes, then exits with their status
         train(recipe, resume=resume)
+    except NothingToDo as exc:
+        if _is_main():
+            _stderr_console().print(f"[green]nothing to do[/]: {exc}")
+        failure = None
     except RecipeError as exc:
         failure = (_without_traceback(exc), 2)
     except UserError as exc:
         failure = (_without_traceback(exc), 1)
     except KeyboardInterrupt:
         failure = (None, 130)
+    except OSError as exc:
+        if not rundir.no_space(exc):
+            rundir.release(ok=False)
+            raise
+        failure = (_without_traceback(no_space_error(exc)), 1)
+    except BaseException:
+        rundir.release(ok=False)  # a run replaced by this one comes back
+        raise
     else:
         failure = None
+    # the output dir: let go; a run this one replaced comes back unless this one stands (finished or checkpointed)
+    rundir.release(ok=failure is None)
     # the trainer's frames, and its DDP model, are gone now (the failure was kept without its traceback): only now
     # can the process group go without risking gloo's teardown deadlock
     release_distributed()

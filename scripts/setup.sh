@@ -7,6 +7,26 @@
 # shown only when pip fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# bubblewrap sandboxes the built-in python tool (a recipe using it is refused without it, unless it opts out of the
+# sandbox): installed where apt-get is usable (root, or sudo without a password), else said plainly.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: bubblewrap (bwrap) is not installed and there is no apt-get here: install it with your system's" \
+      "package manager, or the python tool cannot sandbox model-written code" >&2
+  else
+    if [ "$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi
+    if [ "$sudo" = none ]; then
+      echo "setup: bubblewrap (bwrap) is not installed and apt-get needs root: run 'sudo apt-get install" \
+        "bubblewrap', or the python tool cannot sandbox model-written code" >&2
+    elif { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends bubblewrap; } \
+        >/dev/null 2>&1; then
+      echo "setup: installed bubblewrap (the python tool's sandbox)"
+    else
+      echo "setup: installing bubblewrap with apt-get failed: the python tool cannot sandbox model-written code" \
+        "until it is installed (apt-get install bubblewrap)" >&2
+    fi
+  fi
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

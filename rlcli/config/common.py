@@ -13,8 +13,35 @@ class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, defaults are validated too."""
 
     # use_attribute_docstrings: the docstring under a field becomes its description, which `rlcli explain` prints
+    # allow_inf_nan=False: .inf / .nan are never a usable setting (a learning rate of inf trains nothing)
     model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(),
-                              use_attribute_docstrings=True)
+                              use_attribute_docstrings=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: a YAML boolean where a number belongs is a mistake, not a count
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            if not _admits_bool(cls.model_fields[info.field_name].annotation):
+                raise ValueError("expected a number, not a boolean (true / false)")
+        return value
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a bool as itself (bool, Any, a union or Literal with one), not as a number."""
+    import types
+    import typing
+
+    if annotation is bool or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType) or origin is typing.Annotated:
+        return any(_admits_bool(a) for a in typing.get_args(annotation))
+    if origin is None and isinstance(annotation, type):
+        return not issubclass(annotation, (int, float)) or annotation is bool
+    return True  # containers and the like: their own validation decides
 
 
 def processes_of(info: ValidationInfo | None) -> int:
@@ -184,6 +211,16 @@ class RecipeBase(Section):
     seed: int = 0
     """One seed for everything; each process derives its own from it."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        # a shell expands ~ only at the start of a word: output_dir=~/x reaches rlcli as it is (not ./~/x)
+        import os
+
+        if not value.strip():
+            raise ValueError("must name a directory")
+        return os.path.expanduser(value)
 
 
 __all__ = [

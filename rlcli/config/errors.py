@@ -61,3 +61,7 @@ class RecipeError(UserError):
         head = "1 problem" if len(self.problems) == 1 else f"{len(self.problems)} problems"
         lines = [self.title or f"Invalid recipe ({head}):"] + [f"  - {p.render()}" for p in self.problems]
         return "\n".join(lines + ([self.hint] if self.hint else []))
+
+
+class NothingToDo(Exception):
+    """The command has nothing to do (a finished run resumed to the length it has): said, exit 0."""

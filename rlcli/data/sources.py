@@ -25,11 +25,15 @@ def check_data_source(src: DataSource, key: str = "data") -> list[Problem]:
         p = Path(path)
         if p.is_file() or p.suffix in _BUILDERS or p.suffix in {".txt", ".tsv"} or path.startswith((".", "/")):
             if not p.exists():
-                problems.append(Problem(f"{key}.{field}", f"file {path} does not exist (relative to the working "
-                                                          "directory)"))
+                where = "" if p.is_absolute() else " (relative to the working directory)"
+                problems.append(Problem(f"{key}.{field}", f"file {path} does not exist{where}"))
             elif p.is_file() and p.suffix not in _BUILDERS:
                 problems.append(Problem(f"{key}.{field}", f"unsupported file type {p.suffix!r} (use "
                                                           f"{', '.join(_BUILDERS)})"))
+            elif p.is_file() and _BUILDERS[p.suffix] == "json":
+                problem = _json_problem(p)  # a first pass over the rows: what would stop the run later
+                if problem is not None:
+                    problems.append(Problem(f"{key}.{field}", problem))
         elif not p.exists():
             try:
                 source_kind(path)
@@ -96,7 +100,9 @@ def _json_problem(file: Path) -> str | None:
         except ValueError as exc:
             return f"{file}:{number}: not valid JSON: {exc.msg} (column {exc.colno})"
         if not isinstance(value, dict):
-            return f"{file}:{number}: expected a JSON object ({{\"column\": value, ...}}), got {type(value).__name__}"
+            kind = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
+                    list: "a list"}.get(type(value), type(value).__name__)
+            return f"{file}:{number}: expected a JSON object ({{\"column\": value, ...}}), got {kind}"
     return None
 
 
@@ -118,6 +124,12 @@ def _load_files(builder: str, files: list[Path], split: str, path: str) -> datas
         # datasets fails on an empty file with a bare StopIteration
         if file.stat().st_size < 4096 and not file.read_bytes().strip():
             raise UserError(f"data {file} is empty: it has no rows")
+        if builder == "json":
+            # a line that is not a JSON object (`null` first of all) crashes pyarrow's reader with a segfault:
+            # every line is read here first, and the first bad one named
+            problem = _json_problem(file)
+            if problem is not None:
+                raise UserError(f"data {problem}")
     # datasets logs the real cause (file, row) as a separate ERROR line before raising a generic error; the
     # error below says it once, with the file and line
     level = datasets.logging.get_verbosity()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Callable
 
 from rlcli.config.env import EnvConfig, ToolSpec
@@ -87,6 +89,13 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
     """A ``TextEnvironment`` for ``model`` (a Hugging Face causal LM) with the recipe's tools and rules (and the
     protocol, when ``build_protocol`` already made it)."""
     tools = build_tools(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        from rlcli.logging import console
+
+        for note in sandbox_notes(cfg)[:1]:  # every run's header says how a python tool is contained
+            if "python" in note or "UNSANDBOXED" in note:
+                style = "bold red" if "UNSANDBOXED" in note else "dim"
+                console.print(f"[{style}]{'warning: ' if 'UNSANDBOXED' in note else ''}{note}[/]")
     protocol = build_protocol(cfg, tokenizer, tools) if protocol is None else protocol
     chat = cfg.protocol == "chat"
     env = TextEnvironment(

@@ -117,12 +117,15 @@ def _format_number(value: int | float) -> str:
 
 # Runs inside the sandbox interpreter before the user's code: limits first, then the code as __main__ from main.py,
 # with tracebacks that start at the user's code (the launcher's own frame is skipped).
+# The process limit (RLIMIT_NPROC) counts every process of the user, so it is this user's count at the call plus
+# ``max_processes`` (passed in argv[1]); a fork bomb stops there.
 _LAUNCHER = """
 import resource, sys, traceback
 memory, cpu, fsize = {memory}, {cpu}, {fsize}
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_NPROC, (int(sys.argv[1]), int(sys.argv[1])))
 sys.argv = ["main.py"]
 with open("main.py", encoding="utf-8") as f:
     source = f.read()
@@ -132,8 +135,86 @@ except SystemExit:
     raise
 except BaseException as exc:
     traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
+    open(".raised", "w").close()  # the traceback says what happened: no exit code after it
     sys.exit(1)
 """
+
+CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
+MAX_PROCESSES = 32
+"""Processes (threads included) model-written code may add to this user's count at the time of a call."""
+
+
+def _user_processes() -> int:
+    """Processes and threads of this user now (what RLIMIT_NPROC counts)."""
+    uid, count = os.getuid(), 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry}/task"))
+            except OSError:
+                continue
+    return count
+
+
+def _pids_cgroup(limit: int) -> Path | None:
+    """A fresh cgroup under this process's own, holding at most ``limit`` processes (the pids controller, v2 or
+    v1), for a call's process tree; None where this process may not make one (the usual case without root or
+    delegation: RLIMIT_NPROC is then the only process limit)."""
+    import uuid
+
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            root = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() \
+                else Path("/sys/fs/cgroup/unified")
+        elif "pids" in controllers.split(","):
+            root = Path("/sys/fs/cgroup/pids")
+        else:
+            continue
+        parent = root / path.lstrip("/")
+        if not (parent / "cgroup.procs").exists():
+            continue
+        group = parent / f"rlcli-python-{uuid.uuid4().hex[:12]}"
+        try:
+            group.mkdir()
+            (group / "pids.max").write_text(str(limit))
+            return group
+        except OSError:
+            try:
+                group.rmdir()
+            except OSError:
+                pass
+    return None
+
+
+def _drop_cgroup(group: Path | None) -> None:
+    if group is None:
+        return
+    for _ in range(100):  # the killed processes leave it within moments
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
+def _outcome(returncode: int, sandboxed: bool, raised: bool) -> str:
+    """How the code ended, when not normally: the same words with and without the sandbox (bubblewrap reports a
+    child killed by signal N as exit code 128 + N)."""
+    number = -returncode if returncode < 0 else (returncode - 128 if sandboxed and returncode > 128 else 0)
+    if number:
+        try:
+            return f"[killed by signal {signal.Signals(number).name}]"
+        except ValueError:
+            pass
+    if returncode != 0 and not raised:
+        return f"[exit code {returncode}]"
+    return ""
 
 BWRAP = "bwrap"
 """The bubblewrap executable the python tool sandboxes code with (looked up on PATH)."""
@@ -174,7 +255,7 @@ def _sandbox_command(bwrap: str, workdir: str) -> list[str]:
     (``/usr``) and this interpreter's prefixes read-only, ``workdir`` as the only writable place, and nothing else of
     the host's file system (no ``/etc``, ``/home``, ``/tmp``, ``/sys``; a fresh ``/proc`` and a minimal ``/dev``)."""
     cmd = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
-    for key, value in {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+    for key, value in {"PATH": CLEAN_PATH, "HOME": workdir, "TMPDIR": workdir,
                        "LC_ALL": "C.UTF-8"}.items():
         cmd += ["--setenv", key, value]
     cmd += ["--ro-bind", "/usr", "/usr"]
@@ -243,34 +324,71 @@ def make_python_tool(
         with tempfile.TemporaryDirectory(prefix="rlcli_python_") as workdir:
             Path(workdir, "main.py").write_text(code, encoding="utf-8")
             out_path = Path(workdir, ".output")
-            command = [sys.executable, "-I", "-c", launcher]
+            import uuid
+
+            marker = f"RLCLI_TOOL_CALL={uuid.uuid4().hex}"  # finds what the code left running (unsandboxed)
+            command = [sys.executable, "-I", "-c", launcher, str(_user_processes() + MAX_PROCESSES)]
             if bwrap is not None:
                 command = _sandbox_command(bwrap, workdir) + command
+            group = _pids_cgroup(MAX_PROCESSES + 8)  # + bwrap's own processes
+            if group is not None:  # joined before the exec: bwrap forks its child at once
+                command = ["/bin/sh", "-c", '{ echo $$ > "$0"; } 2>/dev/null; exec "$@"', str(group / "cgroup.procs"),
+                           *command]
             with open(out_path, "wb") as out:
-                # stdout goes to a file, not a pipe: RLIMIT_FSIZE then bounds what a print loop can produce
+                # stdout goes to a file, not a pipe: RLIMIT_FSIZE then bounds what a print loop can produce. The
+                # environment is a clean one for bwrap too (its init process is visible as /proc/1 inside)
                 proc = subprocess.Popen(
                     command,
                     cwd=workdir,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir,
-                         "LC_ALL": "C.UTF-8"},
+                    env={"PATH": CLEAN_PATH, "HOME": workdir, "TMPDIR": workdir, "LC_ALL": "C.UTF-8",
+                         **({} if bwrap is not None else dict([marker.split("=", 1)]))},
                     start_new_session=True,  # its own process group, killed as a whole on timeout
                 )
-                returncode = _wait_then_kill_group(proc, timeout_s)
-            if returncode is None or returncode == -signal.SIGXCPU:
+                try:
+                    returncode = _wait_then_kill_group(proc, timeout_s)
+                finally:
+                    if bwrap is None:
+                        _kill_marked(marker)  # a setsid() descendant left the process group
+                    _drop_cgroup(group)
+            if returncode is None or returncode == -signal.SIGXCPU or (bwrap is not None
+                                                                       and returncode == 128 + signal.SIGXCPU):
                 raise TimeoutError(f"the code did not finish within {timeout_s:g} s")
             output = out_path.read_bytes().decode("utf-8", errors="replace")
+            raised = Path(workdir, ".raised").exists()
         if len(output) > max_output_chars:  # keep both ends: the start of the output and the end of a traceback
             head, tail = output[: max_output_chars // 2], output[-(max_output_chars - max_output_chars // 2):]
             output = f"{head}\n[... output truncated ...]\n{tail}"
-        if returncode < 0:
-            output += f"\n[killed by signal {signal.Signals(-returncode).name}]"
+        outcome = _outcome(returncode, bwrap is not None, raised)
+        if outcome:
+            output = f"{output}\n{outcome}" if output.strip() else outcome
         return output if output.strip() else "(no output)"
 
     python.sandboxed = bwrap is not None
     return python
+
+
+def _kill_marked(marker: str) -> None:
+    """Kill every process of this user whose environment holds ``marker`` (the unsandboxed code's descendants that
+    left its process group with setsid; a process that replaced its environment is out of reach)."""
+    needle = marker.encode()
+    for _ in range(3):  # a process may fork while the others are killed
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle not in f.read().split(b"\0"):
+                        continue
+                os.kill(int(entry), signal.SIGKILL)
+                found = True
+            except (OSError, ValueError):
+                continue
+        if not found:
+            return
 
 
 def _wait_then_kill_group(proc: subprocess.Popen, timeout_s: float) -> int | None:

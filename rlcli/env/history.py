@@ -7,6 +7,7 @@ the tokens the policy chose.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -155,6 +156,8 @@ class TextHistory:
         return lead
 
     # rendering ------------------------------------------------------------------------------------------------
+    # Prompts, model text and tool output are printed through printable(): an escape sequence in them (model-written
+    # or in the data) would otherwise reach the terminal and act there (clear it, retitle it, hide text).
 
     def show_text(self, console: Console | None = None, *, legend: bool = True) -> None:
         """Print the episode's text, each segment coloured by source, then a legend (unless ``legend=False``, e.g.
@@ -162,7 +165,7 @@ class TextHistory:
         console = console or Console()
         body = Text()
         for s in self.segments:
-            body.append(s.text, style=STYLES[s.source][0])
+            body.append(printable(s.text), style=STYLES[s.source][0])
         console.print(body)
         if legend:
             console.print(source_legend())
@@ -175,7 +178,7 @@ class TextHistory:
         for s in self.segments:
             for i, token_id in enumerate(s.token_ids):
                 piece = tokenizer.decode([token_id], skip_special_tokens=False)
-                body.append(piece.replace("\n", "\u23ce\n"), style=STYLES[s.source][i % 2])
+                body.append(printable(piece).replace("\n", "\u23ce\n"), style=STYLES[s.source][i % 2])
         console.print(body)
         if legend:
             console.print(source_legend())
@@ -183,7 +186,7 @@ class TextHistory:
 
     def _summary(self) -> Text:
         n = len(self.token_ids)
-        calls = ", ".join(f"{c.name}:{c.status}" for c in self.tool_calls) or "none"
+        calls = printable(", ".join(f"{c.name}:{c.status}" for c in self.tool_calls)) or "none"
         return Text(
             f"finish={self.finish_reason} reward={self.reward} turns={self.num_turns} tokens={n} "
             f"(model {sum(self.token_mask)}, tool {sum(self.tool_mask)}) tool calls: {calls}",
@@ -224,6 +227,15 @@ class TextHistory:
             messages=data.get("messages"),
             tools=data.get("tools"),
         )
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character but newline and tab shown as ``\\xNN`` (ESC, carriage return, bell,
+    C1 controls): what the terminal shows is what the text holds, and nothing in it acts on the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _spans(segments: list[Segment], length) -> list[Span]:

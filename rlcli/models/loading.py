@@ -94,8 +94,12 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
         arch = cfg.architecture
         if arch not in CONFIG_MAPPING:
             guess = difflib.get_close_matches(arch, list(CONFIG_MAPPING.keys()), n=3)
-            problems.append(Problem(f"{key}.architecture", f"unknown architecture {arch!r}; did you mean "
-                                                           f"{', '.join(guess) or '?'}"))
+            if guess:
+                hint = f"did you mean {', '.join(guess)}?"
+            else:
+                common = [a for a in _COMMON_ARCHITECTURES if a in auto_names] or sorted(auto_names)[:8]
+                hint = f"no known name is close; {task} architectures include {', '.join(common)}, ..."
+            problems.append(Problem(f"{key}.architecture", f"unknown architecture {arch!r}; {hint}"))
         elif arch not in auto_names:
             problems.append(Problem(f"{key}.architecture", f"{arch!r} has no {task} model class in transformers "
                             f"(use one of e.g. {', '.join(sorted(auto_names)[:8])}, ...)"))
@@ -141,6 +145,99 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
         except UserError as exc:
             problems.append(Problem(f"{key}.tokenizer", str(exc)))
     return problems
+
+
+_COMMON_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt_neox", "opt", "t5",
+                         "bart", "bert", "roberta")
+_POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")
+
+
+def _model_config_without_weights(cfg: ModelConfig):
+    """The model's config (overrides applied) without weights: built for ``architecture``, read from a local
+    directory's config.json or a hub id's cached one; None when it cannot be had offline or needs remote code."""
+    if cfg.trust_remote_code or cfg.gguf_file is not None:
+        return None
+    if cfg.architecture is not None:
+        return AutoConfig.for_model(cfg.architecture, **cfg.config)
+    try:
+        return AutoConfig.from_pretrained(gguf.resolve_path(cfg.name_or_path), revision=cfg.revision,
+                                          local_files_only=True, **cfg.config)
+    except Exception:  # not cached, not a model directory (check_model_config says so), an adapter directory
+        return None
+
+
+def check_model_fits(cfg: ModelConfig, task: Task, *, key: str = "model", lora: LoraConfig | None = None,
+                     lengths: tuple[tuple, ...] = ()) -> list[Problem]:
+    """What the model's config decides, checked without weights (the model is built on the meta device): that it
+    can be built at all (heads dividing the width, no zero sizes), that ``lengths`` ((key, tokens, what), e.g.
+    ("data.max_length", 512, "a training text"), and optionally the tokens counted beyond the key's own value) fit
+    its learned positions, that LoRA's ``target_modules`` name
+    modules it has."""
+    try:
+        config = _model_config_without_weights(cfg)
+    except Exception as exc:
+        return [Problem(f"{key}.config", f"not a usable {cfg.architecture} config: {_first_line(exc)}")]
+    if config is None:
+        return []
+    where = f"{key}.config" if cfg.architecture is not None or cfg.config else f"{key}.name_or_path"
+    width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    names = dict(getattr(type(config), "attribute_map", {}))  # standard name -> this architecture's (n_head)
+    if isinstance(width, int) and isinstance(heads, int) and not isinstance(heads, bool):
+        head_key = names.get("num_attention_heads", "num_attention_heads")
+        width_key = names.get("hidden_size", "hidden_size")
+        if heads <= 0:
+            return [Problem(f"{key}.config.{head_key}", f"{heads} attention heads: a model needs at least one")]
+        if width % heads:
+            return [Problem(f"{key}.config.{head_key}", (
+                f"the width {width_key}={width} does not split into {head_key}={heads} heads ({width} is not a "
+                f"multiple of {heads}); choose a {head_key} that divides {width}, or a {width_key} that is a "
+                f"multiple of {heads}"))]
+    auto_cls = _AUTO_CLASSES[task][0]
+    try:
+        import warnings
+
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            if task == "classifier":
+                config.num_labels = 1
+            model = auto_cls.from_config(config)
+    except Exception as exc:  # the config describes a model that cannot exist
+        return [Problem(where, f"the model cannot be built from this config: {type(exc).__name__}: "
+                               f"{_first_line(exc)}")]
+    problems = []
+    positions = getattr(config, "max_position_embeddings", None)
+    learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS
+                  for name, m in model.named_modules())
+    if learned and isinstance(positions, int):
+        pos_key = f"{key}.config.{names.get('max_position_embeddings', 'max_position_embeddings')}"
+        for length_key, tokens, what, *extra in lengths:
+            if tokens > positions:
+                most = positions - (extra[0] if extra else 0)  # tokens beyond the key's own value
+                problems.append(Problem(length_key, (
+                    f"{tokens} tokens for {what}, but the model has {positions} positions ({pos_key}): longer "
+                    f"inputs would fail with an index error; set {length_key} to at most {most}, or use a "
+                    "model with more positions")))
+    if lora is not None and lora.target_modules != "all-linear":
+        module_names = [n for n, _ in model.named_modules() if n]
+        targets = lora.target_modules
+        if isinstance(targets, str):
+            matched = any(re.fullmatch(targets, n) for n in module_names)
+            missing = [] if matched else [targets]
+        else:
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if n and not list(m.children()) and hasattr(m, "weight")})
+            problems.append(Problem("lora.target_modules", (
+                f"{', '.join(map(repr, missing))} name{'s' if len(missing) == 1 else ''} no module of this model, "
+                f"so LoRA would adapt nothing there; its layers with weights are named {', '.join(leaves[:12])}"
+                + (", ..." if len(leaves) > 12 else "") + " (or use all-linear)")))
+    return problems
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _config_type(config_cls, name: str, defaults: dict) -> Any:

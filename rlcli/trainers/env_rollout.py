@@ -38,7 +38,7 @@ from rlcli.models.loading import check_model_config, load_model, load_tokenizer
 from rlcli.models.value_head import disable_dropout
 from rlcli.rewards.scoring import score_episodes
 from rlcli.rewards.sources import build_reward, check_reward_function
-from rlcli.trainers.common import RECIPE_FILE, clear_output_dir, prepare_output_dir, recipe_to_yaml
+from rlcli.trainers.common import RECIPE_FILE, prepare_output_dir, recipe_to_yaml
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -128,8 +128,9 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     rules = SamplingRules(temperature=recipe.temperature, top_k=recipe.top_k, top_p=recipe.top_p)
     env = build_environment(recipe.env, model, tokenizer, rules=rules, protocol=protocol)
     reward = build_reward(recipe.reward) if recipe.reward is not None else None
-    # the previous rollout's files go now, so that a run failing below never leaves them beside the new recipe
-    clear_output_dir(out)
+    # the previous rollout's files are moved aside now (every input has loaded), deleted once this one has written
+    # its episodes, put back if it fails before (the reward raising, an interrupt): never beside the new recipe
+    rundir.take_over(out)
     rundir.start(out, type(recipe).__name__)
     rundir.claim(out, RECIPE_FILE, EPISODES_FILE, EPISODES_FILE + ".tmp", SUMMARY_FILE, ACCEPTED_FILE,
                  ACCEPTED_FILE + ".tmp")
@@ -183,5 +184,6 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
                       f"{out / ACCEPTED_FILE}")
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     rundir.mark_finished(out)
+    rundir.release(ok=True)
     console.print(f"[green]wrote[/] {len(histories)} episodes to {out / EPISODES_FILE}")
     return out

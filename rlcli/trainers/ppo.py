@@ -96,7 +96,6 @@ from rlcli.seeds import index_stream, rollout_generator
 from rlcli.parallel import Parallel, as_parallel
 from rlcli.trainers.common import (
     finish,
-    clear_output_dir,
     describe_model,
     load_trainable_state,
     make_optimizer,
@@ -105,7 +104,7 @@ from rlcli.trainers.common import (
     save_final_model,
     save_training_checkpoint,
     start_trackers,
-    write_recipe,
+    take_over,
 )
 from rlcli.trainers.ppo_learner import ForbiddenTokenError, NonFiniteLossError, PPOLearner
 
@@ -496,10 +495,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
                    batch_size=p.mini_batch_size,
                    micro_batch_size=p.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
     accelerator = par.accelerator
-    out = Path(recipe.output_dir)
-    if resume_from is None and par.is_main_process:
-        clear_output_dir(out)
-    par.wait_for_everyone()
+    out = Path(recipe.output_dir)  # nothing of an earlier run is touched until every input has loaded (take_over)
     procs = par.num_processes
 
     # step 2: tokenizer and prompts
@@ -524,7 +520,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     if resume_from is not None:
         restore_optimizer(par, resume_from, objects, model, optimizer, scheduler)
         learner.load_state_dict(state["learner"])
-    write_recipe(recipe, accelerator)
+    take_over(recipe, accelerator, total_steps=p.steps, start_step=start_step if resume_from else None,
+              steps_key="ppo.steps")
     start_trackers(accelerator, recipe)
     log = MetricsLog(out, is_main=par.is_main_process, tracker=accelerator if recipe.logging.report_to else None,
                      resume_step=start_step if resume_from else None)

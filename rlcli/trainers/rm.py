@@ -40,7 +40,6 @@ from rlcli.seeds import index_stream
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
 from rlcli.trainers.common import (
     finish,
-    clear_output_dir,
     describe_model,
     non_finite_loss,
     load_trainable_state,
@@ -51,7 +50,7 @@ from rlcli.trainers.common import (
     print_notes,
     save_final_model,
     start_trackers,
-    write_recipe,
+    take_over,
 )
 
 
@@ -141,10 +140,7 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
                    batch_size=tcfg.batch_size,
                    micro_batch_size=tcfg.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
     accelerator = par.accelerator
-    out = Path(recipe.output_dir)
-    if resume_from is None and par.is_main_process:
-        clear_output_dir(out)
-    par.wait_for_everyone()
+    out = Path(recipe.output_dir)  # nothing of an earlier run is touched until every input has loaded (take_over)
 
     # step 2: data
     tokenizer = load_tokenizer(recipe.model, padding_side="right")
@@ -175,7 +171,8 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
     model, optimizer, scheduler = par.prepare(model, lambda params: make_optimizer(params, recipe.optim, total_steps))
     if resume_from is not None:
         restore_optimizer(par, resume_from, objects, model, optimizer, scheduler)
-    write_recipe(recipe, accelerator)
+    take_over(recipe, accelerator, total_steps=total_steps, start_step=start_step if resume_from else None,
+              steps_key="train.max_steps" if tcfg.max_steps else "train.epochs")
     start_trackers(accelerator, recipe)
     log = MetricsLog(out, is_main=par.is_main_process,
                      tracker=accelerator if recipe.logging.report_to else None,

@@ -64,3 +64,22 @@ def test_rendering_colours_each_source_and_shows_a_legend(tok):
     console = Console(record=True, width=200)
     h.show_text(console)
     assert "<request><Calc>2+2<call>4<response>" in console.export_text()
+
+
+def test_escape_sequences_in_prompt_and_model_text_never_reach_the_terminal(tok):
+    """A prompt or a model that writes ESC [2J (clear screen), an OSC title, a carriage return or a bell: shown as
+    text, not sent to the terminal."""
+    import io
+
+    h = TextHistory()
+    for source, text in [("prompt", "Q\x1b]0;owned\x07?\n"), ("model", "ok\x1b[2J\rgone\x9b31m"), ("tool", "\x1b[8m")]:
+        h.append(source, text, tok(text, add_special_tokens=False)["input_ids"])
+    h.tool_calls.append(ToolCallRecord("Ca\x1b[1mlc", "", "", "ok"))
+    for show in (lambda c: h.show_text(c), lambda c: h.show_tokens(tok, c)):
+        raw = io.StringIO()
+        show(Console(file=raw, width=200, force_terminal=True, color_system="truecolor"))
+        written = raw.getvalue()
+        # rich's own styling is ESC [ ... m; nothing else of the texts' controls may come through
+        leftover = __import__("re").sub(r"\x1b\[[0-9;]*m", "", written)
+        assert not any(c in leftover for c in "\x1b\x07\r\x9b"), repr(leftover)
+        assert "\\x1b[2J" in leftover and "\\x0d" in leftover

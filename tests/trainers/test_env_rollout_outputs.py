@@ -1,11 +1,10 @@
 """``rlcli env-rollout`` and its output dir: a new rollout replaces the previous one's files through the manifest
-(also when it fails, so old episodes never sit beside a new recipe), and it never replaces a training run."""
+(one that fails puts the previous one back, so old episodes never sit beside a new recipe), and it never replaces a
+training run."""
 
 from __future__ import annotations
 
-import json
-
-from tests.conftest import plain, run_cli
+from tests.conftest import plain, run_cli, snapshot
 
 RECIPE = "configs/calculator_eval.yaml"
 SCRATCH = ["model.name_or_path=null", "model.architecture=gpt2", "model.tokenizer=byte",
@@ -27,19 +26,22 @@ def fails_on_second_batch(responses):
 '''
 
 
-def test_a_failed_rollout_leaves_no_old_episodes_beside_its_recipe(tmp_path):
+def test_a_failed_rollout_puts_the_previous_one_back(tmp_path):
+    """The reward raising after the old rollout was moved aside: the old episodes come back, byte for byte, and
+    nothing of the failed rollout stays beside them."""
     plugin = tmp_path / "rewards.py"
     plugin.write_text(REWARDS)
     out = tmp_path / "eval"
     res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH, f"reward.function={plugin}:constant")
     assert res.returncode == 0, res.stderr[-3000:]
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 4 and (out / "summary.json").exists()
-    res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH, f"reward.function={plugin}:fails_on_second_batch")
+    before = snapshot(out)
+    res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH,
+                  f"reward.function={plugin}:fails_on_second_batch")
     assert res.returncode == 1 and "the grader crashed" in plain(res.stderr), res.stderr[-3000:]
     assert "Traceback" not in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".rlcli-run.json", "recipe.yaml"]
-    assert "fails_on_second_batch" in (out / "recipe.yaml").read_text()
-    assert json.loads((out / ".rlcli-run.json").read_text())["state"] == "running"
+    assert snapshot(out) == before
+    assert not list(tmp_path.glob(".rlcli-trash-*"))
 
 
 def test_a_rollout_never_replaces_a_training_run(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from rlcli.config.loader import load_recipe, recipe_to_yaml
 from rlcli.config.errors import UserError
-from tests.conftest import REPO, plain, read_metrics, run_cli
+from tests.conftest import REPO, invoke_cli, plain, read_metrics, run_cli, snapshot
 
 SFT = "configs/tiny/sft.yaml"
 QUICK = ["train.max_steps=4", "train.save_every=2", "data.eval_fraction=0", "logging.progress=false"]
@@ -61,6 +62,8 @@ def test_torn_metrics_line_is_dropped_on_resume(sft_run, tmp_path):
     expected = read_metrics(out)
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "loss": 1.2')  # a kill in the middle of a write
+    manifest = json.loads((out / ".rlcli-run.json").read_text())
+    (out / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))  # as the killed run left it
     res = run_cli("sft", SFT, f"output_dir={out}", *QUICK, "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
     got = read_metrics(out)
@@ -140,3 +143,50 @@ def test_a_run_killed_before_its_first_checkpoint_says_what_to_do_and_is_reused(
     res = run_cli(*args, "train.max_steps=2")
     assert res.returncode == 1 and "already holds a run" in plain(res.stderr)
     assert "overwrite_output_dir=true" in plain(res.stderr)
+
+
+def test_resume_never_goes_backwards(sft_run, tmp_path, monkeypatch):
+    """A finished 4-step run (checkpoint at step 2) resumed to 3 steps used to show "2/3"... "4/3", replace the
+    finished weights with older ones and cut metrics.jsonl: now refused (or nothing to do), nothing changes."""
+    out = tmp_path / "finished"
+    shutil.copytree(sft_run, out)
+    before = snapshot(out)
+    args = ["sft", SFT, f"output_dir={out}", *QUICK]
+    code, _, err = invoke_cli(*args, "train.max_steps=3", "--resume", monkeypatch=monkeypatch)
+    err = plain(err)
+    assert code == 2 and "command line: train.max_steps" in err and "finished at step 4" in err, err
+    assert snapshot(out) == before
+    code, _, err = invoke_cli(*args, "--resume", monkeypatch=monkeypatch)
+    assert code == 0 and "nothing to do" in plain(err), err
+    assert snapshot(out) == before
+    # a run killed after its checkpoint at step 2: a resume to 2 steps or fewer is refused too
+    manifest = json.loads((out / ".rlcli-run.json").read_text())
+    (out / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))
+    before = snapshot(out)
+    code, _, err = invoke_cli(*args, "train.max_steps=2", "--resume", monkeypatch=monkeypatch)
+    err = plain(err)
+    assert code == 2 and "newest checkpoint" in err and "at step 2" in err and "above 2" in err, err
+    assert snapshot(out) == before
+
+
+def test_a_finished_run_without_checkpoint_gets_advice_that_leads_somewhere(tmp_path, monkeypatch):
+    out = tmp_path / "nockpt"
+    res = run_cli("sft", SFT, f"output_dir={out}", "train.max_steps=2", "train.save_every=null",
+                  "data.eval_fraction=0", "logging.progress=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    args = ["sft", SFT, f"output_dir={out}", "train.max_steps=2", "train.save_every=null", "data.eval_fraction=0",
+            "logging.progress=false"]
+    code, _, err = invoke_cli(*args, "--resume", monkeypatch=monkeypatch)
+    err = plain(err)
+    assert code == 1 and "finished and kept no checkpoint" in err and "model.name_or_path=" in err, err
+    assert "without --resume" not in err
+    code, _, err = invoke_cli(*args, monkeypatch=monkeypatch)
+    err = plain(err)
+    assert code == 1 and "kept no checkpoint" in err and "pass --resume" not in err, err
+
+
+def test_resume_under_another_command_names_the_run_kind(sft_run, monkeypatch):
+    code, _, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", f"output_dir={sft_run}", "--resume",
+                              monkeypatch=monkeypatch)
+    err = plain(err)
+    assert code == 1 and "holds an `rlcli sft` run" in err and "differ" not in err, err

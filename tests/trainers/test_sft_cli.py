@@ -199,7 +199,7 @@ BAD_JSON = '{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": 
         ("data file of another type", None, ["data.path=README.md"], None, 2,
          ["command line: data.path", "unsupported file type '.md'"]),
         ("missing field", None, ["data.path=DATA"], BAD_ROWS, 1, ["data.jsonl:2: no value for 'completion'"]),
-        ("malformed JSON line", None, ["data.path=DATA"], BAD_JSON, 1,
+        ("malformed JSON line", None, ["data.path=DATA"], BAD_JSON, 2,  # found by the first pass (--dry-run too)
          ["data.jsonl:3: not valid JSON: Expecting value (column 31)"]),
         ("empty dataset", None, ["data.path=DATA"], "", 1, ["empty", "no rows"]),
         ("unknown architecture", None, ["model.architecture=gtp2"], None, 2, ["unknown architecture 'gtp2'", "gpt2"]),
