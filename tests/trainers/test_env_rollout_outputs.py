@@ -4,6 +4,8 @@ training run."""
 
 from __future__ import annotations
 
+import json
+
 from tests.conftest import plain, run_cli, snapshot
 
 RECIPE = "configs/calculator_eval.yaml"

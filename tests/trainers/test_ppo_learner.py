@@ -434,3 +434,31 @@ def test_reinforce_pp_without_groups_uses_the_raw_scores():
     rewards, advantages, _ = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
     torch.testing.assert_close(rewards, CF_REWARDS)
     torch.testing.assert_close(advantages, CF_RETURNS)
+
+
+def test_a_non_finite_kl_part_alone_is_named():
+    """Each part of the loss is checked on its own: a NaN in the reference's log-probs (loss-mode KL) with a finite
+    policy loss skips every minibatch and the error names the KL part, not the policy."""
+    from rlcli.trainers.ppo_learner import NonFiniteLossError
+
+    tok, policy, learner = _setup(advantage="grpo", group_size=2)
+    rollout, _ = _rollout(tok, policy)
+    honest = learner.rollout_forward
+
+    def poisoned(r):
+        fwd = honest(r)
+        return fwd._replace(ref_logprobs=torch.full_like(fwd.ref_logprobs, float("nan"))) \
+            if hasattr(fwd, "_replace") else type(fwd)(**{**fwd.__dict__, "ref_logprobs":
+                                                          torch.full_like(fwd.ref_logprobs, float("nan"))})
+
+    learner.rollout_forward = poisoned
+    with pytest.raises(NonFiniteLossError) as error:
+        learner.step(rollout, torch.arange(8.0))
+    assert "non-finite kl loss (epoch 1, minibatch 1)" in str(error.value), str(error.value)
+
+
+def test_no_entropy_term_without_entropy_coef():
+    tok, policy, learner = _setup(advantage="grpo", group_size=2)
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.arange(8.0))
+    assert "loss_entropy" not in stats and "loss_kl" in stats and "policy_dual_clipfrac" not in stats

@@ -82,10 +82,13 @@ def test_chain_ppo_scores_equal_the_reward_model_on_its_own(chain):
 
 def test_workstation_chain_recipes_dry_run(chain, monkeypatch):
     """configs/chain/*.yaml offline: stage 1 as it is; stages 2 and 3 read the earlier stages' outputs, so they are
-    pointed at the tiny chain's (everything else is the workstation recipe's own: hub data, fields, sizes)."""
+    pointed at the tiny chain's, with lengths that fit the tiny model's positions (--dry-run checks them against the
+    model's config); everything else is the workstation recipe's own: hub data, fields, sizes."""
     sft, rm, _ = chain
-    for args in (("sft", "configs/chain/sft.yaml"), ("rm", "configs/chain/rm.yaml", f"model.name_or_path={sft}"),
-                 ("ppo", "configs/chain/ppo.yaml", f"model.name_or_path={sft}", f"reward.adapter={rm}")):
+    for args in (("sft", "configs/chain/sft.yaml"),
+                 ("rm", "configs/chain/rm.yaml", f"model.name_or_path={sft}", "data.max_length=64"),
+                 ("ppo", "configs/chain/ppo.yaml", f"model.name_or_path={sft}", f"reward.adapter={rm}",
+                  "generation.max_new_tokens=32")):
         code, out, err = cli(*args, "--dry-run", monkeypatch=monkeypatch)
         assert code == 0 and "dry run OK" in out, (args, err)
     # stage 2's reward adapter and another base: refused before anything loads, naming the key
