@@ -10,6 +10,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -405,7 +406,11 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task: Task, *, gradient_
     if gradient_checkpointing:
         # Frozen embeddings would give checkpointed blocks inputs without grad, and no gradient to the adapters.
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every LoRA run that the
+        # user can do nothing about); the property still works in transformers 5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
