@@ -138,7 +138,10 @@ def test_two_processes_learn_and_resume_exactly(tmp_path):
     # episodes is the same on 1 and 2 processes by test_two_processes_update_like_one
     assert end_two > 3 * max(start, 0.05), (start, end_two)
     assert (out / "checkpoints" / "step-00000012" / "rng-1.pt").exists()
-    # --resume with two processes: back to the step-12 checkpoint, steps 13-24 again, the same numbers
+    # --resume with two processes: back to the step-12 checkpoint, steps 13-24 again, the same numbers. The run is
+    # marked as a killed run leaves it: a finished run resumed to its own length has nothing to do
+    manifest = json.loads((out / ".rlcli-run.json").read_text())
+    (out / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))
     res = accelerate_launch(*cmd, "--resume", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming at step 12" in plain(res.stdout)
