@@ -54,7 +54,7 @@ def build_models(root: Path, size: str) -> None:
     from rlcli.config.common import LoraConfig, ModelConfig
     from rlcli.models.loading import apply_lora, load_model, load_tokenizer
     from rlcli.rewards.reward_model import save_reward_stats
-    from rlcli.trainers.common import save_final_model
+    from rlcli.trainers.loop import save_final_model
 
     arch, config = SIZES[size]
     tok = load_tokenizer(ModelConfig(architecture=arch))
@@ -102,7 +102,9 @@ def child(root: Path, mode: str, device: str) -> dict:
     from rlcli.data.prompts import load_prompt_rows
     from rlcli.models.loading import load_tokenizer
     from rlcli.rewards.adapter import unique_parameter_bytes
-    from rlcli.trainers.ppo import build_learner, collect_episodes, policy_task, preflight, rollout_setup
+    from rlcli.ppo.build import build_learner, rollout_setup
+    from rlcli.ppo.preflight import policy_task, preflight
+    from rlcli.ppo.rollout import collect_episodes
 
     before = peak_memory(device)["cpu_max_rss_mib"]
     recipe = load_recipe(PPORecipe, str(recipe_file(root, mode)), [])

@@ -6,7 +6,7 @@ rate against a matmul measured in the same process, and forward-pass counts per 
     python bench/ppo_step.py --device cuda                     # when a GPU is there
 
 The policy, reference, reward, optimiser and ``PPOLearner`` are built exactly as ``rlcli.trainers.ppo.train``
-builds them (the same ``rlcli.trainers.ppo.build_learner``), and each step runs
+builds them (the same ``rlcli.ppo.build.build_learner``), and each step runs
 the trainer's steps 4-7: prompts, ``generate``, decode + reward, ``learner.step``. Nothing is written to the
 recipe's output_dir.
 
@@ -164,8 +164,10 @@ def main(argv=None) -> int:
     from rlcli.config.ppo import PPORecipe
     from rlcli.data.prompts import load_prompt_rows
     from rlcli.models.loading import load_tokenizer
-    from rlcli.trainers.common import set_tf32
-    from rlcli.trainers.ppo import build_learner, collect_episodes, policy_task, preflight, rollout_setup
+    from rlcli.parallel import set_tf32
+    from rlcli.ppo.build import build_learner, rollout_setup
+    from rlcli.ppo.preflight import policy_task, preflight
+    from rlcli.ppo.rollout import collect_episodes
 
     recipe = load_recipe(PPORecipe, args.recipe, args.overrides)
     notes = preflight(recipe)

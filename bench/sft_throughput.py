@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     from accelerate.utils import set_seed
 
     from rlcli.config.common import OptimConfig
-    from rlcli.trainers.common import make_optimizer, set_tf32
+    from rlcli.parallel import set_tf32
+    from rlcli.trainers.loop import make_optimizer
 
     check_config(args)
     shape = shape_of(build(args, meta=True))

@@ -47,7 +47,9 @@ def main() -> None:
     from rlcli.data.prompts import load_prompt_rows
     from rlcli.models.loading import load_tokenizer
     from rlcli.rl import SamplingRules
-    from rlcli.trainers.ppo import build_learner, collect_episodes, policy_task, rollout_setup
+    from rlcli.ppo.build import build_learner, rollout_setup
+    from rlcli.ppo.preflight import policy_task
+    from rlcli.ppo.rollout import collect_episodes
 
     recipe = load_recipe(PPORecipe, args.recipe, [f"generation.top_k={args.top_k}", f"ppo.steps={args.steps}",
                                                   f"seed={args.seed}"])

@@ -14,6 +14,7 @@ from rich.syntax import Syntax
 from rich.text import Text
 
 from rlcli import __version__, rundir
+from rlcli.commands import COMMANDS, Command
 from rlcli.config import RecipeError, UserError, recipe_to_yaml
 from rlcli.config.errors import NothingToDo
 from rlcli.config.loader import load_recipe_and_origin
@@ -80,11 +81,11 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
     """The command's own checks and the output dir's, their problems reported together in one error, each placed
     where its key was set (``origin``)."""
     from rlcli.config.loader import locate
-    from rlcli.trainers.common import check_output_dir, check_trackers
+    from rlcli.trainers.outputs import check_output_dir, check_trackers
 
     problems = locate(check_output_dir(recipe, resume) + check_trackers(recipe), origin)
     if resume and not problems:
-        from rlcli.trainers.common import (check_resume_forward, check_resume_kind, check_resume_recipe,
+        from rlcli.trainers.outputs import (check_resume_forward, check_resume_kind, check_resume_recipe,
                                            resume_length)
         from rlcli.checkpoint import latest_checkpoint
 
@@ -99,7 +100,7 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
         notes = preflight(recipe, origin, processes)
     except RecipeError as exc:
         raise RecipeError(exc.problems + problems) from None
-    from rlcli.trainers.common import check_model_fits_recipe
+    from rlcli.trainers.outputs import check_model_fits_recipe
 
     problems += locate(check_model_fits_recipe(recipe), origin)
     if problems:
@@ -172,60 +173,21 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
     raise typer.Exit(130)
 
 
-@app.command()
-def sft(
-    config: Path = CONFIG,
-    overrides: Optional[list[str]] = OVERRIDES,
-    dry_run: bool = DRY_RUN,
-    resume: bool = RESUME,
-) -> None:
-    """Supervised fine-tuning (full or LoRA) on text, prompt/completion or chat data."""
-    from rlcli.config.sft import SFTRecipe
-    from rlcli.trainers import sft as trainer
-
-    _run(SFTRecipe, config, overrides, dry_run, trainer.preflight, trainer.train, resume)
-
-
-@app.command()
-def rm(
-    config: Path = CONFIG,
-    overrides: Optional[list[str]] = OVERRIDES,
-    dry_run: bool = DRY_RUN,
-    resume: bool = RESUME,
-) -> None:
-    """Reward model (full or LoRA) from preference pairs: prompt + chosen / rejected, text or chat."""
-    from rlcli.config.rm import RMRecipe
-    from rlcli.trainers import rm as trainer
-
-    _run(RMRecipe, config, overrides, dry_run, trainer.preflight, trainer.train, resume)
+def _register(command: Command) -> None:
+    """One sub-command of the registry: ``CONFIG [KEY=VALUE ...]``, ``--dry-run``, and ``--resume`` for trainers."""
+    if command.trains:
+        def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, dry_run: bool = DRY_RUN,
+                resume: bool = RESUME) -> None:
+            _run(command.schema(), config, overrides, dry_run, command.preflight(), command.run(), resume)
+    else:
+        def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, dry_run: bool = DRY_RUN) -> None:
+            _run(command.schema(), config, overrides, dry_run, command.preflight(), command.run(), False)
+    run.__doc__ = command.help
+    app.command(command.name)(run)
 
 
-@app.command()
-def ppo(
-    config: Path = CONFIG,
-    overrides: Optional[list[str]] = OVERRIDES,
-    dry_run: bool = DRY_RUN,
-    resume: bool = RESUME,
-) -> None:
-    """KL-penalised PPO with a value head, or critic-free GRPO / RLOO / REINFORCE++, against a reward function or a
-    reward model, optionally through a text environment (tools)."""
-    from rlcli.config.ppo import PPORecipe
-    from rlcli.trainers import ppo as trainer
-
-    _run(PPORecipe, config, overrides, dry_run, trainer.preflight, trainer.train, resume)
-
-
-@app.command("env-rollout")
-def env_rollout(
-    config: Path = CONFIG,
-    overrides: Optional[list[str]] = OVERRIDES,
-    dry_run: bool = DRY_RUN,
-) -> None:
-    """Run episodes of a model that calls tools; show some, summarise all, write them to JSONL."""
-    from rlcli.config.env import EnvRolloutRecipe
-    from rlcli.trainers import env_rollout as runner
-
-    _run(EnvRolloutRecipe, config, overrides, dry_run, runner.preflight, runner.run, False)
+for _command in COMMANDS.values():
+    _register(_command)
 
 
 @app.command()

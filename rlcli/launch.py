@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rlcli.commands import COMMANDS
 from rlcli.config.errors import Problem
 
-COMMANDS = ("sft", "rm", "ppo", "env-rollout")
 RESUME_HINT = "the newest checkpoint (if any) can be continued with --resume"  # after Ctrl-C or a SIGTERM
-TRAINERS = ("sft", "rm", "ppo")
 
 DDP_PRESET = "configs/accelerate/multi_gpu.yaml"
 FSDP_PRESET = "configs/accelerate/fsdp.yaml"

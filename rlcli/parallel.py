@@ -51,6 +51,17 @@ def as_parallel(obj, max_grad_norm: float | None = None) -> "Parallel":
     return obj if isinstance(obj, Parallel) else Parallel.around(obj, max_grad_norm)
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on CUDA; nothing changes on CPU.
+
+    Through the ``allow_tf32`` switches rather than torch's newer per-backend ``fp32_precision`` ones: once the
+    new ones are set, reading the old ones raises ("mix of legacy and new APIs"), and libraries (Accelerate
+    among them) still use the old ones. Both read back consistently this way.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def engine_of(setup) -> str:
     """The engine a ``rlcli.launch.LaunchSetup`` asks for."""
     if setup.kind == "deepspeed":
@@ -76,8 +87,6 @@ class Parallel:
     def __init__(self, recipe, *, mixed_precision: str, batch_size: int, micro_batch_size: int,
                  max_grad_norm: float | None, tf32: bool = True):
         from rlcli.launch import detect_launch
-        from rlcli.trainers.common import set_tf32
-
         if mixed_precision == "fp16" and not torch.cuda.is_available():
             from rlcli.config.errors import UserError
 
@@ -386,25 +395,6 @@ class Parallel:
             state = self.accelerator.get_state_dict(model)  # ZeRO-3: gathered on the main process only
             return {k: v.detach().cpu() for k, v in (state or {}).items()}
         return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
-
-    def load_full_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load a full state dict (from ``full_state_dict``) into the prepared model, on every process."""
-        if self.engine == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        elif self.engine == "deepspeed" and self.zero_stage == 3:
-            import deepspeed
-
-            module = self.unwrap(model)
-            params = dict(module.named_parameters())
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-                if self.is_main_process:
-                    module.load_state_dict(state, strict=False)
-        else:
-            self.unwrap(model).load_state_dict(state, strict=False)
-
-    # --- checkpoints ------------------------------------------------------------------------------------------
 
     def save_shards(self, directory: Path, model: torch.nn.Module, optimizer) -> None:
         """This process's share of the optimizer state (sharded engines), written into a checkpoint directory

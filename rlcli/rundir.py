@@ -1,7 +1,7 @@
 """What rlcli owns in an output dir: a manifest (``.rlcli-run.json``) of the top-level names its runs wrote.
 
 Replacing a run deletes exactly those names, never a file of the user's that sits beside them, and a directory
-holding anything else is refused by a fresh run (see ``trainers/common.py``). Every writer claims its name
+holding anything else is refused by a fresh run (see ``trainers/outputs.py``). Every writer claims its name
 *before* it writes (``claim``), so a run killed mid-write never leaves an rlcli file that is not in the manifest.
 
 The manifest also records the run's state (``running`` / ``finished``), the recipe type and the main process's
@@ -265,11 +265,6 @@ def holder(out: str | Path) -> int | None:
         return int((Path(out) / LOCK).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def held() -> Path | None:
-    """The output dir this process holds, if any."""
-    return _held.out if _held is not None else None
 
 
 def take_over(out: str | Path) -> None:

@@ -62,7 +62,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TARGETS = [
     *sorted(str(p.relative_to(REPO)) for p in (REPO / "rlcli" / "rl").glob("*.py") if p.name != "__init__.py"),
-    "rlcli/trainers/ppo_learner.py:_accumulate_minibatch,_minibatch_loss,_advantage_inputs,step,_kl_in_reward",
+    "rlcli/ppo/learner.py:_accumulate_minibatch,_minibatch_loss,_advantage_inputs,step,_kl_in_reward",
 ]
 DEFAULT_TESTS = ["tests/rl", "tests/trainers/test_ppo_learner.py"]
 EQUIVALENT_FILE = REPO / "scripts" / "mutate_equivalent.txt"
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--targets", nargs="+", default=DEFAULT_TARGETS,
                    help="files to mutate, optionally path.py:func1,func2 (default: rlcli/rl/*.py and the loss "
-                        "assembly of rlcli/trainers/ppo_learner.py)")
+                        "assembly of rlcli/ppo/learner.py)")
     p.add_argument("--tests", nargs="+", default=DEFAULT_TESTS, help=f"pytest paths (default: {DEFAULT_TESTS})")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--only", type=int, nargs="+", help="run only these mutant numbers (see --list)")

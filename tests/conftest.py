@@ -24,8 +24,14 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-TINY_GPT2 = {"architecture": "gpt2", "tokenizer": "byte",
-             "config": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}
+# the tiny GPT-2 of the tests' own models (a model section: TINY_GPT2; its config: TINY_GPT2_CONFIG)
+TINY_GPT2_CONFIG = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}
+TINY_GPT2 = {"architecture": "gpt2", "tokenizer": "byte", "config": TINY_GPT2_CONFIG}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -82,6 +88,20 @@ def invoke_cli(*args: str, monkeypatch) -> tuple[int, str, str]:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
+
+
+def kill_when(args: list[str], ready, *, timeout: float = 120, poll: float = 0.02) -> None:
+    """Start ``python -m rlcli ARGS``, wait until ``ready()`` (or the run ends, or ``timeout``), then SIGKILL it:
+    a run killed at a chosen moment (just after a checkpoint, mid-run), as a crash or the OOM killer would."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "rlcli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def accelerate_launch(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

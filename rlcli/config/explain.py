@@ -20,9 +20,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from rlcli.commands import COMMANDS
 from rlcli.config.errors import Problem, RecipeError
 
-COMMANDS = ("sft", "rm", "ppo", "env-rollout")
 
 
 def _error(key: str, message: str) -> RecipeError:
@@ -30,17 +30,9 @@ def _error(key: str, message: str) -> RecipeError:
 
 
 def schema_for(command: str) -> type[BaseModel]:
-    if command == "sft":
-        from rlcli.config.sft import SFTRecipe as schema
-    elif command == "rm":
-        from rlcli.config.rm import RMRecipe as schema
-    elif command == "ppo":
-        from rlcli.config.ppo import PPORecipe as schema
-    elif command == "env-rollout":
-        from rlcli.config.env import EnvRolloutRecipe as schema
-    else:
+    if command not in COMMANDS:
         raise _error("", f"unknown command {command!r}; explain one of {', '.join(COMMANDS)}")
-    return schema
+    return COMMANDS[command].schema()
 
 
 def split_target(target: str, key: str | None) -> tuple[str, str]:

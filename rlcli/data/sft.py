@@ -24,10 +24,6 @@ class TokenizedSet:
     dropped_no_loss: int = 0
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def num_loss_tokens(self) -> int:
-        return sum(sum(1 for t in ex["labels"] if t != IGNORE) for ex in self.examples)
-
 
 def detect_format(cfg: SFTData, columns: list[str], path: str) -> str:
     if cfg.format != "auto":

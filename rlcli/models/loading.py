@@ -411,10 +411,3 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task: Task, *, gradient_
         # user can do nothing about); the property still works in transformers 5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, peft_config)
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total

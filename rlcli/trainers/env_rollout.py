@@ -38,7 +38,9 @@ from rlcli.models.loading import check_model_config, load_model, load_tokenizer
 from rlcli.models.value_head import disable_dropout
 from rlcli.rewards.scoring import score_episodes
 from rlcli.rewards.sources import build_reward, check_reward_function
-from rlcli.trainers.common import RECIPE_FILE, prepare_output_dir, recipe_to_yaml
+from rlcli.config.loader import recipe_to_yaml
+from rlcli.rundir import RECIPE_FILE
+from rlcli.trainers.outputs import prepare_output_dir
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"

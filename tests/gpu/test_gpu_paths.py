@@ -22,20 +22,15 @@ from rlcli.models.generation import sample
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, load_value_head_model
 from rlcli.rl import logprobs_from_logits
-from rlcli.trainers.common import set_tf32
-from rlcli.trainers.ppo import build_policy
-from tests.conftest import REPO, read_metrics, run_cli
+from rlcli.parallel import set_tf32
+from rlcli.ppo.build import build_policy
+from tests.conftest import REPO, mean, read_metrics, run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEVICE = "cuda"
 # A GPT-2 big enough that weights and activations dwarf the allocator's rounding and CUDA's own buffers.
 MEDIUM_GPT2 = {"n_layer": 8, "n_embd": 512, "n_head": 8, "n_positions": 512}
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 @pytest.fixture
@@ -62,7 +57,7 @@ def test_sft_bf16_learns_and_saves_float32_weights(tmp_path):
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 61))
     assert all(math.isfinite(m["loss"]) for m in metrics)
-    first, last = _mean(m["loss"] for m in metrics[:5]), _mean(m["loss"] for m in metrics[-5:])
+    first, last = mean(m["loss"] for m in metrics[:5]), mean(m["loss"] for m in metrics[-5:])
     assert last < 0.5 * first, (first, last)  # on CPU (bf16 autocast): 5.5 -> 1.3
     assert math.isfinite(metrics[-1]["eval_loss"])
 

@@ -48,13 +48,14 @@ class FakeEngine:
 
 def _train(tmp_path, monkeypatch, *, stale=False, extra=()):
     import rlcli.trainers.ppo as ppo
+    from rlcli.ppo.rollout import _lm
     from rlcli.config.loader import load_recipe
     from rlcli.config.ppo import PPORecipe
 
     engines = []
 
     def fake_engine(recipe, par, policy, tokenizer, out):
-        engines.append(FakeEngine(ppo._lm(policy), stale=stale))
+        engines.append(FakeEngine(_lm(policy), stale=stale))
         return engines[-1]
 
     monkeypatch.setattr(ppo, "build_engine", fake_engine)
@@ -188,6 +189,7 @@ def test_vllm_sleep_mode_frees_the_engine_once_per_step(tmp_path, monkeypatch):
     called, so the engine slept at most once and memory was never freed between steps.)"""
     import rlcli.trainers.ppo as ppo
     from rlcli.models.engines import VLLMEngine, VLLMSettings
+    from rlcli.ppo.rollout import _lm
 
     class SleepyEngine(VLLMEngine):
         def __init__(self, lm):  # VLLMEngine's own state, without starting vLLM
@@ -202,7 +204,7 @@ def test_vllm_sleep_mode_frees_the_engine_once_per_step(tmp_path, monkeypatch):
 
     engines = []
     monkeypatch.setattr(ppo, "build_engine", lambda recipe, par, policy, tokenizer, out:
-                        engines.append(SleepyEngine(ppo._lm(policy))) or engines[-1])
+                        engines.append(SleepyEngine(_lm(policy))) or engines[-1])
     from rlcli.config.loader import load_recipe
     from rlcli.config.ppo import PPORecipe
 

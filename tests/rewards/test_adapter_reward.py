@@ -25,7 +25,7 @@ from rlcli.models.loading import apply_lora, load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout
 from rlcli.rewards.adapter import REWARD_ADAPTER, AdapterRewardModel, unique_parameter_bytes
 from rlcli.rewards.reward_model import RewardModelScorer, save_reward_stats
-from rlcli.trainers.common import save_final_model
+from rlcli.trainers.loop import save_final_model
 from tests.conftest import float32_rounding_bound, invoke_cli as cli, plain, write_yaml
 
 CONFIGS = {
@@ -196,7 +196,8 @@ def _recipe(tmp_path: Path, base_dir: Path, reward: dict, lora: dict | None = {"
 def test_build_learner_holds_one_copy_of_the_base(tmp_path):
     from accelerate import Accelerator
 
-    from rlcli.trainers.ppo import build_learner, preflight
+    from rlcli.ppo.build import build_learner
+    from rlcli.ppo.preflight import preflight
 
     base_dir, rm_dir = make_base_and_rm(tmp_path, "llama")
     tok = load_tokenizer(ModelConfig(name_or_path=str(base_dir)), padding_side="left")
@@ -234,7 +235,7 @@ def test_build_learner_holds_one_copy_of_the_base(tmp_path):
 
 
 def _problems(recipe: PPORecipe) -> str:
-    from rlcli.trainers.ppo import preflight
+    from rlcli.ppo.preflight import preflight
 
     with pytest.raises(RecipeError) as info:
         preflight(recipe)
@@ -258,7 +259,7 @@ def test_dry_run_refuses_what_cannot_share_a_base(tmp_path):
     assert "reward.label:" in text and "out of range" in text
 
     # the same base directory, written another way, is the same base
-    from rlcli.trainers.ppo import preflight
+    from rlcli.ppo.preflight import preflight
 
     preflight(_recipe(tmp_path, Path(str(base_dir) + "/."), adapter))
 

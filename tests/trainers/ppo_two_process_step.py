@@ -10,8 +10,8 @@ from rlcli.config.ppo import KLConfig, PPOAlgo
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout
 from rlcli.rl import Rollout, SamplingRules
-from rlcli.trainers.common import make_optimizer
-from rlcli.trainers.ppo_learner import PPOLearner
+from rlcli.trainers.loop import make_optimizer
+from rlcli.ppo.learner import PPOLearner
 adv = sys.argv[1]; out = sys.argv[2]
 acc = Accelerator(cpu=True)
 CFG = ModelConfig(architecture="gpt2", config={"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128})

@@ -26,9 +26,10 @@ from rlcli.models.engines import LocalEngine
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
 from rlcli.rl import SamplingRules
-from rlcli.trainers.common import make_optimizer
-from rlcli.trainers.ppo import behaviour_rules, generate
-from rlcli.trainers.ppo_learner import PPOLearner
+from rlcli.trainers.loop import make_optimizer
+from rlcli.ppo.build import behaviour_rules
+from rlcli.ppo.rollout import generate
+from rlcli.ppo.learner import PPOLearner
 
 MAX_NEW = 12
 EOS_BOOST = 4.0  # added to the EOS logit so that EOS rules matter at every position

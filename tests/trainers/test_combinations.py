@@ -199,7 +199,8 @@ def test_plain_ppo_stops_at_the_chat_templates_end_of_turn(tokenizers):
     from rlcli.models.engines import LocalEngine
     from rlcli.models.loading import load_model, load_tokenizer
     from rlcli.rewards.scoring import score_episodes
-    from rlcli.trainers.ppo import behaviour_rules, generate
+    from rlcli.ppo.build import behaviour_rules
+    from rlcli.ppo.rollout import generate
 
     cfg = ModelConfig(architecture="gpt2", tokenizer=str(tokenizers["chat_eot"]),
                       config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64})

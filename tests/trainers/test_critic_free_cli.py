@@ -8,17 +8,13 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, plain, read_metrics, run_cli
+from tests.conftest import accelerate_launch, mean, plain, read_metrics, run_cli
 
 GRPO = "configs/tiny/grpo.yaml"
 FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=32",
         "ppo.mini_batch_size=16", "ppo.micro_batch_size=16", "ppo.group_size=4", "optim.learning_rate=1e-3",
         "logging.progress=false", "generation.max_new_tokens=24"]
 VALUE_KEYS = {"value_mean", "explained_variance", "loss_value", "value_clipfrac"}
-
-
-def _mean(values):
-    return sum(values) / len(values)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +28,7 @@ def grpo_run(tmp_path_factory):
 def test_grpo_learns_without_a_value_head(grpo_run):
     m = read_metrics(grpo_run)
     assert len(m) == 24 and all(x["estimator"] == "grpo" for x in m)
-    start, end = _mean([x["reward_mean"] for x in m[:3]]), _mean([x["reward_mean"] for x in m[-3:]])
+    start, end = mean([x["reward_mean"] for x in m[:3]]), mean([x["reward_mean"] for x in m[-3:]])
     assert end > 4 * max(start, 0.05), (start, end)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-4) and all(x["kl"] >= -0.1 for x in m)
     assert "loss_kl" in m[-1] and not VALUE_KEYS & set(m[-1])  # KL in the loss (k3); no critic statistics
@@ -72,7 +68,7 @@ def test_other_estimators_learn(settings, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(out)
     assert all(x["kl"] >= -0.1 for x in m) and not VALUE_KEYS & set(m[-1])
-    assert _mean([x["reward_mean"] for x in m[-3:]]) > 2 * max(_mean([x["reward_mean"] for x in m[:3]]), 0.05)
+    assert mean([x["reward_mean"] for x in m[-3:]]) > 2 * max(mean([x["reward_mean"] for x in m[:3]]), 0.05)
 
 
 def test_grpo_with_two_processes(tmp_path):
@@ -85,7 +81,7 @@ def test_grpo_with_two_processes(tmp_path):
     m = read_metrics(out)
     assert len(m) == 12 and all(x["episodes"] == 32 for x in m)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-4) and all(x["kl"] >= -0.1 for x in m)
-    assert _mean([x["reward_mean"] for x in m[-3:]]) > _mean([x["reward_mean"] for x in m[:3]])
+    assert mean([x["reward_mean"] for x in m[-3:]]) > mean([x["reward_mean"] for x in m[:3]])
 
 
 def test_estimator_settings_are_checked():

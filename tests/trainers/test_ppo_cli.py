@@ -5,26 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO, accelerate_launch, plain, read_metrics, run, run_cli
+from tests.conftest import REPO, accelerate_launch, kill_when, mean, plain, read_metrics, run, run_cli
 
 TINY = "configs/tiny/ppo.yaml"
 # a faster variant of the shipped recipe for tests: same task, smaller model and batch
 FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=32",
         "ppo.mini_batch_size=16", "ppo.micro_batch_size=16", "optim.learning_rate=1e-3", "logging.progress=false",
         "generation.max_new_tokens=24"]
-
-
-def _mean(values):
-    return sum(values) / len(values)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +30,8 @@ def ppo_run(tmp_path_factory):
 def test_reward_rises_and_kl_stays_sane(ppo_run):
     metrics = read_metrics(ppo_run)
     assert [m["step"] for m in metrics] == list(range(1, 25))
-    start = _mean([m["reward_mean"] for m in metrics[:3]])
-    end = _mean([m["reward_mean"] for m in metrics[-3:]])
+    start = mean([m["reward_mean"] for m in metrics[:3]])
+    end = mean([m["reward_mean"] for m in metrics[-3:]])
     assert end > 3 * max(start, 0.05), (start, end)
     assert all(m["kl"] >= -0.1 for m in metrics), [round(m["kl"], 3) for m in metrics]
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference before the first update
@@ -67,15 +59,9 @@ def test_outputs_load(ppo_run):
 
 def test_resume_after_kill_is_exact(ppo_run, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "rlcli", "ppo", TINY, f"output_dir={out}", "ppo.steps=24", "train.save_every=12", *FAST]
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "COLUMNS": "250"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoints" / "step-00000012"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(["ppo", TINY, f"output_dir={out}", "ppo.steps=24", "train.save_every=12", *FAST], ckpt.exists,
+              timeout=300, poll=0.05)
     assert ckpt.exists()
     res = run_cli("ppo", TINY, f"output_dir={out}", "ppo.steps=24", "train.save_every=12", *FAST, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -101,7 +87,7 @@ def test_t5_policy_trains(tmp_path):
                   "optim.learning_rate=1e-3")
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(out)
-    assert _mean([x["reward_mean"] for x in m[-3:]]) > 3 * max(_mean([x["reward_mean"] for x in m[:2]]), 0.05)
+    assert mean([x["reward_mean"] for x in m[-3:]]) > 3 * max(mean([x["reward_mean"] for x in m[:2]]), 0.05)
     assert all(x["kl"] >= -0.1 for x in m)
 
 
@@ -131,8 +117,8 @@ def test_two_processes_learn_and_resume_exactly(tmp_path):
     assert len(two) == 24 and all(m["episodes"] == 32 for m in two)  # statistics cover both processes' episodes
     assert all(m["kl"] >= -0.1 for m in two)
     assert two[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # every process's reference equals the broadcast policy
-    start = _mean([m["reward_mean"] for m in two[:3]])
-    end_two = _mean([m["reward_mean"] for m in two[-6:]])
+    start = mean([m["reward_mean"] for m in two[:3]])
+    end_two = mean([m["reward_mean"] for m in two[-6:]])
     # each process samples its own episodes, so the curve is another draw of the one-process curve (seeds 0-3 end
     # at 6.0-7.4 on one process, 2.2-7.4 on two): that it learns is checked here, that an update on the same
     # episodes is the same on 1 and 2 processes by test_two_processes_update_like_one
@@ -176,7 +162,7 @@ def test_reward_model_from_rlcli_rm_trains(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(out)
     assert len(m) == 24 and all(x["kl"] >= -0.1 for x in m)
-    assert _mean([x["reward_mean"] for x in m[-3:]]) > _mean([x["reward_mean"] for x in m[:3]]) + 1.0
+    assert mean([x["reward_mean"] for x in m[-3:]]) > mean([x["reward_mean"] for x in m[:3]]) + 1.0
 
 
 def test_min_new_tokens_equal_to_max_new_tokens_keeps_the_kl_honest(tmp_path):
@@ -191,20 +177,21 @@ def test_min_new_tokens_equal_to_max_new_tokens_keeps_the_kl_honest(tmp_path):
     assert len(m) == 40
     assert all(x["kl"] >= -0.1 for x in m), [round(x["kl"], 2) for x in m]
     assert all(x["response_length"] == 24 for x in m)
-    eos_start = _mean([x["forbidden_mass"] for x in m[:3]])
-    eos_end = _mean([x["forbidden_mass"] for x in m[-3:]])
+    eos_start = mean([x["forbidden_mass"] for x in m[:3]])
+    eos_end = mean([x["forbidden_mass"] for x in m[-3:]])
     assert eos_end <= 1.5 * eos_start + 0.002, (eos_start, eos_end)  # p(EOS) under the unrestricted policy
-    assert _mean([x["reward_mean"] for x in m[-3:]]) > 3 * max(_mean([x["reward_mean"] for x in m[:3]]), 0.05)
+    assert mean([x["reward_mean"] for x in m[-3:]]) > 3 * max(mean([x["reward_mean"] for x in m[:3]]), 0.05)
 
 
 def test_negative_kl_warning_names_the_causes(tmp_path, monkeypatch, capsys):
     """A deliberately broken sampler (it keeps sampling from the initial weights, as a sync that never happens
     would): the run prints one warning panel naming the likely causes and counts the steps in kl_negative_steps."""
+    import rlcli.ppo.rollout as rollout
     import rlcli.trainers.ppo as ppo
     from rlcli.config.loader import load_recipe
     from rlcli.config.ppo import PPORecipe
 
-    real_generate, stale = ppo.generate, {}
+    real_generate, stale = rollout.generate, {}
 
     def stale_generate(engine, *args, **kwargs):
         if "engine" not in stale:  # a copy of the engine (its model included) as it was at step 1
@@ -213,7 +200,7 @@ def test_negative_kl_warning_names_the_causes(tmp_path, monkeypatch, capsys):
             stale["engine"] = copy.deepcopy(engine)
         return real_generate(stale["engine"], *args, **kwargs)
 
-    monkeypatch.setattr(ppo, "generate", stale_generate)
+    monkeypatch.setattr(rollout, "generate", stale_generate)
     monkeypatch.chdir(REPO)
     recipe = load_recipe(PPORecipe, TINY, [f"output_dir={tmp_path / 'run'}", "ppo.steps=12", *FAST,
                                            "optim.learning_rate=3e-3", "train.save_every=null"])

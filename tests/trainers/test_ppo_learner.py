@@ -13,11 +13,12 @@ from rlcli.models.generation import sample
 from rlcli.models.loading import apply_lora, load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, load_value_head_model
 from rlcli.rl import Rollout, SamplingRules
-from rlcli.trainers.common import make_optimizer
+from rlcli.trainers.loop import make_optimizer
 from rlcli.config.common import OptimConfig
-from rlcli.trainers.ppo_learner import PPOLearner
+from rlcli.ppo.learner import PPOLearner
+from tests.conftest import TINY_GPT2_CONFIG
 
-CFG = ModelConfig(architecture="gpt2", config={"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128})
+CFG = ModelConfig(architecture="gpt2", config=TINY_GPT2_CONFIG)
 
 
 def _setup(lora: bool = False, lr: float = 1e-3, kl_coef: float = 0.05, **algo):
@@ -131,7 +132,7 @@ def test_step_from_ids_api_and_save_load(tmp_path):
 
 
 def test_non_finite_scores_skip_every_step():
-    from rlcli.trainers.ppo_learner import NonFiniteLossError
+    from rlcli.ppo.learner import NonFiniteLossError
 
     tok, policy, learner = _setup()
     rollout, _ = _rollout(tok, policy)
@@ -203,7 +204,7 @@ def test_kl_watch_stays_quiet_on_an_honest_run():
 
 def test_a_token_the_rules_forbid_is_refused():
     """A rollout built by hand that breaks its own rules (EOS before min_new_tokens) is an error naming the token."""
-    from rlcli.trainers.ppo_learner import ForbiddenTokenError
+    from rlcli.ppo.learner import ForbiddenTokenError
 
     tok, policy, learner = _setup()
     learner.rules = SamplingRules(eos_ids=(tok.eos_token_id,), min_new_tokens=4)
@@ -439,7 +440,7 @@ def test_reinforce_pp_without_groups_uses_the_raw_scores():
 def test_a_non_finite_kl_part_alone_is_named():
     """Each part of the loss is checked on its own: a NaN in the reference's log-probs (loss-mode KL) with a finite
     policy loss skips every minibatch and the error names the KL part, not the policy."""
-    from rlcli.trainers.ppo_learner import NonFiniteLossError
+    from rlcli.ppo.learner import NonFiniteLossError
 
     tok, policy, learner = _setup(advantage="grpo", group_size=2)
     rollout, _ = _rollout(tok, policy)

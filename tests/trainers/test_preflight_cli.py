@@ -40,7 +40,7 @@ def test_output_dir_that_is_a_file(tmp_path, dry_run):
 
 def test_output_dir_not_writable_or_on_a_read_only_file_system(tmp_path, monkeypatch):
     """Through the check itself: the tests run as root, who may write anywhere."""
-    from rlcli.trainers import common
+    from rlcli.trainers import outputs as common
 
     recipe = load_recipe(SFTRecipe, REPO / TINY, [f"output_dir={tmp_path / 'a' / 'run'}"])
     monkeypatch.setattr(common.os, "access", lambda path, mode: False)

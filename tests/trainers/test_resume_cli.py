@@ -5,18 +5,13 @@ resume."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from rlcli.config.loader import load_recipe, recipe_to_yaml
 from rlcli.config.errors import UserError
-from tests.conftest import REPO, invoke_cli, plain, read_metrics, run_cli, snapshot
+from tests.conftest import REPO, invoke_cli, kill_when, plain, read_metrics, run_cli, snapshot
 
 SFT = "configs/tiny/sft.yaml"
 QUICK = ["train.max_steps=4", "train.save_every=2", "data.eval_fraction=0", "logging.progress=false"]
@@ -120,16 +115,8 @@ def test_rm_and_ppo_resume_refuse_changed_settings(tmp_path, command, recipe_fil
 def test_a_run_killed_before_its_first_checkpoint_says_what_to_do_and_is_reused(tmp_path):
     out = tmp_path / "early"
     args = ["sft", SFT, f"output_dir={out}", "train.save_every=100", "logging.progress=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "rlcli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "250"})
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    metrics = out / "metrics.jsonl"
+    kill_when(args, lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, poll=0.05)
     assert not (out / "checkpoints").exists()
     res = run_cli(*args, "--resume")
     err = plain(res.stderr)

@@ -10,14 +10,10 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli as cli, plain, read_metrics, run_cli
+from tests.conftest import REPO, invoke_cli as cli, mean, plain, read_metrics, run_cli
 
 CHAIN = "configs/tiny/chain"
 FAST = ["logging.progress=false", "train.save_every=null"]
-
-
-def _mean(values):
-    return sum(values) / len(values)
 
 
 def _recipe_module(name: str):
@@ -53,7 +49,7 @@ def test_chain_each_stage_learns(chain):
     m = read_metrics(ppo)
     assert len(m) == 10 and all(x["kl"] >= -0.1 for x in m)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # LoRA B = 0: the policy starts as the reference
-    start, end = _mean([x["reward_mean"] for x in m[:3]]), _mean([x["reward_mean"] for x in m[-3:]])
+    start, end = mean([x["reward_mean"] for x in m[:3]]), mean([x["reward_mean"] for x in m[-3:]])
     assert end > start + 0.5, (start, end)  # the reward adapter's score (normalised) rises
 
 
@@ -110,7 +106,7 @@ def test_detox_twin_learns(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(ppo)
     assert all(x["kl"] >= -0.1 for x in m)
-    start, end = m[0]["reward_mean"], _mean([x["reward_mean"] for x in m[-2:]])
+    start, end = m[0]["reward_mean"], mean([x["reward_mean"] for x in m[-2:]])
     assert end > start + 0.5, (start, end)  # the nothate logit
     before, after = detox.evaluate(str(sft), str(classifier), n=128), detox.evaluate(str(ppo), str(classifier), n=128)
     assert before["toxic_fraction"] > 0.1 and after["toxic_fraction"] < 0.5 * before["toxic_fraction"], (before, after)

@@ -11,12 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import random
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,7 +21,7 @@ import torch
 from rlcli.config.plugins import resolve_object
 from rlcli.rewards.reward_model import RewardModelScorer
 from rlcli.trainers.rm import pairwise_loss
-from tests.conftest import REPO, accelerate_launch, invoke_cli as cli, plain, read_metrics, run_cli
+from tests.conftest import REPO, accelerate_launch, invoke_cli as cli, kill_when, plain, read_metrics, run_cli
 
 TINY = "configs/tiny/rm.yaml"
 WORKSTATION = "configs/rm_qwen_ultrafeedback.yaml"
@@ -96,15 +92,8 @@ def short_run(tmp_path_factory):
 
 def test_resume_after_kill_matches_uninterrupted(short_run, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlcli", "rm", TINY, f"output_dir={out}", *SHORT],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoints" / "step-00000008"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(["rm", TINY, f"output_dir={out}", *SHORT], ckpt.exists)
     assert ckpt.exists()
     res = run_cli("rm", TINY, f"output_dir={out}", *SHORT, "--resume")
     assert res.returncode == 0, res.stderr

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO, accelerate_launch, plain, read_metrics, run_cli
+from tests.conftest import REPO, accelerate_launch, kill_when, plain, read_metrics, run_cli
 
 TINY = "configs/tiny/sft.yaml"
 
@@ -48,15 +43,8 @@ def test_loss_halves_and_model_reloads(trained):
 
 def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "COLUMNS": "250"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlcli", "sft", TINY, f"output_dir={out}", "logging.progress=false"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoints" / "step-00000050"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(["sft", TINY, f"output_dir={out}", "logging.progress=false"], ckpt.exists)
     assert ckpt.exists()
     res = run_cli("sft", TINY, f"output_dir={out}", "logging.progress=false", "--resume")
     assert res.returncode == 0, res.stderr

@@ -1,33 +1,27 @@
-"""Functions every trainer uses: output-dir safety, the Accelerator, optimiser and schedule, final save."""
+"""The output directory of a run: checked before anything loads, taken once every input has, and the checks of a
+``--resume`` (the same command, the same settings, only forward). ``rlcli.rundir`` keeps its files."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
-from transformers import get_scheduler
 
-from rlcli.checkpoint import latest_checkpoint
-from rlcli.config.common import OptimConfig, RecipeBase
 from rlcli import rundir
+from rlcli.checkpoint import latest_checkpoint
+from rlcli.commands import command_of
+from rlcli.config.common import RecipeBase
 from rlcli.config.errors import NothingToDo, Problem, RecipeError, UserError
 from rlcli.config.loader import Origin, locate, recipe_to_yaml
 from rlcli.logging import console
 from rlcli.rundir import RECIPE_FILE
 
 
-COMMANDS = {"SFTRecipe": "sft", "RMRecipe": "rm", "PPORecipe": "ppo", "EnvRolloutRecipe": "env-rollout"}
-
-
-def _command(recipe_type: str | None) -> str:
-    return COMMANDS.get(recipe_type or "", "an older rlcli")
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def check_output_dir(recipe: RecipeBase, resume: bool = False) -> list[Problem]:
@@ -154,10 +148,6 @@ def check_run_setup(recipe: RecipeBase, resume: bool = False, origin: Origin | s
         raise RecipeError(locate(problems, origin))
 
 
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def lock_output_dir(out: Path) -> None:
     """Take the output dir for this run (main process): an OS lock held for the run's life (``rundir.lock``); a
     second run into it is refused at once, however close together the two started."""
@@ -181,8 +171,8 @@ def check_resume_kind(recipe: RecipeBase) -> None:
     manifest = rundir.read_manifest(out)
     kind = type(recipe).__name__
     if manifest is not None and manifest.get("recipe") not in (None, kind):
-        raise UserError(f"--resume: {out} holds an `rlcli {_command(manifest.get('recipe'))}` run; "
-                        f"`rlcli {_command(kind)}` cannot continue it (to train on from its model, start a new run "
+        raise UserError(f"--resume: {out} holds an `rlcli {command_of(manifest.get('recipe'))}` run; "
+                        f"`rlcli {command_of(kind)}` cannot continue it (to train on from its model, start a new run "
                         f"in another output_dir with model.name_or_path={out})")
 
 
@@ -321,6 +311,18 @@ def take_over(recipe: RecipeBase, accelerator: Accelerator, *, total_steps: int 
     write_recipe(recipe, accelerator)
 
 
+def write_recipe(recipe: RecipeBase, accelerator: Accelerator) -> None:
+    """Write the resolved recipe and mark the output dir as holding this (running) run."""
+    if accelerator.is_main_process:
+        out = Path(recipe.output_dir)
+        rundir.adopt_legacy(out)
+        rundir.start(out, type(recipe).__name__)
+        rundir.claim(out, RECIPE_FILE)
+        if "tensorboard" in recipe.logging.report_to:
+            rundir.claim(out, recipe.logging.project)  # Accelerate's TensorBoard tracker writes into OUT/PROJECT
+        (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+
+
 # Settings --resume may change: they do not alter the sequence of updates (how long it runs, what is logged,
 # saved or evaluated, micro-batches that only regroup the same batch).
 RESUME_MAY_CHANGE = (
@@ -329,6 +331,8 @@ RESUME_MAY_CHANGE = (
     "train.samples_per_log", "train.micro_batch_size", "ppo.micro_batch_size", "model.gradient_checkpointing",
     "lora.merge_on_save",
 )
+
+
 _MISSING = object()
 
 
@@ -379,203 +383,3 @@ def check_resume_recipe(recipe: RecipeBase, ckpt: Path, origin: Origin | str = "
              "micro_batch_size and similar. To train on with other settings, start a new run in another output_dir "
              "from this one's model (model.name_or_path=<this output_dir>).",
     )
-
-
-def set_tf32(enabled: bool) -> None:
-    """TF32 for float32 matmuls and cuDNN convolutions on CUDA; nothing changes on CPU.
-
-    Through the ``allow_tf32`` switches rather than torch's newer per-backend ``fp32_precision`` ones: once the
-    new ones are set, reading the old ones raises ("mix of legacy and new APIs"), and libraries (Accelerate
-    among them) still use the old ones. Both read back consistently this way.
-    """
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-
-
-def start_trackers(accelerator: Accelerator, recipe: RecipeBase) -> None:
-    if recipe.logging.report_to:
-        run_name = recipe.logging.run_name or Path(recipe.output_dir).name
-        init = {"wandb": {"name": run_name}} if "wandb" in recipe.logging.report_to else {}
-        flat = json.loads(json.dumps(recipe.model_dump(mode="json")))
-        accelerator.init_trackers(recipe.logging.project, config=_flatten(flat), init_kwargs=init)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-def write_recipe(recipe: RecipeBase, accelerator: Accelerator) -> None:
-    """Write the resolved recipe and mark the output dir as holding this (running) run."""
-    if accelerator.is_main_process:
-        out = Path(recipe.output_dir)
-        rundir.adopt_legacy(out)
-        rundir.start(out, type(recipe).__name__)
-        rundir.claim(out, RECIPE_FILE)
-        if "tensorboard" in recipe.logging.report_to:
-            rundir.claim(out, recipe.logging.project)  # Accelerate's TensorBoard tracker writes into OUT/PROJECT
-        (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
-
-
-def make_optimizer(params, cfg: OptimConfig, total_steps: int):
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise UserError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
-    return optimizer, scheduler
-
-
-def trainable_state(model: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint must hold: everything, or only the trainable tensors (LoRA on a hub base)."""
-    if full:
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_training_checkpoint(par, out: Path, step: int, model, optimizer, scheduler, *, full: bool, keep: int,
-                             state: dict[str, Any]) -> None:
-    """A checkpoint of a training run under any engine (every process calls it): the model's weights (all, or the
-    trainable ones for LoRA on a hub base) and the schedule from the main process, the optimizer state whole from
-    the main process or in shards from every process (``rlcli.parallel.Parallel``), RNG states of each process."""
-    from rlcli.checkpoint import save_checkpoint
-
-    weights = par.full_state_dict(model)  # collective under sharding
-    if not full:
-        trainable = {n for n, p in par.unwrap(model).named_parameters() if p.requires_grad}
-        weights = {k: v for k, v in weights.items() if k in trainable}
-    objects: dict[str, Any] = {"model": {k: v.clone() for k, v in weights.items()}, "scheduler": scheduler}
-    if not par.optimizer_in_shards:
-        objects["optimizer"] = optimizer
-    save_checkpoint(out, step, accelerator=par.accelerator, keep=keep, state=state, objects=objects,
-                    write_shards=lambda directory: par.save_shards(directory, model, optimizer))
-    if par.is_main_process:
-        rundir.commit()  # the run stands: the run it replaced goes
-
-
-def restore_optimizer(par, checkpoint: Path, objects: dict[str, Any], model, optimizer, scheduler) -> None:
-    """The optimizer state and schedule of a checkpoint, into the prepared model's optimizer (after ``prepare``;
-    the weights were loaded into the model before it, with ``load_trainable_state``)."""
-    if par.optimizer_in_shards:
-        par.load_shards(checkpoint, model, optimizer)
-    else:
-        optimizer.load_state_dict(objects["optimizer"])
-    scheduler.load_state_dict(objects["scheduler"])
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise UserError(f"checkpoint does not match the model: unexpected weights {unexpected[:5]}")
-    trainable_missing = [n for n, p in model.named_parameters() if p.requires_grad and n in missing]
-    if trainable_missing:
-        raise UserError(f"checkpoint does not match the model: missing trainable weights {trainable_missing[:5]}")
-
-
-def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scratch: bool, merge: bool) -> None:
-    """Save the model in Hugging Face format into ``output_dir`` (weights written to a temp dir, then moved).
-
-    A LoRA model saves its adapter (``adapter_config.json``); if its base was built from scratch, the base is
-    saved beside it under ``base/`` and the adapter points at it, since no hub holds that base.
-    """
-    out = Path(output_dir)
-    tmp = out / ".final.tmp"
-    rundir.claim(out, tmp.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _save_final(model, tokenizer, out, tmp, built_from_scratch=built_from_scratch, merge=merge)
-    except (OSError, RuntimeError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # the half-written model goes; checkpoints stay
-        raise rundir.as_no_space(exc, tmp) from None
-
-
-def _save_final(model, tokenizer, out: Path, tmp: Path, *, built_from_scratch: bool, merge: bool) -> None:
-    tmp.mkdir(parents=True)
-    is_peft = hasattr(model, "peft_config")
-    if is_peft:
-        if built_from_scratch:
-            # peft's unload() strips the LoRA layers without merging; do it on a copy to keep the adapter.
-            base = copy.deepcopy(model).unload()
-            base.save_pretrained(tmp / "base")
-            tokenizer.save_pretrained(tmp / "base")
-            for cfg in model.peft_config.values():
-                cfg.base_model_name_or_path = str((out / "base").resolve())
-        with warnings.catch_warnings():
-            # peft looks for the base's config at its final path, which is only filled after the move below
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            model.save_pretrained(tmp)
-        if merge:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(tmp / "merged")
-            tokenizer.save_pretrained(tmp / "merged")
-    else:
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    rundir.apply_umask(tmp)
-    rundir.claim(out, *(item.name for item in tmp.iterdir()))
-    for item in tmp.iterdir():
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.rename(target)
-    tmp.rmdir()
-
-
-def finish(accelerator: Accelerator) -> None:
-    """End a run on every process together: wait for the main process's final save and close trackers.
-
-    Not ``accelerator.end_training()``: that also destroys the process group while the trainer still holds its
-    DDP model, which is how gloo's teardown deadlocks; :func:`rlcli.launch.release_distributed` destroys it once
-    the model is gone (see there)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and accelerator.project_dir:
-        out = Path(accelerator.project_dir)
-        for name in rundir.owned(out):  # files saved by other writers (safetensors ignores the umask)
-            if (out / name).is_file():
-                rundir.apply_umask(out / name)
-        rundir.mark_finished(out)
-        rundir.release(ok=True)  # the run it replaced goes; the output dir is free
-    for tracker in accelerator.trackers:
-        tracker.finish()
-
-
-def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Overwrite ``module``'s parameters and buffers, in place, with process ``src``'s (what DDP does for the
-    model it wraps; for models it does not wrap, such as PPO's frozen reference)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    with torch.no_grad():
-        for tensor in module.state_dict(keep_vars=True).values():
-            dist.broadcast(tensor.data, src=src)
-
-
-def non_finite_loss(step: int, loss: float, out: Path) -> UserError:
-    """The error that stops a run whose training loss became NaN / inf (no final model is saved)."""
-    return UserError(f"the training loss at step {step} is {loss} (not a finite number), so the run stopped there "
-                     f"and saved no model in {out}. Usual causes: a learning rate too high for this model "
-                     "(optim.learning_rate), no gradient clipping (optim.max_grad_norm: null), or float16 overflow "
-                     "(train.mixed_precision: fp16); start a new run with other settings (another output_dir, or "
-                     "overwrite_output_dir=true)")
-
-
-def describe_model(model: torch.nn.Module) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return f"{trainable:,} trainable / {total:,} parameters"
-
-
-def print_notes(notes: list[str], accelerator: Accelerator) -> None:
-    if accelerator.is_main_process:
-        for note in notes:
-            console.print(f"[yellow]note:[/] {note}")

