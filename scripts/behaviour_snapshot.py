@@ -55,7 +55,7 @@ def record(work: Path) -> dict:
            "train.save_every=null", "train.eval_every=null", *SCRATCH, *common)
     _rlcli("ppo", "configs/calculator_rloo.yaml", f"model.name_or_path={work / 'calc-sft'}",
            f"output_dir={work / 'calc-ppo'}", "ppo.steps=2", "ppo.batch_size=16", "ppo.mini_batch_size=8",
-           "train.save_every=null", *common)
+           "train.save_every=null", "eval.max_prompts=16", *common)
     out["calculator"] = _metrics(work / "calc-ppo")
     _rlcli("env-rollout", "configs/calculator_eval.yaml", f"model.name_or_path={work / 'calc-sft'}",
            f"output_dir={work / 'rollout'}", "data.max_rows=12", "show=0")

@@ -196,6 +196,36 @@ class PPOAlgo(Section):
     """Value head weights ~ N(0, std); 0 = zero init (ppo-details item 8)."""
 
 
+EVAL_METRICS = ("reward_mean", "reward_std", "pass@k", "response_length", "stopped_fraction", "tool_use_rate",
+                "tool_calls_per_episode", "turns_per_episode", "submitted_fraction")
+
+
+class EvalConfig(Section):
+    """Held-out evaluation during the run, on the prompts of ``data.eval_path`` / ``data.eval_split`` /
+    ``data.eval_fraction`` (a fraction is taken out of the training prompts), through the same reward and, with
+    ``env``, the same text environment. Logged as ``eval/…`` in metrics.jsonl and trackers; costs no optimizer state
+    and draws no training randomness (a run with eval trains exactly as one without)."""
+
+    every: int | None = Field(None, gt=0)
+    """Evaluate every N PPO steps; the last step is always evaluated. Null: only at the end."""
+    at_start: bool = False
+    """Also evaluate the initial policy, logged at step 0 (the baseline of the curve)."""
+    samples_per_prompt: int = Field(1, gt=0)
+    """k completions per prompt: ``eval/reward_mean`` is mean@k, ``eval/pass@k`` the fraction of prompts with at
+    least one completion scoring ``pass_threshold`` or more."""
+    pass_threshold: float = 1.0
+    """The score at or above which a completion counts as solved (1.0 fits 0/1 rewards such as exact match)."""
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy decoding (deterministic). Above 0: sampled, from a seeded stream of its own."""
+    max_new_tokens: int | None = Field(None, gt=0)
+    """A response's budget (null: ``generation.max_new_tokens``; with ``env``, each turn's is ``env.max_new_tokens``)."""
+    max_prompts: int | None = Field(None, gt=0)
+    """Evaluate on the first N held-out prompts only."""
+    batch_size: int = Field(16, gt=0)
+    """Prompts per generation batch (each with its k completions). Batches are dealt to processes in turn and each
+    is computed the same way whatever the process count, so results do not depend on it."""
+
+
 class PPOTrain(Section):
     """Precision, checkpoints and samples of a PPO run."""
 
@@ -213,6 +243,12 @@ class PPOTrain(Section):
     """Write a few (prompt, response, reward) rows to samples.jsonl every N steps."""
     samples_per_log: int = Field(4, gt=0)
     """Rows written to samples.jsonl each time."""
+    keep_best: str | None = None
+    """Keep the policy of the best evaluation so far in ``OUTPUT_DIR/best`` (Hugging Face format, with
+    ``best.json``: step, metric, value), by this metric: ``eval/reward_mean``, ``eval/pass@k`` or another ``eval/…``
+    metric (``EVAL_METRICS``). Needs held-out prompts (see ``eval``)."""
+    keep_best_mode: Literal["max", "min"] = "max"
+    """Whether a larger (``max``) or smaller ``keep_best`` value is better."""
 
     _mp = field_validator("mixed_precision", mode="before")(_no_means_no)
 
@@ -235,6 +271,14 @@ class PPORecipe(RecipeBase):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1.41e-5))
     env: EnvConfig | None = None
     """Roll out through a text environment (tools); tool output gets no loss and no KL penalty."""
+    eval: EvalConfig | None = None
+    """Held-out evaluation during the run (default: at the end, greedy, when ``data`` has held-out prompts)."""
+
+    @property
+    def has_eval(self) -> bool:
+        """True when the run evaluates: held-out prompts in ``data`` (the ``eval`` section then tunes how)."""
+        d = self.data
+        return d.eval_path is not None or d.eval_split is not None or d.eval_fraction > 0
 
     @model_validator(mode="after")
     def _sizes(self, info: ValidationInfo) -> "PPORecipe":
@@ -256,9 +300,30 @@ class PPORecipe(RecipeBase):
             problems.append(Problem("ref_model", "ref_model must be omitted with lora: the reference is the base "
                                                  "model with the adapter disabled"))
         problems += self._estimator_problems(procs)
+        problems += self._eval_problems()
         if problems:
             raise RecipeProblems(problems)
         return self
+
+    def _eval_problems(self) -> list[Problem]:
+        held_out = "data.eval_path, data.eval_split or data.eval_fraction"
+        if not self.has_eval:
+            if self.eval is not None:
+                return [Problem("eval", f"evaluation needs held-out prompts: set {held_out}")]
+            if self.train.keep_best is not None:
+                return [Problem("train.keep_best", f"keeping the best policy needs an evaluation: set {held_out}")]
+            return []
+        best = self.train.keep_best
+        if best is None:
+            return []
+        names = [f"eval/{m}" for m in EVAL_METRICS]
+        k = (self.eval or EvalConfig()).samples_per_prompt
+        if best.replace(f"pass@{k}", "pass@k") not in names:
+            shown = ", ".join(n.replace("pass@k", f"pass@{k}") for n in names)
+            return [Problem("train.keep_best", f"{best!r} is not an evaluation metric; one of {shown}")]
+        if self.env is None and best.split("/", 1)[1] in EVAL_METRICS[5:]:
+            return [Problem("train.keep_best", f"{best} is a text-environment metric; this recipe has no env")]
+        return []
 
     def _estimator_problems(self, procs: int) -> list[Problem]:
         """Check the estimator's keys and fill the ones left unset with the estimator's defaults."""

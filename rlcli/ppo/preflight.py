@@ -81,6 +81,8 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
         f"{p.steps} PPO steps = {p.steps * p.batch_size} episodes",
         f"advantages: {describe_estimator(recipe)}",
     ]
+    if recipe.has_eval:
+        notes.append(describe_evaluation(recipe))
     if recipe.env is not None:
         from rlcli.env.build import sandbox_notes
 
@@ -124,3 +126,18 @@ def describe_estimator(recipe: PPORecipe) -> str:
     groups = f"{p.batch_size // p.group_size} prompts × {p.group_size} completions"
     return (f"{e.name}: {e.description}, no value head; {groups}; scaling {p.advantage_scaling}; {kl_text}; "
             f"loss {p.loss_aggregation}")
+
+
+def describe_evaluation(recipe: PPORecipe) -> str:
+    """The held-out evaluation of a recipe, in words."""
+    from rlcli.config.ppo import EvalConfig
+
+    d, e = recipe.data, recipe.eval or EvalConfig()
+    source = (f"{d.eval_path or d.path} ({d.eval_split or 'train'})" if d.eval_path or d.eval_split
+              else f"{d.eval_fraction:g} of the training prompts")
+    when = (f"every {e.every} steps and at the end" if e.every else "at the end") + (", and before step 1"
+                                                                                      if e.at_start else "")
+    how = "greedy" if e.temperature == 0 else f"temperature {e.temperature:g}"
+    best = f"; best policy by {recipe.train.keep_best} kept in best/" if recipe.train.keep_best else ""
+    return (f"evaluation: held-out prompts from {source}, {when}; {e.samples_per_prompt} completion(s) per prompt, "
+            f"{how}{best}")

@@ -26,10 +26,10 @@ from rich.panel import Panel
 
 from rlcli.config.errors import UserError
 from rlcli.config.ppo import PPORecipe
-from rlcli.data.prompts import load_prompt_rows
 from rlcli.logging import console, open_jsonl
 from rlcli.models.loading import load_tokenizer
 from rlcli.ppo.build import build_engine, build_learner, rollout_setup, save_policy
+from rlcli.ppo.evaluation import BestKeeper, Evaluator, held_out_prompts, save_policy_dir
 from rlcli.ppo.learner import ForbiddenTokenError, NonFiniteLossError
 from rlcli.ppo.preflight import describe_estimator, env_generation_notes, policy_task, preflight
 from rlcli.ppo.rollout import Episodes, collect_episodes, env_metrics
@@ -77,7 +77,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     # step 2: tokenizer and prompts
     task = policy_task(recipe)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")
-    rows, column = load_prompt_rows(recipe.data)
+    rows, eval_rows, column, eval_column = held_out_prompts(recipe)
 
     # step 3: models, reward, optimiser, learner (a checkpoint's weights go in before the policy is sharded). The
     # RNG is restored only after the models are built: a from-scratch policy and its reference copy must be the
@@ -94,11 +94,16 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     samples_path = run.out / SAMPLES_FILE
     engine = build_engine(recipe, par, par.unwrap(model), tokenizer, run.out)
     setup = rollout_setup(recipe, par, tokenizer, rows, column, par.unwrap(model), reward, learner.rules, engine)
+    evaluator = Evaluator.build(setup, eval_rows, eval_column) if eval_rows else None
+    best = None
+    if recipe.train.keep_best is not None:
+        best = BestKeeper(run.out, recipe.train.keep_best, recipe.train.keep_best_mode, run.state.get("best"))
     if par.is_main_process:
         # claimed in the run's manifest; empty for a fresh run, cut back to the checkpoint's step on --resume
         open_jsonl(samples_path, resume_step=run.resume_step)
-    run.announce(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts, "
-                 f"{p.steps} steps × {p.batch_size} episodes")
+    run.announce(f"[bold]rlcli ppo[/] {task} policy, {describe_model(policy)}, {len(rows)} prompts"
+                 + (f" (+{len(evaluator.rows)} held out)" if evaluator else "")
+                 + f", {p.steps} steps × {p.batch_size} episodes")
     if par.is_main_process:
         console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}",
                       style="dim")
@@ -106,6 +111,22 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
             console.print(f"note: {note}", style="yellow")
 
     shown = ("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")
+    if evaluator is not None:
+        shown += ("eval/reward_mean", f"eval/pass@{evaluator.cfg.samples_per_prompt}")
+
+    def evaluate(step: int, metrics: dict) -> None:
+        """Held-out metrics into ``metrics``; the policy into best/ when they are the best so far."""
+        metrics.update(evaluator.run())
+        if best is not None and best.better(metrics):
+            plain = par.materialise(model)  # every process: gathers a sharded model's weights
+            if par.is_main_process:
+                best.keep(step, metrics, lambda d: save_policy_dir(
+                    plain, tokenizer, d, built_from_scratch=recipe.model.architecture is not None))
+
+    if evaluator is not None and evaluator.cfg.at_start and not run.resuming:
+        start = {}
+        evaluate(0, start)
+        run.log(0, start, always=True)
     with run.progress("ppo", shown) as progress:
         for step in run.steps():
             t0 = time.perf_counter()
@@ -126,11 +147,15 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
             if ep.histories is not None:
                 stats.update(env_metrics(ep.histories, setup.env, learner))
             warn_health(stats, step, recipe.generation.engine, show=par.is_main_process)
-            run.log(step, stats)
+            evaluated = evaluator is not None and evaluator.every(step, p.steps)
+            if evaluated:
+                evaluate(step, stats)
+            run.log(step, stats, always=evaluated)
             if par.is_main_process and (step % recipe.train.sample_every == 0 or step == 1 or step == p.steps):
                 write_samples(samples_path, step, ep, recipe.train.samples_per_log)
             progress.update(step, stats)
-            run.checkpoint(step, state={"learner": learner.state_dict()})
+            run.checkpoint(step, state={"learner": learner.state_dict(),
+                                        **({"best": best.state_dict()} if best is not None else {})})
             if not math.isfinite(stats["reward_mean"]):
                 raise UserError(f"PPO step {step}: non-finite mean reward")
 

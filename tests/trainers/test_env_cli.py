@@ -48,10 +48,13 @@ def test_ppo_through_the_environment(sft_model, tmp_path):
     out = tmp_path / "ppo"
     res = run_cli("ppo", "configs/calculator.yaml", f"model.name_or_path={sft_model}", f"output_dir={out}",
                   "ppo.steps=3", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
-                  "logging.progress=false", "train.save_every=null")
+                  "logging.progress=false", "train.save_every=null", "eval.max_prompts=16", "eval.every=2", "eval.at_start=false")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = read_metrics(out)
     assert len(metrics) == 3
+    # held-out evaluation through the same environment (configs/calculator.yaml's eval section), at steps 2 and 3
+    assert [m["step"] for m in metrics if "eval/reward_mean" in m] == [2, 3]
+    assert {"eval/tool_use_rate", "eval/turns_per_episode", "eval/submitted_fraction"} <= set(metrics[-1])
     for m in metrics:
         assert m["kl"] >= -0.1
         assert {"tool_use_rate", "tool_calls_per_episode", "submitted_fraction", "tool_ok"} <= set(m)
@@ -66,7 +69,8 @@ def test_critic_free_ppo_through_the_environment(sft_model, tmp_path):
     out = tmp_path / "rloo"
     res = run_cli("ppo", "configs/calculator.yaml", f"model.name_or_path={sft_model}", f"output_dir={out}",
                   "ppo.advantage=rloo", "ppo.group_size=4", "ppo.steps=3", "ppo.batch_size=16",
-                  "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "logging.progress=false", "train.save_every=null")
+                  "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "logging.progress=false", "train.save_every=null",
+                  "eval.at_start=false", "eval.max_prompts=16")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = read_metrics(out)
     assert len(metrics) == 3 and all(m["estimator"] == "rloo" and m["kl"] >= -0.1 for m in metrics)

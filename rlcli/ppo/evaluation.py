@@ -1,0 +1,204 @@
+"""Held-out evaluation inside a PPO run: the ``eval:`` section, logged as ``eval/…`` metrics.
+
+The held-out prompts go through what training uses (the engine, the reward, the text environment, the one scoring
+function) under the evaluation's own sampling rules (greedy by default). Two properties hold by construction:
+
+- **No effect on training.** Evaluation draws from generators of its own and never touches the optimizer, so a run
+  with ``eval:`` logs the same training metrics as one without (tested).
+- **The same numbers on 1 or N processes.** Prompts are cut into fixed batches (``eval.batch_size`` prompts, each
+  with its k completions) dealt to processes in turn; a batch's generator is seeded by its index, so it is computed
+  the same way wherever it runs. Each batch's sums travel to every process in a slot of their own (every other
+  process adds an exact 0), and the batches are summed in order: no result depends on the process count.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlcli import rundir
+from rlcli.config.errors import UserError
+from rlcli.config.ppo import EvalConfig, PPORecipe
+from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
+from rlcli.models.engines import LocalEngine
+from rlcli.ppo.rollout import RolloutSetup, _lm, env_rollout, generate
+from rlcli.rewards.scoring import score_episodes
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+EVAL_SEED_OFFSET = 7_777_777  # keeps evaluation's generators apart from the rollouts' (seeds.rollout_generator)
+
+
+def held_out_prompts(recipe: PPORecipe) -> tuple[list[dict], list[dict], str, str]:
+    """(training rows, held-out rows, training prompt column, held-out prompt column) of a PPO recipe's data.
+
+    ``data.eval_path`` / ``eval_split``: a file or split of its own; ``data.eval_fraction``: that share of the
+    training prompts, drawn with the run's seed and taken out of training. No held-out prompts: an empty list."""
+    data = recipe.data
+    rows, column = load_prompt_rows(data)
+    if data.eval_path is not None or data.eval_split is not None:
+        source = data.model_copy(update={"path": data.eval_path or data.path, "split": data.eval_split or "train",
+                                         "max_rows": None})
+        held, held_column = load_prompt_rows(source)
+        return rows, held, column, held_column
+    if data.eval_fraction > 0:
+        n = max(1, round(len(rows) * data.eval_fraction))
+        if n >= len(rows):
+            raise UserError(f"data {data.path}: eval_fraction={data.eval_fraction} of {len(rows)} prompts leaves no "
+                            "training prompts")
+        order = list(range(len(rows)))
+        random.Random(recipe.seed).shuffle(order)
+        chosen = set(order[:n])
+        return ([r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen],
+                column, column)
+    return rows, [], column, column
+
+
+# per-batch sums, in this order (pass: prompts with a completion at or above the threshold)
+_SUMS = ("episodes", "prompts", "reward", "reward_sq", "passed", "length", "stopped", "tool_used", "tool_calls",
+         "turns", "submitted")
+
+
+@dataclass
+class Evaluator:
+    """Evaluates the policy of a ``RolloutSetup`` on held-out rows (every process calls ``run`` together)."""
+
+    setup: RolloutSetup
+    rows: list[dict]
+    column: str
+    cfg: EvalConfig
+    env: object = None  # the text environment under the evaluation's sampling rules
+
+    @classmethod
+    def build(cls, setup: RolloutSetup, rows: list[dict], column: str) -> "Evaluator":
+        from rlcli.ppo.build import behaviour_rules
+
+        recipe = setup.recipe
+        cfg = recipe.eval or EvalConfig()
+        rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
+        gen = recipe.generation.model_copy(update={"temperature": cfg.temperature,
+                                                   "max_new_tokens": cfg.max_new_tokens
+                                                   or recipe.generation.max_new_tokens})
+        rules = behaviour_rules(gen, setup.tokenizer)
+        env = None
+        if setup.env is not None:
+            from rlcli.env.build import build_environment
+
+            other = setup.engine if setup.engine is not None and not isinstance(setup.engine, LocalEngine) else None
+            env = build_environment(recipe.env, _lm(setup.policy), setup.tokenizer, rules=rules, engine=other)
+        evaluator = cls(setup, rows, column, cfg, env)
+        evaluator.gen, evaluator.rules = gen, rules
+        return evaluator
+
+    def every(self, step: int, last: int) -> bool:
+        return step == last or (self.cfg.every is not None and step % self.cfg.every == 0)
+
+    def run(self) -> dict[str, float]:
+        """``eval/…`` metrics of the policy as it is now."""
+        setup, par, k = self.setup, self.setup.par, self.cfg.samples_per_prompt
+        batches = [self.rows[i : i + self.cfg.batch_size] for i in range(0, len(self.rows), self.cfg.batch_size)]
+        sums = torch.zeros(len(batches), len(_SUMS), dtype=torch.float64)
+        engine = setup.engine or LocalEngine(_lm(setup.policy))
+        engine.sync(setup.policy.pretrained)  # this step's weights (the rollouts' engine took the step's start)
+        for index in range(par.process_index, len(batches), par.num_processes):
+            sums[index] = self._batch(engine, index, [r for r in batches[index] for _ in range(k)])
+        engine.release()
+        sums = par.reduce(sums.to(par.device), "sum").cpu()  # one process fills each row; the others add 0
+        total = dict(zip(_SUMS, sums.sum(dim=0).tolist()))
+        n, prompts = max(total["episodes"], 1.0), max(total["prompts"], 1.0)
+        mean = total["reward"] / n
+        out = {"eval/reward_mean": mean,
+               "eval/reward_std": math.sqrt(max(total["reward_sq"] / n - mean * mean, 0.0)),
+               f"eval/pass@{k}": total["passed"] / prompts,
+               "eval/response_length": total["length"] / n,
+               "eval/stopped_fraction": total["stopped"] / n}
+        if self.env is not None:
+            out.update({"eval/tool_use_rate": total["tool_used"] / n, "eval/tool_calls_per_episode":
+                        total["tool_calls"] / n, "eval/turns_per_episode": total["turns"] / n,
+                        "eval/submitted_fraction": total["submitted"] / n})
+        return out
+
+    def _batch(self, engine, index: int, rows: list[dict]) -> torch.Tensor:
+        setup, recipe, tokenizer, par = self.setup, self.setup.recipe, self.setup.tokenizer, self.setup.par
+        g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + EVAL_SEED_OFFSET + index)
+        histories = None
+        with torch.no_grad(), par.autocast(), par.gathered(setup.policy):
+            if self.env is not None:
+                prompts = [r[self.column] for r in rows]
+                rollout, histories = env_rollout(self.env, prompts, rows, g)
+            else:
+                lengths = sample_lengths(len(rows), recipe.data.prompt_length, g)
+                ids = [encode_prompt(r[self.column], tokenizer, chat_template=recipe.data.chat_template,
+                                     max_length=recipe.data.max_prompt_length, length=n)
+                       for r, n in zip(rows, lengths)]
+                rollout = generate(engine, tokenizer, ids, self.gen, self.rules, g)
+                prompts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+        scored = score_episodes(setup.reward, recipe.reward, rollout, tokenizer, prompts=prompts, rows=rows,
+                                stop_ids=self.rules.eos_ids if self.gen.stop_at_eos else (),
+                                stop_strings=self.gen.stop_strings, histories=histories)
+        scores = scored.scores.double().cpu()
+        k = self.cfg.samples_per_prompt
+        passed = (scores.view(-1, k) >= self.cfg.pass_threshold).any(dim=1).sum()
+        row = [len(rows), len(rows) // k, scores.sum(), (scores**2).sum(), passed,
+               rollout.response_mask.sum(), sum(scored.stopped)]
+        if histories is not None:
+            row += [sum(1 for h in histories if h.tool_calls), sum(len(h.tool_calls) for h in histories),
+                    sum(h.num_turns for h in histories), sum(h.finish_reason == "submit" for h in histories)]
+        else:
+            row += [0, 0, 0, 0]
+        return torch.tensor([float(x) for x in row], dtype=torch.float64)
+
+
+def save_policy_dir(policy, tokenizer, directory: Path, *, built_from_scratch: bool) -> None:
+    """A policy in Hugging Face format in ``directory`` (created), with its value head: the LM, or a LoRA policy's
+    adapter (loads onto the same base) -- merged into its base when that base was built from scratch, since no hub
+    holds it."""
+    from rlcli.models.value_head import save_value_head
+
+    lm = policy.pretrained
+    if policy.is_peft and built_from_scratch:
+        import copy
+
+        lm = copy.deepcopy(lm).merge_and_unload()
+    lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if policy.value_head is not None:
+        save_value_head(policy.value_head, directory)
+
+
+class BestKeeper:
+    """``train.keep_best``: the policy of the best evaluation so far, in ``OUTPUT_DIR/best``."""
+
+    def __init__(self, out: Path, metric: str, mode: str, state: dict | None = None):
+        self.out, self.metric, self.mode = out, metric, mode
+        state = state or {}
+        self.value, self.step = state.get("value"), state.get("step")
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "step": self.step}
+
+    def better(self, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False
+        return self.value is None or (value > self.value if self.mode == "max" else value < self.value)
+
+    def keep(self, step: int, metrics: dict[str, float], save) -> None:
+        """Record the new best and ``save(directory)`` its policy there (main process; written to a temporary
+        directory first, then moved into place, so ``best/`` is never half-written)."""
+        import json
+
+        self.value, self.step = metrics[self.metric], step
+        tmp, final = self.out / ".best.tmp", self.out / BEST_DIR
+        rundir.claim(self.out, tmp.name, BEST_DIR)
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(tmp)
+        (tmp / BEST_FILE).write_text(json.dumps({"step": step, "metric": self.metric, "value": self.value}) + "\n")
+        rundir.apply_umask(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
