@@ -33,6 +33,7 @@ from rlcli.data.sources import train_eval_rows
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora
 from rlcli.parallel import Parallel
+from rlcli.plots import write_curves
 from rlcli.seeds import index_stream
 from rlcli.trainers.outputs import prepare_output_dir, take_over
 
@@ -128,12 +129,17 @@ class Run:
             save_training_checkpoint(self.par, self.out, step, self.model, self.optimizer, self.scheduler,
                                      full=self.full_state, keep=train.keep_checkpoints, state=state or {})
 
-    def end(self, save: Callable[[Any], None], done: Callable[[], str]) -> Path:
-        """Gather the trained model (collective under sharding), ``save`` it on the main process, say ``done()``,
-        and end the run on every process together."""
+    def end(self, save: Callable[[Any], None], done: Callable[[], str],
+            curves: list[tuple[str, ...]] = ()) -> Path:
+        """Gather the trained model (collective under sharding), ``save`` it on the main process, draw ``curves``
+        (panels of metric names: ``rlcli.plots``), say ``done()``, and end the run on every process together."""
         plain = self.par.materialise(self.model)
         if self.par.is_main_process:
             save(plain)
+            try:
+                write_curves(self.out, list(curves))
+            except (OSError, ValueError, RuntimeError) as exc:  # a drawing never costs a finished run
+                console.print(f"[yellow]note:[/] no curves.png ({exc})")
             console.print(f"[green]done[/]: {done()}")
         finish(self.accelerator)
         return self.out

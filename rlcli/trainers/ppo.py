@@ -164,8 +164,13 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
         save_policy(plain, tokenizer, run.out, built_from_scratch=recipe.model.architecture is not None,
                     merge=bool(recipe.lora and recipe.lora.merge_on_save))
 
+    curves = [("reward_mean", "eval/reward_mean"), ("kl",), ("response_length", "eval/response_length")]
+    if evaluator is not None:
+        curves.append((f"eval/pass@{evaluator.cfg.samples_per_prompt}",))
+    if recipe.env is not None:
+        curves.append(("tool_use_rate", "eval/tool_use_rate"))
     return run.end(save, lambda: f"reward {stats['reward_mean']:.4g}, kl {stats['kl']:.4g}; policy saved to "
-                                 f"{run.out}")
+                                 f"{run.out}", curves=curves)
 
 
 def warn_health(stats: dict, step: int, engine: str, *, show: bool) -> None:

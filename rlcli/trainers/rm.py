@@ -183,4 +183,4 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
         return (f"{summary}; reward mean {mean:.4g}, std {std:.4g} over {count} training texts; model saved to "
                 f"{run.out}")
 
-    return run.end(save, done)
+    return run.end(save, done, curves=[("loss", "eval_loss"), ("accuracy", "eval_accuracy")])

@@ -139,4 +139,4 @@ def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "eval_loss"))
         return f"{summary}; model saved to {run.out}"
 
-    return run.end(save, done)
+    return run.end(save, done, curves=[("loss", "eval_loss"), ("lr",)])

@@ -58,6 +58,7 @@ def test_held_out_metrics_at_the_chosen_steps_and_best_kept(evaluated):
 
     AutoModelForCausalLM.from_pretrained(out / "best")
     assert (out / "best" / "value_head.safetensors").exists()
+    assert (out / "curves.png").stat().st_size > 1000  # reward, KL, length and eval/pass@2 against the step
 
 
 def test_evaluation_changes_nothing_in_training(evaluated, tmp_path, monkeypatch):
