@@ -294,7 +294,7 @@ class TextEnvironment:
             answer = self.protocol.answer_calls(history, calls, outputs, self.tokenizer, room=room,
                                                 last_turn=last_turn)
             if len(answer.ids) > room:
-                # the tool turn does not fit: the episode ends before it (chat: its messages stay whole; the calls
+                # a whole answer that does not fit: the episode ends before it (its messages stay whole; the calls
                 # were made and stay in tool_calls)
                 self._finish(episode, "max_length")
                 continue
@@ -302,7 +302,7 @@ class TextEnvironment:
                 history.messages += answer.messages
             if answer.ids:
                 history.append("tool", answer.text, answer.ids)
-            if len(history.token_ids) >= self.max_length:
+            if not answer.whole and len(history.token_ids) >= self.max_length:
                 self._finish(episode, "max_length")
             elif last_turn:
                 self._finish(episode, "max_turns")

@@ -8,7 +8,7 @@ Every protocol fits one ``ToolCallProtocol`` slot, which is all ``TextEnvironmen
 - ``read_turn(history, ids, stop_reason, tokenizer)``: what a sampled turn says (a ``Turn``: its text, the calls
   to answer, why the episode ends if none is answered);
 - ``answer_calls(history, calls, outputs, tokenizer, room=, last_turn=)``: the forced text of the tool results
-  (an ``Answer``);
+  (an ``Answer``; cut to ``room``, or whole);
 - ``check_episode(history, tokenizer)``: a last check of a finished episode;
 - ``system_prompt(tools)``: text that tells the model which tools exist and how to call them.
 
@@ -73,11 +73,17 @@ class Turn:
 
 @dataclass(frozen=True)
 class Answer:
-    """The forced text after a turn's calls, its token ids, and (chat) the ``tool`` messages it renders."""
+    """The forced text after a turn's calls, its token ids, and (chat) the ``tool`` messages it renders.
+
+    ``whole``: the answer is never cut (chat: the template's text for the tool turn). An episode ends before a whole
+    answer that does not fit; one that fills the episode exactly still hands the turn to the model, which has no
+    tokens left (so the episode ends in a model turn, where its messages render as its tokens). An answer that is
+    not whole is cut to the room left, and a full episode ends right after it."""
 
     text: str
     ids: list[int]
     messages: list[dict] = field(default_factory=list)
+    whole: bool = False
 
 
 @runtime_checkable
@@ -292,7 +298,7 @@ class ChatProtocol:
                 "tool results follow, so the tokens the model saw would not be the template's rendering of the "
                 "conversation: " + difference(rendered, after, "the episode", "the template"))
         text = after[len(rendered):]
-        return Answer(text, self.template.encode(text), messages)
+        return Answer(text, self.template.encode(text), messages, whole=True)
 
     def check_episode(self, history: TextHistory, tokenizer) -> None:
         expected = chat_token_ids(self.template, history)

@@ -277,3 +277,23 @@ def test_ppo_and_env_prompts_render_the_same_way(tokenizers):
         text = protocol.start("#3: what is 2+2?").text
         assert encode_prompt("#3: what is 2+2?", tok, chat_template=True, max_length=4096, length=None) == \
             tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_tool_turn_that_fills_max_length_exactly_still_ends_on_a_message(tokenizers):
+    """The tool turn ends with the next generation prompt, so the episode cannot end there: the model gets its turn
+    with no tokens left, and the episode ends as max_length with tokens that are its messages' rendering."""
+    tok = tokenizers["hermes"]
+    template = ChatTemplate.of(tok)
+    call = tok(call_text("hermes", "add", {"a": 1, "b": 2}), add_special_tokens=False)["input_ids"] + [template.eot_id]
+
+    def run(**kwargs):
+        model = ScriptedLM(tiny_gpt2(tok, n_positions=2400), tok, {0: [call, call, call]}).eval()
+        (h,) = make_env("hermes", tok, model, **kwargs).run(["#0: add 1 and 2"],
+                                                            generator=torch.Generator().manual_seed(0))
+        return h
+
+    filled = sum(len(s.token_ids) for s in run().segments[:3])  # prompt, the call, its answer
+    h = run(max_length=filled)
+    assert h.finish_reason == "max_length" and len(h.token_ids) == filled
+    assert [s.source for s in h.segments][:3] == ["prompt", "model", "tool"] and h.messages[2]["role"] == "tool"
+    assert h.token_ids == chat_token_ids(template, h)[:filled]
