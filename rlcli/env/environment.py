@@ -275,7 +275,7 @@ class TextEnvironment:
             if turn.calls and not full:
                 episode.pending, episode.state = turn.calls, RowState.WAITING_FOR_TOOL
             else:  # a turn the model ended itself ends the episode for that reason, full or not
-                self._finish(episode, "max_length" if full and turn.finish not in ("eos", "submit") else turn.finish)
+                self._finish(episode, "max_length" if full and not turn.ended_by_model else turn.finish)
 
     def _answer_tools(self, episodes: list[_Row]) -> None:
         """WAITING_FOR_TOOL -> GENERATING or DONE: run every pending call of every row, append the answers as tool

@@ -70,6 +70,10 @@ class Turn:
     answer: str | None = None
     message: dict | None = None
 
+    @property
+    def ended_by_model(self) -> bool:
+        return self.finish in ("eos", "submit")
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -112,7 +116,8 @@ class PlainText:
     """The episode side of a protocol that writes plain text: ``prefix + prompt`` tokenised with special tokens, a
     turn's tokens decoded as they are, ``parse(text) -> [ToolCall | Malformed | Submit]`` on a turn that did not end
     at EOS, and ``format_response(output)`` per call as the answer (cut to the room the episode has left). A
-    protocol adds ``stop_strings``, ``parse``, ``format_response`` and ``system_prompt``."""
+    protocol adds ``stop_strings``, ``parse``, ``format_response`` and ``system_prompt``: ``TagProtocol``,
+    ``JsonProtocol``, and plain-text protocols of your own (tests/trainers/test_behaviour_policy.py has one)."""
 
     parse: Callable[[str], list[Parsed]]
     format_response: Callable[[str], str]
