@@ -225,22 +225,25 @@ def sampler_compare(model, tokenizer, prompts, batch, args, stop_strings, repeat
     return out
 
 
-class EveryTurnCalls:
+def every_turn_calls():
     """A protocol for the KV-reuse comparison: every turn (cut at its token budget) is a Calculator call, so every
     episode runs its full number of turns with forced tool text between them."""
+    from rlcli.env.protocols import PlainText
+    from rlcli.toolcalls import ToolCall
 
-    stop_strings: tuple[str, ...] = ()
+    class EveryTurnCalls(PlainText):
+        stop_strings: tuple[str, ...] = ()
 
-    def parse(self, model_text):
-        from rlcli.env.protocols import ToolCall
+        def parse(self, model_text):
+            return [ToolCall("Calculator", "12*7")]
 
-        return ToolCall("Calculator", "12*7")
+        def format_response(self, output):
+            return f"\n[calculator: {output}]\n"
 
-    def format_response(self, output):
-        return f"\n[calculator: {output}]\n"
+        def system_prompt(self, tools):
+            return ""
 
-    def system_prompt(self, tools):
-        return ""
+    return EveryTurnCalls()
 
 
 def kv_reuse_compare(model, tokenizer, questions: list[str], args) -> dict:
@@ -251,13 +254,15 @@ def kv_reuse_compare(model, tokenizer, questions: list[str], args) -> dict:
 
     prompts = questions[: args.kv_episodes]
     if args.chat_prompts:
-        from rlcli.env.chat import ChatProtocol, ChatTemplate, hermes_calls, schemas_for
+        from rlcli.chat_template import ChatTemplate
+        from rlcli.env.protocols import ChatProtocol
+        from rlcli.toolcalls import hermes_calls, schemas_for
 
         chat = ChatProtocol(ChatTemplate(tokenizer), hermes_calls, schemas_for({"calculator": calculator}))
-        prompts = [chat.start(q.strip())[2] for q in prompts]
+        prompts = [chat.start(q.strip()).text for q in prompts]
     longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
     max_length = longest + args.kv_turns * (args.kv_new_tokens + 16)
-    envs = {reuse: TextEnvironment(model, tokenizer, {"Calculator": calculator}, EveryTurnCalls(),
+    envs = {reuse: TextEnvironment(model, tokenizer, {"Calculator": calculator}, every_turn_calls(),
                                    max_turns=args.kv_turns, max_new_tokens=args.kv_new_tokens, max_length=max_length,
                                    rules=SamplingRules(temperature=args.temperature), tool_isolation="inline",
                                    kv_reuse=reuse)
@@ -302,8 +307,8 @@ def kv_reuse_compare(model, tokenizer, questions: list[str], args) -> dict:
 def tool_cost(batch: int, seed: int) -> dict:
     """``ToolRunner.run_many`` of one batch of calculator calls: forked (the environment's default) vs inline."""
     from rlcli.env.builtin_tools import calculator
-    from rlcli.env.protocols import ToolCall
     from rlcli.env.tools import ToolRunner
+    from rlcli.toolcalls import ToolCall
 
     rng = random.Random(seed)
     calls = [ToolCall("Calculator", f"{rng.randint(100, 999)}*{rng.randint(10, 99)}") for _ in range(batch)]

@@ -96,7 +96,7 @@ def calculator(expression: str) -> str:
 
 
 def calculator_schema() -> dict:
-    from rlcli.env.protocols import tool_schema
+    from rlcli.toolcalls import tool_schema
 
     return tool_schema(calculator, "calculator")
 

@@ -33,6 +33,18 @@ class RecipeProblems(ValueError):
         super().__init__("; ".join(f"{p.key}: {p.message}" if p.key else p.message for p in problems))
 
 
+ERROR_MESSAGE_CHARS = 200
+
+
+def error_text(exc: BaseException) -> str:
+    """``Error: <ExceptionType>: <first line of the message, cut short>``: an exception in one line, as a tool's
+    answer to the model or in a plug-in's import failure."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(message) > ERROR_MESSAGE_CHARS:
+        message = message[:ERROR_MESSAGE_CHARS] + "..."
+    return f"Error: {type(exc).__name__}: {message}" if message else f"Error: {type(exc).__name__}"
+
+
 class UserError(Exception):
     """Bad input the user can fix (a data file, a plug-in, an output dir). Printed as one paragraph, exit 1.
 

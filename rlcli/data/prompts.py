@@ -81,11 +81,11 @@ def nested_prompt_rows(rows: datasets.Dataset, field: str, path: str) -> list[di
 
 def encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase, *, chat_template: bool, max_length: int,
                   length: int | None) -> list[int]:
-    """Token ids of one prompt: chat-templated if asked (``rlcli.env.chat.prompt_ids``, the rendering the chat
+    """Token ids of one prompt: chat-templated if asked (``rlcli.chat_template.prompt_ids``, the rendering the chat
     protocol and SFT use), cut to ``length`` leading tokens (prefix sampling), then to the last ``max_length``
     tokens."""
     if chat_template:
-        from rlcli.env.chat import prompt_ids
+        from rlcli.chat_template import prompt_ids
 
         ids = prompt_ids(tokenizer, text)
     else:

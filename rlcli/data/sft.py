@@ -67,14 +67,14 @@ TOOLS_FIELD = "tools"
 
 def _messages_example(messages, tokenizer: PreTrainedTokenizerBase, path: str, row: int,
                       tools=None) -> tuple[list[int], list[int]]:
-    """Render with the chat template exactly as the chat protocol renders an episode (``rlcli.env.chat``): the
+    """Render with the chat template exactly as the chat protocol renders an episode (``rlcli.chat_template``): the
     text between assistant turns and each assistant turn (through its end-of-turn token) tokenised on their own,
     the loss on the assistant turns. Assistant ``tool_calls``, ``tool`` messages and a ``tools`` column are rendered
     by the template (tools in a system message when it has no tool support), so SFT sees the token layout of
     rollouts. A template whose end of turn is not a special token falls back to labelling by character offsets
     (conversations without tools only).
     """
-    from rlcli.env.chat import ChatTemplate, ChatTemplateError
+    from rlcli.chat_template import ChatTemplate, ChatTemplateError
 
     _check_messages(messages, path, row)
     has_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)

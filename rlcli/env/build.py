@@ -8,12 +8,13 @@ from typing import Callable
 
 from rlcli.config.env import EnvConfig, ToolSpec
 from rlcli.config.errors import Problem, UserError
+from rlcli.chat_template import ChatTemplate, ChatTemplateError
 from rlcli.env.builtin_tools import sandbox_problem
-from rlcli.env.chat import ChatProtocol, ChatTemplate, ChatTemplateError, load_parser, schemas_for
 from rlcli.env.environment import TextEnvironment
-from rlcli.env.protocols import JsonProtocol, TagProtocol
+from rlcli.env.protocols import ChatProtocol, JsonProtocol, TagProtocol
 from rlcli.env.tools import load_tool
 from rlcli.rl.sampling import SamplingRules
+from rlcli.toolcalls import load_parser, schemas_for
 
 
 def _tool_spec(spec: str | ToolSpec) -> ToolSpec:

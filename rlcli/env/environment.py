@@ -7,12 +7,15 @@ Every episode is a row with an explicit state (``RowState``):
         +--(submit / EOS / no call / max_length)--> DONE <--(max_turns / max_length reached)--+
 
 Each turn samples for all GENERATING rows at once with ``rlcli.models.generation.sample`` (stop strings = the
-protocol's call/submit markers; EOS stops too), then runs the tools of all WAITING_FOR_TOOL rows at once.
+protocol's call/submit markers; EOS and the protocol's end-of-turn ids stop too), then runs the tools of all
+WAITING_FOR_TOOL rows at once. The loop is the same for every protocol (``rlcli.env.protocols``): the protocol
+renders the prompt, reads each turn (its text, its calls, why the episode would end there) and renders the answer
+to its calls; the loop owns the states, the token budget and the tool runs.
 
 Rows keep their KV cache across turns (``kv_reuse``): a turn feeds each continuing row only what its cache does not
 hold (the last token it sampled and the forced tool tokens), not the whole episode again.
 
-With the chat protocol (``rlcli.env.chat.ChatProtocol``) the episode is a list of chat messages and every token
+With the chat protocol (``rlcli.env.protocols.ChatProtocol``) the episode is a list of chat messages and every token
 outside the model's own comes from its chat template: the prompt is the rendered conversation with the generation
 prompt, a turn ends at the template's end-of-turn token, and a tool result is the text the template writes for the
 ``tool`` message(s) and the next generation prompt. ``history.messages`` holds the conversation; when the episode
@@ -20,10 +23,10 @@ ends, its ids are checked against the template's rendering of those messages.
 
 Token bookkeeping, the contract PPO relies on:
 
-- the prompt is tokenised once (``add_special_tokens=True``) into a "prompt" segment;
+- the prompt is tokenised once (tag / JSON: ``add_special_tokens=True``) into a "prompt" segment;
 - the model's tokens are kept exactly as sampled (never re-tokenised from text) as a "model" segment;
 - tool output is formatted by the protocol, tokenised on its own (``add_special_tokens=False``) and appended as a
-  "tool" segment;
+  "tool" segment (cut to fit ``max_length``; chat: a tool turn that does not fit ends the episode before it);
 - each turn the model's input is exactly the concatenation of every segment's ids so far.
 
 So ``history.token_ids`` is what the model saw, and ``histories_to_rollout`` hands PPO exactly those ids, with
@@ -42,14 +45,14 @@ from typing import Any
 import torch
 
 from rlcli.config.errors import UserError
-from rlcli.env.chat import ChatProtocol, ChatTemplateError, _difference
 from rlcli.env.history import TextHistory, ToolCallRecord
-from rlcli.env.protocols import Malformed, Submit, ToolCall, ToolCallProtocol
+from rlcli.env.protocols import Call, ToolCallProtocol
 from rlcli.env.tools import ToolRunner
 from rlcli.models.generation import KeptCache, sample
 from rlcli.padding import left_pad, pad, right_pad
 from rlcli.rl.sampling import SamplingRules
 from rlcli.rl.types import Rollout
+from rlcli.toolcalls import ToolCall
 
 
 class RowState(Enum):
@@ -62,9 +65,8 @@ class RowState(Enum):
 class _Row:
     history: TextHistory
     state: RowState = RowState.GENERATING
-    pending: ToolCall | Malformed | list[ToolCall | Malformed] | None = None
+    pending: list[Call] | None = None  # the calls of its last turn, to answer
     cache: KeptCache | None = None  # the row's KV cache after its last turn (kv_reuse)
-    rendered: str = ""  # chat protocol: the template's text of everything so far
 
     def finish(self, reason: str) -> None:
         self.history.finish_reason = reason
@@ -175,12 +177,11 @@ class TextEnvironment:
         self.max_length = max_length
         self.prefix = system_prompt + few_shot_prefix
         self.rules = rules
-        self.chat = protocol if isinstance(protocol, ChatProtocol) else None
         if eos_token_id is None:
             eos_token_id = tokenizer.eos_token_id
-            if self.chat is not None:
-                eos_token_id = list(dict.fromkeys(t for t in (self.chat.template.eot_id, eos_token_id)
-                                                  if t is not None))
+            turn_end = protocol.turn_end_ids()
+            if turn_end:
+                eos_token_id = list(dict.fromkeys(t for t in (*turn_end, eos_token_id) if t is not None))
         self.eos_token_id = eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self.kv_reuse = kv_reuse and engine is None
@@ -228,21 +229,14 @@ class TextEnvironment:
 
     def _start_episode(self, index: int, prompt, row: dict[str, Any]) -> _Row:
         history = TextHistory(meta=dict(row))
-        if self.chat is not None:
-            history.messages, history.tools, text = self.chat.start(prompt)
-            ids = self.chat.template.encode(text)
-        else:
-            if not isinstance(prompt, str):
-                raise UserError(f"prompt {index} is a list of messages, which needs the chat protocol",
-                                key="env.protocol")
-            text = self.prefix + prompt
-            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(ids) >= self.max_length:
-            raise UserError(f"prompt {index} has {len(ids)} tokens (few-shot prefix and system prompt included): "
-                            f"env.max_length={self.max_length} leaves no room to generate; raise env.max_length "
-                            "or shorten the prompt", key="env.max_length")
-        history.append("prompt", text, ids)
-        return _Row(history, rendered=text)
+        opening = self.protocol.start(prompt, self.tokenizer, self.prefix)
+        history.messages, history.tools = opening.messages, opening.tools
+        if len(opening.ids) >= self.max_length:
+            raise UserError(f"prompt {index} has {len(opening.ids)} tokens (few-shot prefix and system prompt "
+                            f"included): env.max_length={self.max_length} leaves no room to generate; raise "
+                            "env.max_length or shorten the prompt", key="env.max_length")
+        history.append("prompt", opening.text, opening.ids)
+        return _Row(history)
 
     def _generate_turn(self, episodes: list[_Row], generator, positions: Counter) -> None:
         """GENERATING -> WAITING_FOR_TOOL or DONE for every row given."""
@@ -267,143 +261,57 @@ class TextEnvironment:
         positions["reused"] += out.reused_positions
         for i, episode in enumerate(episodes):
             episode.cache = out.kept[i] if out.kept is not None else None
-            if self.chat is not None:
-                self._chat_turn(episode, out.response_ids[i, : out.num_generated[i]].tolist(),
-                                out.logprobs[i, : out.num_generated[i]].tolist(), out.stop_reason[i])
-                continue
             history = episode.history
             new_ids = out.response_ids[i, : out.num_generated[i]].tolist()
-            text = self.tokenizer.decode(new_ids, skip_special_tokens=False)
-            history.append("model", text, new_ids, out.logprobs[i, : out.num_generated[i]].tolist())
+            turn = self.protocol.read_turn(history, new_ids, out.stop_reason[i], self.tokenizer)
+            history.append("model", turn.text, new_ids, out.logprobs[i, : out.num_generated[i]].tolist())
             history.num_turns += 1
-            full = len(history.token_ids) >= self.max_length
+            if turn.message is not None:
+                history.messages.append(turn.message)
             history.answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-            if out.stop_reason[i] == "eos":
-                episode.finish("eos")
-                continue
-            parsed = self.protocol.parse(text)
-            if isinstance(parsed, Submit):
-                history.answer = parsed.answer.strip()
-                episode.finish("submit")
-            elif isinstance(parsed, (ToolCall, Malformed)) and not full:
-                episode.pending, episode.state = parsed, RowState.WAITING_FOR_TOOL
-            else:
-                episode.finish("max_length" if full else "no_call")
+            if turn.answer is not None:
+                history.answer = turn.answer
+            full = len(history.token_ids) >= self.max_length
+            if turn.calls and not full:
+                episode.pending, episode.state = turn.calls, RowState.WAITING_FOR_TOOL
+            else:  # a turn the model ended itself ends the episode for that reason, full or not
+                self._finish(episode, "max_length" if full and not turn.ended_by_model else turn.finish)
 
     def _answer_tools(self, episodes: list[_Row]) -> None:
-        """WAITING_FOR_TOOL -> GENERATING or DONE: run every pending call, append the answers as tool segments."""
-        if self.chat is not None:
-            self._answer_chat_tools(episodes)
-            return
-        results = self.runner.run_many([e.pending for e in episodes])
-        for episode, result in zip(episodes, results):
-            history, call = episode.history, episode.pending
-            text = self.protocol.format_response(result.output)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            room = self.max_length - len(history.token_ids)
-            if len(ids) > room:  # the episode ends here anyway; keep the total under max_length
-                ids = ids[:room]
-                text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            if ids:
-                history.append("tool", text, ids)
-            name, arguments = (call.name, call.arguments) if isinstance(call, ToolCall) else ("", None)
-            history.tool_calls.append(ToolCallRecord(name, arguments, result.output, result.status.value))
-            if len(history.token_ids) >= self.max_length:
-                episode.finish("max_length")
-            elif history.num_turns >= self.max_turns:
-                episode.finish("max_turns")
-            else:
-                episode.pending, episode.state = None, RowState.GENERATING
-
-    # the chat protocol -------------------------------------------------------------------------------------------
-
-    def _chat_turn(self, episode: _Row, new_ids: list[int], logprobs: list[float], stop_reason: str) -> None:
-        """One sampled turn of a chat episode: the model segment, the assistant message, and the next state."""
-        history, template = episode.history, self.chat.template
-        text = template.decode(new_ids, before=history.token_ids)
-        history.append("model", text, new_ids, logprobs)
-        history.num_turns += 1
-        ended_turn = stop_reason == "eos" and new_ids and new_ids[-1] == template.eot_id
-        content = template.decode(new_ids[:-1], before=history.token_ids[: -len(new_ids)]) if ended_turn else text
-        calls = self.chat.parse(content) if ended_turn else []
-        parsed = [c for c in calls if isinstance(c, ToolCall)]
-        message = template.assistant_message(content, parsed, f"call_{history.num_turns}",
-                                             parser_ok=len(parsed) == len(calls), messages=history.messages,
-                                             tools=history.tools, head=episode.rendered, parser=self.chat.parser)
-        history.messages.append(self.chat.template.prepare([message], None, self.chat.parser)[0][0])
-        episode.rendered += text
-        history.answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        if calls and len(history.token_ids) < self.max_length:
-            episode.pending, episode.state = calls, RowState.WAITING_FOR_TOOL
-        elif ended_turn or stop_reason == "eos":
-            self._finish_chat(episode, "eos")
-        elif len(history.token_ids) >= self.max_length:
-            self._finish_chat(episode, "max_length")
-        else:
-            self._finish_chat(episode, "max_new_tokens")
-
-    def _answer_chat_tools(self, episodes: list[_Row]) -> None:
-        """Run every pending call of every row; append the tool messages and the template's text for them."""
-        flat = [call for e in episodes for call in e.pending]
-        results = iter(self.runner.run_many(flat))
-        template = self.chat.template
+        """WAITING_FOR_TOOL -> GENERATING or DONE: run every pending call of every row, append the answers as tool
+        segments."""
+        results = iter(self.runner.run_many([call for e in episodes for call in e.pending]))
         for episode in episodes:
             history, calls = episode.history, episode.pending
-            assistant = history.messages[-1]
-            ids_of_calls = iter(c["id"] for c in assistant.get("tool_calls", []))
-            new_messages = []
+            outputs = []
             for call in calls:
                 result = next(results)
-                message = {"role": "tool", "content": result.output}
-                if isinstance(call, ToolCall):
-                    call_id = next(ids_of_calls, None)
-                    message = {"role": "tool", **({"tool_call_id": call_id} if call_id else {}),
-                               "name": call.name, "content": result.output}
-                new_messages.append(message)
+                outputs.append(result.output)
                 name, arguments = (call.name, call.arguments) if isinstance(call, ToolCall) else ("", None)
                 history.tool_calls.append(ToolCallRecord(name, arguments, result.output, result.status.value))
             last_turn = history.num_turns >= self.max_turns
-            after = template.render(history.messages + new_messages, history.tools, add_generation_prompt=not last_turn)
-            if not after.startswith(episode.rendered):
-                raise ChatTemplateError(
-                    "env.protocol chat: the chat template renders an episode's earlier turns differently once its "
-                    "tool results follow, so the tokens the model saw would not be the template's rendering of the "
-                    "conversation: " + _difference(episode.rendered, after, "the episode", "the template"))
-            text = after[len(episode.rendered):]
-            ids = template.encode(text)
-            if len(history.token_ids) + len(ids) > self.max_length:
-                # the tool turn does not fit: the episode ends before it (its messages stay whole; the calls were made
-                # and stay in tool_calls)
-                self._finish_chat(episode, "max_length")
+            room = self.max_length - len(history.token_ids)
+            answer = self.protocol.answer_calls(history, calls, outputs, self.tokenizer, room=room,
+                                                last_turn=last_turn)
+            if len(answer.ids) > room:
+                # a whole answer that does not fit: the episode ends before it (its messages stay whole; the calls
+                # were made and stay in tool_calls)
+                self._finish(episode, "max_length")
                 continue
-            history.messages += new_messages
-            history.append("tool", text, ids)
-            episode.rendered = after
-            if last_turn:
-                self._finish_chat(episode, "max_turns")
+            if answer.messages:
+                history.messages += answer.messages
+            if answer.ids:
+                history.append("tool", answer.text, answer.ids)
+            if not answer.whole and len(history.token_ids) >= self.max_length:
+                self._finish(episode, "max_length")
+            elif last_turn:
+                self._finish(episode, "max_turns")
             else:
                 episode.pending, episode.state = None, RowState.GENERATING
 
-    def _finish_chat(self, episode: _Row, reason: str) -> None:
+    def _finish(self, episode: _Row, reason: str) -> None:
         episode.finish(reason)
-        history = episode.history
-        expected = chat_token_ids(self.chat.template, history)
-        if history.token_ids != expected[: len(history.token_ids)]:
-            at = next((i for i, (a, b) in enumerate(zip(history.token_ids, expected)) if a != b), len(expected))
-            got, want = (self.tokenizer.decode(ids[max(0, at - 8):at + 8]) for ids in (history.token_ids, expected))
-            raise ChatTemplateError(f"env.protocol chat: an episode's tokens differ from the chat template's rendering "
-                                    f"of its messages at token {at}: the episode has {got!r}, the template {want!r}")
-
-
-def chat_token_ids(template, history: TextHistory) -> list[int]:
-    """The token ids of ``history.messages`` as the chat template renders them (``ChatTemplate.spans``), with each
-    assistant turn's tokens as the model sampled them. An episode's ``token_ids`` are a prefix of these: all of
-    them, but what the template writes after the last token the episode holds (the newline after an end-of-turn
-    token, or a turn the episode's length cut)."""
-    spans = template.spans(history.messages, history.tools)
-    model_turns = [s.token_ids for s in history.segments if s.source == "model"]
-    ids, _ = template.tokens(spans, model_turns)
-    return ids
+        self.protocol.check_episode(episode.history, self.tokenizer)
 
 
 def histories_to_rollout(histories: Sequence[TextHistory], pad_token_id: int) -> Rollout:

@@ -1,75 +1,160 @@
-"""Tool-call protocols: how a model's text asks for a tool, and how the answer is written back.
+"""Tool-call protocols: how an episode's prompt, a model turn and a tool answer become text and tokens.
 
-Every protocol fits one small ``ToolCallProtocol`` slot:
+Every protocol fits one ``ToolCallProtocol`` slot, which is all ``TextEnvironment``'s turn loop asks of it:
 
-- ``stop_strings``: the markers that end a generation turn (a complete call, a submission);
-- ``parse(model_text)``: read one turn of model text -> ``ToolCall`` | ``Submit`` | ``Malformed`` | ``None``
-  (``None``: the turn holds neither a call nor a submission);
-- ``format_response(output)``: the forced text appended after a call (tool output or an error text);
+- ``stop_strings`` and ``turn_end_ids()``: what ends a generation turn besides EOS (a call's closing marker, a
+  submission, the chat template's end-of-turn token);
+- ``start(prompt, tokenizer, prefix)``: the prompt's text and token ids (an ``Opening``);
+- ``read_turn(history, ids, stop_reason, tokenizer)``: what a sampled turn says (a ``Turn``: its text, the calls
+  to answer, why the episode ends if none is answered);
+- ``answer_calls(history, calls, outputs, tokenizer, room=, last_turn=)``: the forced text of the tool results
+  (an ``Answer``; cut to ``room``, or whole);
+- ``check_episode(history, tokenizer)``: a last check of a finished episode;
 - ``system_prompt(tools)``: text that tells the model which tools exist and how to call them.
 
-Two are built in: ``TagProtocol`` (TRL's ``TextEnvironment`` tags) and ``JsonProtocol`` (Hermes/Qwen-style
-``<tool_call>`` JSON). The chat protocol (``rlcli.env.chat``), where the model's chat template writes the
-conversation, has a different shape and lives there.
+Three are built in. ``TagProtocol`` (TRL's ``TextEnvironment`` tags) and ``JsonProtocol`` (Hermes/Qwen-style
+``<tool_call>`` JSON) write plain text: the prompt is the text itself, a turn's text is its tokens decoded, and a
+call is answered by the protocol's response text (``PlainText`` holds what the two share). ``ChatProtocol`` lets
+the model's chat template write everything but the model's own tokens (``rlcli.chat_template``).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
-import types
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from rlcli.chat_template import ChatTemplate, ChatTemplateError, conversation, difference
+from rlcli.config.errors import UserError
+from rlcli.env.history import TextHistory
+from rlcli.toolcalls import (
+    Malformed,
+    Parsed,
+    Submit,
+    ToolCall,
+    ToolCallParser,
+    hermes_tools_text,
+    json_calls,
+    tag_calls,
+    tool_schema,
+    tool_summary,
+)
+
+Call = ToolCall | Malformed
+
 
 @dataclass(frozen=True)
-class ToolCall:
-    """The model asked for tool ``name``; ``arguments`` is a string (tag protocol) or a dict of keyword arguments.
-    ``start``: where the call begins in the turn's text, when the parser knows (the chat protocol splits a turn
-    into content and calls there)."""
+class Opening:
+    """An episode's prompt: its ``text`` and token ``ids``; chat: the conversation (``messages``, ``tools``) as the
+    template renders it."""
 
-    name: str
-    arguments: str | dict[str, Any]
-    start: int | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class Submit:
-    """The model ended the episode; ``answer`` is its text before the submit marker."""
-
-    answer: str
+    text: str
+    ids: list[int]
+    messages: list[dict] | None = None
+    tools: list[dict] | None = None
 
 
 @dataclass(frozen=True)
-class Malformed:
-    """The model tried to call a tool but the call cannot be read; ``reason`` goes back to it as an error text."""
+class Turn:
+    """What one sampled turn says.
 
-    reason: str
+    ``text``: the model segment's text. ``calls``: the calls to answer (none: the episode ends). ``finish``: why the
+    episode ends if no call is answered: ``eos`` or ``submit`` (the model's choice), ``no_call`` or
+    ``max_new_tokens`` (the turn stopped without one; ``max_length`` instead when the episode is full).
+    ``answer``: the submitted answer, if any. ``message``: chat: the assistant message the turn adds."""
+
+    text: str
+    calls: list[Call]
+    finish: str
+    answer: str | None = None
+    message: dict | None = None
+
+    @property
+    def ended_by_model(self) -> bool:
+        return self.finish in ("eos", "submit")
 
 
-ParseResult = ToolCall | Submit | Malformed | None
+@dataclass(frozen=True)
+class Answer:
+    """The forced text after a turn's calls, its token ids, and (chat) the ``tool`` messages it renders.
+
+    ``whole``: the answer is never cut (chat: the template's text for the tool turn). An episode ends before a whole
+    answer that does not fit; one that fills the episode exactly still hands the turn to the model, which has no
+    tokens left (so the episode ends in a model turn, where its messages render as its tokens). An answer that is
+    not whole is cut to the room left, and a full episode ends right after it."""
+
+    text: str
+    ids: list[int]
+    messages: list[dict] = field(default_factory=list)
+    whole: bool = False
 
 
 @runtime_checkable
 class ToolCallProtocol(Protocol):
     stop_strings: tuple[str, ...]
 
-    def parse(self, model_text: str) -> ParseResult: ...
+    def turn_end_ids(self) -> list[int]: ...
 
-    def format_response(self, output: str) -> str: ...
+    def start(self, prompt: str | Sequence[Mapping[str, Any]], tokenizer, prefix: str) -> Opening: ...
+
+    def read_turn(self, history: TextHistory, ids: list[int], stop_reason: str, tokenizer) -> Turn: ...
+
+    def answer_calls(self, history: TextHistory, calls: Sequence[Call], outputs: Sequence[str], tokenizer, *,
+                     room: int, last_turn: bool) -> Answer: ...
+
+    def check_episode(self, history: TextHistory, tokenizer) -> None: ...
 
     def system_prompt(self, tools: Mapping[str, Callable]) -> str: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# TRL tags
+# plain text: the tag and JSON protocols
+
+
+class PlainText:
+    """The episode side of a protocol that writes plain text: ``prefix + prompt`` tokenised with special tokens, a
+    turn's tokens decoded as they are, ``parse(text) -> [ToolCall | Malformed | Submit]`` on a turn that did not end
+    at EOS, and ``format_response(output)`` per call as the answer (cut to the room the episode has left). A
+    protocol adds ``stop_strings``, ``parse``, ``format_response`` and ``system_prompt``: ``TagProtocol``,
+    ``JsonProtocol``, and plain-text protocols of your own (tests/trainers/test_behaviour_policy.py has one)."""
+
+    parse: Callable[[str], list[Parsed]]
+    format_response: Callable[[str], str]
+
+    def turn_end_ids(self) -> list[int]:
+        return []
+
+    def start(self, prompt, tokenizer, prefix: str) -> Opening:
+        if not isinstance(prompt, str):
+            raise UserError("a prompt is a list of messages, which needs the chat protocol", key="env.protocol")
+        text = prefix + prompt
+        return Opening(text, tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def read_turn(self, history: TextHistory, ids: list[int], stop_reason: str, tokenizer) -> Turn:
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        if stop_reason == "eos":
+            return Turn(text, [], "eos")
+        parsed = self.parse(text)
+        if parsed and isinstance(parsed[0], Submit):
+            return Turn(text, [], "submit", answer=parsed[0].answer.strip())
+        return Turn(text, list(parsed), "no_call")
+
+    def answer_calls(self, history: TextHistory, calls: Sequence[Call], outputs: Sequence[str], tokenizer, *,
+                     room: int, last_turn: bool) -> Answer:
+        text = "".join(self.format_response(output) for output in outputs)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > room:  # the episode ends here anyway; keep the total under max_length
+            ids = ids[:room]
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+        return Answer(text, ids)
+
+    def check_episode(self, history: TextHistory, tokenizer) -> None:
+        pass
 
 
 @dataclass(frozen=True)
-class TagProtocol:
+class TagProtocol(PlainText):
     """TRL ``TextEnvironment`` tags: the model writes ``<request><ToolName>arguments<call>``; the environment appends
     ``output<response>``; ``<submit>`` ends the episode. The tool gets ``arguments`` as one string."""
 
@@ -82,22 +167,8 @@ class TagProtocol:
     def stop_strings(self) -> tuple[str, ...]:
         return (self.call, self.submit)
 
-    def parse(self, model_text: str) -> ParseResult:
-        call_at, submit_at = _find(model_text, self.call), _find(model_text, self.submit)
-        if submit_at is not None and (call_at is None or submit_at < call_at):
-            return Submit(model_text[:submit_at])
-        if call_at is None:
-            if self.request in model_text:
-                return Malformed(f"unclosed tool call: {self.request} without {self.call}")
-            return None
-        head = model_text[:call_at]
-        request_at = head.rfind(self.request)
-        if request_at < 0:
-            return Malformed(f"{self.call} without a {self.request} before it")
-        match = re.fullmatch(r"\s*<([^<>\s]+)>(.*)", head[request_at + len(self.request):], flags=re.DOTALL)
-        if match is None:
-            return Malformed(f"expected {self.request}<ToolName>arguments{self.call}")
-        return ToolCall(match.group(1), match.group(2))
+    def parse(self, model_text: str) -> list[Parsed]:
+        return tag_calls(model_text, self.request, self.call, self.submit)
 
     def format_response(self, output: str) -> str:
         return output + self.response
@@ -108,16 +179,12 @@ class TagProtocol:
             f"ended by {self.response}. When you are done, write your answer followed by {self.submit}.",
             "Tools:",
         ]
-        lines += [f"- {name}: {_summary(fn)}" for name, fn in tools.items()]
+        lines += [f"- {name}: {tool_summary(fn)}" for name, fn in tools.items()]
         return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# JSON in <tool_call> tags
-
-
 @dataclass(frozen=True)
-class JsonProtocol:
+class JsonProtocol(PlainText):
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` answered by ``<tool_response>...</tool_response>``.
 
     The tool is called with the arguments as keyword arguments. There is no submit marker by default: an episode
@@ -134,39 +201,8 @@ class JsonProtocol:
     def stop_strings(self) -> tuple[str, ...]:
         return (self.close_tag,) + ((self.submit,) if self.submit else ())
 
-    def parse(self, model_text: str) -> ParseResult:
-        close_at = _find(model_text, self.close_tag)
-        submit_at = _find(model_text, self.submit) if self.submit else None
-        if submit_at is not None and (close_at is None or submit_at < close_at):
-            return Submit(model_text[:submit_at])
-        if close_at is None:
-            if self.open_tag in model_text:
-                return Malformed(f"unclosed tool call: {self.open_tag} without {self.close_tag}")
-            return None
-        head = model_text[:close_at]
-        open_at = head.rfind(self.open_tag)
-        if open_at < 0:
-            return Malformed(f"{self.close_tag} without a {self.open_tag} before it")
-        body = head[open_at + len(self.open_tag):].strip()
-        try:
-            call = json.loads(body)
-        except json.JSONDecodeError as err:
-            return Malformed(f"the tool call is not valid JSON ({err.msg} at char {err.pos})")
-        if not isinstance(call, dict):
-            return Malformed(f'the tool call must be a JSON object {{"name": ..., "arguments": {{...}}}}, '
-                             f"got {type(call).__name__}")
-        name = call.get("name")
-        if not isinstance(name, str) or not name:
-            return Malformed('the tool call has no "name" string')
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):  # OpenAI style: arguments as a JSON string
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError:
-                return Malformed('"arguments" is a string that is not a JSON object')
-        if not isinstance(arguments, dict):
-            return Malformed(f'"arguments" must be a JSON object, got {type(arguments).__name__}')
-        return ToolCall(name, arguments)
+    def parse(self, model_text: str) -> list[Parsed]:
+        return json_calls(model_text, self.open_tag, self.close_tag, self.submit)
 
     def format_response(self, output: str) -> str:
         return f"{self.response_open}\n{output}\n{self.response_close}\n"
@@ -174,89 +210,119 @@ class JsonProtocol:
     def system_prompt(self, tools: Mapping[str, Callable]) -> str:
         schemas = "\n".join(json.dumps(tool_schema(fn, name)) for name, fn in tools.items())
         end = f" When you are done, write your answer followed by {self.submit}." if self.submit else ""
-        return (
-            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{schemas}\n</tools>"
-            "\n\nFor each function call, return a json object with function name and arguments within "
-            f"{self.open_tag}{self.close_tag} XML tags:\n{self.open_tag}\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n'
-            f"{self.close_tag}\nThe result comes back within {self.response_open}{self.response_close} tags.{end}\n"
-        )
+        return (hermes_tools_text(schemas, self.open_tag, self.close_tag)
+                + f"The result comes back within {self.response_open}{self.response_close} tags.{end}\n")
 
 
-_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+# ---------------------------------------------------------------------------------------------------------------
+# chat
 
 
-def tool_schema(fn: Callable, name: str | None = None) -> dict[str, Any]:
-    """An OpenAI-style function schema from ``fn``'s signature, type hints and docstring.
+@dataclass
+class ChatProtocol:
+    """An episode is a list of chat messages, rendered token for token by the model's own chat template.
 
-    The description is the docstring's first paragraph; parameter descriptions come from a Google-style ``Args:``
-    section when there is one. Unannotated parameters are typed ``string`` (tools are ``str -> str``).
+    - the prompt is ``apply_chat_template(messages, tools=<schemas>, add_generation_prompt=True)`` (tools described
+      in a system message for templates that ignore ``tools``: ``ChatTemplate.prepare``); the environment's text
+      prefix is not used;
+    - a turn ends at the template's end-of-turn token (``ChatTemplate.eot_id``); ``parser`` reads its tool calls
+      (``rlcli.toolcalls``: ``hermes_calls``, ``llama3_json_calls`` or your own);
+    - the answer to a turn's calls is exactly the text the template renders for the ``tool`` messages plus the next
+      generation prompt: the conversation is rendered with them, and the text past what the episode holds is forced;
+    - a finished episode's ids must be the template's tokens of its messages (``chat_token_ids``).
+
+    ``tool_schemas``: None when the model is not told about the tools; ``system_message``: put first unless the
+    prompt has its own.
     """
-    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations only cost us the types
-        hints = {}
-    doc = inspect.getdoc(fn) or ""
-    arg_docs = _parse_args_section(doc)
-    properties, required = {}, []
-    for pname, param in inspect.signature(fn).parameters.items():
-        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            continue
-        prop = {"type": _json_type(hints.get(pname, str))}
-        if pname in arg_docs:
-            prop["description"] = arg_docs[pname]
-        properties[pname] = prop
-        if param.default is inspect.Parameter.empty:
-            required.append(pname)
-    return {
-        "type": "function",
-        "function": {
-            "name": name or getattr(fn, "__name__", type(fn).__name__),
-            "description": _summary(fn),
-            "parameters": {"type": "object", "properties": properties, "required": required},
-        },
-    }
+
+    template: ChatTemplate
+    parser: ToolCallParser
+    tool_schemas: list[dict] | None = None
+    system_message: str | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    def turn_end_ids(self) -> list[int]:
+        return [self.template.eot_id]
+
+    def start(self, prompt, tokenizer=None, prefix: str = "") -> Opening:
+        """Prompt text (a user message) or messages -> the conversation as ``apply_chat_template`` gets it and its
+        rendering with the generation prompt."""
+        messages, tools = self.template.prepare(conversation(prompt, self.system_message), self.tool_schemas,
+                                                self.parser)
+        text = self.template.render(messages, tools, add_generation_prompt=True)
+        return Opening(text, self.template.encode(text), messages, tools)
+
+    def parse(self, text: str) -> list[Call]:
+        """The parser's calls; a parser that fails or returns something else becomes an error text for the model."""
+        try:
+            calls = self.parser(text)
+        except Exception as exc:  # noqa: BLE001 - a plug-in parser's bug becomes an error text for the model
+            return [Malformed(f"the tool-call parser failed: {type(exc).__name__}: {exc}")]
+        out = []
+        for call in calls or []:
+            if isinstance(call, (ToolCall, Malformed)):
+                out.append(call)
+            else:
+                out.append(Malformed(f"the tool-call parser returned {type(call).__name__}, not a ToolCall"))
+        return out
+
+    def read_turn(self, history: TextHistory, ids: list[int], stop_reason: str, tokenizer) -> Turn:
+        """Calls are read only from a turn the model ended with the end-of-turn token; the turn becomes an assistant
+        message (``ChatTemplate.assistant_message``)."""
+        template = self.template
+        text = template.decode(ids, before=history.token_ids)
+        ended_turn = stop_reason == "eos" and ids and ids[-1] == template.eot_id
+        content = template.decode(ids[:-1], before=history.token_ids) if ended_turn else text
+        calls = self.parse(content) if ended_turn else []
+        parsed = [c for c in calls if isinstance(c, ToolCall)]
+        message = template.assistant_message(content, parsed, f"call_{history.num_turns + 1}",
+                                             parser_ok=len(parsed) == len(calls), messages=history.messages,
+                                             tools=history.tools, head=history.text, parser=self.parser)
+        message = template.prepare([message], None, self.parser)[0][0]
+        finish = "eos" if ended_turn or stop_reason == "eos" else "max_new_tokens"
+        return Turn(text, calls, finish, message=message)
+
+    def answer_calls(self, history: TextHistory, calls: Sequence[Call], outputs: Sequence[str], tokenizer, *,
+                     room: int, last_turn: bool) -> Answer:
+        """The tool messages and the template's text for them (the whole turn: an episode ends before a turn that
+        does not fit in ``room``)."""
+        ids_of_calls = iter(c["id"] for c in history.messages[-1].get("tool_calls", []))
+        messages = []
+        for call, output in zip(calls, outputs):
+            message = {"role": "tool", "content": output}
+            if isinstance(call, ToolCall):
+                call_id = next(ids_of_calls, None)
+                message = {"role": "tool", **({"tool_call_id": call_id} if call_id else {}),
+                           "name": call.name, "content": output}
+            messages.append(message)
+        rendered = history.text
+        after = self.template.render(history.messages + messages, history.tools, add_generation_prompt=not last_turn)
+        if not after.startswith(rendered):
+            raise ChatTemplateError(
+                "env.protocol chat: the chat template renders an episode's earlier turns differently once its "
+                "tool results follow, so the tokens the model saw would not be the template's rendering of the "
+                "conversation: " + difference(rendered, after, "the episode", "the template"))
+        text = after[len(rendered):]
+        return Answer(text, self.template.encode(text), messages, whole=True)
+
+    def check_episode(self, history: TextHistory, tokenizer) -> None:
+        expected = chat_token_ids(self.template, history)
+        if history.token_ids != expected[: len(history.token_ids)]:
+            at = next((i for i, (a, b) in enumerate(zip(history.token_ids, expected)) if a != b), len(expected))
+            got, want = (tokenizer.decode(ids[max(0, at - 8):at + 8]) for ids in (history.token_ids, expected))
+            raise ChatTemplateError(f"env.protocol chat: an episode's tokens differ from the chat template's rendering "
+                                    f"of its messages at token {at}: the episode has {got!r}, the template {want!r}")
+
+    def system_prompt(self, tools: Mapping[str, Callable]) -> str:
+        return ""  # the template describes the tools (``tool_schemas``)
 
 
-def _json_type(hint) -> str:
-    origin = typing.get_origin(hint) or hint
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _json_type(args[0]) if args else "string"
-    return _JSON_TYPES.get(origin, "string")
-
-
-def _summary(fn: Callable) -> str:
-    doc = inspect.getdoc(fn) or ""
-    return " ".join(doc.split("\n\n")[0].split()) or "(no description)"
-
-
-def _parse_args_section(doc: str) -> dict[str, str]:
-    out, in_args, current = {}, False, None
-    for line in doc.splitlines():
-        stripped = line.strip()
-        if stripped in ("Args:", "Arguments:", "Parameters:"):
-            in_args = True
-            continue
-        if not in_args:
-            continue
-        if not stripped or (not line.startswith((" ", "\t")) and stripped.endswith(":")):
-            if out:
-                break
-            continue
-        match = re.match(r"(\w+)\s*(\([^)]*\))?\s*:\s*(.*)", stripped)
-        if match and line.startswith((" ", "\t")) and len(line) - len(line.lstrip()) <= 4:
-            current = match.group(1)
-            out[current] = match.group(3)
-        elif current:
-            out[current] = (out[current] + " " + stripped).strip()
-    return out
-
-
-def _find(text: str, marker: str | None) -> int | None:
-    if not marker:
-        return None
-    at = text.find(marker)
-    return None if at < 0 else at
+def chat_token_ids(template: ChatTemplate, history: TextHistory) -> list[int]:
+    """The token ids of ``history.messages`` as the chat template renders them (``ChatTemplate.spans``), with each
+    assistant turn's tokens as the model sampled them. An episode's ``token_ids`` are a prefix of these: all of
+    them, but what the template writes after the last token the episode holds (the newline after an end-of-turn
+    token, or a turn the episode's length cut)."""
+    spans = template.spans(history.messages, history.tools)
+    model_turns = [s.token_ids for s in history.segments if s.source == "model"]
+    ids, _ = template.tokens(spans, model_turns)
+    return ids

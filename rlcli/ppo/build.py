@@ -46,7 +46,7 @@ def behaviour_rules(gen: GenerationConfig, tokenizer) -> SamplingRules:
 
 
 def _end_of_turn_id(tokenizer) -> int | None:
-    from rlcli.env.chat import ChatTemplate, ChatTemplateError
+    from rlcli.chat_template import ChatTemplate, ChatTemplateError
 
     try:
         return ChatTemplate.of(tokenizer).eot_id

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from rlcli.config.errors import Problem, UserError
-from rlcli.config.plugins import resolve_object
+from rlcli.plugins import resolve_object
 
 # What a reward function may ask for, by parameter name. ``answers`` is the final answer of each episode (in a
 # text environment: the submitted text; otherwise the response); ``histories`` are the episodes' TextHistory

@@ -15,23 +15,12 @@ import random
 import pytest
 import torch
 
-from rlcli.config.errors import UserError
+from rlcli.chat_template import ChatTemplate, ChatTemplateError, normalise_messages
 from rlcli.env import TextEnvironment, histories_to_rollout
 from rlcli.env.builtin_tools import calculator
-from rlcli.env.chat import (
-    ChatProtocol,
-    ChatTemplate,
-    ChatTemplateError,
-    Malformed,
-    hermes_calls,
-    llama3_json_calls,
-    load_parser,
-    normalise_messages,
-    schemas_for,
-)
-from rlcli.env.environment import chat_token_ids
-from rlcli.env.protocols import ToolCall
+from rlcli.env.protocols import ChatProtocol, chat_token_ids
 from rlcli.rl.sampling import SamplingRules
+from rlcli.toolcalls import hermes_calls, llama3_json_calls, schemas_for
 from tests.env.chat_templates import (
     DROPS_REASONING,
     HERMES_SPECIALS,
@@ -57,30 +46,7 @@ def add(a: int, b: int) -> str:
 TOOLS = {"calculator": calculator, "add": add}
 
 
-# --- parsers -------------------------------------------------------------------------------------------------------
-
-
-def test_hermes_parser_reads_every_call_and_names_what_is_wrong():
-    text = ('Let me see.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+2"}}\n</tool_call>\n'
-            '<tool_call>{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}</tool_call>')
-    calls = hermes_calls(text)
-    assert calls == [ToolCall("calculator", {"expression": "2+2"}), ToolCall("add", {"a": 1, "b": 2})]
-    assert calls[0].start == text.index("<tool_call>")
-    assert hermes_calls("no call here") == []
-    assert "not valid JSON" in hermes_calls("<tool_call>{nope}</tool_call>")[0].reason
-    assert "unclosed" in hermes_calls('<tool_call>{"name": "x"}')[0].reason
-    assert "name" in hermes_calls('<tool_call>{"arguments": {}}</tool_call>')[0].reason
-
-
-def test_llama3_parser_and_plugins(tmp_path):
-    assert llama3_json_calls(' {"name": "add", "parameters": {"a": 1, "b": 2}}') == [ToolCall("add", {"a": 1, "b": 2})]
-    assert llama3_json_calls("The answer is 3.") == []
-    assert isinstance(llama3_json_calls("{oops"), list) and isinstance(llama3_json_calls("{oops")[0], Malformed)
-    plugin = tmp_path / "parse.py"
-    plugin.write_text("from rlcli.env import ToolCall\ndef calls(text):\n    return [ToolCall('add', {'a': 1, 'b': 1})]\n")
-    assert load_parser(f"{plugin}:calls")("x") == [ToolCall("add", {"a": 1, "b": 1})]
-    with pytest.raises(UserError, match="unknown tool-call parser"):
-        load_parser("mistral")
+# --- messages ------------------------------------------------------------------------------------------------------
 
 
 def test_messages_from_a_json_lines_reader_are_normalised():
@@ -308,6 +274,26 @@ def test_ppo_and_env_prompts_render_the_same_way(tokenizers):
     for kind in TEMPLATES:
         tok = tokenizers[kind]
         protocol = ChatProtocol(ChatTemplate.of(tok), hermes_calls)
-        _, _, text = protocol.start("#3: what is 2+2?")
+        text = protocol.start("#3: what is 2+2?").text
         assert encode_prompt("#3: what is 2+2?", tok, chat_template=True, max_length=4096, length=None) == \
             tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_tool_turn_that_fills_max_length_exactly_still_ends_on_a_message(tokenizers):
+    """The tool turn ends with the next generation prompt, so the episode cannot end there: the model gets its turn
+    with no tokens left, and the episode ends as max_length with tokens that are its messages' rendering."""
+    tok = tokenizers["hermes"]
+    template = ChatTemplate.of(tok)
+    call = tok(call_text("hermes", "add", {"a": 1, "b": 2}), add_special_tokens=False)["input_ids"] + [template.eot_id]
+
+    def run(**kwargs):
+        model = ScriptedLM(tiny_gpt2(tok, n_positions=2400), tok, {0: [call, call, call]}).eval()
+        (h,) = make_env("hermes", tok, model, **kwargs).run(["#0: add 1 and 2"],
+                                                            generator=torch.Generator().manual_seed(0))
+        return h
+
+    filled = sum(len(s.token_ids) for s in run().segments[:3])  # prompt, the call, its answer
+    h = run(max_length=filled)
+    assert h.finish_reason == "max_length" and len(h.token_ids) == filled
+    assert [s.source for s in h.segments][:3] == ["prompt", "model", "tool"] and h.messages[2]["role"] == "tool"
+    assert h.token_ids == chat_token_ids(template, h)[:filled]

@@ -1,22 +1,21 @@
-"""Tool-call protocols: parsing calls, submissions and malformed calls; formatting answers; schemas."""
+"""Tool-call protocols: parsing calls, submissions and malformed calls; formatting answers."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from rlcli.env.protocols import JsonProtocol, Malformed, Submit, TagProtocol, ToolCall, ToolCallProtocol, tool_schema
+from rlcli.env.protocols import ChatProtocol, JsonProtocol, TagProtocol, ToolCallProtocol
+from rlcli.toolcalls import Malformed, Submit, ToolCall
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("let me compute <request><Calculator>1 + 2<call>", ToolCall("Calculator", "1 + 2")),
-        ("<request><Search>multi\nline<call>", ToolCall("Search", "multi\nline")),
-        ("<request><Search><call>", ToolCall("Search", "")),
-        ("The answer is 3<submit>", Submit("The answer is 3")),
-        ("plain text, no call", None),
+        ("let me compute <request><Calculator>1 + 2<call>", [ToolCall("Calculator", "1 + 2")]),
+        ("<request><Search>multi\nline<call>", [ToolCall("Search", "multi\nline")]),
+        ("<request><Search><call>", [ToolCall("Search", "")]),
+        ("The answer is 3<submit>", [Submit("The answer is 3")]),
+        ("plain text, no call", []),
     ],
 )
 def test_tag_protocol_parses(text, expected):
@@ -32,7 +31,7 @@ def test_tag_protocol_parses(text, expected):
     ],
 )
 def test_tag_protocol_malformed(text, reason):
-    result = TagProtocol().parse(text)
+    [result] = TagProtocol().parse(text)
     assert isinstance(result, Malformed) and reason in result.reason
 
 
@@ -48,10 +47,10 @@ def test_tag_protocol_format_and_prompt():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', ToolCall("add", {"a": 1, "b": 2})),
-        ('thinking...\n<tool_call>\n{"name": "now"}\n</tool_call>', ToolCall("now", {})),
-        ('<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}</tool_call>', ToolCall("add", {"a": 1})),
-        ("The answer is 3.", None),
+        ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', [ToolCall("add", {"a": 1, "b": 2})]),
+        ('thinking...\n<tool_call>\n{"name": "now"}\n</tool_call>', [ToolCall("now", {})]),
+        ('<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}</tool_call>', [ToolCall("add", {"a": 1})]),
+        ("The answer is 3.", []),
     ],
 )
 def test_json_protocol_parses(text, expected):
@@ -69,39 +68,18 @@ def test_json_protocol_parses(text, expected):
     ],
 )
 def test_json_protocol_malformed(text, reason):
-    result = JsonProtocol().parse(text)
+    [result] = JsonProtocol().parse(text)
     assert isinstance(result, Malformed) and reason in result.reason
 
 
 def test_json_protocol_submit_marker():
     p = JsonProtocol(submit="<done>")
     assert p.stop_strings == ("</tool_call>", "<done>")
-    assert p.parse("42<done>") == Submit("42")
+    assert p.parse("42<done>") == [Submit("42")]
 
 
-def weather(city: str, days: int = 1, metric: bool | None = None) -> str:
-    """Look up the weather forecast.
-
-    Longer notes that are not part of the summary.
-
-    Args:
-        city: the city name,
-            possibly with a country.
-        days: how many days ahead.
-    """
-    return ""
-
-
-def test_tool_schema_from_signature_and_docstring():
-    schema = tool_schema(weather)
-    fn = schema["function"]
-    assert fn["name"] == "weather" and fn["description"] == "Look up the weather forecast."
-    assert fn["parameters"]["required"] == ["city"]
-    props = fn["parameters"]["properties"]
-    assert props["city"] == {"type": "string", "description": "the city name, possibly with a country."}
-    assert props["days"] == {"type": "integer", "description": "how many days ahead."}
-    assert props["metric"] == {"type": "boolean"}
-    prompt = JsonProtocol().system_prompt({"weather": weather})
-    rendered = prompt.split("<tools>\n")[1].split("\n</tools>")[0]
-    assert json.loads(rendered) == schema
-    assert JsonProtocol().format_response("sunny") == "<tool_response>\nsunny\n</tool_response>\n"
+def test_every_protocol_fits_the_one_slot():
+    """TextEnvironment's turn loop asks the same of each protocol (it has no protocol-specific branch)."""
+    for protocol in (TagProtocol(), JsonProtocol(), ChatProtocol(template=None, parser=None)):
+        assert isinstance(protocol, ToolCallProtocol)
+    assert TagProtocol().turn_end_ids() == [] and JsonProtocol().system_prompt({}).startswith("# Tools")

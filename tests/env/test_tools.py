@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rlcli.env.builtin_tools import calculator
-from rlcli.env.protocols import Malformed, ToolCall
 from rlcli.env.tools import ToolOutcome, ToolRunner, error_text, load_tool
+from rlcli.toolcalls import Malformed, ToolCall
 
 
 def raises(text: str) -> str:

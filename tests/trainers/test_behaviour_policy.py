@@ -21,11 +21,12 @@ from accelerate import Accelerator
 from rlcli.config.common import ModelConfig, OptimConfig
 from rlcli.config.ppo import GenerationConfig, KLConfig, PPOAlgo
 from rlcli.env.environment import TextEnvironment, histories_to_rollout
-from rlcli.env.protocols import ToolCall
+from rlcli.env.protocols import PlainText
 from rlcli.models.engines import LocalEngine
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
 from rlcli.rl import SamplingRules
+from rlcli.toolcalls import ToolCall
 from rlcli.trainers.loop import make_optimizer
 from rlcli.ppo.build import behaviour_rules
 from rlcli.ppo.rollout import generate
@@ -202,13 +203,13 @@ def test_sampler_loss_and_kl_share_one_distribution(models, model_name, setting)
     _check(lm, tok, rollout, rules)
 
 
-class _AlwaysCalls:
+class _AlwaysCalls(PlainText):
     """A protocol for the test: every turn (ended by its token budget or EOS) is a call of the Echo tool."""
 
     stop_strings: tuple[str, ...] = ()
 
     def parse(self, model_text):
-        return ToolCall("Echo", model_text[:8])
+        return [ToolCall("Echo", model_text[:8])]
 
     def format_response(self, output):
         return f" [{output}] "

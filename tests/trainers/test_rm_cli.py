@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from rlcli.config.plugins import resolve_object
+from rlcli.plugins import resolve_object
 from rlcli.rewards.reward_model import RewardModelScorer
 from rlcli.trainers.rm import pairwise_loss
 from tests.conftest import REPO, accelerate_launch, invoke_cli as cli, kill_when, plain, read_metrics, run_cli

@@ -37,9 +37,9 @@ def test_env_rollout_chat_protocol_on_smollm2(smollm2_dir, tmp_path):
     turns (a parser that reads every turn as a calculator call makes the untrained model produce them)."""
     from transformers import AutoTokenizer
 
-    from rlcli.env.chat import ChatTemplate
-    from rlcli.env.environment import chat_token_ids
+    from rlcli.chat_template import ChatTemplate
     from rlcli.env.history import TextHistory
+    from rlcli.env.protocols import chat_token_ids
 
     # prompts as chat messages with one worked example: the model then answers in a short turn that ends
     example = [{"role": "user", "content": "What is 12 times 7?"}, {"role": "assistant", "content": "12 times 7 is 84."}]

@@ -1,156 +1,36 @@
-"""The chat protocol: an episode is a list of chat messages, rendered token for token by the model's own template.
+"""Chat templates: a conversation rendered token for token as the model's own template writes it.
 
 Real chat models (SmolLM2, Qwen, Llama, ...) learned one layout for a conversation, a tool call and a tool result:
-their chat template's. This module makes an episode follow it exactly:
+their chat template's. ``ChatTemplate`` probes what a tokenizer's template does (its end-of-turn token, whether it
+writes ``tools`` and ``tool_calls``) and renders conversations with it:
 
-- the prompt is ``apply_chat_template(messages, tools=<schemas>, add_generation_prompt=True)``; for templates that
-  ignore ``tools``, the tools are described in a system message instead (``ChatTemplate.prepare``);
-- a model turn ends at the template's end-of-turn token (``ChatTemplate.eot_id``: what the template writes right
-  after an assistant message's content, e.g. ``<|im_end|>``); its tool calls are read by a parser
-  (``hermes``: ``<tool_call>{json}</tool_call>``, ``llama3_json``: the whole turn is ``{"name", "parameters"}``,
-  or your own ``path.py:fn``);
-- the tool results are appended as exactly the text the template renders for ``tool`` messages plus the next
-  generation prompt: the template renders the conversation with the new messages, and the text past what the
-  episode already holds is the forced text. Nothing is written per model family.
-
-The model's tokens are kept as sampled; everything else is the tokenization of the template's text between them.
-``ChatTemplate.spans`` finds those pieces in a rendered conversation, and the same function serves the rollouts
-(``expected_ids``: what an episode's ids must be), SFT on ``messages`` rows (loss on the assistant pieces) and PPO
-prompts (``prompt_ids``), so all three see one token layout.
-
-A template that cannot reproduce an episode (it trims or rewrites assistant text, drops earlier reasoning, renders
-a turn differently once another message follows) is refused when the environment is built (``ChatTemplate.check``
-runs a probe conversation) and, should an episode still differ, when that episode ends: a ``ChatTemplateError``
-says where the two texts part.
+- ``prepare``: messages and tool schemas exactly as ``apply_chat_template`` gets them (for templates that ignore
+  ``tools``, the tools are described in a system message; calls are written into the content where the template
+  ignores ``tool_calls``);
+- ``spans`` / ``tokens``: where each assistant turn is in a rendered conversation, and its token ids with the
+  text between assistant turns tokenised piece by piece, so that a model's sampled tokens can stand in for the
+  turns. The same functions serve the chat protocol's episodes (``rlcli.env.protocols.ChatProtocol``), SFT on
+  ``messages`` rows (``rlcli.data.sft``, loss on the assistant pieces) and PPO prompts (``prompt_ids``), so all three
+  see one token layout;
+- ``check``: a probe episode through the template; a template that cannot reproduce an episode (it trims or
+  rewrites assistant text, drops earlier reasoning, renders a turn differently once another message follows)
+  raises ``ChatTemplateError`` saying where the two texts part.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
 
 from rlcli.config.errors import UserError
-from rlcli.env.protocols import Malformed, ToolCall, tool_schema
-
-ToolCallParser = Callable[[str], list]
-"""``model text -> [ToolCall | Malformed, ...]`` (empty: the turn calls nothing, so the episode ends). For templates
-without tool support a parser may carry ``instructions(schemas) -> str`` (the system text that teaches its format)
-and ``write([(name, arguments), ...]) -> str`` (how it writes calls into an assistant message's content); the
-Hermes ones are used otherwise."""
+from rlcli.toolcalls import ToolCall, ToolCallParser, call_writer, describe_tools, hermes_calls
 
 
 class ChatTemplateError(UserError):
     """The chat template cannot render an episode exactly."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tool-call parsers
-
-
-_HERMES_CALL = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
-
-
-def hermes_calls(text: str) -> list[ToolCall | Malformed]:
-    """Hermes / Qwen style: every ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` in the turn."""
-    calls = []
-    for match in _HERMES_CALL.finditer(text):
-        if not match.group(2):
-            calls.append(Malformed("unclosed tool call: <tool_call> without </tool_call>"))
-            break
-        calls.append(_json_call(match.group(1), "arguments", match.start()))
-    return calls
-
-
-def _hermes_instructions(schemas: Sequence[Mapping]) -> str:
-    listed = "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{listed}\n</tools>"
-            "\n\nFor each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n'
-            "Each result comes back to you in a tool message.")
-
-
-def _hermes_write(calls: Sequence[tuple[str, dict]]) -> str:
-    return "\n".join(f"<tool_call>\n{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}\n</tool_call>"
-                     for n, a in calls)
-
-
-hermes_calls.instructions = _hermes_instructions
-hermes_calls.write = _hermes_write
-
-
-def llama3_json_calls(text: str) -> list[ToolCall | Malformed]:
-    """Llama 3.1 style: a turn that is one JSON object ``{"name": ..., "parameters": {...}}`` is a call."""
-    stripped = text.strip()
-    if not stripped.startswith("{"):
-        return []
-    return [_json_call(stripped, "parameters", text.index("{"))]
-
-
-def _llama3_instructions(schemas: Sequence[Mapping]) -> str:
-    listed = "\n\n".join(json.dumps(s, ensure_ascii=False, indent=4) for s in schemas)
-    return ("You have access to the following functions. To call a function, respond with only a JSON object of the "
-            'form {"name": function name, "parameters": dictionary of argument name and its value}.\n\n' + listed)
-
-
-llama3_json_calls.instructions = _llama3_instructions
-llama3_json_calls.write = lambda calls: "\n".join(json.dumps({"name": n, "parameters": a}, ensure_ascii=False)
-                                                 for n, a in calls)
-
-PARSERS: dict[str, ToolCallParser] = {"hermes": hermes_calls, "llama3_json": llama3_json_calls}
-
-
-def _json_call(body: str, arguments_key: str, start: int) -> ToolCall | Malformed:
-    try:
-        call = json.loads(body.strip())
-    except json.JSONDecodeError as err:
-        return Malformed(f"the tool call is not valid JSON ({err.msg} at char {err.pos})")
-    if not isinstance(call, dict):
-        return Malformed(f"a tool call must be a JSON object, got {type(call).__name__}")
-    name = call.get("name")
-    if not isinstance(name, str) or not name:
-        return Malformed('the tool call has no "name" string')
-    arguments = call.get(arguments_key, call.get("arguments", {}))
-    if isinstance(arguments, str):  # OpenAI style: the arguments as a JSON string
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            return Malformed(f'"{arguments_key}" is a string that is not a JSON object')
-    if not isinstance(arguments, dict):
-        return Malformed(f'"{arguments_key}" must be a JSON object, got {type(arguments).__name__}')
-    return ToolCall(name, arguments, start=start)
-
-
-def load_parser(spec: str) -> ToolCallParser:
-    """A built-in parser name (``hermes``, ``llama3_json``) or ``path/to/file.py:fn`` / ``module:fn``."""
-    if spec in PARSERS:
-        return PARSERS[spec]
-    if ":" not in spec:
-        raise UserError(f"unknown tool-call parser {spec!r}: use one of {', '.join(PARSERS)} or "
-                        "'path/to/file.py:function' / 'package.module:function'")
-    from rlcli.config.plugins import resolve_object
-
-    parser = resolve_object(spec)
-    if not callable(parser):
-        raise UserError(f"tool-call parser {spec!r} is not callable (got {type(parser).__name__})")
-    return parser
-
-
-def describe_tools(schemas: Sequence[Mapping], parser: ToolCallParser | None = None) -> str:
-    """The system text that describes tools to a model whose template ignores ``tools``: the parser's own
-    ``instructions`` when it has them, else the Hermes ones."""
-    instructions = getattr(parser, "instructions", None) or _hermes_instructions
-    return instructions(list(schemas))
-
-
-def schemas_for(tools: Mapping[str, Callable]) -> list[dict]:
-    """OpenAI-style function schemas of named tools (from their signatures and docstrings)."""
-    return [tool_schema(fn, name) for name, fn in tools.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,7 +145,7 @@ class ChatTemplate:
         if not turn.startswith(prompt + self.PROBE_TEXT):
             raise ChatTemplateError(
                 "the chat template does not start an assistant message with its own generation prompt: "
-                + _difference(prompt + self.PROBE_TEXT, turn, "the generation prompt and the content",
+                + difference(prompt + self.PROBE_TEXT, turn, "the generation prompt and the content",
                               "the assistant message"))
         tail = turn[len(prompt) + len(self.PROBE_TEXT):]
         tail_ids = self.encode(tail)
@@ -349,7 +229,7 @@ class ChatTemplate:
         content, in the parser's format, unless they are written there already."""
         if message["role"] != "assistant" or not message.get("tool_calls"):
             return message
-        write = getattr(parser, "write", None) or _hermes_write
+        write = call_writer(parser)
         written = write([(c["function"]["name"], c["function"].get("arguments", {})) for c in message["tool_calls"]])
         content = message["content"]
         if content.endswith(written):
@@ -370,7 +250,7 @@ class ChatTemplate:
             head = self.render(messages[:i], tools, add_generation_prompt=True)
             alone = self.render(messages[: i + 1], tools)
             if not alone.startswith(head):
-                raise ChatTemplateError(f"assistant message {i + 1}: " + _difference(
+                raise ChatTemplateError(f"assistant message {i + 1}: " + difference(
                     head, alone, "the generation prompt", "the conversation with the assistant message"))
             end = alone.rfind(self.eot_text, len(head))
             if end < 0:
@@ -378,7 +258,7 @@ class ChatTemplate:
                                         f"{self.eot_text!r} after it")
             turn = alone[: end + len(self.eot_text)]
             if not full.startswith(turn):
-                raise ChatTemplateError(f"assistant message {i + 1}: " + _difference(
+                raise ChatTemplateError(f"assistant message {i + 1}: " + difference(
                     turn, full, "the turn as rendered when it is the last message",
                     "the whole conversation (the template rewrites earlier turns)"))
             spans.append((len(head), len(turn)))
@@ -422,7 +302,7 @@ class ChatTemplate:
             later = self.render(messages + [{"role": "assistant", "content": content},
                                             {"role": "user", "content": "rlcli probe follow-up"}], tools)
             if not later.startswith(turn):
-                raise ChatTemplateError(f"the chat template rewrites assistant text ({what}): " + _difference(
+                raise ChatTemplateError(f"the chat template rewrites assistant text ({what}): " + difference(
                     turn, later, "what the model wrote", "the template's rendering once another message follows"))
         if not tool_schemas:
             return
@@ -432,9 +312,9 @@ class ChatTemplate:
         canonical = self.render(messages + [{"role": "assistant", "content": "", "tool_calls": [message]}], tools)
         if not canonical.startswith(text):
             raise ChatTemplateError("an assistant message with tool_calls does not start with the generation prompt: "
-                                    + _difference(text, canonical, "the generation prompt", "the message"))
+                                    + difference(text, canonical, "the generation prompt", "the message"))
         written = canonical[len(text):canonical.rfind(self.eot_text)] if self.renders_tool_calls else (
-            (getattr(parser, "write", None) or _hermes_write)([(name, call.arguments)]))
+            call_writer(parser)([(name, call.arguments)]))
         assistant = self.assistant_message(written, [call], "call", parser_ok=True, messages=messages, tools=tools,
                                            head=text, parser=parser)
         conversation, _ = self.prepare(messages + [assistant], None, parser)
@@ -446,7 +326,7 @@ class ChatTemplate:
         after = self.render(conversation + [result], tools, add_generation_prompt=True)
         if not after.startswith(so_far):
             raise ChatTemplateError("the chat template renders a tool-calling turn differently once the tool result "
-                                    "follows: " + _difference(so_far, after, "the turn", "the conversation"))
+                                    "follows: " + difference(so_far, after, "the turn", "the conversation"))
         if "rlcli probe result" not in after[len(so_far):]:
             raise ChatTemplateError("the chat template does not write tool messages (role 'tool'): the tool result "
                                     "is missing from its rendering")
@@ -454,7 +334,7 @@ class ChatTemplate:
         rendered = self.render(conversation + [result, {"role": "assistant", "content": "rlcli probe answer"}], tools)
         if not rendered.startswith(final):
             raise ChatTemplateError("the chat template renders earlier turns differently once the answer follows: "
-                                    + _difference(final, rendered, "the episode", "the conversation"))
+                                    + difference(final, rendered, "the episode", "the conversation"))
 
     # assistant turns -----------------------------------------------------------------------------------------
 
@@ -471,7 +351,7 @@ class ChatTemplate:
         conversation renders what the model wrote, whatever reads it later."""
         entries = [tool_call_entry(c, f"{turn_id}_{j}") for j, c in enumerate(calls)] if parser_ok else []
         raw = {"role": "assistant", "content": text}
-        writes_hermes = (getattr(parser, "write", None) or _hermes_write) is _hermes_write
+        writes_hermes = call_writer(parser) is hermes_calls.write
         if not entries or (not self.renders_tool_calls and not writes_hermes):
             return raw
         start = calls[0].start if calls[0].start is not None else 0
@@ -486,7 +366,7 @@ class ChatTemplate:
 _TEMPLATES: dict[tuple[int, str | None], ChatTemplate] = {}
 
 
-def _difference(expected: str, got: str, expected_name: str, got_name: str) -> str:
+def difference(expected: str, got: str, expected_name: str, got_name: str) -> str:
     """Where two texts part, with some context: one line for an error message."""
     at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
     lo = max(0, at - 40)
@@ -494,41 +374,16 @@ def _difference(expected: str, got: str, expected_name: str, got_name: str) -> s
             f"{got[lo:at + 40]!r}")
 
 
-@dataclass
-class ChatProtocol:
-    """The environment's view of the chat protocol: the template, the call parser, the tools' schemas (None: the
-    model is not told about the tools) and an optional system message."""
-
-    template: ChatTemplate
-    parser: ToolCallParser
-    tool_schemas: list[dict] | None = None
-    system_message: str | None = None
-    stop_strings: tuple[str, ...] = ()
-
-    def start(self, prompt: str | Sequence[Mapping]) -> tuple[list[dict], list[dict] | None, str]:
-        """Prompt text (a user message) or messages -> (messages, tools, rendered text with the generation
-        prompt), as ``apply_chat_template`` gets and writes them."""
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            messages = [dict(m) for m in prompt]
-        if self.system_message and not (messages and messages[0].get("role") == "system"):
-            messages = [{"role": "system", "content": self.system_message}] + messages
-        messages, tools = self.template.prepare(messages, self.tool_schemas, self.parser)
-        return messages, tools, self.template.render(messages, tools, add_generation_prompt=True)
-
-    def parse(self, text: str) -> list[ToolCall | Malformed]:
-        try:
-            calls = self.parser(text)
-        except Exception as exc:  # noqa: BLE001 - a plug-in parser's bug becomes an error text for the model
-            return [Malformed(f"the tool-call parser failed: {type(exc).__name__}: {exc}")]
-        out = []
-        for call in calls or []:
-            if isinstance(call, (ToolCall, Malformed)):
-                out.append(call)
-            else:
-                out.append(Malformed(f"the tool-call parser returned {type(call).__name__}, not a ToolCall"))
-        return out
+def conversation(prompt: str | Sequence[Mapping], system_message: str | None = None) -> list[dict]:
+    """The messages a conversation starts with: a text prompt is one user message; ``system_message`` goes first
+    unless the prompt has a system message of its own."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [dict(m) for m in prompt]
+    if system_message and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system_message}] + messages
+    return messages
 
 
 def prompt_ids(tokenizer, prompt: str | Sequence[Mapping], *, system_message: str | None = None,
@@ -538,12 +393,9 @@ def prompt_ids(tokenizer, prompt: str | Sequence[Mapping], *, system_message: st
 
     Without tools the template is only rendered (no probe: any template works, as ``apply_chat_template``)."""
     if tools:
-        protocol = ChatProtocol(ChatTemplate.of(tokenizer), parser or hermes_calls, clean_schemas(tools),
-                                system_message)
-        _, _, text = protocol.start(prompt)
-        return protocol.template.encode(text)
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else normalise_messages(prompt)
-    if system_message and not (messages and messages[0].get("role") == "system"):
-        messages = [{"role": "system", "content": system_message}] + messages
+        template = ChatTemplate.of(tokenizer)
+        messages, schemas = template.prepare(conversation(prompt, system_message), tools, parser)
+        return template.encode(template.render(messages, schemas, add_generation_prompt=True))
+    messages = normalise_messages(conversation(prompt, system_message))
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []

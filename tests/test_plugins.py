@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlcli.config import UserError, resolve_object
+from rlcli.config import UserError
+from rlcli.plugins import resolve_object
 
 
 def test_file_and_module_specs(tmp_path, monkeypatch):
@@ -26,8 +27,6 @@ def test_missing_name_lists_only_the_files_own_callables(tmp_path):
     plugin = tmp_path / "plug.py"
     plugin.write_text("from __future__ import annotations\nimport math\nfrom os.path import join\n\nLIMIT = 3\n\n"
                       "def score(responses):\n    return [1.0] * len(responses)\n")
-    from rlcli.config import UserError, resolve_object
-
     with pytest.raises(UserError) as err:
         resolve_object(f"{plugin}:scor")
     assert str(err.value).endswith("(it has: score)")
