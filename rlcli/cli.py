@@ -228,6 +228,23 @@ def env_rollout(
     _run(EnvRolloutRecipe, config, overrides, dry_run, runner.preflight, runner.run, False)
 
 
+@app.command("serve-reward")
+def serve_reward(
+    config: Path = CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+) -> None:
+    """Serve a reward function or reward model over HTTP: the JSON contract a recipe's reward.url calls."""
+    from rlcli.rewards.serve import serve
+
+    try:
+        serve(config, overrides or [], dry_run=dry_run)
+    except RecipeError as exc:
+        _fail(_without_traceback(exc), 2)
+    except UserError as exc:
+        _fail(_without_traceback(exc), 1)
+
+
 @app.command()
 def explain(
     target: str = typer.Argument(..., help="A command, or a command and a dotted key: ppo, ppo.kl, ppo.kl.coef.",

@@ -345,6 +345,7 @@ class Episodes:
     answers: list[str] | None
     seconds_generate: float
     seconds_score: float
+    reward_info: list | None = None  # [B] a reward service's per-response info (samples.jsonl), or None
 
 
 def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
@@ -390,7 +391,7 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
                             stop_ids=setup.rules.eos_ids if gen.stop_at_eos else (), stop_strings=gen.stop_strings,
                             histories=histories)
     return Episodes(rollout, scored.scores, prompts, scored.responses, scored.stopped, histories, answers, t_gen,
-                    time.perf_counter() - t1)
+                    time.perf_counter() - t1, scored.info)
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
@@ -602,6 +603,8 @@ def write_samples(path: Path, step: int, ep: Episodes, count: int) -> None:
             if ep.histories is not None:
                 row["answer"] = ep.answers[i]
                 row["tool_calls"] = [c.__dict__ for c in ep.histories[i].tool_calls]
+            if ep.reward_info is not None and ep.reward_info[i] is not None:
+                row["reward_info"] = ep.reward_info[i]
             f.write(json.dumps(row) + "\n")
 
 
