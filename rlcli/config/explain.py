@@ -22,7 +22,7 @@ from pydantic_core import PydanticUndefined
 
 from rlcli.config.errors import Problem, RecipeError
 
-COMMANDS = ("sft", "rm", "ppo", "env-rollout")
+COMMANDS = ("sft", "rm", "ppo", "env-rollout", "serve-reward")
 
 
 def _error(key: str, message: str) -> RecipeError:
@@ -38,6 +38,8 @@ def schema_for(command: str) -> type[BaseModel]:
         from rlcli.config.ppo import PPORecipe as schema
     elif command == "env-rollout":
         from rlcli.config.env import EnvRolloutRecipe as schema
+    elif command == "serve-reward":
+        from rlcli.config.serve import ServeRewardRecipe as schema
     else:
         raise _error("", f"unknown command {command!r}; explain one of {', '.join(COMMANDS)}")
     return schema

@@ -114,7 +114,8 @@ class RewardConfig(Section):
             raise ValueError(f"give exactly one of 'function', 'model', 'adapter' or 'url'; got {got}")
         problems = []
         if self.url is None:
-            problems += [Problem(f"reward.{k}", f"only used with reward.url (a reward service); got {getattr(self, k)!r}")
+            problems += [Problem(f"reward.{k}", f"only used with reward.url (a reward service); got "
+                                                f"{getattr(self, k)!r}")
                          for k, default in SERVICE_KEYS.items() if getattr(self, k) != default]
         else:
             problems += [Problem(f"reward.{k}", f"not used with reward.url: the service decides how it reads the texts "

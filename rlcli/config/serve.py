@@ -60,7 +60,7 @@ class ServeRewardRecipe(Section):
         return value
 
     @model_validator(mode="after")
-    def _servable(self) -> "ServeRewardRecipe":
+    def _servable(self) -> ServeRewardRecipe:
         r, problems = self.reward, []
         if r.url is not None:
             problems.append(Problem("reward.url", "serve-reward serves a reward function or model, not another "

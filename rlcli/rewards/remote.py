@@ -143,8 +143,8 @@ class HTTPReward:
         spans = [(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
         bodies = [encode_request(prompts[a:b], responses[a:b], rows[a:b], None if answers is None else answers[a:b])
                   for a, b in spans]
-        answered = run_bounded([lambda body=body, span=span: self._post(body, span) for body, span in zip(bodies, spans)],
-                               workers=self.max_concurrency, limit_s=self._time_limit(len(spans)), name=self.name)
+        calls = [lambda body=body, span=span: self._post(body, span) for body, span in zip(bodies, spans)]
+        answered = run_bounded(calls, workers=self.max_concurrency, limit_s=self._time_limit(len(spans)), name=self.name)
         scores = [s for a in answered for s in a.scores]
         info = [i for a, (lo, hi) in zip(answered, spans) for i in (a.info or [None] * (hi - lo))]
         self.last_info = info if any(i is not None for i in info) else None
@@ -294,6 +294,8 @@ def run_bounded(calls: list, *, workers: int, limit_s: float, name: str) -> list
     """``[call() for call in calls]``, at most ``workers`` at once, in daemon threads; the first exception is raised
     (the calls not started yet are dropped). Past ``limit_s`` seconds it gives up with a ``UserError``: a daemon
     thread left waiting on a dead socket cannot keep the process from exiting, as a ThreadPoolExecutor's would."""
+    if not calls:
+        return []
     results: list = [None] * len(calls)
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for i in range(len(calls)):

@@ -74,14 +74,14 @@ def check_serve(recipe) -> list[Problem]:
 
 def serve_warnings(recipe) -> list[str]:
     """Legal but risky settings: said at start, not refused."""
-    if is_loopback(recipe.host) or recipe.host == "localhost":
+    if is_loopback(recipe.host):
         return []
     if recipe.token_env is None:
-        return [f"listening on {recipe.host} without a token: anyone who can reach this port can use the reward "
-                "(set token_env)"]
+        return [(f"listening on {recipe.host} without a token: anyone who can reach this port can use the reward "
+                 "(set token_env)")]
     if recipe.tls_certfile is None:
-        return [f"listening on {recipe.host} over plain http: the token and the texts cross the network unencrypted "
-                "(set tls_certfile and tls_keyfile)"]
+        return [(f"listening on {recipe.host} over plain http: the token and the texts cross the network "
+                 "unencrypted (set tls_certfile and tls_keyfile)")]
     return []
 
 
