@@ -168,11 +168,15 @@ def _fault_cases():
         answer(body={"scores": [float(min(r.count("7"), 16)) for r in request["responses"]],
                      "info": [{"sevens": r.count("7")} for r in request["responses"]]})(handler, request)
 
+    def nan(handler, request):
+        scores = ["1.0"] * (len(request["responses"]) - 1) + ["NaN"]
+        answer(body=('{"scores": [' + ", ".join(scores) + "]}").encode())(handler, request)
+
     return {
         "5xx then success": ([answer(503, {"error": "warming up"}), drop, info], None),
         "slow": ([answer(delay=4.0)], "timed out"),
         "wrong count": ([answer(body={"scores": [1.0]})], "with 1 scores for 32 responses"),
-        "NaN": ([answer(body=b'{"scores": [NaN]}')], "not finite numbers"),
+        "NaN": ([nan], "not finite numbers at 1 of 32 responses (first: nan at response 31)"),
         "not JSON": ([answer(body=b"<html>oops</html>")], "not JSON"),
         "wrong token": ([answer(401, {"error": "missing or wrong bearer token"})], "HTTP 401"),
     }
