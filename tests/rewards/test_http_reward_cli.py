@@ -1,7 +1,8 @@
 """``rlcli serve-reward`` + ``reward.url`` through the real entry points, on loopback: a tiny PPO run scored by the
-served reward equals the same run scored in-process (metrics and samples, all but timings); a service killed in
-the middle of a run ends it in one error (exit 1, no traceback), and ``--resume`` against a new service loses
-nothing. Slow: PPO against each kind of faulty service, and env-rollout scored over HTTP."""
+served reward equals the same run scored in-process (metrics and samples, all but timings); a service (``rlcli
+serve-reward`` in a process of its own) killed in the middle of a run ends it in one error (exit 1, no traceback),
+and ``--resume`` against another service loses nothing. Slow: PPO against each kind of faulty service, and
+env-rollout scored over HTTP."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ pytest.importorskip("starlette")
 
 TOKEN = "e2e-token-value-7f3a"
 TINY = "configs/tiny/ppo.yaml"
-STEPS = 6
+STEPS = 4
 FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=32",
         "ppo.mini_batch_size=16", "ppo.micro_batch_size=16", "optim.learning_rate=1e-3", "logging.progress=false",
         "generation.max_new_tokens=24", f"ppo.steps={STEPS}", "train.save_every=2", "train.sample_every=1"]
@@ -98,8 +99,15 @@ def in_process(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service():
-    with serve_reward("token_env=RLCLI_TEST_SERVE_TOKEN", env={"RLCLI_TEST_SERVE_TOKEN": TOKEN}) as (proc, url):
-        yield url
+    """recipes/sevens.py:score served with a token, from a thread of this process (the CLI's own start is tested
+    with the dying service below: a process of its own costs seconds of imports)."""
+    from tests.rewards.test_serve import serving
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLCLI_TEST_SERVE_TOKEN", TOKEN)
+        sevens = f"{REPO / 'recipes' / 'sevens.py'}:score"
+        with serving({"function": sevens}, token_env="RLCLI_TEST_SERVE_TOKEN") as url:
+            yield url
 
 
 def test_a_run_scored_by_the_served_reward_equals_the_in_process_run(in_process, service, tmp_path):
@@ -143,7 +151,8 @@ def test_a_service_killed_mid_run_stops_it_in_one_error_and_resume_loses_nothing
 def test_dry_run_checks_the_service_keys(monkeypatch):
     monkeypatch.setenv("RLCLI_TEST_TOKEN", "")
     code, _, err = invoke_cli("ppo", TINY, "reward.function=null", "reward.url=http://127.0.0.1:9/score",
-                              "reward.token_env=RLCLI_TEST_TOKEN", "reward.label=1", "--dry-run", monkeypatch=monkeypatch)
+                              "reward.token_env=RLCLI_TEST_TOKEN", "reward.label=1", "--dry-run",
+                              monkeypatch=monkeypatch)
     assert code == 2 and "reward.label: not used with reward.url" in plain(err)
     code, _, err = invoke_cli("ppo", TINY, "reward.function=null", "reward.url=http://127.0.0.1:9/score",
                               "reward.token_env=RLCLI_TEST_TOKEN", "--dry-run", monkeypatch=monkeypatch)

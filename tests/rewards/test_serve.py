@@ -172,7 +172,8 @@ def test_a_served_reward_model_scores_as_it_does_in_process(tmp_path):
     load_model(cfg, "classifier", tok, num_labels=1).save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     prompts, responses = ["say: ", "q: ", "x"] * 3, ["hello there", "2+2=4", "a longer response here"] * 3
-    local = build_reward(RewardConfig(model=str(tmp_path / "rm"), batch_size=4), device="cpu")(prompts, responses, [{}] * 9)
+    local_reward = build_reward(RewardConfig(model=str(tmp_path / "rm"), batch_size=4), device="cpu")
+    local = local_reward(prompts, responses, [{}] * 9)
     with serving({"model": str(tmp_path / "rm"), "batch_size": 4}, device="cpu") as url:
         remote = client(url, batch_size=2)(prompts, responses, [{}] * 9)
     assert local.std() > 1e-3  # spread out: equal scores would not tell a wrong reading from a right one
