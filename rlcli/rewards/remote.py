@@ -61,14 +61,32 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+def token_problem(variable: str, key: str) -> Problem | None:
+    """What is wrong with the token in ``$variable`` (unset, empty, not one header-safe word), never showing it."""
+    token = os.environ.get(variable, "").strip()
+    if not token:
+        state = "is empty" if variable in os.environ else "is not set"
+        return Problem(key, f"the environment variable {variable} {state}: export the token in it (or remove {key})")
+    if not all(33 <= ord(c) < 127 for c in token):
+        return Problem(key, f"the token in the environment variable {variable} holds spaces, control or non-ASCII "
+                            "characters: a bearer token is one word of printable ASCII")
+    return None
+
+
+def read_token(variable: str, key: str) -> str:
+    """The token in ``$variable`` (surrounding whitespace dropped), or a ``UserError`` naming ``key``."""
+    problem = token_problem(variable, key)
+    if problem is not None:
+        raise UserError(problem.message, key=key)
+    return os.environ[variable].strip()
+
+
 def check_reward_url(cfg) -> list[Problem]:
-    """Problems with a ``reward.url`` section findable without calling the service: the token's variable is set,
-    the CA file exists."""
+    """Problems with a ``reward.url`` section findable without calling the service: the token's variable holds a
+    token, the CA file exists."""
     problems = []
-    if cfg.token_env is not None and not os.environ.get(cfg.token_env):
-        state = "is empty" if cfg.token_env in os.environ else "is not set"
-        problems.append(Problem("reward.token_env", f"the environment variable {cfg.token_env} {state}: export it "
-                                                    "with the service's token (or remove reward.token_env)"))
+    if cfg.token_env is not None:
+        problems += [p for p in [token_problem(cfg.token_env, "reward.token_env")] if p is not None]
     if cfg.ca_file is not None and not os.path.isfile(cfg.ca_file):
         problems.append(Problem("reward.ca_file", f"{cfg.ca_file} is not a file (a PEM file of CA certificates)"))
     return problems
@@ -116,7 +134,7 @@ class HTTPReward:
         self.token_env = cfg.token_env
         self._headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "rlcli"}
         if cfg.token_env is not None:
-            self._headers["Authorization"] = f"Bearer {os.environ[cfg.token_env]}"
+            self._headers["Authorization"] = f"Bearer {read_token(cfg.token_env, 'reward.token_env')}"
         handlers: list[Any] = [_NoRedirect()]
         if is_loopback(urlsplit(cfg.url).hostname):
             handlers.append(urllib.request.ProxyHandler({}))  # an http_proxy set for the internet is not for loopback

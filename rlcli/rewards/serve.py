@@ -30,7 +30,6 @@ import hmac
 import importlib.util
 import json
 import math
-import os
 import socket
 import sys
 import traceback
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcli.config.errors import Problem, RecipeError, UserError
-from rlcli.rewards.remote import is_loopback
+from rlcli.rewards.remote import is_loopback, read_token, token_problem
 from rlcli.rewards.sources import check_reward_source
 
 SERVER_LIBRARIES = ("uvicorn", "starlette")
@@ -61,10 +60,8 @@ def check_serve(recipe) -> list[Problem]:
     if missing:
         problems.append(Problem("", missing))
     problems += check_reward_source(recipe.reward)
-    if recipe.token_env is not None and not os.environ.get(recipe.token_env):
-        state = "is empty" if recipe.token_env in os.environ else "is not set"
-        problems.append(Problem("token_env", f"the environment variable {recipe.token_env} {state}: export the "
-                                             "token clients must send (or remove token_env)"))
+    if recipe.token_env is not None:
+        problems += [p for p in [token_problem(recipe.token_env, "token_env")] if p is not None]
     for key in ("tls_certfile", "tls_keyfile"):
         path = getattr(recipe, key)
         if path is not None and not Path(path).is_file():
@@ -325,7 +322,7 @@ def serve(config: Path, overrides: list[str], *, dry_run: bool = False) -> None:
     # step 2: the reward
     from rlcli.rewards.sources import build_reward
 
-    token = os.environ[recipe.token_env] if recipe.token_env is not None else None
+    token = read_token(recipe.token_env, "token_env") if recipe.token_env is not None else None
     source = build_reward(recipe.reward, device=recipe.device)
 
     # step 3: serve

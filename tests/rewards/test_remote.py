@@ -49,7 +49,11 @@ class Service:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # a client that gave up (timed out) leaves a broken pipe here: expected, not news
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
@@ -296,6 +300,11 @@ def test_token_variable_must_be_set(monkeypatch):
     assert "is empty" in empty[0].message
     with pytest.raises(UserError, match="reward.token_env: the environment variable"):
         HTTPReward(RewardConfig(url="http://h/x", token_env="RLCLI_TEST_REWARD_TOKEN"))
+    monkeypatch.setenv("RLCLI_TEST_REWARD_TOKEN", "two words\n")
+    bad = check_reward_url(RewardConfig(url="http://h/x", token_env="RLCLI_TEST_REWARD_TOKEN"))
+    assert "holds spaces, control or non-ASCII characters" in bad[0].message and "two" not in bad[0].message
+    monkeypatch.setenv("RLCLI_TEST_REWARD_TOKEN", f" {TOKEN}\n")  # surrounding whitespace (a file's newline) is dropped
+    assert check_reward_url(RewardConfig(url="http://h/x", token_env="RLCLI_TEST_REWARD_TOKEN")) == []
 
 
 def test_an_empty_batch_sends_nothing(service):

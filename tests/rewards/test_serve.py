@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import torch
 from rlcli.config.errors import UserError
 from rlcli.config.reward import RewardConfig
 from rlcli.config.serve import ServeRewardRecipe
-from rlcli.rewards.remote import HTTPReward
+from rlcli.rewards.remote import HTTPReward, read_token
 from rlcli.rewards.serve import make_server
 from rlcli.rewards.sources import FunctionReward, build_reward
 from tests.conftest import float32_rounding_bound, invoke_cli, plain
@@ -59,7 +58,7 @@ def plugin(tmp_path, monkeypatch):
 def serving(reward: dict, **keys):
     """``rlcli serve-reward`` with this recipe, on a free port, in a thread; yields the scoring URL."""
     recipe = ServeRewardRecipe(reward=reward, port=0, **keys)
-    token = os.environ[recipe.token_env] if recipe.token_env else None
+    token = read_token(recipe.token_env, "token_env") if recipe.token_env else None
     server, sock, url = make_server(recipe, build_reward(recipe.reward, device="cpu"), token)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
