@@ -220,6 +220,8 @@ def test_the_recipe_names_its_bad_keys(monkeypatch, tmp_path):
     assert "reward.function" in text and "Traceback" not in err
     code, out, _ = invoke_cli("serve-reward", "configs/serve_reward.yaml", "--dry-run", monkeypatch=monkeypatch)
     assert code == 0 and "dry run OK" in out
+    code, out, _ = invoke_cli("explain", "serve-reward.max_batch_size", monkeypatch=monkeypatch)
+    assert code == 0 and "requests that arrive together" in plain(out)
 
 
 def test_missing_server_libraries_are_said_plainly(monkeypatch):
