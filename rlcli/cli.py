@@ -187,7 +187,25 @@ def _register(command: Command) -> None:
 
 
 for _command in COMMANDS.values():
-    _register(_command)
+    if _command.recipe_run:
+        _register(_command)
+
+
+@app.command("serve-reward")
+def serve_reward(
+    config: Path = CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+) -> None:
+    """Serve a reward function or reward model over HTTP: the JSON contract a recipe's reward.url calls."""
+    from rlcli.rewards.serve import serve
+
+    try:
+        serve(config, overrides or [], dry_run=dry_run)
+    except RecipeError as exc:
+        _fail(_without_traceback(exc), 2)
+    except UserError as exc:
+        _fail(_without_traceback(exc), 1)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The four commands, listed once: what the CLI, ``rlcli explain``, the launch checks and the output-dir checks read.
+"""The commands, listed once: what the CLI, ``rlcli explain``, the launch checks and the output-dir checks read.
 
 Each command names its recipe schema and the module that runs it (``preflight(recipe, origin, processes)`` and
 an entry point ``(recipe, resume=...)``); both are imported only when the command is used, so ``rlcli --help`` stays fast.
@@ -18,6 +18,7 @@ class Command:
     runner_path: str  # module with preflight() and the entry point
     entry: str = "train"  # runner_path's function (recipe, resume=...) that runs the command
     trains: bool = True  # writes checkpoints, resumes; runs under every launcher (env-rollout: one process)
+    recipe_run: bool = True  # CONFIG -> a run in output_dir through cli._run (serve-reward: a server, its own CLI)
 
     @property
     def schema_name(self) -> str:
@@ -44,6 +45,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             "rlcli.config.ppo:PPORecipe", "rlcli.trainers.ppo"),
     Command("env-rollout", "Run episodes of a model that calls tools; show some, summarise all, write them to JSONL.",
             "rlcli.config.env:EnvRolloutRecipe", "rlcli.trainers.env_rollout", entry="run", trains=False),
+    Command("serve-reward", "Serve a reward function or reward model over HTTP: the JSON contract a recipe's "
+                            "reward.url calls.",
+            "rlcli.config.serve:ServeRewardRecipe", "rlcli.rewards.serve", entry="serve", trains=False,
+            recipe_run=False),
 )}
 
 def command_of(schema_name: str | None) -> str:

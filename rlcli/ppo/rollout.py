@@ -54,6 +54,7 @@ class Episodes:
     answers: list[str] | None
     seconds_generate: float
     seconds_score: float
+    reward_info: list | None = None  # [B] a reward service's per-response info (samples.jsonl), or None
 
 
 def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
@@ -99,7 +100,7 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
                             stop_ids=setup.rules.eos_ids if gen.stop_at_eos else (), stop_strings=gen.stop_strings,
                             histories=histories)
     return Episodes(rollout, scored.scores, prompts, scored.responses, scored.stopped, histories, answers, t_gen,
-                    time.perf_counter() - t1)
+                    time.perf_counter() - t1, scored.info)
 
 
 def generate(engine: RolloutEngine, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,

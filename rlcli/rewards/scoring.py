@@ -28,11 +28,13 @@ from rlcli.rl.types import Rollout
 @dataclass(frozen=True)
 class ScoredEpisodes:
     """``responses`` [B] the texts the reward read; ``stopped`` [B] whether each ended by itself; ``scores`` [B]
-    float32, after the missing-EOS penalty."""
+    float32, after the missing-EOS penalty; ``info`` [B] what the source said about each response (a reward
+    service's ``info`` objects), None when it said nothing."""
 
     responses: list[str]
     stopped: list[bool]
     scores: torch.Tensor
+    info: list[dict | None] | None = None
 
 
 def response_texts(rollout: Rollout, tokenizer, *, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
@@ -70,4 +72,4 @@ def score_episodes(reward, reward_cfg, rollout: Rollout, tokenizer, *, prompts: 
     scores = reward(prompts, responses, rows, answers=answers, histories=histories)
     if reward_cfg.missing_eos_penalty is not None:
         scores = torch.where(torch.tensor(stopped), scores, torch.tensor(reward_cfg.missing_eos_penalty))
-    return ScoredEpisodes(responses, stopped, scores)
+    return ScoredEpisodes(responses, stopped, scores, getattr(reward, "last_info", None))

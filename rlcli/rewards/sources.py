@@ -3,6 +3,11 @@
 - :class:`FunctionReward`: a user's Python function (``path/to/file.py:name`` or ``module:name``).
 - :class:`ModelReward`: a sequence-classifier reward model (an ``rlcli rm`` output dir or a hub id), or a
   reward-model LoRA adapter on the policy's own base (``rlcli.rewards.adapter``).
+- :class:`~rlcli.rewards.remote.HTTPReward`: an HTTP reward service (``reward.url``; ``rlcli serve-reward`` serves
+  the other two that way).
+
+A source may also keep ``last_info``: a per-response dict (or None) from its last call, which the runs log with
+the responses (an HTTP service's ``info``); sources without it have none.
 """
 
 from __future__ import annotations
@@ -90,29 +95,41 @@ class ModelReward:
 
 def check_reward(recipe) -> list[Problem]:
     """Problems with a recipe's ``reward:`` section findable without loading weights."""
+    cfg = recipe.reward
+    if cfg.adapter is not None:
+        from rlcli.rewards.adapter import check_reward_adapter
+
+        return check_reward_adapter(recipe)
+    return check_reward_source(cfg)
+
+
+def check_reward_source(cfg) -> list[Problem]:
+    """Problems with a ``reward:`` section's function, model or service that need no policy to find (for
+    ``reward.adapter`` on a policy's base, see ``check_reward_adapter``; here an adapter dir is a model of its own)."""
     from pathlib import Path
 
     from rlcli.models.loading import source_kind
 
-    cfg, problems = recipe.reward, []
+    problems = []
     if cfg.function is not None:
         try:
             check_reward_function(cfg.function)
         except UserError as exc:
             problems.append(Problem("reward.function", str(exc)))
-    elif cfg.model is not None:
-        try:
-            kind = source_kind(cfg.model)
-            if kind == "local" and not ((Path(cfg.model) / "config.json").exists()
-                                        or (Path(cfg.model) / "adapter_config.json").exists()):
-                problems.append(Problem("reward.model", f"{cfg.model} has no config.json (not a saved model "
-                                                        "directory)"))
-        except UserError as exc:
-            problems.append(Problem("reward.model", str(exc)))
-    else:
-        from rlcli.rewards.adapter import check_reward_adapter
+    elif cfg.url is not None:
+        from rlcli.rewards.remote import check_reward_url
 
-        problems += check_reward_adapter(recipe)
+        problems += check_reward_url(cfg)
+    elif cfg.model is not None or cfg.adapter is not None:
+        name = "model" if cfg.model is not None else "adapter"
+        path = cfg.model or cfg.adapter
+        try:
+            kind = source_kind(path)
+            if kind == "local" and not ((Path(path) / "config.json").exists()
+                                        or (Path(path) / "adapter_config.json").exists()):
+                problems.append(Problem(f"reward.{name}", f"{path} has no config.json (not a saved model directory)"))
+        except UserError as exc:
+            problems.append(Problem(f"reward.{name}", str(exc)))
     return problems
 
 
@@ -121,6 +138,10 @@ def build_reward(cfg, device=None, *, policy=None, tokenizer=None) -> RewardSour
     unwrapped) and its ``tokenizer``: the base a ``reward.adapter`` is loaded onto."""
     if cfg.function is not None:
         return FunctionReward(cfg.function)
+    if cfg.url is not None:
+        from rlcli.rewards.remote import HTTPReward
+
+        return HTTPReward(cfg)
     if cfg.adapter is not None and policy is not None:
         from rlcli.rewards.adapter import AdapterRewardModel
 

@@ -36,6 +36,7 @@ from rlcli.launch import check_launch
 from rlcli.logging import console
 from rlcli.models.loading import check_model_config, load_model, load_tokenizer
 from rlcli.models.value_head import disable_dropout
+from rlcli.rewards.remote import check_reward_url
 from rlcli.rewards.scoring import score_episodes
 from rlcli.rewards.sources import build_reward, check_reward_function
 from rlcli.config.loader import recipe_to_yaml
@@ -57,6 +58,8 @@ def preflight(recipe: EnvRolloutRecipe, origin: Origin | str = "recipe", process
             check_reward_function(recipe.reward.function)
         except UserError as exc:
             problems.append(Problem("reward.function", str(exc)))
+    if recipe.reward is not None and recipe.reward.url is not None:
+        problems += check_reward_url(recipe.reward)
     problems += check_launch("env-rollout", recipe, processes=processes)
     if recipe.accept_min_reward is not None and recipe.reward is None:
         problems.append(Problem("accept_min_reward", "needs a reward section to score the episodes"))
@@ -139,7 +142,7 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
 
     # step 2: episodes in batches
-    histories, generated, start = [], 0, time.perf_counter()
+    histories, infos, generated, start = [], [], 0, time.perf_counter()
     generator = torch.Generator().manual_seed(recipe.seed)
     with console.status(f"running {len(rows)} episodes") as status:
         for i in range(0, len(rows), recipe.batch_size):
@@ -153,6 +156,7 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
                                         prompts=[r[column] for r in batch], rows=batch, histories=done)
                 for h, s in zip(done, scored.scores.tolist()):
                     h.reward = s
+                infos += scored.info or [None] * len(done)
             histories += done
             status.update(f"ran {len(histories)}/{len(rows)} episodes")
     seconds = time.perf_counter() - start
@@ -171,7 +175,8 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     console.print(summary_table(summary))
 
     # step 4: write (to a temp file first: a crash never leaves a half-written file that looks finished)
-    lines = [json.dumps(episode_row(h)) + "\n" for h in histories]
+    lines = [json.dumps({**episode_row(h), **({"reward_info": i} if i is not None else {})}) + "\n"
+             for h, i in zip(histories, infos or [None] * len(histories))]
     tmp = out / (EPISODES_FILE + ".tmp")
     tmp.write_text("".join(lines))
     tmp.rename(out / EPISODES_FILE)

@@ -330,6 +330,9 @@ RESUME_MAY_CHANGE = (
     "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_batch_size", "train.sample_every",
     "train.samples_per_log", "train.micro_batch_size", "ppo.micro_batch_size", "model.gradient_checkpointing",
     "lora.merge_on_save",
+    # where the reward service is and how it is reached (the scores are the service's, wherever it runs)
+    "reward.url", "reward.token_env", "reward.timeout_s", "reward.max_concurrency", "reward.retries",
+    "reward.retry_backoff_s", "reward.verify_tls", "reward.ca_file",
 )
 
 
@@ -380,6 +383,7 @@ def check_resume_recipe(recipe: RecipeBase, ckpt: Path, origin: Origin | str = "
         hint="A resumed run continues exactly as it was trained, so these must stay as they were (drop the "
              "overrides, or restore the recipe). --resume accepts changes to: more or fewer steps (train.max_steps, "
              "train.epochs, ppo.steps), logging.*, train.save_every, train.keep_checkpoints, train.eval_every, "
-             "micro_batch_size and similar. To train on with other settings, start a new run in another output_dir "
+             "micro_batch_size and similar, the reward service's address and connection settings (reward.url, "
+             "reward.timeout_s, ...). To train on with other settings, start a new run in another output_dir "
              "from this one's model (model.name_or_path=<this output_dir>).",
     )

@@ -197,4 +197,6 @@ def write_samples(path: Path, step: int, ep: Episodes, count: int) -> None:
             if ep.histories is not None:
                 row["answer"] = ep.answers[i]
                 row["tool_calls"] = [c.__dict__ for c in ep.histories[i].tool_calls]
+            if ep.reward_info is not None and ep.reward_info[i] is not None:
+                row["reward_info"] = ep.reward_info[i]
             f.write(json.dumps(row) + "\n")

@@ -286,7 +286,7 @@ def test_dry_run_names_the_key_without_a_traceback(tmp_path, monkeypatch):
     assert "reward.adapter: needs a LoRA policy" in text
     assert "the policy is built from scratch (model.architecture)" in text
     code, _, err = cli("ppo", "configs/tiny/ppo.yaml", "reward.model=runs/x", "--dry-run", monkeypatch=monkeypatch)
-    assert code == 2 and "give exactly one of 'function', 'model' or 'adapter'" in plain(err)
+    assert code == 2 and "give exactly one of 'function', 'model', 'adapter' or 'url'" in plain(err)
 
 
 def test_explain_documents_the_key(monkeypatch):
