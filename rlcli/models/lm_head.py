@@ -48,15 +48,19 @@ def chunkable(model: nn.Module) -> bool:
 
 
 class HeadInput:
-    """Filled by ``capture_head_input``: ``hidden``, the head's input of the last forward (``[B, T, H]``)."""
+    """Filled by ``capture_head_input``: ``hidden``, the head's input of the forward (``[B, T, H]``), and ``result``,
+    what ``then(hidden, head)`` returned."""
 
     hidden: torch.Tensor | None = None
+    result = None
 
 
 @contextmanager
-def capture_head_input(model: nn.Module):
+def capture_head_input(model: nn.Module, then=None):
     """Inside, a forward of ``model`` keeps its head's input in the yielded ``HeadInput`` and computes no logits
-    (the head sees zero positions). Calls of the head made while the hook is busy, or after the block, are plain."""
+    (the head sees zero positions). ``then(hidden, head)``, if given, runs inside the model's forward, where the
+    head is called (its mixed-precision autocast, its sharding engine's hooks); calls of the head it makes, and
+    calls after the block (a checkpointed chunk recomputed in the backward), are plain."""
     head = output_head(model)
     if head is None:
         raise ValueError(f"{type(_unwrap(model)).__name__} has no output embeddings to take hidden states from")
@@ -66,6 +70,8 @@ def capture_head_input(model: nn.Module):
         if captured.hidden is not None or not args or not torch.is_tensor(args[0]) or args[0].dim() < 2:
             return None
         captured.hidden = args[0]
+        if then is not None:
+            captured.result = then(args[0], module)
         return (args[0][..., :0, :],) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(hook)

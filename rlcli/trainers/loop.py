@@ -150,6 +150,9 @@ class Objective(Protocol):
     def normaliser(self, batch: list) -> int:
         """The global batch's loss denominator (target tokens for SFT, pairs for RM)."""
 
+    def length(self, example) -> int:
+        """An example's padded width in a batch: micro-batches are formed from examples sorted by it."""
+
     def micro_loss(self, model, micro: list, normaliser: int, device) -> tuple[torch.Tensor, dict[str, Any]]:
         """The micro-batch's loss, already divided by ``normaliser``, and counts to sum over the step."""
 
@@ -189,6 +192,9 @@ def supervised_steps(run: Run, objective: Objective, settings: SupervisedSetting
             batch = [objective.examples[i] for i in indices]
             normaliser = objective.normaliser(batch)
             mine = batch[rank * per_proc : (rank + 1) * per_proc]
+            # micro-batches of examples of similar length pad less; the loss is normalised over the global batch,
+            # so how it is split changes only float summation order
+            mine = sorted(mine, key=objective.length)
             micro_batches = [mine[i : i + tcfg.micro_batch_size] for i in range(0, per_proc, tcfg.micro_batch_size)]
             loss_sum = torch.zeros((), device=par.device)
             counts: dict[str, Any] = {}
