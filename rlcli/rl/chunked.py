@@ -101,7 +101,7 @@ def token_stats(hidden: torch.Tensor, head: Head, labels: torch.Tensor, rules: S
         if entropy:
             values.append(_entropy(z))
         if ref is not None:
-            logp = z - lse[:, None]
+            logp = torch.log_softmax(z, dim=-1)  # as the reference's: identical models give a KL of exactly 0
             ref_logp = torch.log_softmax(rules.apply(ref[1](ref_c), pos_c), dim=-1)
             p = logp.exp()
             # p = 0 (a forbidden token) contributes 0; the where keeps its -inf - -inf from making a NaN
