@@ -10,7 +10,8 @@ small driver that, inside that process,
 
 - resets the kernel's peak-RSS counter (``/proc/self/clear_refs``, 5) when the training loop starts, so
   **peak RSS of the steps** is the most memory the process held while training (the weights are loaded by then),
-  read from ``VmHWM`` at the end; **peak RSS of the run** is ``ru_maxrss`` (loading included);
+  read from ``VmHWM`` at the end of every step; **peak RSS of the run** is ``ru_maxrss`` (loading and the final
+  save included);
 - times every optimizer step (from one ``Run.log`` call to the next; the first step's time counts from the loop's
   start): **step time** is the median of the steps after the first.
 
@@ -53,9 +54,15 @@ def timed_steps(self):
         pass
     marks.append(time.perf_counter())
     return steps(self)
+def vm_hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+hwm = [0]
 log = loop.Run.log
 def timed_log(self, step, metrics, **kw):
     marks.append(time.perf_counter())
+    hwm[0] = max(hwm[0], vm_hwm())  # the steps' peak: the final save comes after
     return log(self, step, metrics, **kw)
 loop.Run.steps, loop.Run.log = timed_steps, timed_log
 
@@ -67,12 +74,8 @@ try:
 except SystemExit as exc:
     if exc.code not in (0, None):
         raise
-hwm = None
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        hwm = int(line.split()[1]) * 1024
 json.dump({"step_seconds": [b - a for a, b in zip(marks, marks[1:])],
-           "peak_rss_steps": hwm,
+           "peak_rss_steps": hwm[0],
            "peak_rss_run": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, open(out_json, "w"))
 """
 
@@ -94,7 +97,7 @@ def run_once(source: Path, recipe: str, overrides: list[str], steps: int, work: 
     driver.write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     cmd = [sys.executable, str(driver), str(result), "sft", recipe, f"output_dir={out}", f"train.max_steps={steps}",
-           "train.save_every=0", "logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true",
+           "logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true",
            *overrides]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if res.returncode != 0:
