@@ -142,3 +142,18 @@ def test_chunk_positions_follow_the_vocabulary():
     assert chunk_positions(49152) == (1 << 24) // 49152
     assert chunk_positions(10**9) == 1
     assert chunk_positions(256) == 65536
+
+
+def test_default_chunks_no_positions_and_only_what_was_asked():
+    hidden, head, labels, mask, turn = _problem(torch.float64, seed=3)
+    rules = SamplingRules(temperature=0.7, banned_ids=(5,))
+    with torch.no_grad():
+        got = token_stats(hidden, head, labels, rules, turn_positions=turn, mask=mask, forbidden=True)
+        logits = head(hidden)
+        want = rules.logprobs(logits, labels, turn, mask=mask)
+        forbidden = torch.where(mask, rules.forbidden_mass(logits, turn), 0.0)
+        none = token_stats(hidden, head, labels, rules, mask=torch.zeros_like(mask))
+    torch.testing.assert_close(got.logprobs, want, rtol=0, atol=1e-12)  # the chunk size found from the vocabulary
+    torch.testing.assert_close(got.forbidden_mass, forbidden, rtol=0, atol=1e-12)  # tempered, not plain
+    assert got.entropy is None and got.full_kl is None
+    assert none.logprobs.shape == labels.shape and (none.logprobs == 0).all() and none.forbidden_mass is None
