@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rlcli.models.lm_head import capture_head_input, chunkable, output_head
 from rlcli.padding import left_to_right, position_ids
 
 VALUE_HEAD_WEIGHTS = "value_head.safetensors"
@@ -68,6 +69,12 @@ class ValueHeadModel(nn.Module):
     for causal LMs the logits that predict response token t sit at index Q-1+t of the full sequence, and only
     the last R+1 positions' logits are computed (``logits_to_keep``); for seq2seq the decoder reads
     ``[start] + response[:-1]``.
+
+    With ``hidden=True`` it returns the LM head's *input* at those positions instead of the logits (the model
+    computes none), and ``head`` turns any chunk of them into logits: ``rlcli.rl.chunked.token_stats`` then never
+    holds more than one chunk's logits. For a model whose logits are not ``head(hidden)`` (soft-capping, a logit
+    scale: ``rlcli.models.lm_head.chunkable``) ``hidden=True`` returns the logits themselves and ``head`` is the
+    identity, so callers need not care.
     """
 
     def __init__(self, pretrained: nn.Module, value_head: ValueHead | None):
@@ -78,6 +85,12 @@ class ValueHeadModel(nn.Module):
         self.is_encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
         self.is_peft = hasattr(pretrained, "peft_config")
         self.pad_token_id = int(getattr(self.config, "pad_token_id", None) or 0)
+        self.chunkable = chunkable(pretrained)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` head inputs from ``forward(..., hidden=True)`` -> ``[..., V]`` logits (LoRA on the head and
+        tied embeddings included: it is the model's own output-embeddings module)."""
+        return output_head(self.pretrained)(hidden) if self.chunkable else hidden
 
     def forward(
         self,
@@ -87,8 +100,18 @@ class ValueHeadModel(nn.Module):
         response_mask: torch.Tensor,
         *,
         with_values: bool = True,
+        hidden: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns ``logits`` [B, R, V] (predicting each response token) and ``values`` [B, R] (or None)."""
+        """Returns ``logits`` [B, R, V] (predicting each response token) and ``values`` [B, R] (or None); with
+        ``hidden=True`` the head's input [B, R, H] in place of the logits (see the class docstring)."""
+        if hidden and self.chunkable:
+            with capture_head_input(self.pretrained) as captured:
+                _, values = self._forward(query_ids, query_mask, response_ids, response_mask, with_values)
+            h = captured.hidden
+            return (h if self.is_encoder_decoder else h[:, :-1]), values
+        return self._forward(query_ids, query_mask, response_ids, response_mask, with_values)
+
+    def _forward(self, query_ids, query_mask, response_ids, response_mask, with_values):
         r = response_ids.shape[1]
         with_values = with_values and self.value_head is not None
         if self.is_encoder_decoder:
@@ -112,6 +135,11 @@ class ValueHeadModel(nn.Module):
             hidden = out.hidden_states[-1][:, -(r + 1) : -1] if with_values else None
         values = self.value_head(hidden) if hidden is not None and self.value_head is not None else None
         return logits, values
+
+    def reference_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``head`` of the reference: with the adapter disabled (LoRA may sit on the head too)."""
+        with self.reference():
+            return self.head(hidden)
 
     @contextmanager
     def reference(self):

@@ -46,6 +46,7 @@ from rlcli.rl import (
     explained_variance,
     kl_penalty,
 )
+from rlcli.rl.chunked import token_stats
 from rlcli.rl.estimators import ESTIMATORS, AdvantageInputs
 from rlcli.rl.losses import LossSettings, ppo_loss
 from rlcli.seeds import shuffle_generator
@@ -161,30 +162,36 @@ class PPOLearner:
         b, r = rollout.response_ids.shape
         names = ("pi_logprobs", "values", "ref_logprobs", "kl", "entropy", "forbidden_mass")
         out = {k: torch.zeros(b, r) for k in names}
+        # micro-batches of rows of similar length, so _trim cuts more padding (each row's numbers do not depend on
+        # the rows beside it, up to float summation order)
+        order = torch.argsort(rollout.query_mask.sum(dim=1) + rollout.response_mask.sum(dim=1), stable=True)
         for start in range(0, b, self.algo.micro_batch_size):
-            rows = slice(start, start + self.algo.micro_batch_size)
+            rows = order[start : start + self.algo.micro_batch_size]
             mb, width = _trim(rollout.index(rows))
             mb = mb.to(self.par.device)
             args = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+            turn, model_mask = mb.turn_positions, mb.model_mask.bool()
             with self.par.autocast():
-                logits, values = policy(*args)
+                # head inputs, not logits: the statistics below take the logits a chunk of positions at a time
+                hidden, values = policy(*args, hidden=True)
                 if self.ref_model is None:
                     with policy.reference():
-                        ref_logits, _ = policy(*args, with_values=False)
+                        ref_hidden, _ = policy(*args, with_values=False, hidden=True)
+                    ref_head = policy.reference_head
                 else:
-                    ref_logits, _ = self.ref_model(*args, with_values=False)
-            turn, model_mask = mb.turn_positions, mb.model_mask.bool()
-            # the rules' log-prob of a pad label may be -inf (PAD = EOS, banned there): masked at the source
-            lp = self.rules.logprobs(logits, mb.response_ids, turn, mask=model_mask)
-            ref_lp = self.rules.logprobs(ref_logits, mb.response_ids, turn, mask=model_mask)
-            if self.kl_estimator == "full":
-                kl = self.rules.full_kl(logits, ref_logits, turn)
-            else:
-                kl = kl_penalty(lp, ref_lp, self.kl_estimator)
+                    ref_hidden, _ = self.ref_model(*args, with_values=False, hidden=True)
+                    ref_head = self.ref_model.head
+                # only model tokens are computed: a pad label's log-prob may be -inf (PAD = EOS, banned there)
+                full = self.kl_estimator == "full"
+                pi = token_stats(hidden, policy.head, mb.response_ids, self.rules, turn_positions=turn,
+                                 mask=model_mask, entropy=True, ref=(ref_hidden, ref_head) if full else None,
+                                 forbidden=self.rules.restricts)
+                ref = token_stats(ref_hidden, ref_head, mb.response_ids, self.rules, turn_positions=turn,
+                                  mask=model_mask)
+            lp, ref_lp = pi.logprobs, ref.logprobs
+            kl = pi.full_kl if full else kl_penalty(lp, ref_lp, self.kl_estimator)
             computed = {"pi_logprobs": lp, "values": values, "ref_logprobs": ref_lp, "kl": kl,
-                        "entropy": self.rules.entropy(logits, turn)}
-            if self.rules.restricts:
-                computed["forbidden_mass"] = self.rules.forbidden_mass(logits, turn)
+                        "entropy": pi.entropy, "forbidden_mass": pi.forbidden_mass}
             for key, value in computed.items():
                 if value is not None:
                     out[key][rows, :width] = torch.where(model_mask, value.float(), 0.0).cpu()
@@ -339,8 +346,9 @@ class PPOLearner:
             mb, width = _trim(b.index(rows))
             mb = mb.to(dev)
             with self.par.micro_batch(self.model, last=i == len(micro_batches) - 1):
-                logits, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
-                loss, parts = self._minibatch_loss(mb, logits, values, rows, width, b_logprobs, b_values,
+                hidden, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                                            hidden=True)
+                loss, parts = self._minibatch_loss(mb, hidden, values, rows, width, b_logprobs, b_values,
                                                    b_ref_logprobs, b_advantages, b_returns, totals)
                 loss = loss * self.procs
                 losses = [parts[k] for k in LOSS_PARTS if k in parts]
@@ -360,23 +368,26 @@ class PPOLearner:
                 mb_stats[key] += float(value.detach()) * weight
         return mb_stats
 
-    def _minibatch_loss(self, mb: Rollout, logits, values, rows, width, b_logprobs, b_values, b_ref_logprobs,
+    def _minibatch_loss(self, mb: Rollout, hidden, values, rows, width, b_logprobs, b_values, b_ref_logprobs,
                         b_advantages, b_returns, totals) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch's share of the minibatch loss: clipped policy loss, clipped value loss (gae), β·KL (loss
         mode), minus the entropy bonus; and its parts, for the statistics and the finiteness check."""
         dev = self.par.device
         mb_mask = mb.model_mask.float()
-        mb_logprobs = self.rules.logprobs(logits, mb.response_ids, mb.turn_positions, mask=mb_mask.bool())
+        with self.par.autocast():
+            stats = token_stats(hidden, self.par.unwrap(self.model).head, mb.response_ids, self.rules,
+                                turn_positions=mb.turn_positions, mask=mb_mask.bool(),
+                                entropy=self.algo.entropy_coef > 0)
         critic = values is not None and b_values is not None
         return ppo_loss(
-            mb_logprobs, b_logprobs[rows, :width].to(dev), b_advantages[rows, :width].to(dev), mb_mask,
+            stats.logprobs, b_logprobs[rows, :width].to(dev), b_advantages[rows, :width].to(dev), mb_mask,
             self.loss_settings, totals,
             values=values if critic else None,
             old_values=b_values[rows, :width].to(dev) if critic else None,
             returns=b_returns[rows, :width].to(dev) if critic else None,
             ref_logprobs=b_ref_logprobs[rows, :width].to(dev) if self.kl_mode == "loss" else None,
             kl_coef=self.kl_ctl.value,
-            entropy=self.rules.entropy(logits, mb.turn_positions) if self.algo.entropy_coef > 0 else None)
+            entropy=stats.entropy)
 
     def _statistics(self, rollout, raw_scores, scores, fwd: RolloutForward, rewards, advantages, returns,
                     mask) -> dict[str, float]:

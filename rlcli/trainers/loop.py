@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -54,6 +55,7 @@ class Run:
         self.par = Parallel(recipe, mixed_precision=train.mixed_precision, tf32=train.tf32, batch_size=batch_size,
                             micro_batch_size=micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
         self.accelerator = self.par.accelerator
+        self.threads = cpu_threads(self.par.num_processes)
         self.out = Path(recipe.output_dir)
         self.start_step = 0
         self.state: dict[str, Any] = {}  # the checkpoint's trainer state (PPO: the learner's)
@@ -108,6 +110,7 @@ class Run:
         """The run's header line (main process): ``text``, the processes, where a resume starts."""
         if self.par.is_main_process:
             console.print(text + (f", {self.par.describe()}" if self.par.num_processes > 1 else "")
+                          + f", {self.threads} CPU thread{'s' if self.threads != 1 else ''}"
                           + (f", resuming at step {self.start_step}" if self.start_step else ""))
 
     def progress(self, name: str, shown: tuple[str, ...]) -> TrainingProgress:
@@ -156,6 +159,9 @@ class Objective(Protocol):
     def normaliser(self, batch: list) -> int:
         """The global batch's loss denominator (target tokens for SFT, pairs for RM)."""
 
+    def length(self, example) -> int:
+        """An example's padded width in a batch: micro-batches are formed from examples sorted by it."""
+
     def micro_loss(self, model, micro: list, normaliser: int, device) -> tuple[torch.Tensor, dict[str, Any]]:
         """The micro-batch's loss, already divided by ``normaliser``, and counts to sum over the step."""
 
@@ -195,6 +201,9 @@ def supervised_steps(run: Run, objective: Objective, settings: SupervisedSetting
             batch = [objective.examples[i] for i in indices]
             normaliser = objective.normaliser(batch)
             mine = batch[rank * per_proc : (rank + 1) * per_proc]
+            # micro-batches of examples of similar length pad less; the loss is normalised over the global batch,
+            # so how it is split changes only float summation order
+            mine = sorted(mine, key=objective.length)
             micro_batches = [mine[i : i + tcfg.micro_batch_size] for i in range(0, per_proc, tcfg.micro_batch_size)]
             loss_sum = torch.zeros((), device=par.device)
             counts: dict[str, Any] = {}
@@ -272,6 +281,19 @@ def steps_of(recipe: RecipeBase, examples: int) -> tuple[int, str]:
 
 
 # --- the pieces -------------------------------------------------------------------------------------------------
+
+
+def cpu_threads(processes: int) -> int:
+    """Set and return torch's intra-op thread count for this process: ``OMP_NUM_THREADS`` when the user set it, else
+    the CPU cores this process may run on shared by the processes of this machine (``LOCAL_WORLD_SIZE``; torch's
+    own default gives every process all cores, which oversubscribes a CPU run of several processes)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes) or 1)
+    threads = max(1, cores // max(local, 1))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def make_optimizer(params, cfg: OptimConfig, total_steps: int):

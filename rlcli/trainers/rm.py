@@ -132,6 +132,9 @@ class RMObjective:
     def normaliser(self, batch: list) -> int:
         return self.batch_size
 
+    def length(self, pair: PairExample) -> int:
+        return max(len(pair.chosen_ids), len(pair.rejected_ids))
+
     def micro_loss(self, model, micro: list, normaliser: int, device):
         chosen, rejected, margin = pair_rewards(model, micro, self.pad_id, device)
         loss = pairwise_loss(chosen, rejected, margin, self.center_penalty).sum() / normaliser

@@ -30,7 +30,10 @@ from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch, launch_processes
+from rlcli.models.lm_head import capture_head_input, chunkable
 from rlcli.models.loading import check_model_config, load_model, load_tokenizer, model_task
+from rlcli.rl.chunked import token_stats
+from rlcli.rl.sampling import SamplingRules
 from rlcli.trainers.loop import (
     Run,
     SupervisedSettings,
@@ -64,6 +67,29 @@ def _target_tokens(example: dict) -> int:
     return sum(1 for t in example["labels"][1:] if t != IGNORE)
 
 
+def summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy summed over a collated batch's target tokens (``labels`` != IGNORE), a scalar.
+
+    The final hidden states go through the LM head a chunk of target positions at a time
+    (``rlcli.rl.chunked.token_stats``, inside the model's forward): the ``[B, T, V]`` logits never exist, and
+    prompt, padding and other non-target positions never reach the head. A model whose logits are not its head's
+    output (``rlcli.models.lm_head.chunkable``) gets the same numbers from its full logits."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+    def stats(hidden, head):
+        return token_stats(hidden[:, :-1], head, labels, SamplingRules(), mask=mask).logprobs
+
+    if chunkable(model):
+        with capture_head_input(model, then=stats) as captured:
+            model(**inputs)
+        logprobs = captured.result
+    else:
+        logprobs = stats(model(**inputs).logits, lambda z: z)
+    return -logprobs.sum()
+
+
 def evaluate(model, data: TokenizedSet, par, batch_size: int, pad_id: int) -> dict[str, float]:
     """Mean per-token loss over the eval set (split across processes, summed back; ``Parallel.my_batches`` gives
     every process the same number of forward passes, as a sharded model needs)."""
@@ -74,9 +100,9 @@ def evaluate(model, data: TokenizedSet, par, batch_size: int, pad_id: int) -> di
         for chunk, real in par.my_batches(data.examples, batch_size):
             n = sum(_target_tokens(ex) for ex in chunk)
             batch = {k: v.to(par.device) for k, v in collate(chunk, pad_id).items()}
-            out = model(**batch, num_items_in_batch=max(n, 1))
+            loss_sum = summed_loss(model, batch)
             if real:
-                total_loss += out.loss.double() * n
+                total_loss += loss_sum.double()
                 total_tokens += n
     total_loss = par.reduce(total_loss, "sum")
     total_tokens = par.reduce(total_tokens, "sum")
@@ -95,9 +121,12 @@ class SFTObjective:
     def normaliser(self, batch: list) -> int:
         return sum(_target_tokens(ex) for ex in batch)
 
+    def length(self, example: dict) -> int:
+        return len(example["input_ids"])
+
     def micro_loss(self, model, micro: list, normaliser: int, device):
         inputs = {k: v.to(device) for k, v in collate(micro, self.pad_id).items()}
-        loss = model(**inputs, num_items_in_batch=normaliser).loss
+        loss = summed_loss(model, inputs) / max(normaliser, 1)
         return loss, {"tokens": int(inputs["attention_mask"].sum())}
 
     def metrics(self, loss: float, counts: dict, lr: float, epoch: float, seconds: float) -> dict[str, float]:

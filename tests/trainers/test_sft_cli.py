@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import socket
 
 import pytest
@@ -49,6 +50,7 @@ def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
     res = run_cli("sft", TINY, f"output_dir={out}", "logging.progress=false", "--resume")
     assert res.returncode == 0, res.stderr
     assert "resuming at step" in res.stdout
+    assert re.search(r"\d+ CPU threads?", res.stdout)  # the run header says how many threads it uses
     expected = read_metrics(trained)
     got = read_metrics(out)
     assert [m["step"] for m in got] == [m["step"] for m in expected]
