@@ -186,6 +186,49 @@ def _no_means_no(value: Any) -> Any:
     return "no" if value is False else value
 
 
+class RunSettings(Section):
+    """Precision and checkpoints: what the ``train`` section of every trainer has."""
+
+    mixed_precision: MixedPrecision = "no"
+    """``bf16`` / ``fp16`` autocast for forward passes (GPU; bf16 also on CPU), ``no`` for float32."""
+    tf32: bool = True
+    """On CUDA GPUs from Ampere on, run float32 matmuls and convolutions on TF32 tensor cores (~10-bit mantissa
+    inputs, float32 accumulation): several times faster for float32 weights, and what mixed precision leaves in
+    float32. No effect on CPU."""
+    save_every: int | None = Field(None, gt=0)
+    """Write a resumable checkpoint every N steps (optimizer steps; PPO steps in ``rlcli ppo``)."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """Keep only the newest N checkpoints; older ones are deleted."""
+
+    _mp = field_validator("mixed_precision", mode="before")(_no_means_no)
+
+
+class SupervisedTrain(RunSettings):
+    """How long and how big (``rlcli sft``: examples; ``rlcli rm``: preference pairs, each two texts)."""
+
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (fractions allowed). Ignored when ``max_steps`` is set."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(32, gt=0)
+    """Global batch: examples (RM: pairs) per optimizer step, across all processes and accumulation steps."""
+    micro_batch_size: int | None = Field(None, gt=0)
+    """Examples (RM: pairs) per forward pass on one process (accumulation steps = batch_size / (micro ×
+    processes)). Default: the whole per-process share, batch_size / processes, in one pass; set it lower when
+    memory is short."""
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (and at the end) when there is eval data."""
+    eval_batch_size: int = Field(16, gt=0)
+    """Examples (RM: pairs; also for the final reward statistics) per forward pass in evaluation: no gradients, so
+    larger than training batches is fine."""
+
+    @model_validator(mode="after")
+    def _batches_divide(self, info: ValidationInfo) -> "SupervisedTrain":
+        self.micro_batch_size, _ = share_micro_batch(self.batch_size, self.micro_batch_size, processes_of(info),
+                                                     "train.batch_size", "train.micro_batch_size")
+        return self
+
+
 class LoggingConfig(Section):
     """Where metrics go besides ``OUTPUT_DIR/metrics.jsonl`` (always written)."""
 

@@ -12,12 +12,11 @@ from rlcli.config.reward import RewardConfig
 from rlcli.config.common import (
     DataSource,
     LoraConfig,
-    MixedPrecision,
     ModelConfig,
     OptimConfig,
     RecipeBase,
+    RunSettings,
     Section,
-    _no_means_no,
     processes_of,
     share_micro_batch,
 )
@@ -226,19 +225,9 @@ class EvalConfig(Section):
     is computed the same way whatever the process count, so results do not depend on it."""
 
 
-class PPOTrain(Section):
+class PPOTrain(RunSettings):
     """Precision, checkpoints and samples of a PPO run."""
 
-    mixed_precision: MixedPrecision = "no"
-    """``bf16`` / ``fp16`` autocast for forward passes (GPU; bf16 also on CPU), ``no`` for float32."""
-    tf32: bool = True
-    """On CUDA GPUs from Ampere on, run float32 matmuls and convolutions on TF32 tensor cores (~10-bit mantissa
-    inputs, float32 accumulation): several times faster for float32 weights, and what mixed precision leaves in
-    float32. No effect on CPU."""
-    save_every: int | None = Field(None, gt=0)
-    """Checkpoint every N PPO steps."""
-    keep_checkpoints: int = Field(2, gt=0)
-    """Keep the newest N checkpoints; older ones are deleted."""
     sample_every: int = Field(10, gt=0)
     """Write a few (prompt, response, reward) rows to samples.jsonl every N steps."""
     samples_per_log: int = Field(4, gt=0)
@@ -249,8 +238,6 @@ class PPOTrain(Section):
     metric (``EVAL_METRICS``). Needs held-out prompts (see ``eval``)."""
     keep_best_mode: Literal["max", "min"] = "max"
     """Whether a larger (``max``) or smaller ``keep_best`` value is better."""
-
-    _mp = field_validator("mixed_precision", mode="before")(_no_means_no)
 
 
 class PPORecipe(RecipeBase):

@@ -173,14 +173,51 @@ class Objective(Protocol):
         """Held-out metrics (``{}`` without eval data)."""
 
 
+@dataclass(frozen=True)
+class SupervisedKind:
+    """What tells the supervised trainers apart; everything else of ``train_supervised`` they share."""
+
+    name: str  # the command: the header line and the progress bar
+    noun: str  # what the data holds: "examples", "pairs"
+    task: str | None  # the model's task for ``load_model`` (None: the recipe model's own, ``model_task``)
+    check: Callable  # check(rows, data, path): the rows' problems, raised
+    tokenize: Callable  # tokenize(rows, data, tokenizer, path) -> a tokenized set
+    items: Callable[[Any], list]  # a tokenized set's examples
+    objective: Callable[..., Objective]  # objective(recipe, train_set, eval_set, tokenizer)
+    shown: tuple[str, ...]  # the metrics of the progress line
+
+
 @dataclass
-class SupervisedSettings:
-    name: str
-    shown: tuple[str, ...]
-    has_eval: bool
+class SupervisedRun:
+    run: Run
+    model: Any  # wrapped by the engine
+    tokenizer: Any
+    train_set: Any
+    metrics: dict[str, float]  # the last step's
 
 
-def supervised_steps(run: Run, objective: Objective, settings: SupervisedSettings) -> dict[str, float]:
+def train_supervised(recipe: RecipeBase, resume: bool, kind: SupervisedKind) -> SupervisedRun:
+    """Steps 1-5 of a supervised trainer: the run, its data, its model, the loop. The trainer saves what it
+    trained and ends the run (``Run.end``)."""
+    from rlcli.models.loading import load_model, load_tokenizer, model_task
+
+    tcfg = recipe.train
+    run = Run(recipe, resume=resume, batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size)
+    tokenizer = load_tokenizer(recipe.model, padding_side="right")
+    train_set, eval_set = supervised_data(run, tokenizer, kind.check, kind.tokenize, lambda s: len(kind.items(s)),
+                                          kind.noun)
+    task = kind.task or model_task(recipe.model)
+    model = supervised_model(run, lambda: load_model(recipe.model, task, tokenizer), task,
+                             len(kind.items(train_set)))
+    run.announce(f"[bold]rlcli {kind.name}[/] {describe_model(run.par.unwrap(model))}, "
+                 f"{len(kind.items(train_set))} train {kind.noun}"
+                 + (f", {len(kind.items(eval_set))} eval" if eval_set else "") + f", {run.total_steps} steps")
+    objective = kind.objective(recipe, train_set, eval_set, tokenizer)
+    metrics = supervised_steps(run, objective, kind, has_eval=eval_set is not None)
+    return SupervisedRun(run, model, tokenizer, train_set, metrics)
+
+
+def supervised_steps(run: Run, objective: Objective, kind: SupervisedKind, *, has_eval: bool) -> dict[str, float]:
     """Train ``run.model`` on ``objective`` for the run's steps; returns the last step's metrics.
 
     Each optimizer step takes its global batch from a seeded index stream (the same on every process and after a
@@ -193,7 +230,7 @@ def supervised_steps(run: Run, objective: Objective, settings: SupervisedSetting
     procs, rank = par.num_processes, par.process_index
     per_proc = tcfg.batch_size // procs
     metrics: dict = {}
-    with run.progress(settings.name, settings.shown) as progress:
+    with run.progress(kind.name, kind.shown) as progress:
         for step in run.steps():
             t0 = time.perf_counter()
             indices = index_stream(len(objective.examples), recipe.seed, (step - 1) * tcfg.batch_size,
@@ -226,8 +263,8 @@ def supervised_steps(run: Run, objective: Objective, settings: SupervisedSetting
                                         seconds)
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
-            evaluated = settings.has_eval and ((tcfg.eval_every and step % tcfg.eval_every == 0)
-                                               or step == run.total_steps)
+            evaluated = has_eval and ((tcfg.eval_every and step % tcfg.eval_every == 0)
+                                      or step == run.total_steps)
             if evaluated:
                 metrics.update(objective.evaluate(model, par))
             run.log(step, metrics, always=evaluated)

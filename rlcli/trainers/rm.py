@@ -31,17 +31,9 @@ from rlcli.config.rm import RMRecipe
 from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collate_pairs, tokenize_pairs
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch, launch_processes
-from rlcli.models.loading import check_model_config, load_model, load_tokenizer
+from rlcli.models.loading import check_model_config
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
-from rlcli.trainers.loop import (
-    Run,
-    SupervisedSettings,
-    describe_model,
-    save_final_model,
-    supervised_data,
-    supervised_model,
-    supervised_steps,
-)
+from rlcli.trainers.loop import SupervisedKind, save_final_model, train_supervised
 
 
 def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,
@@ -148,32 +140,24 @@ class RMObjective:
         return evaluate(model, self.eval_set, par, self.eval_batch_size, self.pad_id)
 
 
+RM = SupervisedKind(
+    name="rm", noun="pairs", task="classifier", check=check_pair_rows, tokenize=tokenize_pairs,
+    items=lambda s: s.pairs,
+    objective=lambda recipe, train_set, eval_set, tokenizer: RMObjective(
+        train_set, eval_set, tokenizer.pad_token_id, recipe.train.batch_size, recipe.train.eval_batch_size,
+        recipe.train.center_penalty),
+    shown=("loss", "accuracy", "eval_accuracy"))
+
+
 def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
-    # step 1: checks, output dir, the parallel engine
+    # step 1: checks; steps 2-5: the run, its data, model and loop (trainers.loop.train_supervised)
     preflight(recipe)
-    tcfg = recipe.train
-    run = Run(recipe, resume=resume, batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size)
-    par = run.par
-
-    # step 2: data
-    tokenizer = load_tokenizer(recipe.model, padding_side="right")
-    train_set, eval_set = supervised_data(run, tokenizer, check_pair_rows, tokenize_pairs, lambda s: len(s.pairs),
-                                          "pairs")
-
-    # step 3: model, optimiser, schedule, resume
-    model = supervised_model(run, lambda: load_model(recipe.model, "classifier", tokenizer), "classifier",
-                             len(train_set.pairs))
-    run.announce(f"[bold]rlcli rm[/] {describe_model(par.unwrap(model))}, {len(train_set.pairs)} train pairs"
-                 + (f", {len(eval_set.pairs)} eval" if eval_set else "") + f", {run.total_steps} steps")
-
-    # steps 4-5: the loop
-    pad_id = tokenizer.pad_token_id
-    objective = RMObjective(train_set, eval_set, pad_id, tcfg.batch_size, tcfg.eval_batch_size, tcfg.center_penalty)
-    metrics = supervised_steps(run, objective, SupervisedSettings("rm", ("loss", "accuracy", "eval_accuracy"),
-                                                                  has_eval=eval_set is not None))
+    trained = train_supervised(recipe, resume, RM)
+    run, metrics, tokenizer, tcfg = trained.run, trained.metrics, trained.tokenizer, recipe.train
 
     # step 6: final model and reward statistics
-    mean, std, count = reward_statistics(model, train_set, par, tcfg.eval_batch_size, pad_id)
+    mean, std, count = reward_statistics(trained.model, trained.train_set, run.par, tcfg.eval_batch_size,
+                                         tokenizer.pad_token_id)
 
     def save(plain) -> None:
         save_final_model(plain, tokenizer, run.out, built_from_scratch=recipe.model.architecture is not None,

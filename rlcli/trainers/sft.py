@@ -31,18 +31,10 @@ from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_r
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch, launch_processes
 from rlcli.models.lm_head import capture_head_input, chunkable
-from rlcli.models.loading import check_model_config, load_model, load_tokenizer, model_task
+from rlcli.models.loading import check_model_config, model_task
 from rlcli.rl.chunked import token_stats
 from rlcli.rl.sampling import SamplingRules
-from rlcli.trainers.loop import (
-    Run,
-    SupervisedSettings,
-    describe_model,
-    save_final_model,
-    supervised_data,
-    supervised_model,
-    supervised_steps,
-)
+from rlcli.trainers.loop import SupervisedKind, save_final_model, train_supervised
 
 
 def preflight(recipe: SFTRecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
@@ -136,32 +128,22 @@ class SFTObjective:
         return evaluate(model, self.eval_set, par, self.eval_batch_size, self.pad_id)
 
 
+SFT = SupervisedKind(
+    name="sft", noun="examples", task=None, check=check_rows, tokenize=tokenize_rows, items=lambda s: s.examples,
+    objective=lambda recipe, train_set, eval_set, tokenizer: SFTObjective(
+        train_set, eval_set, tokenizer.pad_token_id, recipe.train.eval_batch_size),
+    shown=("loss", "eval_loss", "lr"))
+
+
 def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
-    # step 1: checks, output dir, the parallel engine
+    # step 1: checks; steps 2-5: the run, its data, model and loop (trainers.loop.train_supervised)
     preflight(recipe)
-    tcfg = recipe.train
-    run = Run(recipe, resume=resume, batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size)
-    par = run.par
-
-    # step 2: data
-    tokenizer = load_tokenizer(recipe.model, padding_side="right")
-    train_set, eval_set = supervised_data(run, tokenizer, check_rows, tokenize_rows, lambda s: len(s.examples),
-                                          "examples")
-
-    # step 3: model, optimiser, schedule, resume
-    task = model_task(recipe.model)  # causal (preflight refuses the others)
-    model = supervised_model(run, lambda: load_model(recipe.model, task, tokenizer), task, len(train_set.examples))
-    run.announce(f"[bold]rlcli sft[/] {describe_model(par.unwrap(model))}, {len(train_set.examples)} train examples"
-                 + (f", {len(eval_set.examples)} eval" if eval_set else "") + f", {run.total_steps} steps")
-
-    # steps 4-5: the loop
-    objective = SFTObjective(train_set, eval_set, tokenizer.pad_token_id, tcfg.eval_batch_size)
-    metrics = supervised_steps(run, objective, SupervisedSettings("sft", ("loss", "eval_loss", "lr"),
-                                                                  has_eval=eval_set is not None))
+    trained = train_supervised(recipe, resume, SFT)
+    run, metrics = trained.run, trained.metrics
 
     # step 6: final model
     def save(plain) -> None:
-        save_final_model(plain, tokenizer, run.out, built_from_scratch=recipe.model.architecture is not None,
+        save_final_model(plain, trained.tokenizer, run.out, built_from_scratch=recipe.model.architecture is not None,
                          merge=bool(recipe.lora and recipe.lora.merge_on_save))
 
     def done() -> str:
