@@ -107,9 +107,9 @@ def test_ppo_with_a_value_head_resumes_through_the_environment(sft_model, tmp_pa
     common = [f"model.name_or_path={sft_model}", f"output_dir={out}", "ppo.advantage=gae", "ppo.group_size=1",
               "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "logging.progress=false",
               "train.save_every=1", "eval.at_start=false", "eval.every=100", "eval.max_prompts=8"]
-    res = run_cli("ppo", "configs/guess_number.yaml", *common, "ppo.steps=1")
+    res = run_cli("ppo", "configs/guess_number.yaml", *common, "ppo.steps=2")
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli("ppo", "configs/guess_number.yaml", *common, "ppo.steps=2", "--resume")
+    res = run_cli("ppo", "configs/guess_number.yaml", *common, "ppo.steps=3", "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == [1, 2] and "value_mean" in metrics[-1]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and "value_mean" in metrics[-1]
