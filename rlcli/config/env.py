@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from rlcli.config.common import ModelConfig, RecipeBase, Section
 from rlcli.config.reward import RewardConfig
@@ -23,9 +23,23 @@ class ToolSpec(Section):
 class EnvConfig(Section):
     """Tools and the rules of an episode."""
 
-    tools: dict[str, str | ToolSpec]
+    tools: dict[str, str | ToolSpec] = Field(default_factory=dict)
     """Name the model uses -> tool: ``{Calculator: calculator, Search: {spec: search, options: {...}},
-    Weather: recipes/weather.py:lookup}``."""
+    Weather: recipes/weather.py:lookup}``. May be empty when ``environment`` (or ``environments``) gives the
+    tools."""
+    environment: str | ToolSpec | None = None
+    """A stateful environment (TRL's ``environment_factory`` contract, docs/environments.md): ``path/to/file.py:Class``,
+    ``module:Class`` or ``builtin:python_session`` (or ``{spec: ..., options: {...}}``, options passed to the
+    constructor). One instance per episode, ``reset(**row)`` before the first turn (a string it returns is
+    appended to the prompt); its public methods are the episode's tools (next to ``tools``); ``get_reward()``, when
+    it has one, scores the episode (``reward.environment_weight``); a ``done`` attribute set true ends the
+    episode. Its code runs in the trainer's process under ``tool_timeout_s``."""
+    environments: dict[str, str | ToolSpec] | None = None
+    """Several stateful environments by name, ``{game: recipes/game.py:Game, code: builtin:python_session}``: each row
+    picks one by its ``environment_column`` (which ``reset`` does not get), and only that one's tools are shown to
+    the model. Not with ``environment``."""
+    environment_column: str = "environment"
+    """``environments`` only: the row column that names an episode's environment."""
     protocol: Literal["tag", "json", "chat"] = "tag"
     """``tag``: ``<request><Name>args<call>`` ... ``output<response>`` ... ``<submit>`` (TRL's TextEnvironment);
     ``json``: ``<tool_call>{"name":..,"arguments":{..}}</tool_call>`` answered in ``<tool_response>``;
@@ -66,12 +80,20 @@ class EnvConfig(Section):
     """``fork`` only: memory (address space) one call may add to the forked trainer's; past it allocations fail and
     the call is answered ``Error: MemoryError``. Up to 16 calls run at once."""
 
-    @field_validator("tools")
-    @classmethod
-    def _some_tools(cls, v):
-        if not v:
-            raise ValueError("give at least one tool")
-        return v
+    @model_validator(mode="after")
+    def _some_tools(self) -> "EnvConfig":
+        if self.environment is not None and self.environments is not None:
+            raise ValueError("give either 'environment' or 'environments', not both")
+        if self.environments is not None and not self.environments:
+            raise ValueError("'environments' is empty: name at least one")
+        if not self.tools and self.environment is None and self.environments is None:
+            raise ValueError("give at least one tool (env.tools) or a stateful environment (env.environment)")
+        return self
+
+    def environment_specs(self) -> dict[str | None, ToolSpec]:
+        """The stateful environments by name (None: the one ``environment``), as specs with options."""
+        given = {None: self.environment} if self.environment is not None else dict(self.environments or {})
+        return {name: spec if isinstance(spec, ToolSpec) else ToolSpec(spec=spec) for name, spec in given.items()}
 
 
 class RolloutData(Section):

@@ -251,7 +251,8 @@ class PPORecipe(RecipeBase):
     lora: LoraConfig | None = None
     data: PromptData
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    reward: RewardConfig
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    """How episodes are scored; may be left out when a stateful environment (``env.environment``) owns the reward."""
     kl: KLConfig = Field(default_factory=KLConfig)
     ppo: PPOAlgo = Field(default_factory=PPOAlgo)
     train: PPOTrain = Field(default_factory=PPOTrain)

@@ -21,7 +21,10 @@ MODEL_KEYS = {"label": None, "normalize": False, "input": "prompt_and_response"}
 
 class RewardConfig(Section):
     """Where scores come from: a Python function, a sequence-classifier reward model, a reward-model LoRA adapter
-    on the policy's own base, or an HTTP reward service (exactly one)."""
+    on the policy's own base, or an HTTP reward service (one of them), and a stateful environment's own
+    ``get_reward()`` (``env.environment``): an episode scores ``weight`` × the source's score +
+    ``environment_weight`` × the environment's. With an environment that owns the reward the source may be left
+    out."""
 
     function: str | None = None
     """``path/to/file.py:name`` or ``module:name``: called with the keyword arguments it declares among
@@ -77,6 +80,15 @@ class RewardConfig(Section):
     """'EOS trick': score the response cut at the first of these strings (in addition to stop strings)."""
     missing_eos_penalty: float | None = None
     """Score given to responses that did not stop (no EOS / stop string) instead of their reward."""
+    weight: float = 1.0
+    """Multiplies the source's score (function, model, adapter or url) before the environment's is added."""
+    environment_weight: float = 1.0
+    """Multiplies a stateful environment's ``get_reward()`` (``env.environment``) before it is added to the source's
+    weighted score (1.0, as TRL's ``environment_factory``, whose ``reward_weights`` apply to ``reward_funcs``
+    only)."""
+    failure_score: float = 0.0
+    """The score of an episode whose stateful environment failed (its constructor, ``reset``, ``get_reward`` or
+    ``_respond`` raised or ran past ``env.tool_timeout_s``), instead of any other."""
 
     @field_validator("url")
     @classmethod
@@ -105,12 +117,16 @@ class RewardConfig(Section):
             raise ValueError("the NAME of an environment variable (REWARD_TOKEN), not its value or $REWARD_TOKEN")
         return value
 
+    @property
+    def has_source(self) -> bool:
+        return any(v is not None for v in (self.function, self.model, self.adapter, self.url))
+
     @model_validator(mode="after")
     def _one_source(self) -> "RewardConfig":
         given = {k: v for k, v in (("function", self.function), ("model", self.model), ("adapter", self.adapter),
                                    ("url", self.url)) if v is not None}
-        if len(given) != 1:
-            got = ", ".join(f"{k}={v!r}" for k, v in given.items()) or "none"
+        if len(given) > 1:  # none: only with an environment that owns the reward (checked by the recipes)
+            got = ", ".join(f"{k}={v!r}" for k, v in given.items())
             raise ValueError(f"give exactly one of 'function', 'model', 'adapter' or 'url'; got {got}")
         problems = []
         if self.url is None:

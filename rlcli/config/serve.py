@@ -62,6 +62,11 @@ class ServeRewardRecipe(Section):
     @model_validator(mode="after")
     def _servable(self) -> ServeRewardRecipe:
         r, problems = self.reward, []
+        if not r.has_source:
+            problems.append(Problem("reward", "give reward.function or reward.model: the scores this service serves"))
+        for key, default in (("weight", 1.0), ("environment_weight", 1.0), ("failure_score", 0.0)):
+            if getattr(r, key) != default:
+                problems.append(Problem(f"reward.{key}", "set it in the recipe of the run that calls this service"))
         if r.url is not None:
             problems.append(Problem("reward.url", "serve-reward serves a reward function or model, not another "
                                                   "service: give reward.function or reward.model"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from typing import Callable
@@ -12,6 +13,7 @@ from rlcli.chat_template import ChatTemplate, ChatTemplateError
 from rlcli.env.builtin_tools import sandbox_problem
 from rlcli.env.environment import TextEnvironment
 from rlcli.env.protocols import ChatProtocol, JsonProtocol, TagProtocol
+from rlcli.env.stateful import EnvironmentKind, Environments, resolve_environment
 from rlcli.env.tools import load_tool
 from rlcli.rl.sampling import SamplingRules
 from rlcli.toolcalls import load_parser, schemas_for
@@ -34,9 +36,57 @@ def build_tools(cfg: EnvConfig) -> dict[str, Callable[..., str]]:
     return {name: _build_tool(name, spec) for name, spec in cfg.tools.items()}
 
 
-def build_protocol(cfg: EnvConfig, tokenizer=None, tools: dict[str, Callable] | None = None):
+def environment_key(name: str | None) -> str:
+    return "env.environment" if name is None else f"env.environments.{name}"
+
+
+def build_environments(cfg: EnvConfig, tools: dict[str, Callable] | None = None) -> Environments | None:
+    """The recipe's stateful environments (each class probed with one instance, as TRL does), or None;
+    ``UserError`` naming the key of one that does not resolve or whose tools clash with ``env.tools``."""
+    specs = cfg.environment_specs()
+    if not specs:
+        return None
+    tools = build_tools(cfg) if tools is None else tools
+    kinds = {}
+    for name, spec in specs.items():
+        key = environment_key(name)
+        try:
+            factory = resolve_environment(spec.spec, spec.options, key=key)
+        except TypeError as exc:
+            raise UserError(f"{spec.spec!r}: bad options {sorted(spec.options)}: {exc}", key=key) from None
+        kind = EnvironmentKind.probe_factory(name, factory, key=key)
+        clash = sorted(set(kind.tool_names) & set(tools))
+        if clash:
+            raise UserError(f"its methods {', '.join(clash)} have the names of env.tools entries; rename one",
+                            key=key)
+        if not kind.tool_names and not tools:
+            raise UserError(f"{type(kind.probe).__name__} has no public methods, so the model has no tools; add a "
+                            "method or env.tools", key=key)
+        kinds[name] = kind
+    return Environments(kinds, cfg.environment_column, cfg.tool_timeout_s)
+
+
+def env_owns_reward(cfg: EnvConfig) -> bool:
+    """Whether a stateful environment of the recipe has ``get_reward`` (False when none resolves)."""
+    try:
+        envs = build_environments(cfg)
+    except UserError:
+        return False
+    return envs is not None and envs.owns_reward
+
+
+def _all_tools(tools: dict[str, Callable], envs: Environments | None) -> dict[str, Callable]:
+    every = dict(tools)
+    for kind in (envs.kinds.values() if envs is not None else ()):
+        every.update(kind.tools())
+    return every
+
+
+def build_protocol(cfg: EnvConfig, tokenizer=None, tools: dict[str, Callable] | None = None,
+                   envs: Environments | None = None):
     """The recipe's protocol; ``chat`` needs the tokenizer (its template is probed and checked here, so a template
-    that cannot reproduce episodes is refused before any rollout) and the tools."""
+    that cannot reproduce episodes is refused before any rollout) and the tools (a stateful environment's
+    methods included)."""
     if cfg.protocol == "tag":
         return TagProtocol()
     if cfg.protocol == "json":
@@ -44,6 +94,8 @@ def build_protocol(cfg: EnvConfig, tokenizer=None, tools: dict[str, Callable] | 
     if tokenizer is None:
         raise ValueError("the chat protocol needs the tokenizer")
     tools = build_tools(cfg) if tools is None else tools
+    envs = build_environments(cfg, tools) if envs is None else envs
+    tools = _all_tools(tools, envs)
     try:
         template = ChatTemplate.of(tokenizer)
         parser = load_parser(cfg.tool_call_parser)
@@ -67,6 +119,13 @@ def check_env(cfg: EnvConfig) -> list[Problem]:
             _build_tool(name, spec)
         except UserError as exc:
             problems.append(exc.problem())
+    if not problems:
+        try:
+            build_environments(cfg)
+        except UserError as exc:
+            problems.append(exc.problem())
+    if cfg.environments is None and cfg.environment_column != EnvConfig.model_fields["environment_column"].default:
+        problems.append(Problem("env.environment_column", "only used with env.environments (several environments)"))
     if cfg.protocol == "chat":
         try:
             load_parser(cfg.tool_call_parser)
@@ -90,6 +149,7 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
     """A ``TextEnvironment`` for ``model`` (a Hugging Face causal LM) with the recipe's tools and rules (and the
     protocol, when ``build_protocol`` already made it)."""
     tools = build_tools(cfg)
+    envs = build_environments(cfg, tools)
     if os.environ.get("RANK", "0") == "0":
         from rlcli.logging import console
 
@@ -97,8 +157,18 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
             if "python" in note or "UNSANDBOXED" in note:
                 style = "bold red" if "UNSANDBOXED" in note else "dim"
                 console.print(f"[{style}]{'warning: ' if 'UNSANDBOXED' in note else ''}{note}[/]")
-    protocol = build_protocol(cfg, tokenizer, tools) if protocol is None else protocol
+    protocol = build_protocol(cfg, tokenizer, tools, envs) if protocol is None else protocol
     chat = cfg.protocol == "chat"
+    if envs is not None:  # each environment's episodes are told about its own tools (and env.tools) only
+        for name, kind in envs.kinds.items():
+            kind_tools = {**tools, **kind.tools()}
+            if chat and cfg.system_prompt and envs.multiple:
+                kind = dataclasses.replace(kind, protocol=dataclasses.replace(protocol,
+                                                                              tool_schemas=schemas_for(kind_tools)))
+            elif not chat:
+                kind = dataclasses.replace(kind, system_prompt=protocol.system_prompt(kind_tools)
+                                           if cfg.system_prompt else "")
+            envs.kinds[name] = kind
     env = TextEnvironment(
         model, tokenizer, tools, protocol,
         max_turns=cfg.max_turns,
@@ -112,6 +182,7 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
         tool_timeout_s=cfg.tool_timeout_s,
         tool_isolation=cfg.tool_isolation,
         engine=engine,
+        environments=envs,
     )
     env.runner.memory_mb = cfg.tool_memory_mb  # TextEnvironment has no argument for it; the runner reads it per call
     return env
@@ -122,6 +193,8 @@ def sandbox_notes(cfg: EnvConfig) -> list[str]:
     model-written code unsandboxed (no working bubblewrap, recipe opted in with ``allow_unsandboxed``)."""
     notes = []
     python_tools = [name for name, spec in cfg.tools.items() if _tool_spec(spec).spec == "python"]
+    python_tools += [environment_key(name) for name, spec in cfg.environment_specs().items()
+                     if spec.spec == "builtin:python_session"]
     if python_tools:
         names, problem = ", ".join(python_tools), sandbox_problem()
         if problem is None:
@@ -130,10 +203,13 @@ def sandbox_notes(cfg: EnvConfig) -> list[str]:
         else:
             notes.append(f"tool {names}: UNSANDBOXED: model-written code runs with this user's files, network and "
                          f"environment ({problem}; allowed by allow_unsandboxed: true)")
-    if cfg.tool_isolation == "fork":
+    if cfg.environment_specs():
+        notes.append(f"stateful environment: its code runs in this process, each call interrupted after "
+                     f"{cfg.tool_timeout_s:g} s (Python code; a call stuck in C code is not)")
+    if cfg.tool_isolation == "fork" and cfg.tools:
         notes.append(f"tool calls: forked, killed with all they started after {cfg.tool_timeout_s:g} s, up to "
                      f"{cfg.tool_memory_mb} MB more memory each, prints counted, not shown")
-    else:
+    elif cfg.tools:
         notes.append(f"tool calls: inline in this process; Python code is interrupted after {cfg.tool_timeout_s:g} s, "
                      "a call stuck in C code is not, a crash ends the run")
     return notes

@@ -47,6 +47,7 @@ import torch
 from rlcli.config.errors import UserError
 from rlcli.env.history import TextHistory, ToolCallRecord
 from rlcli.env.protocols import Call, ToolCallProtocol
+from rlcli.env.stateful import EnvironmentFailed, Environments, EpisodeEnvironment, append_to_prompt
 from rlcli.env.tools import ToolRunner
 from rlcli.models.generation import KeptCache, sample
 from rlcli.padding import left_pad, pad, right_pad
@@ -64,9 +65,13 @@ class RowState(Enum):
 @dataclass
 class _Row:
     history: TextHistory
+    protocol: ToolCallProtocol
     state: RowState = RowState.GENERATING
     pending: list[Call] | None = None  # the calls of its last turn, to answer
     cache: KeptCache | None = None  # the row's KV cache after its last turn (kv_reuse)
+    env: EpisodeEnvironment | None = None  # its stateful environment (rlcli.env.stateful), while the episode runs
+    env_error: str | None = None  # how that environment failed
+    reply: tuple[str, str] | None = None  # (text, finish reason) of a turn without calls, for the environment
 
     def finish(self, reason: str) -> None:
         self.history.finish_reason = reason
@@ -137,6 +142,11 @@ class TextEnvironment:
         engine: a rollout engine (``rlcli.models.engines``, e.g. vLLM) that samples the model turns instead of
             rlcli's own sampler: each turn re-submits the episode's exact token ids, forced tool tokens included
             (the engine's prefix cache stands in for ``kv_reuse``); the token layout is the same either way.
+        environments: stateful environments (``rlcli.env.stateful``): each episode gets its own instance, chosen
+            by its row, reset with the row; its methods are the episode's tools (next to ``tools``), it can end the
+            episode (``done``) and answer a turn without calls with an observation (``_respond``), and it is scored
+            (``get_reward``) and closed when the episode ends. Each kind may carry its own ``protocol`` and
+            ``system_prompt`` (its tools described), used instead of the arguments of the same name.
     """
 
     def __init__(
@@ -158,6 +168,7 @@ class TextEnvironment:
         tool_isolation: str = "fork",
         kv_reuse: bool = True,
         engine=None,
+        environments: Environments | None = None,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one (distinct from EOS) before rollouts")
@@ -176,6 +187,8 @@ class TextEnvironment:
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
         self.prefix = system_prompt + few_shot_prefix
+        self.few_shot_prefix = few_shot_prefix
+        self.environments = environments
         self.rules = rules
         if eos_token_id is None:
             eos_token_id = tokenizer.eos_token_id
@@ -229,14 +242,27 @@ class TextEnvironment:
 
     def _start_episode(self, index: int, prompt, row: dict[str, Any]) -> _Row:
         history = TextHistory(meta=dict(row))
-        opening = self.protocol.start(prompt, self.tokenizer, self.prefix)
+        protocol, prefix, env, env_error = self.protocol, self.prefix, None, None
+        if self.environments is not None:
+            kind = self.environments.kind_of(row)
+            protocol = kind.protocol or protocol
+            prefix = (kind.system_prompt + self.few_shot_prefix) if kind.system_prompt is not None else prefix
+            try:
+                env = EpisodeEnvironment(kind, self.environments.timeout_s)
+                observation = env.reset(self.environments.reset_arguments(row))
+                if observation:
+                    prompt = append_to_prompt(prompt, observation)
+            except EnvironmentFailed as exc:
+                # the episode still gets one model turn (a rollout row needs response tokens), then ends failed
+                env_error = str(exc)
+        opening = protocol.start(prompt, self.tokenizer, prefix)
         history.messages, history.tools = opening.messages, opening.tools
         if len(opening.ids) >= self.max_length:
             raise UserError(f"prompt {index} has {len(opening.ids)} tokens (few-shot prefix and system prompt "
                             f"included): env.max_length={self.max_length} leaves no room to generate; raise "
                             "env.max_length or shorten the prompt", key="env.max_length")
         history.append("prompt", opening.text, opening.ids)
-        return _Row(history)
+        return _Row(history, protocol, env=env, env_error=env_error)
 
     def _generate_turn(self, episodes: list[_Row], generator, positions: Counter) -> None:
         """GENERATING -> WAITING_FOR_TOOL or DONE for every row given."""
@@ -263,7 +289,7 @@ class TextEnvironment:
             episode.cache = out.kept[i] if out.kept is not None else None
             history = episode.history
             new_ids = out.response_ids[i, : out.num_generated[i]].tolist()
-            turn = self.protocol.read_turn(history, new_ids, out.stop_reason[i], self.tokenizer)
+            turn = episode.protocol.read_turn(history, new_ids, out.stop_reason[i], self.tokenizer)
             history.append("model", turn.text, new_ids, out.logprobs[i, : out.num_generated[i]].tolist())
             history.num_turns += 1
             if turn.message is not None:
@@ -272,15 +298,25 @@ class TextEnvironment:
             if turn.answer is not None:
                 history.answer = turn.answer
             full = len(history.token_ids) >= self.max_length
-            if turn.calls and not full:
+            finish = "max_length" if full and not turn.ended_by_model else turn.finish
+            if episode.env_error is not None:
+                self._finish(episode, "env_error")
+            elif turn.calls and not full:
                 episode.pending, episode.state = turn.calls, RowState.WAITING_FOR_TOOL
+            elif (episode.env is not None and episode.env.responds and not full and turn.finish != "submit"
+                  and history.num_turns < self.max_turns):
+                # a turn without calls: the environment may answer it with an observation (``_respond``)
+                episode.pending, episode.state = [], RowState.WAITING_FOR_TOOL
+                episode.reply = (self.tokenizer.decode(new_ids, skip_special_tokens=True), finish)
             else:  # a turn the model ended itself ends the episode for that reason, full or not
-                self._finish(episode, "max_length" if full and not turn.ended_by_model else turn.finish)
+                self._finish(episode, finish)
 
     def _answer_tools(self, episodes: list[_Row]) -> None:
         """WAITING_FOR_TOOL -> GENERATING or DONE: run every pending call of every row, append the answers as tool
         segments."""
-        results = iter(self.runner.run_many([call for e in episodes for call in e.pending]))
+        calls = [call for e in episodes for call in e.pending]
+        own_tools = [e.env.tools if e.env is not None else None for e in episodes for _ in e.pending]
+        results = iter(self.runner.run_many(calls, own_tools if self.environments is not None else None))
         for episode in episodes:
             history, calls = episode.history, episode.pending
             outputs = []
@@ -289,10 +325,32 @@ class TextEnvironment:
                 outputs.append(result.output)
                 name, arguments = (call.name, call.arguments) if isinstance(call, ToolCall) else ("", None)
                 history.tool_calls.append(ToolCallRecord(name, arguments, result.output, result.status.value))
-            last_turn = history.num_turns >= self.max_turns
+            observation = None
+            if episode.reply is not None:  # a turn without calls, for the environment to answer
+                text, finish = episode.reply
+                episode.reply = None
+                try:
+                    observation = episode.env.respond(text)
+                except EnvironmentFailed as exc:
+                    episode.env_error = str(exc)
+                    self._finish(episode, "env_error")
+                    continue
+                if observation is None:
+                    self._finish(episode, finish)
+                    continue
+            done = episode.env is not None and episode.env.done
+            last_turn = history.num_turns >= self.max_turns or done
             room = self.max_length - len(history.token_ids)
-            answer = self.protocol.answer_calls(history, calls, outputs, self.tokenizer, room=room,
-                                                last_turn=last_turn)
+            if observation is not None:
+                observe = getattr(episode.protocol, "observe", None)
+                if observe is None:
+                    raise UserError(f"the environment answered a turn with an observation, which protocol "
+                                    f"{type(episode.protocol).__name__} cannot show (it has no observe method)",
+                                    key="env.protocol")
+                answer = observe(history, observation, self.tokenizer, room=room, last_turn=last_turn)
+            else:
+                answer = episode.protocol.answer_calls(history, calls, outputs, self.tokenizer, room=room,
+                                                       last_turn=last_turn)
             if len(answer.ids) > room:
                 # a whole answer that does not fit: the episode ends before it (its messages stay whole; the calls
                 # were made and stay in tool_calls)
@@ -305,13 +363,24 @@ class TextEnvironment:
             if not answer.whole and len(history.token_ids) >= self.max_length:
                 self._finish(episode, "max_length")
             elif last_turn:
-                self._finish(episode, "max_turns")
+                self._finish(episode, "done" if done else "max_turns")
             else:
                 episode.pending, episode.state = None, RowState.GENERATING
 
     def _finish(self, episode: _Row, reason: str) -> None:
+        env, history = episode.env, episode.history
+        if env is not None:  # the episode is over: score it from the environment's state, then let it go
+            if episode.env_error is None:
+                try:
+                    history.env_reward = env.reward()
+                except EnvironmentFailed as exc:
+                    episode.env_error = str(exc)
+            env.close()
+            episode.env = None
+        if episode.env_error is not None:
+            history.env_error, reason = episode.env_error, "env_error"
         episode.finish(reason)
-        self.protocol.check_episode(episode.history, self.tokenizer)
+        episode.protocol.check_episode(history, self.tokenizer)
 
 
 def histories_to_rollout(histories: Sequence[TextHistory], pad_token_id: int) -> Rollout:

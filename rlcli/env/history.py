@@ -69,7 +69,8 @@ class TextHistory:
 
     ``finish_reason`` is one of ``submit`` (the model submitted), ``eos``, ``no_call`` (a turn ended with neither a tool
     call nor EOS), ``max_turns``, ``max_length``, ``max_new_tokens`` (chat: a turn used its whole token budget
-    without ending); None while the episode runs. ``num_turns`` counts generation turns.
+    without ending), ``done`` (a stateful environment ended it), ``env_error`` (its environment failed); None while
+    the episode runs. ``num_turns`` counts generation turns.
     ``meta`` holds the dataset row the prompt came from (for reward functions). ``answer`` is the episode's final
     answer: the text the model submitted, or its last turn's text (special tokens dropped) if it never submitted.
 
@@ -87,6 +88,11 @@ class TextHistory:
     answer: str | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    env_reward: float | None = None
+    """A stateful environment's ``get_reward()`` for this episode (``rlcli.env.stateful``); None without one."""
+    env_error: str | None = None
+    """Why the episode's stateful environment failed (constructor, reset, get_reward, _respond); None if it did
+    not. Such an episode's ``finish_reason`` is ``env_error`` and it scores ``reward.failure_score``."""
 
     def append(self, source: Source, text: str, token_ids: list[int], logprobs: list[float] | None = None) -> Segment:
         segment = Segment(source, text, [int(t) for t in token_ids],
@@ -211,6 +217,8 @@ class TextHistory:
             "meta": self.meta,
             "answer": self.answer,
             **({"messages": self.messages, "tools": self.tools} if self.messages is not None else {}),
+            **({"env_reward": self.env_reward} if self.env_reward is not None else {}),
+            **({"env_error": self.env_error} if self.env_error is not None else {}),
         }
 
     @classmethod
@@ -226,6 +234,8 @@ class TextHistory:
             answer=data.get("answer"),
             messages=data.get("messages"),
             tools=data.get("tools"),
+            env_reward=data.get("env_reward"),
+            env_error=data.get("env_error"),
         )
 
 

@@ -10,6 +10,8 @@ Every protocol fits one ``ToolCallProtocol`` slot, which is all ``TextEnvironmen
 - ``answer_calls(history, calls, outputs, tokenizer, room=, last_turn=)``: the forced text of the tool results
   (an ``Answer``; cut to ``room``, or whole);
 - ``check_episode(history, tokenizer)``: a last check of a finished episode;
+- ``observe(history, text, tokenizer, room=, last_turn=)`` (optional): a stateful environment's observation that is
+  not a tool result (``rlcli.env.stateful``): a user turn (chat) or the text itself (tag, JSON);
 - ``system_prompt(tools)``: text that tells the model which tools exist and how to call them.
 
 Three are built in. ``TagProtocol`` (TRL's ``TextEnvironment`` tags) and ``JsonProtocol`` (Hermes/Qwen-style
@@ -145,6 +147,14 @@ class PlainText:
         text = "".join(self.format_response(output) for output in outputs)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > room:  # the episode ends here anyway; keep the total under max_length
+            ids = ids[:room]
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+        return Answer(text, ids)
+
+    def observe(self, history: TextHistory, text: str, tokenizer, *, room: int, last_turn: bool) -> Answer:
+        """An environment's observation (not a tool result): its text as it is, cut to ``room``."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > room:
             ids = ids[:room]
             text = tokenizer.decode(ids, skip_special_tokens=False)
         return Answer(text, ids)
@@ -295,12 +305,20 @@ class ChatProtocol:
                 message = {"role": "tool", **({"tool_call_id": call_id} if call_id else {}),
                            "name": call.name, "content": output}
             messages.append(message)
+        return self._continue(history, messages, last_turn, "its tool results")
+
+    def observe(self, history: TextHistory, text: str, tokenizer, *, room: int, last_turn: bool) -> Answer:
+        """An environment's observation as a user turn (the whole turn, like ``answer_calls``)."""
+        return self._continue(history, [{"role": "user", "content": text}], last_turn, "a user turn")
+
+    def _continue(self, history: TextHistory, messages: list[dict], last_turn: bool, what: str) -> Answer:
+        """The template's text for ``messages`` after the episode (and the next generation prompt)."""
         rendered = history.text
         after = self.template.render(history.messages + messages, history.tools, add_generation_prompt=not last_turn)
         if not after.startswith(rendered):
             raise ChatTemplateError(
-                "env.protocol chat: the chat template renders an episode's earlier turns differently once its "
-                "tool results follow, so the tokens the model saw would not be the template's rendering of the "
+                f"env.protocol chat: the chat template renders an episode's earlier turns differently once {what} "
+                "follows, so the tokens the model saw would not be the template's rendering of the "
                 "conversation: " + difference(rendered, after, "the episode", "the template"))
         text = after[len(rendered):]
         return Answer(text, self.template.encode(text), messages, whole=True)

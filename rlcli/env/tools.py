@@ -128,27 +128,38 @@ class ToolRunner:
     def malformed(self, reason: str) -> ToolResult:
         return self._count(ToolResult(f"Error: malformed tool call: {reason}", ToolOutcome.MALFORMED_CALL))
 
-    def run_many(self, calls: Sequence[ToolCall | Malformed]) -> list[ToolResult]:
-        """Run calls (forked ones concurrently, up to ``max_parallel`` at a time); results in the same order."""
+    def run_many(self, calls: Sequence[ToolCall | Malformed],
+                 own_tools: Sequence[Mapping[str, Tool] | None] | None = None) -> list[ToolResult]:
+        """Run calls (forked ones concurrently, up to ``max_parallel`` at a time); results in the same order.
+
+        ``own_tools``: per call, tools of that call's episode alone (a stateful environment's methods,
+        ``rlcli.env.stateful``); they always run inline (their state must outlive the call) and come before the
+        runner's own tools."""
         results: list[ToolResult | None] = [None] * len(calls)
-        pending: list[tuple[int, Tool, ToolCall]] = []
+        pending: list[tuple[int, Tool, ToolCall, bool]] = []
         for i, call in enumerate(calls):
+            own = (own_tools[i] if own_tools is not None else None) or {}
             if isinstance(call, Malformed):
                 results[i] = self.malformed(call.reason)
+            elif call.name in own:
+                pending.append((i, own[call.name], call, True))
             elif call.name not in self.tools:
-                available = ", ".join(sorted(self.tools)) or "none"
+                available = ", ".join(sorted({*self.tools, *own})) or "none"
                 results[i] = self._count(ToolResult(
                     f"Error: unknown tool {call.name!r}; available tools: {available}", ToolOutcome.UNKNOWN_TOOL))
             else:
-                pending.append((i, self.tools[call.name], call))
-        for start in range(0, len(pending), self.max_parallel):
-            chunk = pending[start:start + self.max_parallel]
-            jobs = [functools.partial(_answer, fn, call.arguments, self.max_output_chars) for _, fn, call in chunk]
-            if self.isolation == "inline":
+                pending.append((i, self.tools[call.name], call, self.isolation == "inline"))
+        inline = [p for p in pending if p[3]]
+        forked = [p for p in pending if not p[3]]
+        chunks = [inline] if inline else []
+        chunks += [forked[s:s + self.max_parallel] for s in range(0, len(forked), self.max_parallel)]
+        for chunk in chunks:
+            jobs = [functools.partial(_answer, fn, call.arguments, self.max_output_chars) for _, fn, call, _ in chunk]
+            if chunk[0][3]:
                 ran = [run_inline(job, self.timeout_s) for job in jobs]
             else:
                 ran = run_forked(jobs, self.timeout_s, self.memory_mb * 2**20)
-            for (i, _, _), r in zip(chunk, (_raw(r, self.timeout_s) for r in ran)):
+            for (i, _, _, _), r in zip(chunk, (_raw(r, self.timeout_s) for r in ran)):
                 result = self._truncate(ToolResult(r.text, r.status, r.seconds), r.cut_chars)
                 if r.note:  # after truncation, so the model always sees it
                     output = f"{result.output}\n{r.note}" if result.output else r.note

@@ -28,6 +28,21 @@ def policy_task(recipe: PPORecipe) -> str:
     return model_task(recipe.model)
 
 
+def reward_source_problems(reward, env) -> list[Problem]:
+    """A reward section without a source is only for a stateful environment that owns the reward."""
+    if reward.has_source:
+        return []
+    if env is not None and env.environment_specs():
+        from rlcli.env.build import env_owns_reward
+
+        if env_owns_reward(env):
+            return []
+        return [Problem("reward", "no reward source, and the environment has no get_reward method: give "
+                                  "reward.function, reward.model, reward.adapter or reward.url")]
+    return [Problem("reward", "give one of reward.function, reward.model, reward.adapter or reward.url (or a "
+                              "stateful env.environment with a get_reward method)")]
+
+
 def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
     """Everything checkable without weights; raises ``RecipeError`` listing all problems."""
     task = policy_task(recipe)
@@ -38,6 +53,7 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
     if recipe.reward.adapter is not None and task == "seq2seq":
         problems.append(Problem("reward.adapter", "needs a decoder-only (causal) policy: the reward adapter is a "
                                                   "decoder classifier's adapter on the policy's base"))
+    problems += reward_source_problems(recipe.reward, recipe.env)
     gen = recipe.generation
     if gen.top_k > 0 or gen.top_p < 1.0:
         key = "generation.top_k" if gen.top_k > 0 else "generation.top_p"

@@ -133,9 +133,18 @@ def env_metrics(histories, env, learner) -> dict[str, float]:
     local = [len(histories), sum(1 for h in histories if h.tool_calls), sum(len(h.tool_calls) for h in histories),
              sum(h.num_turns for h in histories), sum(h.finish_reason == "submit" for h in histories),
              stats.pad_fraction] + [stats.tool_outcomes.get(k, 0) for k in outcome_names]
+    # stateful environments: episodes they ended, episodes they failed, their own rewards
+    env_rewards = [h.env_reward for h in histories if h.env_reward is not None]
+    local += [sum(h.finish_reason == "done" for h in histories), sum(h.env_error is not None for h in histories),
+              len(env_rewards), sum(env_rewards)]
     total = learner.sum_over_processes(*local)
     n = max(total[0], 1)
     out = {"tool_use_rate": total[1] / n, "tool_calls_per_episode": total[2] / n, "turns_per_episode": total[3] / n,
            "submitted_fraction": total[4] / n, "pad_fraction": total[5] / learner.procs}
-    out.update({f"tool_{k}": v for k, v in zip(outcome_names, total[6:])})
+    out.update({f"tool_{k}": v for k, v in zip(outcome_names, total[6:6 + len(outcome_names)])})
+    done, errors, rewarded, reward_sum = total[6 + len(outcome_names):]
+    if getattr(env, "environments", None) is not None:
+        out.update({"env_done_fraction": done / n, "env_errors": errors})
+        if rewarded:
+            out["env_reward_mean"] = reward_sum / rewarded
     return out

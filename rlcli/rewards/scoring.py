@@ -8,8 +8,10 @@
    item 5); a text environment's episodes are cut at ``truncate_at`` only (its turns end by its protocol);
 2. whether it stopped by itself: it ended with one of ``stop_ids`` (EOS, a chat template's end of turn) or a stop
    string; in a text environment, it submitted an answer or ended at EOS;
-3. the reward source's scores (``prompts`` are the rows' prompts as the data gave them), then
-   ``reward.missing_eos_penalty`` in place of the score of every response that did not stop.
+3. the reward source's scores (``prompts`` are the rows' prompts as the data gave them) × ``reward.weight``, plus
+   a stateful environment's ``get_reward()`` × ``reward.environment_weight`` (``history.env_reward``; either part
+   may be missing), then ``reward.missing_eos_penalty`` in place of the score of every response that did not
+   stop, and ``reward.failure_score`` in place of the score of every episode whose environment failed.
 
 Scoring the same episode twice, in either command, gives the same number: ``accept_min_reward`` in env-rollout
 filters on the reward PPO trains on.
@@ -23,6 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from rlcli.rl.types import Rollout
+
+STOPPED = ("submit", "eos", "done")
+"""How an episode that stopped by itself ends: the model submitted or ended it, or its environment did."""
 
 
 @dataclass(frozen=True)
@@ -63,13 +68,24 @@ def score_episodes(reward, reward_cfg, rollout: Rollout, tokenizer, *, prompts: 
     """Steps 1-3 of the module docstring for a batch of episodes (``histories``: a text environment's)."""
     if histories is not None:
         responses, _ = response_texts(rollout, tokenizer, truncate_at=reward_cfg.truncate_at)
-        stopped = [h.finish_reason in ("submit", "eos") for h in histories]
+        stopped = [h.finish_reason in STOPPED for h in histories]
         answers = [h.answer or "" for h in histories]
     else:
         responses, stopped = response_texts(rollout, tokenizer, stop_ids=stop_ids, stop_strings=stop_strings,
                                             truncate_at=reward_cfg.truncate_at)
         answers = None
-    scores = reward(prompts, responses, rows, answers=answers, histories=histories)
+    if reward is not None:
+        scores = reward(prompts, responses, rows, answers=answers, histories=histories)
+        if reward_cfg.weight != 1.0:
+            scores = scores * reward_cfg.weight
+    else:  # a stateful environment owns the whole reward
+        scores = torch.zeros(len(responses))
+    env_rewards = [getattr(h, "env_reward", None) for h in histories or ()]
+    if any(r is not None for r in env_rewards):
+        scores = scores + reward_cfg.environment_weight * torch.tensor([r or 0.0 for r in env_rewards])
     if reward_cfg.missing_eos_penalty is not None:
         scores = torch.where(torch.tensor(stopped), scores, torch.tensor(reward_cfg.missing_eos_penalty))
-    return ScoredEpisodes(responses, stopped, scores, getattr(reward, "last_info", None))
+    failed = [getattr(h, "env_error", None) is not None for h in histories or ()]
+    if any(failed):
+        scores = torch.where(torch.tensor(failed), torch.tensor(reward_cfg.failure_score), scores)
+    return ScoredEpisodes(responses, stopped, scores.float(), getattr(reward, "last_info", None))

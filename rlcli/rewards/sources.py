@@ -135,7 +135,10 @@ def check_reward_source(cfg) -> list[Problem]:
 
 def build_reward(cfg, device=None, *, policy=None, tokenizer=None) -> RewardSource:
     """The reward source a ``RewardConfig`` asks for. ``policy`` (a ``ValueHeadModel`` with a peft LoRA model,
-    unwrapped) and its ``tokenizer``: the base a ``reward.adapter`` is loaded onto."""
+    unwrapped) and its ``tokenizer``: the base a ``reward.adapter`` is loaded onto. None when the section names no
+    source (a stateful environment's ``get_reward`` is then the whole reward)."""
+    if not cfg.has_source:
+        return None
     if cfg.function is not None:
         return FunctionReward(cfg.function)
     if cfg.url is not None:

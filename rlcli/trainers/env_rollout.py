@@ -25,6 +25,7 @@ from rich.table import Table
 from rlcli import rundir
 from rlcli.rl.sampling import SamplingRules
 from rlcli.config.env import EnvRolloutRecipe
+from rlcli.config.reward import RewardConfig
 from rlcli.config.errors import Problem, RecipeError, UserError
 from rlcli.config.loader import Origin, locate
 from rlcli.data.prompts import load_prompt_rows
@@ -61,11 +62,31 @@ def preflight(recipe: EnvRolloutRecipe, origin: Origin | str = "recipe", process
     if recipe.reward is not None and recipe.reward.url is not None:
         problems += check_reward_url(recipe.reward)
     problems += check_launch("env-rollout", recipe, processes=processes)
-    if recipe.accept_min_reward is not None and recipe.reward is None:
-        problems.append(Problem("accept_min_reward", "needs a reward section to score the episodes"))
+    if recipe.reward is not None and not problems:
+        from rlcli.ppo.preflight import reward_source_problems
+
+        problems += reward_source_problems(recipe.reward, recipe.env)
+    if recipe.accept_min_reward is not None and scoring(recipe) is None:
+        problems.append(Problem("accept_min_reward", "needs a reward section (or an environment with get_reward) to "
+                                                     "score the episodes"))
     if problems:
         raise RecipeError(locate(problems, origin))
-    return [f"tools: {', '.join(recipe.env.tools)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]
+    specs = recipe.env.environment_specs()
+    what = ([f"tools: {', '.join(recipe.env.tools)}"] if recipe.env.tools else []) + \
+        ([f"environment: {', '.join(s.spec for s in specs.values())}"] if specs else [])
+    return [f"{'; '.join(what)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]
+
+
+def scoring(recipe: EnvRolloutRecipe) -> RewardConfig | None:
+    """How episodes are scored: the reward section, or (without one) a stateful environment's own reward."""
+    if recipe.reward is not None:
+        return recipe.reward
+    if recipe.env.environment_specs():
+        from rlcli.env.build import env_owns_reward
+
+        if env_owns_reward(recipe.env):
+            return RewardConfig()
+    return None
 
 
 def summarise(histories, seconds: float, generated: int) -> dict[str, float]:
@@ -86,6 +107,10 @@ def summarise(histories, seconds: float, generated: int) -> dict[str, float]:
         "tokens_per_s": generated / seconds if seconds > 0 else 0.0,
         "episodes_per_s": len(histories) / seconds if seconds > 0 else 0.0,
     }
+    env_rewards = [h.env_reward for h in histories if h.env_reward is not None]
+    if env_rewards or any(h.env_error is not None for h in histories):
+        summary["env_reward_mean"] = sum(env_rewards) / len(env_rewards) if env_rewards else None
+        summary["env_errors"] = sum(h.env_error is not None for h in histories)
     summary.update({f"tool_{k}": v for k, v in sorted(outcomes.items())})
     summary.update({f"finish_{k}": v for k, v in sorted(Counter(h.finish_reason for h in histories).items())})
     return summary
@@ -132,7 +157,8 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
     rows, column = load_prompt_rows(recipe.data, messages=chat)
     rules = SamplingRules(temperature=recipe.temperature, top_k=recipe.top_k, top_p=recipe.top_p)
     env = build_environment(recipe.env, model, tokenizer, rules=rules, protocol=protocol)
-    reward = build_reward(recipe.reward) if recipe.reward is not None else None
+    reward_cfg = scoring(recipe)
+    reward = build_reward(reward_cfg) if reward_cfg is not None else None
     # the previous rollout's files are moved aside now (every input has loaded), deleted once this one has written
     # its episodes, put back if it fails before (the reward raising, an interrupt): never beside the new recipe
     rundir.take_over(out)
@@ -149,10 +175,10 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
             batch = rows[i : i + recipe.batch_size]
             done = env.run([r[column] for r in batch], batch, generator=generator)
             generated += env.last_stats.generated_tokens
-            if reward is not None:
+            if reward_cfg is not None:
                 # PPO's own scoring of the same episodes (response text, truncate_at, missing_eos_penalty), so that
                 # accept_min_reward filters on the reward PPO would train on
-                scored = score_episodes(reward, recipe.reward, histories_to_rollout(done, env.pad_token_id), tokenizer,
+                scored = score_episodes(reward, reward_cfg, histories_to_rollout(done, env.pad_token_id), tokenizer,
                                         prompts=[r[column] for r in batch], rows=batch, histories=done)
                 for h, s in zip(done, scored.scores.tolist()):
                     h.reward = s

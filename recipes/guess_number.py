@@ -1,0 +1,186 @@
+"""Guess the number: a multi-turn game that needs state to win, as a stateful environment.
+
+The environment (``GuessNumber``) hides a number from 1 to 31; the model guesses with its one tool, ``guess``, and
+reads ``higher`` / ``lower`` / ``correct``. Five tries: binary search always wins (16, then 8 or 24, ...), guessing
+at random within what the feedback still allows wins about half the time. The class follows TRL's
+``environment_factory`` contract (``reset(**row)``, public methods are tools, ``get_reward()``), plus rlcli's
+``done`` attribute: the game ends the episode when it is won or lost. It runs in TRL unchanged.
+
+Pieces the recipes point at:
+- ``GuessNumber`` — ``env.environment: recipes/guess_number.py:GuessNumber`` (the reward is its ``get_reward()``:
+  1 for a win, else 0; no ``reward.function`` needed);
+- ``python recipes/guess_number.py data`` — writes ``data/guess_number/``: ``prompts.jsonl`` (PPO rows: the prompt
+  and the hidden ``target``), ``eval.jsonl`` (every target 4 times) and ``sft_episodes.jsonl`` (demonstrations in
+  the ``segments`` format, from a noisy player: half of its guesses are binary search, half random within the
+  feedback so far, so the fine-tuned model wins about two games in three and RL has room to find binary search);
+- ``python recipes/guess_number.py demo [--out DIR]`` — the offline demo: SFT a tiny model from scratch,
+  evaluate, GRPO through the environment, evaluate again; prints success rate and turns per win before and after.
+
+An episode, in the tag protocol:
+
+    Guess my number from 1 to 31 in 5 tries.\\n          (prompt)
+    <request><guess>16<call>                              (model)
+    lower<response>                                       (environment: the tool's answer)
+    <request><guess>8<call>                               (model)
+    correct<response>                                     (environment; it sets done: the episode ends)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "guess_number"
+LOW, HIGH, TRIES = 1, 31, 5
+PROMPT = f"Guess my number from {LOW} to {HIGH} in {TRIES} tries.\n"
+
+
+class GuessNumber:
+    """The game, one instance per episode (TRL's ``environment_factory`` contract)."""
+
+    def reset(self, target: int, max_tries: int = TRIES, **row) -> None:
+        self.target = int(target)
+        self.tries_left = int(max_tries)
+        self.tries = 0
+        self.won = False
+        self.done = False  # rlcli: set when the game is over, the episode ends after this turn's answer
+
+    def guess(self, number: int) -> str:
+        """Guess the hidden number; the answer says whether it is higher or lower, or correct.
+
+        Args:
+            number: your guess, a whole number.
+        """
+        if self.done:
+            return "the game is over"
+        try:
+            value = int(str(number).strip())
+        except ValueError:
+            raise ValueError(f"{number!r} is not a whole number") from None
+        self.tries += 1
+        self.tries_left -= 1
+        if value == self.target:
+            self.won = self.done = True
+            return "correct"
+        if self.tries_left <= 0:
+            self.done = True
+        return "higher" if self.target > value else "lower"
+
+    def get_reward(self) -> float:
+        """1 for a won game, 0 otherwise."""
+        return float(self.won)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def prompt_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": PROMPT, "target": rng.randint(LOW, HIGH)} for _ in range(n)]
+
+
+def eval_rows(repeats: int = 4) -> list[dict]:
+    return [{"prompt": PROMPT, "target": t} for t in range(LOW, HIGH + 1) for _ in range(repeats)]
+
+
+def play(target: int, rng: random.Random, random_fraction: float) -> list[dict]:
+    """One demonstration: each guess is the middle of what the feedback still allows, or (``random_fraction`` of
+    the time) a random number in it. Played through ``GuessNumber`` itself, so its texts are the environment's."""
+    game = GuessNumber()
+    game.reset(target=target)
+    lo, hi = LOW, HIGH
+    segments = [{"source": "prompt", "text": PROMPT}]
+    while not game.done:
+        g = rng.randint(lo, hi) if rng.random() < random_fraction else (lo + hi) // 2
+        answer = game.guess(g)
+        segments += [{"source": "model", "text": f"<request><guess>{g}<call>"},
+                     {"source": "tool", "text": f"{answer}<response>"}]
+        lo, hi = (g + 1, hi) if answer == "higher" else (lo, g - 1) if answer == "lower" else (lo, hi)
+    return segments
+
+
+def sft_rows(n: int, seed: int, random_fraction: float = 0.5) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"segments": play(rng.randint(LOW, HIGH), rng, random_fraction)} for _ in range(n)]
+
+
+def write_data() -> None:
+    DATA.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("prompts.jsonl", prompt_rows(2000, seed=1)), ("eval.jsonl", eval_rows()),
+                       ("sft_episodes.jsonl", sft_rows(2000, seed=3))):
+        (DATA / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {DATA / name} ({len(rows)} rows)")
+
+
+# --- the demo -----------------------------------------------------------------------------------------------------
+
+
+def game_summary(episodes_file: Path) -> dict:
+    """Success rate, turns per win and tries per win of an env-rollout's episodes."""
+    episodes = [json.loads(line) for line in episodes_file.read_text().splitlines() if line.strip()]
+    wins = [e for e in episodes if e.get("env_reward") == 1.0]
+    return {"episodes": len(episodes), "success_rate": len(wins) / max(len(episodes), 1),
+            "turns_per_win": sum(e["num_turns"] for e in wins) / len(wins) if wins else None,
+            "tries_per_win": sum(len(e["tool_calls"]) for e in wins) / len(wins) if wins else None}
+
+
+def _rlcli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "rlcli", *args]
+    print("\n$ rlcli " + " ".join(args), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def _evaluate(model_dir: Path, out: Path) -> dict:
+    _rlcli("env-rollout", "configs/guess_number_eval.yaml", f"model.name_or_path={model_dir}", f"output_dir={out}")
+    return game_summary(out / "episodes.jsonl")
+
+
+def demo(out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if not (DATA / "prompts.jsonl").exists():
+        write_data()
+    _rlcli("sft", "configs/guess_number_sft.yaml", f"output_dir={out / 'sft'}")
+    before = _evaluate(out / "sft", out / "eval-sft")
+    _rlcli("ppo", "configs/guess_number.yaml", f"model.name_or_path={out / 'sft'}", f"output_dir={out / 'grpo'}")
+    after = _evaluate(out / "grpo", out / "eval-grpo")
+
+    table = Table(title=f"Guess the number: {len(eval_rows())} games (every target 4 times, temperature 0.7)",
+                  header_style="bold")
+    table.add_column("")
+    table.add_column("after SFT", justify="right")
+    table.add_column("after GRPO", justify="right")
+    table.add_row("games won", f"{before['success_rate']:.1%}", f"{after['success_rate']:.1%}")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    table.add_row("turns per win", fmt(before["turns_per_win"]), fmt(after["turns_per_win"]))
+    console.print(table)
+    (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_grpo": after}, indent=2))
+    console.print(f"runs: {out}/sft, {out}/grpo; episodes: {out}/eval-*/episodes.jsonl")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("data", help="write data/guess_number/*.jsonl")
+    d = sub.add_parser("demo", help="run the whole offline demo")
+    d.add_argument("--out", default="runs/guess_number", help="run directory (replaced)")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "data":
+        write_data()
+    else:
+        demo(ROOT / args.out if not os.path.isabs(args.out) else Path(args.out))
