@@ -41,7 +41,9 @@ def rlcli(*args: str, log: Path) -> float:
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The training steps' rows (a held-out evaluation of the initial policy is a row of its own at step 0)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "reward_mean" in r]
 
 
 def tiny(seed: int, out: Path, extra: list[str], recipe: str = "configs/tiny/ppo.yaml", label: str = "tiny") -> dict:

@@ -118,10 +118,15 @@ def plot(metrics_file: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
+    train = [r for r in rows if "reward_mean" in r]  # (step 0 holds only the held-out evaluation)
+    held_out = [r for r in rows if "eval/reward_mean" in r]
+    steps = [r["step"] for r in train]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["reward_mean"] for r in rows], label="reward (exact match)", color="tab:green")
-    ax.plot(steps, [r.get("tool_use_rate", 0.0) for r in rows], label="tool-use rate", color="tab:blue")
+    ax.plot(steps, [r["reward_mean"] for r in train], label="reward (exact match)", color="tab:green")
+    ax.plot(steps, [r.get("tool_use_rate", 0.0) for r in train], label="tool-use rate", color="tab:blue")
+    if held_out:
+        ax.plot([r["step"] for r in held_out], [r["eval/reward_mean"] for r in held_out], marker="o",
+                label="held-out exact match", color="tab:orange")
     ax.set_xlabel("PPO step")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Calculator demo: PPO through the text environment")
