@@ -102,3 +102,16 @@ def test_two_processes_evaluate_like_one(tmp_path, monkeypatch):
     two = read_metrics(tmp_path / "two")
     first = lambda ms: {k: v for k, v in ms[0].items() if k.startswith("eval/")}  # noqa: E731  step 0: same weights
     assert first(one) == first(two)
+
+
+def test_the_demo_plot_reads_a_run_with_a_step_0_evaluation(evaluated, tmp_path):
+    """metrics.jsonl's step-0 row holds only eval/ keys: readers of the training keys skip it (the calculator demo's
+    plot once failed on it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calculator_recipe", REPO / "recipes" / "calculator.py")
+    calculator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calculator)
+    out, _ = evaluated
+    calculator.plot(out / "metrics.jsonl", tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
