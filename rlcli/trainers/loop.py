@@ -114,8 +114,8 @@ class Run:
                           + (f", resuming at step {self.start_step}" if self.start_step else ""))
 
     def progress(self, name: str, shown: tuple[str, ...]) -> TrainingProgress:
-        return TrainingProgress(name, self.total_steps, enabled=self.par.is_main_process and self.recipe.logging.progress,
-                                start=self.start_step, shown=shown)
+        enabled = self.par.is_main_process and self.recipe.logging.progress
+        return TrainingProgress(name, self.total_steps, enabled=enabled, start=self.start_step, shown=shown)
 
     def steps(self) -> range:
         return range(self.start_step + 1, self.total_steps + 1)
@@ -194,6 +194,25 @@ class SupervisedRun:
     tokenizer: Any
     train_set: Any
     metrics: dict[str, float]  # the last step's
+
+
+def supervised_preflight(recipe: RecipeBase, kind: SupervisedKind, problems: list, origin,
+                         processes: int | None) -> list[str]:
+    """The end of a supervised trainer's preflight: ``problems`` (its own) and the launch's, raised together as one
+    ``RecipeError``; else the batch arithmetic as a note."""
+    from rlcli.config.errors import RecipeError
+    from rlcli.config.loader import locate
+    from rlcli.launch import check_launch, launch_processes
+
+    processes = processes or launch_processes()
+    problems = problems + check_launch(kind.name, recipe, processes=processes)
+    if problems:
+        raise RecipeError(locate(problems, origin))
+    tcfg = recipe.train
+    accum = tcfg.batch_size // (tcfg.micro_batch_size * processes)
+    unit = "" if kind.noun == "examples" else f" {kind.noun}"
+    return [f"global batch {tcfg.batch_size}{unit} = micro-batch {tcfg.micro_batch_size} × {processes} process(es) "
+            f"× {accum} accumulation step(s)"]
 
 
 def train_supervised(recipe: RecipeBase, resume: bool, kind: SupervisedKind) -> SupervisedRun:

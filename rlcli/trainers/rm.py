@@ -25,15 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlcli.config.errors import RecipeError
-from rlcli.config.loader import Origin, locate
+from rlcli.config.loader import Origin
 from rlcli.config.rm import RMRecipe
 from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collate_pairs, tokenize_pairs
 from rlcli.data.sources import check_data_source
-from rlcli.launch import check_launch, launch_processes
 from rlcli.models.loading import check_model_config
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
-from rlcli.trainers.loop import SupervisedKind, save_final_model, train_supervised
+from rlcli.trainers.loop import SupervisedKind, save_final_model, supervised_preflight, train_supervised
 
 
 def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,
@@ -55,15 +53,7 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
 def preflight(recipe: RMRecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
     """Everything checkable without loading weights; raises ``RecipeError`` listing all problems."""
     problems = check_model_config(recipe.model, "classifier") + check_data_source(recipe.data)
-    processes = processes or launch_processes()
-    problems += check_launch("rm", recipe, processes=processes)
-    if problems:
-        raise RecipeError(locate(problems, origin))
-    accum = recipe.train.batch_size // (recipe.train.micro_batch_size * processes)
-    return [
-        f"global batch {recipe.train.batch_size} pairs = micro-batch {recipe.train.micro_batch_size} × "
-        f"{processes} process(es) × {accum} accumulation step(s)"
-    ]
+    return supervised_preflight(recipe, RM, problems, origin, processes)
 
 
 def pair_rewards(model, pairs: list[PairExample], pad_id: int, device) -> tuple[torch.Tensor, ...]:

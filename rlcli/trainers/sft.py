@@ -24,17 +24,16 @@ from pathlib import Path
 
 import torch
 
-from rlcli.config.errors import Problem, RecipeError
-from rlcli.config.loader import Origin, locate
+from rlcli.config.errors import Problem
+from rlcli.config.loader import Origin
 from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
 from rlcli.data.sources import check_data_source
-from rlcli.launch import check_launch, launch_processes
 from rlcli.models.lm_head import capture_head_input, chunkable
 from rlcli.models.loading import check_model_config, model_task
 from rlcli.rl.chunked import token_stats
 from rlcli.rl.sampling import SamplingRules
-from rlcli.trainers.loop import SupervisedKind, save_final_model, train_supervised
+from rlcli.trainers.loop import SupervisedKind, save_final_model, supervised_preflight, train_supervised
 
 
 def preflight(recipe: SFTRecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
@@ -44,15 +43,7 @@ def preflight(recipe: SFTRecipe, origin: Origin | str = "recipe", processes: int
     if task != "causal":
         key = "model.architecture" if recipe.model.architecture is not None else "model.name_or_path"
         problems.append(Problem(key, "rlcli sft trains decoder-only (causal) models; this is an encoder-decoder"))
-    processes = processes or launch_processes()
-    problems += check_launch("sft", recipe, processes=processes)
-    if problems:
-        raise RecipeError(locate(problems, origin))
-    accum = recipe.train.batch_size // (recipe.train.micro_batch_size * processes)
-    return [
-        f"global batch {recipe.train.batch_size} = micro-batch {recipe.train.micro_batch_size} × "
-        f"{processes} process(es) × {accum} accumulation step(s)"
-    ]
+    return supervised_preflight(recipe, SFT, problems, origin, processes)
 
 
 def _target_tokens(example: dict) -> int:
