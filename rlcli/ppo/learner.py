@@ -107,6 +107,13 @@ class PPOLearner:
         self.par = as_parallel(accelerator, max_grad_norm)
         self.model = model  # prepared by self.par: DDP-wrapped, FSDP2-sharded or a DeepSpeed engine
         self.ref_model = ref_model  # a ValueHeadModel without value head, or None for LoRA
+        if self.par.sharded:
+            # the chunked log-probs call the LM head after the model's forward has returned, where FSDP2 / ZeRO-3
+            # leave each process only a shard of the head's weight: sharded runs take the full-logits path (the
+            # same numbers; the memory saving of chunking is lost there)
+            for m in (self.par.unwrap(model), ref_model and self.par.unwrap(ref_model)):
+                if m is not None:
+                    m.chunkable = False
         self.algo = algo
         self.kl_cfg = kl
         self.rules = rules
