@@ -258,8 +258,11 @@ def supervised_steps(run: Run, objective: Objective, kind: SupervisedKind, *, ha
             normaliser = objective.normaliser(batch)
             mine = batch[rank * per_proc : (rank + 1) * per_proc]
             # micro-batches of examples of similar length pad less; the loss is normalised over the global batch,
-            # so how it is split changes only float summation order
-            mine = sorted(mine, key=objective.length)
+            # so how it is split changes only float summation order. With one micro-batch there is nothing to gain,
+            # and the order is kept: a model with dropout draws its masks row by row, so reordering would change
+            # the run (the same expectation, another sample)
+            if tcfg.micro_batch_size < per_proc:
+                mine = sorted(mine, key=objective.length)
             micro_batches = [mine[i : i + tcfg.micro_batch_size] for i in range(0, per_proc, tcfg.micro_batch_size)]
             loss_sum = torch.zeros((), device=par.device)
             counts: dict[str, Any] = {}
