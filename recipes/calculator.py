@@ -160,6 +160,11 @@ def demo(out: Path) -> None:
     table.add_row("tool calls per episode", f"{before['tool_calls_per_episode']:.2f}",
                   f"{after['tool_calls_per_episode']:.2f}")
     console.print(table)
+    best = out / "ppo" / "best" / "best.json"
+    if best.exists():  # train.keep_best: the policy of the best held-out evaluation during PPO
+        info = json.loads(best.read_text())
+        console.print(f"best held-out evaluation during PPO: {info['metric']} {info['value']:.1%} at step "
+                      f"{info['step']} (policy in {best.parent})")
     (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_ppo": after}, indent=2))
     console.print(f"plot: {out / 'ppo_curve.png'}; runs: {out}/sft, {out}/ppo; episodes: {out}/eval-*/episodes.jsonl")
 
