@@ -181,6 +181,13 @@ class OptimConfig(Section):
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
+def variable_name(value: str | None) -> str | None:
+    """A ``token_env`` value: the NAME of an environment variable, never the secret itself."""
+    if value is not None and (not value or "=" in value or value.startswith("$")):
+        raise ValueError("the NAME of an environment variable (REWARD_TOKEN), not its value or $REWARD_TOKEN")
+    return value
+
+
 def _no_means_no(value: Any) -> Any:
     # YAML 1.1 reads a bare `no` as False; the user meant the string.
     return "no" if value is False else value

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from rlcli.config.common import Section
+from rlcli.config.common import Section, variable_name
 from rlcli.config.errors import Problem, RecipeProblems
 
 # keys that only mean something for a reward service (``url``), with their defaults: set to anything else without a
@@ -110,12 +110,7 @@ class RewardConfig(Section):
                              "name it in reward.token_env")
         return value
 
-    @field_validator("token_env")
-    @classmethod
-    def _variable_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or "=" in value or value.startswith("$")):
-            raise ValueError("the NAME of an environment variable (REWARD_TOKEN), not its value or $REWARD_TOKEN")
-        return value
+    _variable_name = field_validator("token_env")(variable_name)
 
     @property
     def has_source(self) -> bool:

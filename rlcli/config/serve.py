@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from rlcli.config.common import Section
+from rlcli.config.common import Section, variable_name
 from rlcli.config.errors import Problem, RecipeProblems
 from rlcli.config.reward import RewardConfig
 
@@ -52,12 +52,7 @@ class ServeRewardRecipe(Section):
             raise ValueError("a URL path like /score (starting with /, not /health, no query, braces or spaces)")
         return value
 
-    @field_validator("token_env")
-    @classmethod
-    def _variable_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or "=" in value or value.startswith("$")):
-            raise ValueError("the NAME of an environment variable (REWARD_TOKEN), not its value or $REWARD_TOKEN")
-        return value
+    _variable_name = field_validator("token_env")(variable_name)
 
     @model_validator(mode="after")
     def _servable(self) -> ServeRewardRecipe:
