@@ -40,10 +40,18 @@ class Service:
                     service.requests.append((dict(self.headers), body))
                     service.in_flight += 1
                     service.peak = max(service.peak, service.in_flight)
+                self.left = False
                 try:
                     service.script[min(n, len(service.script) - 1)](self, body)
                 finally:
-                    with service.lock:
+                    self.leave()
+
+            def leave(self):
+                """Count this request out of the in-flight ones; called before the answer is written, since the
+                client may send its next request the moment it reads the answer, before this thread gets here."""
+                with service.lock:
+                    if not self.left:
+                        self.left = True
                         service.in_flight -= 1
 
             def log_message(self, *args):
@@ -70,6 +78,7 @@ def answer(status=200, body=None, delay=0.0, scores=None):
         time.sleep(delay)
         payload = body if body is not None else {"scores": scores or [float(len(r)) for r in request["responses"]]}
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        handler.leave()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(raw)))
