@@ -142,6 +142,10 @@ def demo(out: Path) -> None:
 
     console = Console()
     if out.exists():
+        # replaced only when it holds nothing but this demo's own outputs (or nothing): never a user's files
+        if not {p.name for p in out.iterdir()} <= {"sft", "eval-sft", "ppo", "eval-ppo", "ppo_curve.png",
+                                                   "demo_summary.json"}:
+            sys.exit(f"--out {out} holds files this demo did not write: choose an empty or new directory")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     _rlcli("sft", "configs/calculator_sft.yaml", f"output_dir={out / 'sft'}")

@@ -1,14 +1,15 @@
 """Guess the number: a multi-turn game that needs state to win, as a stateful environment.
 
 The environment (``GuessNumber``) hides a number from 1 to 31; the model guesses with its one tool, ``guess``, and
-reads ``higher`` / ``lower`` / ``correct``. Five tries: binary search always wins (16, then 8 or 24, ...), guessing
-at random within what the feedback still allows wins about half the time. The class follows TRL's
-``environment_factory`` contract (``reset(**row)``, public methods are tools, ``get_reward()``), plus rlcli's
-``done`` attribute: the game ends the episode when it is won or lost. It runs in TRL unchanged.
+reads ``higher`` / ``lower`` with the numbers still possible (the board, as a game shows it), or ``correct``. Five
+tries: binary search always wins (16, then 8 or 24, ...); guessing at random within what the answers still allow
+wins about half the time. The class follows TRL's ``environment_factory`` contract (``reset(**row)``, public
+methods are tools, ``get_reward()``), plus rlcli's ``done`` attribute: the game ends the episode when it is won or
+lost. It runs in TRL unchanged.
 
 Pieces the recipes point at:
 - ``GuessNumber`` — ``env.environment: recipes/guess_number.py:GuessNumber`` (the reward is its ``get_reward()``:
-  1 for a win, else 0; no ``reward.function`` needed);
+  half for the win, half for the share of tries that halved what was left; no ``reward.function`` needed);
 - ``python recipes/guess_number.py data`` — writes ``data/guess_number/``: ``prompts.jsonl`` (PPO rows: the prompt
   and the hidden ``target``), ``eval.jsonl`` (every target 4 times) and ``sft_episodes.jsonl`` (demonstrations in
   the ``segments`` format, from a noisy player: half of its guesses are binary search, half random within the
@@ -20,7 +21,7 @@ An episode, in the tag protocol:
 
     Guess my number from 1 to 31 in 5 tries.\\n          (prompt)
     <request><guess>16<call>                              (model)
-    lower<response>                                       (environment: the tool's answer)
+    lower: 1-15<response>                                 (environment: the tool's answer)
     <request><guess>8<call>                               (model)
     correct<response>                                     (environment; it sets done: the episode ends)
 """
@@ -39,7 +40,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "guess_number"
 LOW, HIGH, TRIES = 1, 31, 5
+WIN_WEIGHT = 0.5  # of the reward; the rest is the share of tries that halved what was left (get_reward)
 PROMPT = f"Guess my number from {LOW} to {HIGH} in {TRIES} tries.\n"
+
+
+def halves(guess: int, low: int, high: int) -> bool:
+    """Whether ``guess`` is a middle of ``low..high`` (of two middles, either): the guess whose answer rules out
+    the most numbers whatever it is, as binary search guesses."""
+    return min(guess - low + 1, high - guess + 1) == (high - low + 2) // 2
 
 
 class GuessNumber:
@@ -47,13 +55,16 @@ class GuessNumber:
 
     def reset(self, target: int, max_tries: int = TRIES, **row) -> None:
         self.target = int(target)
-        self.tries_left = int(max_tries)
+        self.tries_left = self.max_tries = int(max_tries)
         self.tries = 0
+        self.low, self.high = LOW, HIGH  # what the answers so far still allow: shown with each answer
+        self.halved: list[bool] = []  # whether each guess halved what was left, for the reward
         self.won = False
         self.done = False  # rlcli: set when the game is over, the episode ends after this turn's answer
 
     def guess(self, number: int) -> str:
-        """Guess the hidden number; the answer says whether it is higher or lower, or correct.
+        """Guess the hidden number; the answer says whether it is higher or lower, with the numbers still
+        possible (e.g. ``higher: 17-31``), or correct.
 
         Args:
             number: your guess, a whole number.
@@ -66,16 +77,27 @@ class GuessNumber:
             raise ValueError(f"{number!r} is not a whole number") from None
         self.tries += 1
         self.tries_left -= 1
+        self.halved.append(halves(value, self.low, self.high))
         if value == self.target:
             self.won = self.done = True
             return "correct"
+        if self.target > value:
+            self.low = max(self.low, value + 1)
+        else:
+            self.high = min(self.high, value - 1)
         if self.tries_left <= 0:
             self.done = True
-        return "higher" if self.target > value else "lower"
+        return f"{'higher' if self.target > value else 'lower'}: {self.low}-{self.high}"
 
     def get_reward(self) -> float:
-        """1 for a won game, 0 otherwise."""
-        return float(self.won)
+        """Half for the win, half for the share of the tries that halved the numbers still possible: 1.0 for a
+        game played by binary search (the tries a win leaves unused count as halving), 0.5 plus a little for a
+        lucky win, under 0.5 for every loss (binary search never loses, so a lost game halved at most 4 of 5
+        tries: a reward of 0.5 or more is exactly a win), and little for a game given up (a try not taken halves
+        nothing). The second half scores each guess, not only the outcome: a win alone tells which of five
+        guesses were good only across many games, and taught the tiny model slowly (docs/environments.md)."""
+        share = (sum(self.halved) + (self.tries_left if self.won else 0)) / self.max_tries
+        return WIN_WEIGHT * float(self.won) + (1 - WIN_WEIGHT) * share
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -102,7 +124,7 @@ def play(target: int, rng: random.Random, random_fraction: float) -> list[dict]:
         answer = game.guess(g)
         segments += [{"source": "model", "text": f"<request><guess>{g}<call>"},
                      {"source": "tool", "text": f"{answer}<response>"}]
-        lo, hi = (g + 1, hi) if answer == "higher" else (lo, g - 1) if answer == "lower" else (lo, hi)
+        lo, hi = game.low, game.high
     return segments
 
 
@@ -125,7 +147,7 @@ def write_data() -> None:
 def game_summary(episodes_file: Path) -> dict:
     """Success rate, turns per win and tries per win of an env-rollout's episodes."""
     episodes = [json.loads(line) for line in episodes_file.read_text().splitlines() if line.strip()]
-    wins = [e for e in episodes if e.get("env_reward") == 1.0]
+    wins = [e for e in episodes if any(call.get("output") == "correct" for call in e["tool_calls"])]
     return {"episodes": len(episodes), "success_rate": len(wins) / max(len(episodes), 1),
             "turns_per_win": sum(e["num_turns"] for e in wins) / len(wins) if wins else None,
             "tries_per_win": sum(len(e["tool_calls"]) for e in wins) / len(wins) if wins else None}
@@ -134,7 +156,7 @@ def game_summary(episodes_file: Path) -> dict:
 def _rlcli(*args: str) -> None:
     cmd = [sys.executable, "-m", "rlcli", *args]
     print("\n$ rlcli " + " ".join(args), flush=True)
-    result = subprocess.run(cmd, cwd=ROOT)
+    result = subprocess.run(cmd, check=False, cwd=ROOT)
     if result.returncode != 0:
         sys.exit(result.returncode)
 
@@ -150,6 +172,9 @@ def demo(out: Path) -> None:
 
     console = Console()
     if out.exists():
+        # replaced only when it holds nothing but this demo's own outputs (or nothing): never a user's files
+        if not {p.name for p in out.iterdir()} <= {"sft", "eval-sft", "grpo", "eval-grpo", "demo_summary.json"}:
+            sys.exit(f"--out {out} holds files this demo did not write: choose an empty or new directory")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if not (DATA / "prompts.jsonl").exists():
@@ -165,7 +190,7 @@ def demo(out: Path) -> None:
     table.add_column("after SFT", justify="right")
     table.add_column("after GRPO", justify="right")
     table.add_row("games won", f"{before['success_rate']:.1%}", f"{after['success_rate']:.1%}")
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
     table.add_row("turns per win", fmt(before["turns_per_win"]), fmt(after["turns_per_win"]))
     console.print(table)
     (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_grpo": after}, indent=2))

@@ -5,6 +5,7 @@ through ``rlcli ppo`` with the environment's own reward."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -12,7 +13,7 @@ from rlcli.plugins import load_module_file
 from tests.conftest import REPO, invoke_cli, plain, read_metrics, run_cli
 
 recipe = load_module_file(REPO / "recipes" / "guess_number.py")
-GuessNumber, game_summary, play = recipe.GuessNumber, recipe.game_summary, recipe.play
+GuessNumber, game_summary, play, halves = recipe.GuessNumber, recipe.game_summary, recipe.play, recipe.halves
 
 SMALL = ["model.config.n_layer=1", "model.config.n_embd=64", "model.config.n_head=2"]
 
@@ -22,11 +23,25 @@ def test_the_game_and_its_demonstrations():
 
     game = GuessNumber()
     game.reset(target=20, prompt="ignored")
-    assert [game.guess(g) for g in (16, "24", 20)] == ["higher", "lower", "correct"]
-    assert game.done and game.get_reward() == 1.0
+    assert [game.guess(g) for g in (16, "24", 20)] == ["higher: 17-31", "lower: 17-23", "correct"]
+    assert game.done and game.get_reward() == 1.0  # binary search: every try halved (the unused ones count)
+    game.reset(target=20)  # a lucky win: half for the win; of the other half, 3 fifths (16 and the 2 unused tries)
+    assert [game.guess(g) for g in (16, 30, 20)] == ["higher: 17-31", "lower: 17-29", "correct"]
+    assert game.get_reward() == pytest.approx(0.5 + 0.5 * (1 + 2) / 5)
     game.reset(target=1)
-    assert [game.guess(g) for g in (31, 30, 29, 28)] == ["lower"] * 4 and not game.done
-    assert game.guess(27) == "lower" and game.done and game.get_reward() == 0.0  # five tries, lost
+    assert [game.guess(g) for g in (31, 30, 29, 28)] == ["lower: 1-30", "lower: 1-29", "lower: 1-28", "lower: 1-27"]
+    assert not game.done
+    assert game.guess(27) == "lower: 1-26" and game.done and game.get_reward() == 0.0  # five tries, lost
+    game.reset(target=9)  # binary search that gave up after two tries: two fifths of the halving half
+    assert [game.guess(g) for g in (16, 8)] == ["lower: 1-15", "higher: 9-15"]
+    assert game.get_reward() == pytest.approx(0.5 * 2 / 5)
+    # a lost game scores under 0.5 however it was played: 0.5 is the win threshold (eval.pass_threshold)
+    game.reset(target=2)
+    for g in (16, 8, 4, 1, 3):
+        game.guess(g)
+    assert game.done and not game.won and game.get_reward() == pytest.approx(0.5 * 4 / 5)
+    assert halves(16, 1, 31) and not halves(15, 1, 31) and halves(5, 5, 6) and halves(6, 5, 6)
+    assert not halves(40, 1, 31) and halves(7, 7, 7)
     assert game.guess(16) == "the game is over"
     game.reset(target=3)
     with pytest.raises(ValueError, match="not a whole number"):  # answered as an error text, not a try
@@ -73,11 +88,11 @@ def test_env_rollout_plays_the_game(sft_model, tmp_path):
     assert len(episodes) == 24
     for e in episodes:
         # the environment's reward is the episode's reward (no reward section); its answers are masked tool text
-        assert e["reward"] == e["env_reward"] in (0.0, 1.0) and "env_error" not in e
+        assert e["reward"] == pytest.approx(e["env_reward"]) and 0.0 <= e["reward"] <= 1.0 and "env_error" not in e
         assert "".join(s["text"] for s in e["segments"]) == e["text"]
         answers = [c["output"] for c in e["tool_calls"] if c["status"] == "ok"]
-        assert set(answers) <= {"higher", "lower", "correct", "the game is over"}
-        if e["env_reward"] == 1.0:
+        assert all(re.fullmatch(r"(higher|lower): \d+-\d+|correct|the game is over", a) for a in answers), answers
+        if e["env_reward"] >= 0.5:  # a win
             assert e["finish_reason"] == "done" and answers[-1] == "correct"
     assert any(e["tool_calls"] for e in episodes), "the fine-tuned model should guess in some episodes"
     summary = game_summary(out / "episodes.jsonl")
