@@ -270,16 +270,23 @@ class ChatTemplate:
         turns tokenised piece by piece and each assistant turn on its own. With ``assistant_ids`` (the ids the
         model sampled, one list per turn) only the last ``len(assistant_ids)`` turns are the model's and are
         replaced by them; earlier assistant messages (examples in a prompt) stay inside the text around them, as
-        the prompt was tokenised whole."""
+        the prompt was tokenised whole. A sampled turn that does not end with the end-of-turn token (cut at its
+        token budget, or ended by another EOS) is closed by the template: its end-of-turn token follows as the
+        template's text (mask 0), as it does in an episode that goes on after such a turn (a stateful
+        environment's ``_respond``)."""
         turns = spans.assistant
         if assistant_ids is not None:
             turns = turns[len(turns) - len(assistant_ids):]
         ids, mask, at = [], [], 0
         for j, (start, end) in enumerate(turns):
             piece = self.encode(spans.text[at:start])
-            turn = list(assistant_ids[j]) if assistant_ids is not None else self.encode(spans.text[start:end])
-            ids += piece + turn
-            mask += [0] * len(piece) + [1] * len(turn)
+            if assistant_ids is None:
+                turn, closing = self.encode(spans.text[start:end]), []
+            else:
+                turn = list(assistant_ids[j])
+                closing = [] if turn and turn[-1] == self.eot_id else [self.eot_id]
+            ids += piece + turn + closing
+            mask += [0] * len(piece) + [1] * len(turn) + [0] * len(closing)
             at = end
         tail = self.encode(spans.text[at:])
         return ids + tail, mask + [0] * len(tail)

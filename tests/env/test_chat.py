@@ -183,7 +183,10 @@ def test_episodes_are_the_templates_tokens_of_their_messages(kind, tokenizers):
         assert h.token_ids == expected[: len(h.token_ids)]
         rest = template.decode(expected[len(h.token_ids):])
         if h.finish_reason == "eos":
-            assert rest == template.turn_suffix
+            # after the end-of-turn token, the template's suffix; a turn ended by another EOS token (a free turn)
+            # is closed by the template's end of turn first
+            closing = "" if h.segments[-1].token_ids[-1] == template.eot_id else template.eot_text
+            assert rest == closing + template.turn_suffix
         elif h.finish_reason == "max_turns":
             assert rest == "" and messages[-1]["role"] == "tool"
         # the prompt is apply_chat_template of the leading messages with the generation prompt

@@ -256,6 +256,34 @@ def test_chat_protocol_renders_observations_as_user_turns(tok):
     assert whole.startswith(h.text)
 
 
+def test_chat_observation_after_a_turn_cut_at_its_budget(tok):
+    """Issue 22: a chat turn that ran out of tokens (no end-of-turn token sampled) and was answered by ``_respond``
+    failed the whole rollout: the template closes that turn with its end-of-turn token, which the episode holds as
+    forced text, but the check of the episode's tokens expected the model's tokens alone there."""
+    hermes = hermes_tokenizer()
+    template = ChatTemplate.of(hermes)
+    envs = Environments(kinds(Game), "environment", 5.0)
+    schemas = schemas_for(envs.kinds[None].tools())
+    protocol = ChatProtocol(template, hermes_calls, schemas)
+    move = ids(hermes, '<tool_call>\n{"name": "move", "arguments": {"where": "b2"}}\n</tool_call>') + [template.eot_id]
+    rambling = ids(hermes, "let me think " * 40)  # longer than a turn's budget
+    model = ScriptedLM(tiny_gpt2(hermes, n_positions=2400), hermes, {0: [rambling, move]}).eval()
+    from rlcli.rl.sampling import SamplingRules
+
+    env = TextEnvironment(model, hermes, {}, protocol, max_turns=4, max_new_tokens=len(move), max_length=2400,
+                          environments=envs, rules=SamplingRules(eos_ids=(template.eot_id,)))
+    [h] = env.run(["#0: play"], [{"goal": "b2"}])
+    assert h.finish_reason == "done" and h.env_reward == 1.0 and h.env_error is None
+    assert [m["role"] for m in h.messages] == ["user", "assistant", "user", "assistant", "tool"]
+    cut, observation = h.segments[1], h.segments[2]
+    assert cut.source == "model" and cut.token_ids == rambling[: len(move)]
+    # the template's end of turn closes the cut turn: forced text (mask 0), not a token the model chose
+    assert observation.source == "tool" and observation.token_ids[0] == template.eot_id
+    assert observation.text.startswith(template.eot_text) and "Your move, please." in observation.text
+    whole = hermes.apply_chat_template(h.messages, tools=h.tools, tokenize=False)
+    assert whole.startswith(h.text)
+
+
 def test_recipe_section_is_checked_before_any_rollout(tmp_path):
     envfile = tmp_path / "envs.py"
     envfile.write_text("class NoReset:\n    def go(self) -> str:\n        return 'x'\n\n"
