@@ -1,6 +1,6 @@
-"""A stateful environment under the combinations users run it in (issue 22, point 4): PPO with a value head and
-GRPO through the tag and chat protocols, rollouts through another engine (the vLLM slot), ``rlcli env-rollout``
-with ``accept_min_reward`` into ``rlcli sft``, ``--resume`` after a kill, and two processes.
+"""A stateful environment under the combinations users run it in (issue 22, point 4): PPO with a value head, GRPO
+and RLOO through the tag, chat and JSON protocols, rollouts through another engine (the vLLM slot),
+``rlcli env-rollout`` with ``accept_min_reward`` into ``rlcli sft``, ``--resume`` after a kill, and two processes.
 
 The environment is ``tests/trainers/stateful_env.py:Tally`` (TRL's ``environment_factory`` contract): each episode's
 count starts at its row's ``start`` and moves with each of the model's turns, which the environment answers with
@@ -105,7 +105,7 @@ def train_in_process(overrides: list[str], monkeypatch, engine=None) -> tuple[li
     return read_metrics(recipe.output_dir), collected
 
 
-CELLS = [("gae", "tag"), ("grpo", "tag"), ("gae", "chat"), ("grpo", "chat")]
+CELLS = [("gae", "tag"), ("grpo", "tag"), ("gae", "chat"), ("grpo", "chat"), ("rloo", "json")]
 
 
 @pytest.mark.parametrize("estimator, protocol", CELLS, ids=[f"{e}-{p}" for e, p in CELLS])
@@ -200,7 +200,9 @@ def test_env_rollout_accepts_by_the_environments_reward_and_sft_trains_on_it(dat
         "batch_size": 16, "show": 1, "accept_min_reward": 0.5})
     code, stdout, stderr = invoke_cli("env-rollout", str(recipe), monkeypatch=monkeypatch)
     assert code == 0, stderr[-3000:]
-    assert "accepted" in plain(stdout) and "env_reward_mean" in plain(stdout)
+    shown = plain(stdout)  # show=1: the first episode rendered, the environment's answers in it
+    assert "legend" in shown and "Count from 0." in shown and "(count" in shown
+    assert "accepted" in shown and "env_reward_mean" in shown
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
     logged = sorted(read_log(log), key=lambda x: x["start"])  # in the order the episodes ended
     assert len(episodes) == len(logged) == PROMPTS
