@@ -239,11 +239,11 @@ def test_env_rollout_accepts_by_the_environments_reward_and_sft_trains_on_it(dat
                 assert ex["input_ids"] == e["token_ids"]
                 assert [int(t != IGNORE) for t in ex["labels"]] == e["token_mask"]
     sft = tmp_path / "sft"
-    code, _, stderr = invoke_cli("sft", "configs/tiny/sft.yaml", f"output_dir={sft}", f"model.tokenizer={chat_tokenizer}",
-                                 *MODEL, f"data.path={out / 'accepted.jsonl'}", "data.format=messages",
-                                 "data.max_length=200", "data.eval_fraction=0", "train.max_steps=6",
-                                 f"train.batch_size={len(accepted)}", "train.save_every=null", "train.eval_every=null",
-                                 "logging.progress=false", monkeypatch=monkeypatch)
+    code, _, stderr = invoke_cli("sft", "configs/tiny/sft.yaml", f"output_dir={sft}", *MODEL,
+                                 f"model.tokenizer={chat_tokenizer}", f"data.path={out / 'accepted.jsonl'}",
+                                 "data.format=messages", "data.max_length=200", "data.eval_fraction=0",
+                                 "train.max_steps=6", f"train.batch_size={len(accepted)}", "train.save_every=null",
+                                 "train.eval_every=null", "logging.progress=false", monkeypatch=monkeypatch)
     assert code == 0, stderr[-3000:]
     losses = [m["loss"] for m in read_metrics(sft) if "loss" in m]
     assert len(losses) == 6 and losses[-1] < losses[0]
