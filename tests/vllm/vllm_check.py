@@ -4,12 +4,16 @@
    vllm runs' final reward is within the local runs' seed spread, vLLM's log-probs equal rlcli's recomputed ones.
 2. A short calculator SFT, then PPO through the text environment (tag protocol, inline calculator) on vllm: the
    model calls the tool in vLLM-sampled turns, tool tokens are forced and masked, the log-probs still agree.
+3. GRPO through a stateful environment (tests/trainers/stateful_env.py:Tally, which answers every model turn with
+   its per-episode count) on vllm: the reward is the environment's, its answers are forced and masked, the
+   log-probs agree, every episode's state is its own.
 
 Writes OUT/vllm_check.json and prints a table; exits 1 when a check fails.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -75,15 +79,49 @@ def main() -> int:
         failures.append("calculator env on vllm: no tool call in any episode")
     if env["max_sampler_logprob_diff"] > 1e-3:
         failures.append(f"calculator env on vllm: log-probs disagree ({env['max_sampler_logprob_diff']:.3g})")
+    results["stateful_env"] = stateful_env(out, "vllm", failures)
     results["failures"] = failures
     (out / "vllm_check.json").write_text(json.dumps(results, indent=1))
     for name, r in results["tiny"].items():
         print(f"tiny {name:>8}: reward {r['start']:.3g} -> {r['final']:.3g}, max |dlogp| {r['max_sampler_logprob_diff']:.2g}, "
               f"{r['seconds_generate']:.2f} s generation per step")
     print(f"calculator env on vllm: tool use {env['tool_use_rate']}, max |dlogp| {env['max_sampler_logprob_diff']:.2g}")
+    print(f"stateful env on vllm: {results['stateful_env']}")
     for f in failures:
         print("FAILED:", f)
     return 1 if failures else 0
+
+
+def stateful_env(out: Path, engine: str, failures: list[str]) -> dict:
+    """GRPO through the stateful environment of the CLI tests with ``engine``; appends what fails to ``failures``."""
+    data, log, run = out / "stateful-prompts.jsonl", out / "stateful-episodes.log", out / f"stateful-{engine}"
+    data.write_text("".join(json.dumps({"prompt": f"Game {i}:", "start": 100 * i}) + "\n" for i in range(16)))
+    log.unlink(missing_ok=True)
+    environment = json.dumps({"spec": "tests/trainers/stateful_env.py:Tally", "options": {"log": str(log)}})
+    rlcli("ppo", "configs/tiny/grpo.yaml", f"output_dir={run}", f"data.path={data}", "reward.function=null",
+          f"env.environment={environment}", "env.max_turns=4", "env.max_new_tokens=6", "env.max_length=120",
+          "model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.steps=3",
+          "ppo.batch_size=16", "ppo.mini_batch_size=16", "ppo.group_size=4", "logging.progress=false",
+          "train.save_every=null", "overwrite_output_dir=true", f"generation.engine={engine}",
+          *(["generation.vllm.dtype=float32"] if engine == "vllm" else []))
+    m = metrics(run)
+    episodes = [json.loads(line) for line in log.read_text().splitlines()]
+    result = {"reward_mean": [x["reward_mean"] for x in m], "tool_tokens": [x["tool_tokens"] for x in m],
+              "max_sampler_logprob_diff": max(x["sampler_logprob_diff"] for x in m), "episodes": len(episodes)}
+    per_step = [episodes[i : i + 16] for i in range(0, len(episodes), 16)]
+    if len(episodes) != 3 * 16 or any(x["env_errors"] for x in m) or min(result["tool_tokens"]) <= 0:
+        failures.append(f"stateful env on {engine}: {len(episodes)} episodes, env_errors or no environment tokens")
+    elif any(abs(x["reward_mean"] - sum(e["reward"] for e in step) / 16) > 1e-6 for x, step in zip(m, per_step)):
+        failures.append(f"stateful env on {engine}: reward_mean is not the mean of get_reward()")
+    # each episode's counts start at its own row's start and move by 1-3 a turn
+    for e in episodes:
+        counts = [e["start"]] + [int(o.removeprefix(" (count ").removesuffix(")")) for o in e["observations"]]
+        if not all(1 <= b - a <= 3 for a, b in itertools.pairwise(counts)):
+            failures.append(f"stateful env on {engine}: an episode's state is not its own: {e}")
+            break
+    if result["max_sampler_logprob_diff"] > 1e-3:
+        failures.append(f"stateful env on {engine}: log-probs disagree ({result['max_sampler_logprob_diff']:.3g})")
+    return result
 
 
 if __name__ == "__main__":
