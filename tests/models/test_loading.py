@@ -52,3 +52,42 @@ def test_byte_tokenizer_round_trip(tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path)
     text = "héllo 12*34 <call> 🙂"
     assert again(text)["input_ids"] == tok(text)["input_ids"] and again.decode(tok(text)["input_ids"]) == text
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpointing_is_on_from_the_size_threshold_and_gives_the_same_gradients(monkeypatch, lora):
+    """``model.gradient_checkpointing`` unset: on from ``CHECKPOINTING_MIN_PARAMETERS`` (here lowered to the tiny
+    model's size), off below; an explicit setting wins. Recomputed activations give the gradients kept ones give,
+    LoRA adapters included (their inputs need grad through frozen embeddings)."""
+    from rlcli.models import loading
+
+    cfg = ModelConfig(architecture="llama", config={**CONFIGS["llama"], "num_hidden_layers": 2})
+    tok = load_tokenizer(cfg)
+    small = load_model(cfg, "causal", tok)
+    size = sum(p.numel() for p in small.parameters())
+    assert not loading.checkpointing(small)
+    monkeypatch.setattr(loading, "CHECKPOINTING_MIN_PARAMETERS", size)
+    assert not loading.checkpointing(load_model(cfg.model_copy(update={"gradient_checkpointing": False}), "causal",
+                                                tok))
+
+    def grads(model):
+        torch.manual_seed(0)
+        model = apply_lora(model, LoraConfig(r=4, dropout=0.0), "causal") if lora else model
+        model.train()
+        ids = torch.tensor([tok("hello world, checkpointed")["input_ids"]] * 2)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(1)
+    kept = load_model(cfg, "causal", tok)
+    state = {k: v.clone() for k, v in small.state_dict().items()}
+    kept.load_state_dict(state)
+    assert loading.checkpointing(kept)  # auto: at the threshold
+    plain = load_model(cfg.model_copy(update={"gradient_checkpointing": False}), "causal", tok)
+    plain.load_state_dict(state)
+    g_ckpt, g_plain = grads(kept), grads(plain)
+    assert g_ckpt.keys() == g_plain.keys() and g_ckpt
+    assert all(g is not None for g in g_ckpt.values())  # lora_A's are 0 while lora_B starts at 0
+    assert sum(bool(g.abs().sum() > 0) for g in g_ckpt.values()) >= len(g_ckpt) // 2
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
