@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -121,6 +122,88 @@ def peak_memory(device: str) -> dict:
 
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+# --- peak RSS and step times of a training run in a process of its own -----------------------------------------
+
+PEAK_PROBE = r"""
+import time
+
+
+def reset_peak():
+    # the kernel's high-water mark of resident memory (VmHWM) starts again from the current RSS
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def vm_hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+"""
+"""Code that a driver script runs in the measured process (no imports beyond the standard library, so a driver
+in another virtualenv can use it too): ``reset_peak()`` and ``vm_hwm()`` in bytes."""
+
+RLCLI_DRIVER = PEAK_PROBE + r"""
+import json, resource, sys
+import rlcli.trainers.loop as loop
+
+marks = []
+steps = loop.Run.steps
+def timed_steps(self):
+    reset_peak()
+    marks.append(time.perf_counter())
+    return steps(self)
+hwm = [0]
+log = loop.Run.log
+def timed_log(self, step, metrics, **kw):
+    marks.append(time.perf_counter())
+    hwm[0] = max(hwm[0], vm_hwm())  # the steps' peak: the final save comes after
+    return log(self, step, metrics, **kw)
+loop.Run.steps, loop.Run.log = timed_steps, timed_log
+
+from rlcli.cli import main
+out_json = sys.argv[1]
+sys.argv = ["rlcli"] + sys.argv[2:]
+try:
+    main()
+except SystemExit as exc:
+    if exc.code not in (0, None):
+        raise
+json.dump({"step_seconds": [b - a for a, b in zip(marks, marks[1:])],
+           "peak_rss_steps": hwm[0],
+           "peak_rss_run": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, open(out_json, "w"))
+"""
+"""Runs ``rlcli ARGS...`` (``python driver.py RESULT.json ARGS...``) and writes to RESULT.json: ``step_seconds``
+(from one ``Run.log`` to the next; the first step counts from the loop's start), ``peak_rss_steps`` (``VmHWM``
+read at every ``Run.log``, after a reset when the loop starts: the weights are loaded by then, the final save
+is not counted) and ``peak_rss_run`` (``ru_maxrss``: the whole process). ``Run`` serves every trainer (sft, rm,
+ppo), so this times any of them."""
+
+
+def run_rlcli(source: Path, args: list[str], work: Path, tag: str, threads: int) -> dict:
+    """``rlcli ARGS`` with ``source`` first on ``PYTHONPATH``, in a process of its own under ``RLCLI_DRIVER``;
+    returns its figures plus ``metrics`` (the lines of ``OUTPUT_DIR/metrics.jsonl``; ``args`` must set
+    ``output_dir``) and ``seconds`` (the whole process)."""
+    result = work / f"{tag}.json"
+    driver = work / "rlcli_driver.py"
+    driver.write_text(RLCLI_DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(driver), str(result), *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{tag} failed (rlcli {' '.join(args)}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    data = json.loads(result.read_text())
+    data["seconds"] = time.perf_counter() - t0
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("output_dir="))
+    data["metrics"] = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+                       if line.strip()]
+    return data
 
 
 # --- forward-call counters ------------------------------------------------------------------------------------
