@@ -126,12 +126,8 @@ def peak_memory(device: str) -> dict:
 
 # --- peak RSS and step times of a training run in a process of its own -----------------------------------------
 
-PEAK_PROBE = r"""
-import time
-
-
-def reset_peak():
-    # the kernel's high-water mark of resident memory (VmHWM) starts again from the current RSS
+def reset_peak() -> None:
+    """Start the kernel's high-water mark of this process's resident memory (VmHWM) again from the current RSS."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -139,17 +135,19 @@ def reset_peak():
         pass
 
 
-def vm_hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+def vm_hwm() -> int:
+    """The most resident memory this process held since it started or since ``reset_peak``, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return 0
-"""
-"""Code that a driver script runs in the measured process (no imports beyond the standard library, so a driver
-in another virtualenv can use it too): ``reset_peak()`` and ``vm_hwm()`` in bytes."""
 
-RLCLI_DRIVER = PEAK_PROBE + r"""
-import json, resource, sys
+
+RLCLI_DRIVER = r"""
+import json, resource, sys, time
+sys.path.insert(0, BENCH_DIR)
+from _common import reset_peak, vm_hwm
 import rlcli.trainers.loop as loop
 
 marks = []
@@ -191,7 +189,7 @@ def run_rlcli(source: Path, args: list[str], work: Path, tag: str, threads: int)
     ``output_dir``) and ``seconds`` (the whole process)."""
     result = work / f"{tag}.json"
     driver = work / "rlcli_driver.py"
-    driver.write_text(RLCLI_DRIVER)
+    driver.write_text(RLCLI_DRIVER.replace("BENCH_DIR", repr(str(Path(__file__).resolve().parent))))
     env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, str(driver), str(result), *args], cwd=REPO, env=env, capture_output=True,

@@ -17,6 +17,7 @@ library), the reward is ``recipes/smollm2_tools.py:exact_answer``.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import resource
 import sys
@@ -25,9 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import PEAK_PROBE  # noqa: E402  (standard library only)
-
-exec(PEAK_PROBE)  # reset_peak(), vm_hwm()
+from _common import reset_peak, vm_hwm  # noqa: E402  (_common needs only the standard library)
 
 REPO = HERE.parent
 
@@ -66,12 +65,12 @@ def main() -> None:
 
     class Measure(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            reset_peak()  # noqa: F821 - from PEAK_PROBE
+            reset_peak()
             marks.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
             marks.append(time.perf_counter())
-            hwm[0] = max(hwm[0], vm_hwm())  # noqa: F821 - from PEAK_PROBE
+            hwm[0] = max(hwm[0], vm_hwm())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is not None and "train_runtime" not in logs:
@@ -150,7 +149,7 @@ def main() -> None:
 
     trainer.add_callback(Measure())
     trainer.train()
-    result = {"step_seconds": [b - a for a, b in zip(marks, marks[1:])], "peak_rss_steps": hwm[0],
+    result = {"step_seconds": [b - a for a, b in itertools.pairwise(marks)], "peak_rss_steps": hwm[0],
               "peak_rss_run": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "logs": history,
               "seconds_in_process": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(), **extra}
     Path(out_path).write_text(json.dumps(result))

@@ -195,8 +195,8 @@ def lora_spec(lora) -> dict:
 def sft_plan(recipe_path: str, steps: int, work: Path) -> dict:
     """The TRL spec of the SFT task and what rlcli's own functions say each step holds (tokens, targets,
     positions) and the examples' token ids and loss masks."""
-    from rlcli.config.sft import SFTRecipe
     from rlcli.config.loader import load_recipe
+    from rlcli.config.sft import SFTRecipe
     from rlcli.data.sft import IGNORE, tokenize_rows
     from rlcli.data.sources import train_eval_rows
     from rlcli.models.loading import load_tokenizer, model_dir
@@ -287,18 +287,18 @@ def grpo_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict:
 
     budget = env.max_turns * env.max_new_tokens + (env.max_turns - 1) * env.max_tool_output_tokens
     differences = [
-        f"token budget: rlcli {env.max_new_tokens} tokens per turn, {env.max_turns} turns, {env.max_length} in all; "
+        (f"token budget: rlcli {env.max_new_tokens} tokens per turn, {env.max_turns} turns, {env.max_length} in all; "
         f"TRL {env.max_new_tokens} per generate call (generation_kwargs.max_new_tokens), "
         f"max_tool_calling_iterations {env.max_turns - 1}, max_completion_length {budget} (model + tool tokens after "
-        f"the prompt; rlcli caps a tool's output at {env.max_tool_output_tokens} tokens, TRL does not)",
-        "old log-probs: rlcli computes the policy's log-probs of the rollout in a no-grad forward before the update "
+        f"the prompt; rlcli caps a tool's output at {env.max_tool_output_tokens} tokens, TRL does not)"),
+        ("old log-probs: rlcli computes the policy's log-probs of the rollout in a no-grad forward before the update "
         "(its 'rollout forward', with the reference's); TRL with one iteration and one generation per optimizer "
-        "step skips that forward and uses the training forward's detached log-probs (the ratio is 1 either way)",
-        "sampling: rlcli's own sampler (rlcli.models.generation) vs transformers' generate; the same temperature, "
-        "no top-k / top-p, but different random draws, so the episodes (and their lengths) differ",
+        "step skips that forward and uses the training forward's detached log-probs (the ratio is 1 either way)"),
+        ("sampling: rlcli's own sampler (rlcli.models.generation) vs transformers' generate; the same temperature, "
+        "no top-k / top-p, but different random draws, so the episodes (and their lengths) differ"),
         "group std: rlcli divides by (std + 1e-6), TRL by (std + 1e-4) (both unbiased std)",
-        "tool-call parsing: rlcli's hermes parser vs transformers' parse_response with TRL's Qwen3 response "
-        "template (SmolLM2 is ChatML with the same <tool_call> blocks; TRL ships no parser for its template)",
+        ("tool-call parsing: rlcli's hermes parser vs transformers' parse_response with TRL's Qwen3 response "
+        "template (SmolLM2 is ChatML with the same <tool_call> blocks; TRL ships no parser for its template)"),
         "KL: TRL's use_bias_correction_kl is set to False, so its k3 term is rlcli's (no importance weight)",
     ]
     spec = {"task": "grpo", "seed": recipe.seed, "steps": steps, "model": model, "data": str(work / "prompts.jsonl"),
