@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -121,6 +122,93 @@ def peak_memory(device: str) -> dict:
 
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+# --- peak RSS and step times of a training run in a process of its own -----------------------------------------
+
+def reset_peak() -> None:
+    """Start the kernel's high-water mark of this process's resident memory (VmHWM) again from the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def vm_hwm() -> int:
+    """The most resident memory this process held since it started or since ``reset_peak``, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+RLCLI_DRIVER = r"""
+import json, resource, sys, time
+sys.path.insert(0, BENCH_DIR)
+from _common import reset_peak, vm_hwm
+import rlcli.trainers.loop as loop
+
+marks, cpu = [], []
+def cpu_now():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+steps = loop.Run.steps
+def timed_steps(self):
+    reset_peak()
+    marks.append(time.perf_counter())
+    cpu.append(cpu_now())
+    return steps(self)
+hwm = [0]
+log = loop.Run.log
+def timed_log(self, step, metrics, **kw):
+    marks.append(time.perf_counter())
+    cpu.append(cpu_now())
+    hwm[0] = max(hwm[0], vm_hwm())  # the steps' peak: the final save comes after
+    return log(self, step, metrics, **kw)
+loop.Run.steps, loop.Run.log = timed_steps, timed_log
+
+from rlcli.cli import main
+out_json = sys.argv[1]
+sys.argv = ["rlcli"] + sys.argv[2:]
+try:
+    main()
+except SystemExit as exc:
+    if exc.code not in (0, None):
+        raise
+json.dump({"step_seconds": [b - a for a, b in zip(marks, marks[1:])],
+           "cpu_seconds": [b - a for a, b in zip(cpu, cpu[1:])],
+           "peak_rss_steps": hwm[0],
+           "peak_rss_run": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, open(out_json, "w"))
+"""
+"""Runs ``rlcli ARGS...`` (``python driver.py RESULT.json ARGS...``) and writes to RESULT.json: ``step_seconds``
+(from one ``Run.log`` to the next; the first step counts from the loop's start), ``cpu_seconds`` (the process's
+user + system CPU time over the same spans), ``peak_rss_steps`` (``VmHWM``
+read at every ``Run.log``, after a reset when the loop starts: the weights are loaded by then, the final save
+is not counted) and ``peak_rss_run`` (``ru_maxrss``: the whole process). ``Run`` serves every trainer (sft, rm,
+ppo), so this times any of them."""
+
+
+def run_rlcli(source: Path, args: list[str], work: Path, tag: str, threads: int) -> dict:
+    """``rlcli ARGS`` with ``source`` first on ``PYTHONPATH``, in a process of its own under ``RLCLI_DRIVER``;
+    returns its figures plus ``metrics`` (the lines of ``OUTPUT_DIR/metrics.jsonl``; ``args`` must set
+    ``output_dir``) and ``seconds`` (the whole process)."""
+    result = work / f"{tag}.json"
+    driver = work / "rlcli_driver.py"
+    driver.write_text(RLCLI_DRIVER.replace("BENCH_DIR", repr(str(Path(__file__).resolve().parent))))
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(driver), str(result), *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{tag} failed (rlcli {' '.join(args)}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    data = json.loads(result.read_text())
+    data["seconds"] = time.perf_counter() - t0
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("output_dir="))
+    data["metrics"] = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+                       if line.strip()]
+    return data
 
 
 # --- forward-call counters ------------------------------------------------------------------------------------

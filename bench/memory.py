@@ -31,65 +31,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, setup_threads  # noqa: E402
+from _common import REPO, run_rlcli, setup_threads  # noqa: E402
 
 THREADS = setup_threads(sys.argv)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 
 DEFAULT_BEFORE = "8b35b27"  # the last commit before chunked log-probs
-
-DRIVER = r"""
-import json, os, resource, sys, time
-import rlcli.trainers.loop as loop
-
-marks, cpu = [], []
-def cpu_now():
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-steps = loop.Run.steps
-def timed_steps(self):
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    marks.append(time.perf_counter())
-    cpu.append(cpu_now())
-    return steps(self)
-def vm_hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-hwm = [0]
-log = loop.Run.log
-def timed_log(self, step, metrics, **kw):
-    marks.append(time.perf_counter())
-    cpu.append(cpu_now())
-    hwm[0] = max(hwm[0], vm_hwm())  # the steps' peak: the final save comes after
-    return log(self, step, metrics, **kw)
-loop.Run.steps, loop.Run.log = timed_steps, timed_log
-
-from rlcli.cli import main
-out_json = sys.argv[1]
-sys.argv = ["rlcli"] + sys.argv[2:]
-try:
-    main()
-except SystemExit as exc:
-    if exc.code not in (0, None):
-        raise
-json.dump({"step_seconds": [b - a for a, b in zip(marks, marks[1:])],
-           "cpu_seconds": [b - a for a, b in zip(cpu, cpu[1:])],
-           "peak_rss_steps": hwm[0],
-           "peak_rss_run": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, open(out_json, "w"))
-"""
-
 
 def export(rev: str, into: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "rlcli"], check=True, capture_output=True)
@@ -103,20 +56,11 @@ def export(rev: str, into: Path) -> Path:
 
 def run_once(source: Path, command: str, recipe: str, overrides: list[str], steps: int, work: Path, tag: str) -> dict:
     out = work / f"out-{tag}"
-    result = work / f"{tag}.json"
-    driver = work / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    cmd = [sys.executable, str(driver), str(result), command, recipe, f"output_dir={out}",
-           f"{'ppo.steps' if command == 'ppo' else 'train.max_steps'}={steps}",
-           "logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true", *overrides]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{tag} failed:\n{res.stderr[-3000:]}")
-    data = json.loads(result.read_text())
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    args = [command, recipe, f"output_dir={out}", f"{'ppo.steps' if command == 'ppo' else 'train.max_steps'}={steps}",
+            "logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true", *overrides]
+    data = run_rlcli(source, args, work, tag, THREADS)
     key = "reward_mean" if command == "ppo" else "loss"
-    data["curve"] = [m.get(key) for m in metrics if key in m]
+    data["curve"] = [m.get(key) for m in data.pop("metrics") if key in m]
     return data
 
 
