@@ -107,11 +107,13 @@ def main() -> None:
     first = next(iter(table))
     print(f"\n{a.command} {a.recipe} {' '.join(a.overrides)}; {a.steps} steps × {a.rounds} round(s); {THREADS} "
           f"thread(s)" + ("" if a.setting else f"; before = {a.before}"))
-    print(f"{'':28s}{'peak RSS steps':>16s}{'peak RSS run':>14s}{'step s':>9s}{'CPU s':>9s}   ratios to {first}")
-    for tag, row in table.items():
+    for i, tag in enumerate(table, 1):
+        print(f"  {i}. {tag}")
+    print(f"{'':4s}{'peak RSS steps':>16s}{'peak RSS run':>14s}{'step s':>9s}{'CPU s':>9s}   ratios to 1 (peak, step, CPU)")
+    for i, (tag, row) in enumerate(table.items(), 1):
         ratios = "  ".join(f"{row[k] / table[first][k]:.2f}" for k in ("peak_rss_steps", "step_seconds", "cpu_seconds"))
-        print(f"{tag[:28]:28s}{row['peak_rss_steps'] / 2**30:13.2f} GiB{row['peak_rss_run'] / 2**30:10.2f} GiB"
-              f"{row['step_seconds']:9.1f}{row['cpu_seconds']:9.1f}   {ratios} (peak, step, CPU)")
+        print(f"{i:>3d}.{row['peak_rss_steps'] / 2**30:12.2f} GiB{row['peak_rss_run'] / 2**30:10.2f} GiB"
+              f"{row['step_seconds']:9.1f}{row['cpu_seconds']:9.1f}   {ratios}")
     for tag, row in table.items():
         print(f"curve {tag}: {row['curve']}")
     if a.json:

@@ -385,6 +385,8 @@ def main() -> None:
     p.add_argument("--grpo-model", default=None,
                    help=f"the GRPO policy (default {GRPO_MODEL.relative_to(REPO)} when it exists, else SmolLM2)")
     p.add_argument("--trl-venv", type=Path, default=DEFAULT_VENV)
+    p.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on",
+                   help="on both sides (default on: both tools' default for a model of SmolLM2's size)")
     p.add_argument("--setup-only", action="store_true", help="build / check the TRL venv and stop")
     p.add_argument("--json")
     a = p.parse_args()
@@ -409,6 +411,8 @@ def main() -> None:
                     print(f"note: no {GRPO_MODEL.relative_to(REPO)} (rlcli sft {SFT_RECIPE} output_dir=runs/smollm2/sft "
                           "makes it): GRPO starts from SmolLM2 as shipped, which seldom calls the tool")
                 plan = grpo_plan(a.grpo_recipe, a.steps, model, work)
+            plan["spec"]["gradient_checkpointing"] = a.gradient_checkpointing == "on"
+            plan["rlcli_args"].append(f"model.gradient_checkpointing={str(a.gradient_checkpointing == 'on').lower()}")
             print(f"\n== {task}: {a.steps} steps × {a.rounds} round(s), {THREADS} thread(s); model {plan['spec']['model']}",
                   flush=True)
             runs: dict[str, list[dict]] = {"rlcli": [], "trl": []}

@@ -329,6 +329,7 @@ RESUME_MAY_CHANGE = (
     "output_dir", "overwrite_output_dir", "logging", "train.max_steps", "train.epochs", "ppo.steps",
     "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_batch_size", "train.sample_every",
     "train.samples_per_log", "train.micro_batch_size", "ppo.micro_batch_size", "model.gradient_checkpointing",
+    "train.host_memory",
     "lora.merge_on_save",
     # where the reward service is and how it is reached (the scores are the service's, wherever it runs)
     "reward.url", "reward.token_env", "reward.timeout_s", "reward.max_concurrency", "reward.retries",
