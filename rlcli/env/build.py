@@ -188,6 +188,16 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
     return env
 
 
+def prompt_notes(cfg: EnvConfig) -> list[str]:
+    """--dry-run lines about what the model is told: with the chat protocol and ``env.system_prompt: false`` no tool
+    reaches the prompt (the template shows only the tools it is given), which only a model trained on them
+    survives."""
+    if cfg.protocol != "chat" or cfg.system_prompt or not (cfg.tools or cfg.environment_specs()):
+        return []
+    return ["env.system_prompt is false: the prompts name no tool (the chat template shows only tools it is given); "
+            "right for a model fine-tuned on these tools, else set env.system_prompt: true"]
+
+
 def sandbox_notes(cfg: EnvConfig) -> list[str]:
     """Run-header lines: how the env section's tools are contained. Says so loudly when a ``python`` tool runs
     model-written code unsandboxed (no working bubblewrap, recipe opted in with ``allow_unsandboxed``)."""

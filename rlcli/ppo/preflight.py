@@ -100,9 +100,9 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
     if recipe.has_eval:
         notes.append(describe_evaluation(recipe))
     if recipe.env is not None:
-        from rlcli.env.build import sandbox_notes
+        from rlcli.env.build import prompt_notes, sandbox_notes
 
-        notes += sandbox_notes(recipe.env)
+        notes += prompt_notes(recipe.env) + sandbox_notes(recipe.env)
         notes += env_generation_notes(recipe)
     return notes
 

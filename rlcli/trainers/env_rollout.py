@@ -74,7 +74,10 @@ def preflight(recipe: EnvRolloutRecipe, origin: Origin | str = "recipe", process
     specs = recipe.env.environment_specs()
     what = ([f"tools: {', '.join(recipe.env.tools)}"] if recipe.env.tools else []) + \
         ([f"environment: {', '.join(s.spec for s in specs.values())}"] if specs else [])
-    return [f"{'; '.join(what)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns"]
+    from rlcli.env.build import prompt_notes
+
+    return [f"{'; '.join(what)}; protocol {recipe.env.protocol}; up to {recipe.env.max_turns} turns",
+            *prompt_notes(recipe.env)]
 
 
 def scoring(recipe: EnvRolloutRecipe) -> RewardConfig | None:

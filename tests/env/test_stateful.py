@@ -12,7 +12,7 @@ from rlcli.config.env import EnvConfig
 from rlcli.config.errors import UserError
 from rlcli.config.reward import RewardConfig
 from rlcli.env import ChatProtocol, JsonProtocol, TagProtocol, TextEnvironment
-from rlcli.env.build import build_environments, check_env
+from rlcli.env.build import build_environments, check_env, prompt_notes
 from rlcli.env.builtin_tools import sandbox_problem
 from rlcli.env.environment import histories_to_rollout
 from rlcli.env.stateful import EnvironmentKind, Environments, public_methods
@@ -320,3 +320,13 @@ def test_python_session_keeps_variables_within_an_episode_only(tok):
     assert "NameError: name 'x' is not defined" in h1.tool_calls[0].output  # a fresh interpreter per episode
     assert "FileNotFoundError" in h1.tool_calls[1].output  # the sandbox has no /etc
     assert h0.finish_reason == h1.finish_reason == "submit"
+
+
+def test_dry_run_says_when_a_chat_prompt_names_no_tool():
+    """Chat protocol without env.system_prompt: the template is given no tools, so the prompt names none (SmolLM2
+    then never calls the guess tool); --dry-run says so, and not when the tools are described."""
+    game = {"environment": "recipes/guess_number.py:GuessNumber"}
+    [note] = prompt_notes(EnvConfig(protocol="chat", **game))
+    assert "env.system_prompt is false" in note and "name no tool" in note
+    assert prompt_notes(EnvConfig(protocol="chat", system_prompt=True, **game)) == []
+    assert prompt_notes(EnvConfig(protocol="tag", **game)) == []
