@@ -49,6 +49,7 @@ def test_lean_returns_freed_activations_to_the_os():
     assert fast_after >= lean_after and fast_peak >= lean_peak, (fast_peak, fast_after, lean_peak, lean_after)
 
 
+@pytest.mark.slow
 def test_a_lean_run_says_so(tmp_path):
     res = run_cli("sft", "configs/tiny/sft.yaml", f"output_dir={tmp_path / 'run'}", "logging.progress=false",
                   "train.max_steps=2", "train.host_memory=lean")
