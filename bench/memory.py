@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json")
-    a = p.parse_args()
+    a = p.parse_intermixed_args()  # options may come between the recipe and its overrides
     with tempfile.TemporaryDirectory(prefix="rlcli-mem-") as tmp:
         work = Path(tmp)
         if a.setting:
