@@ -194,8 +194,8 @@ def prompt_notes(cfg: EnvConfig) -> list[str]:
     survives."""
     if cfg.protocol != "chat" or cfg.system_prompt or not (cfg.tools or cfg.environment_specs()):
         return []
-    return ["env.system_prompt is false: the prompts name no tool (the chat template shows only tools it is given); "
-            "right for a model fine-tuned on these tools, else set env.system_prompt: true"]
+    return [("env.system_prompt is false: the prompts name no tool (the chat template shows only tools it is given); "
+             "right for a model fine-tuned on these tools, else set env.system_prompt: true")]
 
 
 def sandbox_notes(cfg: EnvConfig) -> list[str]:
