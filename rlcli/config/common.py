@@ -87,7 +87,7 @@ class ModelConfig(Section):
     """dtype the weights are loaded in. Keep float32 and set ``train.mixed_precision`` for mixed precision."""
     gradient_checkpointing: bool | None = None
     """Recompute each block's activations in the backward pass instead of keeping them: less memory, more compute
-    (SmolLM2-135M LoRA SFT on CPU: peak RSS 6.7 → 3.4 GiB, +40 % CPU time per step). Default (unset): on for models
+    (SmolLM2-135M LoRA SFT on CPU: peak RSS 7.0 → 3.4 GiB, +29 % CPU time per step). Default (unset): on for models
     of 100 M parameters or more, where activations outgrow the weights (TRL's trainers default to on), off for
     smaller ones, where it costs time and saves little. The run's header says when it is on."""
     revision: str | None = None
@@ -208,8 +208,8 @@ class RunSettings(Section):
     host_memory: Literal["fast", "lean"] = "fast"
     """How the process's allocator (glibc's malloc, Linux) treats freed blocks. ``fast`` keeps them for reuse, as
     glibc does by default; ``lean`` hands every block of 1 MiB or more back to the operating system when it is freed.
-    On CPU that cuts the peak resident memory of a training step by about 40 % (glibc otherwise holds freed
-    activations that fragment its heap) for about 40 % more CPU time (fresh pages are faulted in and zeroed).
+    On CPU that cuts the peak resident memory of a training step by 40-55 % (glibc otherwise holds freed
+    activations that fragment its heap) for about 65 % more CPU time (fresh pages are faulted in and zeroed).
     GPU memory is not affected. ``MALLOC_MMAP_THRESHOLD_`` in the environment takes precedence. Figures:
     bench/README.md, "Where a CPU step's memory goes"."""
     save_every: int | None = Field(None, gt=0)
