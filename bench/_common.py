@@ -190,14 +190,17 @@ is not counted) and ``peak_rss_run`` (``ru_maxrss``: the whole process). ``Run``
 ppo), so this times any of them."""
 
 
-def run_rlcli(source: Path, args: list[str], work: Path, tag: str, threads: int) -> dict:
-    """``rlcli ARGS`` with ``source`` first on ``PYTHONPATH``, in a process of its own under ``RLCLI_DRIVER``;
+def run_rlcli(source: Path, args: list[str], work: Path, tag: str, threads: int,
+              extra_env: dict[str, str] | None = None) -> dict:
+    """``rlcli ARGS`` with ``source`` first on ``PYTHONPATH`` (and ``extra_env`` set), in a process of its own under
+    ``RLCLI_DRIVER``;
     returns its figures plus ``metrics`` (the lines of ``OUTPUT_DIR/metrics.jsonl``; ``args`` must set
     ``output_dir``) and ``seconds`` (the whole process)."""
     result = work / f"{tag}.json"
     driver = work / "rlcli_driver.py"
     driver.write_text(RLCLI_DRIVER.replace("BENCH_DIR", repr(str(Path(__file__).resolve().parent))))
-    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           **(extra_env or {})}
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, str(driver), str(result), *args], cwd=REPO, env=env, capture_output=True,
                          text=True, check=False)

@@ -37,6 +37,7 @@ THREADS = setup_threads(sys.argv)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tarfile  # noqa: E402
@@ -55,10 +56,14 @@ def export(rev: str, into: Path) -> Path:
 
 
 def run_once(source: Path, command: str, recipe: str, overrides: list[str], steps: int, work: Path, tag: str) -> dict:
+    """One run; an override spelled like an environment variable (``NAME=VALUE``, upper case) goes to its
+    environment instead (e.g. ``MALLOC_MMAP_THRESHOLD_=1048576``)."""
     out = work / f"out-{tag}"
+    env = dict(o.split("=", 1) for o in overrides if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", o))
     args = [command, recipe, f"output_dir={out}", f"{'ppo.steps' if command == 'ppo' else 'train.max_steps'}={steps}",
-            "logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true", *overrides]
-    data = run_rlcli(source, args, work, tag, THREADS)
+            "logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true",
+            *(o for o in overrides if o.split("=", 1)[0] not in env)]
+    data = run_rlcli(source, args, work, tag, THREADS, env)
     key = "reward_mean" if command == "ppo" else "loss"
     data["curve"] = [m.get(key) for m in data.pop("metrics") if key in m]
     return data

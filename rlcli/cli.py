@@ -108,8 +108,7 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
     return notes
 
 
-def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, preflight: Callable, train: Callable,
-         resume: bool):
+def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: bool, resume: bool):
     from rlcli.launch import (
         RESUME_HINT,
         launch_processes,
@@ -124,8 +123,13 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
     cpu_processes = requested_cpu_processes()
     processes = cpu_processes or launch_processes()
     try:
-        recipe, origin = load_recipe_and_origin(schema, config, overrides or [], processes=processes)
-        notes = _checked(recipe, origin, preflight, resume, processes)
+        recipe, origin = load_recipe_and_origin(command.schema(), config, overrides or [], processes=processes)
+        if not dry_run and hasattr(getattr(recipe, "train", None), "host_memory"):
+            from rlcli.host import set_host_memory
+
+            # before torch's first CPU allocation: importing the trainer (peft) makes one
+            set_host_memory(recipe.train.host_memory)
+        notes = _checked(recipe, origin, command.preflight(), resume, processes)
         if dry_run:
             from rlcli.logging import console
 
@@ -137,7 +141,7 @@ def _run(schema, config: Path, overrides: list[str] | None, dry_run: bool, prefl
             return
         if cpu_processes:
             relaunch_cpu_processes(sys.argv[1:], cpu_processes)  # runs the N processes, then exits with their status
-        train(recipe, resume=resume)
+        command.run()(recipe, resume=resume)
     except NothingToDo as exc:
         if _is_main():
             _stderr_console().print(f"[green]nothing to do[/]: {exc}")
@@ -178,10 +182,10 @@ def _register(command: Command) -> None:
     if command.trains:
         def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, dry_run: bool = DRY_RUN,
                 resume: bool = RESUME) -> None:
-            _run(command.schema(), config, overrides, dry_run, command.preflight(), command.run(), resume)
+            _run(command, config, overrides, dry_run, resume)
     else:
         def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, dry_run: bool = DRY_RUN) -> None:
-            _run(command.schema(), config, overrides, dry_run, command.preflight(), command.run(), False)
+            _run(command, config, overrides, dry_run, False)
     run.__doc__ = command.help
     app.command(command.name)(run)
 

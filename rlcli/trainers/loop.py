@@ -29,8 +29,8 @@ from rlcli import rundir
 from rlcli.checkpoint import load_checkpoint, restore_rng_state
 from rlcli.config.common import OptimConfig, RecipeBase
 from rlcli.config.errors import UserError
-from rlcli.host import cpu_threads, lean_host_memory
 from rlcli.data.sources import train_eval_rows
+from rlcli.host import cpu_threads, host_memory_in_force
 from rlcli.logging import MetricsLog, TrainingProgress, console
 from rlcli.models.loading import apply_lora, checkpointing
 from rlcli.parallel import Parallel
@@ -56,7 +56,7 @@ class Run:
                             micro_batch_size=micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
         self.accelerator = self.par.accelerator
         self.threads = cpu_threads(self.par.num_processes)
-        self.lean_memory = train.host_memory == "lean" and lean_host_memory()
+        self.host_memory = host_memory_in_force(train.host_memory)
         self.out = Path(recipe.output_dir)
         self.start_step = 0
         self.state: dict[str, Any] = {}  # the checkpoint's trainer state (PPO: the learner's)
@@ -112,7 +112,7 @@ class Run:
         if self.par.is_main_process:
             console.print(text + (f", {self.par.describe()}" if self.par.num_processes > 1 else "")
                           + f", {self.threads} CPU thread{'s' if self.threads != 1 else ''}"
-                          + (", lean host memory" if self.lean_memory else "")
+                          + (f", {self.host_memory}" if self.host_memory else "")
                           + (f", resuming at step {self.start_step}" if self.start_step else ""))
 
     def progress(self, name: str, shown: tuple[str, ...]) -> TrainingProgress:
@@ -213,8 +213,8 @@ def supervised_preflight(recipe: RecipeBase, kind: SupervisedKind, problems: lis
     tcfg = recipe.train
     accum = tcfg.batch_size // (tcfg.micro_batch_size * processes)
     unit = "" if kind.noun == "examples" else f" {kind.noun}"
-    return [f"global batch {tcfg.batch_size}{unit} = micro-batch {tcfg.micro_batch_size} × {processes} process(es) "
-            f"× {accum} accumulation step(s)"]
+    return [(f"global batch {tcfg.batch_size}{unit} = micro-batch {tcfg.micro_batch_size} × {processes} process(es) "
+             f"× {accum} accumulation step(s)")]
 
 
 def train_supervised(recipe: RecipeBase, resume: bool, kind: SupervisedKind) -> SupervisedRun:

@@ -1,5 +1,6 @@
-"""``train.host_memory: lean``: glibc hands freed large blocks back to the OS instead of keeping them in a heap
-that fragments (bench/README.md, "Where a CPU step's memory goes"); the run says so."""
+"""``train.host_memory``: ``lean`` has glibc hand freed large blocks back to the OS instead of keeping them in a heap
+that fragments; ``balanced`` (the default) puts torch's large CPU tensors on huge pages (bench/README.md, "Where a CPU
+step's memory goes"); the run header says what is in force."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.u
 # a step's pattern in miniature: 8 MiB activations with small long-lived tensors allocated between them, all freed
 PATTERN = textwrap.dedent("""
     import sys, torch
-    from rlcli.host import lean_host_memory
+    from rlcli.host import lean_mmap
     if sys.argv[1] == "lean":
-        assert lean_host_memory()
+        assert lean_mmap()
     def rss():
         return next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
     base, keep, peak = rss(), [], 0
@@ -56,3 +57,31 @@ def test_a_lean_run_says_so(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "lean host memory" in res.stdout, res.stdout
     assert [m["step"] for m in read_metrics(tmp_path / "run")][-1] == 2
+
+
+ALIGNMENT = textwrap.dedent("""
+    import sys
+    from rlcli.host import THP_MIN_BYTES, set_host_memory
+    set_host_memory(sys.argv[1])  # before the first tensor (importing peft makes one), as rlcli.cli does
+    import peft, torch
+    print(sum(torch.empty(THP_MIN_BYTES, dtype=torch.uint8).data_ptr() % 4096 == 0 for _ in range(8)))
+""")
+
+
+@pytest.mark.parametrize("mode", ["fast", "balanced", "lean"])
+def test_balanced_and_lean_put_large_tensors_on_huge_pages(mode, monkeypatch):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    out = subprocess.run([sys.executable, "-c", ALIGNMENT, mode], cwd=REPO, capture_output=True, text=True,
+                         check=True)
+    page_aligned = int(out.stdout.split()[-1])  # torch page-aligns what it advises; glibc's blocks are 64-aligned
+    assert page_aligned == 8 if mode != "fast" else page_aligned < 8, out.stdout
+
+
+def test_the_run_header_says_what_is_in_force(tmp_path, monkeypatch):
+    from rlcli.host import kernel_huge_pages
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    res = run_cli("sft", "configs/tiny/sft.yaml", f"output_dir={tmp_path / 'run'}", "logging.progress=false",
+                  "train.max_steps=1")
+    assert res.returncode == 0, res.stderr
+    assert ("host memory on huge pages" in res.stdout) == kernel_huge_pages(), res.stdout
