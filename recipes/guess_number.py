@@ -112,19 +112,26 @@ def eval_rows(repeats: int = 4) -> list[dict]:
     return [{"prompt": PROMPT, "target": t} for t in range(LOW, HIGH + 1) for _ in range(repeats)]
 
 
-def play(target: int, rng: random.Random, random_fraction: float) -> list[dict]:
-    """One demonstration: each guess is the middle of what the feedback still allows, or (``random_fraction`` of
-    the time) a random number in it. Played through ``GuessNumber`` itself, so its texts are the environment's."""
+def moves(target: int, rng: random.Random, random_fraction: float) -> list[tuple[int, str]]:
+    """The noisy player's game: ``(guess, answer)`` per try. Each guess is the middle of what the feedback still
+    allows, or (``random_fraction`` of the time) a random number in it. Played through ``GuessNumber`` itself, so
+    the answers are the environment's."""
     game = GuessNumber()
     game.reset(target=target)
-    lo, hi = LOW, HIGH
-    segments = [{"source": "prompt", "text": PROMPT}]
+    played = []
     while not game.done:
+        lo, hi = game.low, game.high
         g = rng.randint(lo, hi) if rng.random() < random_fraction else (lo + hi) // 2
-        answer = game.guess(g)
+        played.append((g, game.guess(g)))
+    return played
+
+
+def play(target: int, rng: random.Random, random_fraction: float) -> list[dict]:
+    """One demonstration in the tag protocol (``segments``)."""
+    segments = [{"source": "prompt", "text": PROMPT}]
+    for g, answer in moves(target, rng, random_fraction):
         segments += [{"source": "model", "text": f"<request><guess>{g}<call>"},
                      {"source": "tool", "text": f"{answer}<response>"}]
-        lo, hi = game.low, game.high
     return segments
 
 
