@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -140,10 +141,45 @@ def sft_rows(n: int, seed: int, random_fraction: float = 0.5) -> list[dict]:
     return [{"segments": play(rng.randint(LOW, HIGH), rng, random_fraction)} for _ in range(n)]
 
 
+def guess_schemas() -> list[dict]:
+    """The environment's tool schemas exactly as rlcli derives them for its episodes (the public methods of an
+    instance, described from their signatures and docstrings), so SFT and episodes render the same system
+    message."""
+    from rlcli.env.stateful import public_methods
+    from rlcli.toolcalls import schemas_for
+
+    return schemas_for(public_methods(GuessNumber()))
+
+
+def chat_sft_rows(n: int, seed: int, random_fraction: float = 0.5) -> list[dict]:
+    """The same noisy player's games as OpenAI-style conversations (``messages`` + ``tools``), for a chat model:
+    one ``guess`` call per assistant turn, the environment's answer as the ``tool`` message. A conversation ends
+    with the answer that ends the game, as the environment ends the episode there (``done``)."""
+    rng = random.Random(seed)
+    tools = guess_schemas()
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "user", "content": PROMPT}]
+        for i, (g, answer) in enumerate(moves(rng.randint(LOW, HIGH), rng, random_fraction)):
+            call = {"id": f"call_{i}", "type": "function",
+                    "function": {"name": "guess", "arguments": json.dumps({"number": g})}}
+            messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": f"call_{i}", "name": "guess", "content": answer}]
+        rows.append({"messages": messages, "tools": tools})
+    return rows
+
+
+def eval_rounds(rounds: int = 4) -> list[dict]:
+    """Every target once per round, round after round: the first ``31 k`` rows (``data.max_rows``) play every
+    number ``k`` times."""
+    return [{"prompt": PROMPT, "target": t} for _ in range(rounds) for t in range(LOW, HIGH + 1)]
+
+
 def write_data() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     for name, rows in (("prompts.jsonl", prompt_rows(2000, seed=1)), ("eval.jsonl", eval_rows()),
-                       ("sft_episodes.jsonl", sft_rows(2000, seed=3))):
+                       ("sft_episodes.jsonl", sft_rows(2000, seed=3)),
+                       ("smollm2_sft.jsonl", chat_sft_rows(300, seed=5)), ("eval_rounds.jsonl", eval_rounds())):
         (DATA / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {DATA / name} ({len(rows)} rows)")
 
@@ -151,13 +187,36 @@ def write_data() -> None:
 # --- the demo -----------------------------------------------------------------------------------------------------
 
 
+def halving_guesses(tool_calls: list[dict]) -> list[bool]:
+    """Whether each try of an episode (a call the game answered) guessed a middle of what was still possible,
+    replayed from the answers (``higher: 17-31`` is the new range)."""
+    low, high, out = LOW, HIGH, []
+    for call in tool_calls:
+        answer = call.get("output", "")
+        if call.get("status") != "ok" or not re.fullmatch(r"(higher|lower): \d+-\d+|correct", answer):
+            continue
+        arguments = call.get("arguments")
+        value = arguments.get("number") if isinstance(arguments, dict) else arguments
+        try:
+            guess = int(str(value).strip())
+        except ValueError:
+            continue
+        out.append(halves(guess, low, high))
+        if answer != "correct":
+            low, high = map(int, answer.split(": ")[1].split("-"))
+    return out
+
+
 def game_summary(episodes_file: Path) -> dict:
-    """Success rate, turns per win and tries per win of an env-rollout's episodes."""
+    """Success rate, turns per win, tries per win and the share of tries that guessed a middle of what was left,
+    of an env-rollout's episodes."""
     episodes = [json.loads(line) for line in episodes_file.read_text().splitlines() if line.strip()]
     wins = [e for e in episodes if any(call.get("output") == "correct" for call in e["tool_calls"])]
+    tries = [h for e in episodes for h in halving_guesses(e["tool_calls"])]
     return {"episodes": len(episodes), "success_rate": len(wins) / max(len(episodes), 1),
             "turns_per_win": sum(e["num_turns"] for e in wins) / len(wins) if wins else None,
-            "tries_per_win": sum(len(e["tool_calls"]) for e in wins) / len(wins) if wins else None}
+            "tries_per_win": sum(len(e["tool_calls"]) for e in wins) / len(wins) if wins else None,
+            "halving_share": sum(tries) / len(tries) if tries else None}
 
 
 def _rlcli(*args: str) -> None:
