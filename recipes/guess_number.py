@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,12 +220,15 @@ def game_summary(episodes_file: Path) -> dict:
             "halving_share": sum(tries) / len(tries) if tries else None}
 
 
-def _rlcli(*args: str) -> None:
+def _rlcli(*args: str) -> float:
+    """Run ``rlcli ARGS`` (exit with its code when it fails) -> its wall time in seconds."""
     cmd = [sys.executable, "-m", "rlcli", *args]
     print("\n$ rlcli " + " ".join(args), flush=True)
+    start = time.perf_counter()
     result = subprocess.run(cmd, check=False, cwd=ROOT)
     if result.returncode != 0:
         sys.exit(result.returncode)
+    return time.perf_counter() - start
 
 
 def _evaluate(model_dir: Path, out: Path) -> dict:
@@ -263,15 +267,91 @@ def demo(out: Path) -> None:
     console.print(f"runs: {out}/sft, {out}/grpo; episodes: {out}/eval-*/episodes.jsonl")
 
 
+# --- the same game with SmolLM2-135M-Instruct through its chat template -----------------------------------------
+
+SMOLLM2_STAGES = ("sft", "eval-sft", "grpo", "eval-grpo")
+
+
+def smollm2(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | None, resume: bool = False) -> None:
+    """LoRA SFT of SmolLM2 on the chat demonstrations, evaluate, GRPO through ``GuessNumber`` with the chat
+    protocol, evaluate again; a before/after table, and ``pipeline.json`` (written after every stage; ``--resume``
+    keeps the stages an earlier run of ``out`` finished)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    record = out / "pipeline.json"
+    progress = json.loads(record.read_text()) if resume and record.exists() else {}
+    if not resume and out.exists() and any(out.iterdir()):
+        # only a directory an earlier pipeline wrote is replaced: --out . or a directory of the user's stays untouched
+        if not record.exists():
+            sys.exit(f"--out {out} holds files this pipeline did not write (no pipeline.json there): choose an empty "
+                     "or new directory, or --resume an earlier pipeline's")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (DATA / "smollm2_sft.jsonl").exists():
+        write_data()
+    times, summaries = progress.get("seconds", {}), progress.get("summaries", {})
+
+    def stage(name: str, done: Path, *args: str) -> None:
+        if resume and done.exists():
+            console.print(f"[dim]{name}: done by an earlier run ({done})[/]")
+        else:
+            times[name] = _rlcli(*args)
+        if name.startswith("eval"):
+            summaries[name] = {**json.loads(done.read_text()), **game_summary(done.parent / "episodes.jsonl")}
+        record.write_text(json.dumps({"summaries": summaries, "seconds": times, "eval_rows": eval_rows,
+                                      "sft_steps": sft_steps, "ppo_steps": ppo_steps}, indent=2))
+
+    def evaluate(name: str, model: Path) -> None:
+        stage(name, out / name / "summary.json", "env-rollout", "configs/smollm2/guess_eval.yaml",
+              f"model.name_or_path={model}", f"output_dir={out / name}", f"data.max_rows={eval_rows}",
+              f"batch_size={eval_rows}")
+
+    stage("sft", out / "sft" / "merged" / "config.json", "sft", "configs/smollm2/guess_sft.yaml",
+          f"output_dir={out / 'sft'}", *([f"train.max_steps={sft_steps}"] if sft_steps else []))
+    evaluate("eval-sft", out / "sft" / "merged")
+    stage("grpo", out / "grpo" / "merged" / "config.json", "ppo", "configs/smollm2/guess_ppo.yaml",
+          f"model.name_or_path={out / 'sft' / 'merged'}", f"output_dir={out / 'grpo'}",
+          *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
+    evaluate("eval-grpo", out / "grpo" / "merged")
+
+    before, after = summaries["eval-sft"], summaries["eval-grpo"]
+    table = Table(title=f"SmolLM2-135M-Instruct guesses the number: {eval_rows} games (temperature 0.7)",
+                  header_style="bold")
+    table.add_column("")
+    table.add_column("after LoRA SFT", justify="right")
+    table.add_column("after GRPO", justify="right")
+    fmt = lambda v, spec="{:.2f}": "-" if v is None else spec.format(v)
+    wins = lambda s: f"{round(s['success_rate'] * s['episodes'])}/{s['episodes']} ({s['success_rate']:.1%})"
+    table.add_row("games won", wins(before), wins(after))
+    table.add_row("turns per win", fmt(before["turns_per_win"]), fmt(after["turns_per_win"]))
+    table.add_row("guesses at a middle", fmt(before["halving_share"], "{:.1%}"), fmt(after["halving_share"], "{:.1%}"))
+    table.add_row("reward (mean)", fmt(before["reward_mean"], "{:.3f}"), fmt(after["reward_mean"], "{:.3f}"))
+    console.print(table)
+    console.print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    console.print(f"runs: {out}/sft, {out}/grpo; episodes: {out}/eval-*/episodes.jsonl; summary: {record}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("data", help="write data/guess_number/*.jsonl")
     d = sub.add_parser("demo", help="run the whole offline demo")
     d.add_argument("--out", default="runs/guess_number", help="run directory (replaced)")
+    s = sub.add_parser("smollm2", help="the game with SmolLM2-135M-Instruct: LoRA SFT, evaluate, GRPO, evaluate")
+    s.add_argument("--out", default="runs/guess_smollm2",
+                   help="run directory (an earlier pipeline's is replaced; any other non-empty one is refused)")
+    s.add_argument("--eval-rows", type=int, default=62, help="games per evaluation (31 k plays every number k times)")
+    s.add_argument("--sft-steps", type=int, default=None, help="override train.max_steps of the SFT recipe")
+    s.add_argument("--ppo-steps", type=int, default=None, help="override ppo.steps of the GRPO recipe")
+    s.add_argument("--resume", action="store_true", help="keep the stages an earlier run of --out finished")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = None if args.command == "data" else ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
     if args.command == "data":
         write_data()
+    elif args.command == "demo":
+        demo(out)
     else:
-        demo(ROOT / args.out if not os.path.isabs(args.out) else Path(args.out))
+        smollm2(out, args.eval_rows, args.sft_steps, args.ppo_steps, args.resume)
