@@ -15,7 +15,14 @@ Pieces the recipes point at:
   the ``segments`` format, from a noisy player: half of its guesses are binary search, half random within the
   feedback so far, so the fine-tuned model wins about two games in three and RL has room to find binary search);
 - ``python recipes/guess_number.py demo [--out DIR]`` — the offline demo: SFT a tiny model from scratch,
-  evaluate, GRPO through the environment, evaluate again; prints success rate and turns per win before and after.
+  evaluate, GRPO through the environment, evaluate again; prints success rate and turns per win before and after;
+- the same game for a real chat model, SmolLM2-135M-Instruct, through its chat template (``env.protocol: chat``):
+  ``data`` also writes ``smollm2_sft.jsonl`` (the same noisy player's games as OpenAI-style conversations: a
+  ``guess`` tool call per assistant turn, the environment's answer as the ``tool`` message, the schema rlcli derives
+  from ``GuessNumber.guess`` in a ``tools`` column) and ``eval_rounds.jsonl`` (every number once per 31 rows);
+  ``python recipes/guess_number.py smollm2 [--out DIR] [--sft-steps N] [--ppo-steps N] [--eval-rows N] [--resume]``
+  runs ``configs/smollm2/guess_{sft,eval,ppo}.yaml``: LoRA SFT, evaluate, GRPO, evaluate, with a before/after table
+  (games won, turns per win, share of guesses at a middle) and ``pipeline.json``.
 
 An episode, in the tag protocol:
 

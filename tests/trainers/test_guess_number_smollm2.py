@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlcli.plugins import load_module_file
-from tests.conftest import REPO, invoke_cli
+from tests.conftest import REPO, invoke_cli, run_cli
 from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
 
 # ruff: noqa: F811  (the tests take the imported fixture as an argument)
@@ -167,3 +167,27 @@ def test_pipeline_refuses_a_directory_it_did_not_write(tmp_path):
     res = subprocess.run([sys.executable, "recipes/guess_number.py", "smollm2", "--out", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode != 0 and "did not write" in res.stderr and (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_lora_sft_and_grpo_smoke(smollm2_dir, tmp_path):
+    """2 LoRA SFT steps on the chat demonstrations, and 2 GRPO steps through GuessNumber with the chat protocol:
+    the game's answers are masked tool turns and its get_reward() is the reward."""
+    from tests.conftest import read_metrics
+
+    sft = tmp_path / "sft"
+    res = run_cli("sft", "configs/smollm2/guess_sft.yaml", f"output_dir={sft}", "train.max_steps=2",
+                  "train.batch_size=2", "train.micro_batch_size=2", "data.max_rows=8", "logging.log_every=1",
+                  "lora.merge_on_save=false", "logging.progress=false")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(sft) if "loss" in m] == [1, 2]
+
+    ppo = tmp_path / "ppo"
+    res = run_cli("ppo", "configs/smollm2/guess_ppo.yaml", f"model.name_or_path={smollm2_dir}", f"output_dir={ppo}",
+                  "ppo.steps=2", "ppo.batch_size=4", "ppo.group_size=2", "ppo.mini_batch_size=4",
+                  "ppo.micro_batch_size=2", "env.max_turns=2", "lora.merge_on_save=false", "logging.progress=false")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = read_metrics(ppo)
+    assert len(metrics) == 2 and all(m["estimator"] == "grpo" and m["env_errors"] == 0 for m in metrics)
+    assert all(0.0 <= m["reward_mean"] <= 1.0 for m in metrics)
+    assert (ppo / "adapter_config.json").is_file()
