@@ -195,9 +195,9 @@ def write_data() -> None:
 # --- the demo -----------------------------------------------------------------------------------------------------
 
 
-def halving_guesses(tool_calls: list[dict]) -> list[bool]:
-    """Whether each try of an episode (a call the game answered) guessed a middle of what was still possible,
-    replayed from the answers (``higher: 17-31`` is the new range)."""
+def tries(tool_calls: list[dict]) -> list[tuple[int, int, int]]:
+    """``(guess, low, high)`` for each try of an episode (a call the game answered): the guess and the numbers still
+    possible when it was made, replayed from the answers (``higher: 17-31`` is the new range)."""
     low, high, out = LOW, HIGH, []
     for call in tool_calls:
         answer = call.get("output", "")
@@ -209,22 +209,24 @@ def halving_guesses(tool_calls: list[dict]) -> list[bool]:
             guess = int(str(value).strip())
         except ValueError:
             continue
-        out.append(halves(guess, low, high))
+        out.append((guess, low, high))
         if answer != "correct":
             low, high = map(int, answer.split(": ")[1].split("-"))
     return out
 
 
 def game_summary(episodes_file: Path) -> dict:
-    """Success rate, turns per win, tries per win and the share of tries that guessed a middle of what was left,
-    of an env-rollout's episodes."""
+    """Of an env-rollout's episodes: success rate, turns and tries per win, the share of tries that guessed a middle
+    of what was still possible (binary search: all of them) and the share that guessed a number the answers had
+    already ruled out (a wasted try)."""
     episodes = [json.loads(line) for line in episodes_file.read_text().splitlines() if line.strip()]
     wins = [e for e in episodes if any(call.get("output") == "correct" for call in e["tool_calls"])]
-    tries = [h for e in episodes for h in halving_guesses(e["tool_calls"])]
+    made = [t for e in episodes for t in tries(e["tool_calls"])]
     return {"episodes": len(episodes), "success_rate": len(wins) / max(len(episodes), 1),
             "turns_per_win": sum(e["num_turns"] for e in wins) / len(wins) if wins else None,
             "tries_per_win": sum(len(e["tool_calls"]) for e in wins) / len(wins) if wins else None,
-            "halving_share": sum(tries) / len(tries) if tries else None}
+            "halving_share": sum(halves(*t) for t in made) / len(made) if made else None,
+            "ruled_out_share": sum(not lo <= g <= hi for g, lo, hi in made) / len(made) if made else None}
 
 
 def _rlcli(*args: str) -> float:
@@ -333,7 +335,8 @@ def smollm2(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | N
     wins = lambda s: f"{round(s['success_rate'] * s['episodes'])}/{s['episodes']} ({s['success_rate']:.1%})"
     table.add_row("games won", wins(before), wins(after))
     table.add_row("turns per win", fmt(before["turns_per_win"]), fmt(after["turns_per_win"]))
-    table.add_row("guesses at a middle", fmt(before["halving_share"], "{:.1%}"), fmt(after["halving_share"], "{:.1%}"))
+    for label, key in (("guesses at a middle", "halving_share"), ("guesses already ruled out", "ruled_out_share")):
+        table.add_row(label, fmt(before[key], "{:.1%}"), fmt(after[key], "{:.1%}"))
     table.add_row("reward (mean)", fmt(before["reward_mean"], "{:.3f}"), fmt(after["reward_mean"], "{:.3f}"))
     console.print(table)
     console.print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

@@ -142,12 +142,20 @@ def test_game_summary_reads_chat_episodes(tmp_path):
              {"name": "guess", "arguments": {"number": 23}, "output": "correct", "status": "ok"}]
     lost = [{"name": "guess", "arguments": "16", "output": "lower: 1-15", "status": "ok"}]  # a tag episode's text
     episodes = tmp_path / "episodes.jsonl"
-    episodes.write_text(json.dumps({"tool_calls": calls, "num_turns": 4}) + "\n"
-                        + json.dumps({"tool_calls": lost, "num_turns": 2}) + "\n")
-    assert recipe.halving_guesses(calls) == [True, False, True] and recipe.halving_guesses(lost) == [True]
+
+    def write():
+        episodes.write_text(json.dumps({"tool_calls": calls, "num_turns": 4}) + "\n"
+                            + json.dumps({"tool_calls": lost, "num_turns": 2}) + "\n")
+
+    write()
+    assert recipe.tries(calls) == [(16, 1, 31), (30, 17, 31), (23, 17, 29)] and recipe.tries(lost) == [(16, 1, 31)]
     summary = recipe.game_summary(episodes)
     assert summary == {"episodes": 2, "success_rate": 0.5, "turns_per_win": 4.0, "tries_per_win": 4.0,
-                       "halving_share": 0.75}
+                       "halving_share": 0.75, "ruled_out_share": 0.0}
+    calls[1]["arguments"] = {"number": 12}  # after "higher: 17-31": a try wasted on a number ruled out
+    calls[1]["output"] = "higher: 17-31"
+    write()
+    assert recipe.game_summary(episodes)["ruled_out_share"] == 0.25
 
 
 def test_recipes_pass_dry_run(smollm2_dir, monkeypatch, tmp_path):
