@@ -278,9 +278,6 @@ def demo(out: Path) -> None:
 
 # --- the same game with SmolLM2-135M-Instruct through its chat template -----------------------------------------
 
-SMOLLM2_STAGES = ("sft", "eval-sft", "grpo", "eval-grpo")
-
-
 def smollm2(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | None, resume: bool = False) -> None:
     """LoRA SFT of SmolLM2 on the chat demonstrations, evaluate, GRPO through ``GuessNumber`` with the chat
     protocol, evaluate again; a before/after table, and ``pipeline.json`` (written after every stage; ``--resume``
@@ -289,6 +286,8 @@ def smollm2(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | N
     from rich.table import Table
 
     console = Console()
+    if not 0 < eval_rows <= len(eval_rounds()):
+        sys.exit(f"--eval-rows {eval_rows}: choose 1 to {len(eval_rounds())} (the rows of eval_rounds.jsonl)")
     record = out / "pipeline.json"
     progress = json.loads(record.read_text()) if resume and record.exists() else {}
     if not resume and out.exists() and any(out.iterdir()):
