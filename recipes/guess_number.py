@@ -15,7 +15,14 @@ Pieces the recipes point at:
   the ``segments`` format, from a noisy player: half of its guesses are binary search, half random within the
   feedback so far, so the fine-tuned model wins about two games in three and RL has room to find binary search);
 - ``python recipes/guess_number.py demo [--out DIR]`` — the offline demo: SFT a tiny model from scratch,
-  evaluate, GRPO through the environment, evaluate again; prints success rate and turns per win before and after.
+  evaluate, GRPO through the environment, evaluate again; prints success rate and turns per win before and after;
+- the same game for a real chat model, SmolLM2-135M-Instruct, through its chat template (``env.protocol: chat``):
+  ``data`` also writes ``smollm2_sft.jsonl`` (the same noisy player's games as OpenAI-style conversations: a
+  ``guess`` tool call per assistant turn, the environment's answer as the ``tool`` message, the schema rlcli derives
+  from ``GuessNumber.guess`` in a ``tools`` column) and ``eval_rounds.jsonl`` (every number once per 31 rows);
+  ``python recipes/guess_number.py smollm2 [--out DIR] [--sft-steps N] [--ppo-steps N] [--eval-rows N] [--resume]``
+  runs ``configs/smollm2/guess_{sft,eval,ppo}.yaml``: LoRA SFT, evaluate, GRPO, evaluate, with a before/after table
+  (games won, turns per win, share of guesses at a middle) and ``pipeline.json``.
 
 An episode, in the tag protocol:
 
@@ -32,9 +39,11 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,19 +121,26 @@ def eval_rows(repeats: int = 4) -> list[dict]:
     return [{"prompt": PROMPT, "target": t} for t in range(LOW, HIGH + 1) for _ in range(repeats)]
 
 
-def play(target: int, rng: random.Random, random_fraction: float) -> list[dict]:
-    """One demonstration: each guess is the middle of what the feedback still allows, or (``random_fraction`` of
-    the time) a random number in it. Played through ``GuessNumber`` itself, so its texts are the environment's."""
+def moves(target: int, rng: random.Random, random_fraction: float) -> list[tuple[int, str]]:
+    """The noisy player's game: ``(guess, answer)`` per try. Each guess is the middle of what the feedback still
+    allows, or (``random_fraction`` of the time) a random number in it. Played through ``GuessNumber`` itself, so
+    the answers are the environment's."""
     game = GuessNumber()
     game.reset(target=target)
-    lo, hi = LOW, HIGH
-    segments = [{"source": "prompt", "text": PROMPT}]
+    played = []
     while not game.done:
+        lo, hi = game.low, game.high
         g = rng.randint(lo, hi) if rng.random() < random_fraction else (lo + hi) // 2
-        answer = game.guess(g)
+        played.append((g, game.guess(g)))
+    return played
+
+
+def play(target: int, rng: random.Random, random_fraction: float) -> list[dict]:
+    """One demonstration in the tag protocol (``segments``)."""
+    segments = [{"source": "prompt", "text": PROMPT}]
+    for g, answer in moves(target, rng, random_fraction):
         segments += [{"source": "model", "text": f"<request><guess>{g}<call>"},
                      {"source": "tool", "text": f"{answer}<response>"}]
-        lo, hi = game.low, game.high
     return segments
 
 
@@ -133,10 +149,45 @@ def sft_rows(n: int, seed: int, random_fraction: float = 0.5) -> list[dict]:
     return [{"segments": play(rng.randint(LOW, HIGH), rng, random_fraction)} for _ in range(n)]
 
 
+def guess_schemas() -> list[dict]:
+    """The environment's tool schemas exactly as rlcli derives them for its episodes (the public methods of an
+    instance, described from their signatures and docstrings), so SFT and episodes render the same system
+    message."""
+    from rlcli.env.stateful import public_methods
+    from rlcli.toolcalls import schemas_for
+
+    return schemas_for(public_methods(GuessNumber()))
+
+
+def chat_sft_rows(n: int, seed: int, random_fraction: float = 0.5) -> list[dict]:
+    """The same noisy player's games as OpenAI-style conversations (``messages`` + ``tools``), for a chat model:
+    one ``guess`` call per assistant turn, the environment's answer as the ``tool`` message. A conversation ends
+    with the answer that ends the game, as the environment ends the episode there (``done``)."""
+    rng = random.Random(seed)
+    tools = guess_schemas()
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "user", "content": PROMPT}]
+        for i, (g, answer) in enumerate(moves(rng.randint(LOW, HIGH), rng, random_fraction)):
+            call = {"id": f"call_{i}", "type": "function",
+                    "function": {"name": "guess", "arguments": json.dumps({"number": g})}}
+            messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": f"call_{i}", "name": "guess", "content": answer}]
+        rows.append({"messages": messages, "tools": tools})
+    return rows
+
+
+def eval_rounds(rounds: int = 4) -> list[dict]:
+    """Every target once per round, round after round: the first ``31 k`` rows (``data.max_rows``) play every
+    number ``k`` times."""
+    return [{"prompt": PROMPT, "target": t} for _ in range(rounds) for t in range(LOW, HIGH + 1)]
+
+
 def write_data() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     for name, rows in (("prompts.jsonl", prompt_rows(2000, seed=1)), ("eval.jsonl", eval_rows()),
-                       ("sft_episodes.jsonl", sft_rows(2000, seed=3))):
+                       ("sft_episodes.jsonl", sft_rows(2000, seed=3)),
+                       ("smollm2_sft.jsonl", chat_sft_rows(300, seed=5)), ("eval_rounds.jsonl", eval_rounds())):
         (DATA / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {DATA / name} ({len(rows)} rows)")
 
@@ -144,21 +195,49 @@ def write_data() -> None:
 # --- the demo -----------------------------------------------------------------------------------------------------
 
 
+def tries(tool_calls: list[dict]) -> list[tuple[int, int, int]]:
+    """``(guess, low, high)`` for each try of an episode (a call the game answered): the guess and the numbers still
+    possible when it was made, replayed from the answers (``higher: 17-31`` is the new range)."""
+    low, high, out = LOW, HIGH, []
+    for call in tool_calls:
+        answer = call.get("output", "")
+        if call.get("status") != "ok" or not re.fullmatch(r"(higher|lower): \d+-\d+|correct", answer):
+            continue
+        arguments = call.get("arguments")
+        value = arguments.get("number") if isinstance(arguments, dict) else arguments
+        try:
+            guess = int(str(value).strip())
+        except ValueError:
+            continue
+        out.append((guess, low, high))
+        if answer != "correct":
+            low, high = map(int, answer.split(": ")[1].split("-"))
+    return out
+
+
 def game_summary(episodes_file: Path) -> dict:
-    """Success rate, turns per win and tries per win of an env-rollout's episodes."""
+    """Of an env-rollout's episodes: success rate, turns and tries per win, the share of tries that guessed a middle
+    of what was still possible (binary search: all of them) and the share that guessed a number the answers had
+    already ruled out (a wasted try)."""
     episodes = [json.loads(line) for line in episodes_file.read_text().splitlines() if line.strip()]
     wins = [e for e in episodes if any(call.get("output") == "correct" for call in e["tool_calls"])]
+    made = [t for e in episodes for t in tries(e["tool_calls"])]
     return {"episodes": len(episodes), "success_rate": len(wins) / max(len(episodes), 1),
             "turns_per_win": sum(e["num_turns"] for e in wins) / len(wins) if wins else None,
-            "tries_per_win": sum(len(e["tool_calls"]) for e in wins) / len(wins) if wins else None}
+            "tries_per_win": sum(len(e["tool_calls"]) for e in wins) / len(wins) if wins else None,
+            "halving_share": sum(halves(*t) for t in made) / len(made) if made else None,
+            "ruled_out_share": sum(not lo <= g <= hi for g, lo, hi in made) / len(made) if made else None}
 
 
-def _rlcli(*args: str) -> None:
+def _rlcli(*args: str) -> float:
+    """Run ``rlcli ARGS`` (exit with its code when it fails) -> its wall time in seconds."""
     cmd = [sys.executable, "-m", "rlcli", *args]
     print("\n$ rlcli " + " ".join(args), flush=True)
+    start = time.perf_counter()
     result = subprocess.run(cmd, check=False, cwd=ROOT)
     if result.returncode != 0:
         sys.exit(result.returncode)
+    return time.perf_counter() - start
 
 
 def _evaluate(model_dir: Path, out: Path) -> dict:
@@ -197,15 +276,91 @@ def demo(out: Path) -> None:
     console.print(f"runs: {out}/sft, {out}/grpo; episodes: {out}/eval-*/episodes.jsonl")
 
 
+# --- the same game with SmolLM2-135M-Instruct through its chat template -----------------------------------------
+
+def smollm2(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | None, resume: bool = False) -> None:
+    """LoRA SFT of SmolLM2 on the chat demonstrations, evaluate, GRPO through ``GuessNumber`` with the chat
+    protocol, evaluate again; a before/after table, and ``pipeline.json`` (written after every stage; ``--resume``
+    keeps the stages an earlier run of ``out`` finished)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not 0 < eval_rows <= len(eval_rounds()):
+        sys.exit(f"--eval-rows {eval_rows}: choose 1 to {len(eval_rounds())} (the rows of eval_rounds.jsonl)")
+    record = out / "pipeline.json"
+    progress = json.loads(record.read_text()) if resume and record.exists() else {}
+    if not resume and out.exists() and any(out.iterdir()):
+        # only a directory an earlier pipeline wrote is replaced: --out . or a directory of the user's stays untouched
+        if not record.exists():
+            sys.exit(f"--out {out} holds files this pipeline did not write (no pipeline.json there): choose an empty "
+                     "or new directory, or --resume an earlier pipeline's")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (DATA / "smollm2_sft.jsonl").exists():
+        write_data()
+    times, summaries = progress.get("seconds", {}), progress.get("summaries", {})
+
+    def stage(name: str, done: Path, *args: str) -> None:
+        if resume and done.exists():
+            console.print(f"[dim]{name}: done by an earlier run ({done})[/]")
+        else:
+            times[name] = _rlcli(*args)
+        if name.startswith("eval"):
+            summaries[name] = {**json.loads(done.read_text()), **game_summary(done.parent / "episodes.jsonl")}
+        record.write_text(json.dumps({"summaries": summaries, "seconds": times, "eval_rows": eval_rows,
+                                      "sft_steps": sft_steps, "ppo_steps": ppo_steps}, indent=2))
+
+    def evaluate(name: str, model: Path) -> None:
+        stage(name, out / name / "summary.json", "env-rollout", "configs/smollm2/guess_eval.yaml",
+              f"model.name_or_path={model}", f"output_dir={out / name}", f"data.max_rows={eval_rows}",
+              f"batch_size={eval_rows}")
+
+    stage("sft", out / "sft" / "merged" / "config.json", "sft", "configs/smollm2/guess_sft.yaml",
+          f"output_dir={out / 'sft'}", *([f"train.max_steps={sft_steps}"] if sft_steps else []))
+    evaluate("eval-sft", out / "sft" / "merged")
+    stage("grpo", out / "grpo" / "merged" / "config.json", "ppo", "configs/smollm2/guess_ppo.yaml",
+          f"model.name_or_path={out / 'sft' / 'merged'}", f"output_dir={out / 'grpo'}",
+          *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
+    evaluate("eval-grpo", out / "grpo" / "merged")
+
+    before, after = summaries["eval-sft"], summaries["eval-grpo"]
+    table = Table(title=f"SmolLM2-135M-Instruct guesses the number: {eval_rows} games (temperature 0.7)",
+                  header_style="bold")
+    table.add_column("")
+    table.add_column("after LoRA SFT", justify="right")
+    table.add_column("after GRPO", justify="right")
+    fmt = lambda v, spec="{:.2f}": "-" if v is None else spec.format(v)
+    wins = lambda s: f"{round(s['success_rate'] * s['episodes'])}/{s['episodes']} ({s['success_rate']:.1%})"
+    table.add_row("games won", wins(before), wins(after))
+    table.add_row("turns per win", fmt(before["turns_per_win"]), fmt(after["turns_per_win"]))
+    for label, key in (("guesses at a middle", "halving_share"), ("guesses already ruled out", "ruled_out_share")):
+        table.add_row(label, fmt(before[key], "{:.1%}"), fmt(after[key], "{:.1%}"))
+    table.add_row("reward (mean)", fmt(before["reward_mean"], "{:.3f}"), fmt(after["reward_mean"], "{:.3f}"))
+    console.print(table)
+    console.print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    console.print(f"runs: {out}/sft, {out}/grpo; episodes: {out}/eval-*/episodes.jsonl; summary: {record}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("data", help="write data/guess_number/*.jsonl")
     d = sub.add_parser("demo", help="run the whole offline demo")
     d.add_argument("--out", default="runs/guess_number", help="run directory (replaced)")
+    s = sub.add_parser("smollm2", help="the game with SmolLM2-135M-Instruct: LoRA SFT, evaluate, GRPO, evaluate")
+    s.add_argument("--out", default="runs/guess_smollm2",
+                   help="run directory (an earlier pipeline's is replaced; any other non-empty one is refused)")
+    s.add_argument("--eval-rows", type=int, default=62, help="games per evaluation (31 k plays every number k times)")
+    s.add_argument("--sft-steps", type=int, default=None, help="override train.max_steps of the SFT recipe")
+    s.add_argument("--ppo-steps", type=int, default=None, help="override ppo.steps of the GRPO recipe")
+    s.add_argument("--resume", action="store_true", help="keep the stages an earlier run of --out finished")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = None if args.command == "data" else ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
     if args.command == "data":
         write_data()
+    elif args.command == "demo":
+        demo(out)
     else:
-        demo(ROOT / args.out if not os.path.isabs(args.out) else Path(args.out))
+        smollm2(out, args.eval_rows, args.sft_steps, args.ppo_steps, args.resume)
