@@ -76,8 +76,8 @@ DIFFERENCES = [
      "(logits_to_keep); TRL 0.11's batched_forward_pass computes the logits of every position (prompt included) "
      "and, in the training passes, their entropy over the whole sequence for its statistics"),
     ("padding: rlcli left-pads the prompts and right-pads the responses (one layout for rollout and training); "
-     "TRL concatenates query + response per episode and pads the whole row (left; the tokenizer's side is set by "
-     "its generate), then cuts each row's response positions out by its own start / end indices"),
+     "TRL 0.11 left-pads only while sampling, then concatenates query + response per episode, right-pads the rows "
+     "(the tokenizer's side) and masks each row's response positions by its own start / end indices"),
     ("sampling log-probs: rlcli checks its sampler's log-probs against the rollout forward's (sampler_logprob_diff) "
      "and takes every log-prob under the sampling rules; TRL 0.11 recomputes log-probs from raw logits / temperature "
      "(the same at temperature 1, no top-k / top-p)"),
@@ -86,6 +86,8 @@ DIFFERENCES = [
      "target_approx_kl unset"),
     ("statistics: each side computes and logs its own per-step statistics (TRL: record_step_stats, "
      "stats_to_np; rlcli: its metrics line); neither writes sample tables or checkpoints during the steps"),
+    ("libraries: rlcli runs on its own environment's transformers (5.x), TRL 0.11 on transformers 4.46 (the newest "
+     "it supports); the same torch 2.13.0+cpu, and both GPT-2s run SDPA attention and the exact GELU"),
     ("value head: both zero-initialised Linear(width, 1) on the last hidden state; TRL's ValueHead runs an identity "
      "dropout (summary_dropout_prob 0)"),
 ]
@@ -401,8 +403,7 @@ def main() -> None:
         print("phases, mean s per step after the first (each side's own timers):")
         for name in dict.fromkeys([*phases["rlcli"], *phases["trl"]]):
             x, y = phases["rlcli"].get(name), phases["trl"].get(name)
-            print(f"  {name:22s}{x if x is not None else float('nan'):10.2f}"
-                  f"{y if y is not None else float('nan'):10.2f}")
+            print(f"  {name:22s}" + "".join(f"{v:10.2f}" if v is not None else f"{'-':>10s}" for v in (x, y)))
         report.update({"shape": pl["shape"], "summary": both, "phases": phases,
                        "ratios": {k: both["rlcli"][k] / both["trl"][k] for k in both["rlcli"]},
                        "differences": DIFFERENCES, "ppo_config": pl["spec"]["ppo_config"],
