@@ -7,7 +7,8 @@ SPEC (written by trl011_ppo.py) holds the model directory (the same random-init 
 rlcli side loads), the prompts of every step as token ids (encoded by rlcli's own functions, in rlcli's order), the
 ``PPOConfig`` fields and the sampling settings. Each step is what rlcli's trainer does in one step:
 ``ppo_trainer.generate`` (the whole batch in one ``generate`` call), decode, ``recipes/sevens.py:score``,
-``ppo_trainer.step``. RESULT gets ``step_seconds`` (from the loop's start to the end of each step),
+``ppo_trainer.step``. RESULT gets ``step_seconds`` (from the loop's start to the end of each step), ``cpu_seconds`` (the process's user
++ system CPU time over the same spans),
 ``peak_rss_steps`` (``VmHWM`` after a reset when the loop starts), ``peak_rss_run`` (``ru_maxrss``), and per step
 the mean reward, the mean response length, TRL's KL and its own phase timers (``time/ppo/*``) plus the time spent
 generating and scoring.
@@ -72,11 +73,17 @@ def main() -> None:
     score = getattr(sevens, spec["reward_function"])
     gen_kwargs = dict(spec["generation"])
 
+    def cpu_now() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
     marks: list[float] = []
+    cpu: list[float] = []
     hwm = 0
     per_step: list[dict] = []
     reset_peak()
     marks.append(time.perf_counter())
+    cpu.append(cpu_now())
     for ids in spec["prompt_ids"]:
         t0 = time.perf_counter()
         queries = [torch.tensor(q, dtype=torch.long) for q in ids]
@@ -87,13 +94,15 @@ def main() -> None:
         t2 = time.perf_counter()
         stats = trainer.step(queries, responses, scores)
         marks.append(time.perf_counter())
+        cpu.append(cpu_now())
         hwm = max(hwm, vm_hwm())
         per_step.append({"reward_mean": float(torch.stack(scores).mean()),
                          "response_length": sum(len(r) for r in responses) / len(responses),
                          "kl": float(stats["objective/kl"]), "approx_kl": float(stats["ppo/policy/approxkl"]),
                          "policy_clipfrac": float(stats["ppo/policy/clipfrac"]), "time_generate": t1 - t0, "time_score": t2 - t1,
                          **{k: float(v) for k, v in stats.items() if k.startswith("time/")}})
-    result = {"step_seconds": [b - a for a, b in itertools.pairwise(marks)], "peak_rss_steps": hwm,
+    result = {"step_seconds": [b - a for a, b in itertools.pairwise(marks)],
+              "cpu_seconds": [b - a for a, b in itertools.pairwise(cpu)], "peak_rss_steps": hwm,
               "peak_rss_run": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "metrics": per_step,
               "seconds_in_process": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads()}
     out_path.write_text(json.dumps(result))

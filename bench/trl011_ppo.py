@@ -8,7 +8,9 @@ per step, then (``--profile``) rlcli's own step profile (``bench/ppo_step.py``) 
     python bench/trl011_ppo.py --setup-only                                # only build the TRL 0.11 virtualenv
 
 The TRL side runs in a virtualenv of its own (``--trl-venv``, default ``~/.cache/rlcli/bench-venv-trl-0.11``), built
-on first use: ``torch==2.13.0`` first (pinned, so that pip never brings another build of it), then ``trl==0.11.4``
+on first use: ``torch==2.13.0`` first (pinned, so that pip never brings another build of it; from wherever pip is
+configured to look, as ``scripts/setup.sh``: set ``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu`` where
+PyPI would bring its CUDA build), then ``trl==0.11.4``
 with the transformers / accelerate / datasets / tokenizers / huggingface_hub / tyro / rich versions below
 (``TRL_STACK``: transformers 4.46, the last minor TRL 0.11 was released against; ``rich`` is imported by TRL 0.11
 without being among its requirements).
@@ -34,7 +36,9 @@ further ``KEY=VALUE`` overrides apply to both sides):
 What cannot be made the same is printed (``DIFFERENCES``). Each run: ``rlcli ppo RECIPE output_dir=<tmp> ...``
 under ``_common.RLCLI_DRIVER``, ``bench/_trl011_driver.py`` in the TRL venv. **step time** is the median of the
 steps after the first (over all rounds), **peak RSS of the steps** the kernel's high-water mark after a reset when
-training starts, **peak RSS of the run** ``ru_maxrss`` of the whole process.
+training starts, **peak RSS of the run** ``ru_maxrss`` of the whole process. **step CPU time** is the median of
+the same steps' user + system CPU time of the process: on a shared machine it leaves out the time spent waiting
+for a core, which wall-clock step times of a few seconds do not.
 """
 
 from __future__ import annotations
@@ -288,8 +292,11 @@ def rewards(data: dict) -> list[float]:
 
 def summary(runs: list[dict]) -> dict:
     """Median step time after each run's first step, the largest peaks, the median process time."""
-    later = [s for d in runs for s in d["step_seconds"][1:]] or [s for d in runs for s in d["step_seconds"]]
-    return {"step_seconds": statistics.median(later), "peak_rss_steps": max(d["peak_rss_steps"] for d in runs),
+    def later(key: str) -> list[float]:
+        return [s for d in runs for s in d[key][1:]] or [s for d in runs for s in d[key]]
+
+    return {"step_seconds": statistics.median(later("step_seconds")),
+            "step_cpu_seconds": statistics.median(later("cpu_seconds")), "peak_rss_steps": max(d["peak_rss_steps"] for d in runs),
             "peak_rss_run": max(d["peak_rss_run"] for d in runs),
             "process_seconds": statistics.median(d["seconds"] for d in runs)}
 
@@ -385,7 +392,8 @@ def main() -> None:
                 else:
                     data = run_trl(python, pl["spec"], work, tag)
                 runs[side].append(data)
-                print(f"round {r + 1} {side:5s}: step times {', '.join(f'{s:.2f}' for s in data['step_seconds'])} s; "
+                print(f"round {r + 1} {side:5s}: step times {', '.join(f'{s:.2f}' for s in data['step_seconds'])} s "
+                      f"(CPU {', '.join(f'{s:.2f}' for s in data['cpu_seconds'])} s); "
                       f"peak RSS steps {data['peak_rss_steps'] / 2**20:.0f} MiB, run "
                       f"{data['peak_rss_run'] / 2**20:.0f} MiB; reward "
                       f"{', '.join(f'{v:.3f}' for v in rewards(data))}; response tokens "
@@ -396,7 +404,7 @@ def main() -> None:
         both = {side: summary(rs) for side, rs in runs.items()}
         phases = {side: phase_means(side, rs) for side, rs in runs.items()}
         print(f"\n{'':24s}{'rlcli':>10s}{'TRL 0.11':>10s}{'rlcli/TRL':>12s}")
-        for key, unit, scale in (("step_seconds", "s", 1), ("peak_rss_steps", "MiB", 2**20),
+        for key, unit, scale in (("step_seconds", "s", 1), ("step_cpu_seconds", "s", 1), ("peak_rss_steps", "MiB", 2**20),
                                  ("peak_rss_run", "MiB", 2**20), ("process_seconds", "s", 1)):
             x, y = both["rlcli"][key] / scale, both["trl"][key] / scale
             print(f"{key + ' (' + unit + ')':24s}{x:10.2f}{y:10.2f}{x / y:12.2f}")

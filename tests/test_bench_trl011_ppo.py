@@ -88,10 +88,13 @@ def test_trl_gets_rlcli_prompts_in_rlcli_order(bench):
 
 
 def test_summary_leaves_out_each_runs_first_step(bench):
-    runs = [{"step_seconds": [9.0, 2.0, 4.0], "peak_rss_steps": 5, "peak_rss_run": 6, "seconds": 20.0},
-            {"step_seconds": [8.0, 3.0, 5.0], "peak_rss_steps": 7, "peak_rss_run": 7, "seconds": 30.0}]
+    runs = [{"step_seconds": [9.0, 2.0, 4.0], "cpu_seconds": [8.0, 1.0, 3.0], "peak_rss_steps": 5,
+             "peak_rss_run": 6, "seconds": 20.0},
+            {"step_seconds": [8.0, 3.0, 5.0], "cpu_seconds": [7.0, 2.0, 2.0], "peak_rss_steps": 7, "peak_rss_run": 7,
+             "seconds": 30.0}]
     s = bench.summary(runs)
-    assert s == {"step_seconds": 3.5, "peak_rss_steps": 7, "peak_rss_run": 7, "process_seconds": 25.0}
+    assert s == {"step_seconds": 3.5, "step_cpu_seconds": 2.0, "peak_rss_steps": 7, "peak_rss_run": 7,
+                 "process_seconds": 25.0}
 
 
 def test_phase_means_after_the_first_step(bench):
