@@ -148,6 +148,13 @@ RLCLI_DRIVER = r"""
 import json, resource, sys, time
 sys.path.insert(0, BENCH_DIR)
 from _common import reset_peak, vm_hwm
+# as rlcli.cli does: train.host_memory before torch's first CPU allocation (importing the trainers makes one)
+from pathlib import Path
+from rlcli.commands import COMMANDS
+from rlcli.config.loader import load_recipe_and_origin
+from rlcli.host import set_host_memory
+recipe, _ = load_recipe_and_origin(COMMANDS[sys.argv[2]].schema(), Path(sys.argv[3]), sys.argv[4:], processes=1)
+set_host_memory(recipe.train.host_memory)
 import rlcli.trainers.loop as loop
 
 marks, cpu = [], []
