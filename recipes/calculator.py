@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,13 +140,9 @@ def demo(out: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    if out.exists():
-        # replaced only when it holds nothing but this demo's own outputs (or nothing): never a user's files
-        if not {p.name for p in out.iterdir()} <= {"sft", "eval-sft", "ppo", "eval-ppo", "ppo_curve.png",
-                                                   "demo_summary.json"}:
-            sys.exit(f"--out {out} holds files this demo did not write: choose an empty or new directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    from _demo import take_out_dir  # recipes/_demo.py (this folder is on sys.path when run as a script)
+
+    take_out_dir(out, owned=frozenset({"sft", "eval-sft", "ppo", "eval-ppo", "ppo_curve.png", "demo_summary.json"}))
     _rlcli("sft", "configs/calculator_sft.yaml", f"output_dir={out / 'sft'}")
     before = _evaluate(out / "sft", out / "eval-sft")
     _rlcli("ppo", "configs/calculator.yaml", f"model.name_or_path={out / 'sft'}", f"output_dir={out / 'ppo'}")

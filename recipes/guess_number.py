@@ -40,7 +40,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -250,12 +249,9 @@ def demo(out: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    if out.exists():
-        # replaced only when it holds nothing but this demo's own outputs (or nothing): never a user's files
-        if not {p.name for p in out.iterdir()} <= {"sft", "eval-sft", "grpo", "eval-grpo", "demo_summary.json"}:
-            sys.exit(f"--out {out} holds files this demo did not write: choose an empty or new directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    from _demo import take_out_dir  # recipes/_demo.py (this folder is on sys.path when run as a script)
+
+    take_out_dir(out, owned=frozenset({"sft", "eval-sft", "grpo", "eval-grpo", "demo_summary.json"}))
     if not (DATA / "prompts.jsonl").exists():
         write_data()
     _rlcli("sft", "configs/guess_number_sft.yaml", f"output_dir={out / 'sft'}")
@@ -288,15 +284,10 @@ def smollm2(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | N
     console = Console()
     if not 0 < eval_rows <= len(eval_rounds()):
         sys.exit(f"--eval-rows {eval_rows}: choose 1 to {len(eval_rounds())} (the rows of eval_rounds.jsonl)")
+    from _demo import take_out_dir  # recipes/_demo.py (this folder is on sys.path when run as a script)
+
     record = out / "pipeline.json"
-    progress = json.loads(record.read_text()) if resume and record.exists() else {}
-    if not resume and out.exists() and any(out.iterdir()):
-        # only a directory an earlier pipeline wrote is replaced: --out . or a directory of the user's stays untouched
-        if not record.exists():
-            sys.exit(f"--out {out} holds files this pipeline did not write (no pipeline.json there): choose an empty "
-                     "or new directory, or --resume an earlier pipeline's")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    progress = take_out_dir(out, record=record.name, resume=resume)
     if not (DATA / "smollm2_sft.jsonl").exists():
         write_data()
     times, summaries = progress.get("seconds", {}), progress.get("summaries", {})

@@ -39,7 +39,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -175,15 +174,10 @@ def pipeline(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | 
     from rich.table import Table
 
     console = Console()
+    from _demo import take_out_dir  # recipes/_demo.py (this folder is on sys.path when run as a script)
+
     record = out / "pipeline.json"
-    progress = json.loads(record.read_text()) if resume and record.exists() else {}
-    if not resume and out.exists() and any(out.iterdir()):
-        # only a directory an earlier pipeline wrote is replaced: --out . or a directory of the user's stays untouched
-        if not record.exists():
-            sys.exit(f"--out {out} holds files this pipeline did not write (no pipeline.json there): choose an empty "
-                     "or new directory, or --resume an earlier pipeline's")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    progress = take_out_dir(out, record=record.name, resume=resume)
     if not (DATA / "sft.jsonl").exists():
         write_data()
     times, summaries = progress.get("seconds", {}), progress.get("summaries", {})

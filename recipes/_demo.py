@@ -1,0 +1,28 @@
+"""What the demo and pipeline scripts of recipes/ share: taking their ``--out`` folder over without ever deleting
+a file they did not write (the guard rlcli's own output dirs have, ``rlcli.rundir``, for folders of runs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+
+def take_out_dir(out: Path, *, owned: frozenset[str] = frozenset(), record: str | None = None,
+                 resume: bool = False) -> dict:
+    """Make ``out`` this script's, and return the progress an earlier run left in ``out/record`` on ``resume``
+    (else ``{}``).
+
+    A folder that is empty, holds ``record`` (an earlier run of this script wrote it) or only names in ``owned`` is
+    replaced; any other folder is left untouched and the script exits with a message naming it."""
+    progress = json.loads((out / record).read_text()) if resume and record and (out / record).exists() else {}
+    if not resume and out.exists() and any(out.iterdir()):
+        names = {p.name for p in out.iterdir()}
+        if not ((record is not None and record in names) or names <= owned):
+            mark = f" (no {record} there)" if record else ""
+            also = ", or --resume an earlier run's" if record else ""
+            sys.exit(f"--out {out} holds files this script did not write{mark}: choose an empty or new directory{also}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return progress
