@@ -221,6 +221,25 @@ def run_rlcli(source: Path, args: list[str], work: Path, tag: str, threads: int,
     return data
 
 
+def run_driver(python: str, driver: Path, spec: dict, work: Path, tag: str, threads: int,
+               extra_env: dict[str, str] | None = None) -> dict:
+    """``PYTHON DRIVER SPEC.json RESULT.json`` (another tool's side of a comparison, in its own venv: no
+    ``PYTHONPATH``, offline, ``threads`` BLAS threads); returns the driver's RESULT.json plus ``seconds``."""
+    spec_path, result = work / f"{tag}-spec.json", work / f"{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    env.pop("PYTHONPATH", None)
+    t0 = time.perf_counter()
+    res = subprocess.run([python, str(driver), str(spec_path), str(result)], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{tag} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    data = json.loads(result.read_text())
+    data["seconds"] = time.perf_counter() - t0
+    return data
+
+
 # --- forward-call counters ------------------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, run_rlcli, setup_threads
+from _common import REPO, run_driver, run_rlcli, setup_threads
 
 THREADS = setup_threads(sys.argv)
 
@@ -58,7 +58,6 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
 
 TRL_VERSION = "0.11.4"
 TORCH_VERSION = "2.13.0"
@@ -265,19 +264,7 @@ def plan(recipe_path: str, overrides: list[str], steps: int, work: Path) -> dict
 
 
 def run_trl(python: str, spec: dict, work: Path, tag: str) -> dict:
-    spec_path, result = work / f"{tag}-spec.json", work / f"{tag}.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("PYTHONPATH", None)
-    t0 = time.perf_counter()
-    res = subprocess.run([python, str(DRIVER), str(spec_path), str(result)], cwd=REPO, env=env, capture_output=True,
-                         text=True, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"{tag} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
-    data = json.loads(result.read_text())
-    data["seconds"] = time.perf_counter() - t0
-    return data
+    return run_driver(python, DRIVER, spec, work, tag, THREADS, {"PYTHONWARNINGS": "ignore"})
 
 
 def per_step(data: dict, key: str) -> list[float]:

@@ -41,18 +41,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, run_rlcli, setup_threads  # noqa: E402
+from _common import REPO, run_driver, run_rlcli, setup_threads  # noqa: E402
 
 THREADS = setup_threads(sys.argv)
 
 import argparse  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TORCH_VERSION = "2.13.0"
@@ -323,20 +321,8 @@ def grpo_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict:
 
 
 def run_trl(python: str, spec: dict, work: Path, tag: str) -> dict:
-    spec = dict(spec, output_dir=str(work / f"out-{tag}"))
-    spec_path, result = work / f"{tag}-spec.json", work / f"{tag}.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    env.pop("PYTHONPATH", None)
-    t0 = time.perf_counter()
-    res = subprocess.run([python, str(DRIVER), str(spec_path), str(result)], cwd=REPO, env=env, capture_output=True,
-                         text=True, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"{tag} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
-    data = json.loads(result.read_text())
-    data["seconds"] = time.perf_counter() - t0
-    return data
+    return run_driver(python, DRIVER, dict(spec, output_dir=str(work / f"out-{tag}")), work, tag, THREADS,
+                      {"TRL_EXPERIMENTAL_SILENCE": "1"})
 
 
 def curves(side: str, task: str, data: dict) -> dict[str, list]:
