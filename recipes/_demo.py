@@ -1,12 +1,18 @@
-"""What the demo and pipeline scripts of recipes/ share: taking their ``--out`` folder over without ever deleting
-a file they did not write (the guard rlcli's own output dirs have, ``rlcli.rundir``, for folders of runs)."""
+"""What the demo and pipeline scripts of recipes/ share: running ``rlcli`` stages, and taking their ``--out`` folder
+over without ever deleting a file they did not write (the guard rlcli's own output dirs have, ``rlcli.rundir``, for
+folders of runs). The scripts import it inside their functions: rlcli loads their environments and reward functions
+from the files themselves, where this folder is not on ``sys.path``."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def take_out_dir(out: Path, *, owned: frozenset[str] = frozenset(), record: str | None = None,
@@ -26,3 +32,14 @@ def take_out_dir(out: Path, *, owned: frozenset[str] = frozenset(), record: str 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return progress
+
+
+def rlcli(*args: str) -> float:
+    """Run ``rlcli ARGS`` from the repository's root, showing the command; exit with its code when it fails; return
+    its wall time in seconds."""
+    print("\n$ rlcli " + " ".join(args), flush=True)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "rlcli", *args], check=False, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+    return time.perf_counter() - start

@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,12 +95,10 @@ def write_data() -> None:
 # --- the demo -----------------------------------------------------------------------------------------------------
 
 
-def _rlcli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "rlcli", *args]
-    print("\n$ rlcli " + " ".join(args), flush=True)
-    result = subprocess.run(cmd, check=False, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(result.returncode)
+def _rlcli(*args: str) -> float:
+    from _demo import rlcli  # recipes/_demo.py (this folder is on sys.path when run as a script)
+
+    return rlcli(*args)
 
 
 def _evaluate(model_dir: Path, out: Path) -> dict:

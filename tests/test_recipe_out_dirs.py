@@ -55,3 +55,14 @@ def test_a_folder_the_script_wrote_is_replaced_and_resume_keeps_progress(tmp_pat
     new = tmp_path / "new" / "deeper"
     take_out_dir(new)
     assert new.is_dir()
+
+
+def test_a_stage_returns_its_time_and_a_failed_one_exits_with_its_code(capsys):
+    spec = importlib.util.spec_from_file_location("recipes_demo", REPO / "recipes" / "_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.rlcli("sft", "configs/tiny/sft.yaml", "--dry-run") > 0
+    with pytest.raises(SystemExit) as exc:
+        module.rlcli("sft", "configs/tiny/sft.yaml", "train.batch_size=-1", "--dry-run")
+    assert exc.value.code == 2  # rlcli's code for a bad recipe
+    assert "$ rlcli sft configs/tiny/sft.yaml train.batch_size=-1" in capsys.readouterr().out
