@@ -33,8 +33,8 @@ def set_host_memory(mode: str) -> None:
     environment wins.
 
     - ``balanced``: torch's own switch ``THP_MEM_ALLOC_ENABLE`` (c10/core/alloc_cpu.cpp): CPU tensors of 2 MiB or
-      more are page-aligned and advised onto transparent huge pages (``madvise(MADV_HUGEPAGE)``). Measured on SmolLM2 LoRA SFT, the peak resident
-      memory falls by ~45 % for ~7 % more CPU time (bench/README.md).
+      more are page-aligned and advised onto transparent huge pages (``madvise(MADV_HUGEPAGE)``). Measured on
+      SmolLM2 LoRA SFT, the peak resident memory falls by ~45 % for ~7 % more CPU time (bench/README.md).
     - ``lean``: that, and ``lean_mmap()``.
     - ``fast``: glibc's and torch's defaults."""
     if mode in ("balanced", "lean"):
@@ -45,8 +45,8 @@ def set_host_memory(mode: str) -> None:
 
 def host_memory_in_force(mode: str) -> str | None:
     """What the run header says of ``mode``, from what is in force (None for glibc's and torch's defaults):
-    huge pages are checked on fresh tensors' alignment (torch page-aligns the ones it advises, glibc puts others 16
-    bytes into a page; torch may have read its switch before rlcli set it, e.g. in a program that imports rlcli)."""
+    huge pages are checked on fresh tensors' alignment (torch page-aligns the ones it advises and 64-byte-aligns
+    the rest; it may have read its switch before rlcli set it, e.g. in a program that imports rlcli's trainers)."""
     set_host_memory(mode)
     probes = [torch.empty(THP_MIN_BYTES, dtype=torch.uint8) for _ in range(3)]
     huge = all(t.data_ptr() % 4096 == 0 for t in probes) and kernel_huge_pages()

@@ -208,9 +208,9 @@ class RunSettings(Section):
     host_memory: Literal["fast", "balanced", "lean"] = "balanced"
     """How the process's CPU memory is allocated (Linux; GPU memory is not affected). ``balanced`` puts torch's CPU
     tensors of 2 MiB or more on transparent huge pages (torch's ``THP_MEM_ALLOC_ENABLE``: page-aligned, advised with
-    ``MADV_HUGEPAGE``); ``lean``
-    also has glibc hand every freed block of 1 MiB or more back to the operating system; ``fast`` keeps glibc's and
-    torch's defaults, under which glibc holds freed activations in a heap that fragments. Measured on SmolLM2 LoRA
+    ``MADV_HUGEPAGE``); ``lean`` also has glibc hand every freed block of 1 MiB or more back to the operating
+    system; ``fast`` keeps glibc's and torch's defaults, under which glibc holds freed activations in a heap that
+    fragments. Measured on SmolLM2 LoRA
     SFT on CPU (peak resident memory, CPU time): ``fast`` 3.55 GiB; ``balanced`` 0.55×, +7 %; ``lean`` 0.44×,
     +22 %. ``THP_MEM_ALLOC_ENABLE`` or ``MALLOC_MMAP_THRESHOLD_`` set in the environment take precedence. The run
     header says what is in force. Figures: bench/README.md, "Where a CPU step's memory goes"."""
