@@ -11,7 +11,9 @@ item 4), so the first epoch's ratio is 1 and the KL is an honest KL.
 
 Steps of ``step``:
   1. forward passes without autograd (``rollout_forward``): policy log-probs and values in one pass, reference
-     log-probs (the adapter disabled for LoRA, else the frozen copy), per-token KL, entropy
+     log-probs (the adapter disabled for LoRA, else the frozen copy), per-token KL, entropy. With one optimizer
+     step per batch and no critic (GRPO's usual settings) the policy's pass is left out: the training forward, on
+     the same weights, gives pi_old (``reuses_training_pass``)
   2. scores: optional running normalisation, scaling, clipping
   3. per-token rewards: -β·KL_t on every model token, plus the score on the last model token
   4. optional reward whitening (no re-centring); GAE over model tokens (tool and pad tokens skipped);
@@ -26,6 +28,7 @@ so 1 process and N processes see the same normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -132,6 +135,10 @@ class PPOLearner:
         # the fixed length of loss_aggregation "constant" (Dr. GRPO: the generation budget)
         self.constant_length = constant_length
         self.critic_free = not ESTIMATORS[algo.advantage].critic
+        # old log-probs from the training forward where one optimizer step per batch allows it
+        # (reuses_training_pass); False always runs the policy's rollout forward (the tests compare the two)
+        self.reuse_training_pass = True
+        self._recorded: dict[str, torch.Tensor] | None = None
         if self.critic_free and self.par.unwrap(model).value_head is not None:
             raise ValueError(f"ppo.advantage={algo.advantage} trains no critic: build the policy without a value head")
 
@@ -161,9 +168,27 @@ class PPOLearner:
 
     # --- step 1: forward passes without autograd --------------------------------------------------------------
 
+    def reuses_training_pass(self, batch_size: int) -> bool:
+        """Whether this step's old log-probs come from its training forward instead of a pass of their own.
+
+        With one optimizer step per batch (critic-free, one epoch, one minibatch: GRPO as usually configured) the
+        training forward runs on the very weights the rollout forward would, so pi_old is its own output, detached,
+        and the ratio is 1 (TRL's GRPOTrainer does the same when num_iterations is 1): one forward pass of the
+        policy over the batch is saved. Not when the KL enters the reward (the advantages need it before the update)
+        or is the exact KL over the vocabulary (that takes the reference's hidden states in the same chunk).
+        """
+        a = self.algo
+        return (self.reuse_training_pass and self.critic_free and a.epochs == 1
+                and a.mini_batch_size >= a.batch_size and batch_size <= a.mini_batch_size // self.procs
+                and self.kl_mode == "loss" and self.kl_estimator != "full")
+
     @torch.no_grad()
-    def rollout_forward(self, rollout: Rollout) -> RolloutForward:
-        """Old log-probs, values, reference log-probs, KL and entropy of a rollout, micro-batch by micro-batch."""
+    def rollout_forward(self, rollout: Rollout, policy_pass: bool = True) -> RolloutForward:
+        """Old log-probs, values, reference log-probs, KL and entropy of a rollout, micro-batch by micro-batch.
+
+        ``policy_pass=False``: the reference's log-probs only (the policy's numbers stay 0; the training forward
+        fills them in, ``reuses_training_pass``).
+        """
         policy = self.par.unwrap(self.model)
         policy.eval()
         b, r = rollout.response_ids.shape
@@ -180,7 +205,7 @@ class PPOLearner:
             turn, model_mask = mb.turn_positions, mb.model_mask.bool()
             with self.par.autocast():
                 # head inputs, not logits: the statistics below take the logits a chunk of positions at a time
-                hidden, values = policy(*args, hidden=True)
+                hidden, values = policy(*args, hidden=True) if policy_pass else (None, None)
                 if self.ref_model is None:
                     with policy.reference():
                         ref_hidden, _ = policy(*args, with_values=False, hidden=True)
@@ -190,28 +215,32 @@ class PPOLearner:
                     ref_head = self.ref_model.head
                 # only model tokens are computed: a pad label's log-prob may be -inf (PAD = EOS, banned there)
                 full = self.kl_estimator == "full"
-                pi = token_stats(hidden, policy.head, mb.response_ids, self.rules, turn_positions=turn,
-                                 mask=model_mask, entropy=True, ref=(ref_hidden, ref_head) if full else None,
-                                 forbidden=self.rules.restricts)
                 ref = token_stats(ref_hidden, ref_head, mb.response_ids, self.rules, turn_positions=turn,
                                   mask=model_mask)
-            lp, ref_lp = pi.logprobs, ref.logprobs
-            kl = pi.full_kl if full else kl_penalty(lp, ref_lp, self.kl_estimator)
-            computed = {"pi_logprobs": lp, "values": values, "ref_logprobs": ref_lp, "kl": kl,
-                        "entropy": pi.entropy, "forbidden_mass": pi.forbidden_mass}
+                computed = {"ref_logprobs": ref.logprobs}
+                if policy_pass:
+                    pi = token_stats(hidden, policy.head, mb.response_ids, self.rules, turn_positions=turn,
+                                     mask=model_mask, entropy=True, ref=(ref_hidden, ref_head) if full else None,
+                                     forbidden=self.rules.restricts)
+                    kl = pi.full_kl if full else kl_penalty(pi.logprobs, ref.logprobs, self.kl_estimator)
+                    computed.update(pi_logprobs=pi.logprobs, values=values, kl=kl, entropy=pi.entropy,
+                                    forbidden_mass=pi.forbidden_mass)
             for key, value in computed.items():
                 if value is not None:
                     out[key][rows, :width] = torch.where(model_mask, value.float(), 0.0).cpu()
         policy.train()
-        self._check_allowed(rollout, out["pi_logprobs"])
+        if policy_pass:
+            self._check_allowed(rollout.response_ids, rollout.model_mask, out["pi_logprobs"])
         return RolloutForward(values=out["values"] if policy.value_head is not None else None,
                               **{k: out[k] for k in names if k != "values"})
 
-    def _check_allowed(self, rollout: Rollout, pi_logprobs: torch.Tensor) -> None:
-        bad = (pi_logprobs == float("-inf")) & rollout.model_mask.bool()
+    def _check_allowed(self, response_ids, model_mask, pi_logprobs: torch.Tensor, rows=None) -> None:
+        """Raise ``ForbiddenTokenError`` on a model token of log-prob -inf (``rows``: the episodes of these rows)."""
+        bad = (pi_logprobs.detach() == float("-inf")) & model_mask.bool().to(pi_logprobs.device)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
-            token = int(rollout.response_ids[row, col])
+            token = int(response_ids[row, col])
+            row = row if rows is None else int(rows[row])
             raise ForbiddenTokenError(
                 f"episode {row}, response token {col} (id {token}) is a token the sampling rules forbid there "
                 f"({self.rules.description()}): it cannot have been sampled with them. Generate with the same "
@@ -226,8 +255,10 @@ class PPOLearner:
         mask = rollout.model_mask.float()
         scores = scores.float().cpu()
 
-        # step 1: old log-probs, values, reference log-probs, KL
-        fwd = self.rollout_forward(rollout)
+        # step 1: old log-probs, values, reference log-probs, KL (the reference's alone when the training forward
+        # gives the old log-probs: one optimizer step per batch)
+        reuse = self.reuses_training_pass(rollout.batch_size)
+        fwd = self.rollout_forward(rollout, policy_pass=not reuse)
         timings["time_forward"] = time.perf_counter() - t0
 
         # step 2: score normalisation / scaling / clipping
@@ -246,7 +277,19 @@ class PPOLearner:
 
         # step 5: epochs of minibatch updates
         t1 = time.perf_counter()
-        train_stats = self._optimise(rollout, fwd.pi_logprobs, fwd.values, fwd.ref_logprobs, advantages, returns)
+        # with reuse, the training forward records the policy's numbers of the rollout forward as it goes
+        self._recorded = {k: torch.zeros_like(mask) for k in ("pi_logprobs", "entropy", "forbidden_mass")} \
+            if reuse else None
+        try:
+            train_stats = self._optimise(rollout, fwd.pi_logprobs, fwd.values, fwd.ref_logprobs, advantages,
+                                         returns)
+            if reuse:
+                rec = self._recorded
+                kl = torch.where(mask.bool(), kl_penalty(rec["pi_logprobs"], fwd.ref_logprobs, self.kl_estimator),
+                                 0.0)
+                fwd = dataclasses.replace(fwd, kl=kl, **rec)
+        finally:
+            self._recorded = None
         timings["time_optimize"] = time.perf_counter() - t1
 
         # step 6: KL controller, KL health, statistics
@@ -326,8 +369,9 @@ class PPOLearner:
         keys = sorted(sums)
         reduced = self.sum_over_processes(*[sums[k] / max(counts[k], 1) for k in keys]) if keys else []
         out = {k: v / self.procs for k, v in zip(keys, reduced)}
-        if first_ratio is not None and not skipped:
+        if first_ratio is not None and not skipped and self._recorded is None:
             # the first minibatch's ratio π/π_old, before any update: exactly what the rollout forward computed
+            # (with the training forward's own log-probs as pi_old it is 1 by construction: not reported)
             out["ratio_first"] = self.sum_over_processes(first_ratio)[0] / self.procs
         out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped,
                     "skipped_minibatches": float(len(skipped)), "lr": self.scheduler.get_last_lr()[0]})
@@ -381,20 +425,32 @@ class PPOLearner:
         mode), minus the entropy bonus; and its parts, for the statistics and the finiteness check."""
         dev = self.par.device
         mb_mask = mb.model_mask.float()
+        rec = self._recorded
         with self.par.autocast():
             stats = token_stats(hidden, self.par.unwrap(self.model).head, mb.response_ids, self.rules,
                                 turn_positions=mb.turn_positions, mask=mb_mask.bool(),
-                                entropy=self.algo.entropy_coef > 0)
+                                entropy=self.algo.entropy_coef > 0 or rec is not None,
+                                forbidden=rec is not None and self.rules.restricts)
+        if rec is None:
+            old_logprobs = b_logprobs[rows, :width].to(dev)
+        else:
+            # this forward runs on the weights the episodes' rollout forward would have: its numbers are pi_old's
+            self._check_allowed(mb.response_ids, mb_mask, stats.logprobs, rows)
+            old_logprobs = stats.logprobs.detach()
+            for key in rec:
+                value = stats.logprobs if key == "pi_logprobs" else getattr(stats, key)
+                if value is not None:
+                    rec[key][rows, :width] = torch.where(mb_mask.bool(), value.detach().float(), 0.0).cpu()
         critic = values is not None and b_values is not None
         return ppo_loss(
-            stats.logprobs, b_logprobs[rows, :width].to(dev), b_advantages[rows, :width].to(dev), mb_mask,
+            stats.logprobs, old_logprobs, b_advantages[rows, :width].to(dev), mb_mask,
             self.loss_settings, totals,
             values=values if critic else None,
             old_values=b_values[rows, :width].to(dev) if critic else None,
             returns=b_returns[rows, :width].to(dev) if critic else None,
             ref_logprobs=b_ref_logprobs[rows, :width].to(dev) if self.kl_mode == "loss" else None,
             kl_coef=self.kl_ctl.value,
-            entropy=stats.entropy)
+            entropy=stats.entropy if self.algo.entropy_coef > 0 else None)
 
     def _statistics(self, rollout, raw_scores, scores, fwd: RolloutForward, rewards, advantages, returns,
                     mask) -> dict[str, float]:

@@ -37,3 +37,9 @@ if acc.is_main_process:
     w = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
     torch.save(w, out)
     print("procs", procs, "loss_policy", stats["loss_policy"], "kl", stats["kl"])
+# as the command line does: free the DDP model, then destroy the process group (rlcli.launch.release_distributed);
+# left to interpreter exit, gloo's teardown can abort ("terminate called without an active exception")
+del learner, model, opt
+from rlcli.launch import release_distributed  # noqa: E402
+
+release_distributed()

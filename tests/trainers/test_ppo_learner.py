@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -34,7 +36,7 @@ def _setup(lora: bool = False, lr: float = 1e-3, kl_coef: float = 0.05, **algo):
 
         ref = ValueHeadModel(copy.deepcopy(lm).eval().requires_grad_(False), None)
     policy = ValueHeadModel(lm, ValueHead(64) if algo.get("advantage", "gae") == "gae" else None)
-    a = PPOAlgo(batch_size=8, mini_batch_size=4, micro_batch_size=2, **algo)
+    a = PPOAlgo(**{"batch_size": 8, "mini_batch_size": 4, "micro_batch_size": 2, **algo})
     opt, sched = make_optimizer(policy.parameters(), OptimConfig(learning_rate=lr), 100)
     learner = PPOLearner(policy, ref_model=ref, algo=a, kl=KLConfig(coef=kl_coef), rules=SamplingRules(), optimizer=opt,
                          scheduler=sched, accelerator=Accelerator(cpu=True), max_grad_norm=1.0)
@@ -446,11 +448,9 @@ def test_a_non_finite_kl_part_alone_is_named():
     rollout, _ = _rollout(tok, policy)
     honest = learner.rollout_forward
 
-    def poisoned(r):
-        fwd = honest(r)
-        return fwd._replace(ref_logprobs=torch.full_like(fwd.ref_logprobs, float("nan"))) \
-            if hasattr(fwd, "_replace") else type(fwd)(**{**fwd.__dict__, "ref_logprobs":
-                                                          torch.full_like(fwd.ref_logprobs, float("nan"))})
+    def poisoned(r, **kwargs):
+        fwd = honest(r, **kwargs)
+        return dataclasses.replace(fwd, ref_logprobs=torch.full_like(fwd.ref_logprobs, float("nan")))
 
     learner.rollout_forward = poisoned
     with pytest.raises(NonFiniteLossError) as error:
@@ -463,3 +463,86 @@ def test_no_entropy_term_without_entropy_coef():
     rollout, _ = _rollout(tok, policy)
     stats = learner.step(rollout, torch.arange(8.0))
     assert "loss_entropy" not in stats and "loss_kl" in stats and "policy_dual_clipfrac" not in stats
+
+
+# --- one optimizer step per batch: the training forward's log-probs are pi_old -----------------------------------
+
+
+def _one_update_pair(lora: bool, rules: SamplingRules, **algo):
+    """Two learners from the same seed, one reusing the training forward's log-probs, one running the policy's
+    rollout forward; and the same rollout for both (drawn by the first)."""
+    setups = []
+    for reuse in (True, False):
+        tok, policy, learner = _setup(lora=lora, advantage="grpo", group_size=2, lr=1e-2, **algo)
+        learner.rules = rules
+        learner.reuse_training_pass = reuse
+        setups.append((policy, learner))
+    q, qm = left_pad([tok(f"prompt {i}" * (1 + i % 3))["input_ids"] for i in range(8)], tok.pad_token_id)
+    out = sample(setups[0][0].pretrained, q, qm, 12, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                 generator=torch.Generator().manual_seed(0), rules=rules)
+    rollout = Rollout(q, qm, out.response_ids, out.response_mask, torch.zeros_like(out.response_ids),
+                      sampler_logprobs=out.logprobs)
+    return setups, rollout
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["reference-copy", "lora"])
+def test_one_update_per_batch_reuses_the_training_forward_with_the_same_result(lora):
+    """GRPO with one epoch and one minibatch: no policy pass before the update, and the same update and statistics
+    as with it (the old log-probs are the training forward's own, detached: a ratio of 1 with the gradient of
+    log pi). pi_old 1 % off (checked by making it so) changes the update and fails here."""
+    rules = SamplingRules(eos_ids=(1,), min_new_tokens=3)  # so the forbidden mass is not 0
+    setups, rollout = _one_update_pair(lora, rules, mini_batch_size=8, micro_batch_size=3, epochs=1)
+    (p_reuse, reuse), (p_full, full) = setups
+    assert reuse.reuses_training_pass(8) and not full.reuses_training_pass(8)
+    calls = []
+    hook = p_reuse.pretrained.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    before = [p.detach().clone() for p in p_reuse.parameters() if p.requires_grad]
+    scores = torch.tensor([0.0, 1.0, 2.0, 0.5, 1.0, 1.0, 3.0, 0.0])
+    s_reuse = reuse.step(rollout, scores)
+    hook.remove()
+    s_full = full.step(rollout, scores)
+    # the policy ran only with autograd (3 training micro-batches); LoRA's reference pass runs it without
+    assert calls.count(True) == 3 and calls.count(False) == (3 if lora else 0), calls
+    moved = 0.0
+    for a, b, b0 in zip([p for p in p_reuse.parameters() if p.requires_grad],
+                        [p for p in p_full.parameters() if p.requires_grad], before):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float((a.detach() - b0).abs().max()))
+    assert moved > 1e-4, "the update did not move the policy"
+    for key in ("kl", "kl_per_token", "kl_penalty_per_token", "entropy", "forbidden_mass", "sampler_logprob_diff",
+                "loss_policy", "loss_kl", "ratio", "reward_mean"):
+        assert s_reuse[key] == pytest.approx(s_full[key], rel=1e-4, abs=1e-6), key
+    assert s_full["forbidden_mass"] > 0 and s_reuse["sampler_logprob_diff"] < 1e-4
+    assert "ratio_first" in s_full and "ratio_first" not in s_reuse  # 1 by construction: not a check there
+    # the next step starts from a non-zero KL, computed the same way in both
+    s2 = [learner.step(rollout, scores) for _, learner in setups]
+    assert s2[0]["kl"] == pytest.approx(s2[1]["kl"], rel=1e-4) and abs(s2[0]["kl"]) > 1e-3
+
+
+@pytest.mark.parametrize("kl, algo", [
+    (KLConfig(coef=0.05), dict(mini_batch_size=4, epochs=1)),                    # two optimizer steps a batch
+    (KLConfig(coef=0.05), dict(mini_batch_size=8, epochs=2)),                    # two epochs
+    (KLConfig(coef=0.05, mode="reward"), dict(mini_batch_size=8, epochs=1)),     # the advantages need the KL first
+    (KLConfig(coef=0.05, mode="reward", estimator="full"), dict(mini_batch_size=8, epochs=1)),  # two models a chunk
+], ids=["two-minibatches", "two-epochs", "kl-in-reward", "full-kl"])
+def test_other_settings_keep_the_rollout_forward(kl, algo):
+    _, _, learner = _critic_free_setup(kl, advantage="grpo", **algo)
+    assert not learner.reuses_training_pass(8)
+    _, _, one = _critic_free_setup(KLConfig(coef=0.05), advantage="grpo", mini_batch_size=8, epochs=1)
+    assert one.reuses_training_pass(8) and not one.reuses_training_pass(16)
+    _, _, gae = _setup(mini_batch_size=8, epochs=1)
+    assert not gae.reuses_training_pass(8)  # the critic's values are needed before the update
+
+
+def test_a_forbidden_token_is_refused_without_the_rollout_forward():
+    from rlcli.ppo.learner import ForbiddenTokenError
+
+    tok, policy, learner = _setup(advantage="grpo", group_size=2, mini_batch_size=8, epochs=1)
+    assert learner.reuses_training_pass(8)
+    learner.rules = SamplingRules(eos_ids=(tok.eos_token_id,), min_new_tokens=4)
+    q, qm = left_pad([tok("hi")["input_ids"]] * 8, tok.pad_token_id)
+    r = torch.tensor([[5, 6, 7]] * 5 + [[5, 6, tok.eos_token_id]] + [[5, 6, 7]] * 2)
+    before = [p.detach().clone() for p in policy.parameters()]
+    with pytest.raises(ForbiddenTokenError, match=r"episode 5, response token 2 \(id 1\).*EOS \[1\] banned"):
+        learner.step(Rollout(q, qm, r, torch.ones_like(r), torch.zeros_like(r)), torch.arange(8.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters())), "stepped on a refused batch"
