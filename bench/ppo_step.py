@@ -30,7 +30,8 @@ matmul), measured before and after every measured step, and squares of 1024 and 
 
 The forward methods of the policy's LM and of the reference LM are wrapped with counters; the run fails (exit 2)
 when the reference ran with autograd on, or when the counts differ from what the issue claims:
-rollout = ceil(B/micro) policy passes + ceil(B/micro) reference passes, all without grad;
+rollout = ceil(B/micro) policy passes (none when one optimizer step per batch lets the training forward give
+pi_old: ``PPOLearner.reuses_training_pass``) + ceil(B/micro) reference passes, all without grad;
 optimise = epochs × B/micro policy passes with grad.
 
 One BLAS thread unless ``--threads N`` or OMP_NUM_THREADS says otherwise.
@@ -309,7 +310,8 @@ def main(argv=None) -> int:
             pair = [after] + ([before] if before else [])
             rec["matmul_ref_flop_per_s"] = mean(x["flop_per_s"] for x in pair)
             rec["matmul_ref_flop_per_cpu_s"] = mean(x["flop_per_cpu_s"] for x in pair)
-        rec["check"] = check_counts(rec, pol_counter, ref_counter, p, local_batch, ref is not None, stats)
+        rec["check"] = check_counts(rec, pol_counter, ref_counter, p, local_batch, ref is not None, stats,
+                                    learner.reuses_training_pass(local_batch))
         per_step.append(rec)
         tag = "measured" if rec["measured"] else ("warm-up" if step <= args.warmup else "profiled, not measured")
         print(f"  step {step} ({tag}): {seconds:.3f}s  generate {t_gen:.3f}  score {t_score:.3f}  rollout "
@@ -432,20 +434,25 @@ def reference_size(shapes, ms) -> tuple[int, int, int, int]:
     return geo, m_rows, d, ffn
 
 
-def check_counts(rec, pol, ref, p, batch, has_ref, stats) -> dict:
-    """Compare this step's forward calls with the issue's claim; returns the expected counts and any failures."""
+def check_counts(rec, pol, ref, p, batch, has_ref, stats, reuse: bool) -> dict:
+    """Compare this step's forward calls with the issue's claim; returns the expected counts and any failures.
+    ``reuse``: the learner takes pi_old from the training forward (one optimizer step per batch), so the rollout
+    phase runs the reference alone."""
     micro = p.micro_batch_size
     n_rollout = math.ceil(batch / micro)
+    n_policy = 0 if reuse else n_rollout
     local_mini = p.mini_batch_size
     n_micro = max(1, local_mini // micro)
     epochs_done = int(stats["ppo_epochs"])
     n_opt = epochs_done * math.ceil(batch / local_mini) * n_micro
     failures = []
-    expected = {"rollout/policy/no_grad": n_rollout, "rollout/reference/no_grad": n_rollout,
+    expected = {"rollout/policy/no_grad": n_policy, "rollout/reference/no_grad": n_rollout,
                 "optimise/policy/grad": n_opt, "optimise/policy/no_grad": 0, "rollout/*/grad": 0, "generate/*/grad": 0}
+    # LoRA: the reference is the policy's LM with the adapter disabled, so its passes count as the policy's
+    lora_ref = 0 if has_ref else n_rollout
     got = {
-        "rollout/policy/no_grad": pol.count("rollout", False) if has_ref else pol.count("rollout", False) // 2,
-        "rollout/reference/no_grad": ref.count("rollout", False) if has_ref else pol.count("rollout", False) // 2,
+        "rollout/policy/no_grad": pol.count("rollout", False) - lora_ref,
+        "rollout/reference/no_grad": ref.count("rollout", False) if has_ref else lora_ref,
         "optimise/policy/grad": pol.count("optimise", True),
         "optimise/policy/no_grad": pol.count("optimise", False),
         "rollout/*/grad": pol.count("rollout", True) + ref.count("rollout", True),
