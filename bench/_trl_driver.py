@@ -77,7 +77,7 @@ def main() -> None:
                 history.append({"step": state.global_step, **logs})
 
     common = dict(output_dir=spec["output_dir"], max_steps=spec["steps"], seed=spec["seed"], data_seed=spec["seed"],
-                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
+                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=spec.get("bf16", False), fp16=False,
                   gradient_checkpointing=spec["gradient_checkpointing"],
                   gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch",
                   pad_to_multiple_of=None, **spec["trainer"])

@@ -289,9 +289,6 @@ def grpo_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict:
         f"TRL {env.max_new_tokens} per generate call (generation_kwargs.max_new_tokens), "
         f"max_tool_calling_iterations {env.max_turns - 1}, max_completion_length {budget} (model + tool tokens after "
         f"the prompt; rlcli caps a tool's output at {env.max_tool_output_tokens} tokens, TRL does not)"),
-        ("old log-probs: rlcli computes the policy's log-probs of the rollout in a no-grad forward before the update "
-        "(its 'rollout forward', with the reference's); TRL with one iteration and one generation per optimizer "
-        "step skips that forward and uses the training forward's detached log-probs (the ratio is 1 either way)"),
         ("sampling: rlcli's own sampler (rlcli.models.generation) vs transformers' generate; the same temperature, "
         "no top-k / top-p, but different random draws, so the episodes (and their lengths) differ"),
         "group std: rlcli divides by (std + 1e-6), TRL by (std + 1e-4) (both unbiased std)",
@@ -373,6 +370,8 @@ def main() -> None:
     p.add_argument("--trl-venv", type=Path, default=DEFAULT_VENV)
     p.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on",
                    help="on both sides (default on: both tools' default for a model of SmolLM2's size)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast on both sides (rlcli train.mixed_precision=bf16, TRL bf16=True); default float32")
     p.add_argument("--setup-only", action="store_true", help="build / check the TRL venv and stop")
     p.add_argument("--json")
     a = p.parse_args()
@@ -399,6 +398,10 @@ def main() -> None:
                 plan = grpo_plan(a.grpo_recipe, a.steps, model, work)
             plan["spec"]["gradient_checkpointing"] = a.gradient_checkpointing == "on"
             plan["rlcli_args"].append(f"model.gradient_checkpointing={str(a.gradient_checkpointing == 'on').lower()}")
+            # bf16 autocast on both sides (weights stay float32): rlcli's train.mixed_precision, TRL's bf16=True
+            plan["spec"]["bf16"] = a.bf16
+            if a.bf16:
+                plan["rlcli_args"].append("train.mixed_precision=bf16")
             print(f"\n== {task}: {a.steps} steps × {a.rounds} round(s), {THREADS} thread(s); model {plan['spec']['model']}",
                   flush=True)
             runs: dict[str, list[dict]] = {"rlcli": [], "trl": []}

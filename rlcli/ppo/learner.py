@@ -138,6 +138,7 @@ class PPOLearner:
         # old log-probs from the training forward where one optimizer step per batch allows it
         # (reuses_training_pass); False always runs the policy's rollout forward (the tests compare the two)
         self.reuse_training_pass = True
+        self._positions = [0.0, 0.0]
         self._recorded: dict[str, torch.Tensor] | None = None
         if self.critic_free and self.par.unwrap(model).value_head is not None:
             raise ValueError(f"ppo.advantage={algo.advantage} trains no critic: build the policy without a value head")
@@ -324,6 +325,7 @@ class PPOLearner:
         # more padding; the loss is normalised by the minibatch's model tokens, so the order only changes float sums
         b_lengths = b.query_mask.sum(dim=1) + b.response_mask.sum(dim=1)
         sums, counts = defaultdict(float), defaultdict(int)
+        self._positions = [0.0, 0.0]  # positions the training forwards computed, of which real tokens
         epochs_done, early_stopped, first_ratio = 0, 0.0, None
         skipped: list[str] = []  # why each skipped minibatch was skipped
         for epoch in range(a.epochs):
@@ -373,6 +375,10 @@ class PPOLearner:
             # the first minibatch's ratio π/π_old, before any update: exactly what the rollout forward computed
             # (with the training forward's own log-probs as pi_old it is 1 by construction: not reported)
             out["ratio_first"] = self.sum_over_processes(first_ratio)[0] / self.procs
+        positions, real = self.sum_over_processes(*self._positions)
+        # share of the positions the training forwards computed that were padding (micro-batches hold rows of similar
+        # length, and each is cut to its longest row)
+        out["train_pad_fraction"] = 1.0 - real / max(positions, 1.0)
         out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped,
                     "skipped_minibatches": float(len(skipped)), "lr": self.scheduler.get_last_lr()[0]})
         return out
@@ -395,6 +401,8 @@ class PPOLearner:
         mb_stats = defaultdict(float)
         for i, rows in enumerate(micro_batches):
             mb, width = _trim(b.index(rows))
+            self._positions[0] += mb.query_ids.numel() + mb.response_ids.numel()
+            self._positions[1] += float(mb.query_mask.sum() + mb.response_mask.sum())
             mb = mb.to(dev)
             with self.par.micro_batch(self.model, last=i == len(micro_batches) - 1):
                 hidden, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,

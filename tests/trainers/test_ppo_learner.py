@@ -546,3 +546,15 @@ def test_a_forbidden_token_is_refused_without_the_rollout_forward():
     with pytest.raises(ForbiddenTokenError, match=r"episode 5, response token 2 \(id 1\).*EOS \[1\] banned"):
         learner.step(Rollout(q, qm, r, torch.ones_like(r), torch.zeros_like(r)), torch.arange(8.0))
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters())), "stepped on a refused batch"
+
+
+def test_train_pad_fraction_counts_the_padding_the_training_forwards_computed():
+    """Four prompts of 2 tokens and four of 4, responses of 3: one micro-batch of 8 computes 8 × 7 positions for 48
+    tokens; micro-batches of 4 hold rows of one length (sorted), so none is padding."""
+    q = [torch.tensor([5, 6])] * 4 + [torch.tensor([5, 6, 7, 8])] * 4
+    r = [torch.tensor([9, 10, 11])] * 8
+    for micro, want in ((8, 1 - 48 / 56), (4, 0.0)):
+        _, _, learner = _critic_free_setup(KLConfig(coef=0.05), advantage="grpo", mini_batch_size=8,
+                                           micro_batch_size=micro, epochs=1)
+        stats = learner.step_from_ids(q, r, torch.arange(8.0))
+        assert stats["train_pad_fraction"] == pytest.approx(want), micro
