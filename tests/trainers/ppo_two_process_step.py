@@ -40,6 +40,6 @@ if acc.is_main_process:
 # as the command line does: free the DDP model, then destroy the process group (rlcli.launch.release_distributed);
 # left to interpreter exit, gloo's teardown can abort ("terminate called without an active exception")
 del learner, model, opt
-from rlcli.launch import release_distributed  # noqa: E402
+from rlcli.launch import release_distributed
 
 release_distributed()

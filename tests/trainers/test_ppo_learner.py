@@ -520,10 +520,10 @@ def test_one_update_per_batch_reuses_the_training_forward_with_the_same_result(l
 
 
 @pytest.mark.parametrize("kl, algo", [
-    (KLConfig(coef=0.05), dict(mini_batch_size=4, epochs=1)),                    # two optimizer steps a batch
-    (KLConfig(coef=0.05), dict(mini_batch_size=8, epochs=2)),                    # two epochs
-    (KLConfig(coef=0.05, mode="reward"), dict(mini_batch_size=8, epochs=1)),     # the advantages need the KL first
-    (KLConfig(coef=0.05, mode="reward", estimator="full"), dict(mini_batch_size=8, epochs=1)),  # two models a chunk
+    (KLConfig(coef=0.05), {"mini_batch_size": 4, "epochs": 1}),                    # two optimizer steps a batch
+    (KLConfig(coef=0.05), {"mini_batch_size": 8, "epochs": 2}),                    # two epochs
+    (KLConfig(coef=0.05, mode="reward"), {"mini_batch_size": 8, "epochs": 1}),     # the advantages need the KL first
+    (KLConfig(coef=0.05, mode="reward", estimator="full"), {"mini_batch_size": 8, "epochs": 1}),  # two models a chunk
 ], ids=["two-minibatches", "two-epochs", "kl-in-reward", "full-kl"])
 def test_other_settings_keep_the_rollout_forward(kl, algo):
     _, _, learner = _critic_free_setup(kl, advantage="grpo", **algo)
