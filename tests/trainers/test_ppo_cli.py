@@ -211,10 +211,11 @@ def test_negative_kl_warning_names_the_causes(tmp_path, monkeypatch, capsys):
     assert m[-1]["kl_negative_steps"] >= 3 and min(x["kl"] for x in m) < -0.1
 
 
-@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "grpo:1"])
 def test_two_processes_update_like_one(estimator, tmp_path):
     """The same 32 episodes, split over 2 processes or on one: after 3 PPO steps (2 epochs each, gradient clipping,
-    whitening over all processes) the weights agree to float noise."""
+    whitening over all processes; grpo:1 one epoch, where the training forward gives pi_old) the weights agree to
+    float noise."""
     import socket
 
     script = REPO / "tests" / "trainers" / "ppo_two_process_step.py"
