@@ -105,8 +105,10 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
                  + (f" (+{len(evaluator.rows)} held out)" if evaluator else "")
                  + f", {p.steps} steps × {p.batch_size} episodes")
     if par.is_main_process:
-        console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}",
-                      style="dim")
+        reuse = learner.reuses_training_pass(p.batch_size // par.num_processes)
+        console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}"
+                      + ("; one optimizer step per batch: π_old from the training forward, no separate policy pass"
+                         if reuse else ""), style="dim")
         for note in env_generation_notes(recipe):
             console.print(f"note: {note}", style="yellow")
 
