@@ -237,7 +237,7 @@ class PPOLearner:
 
     def _check_allowed(self, response_ids, model_mask, pi_logprobs: torch.Tensor, rows=None) -> None:
         """Raise ``ForbiddenTokenError`` on a model token of log-prob -inf (``rows``: the episodes of these rows)."""
-        bad = (pi_logprobs.detach() == float("-inf")) & model_mask.bool().to(pi_logprobs.device)
+        bad = (pi_logprobs == float("-inf")) & model_mask.bool().to(pi_logprobs.device)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
             token = int(response_ids[row, col])
@@ -285,10 +285,9 @@ class PPOLearner:
             train_stats = self._optimise(rollout, fwd.pi_logprobs, fwd.values, fwd.ref_logprobs, advantages,
                                          returns)
             if reuse:
-                rec = self._recorded
-                kl = torch.where(mask.bool(), kl_penalty(rec["pi_logprobs"], fwd.ref_logprobs, self.kl_estimator),
-                                 0.0)
-                fwd = dataclasses.replace(fwd, kl=kl, **rec)
+                # both are 0 off the model tokens, where every estimator's KL is then 0
+                kl = kl_penalty(self._recorded["pi_logprobs"], fwd.ref_logprobs, self.kl_estimator)
+                fwd = dataclasses.replace(fwd, kl=kl, **self._recorded)
         finally:
             self._recorded = None
         timings["time_optimize"] = time.perf_counter() - t1
@@ -447,8 +446,8 @@ class PPOLearner:
             old_logprobs = stats.logprobs.detach()
             for key in rec:
                 value = stats.logprobs if key == "pi_logprobs" else getattr(stats, key)
-                if value is not None:
-                    rec[key][rows, :width] = torch.where(mb_mask.bool(), value.detach().float(), 0.0).cpu()
+                if value is not None:  # already 0 off the model tokens (token_stats)
+                    rec[key][rows, :width] = value.detach().float().cpu()
         critic = values is not None and b_values is not None
         return ppo_loss(
             stats.logprobs, old_logprobs, b_advantages[rows, :width].to(dev), mb_mask,

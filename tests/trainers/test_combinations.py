@@ -188,6 +188,25 @@ def test_pad_is_eos_trains_with_every_estimator_and_kl_mode(estimator, kl_mode, 
     assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_pad_is_eos_with_one_update_per_batch(estimator, tokenizers, tmp_path, monkeypatch):
+    """The same PAD = EOS tokenizer and length regime, with one optimizer step per batch: pi_old then comes from the
+    training forward (no policy pass before the update), where the banned EOS labels on padding must stay out too."""
+    out = tmp_path / "run"
+    _run([f"output_dir={out}", f"model.tokenizer={tokenizers['pad_eos']}", "model.config.n_layer=2",
+          "model.config.n_embd=64", "model.config.n_head=2", "ppo.steps=6", "ppo.batch_size=32",
+          "ppo.mini_batch_size=32", "ppo.micro_batch_size=8", "ppo.epochs=1", f"ppo.advantage={estimator}",
+          "ppo.group_size=4", "kl.mode=loss", "kl.coef=0.04", "kl.estimator=k3",
+          "optim.learning_rate=3e-4", "generation.min_new_tokens=4", "generation.max_new_tokens=32",
+          "logging.progress=false", "train.save_every=null"], monkeypatch)
+    metrics = read_metrics(out)
+    assert len(metrics) == 6
+    assert all(m["skipped_minibatches"] == 0 and m["kl"] >= -0.1 for m in metrics), metrics
+    assert metrics[0]["kl"] == 0.0 and all("ratio_first" not in m for m in metrics)
+    assert all(m["sampler_logprob_diff"] < 1e-4 and m["forbidden_mass"] >= 0 for m in metrics)
+    assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
+
+
 def test_plain_ppo_stops_at_the_chat_templates_end_of_turn(tokenizers):
     """Issue 19, finding 3: with a chat template whose end-of-turn token (<|im_end|>) is not EOS, plain PPO's
     responses ran past it to the budget, and the stopped flag (missing_eos_penalty) looked at EOS only."""
