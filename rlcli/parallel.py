@@ -206,8 +206,8 @@ class Parallel:
     def prepare(self, model: torch.nn.Module, make_optimizer: Callable) -> tuple[torch.nn.Module, Any, Any]:
         """The trained model wrapped / sharded for this engine, with its optimizer and schedule.
 
-        ``make_optimizer(parameters) -> (optimizer, scheduler)`` is called on the parameters the engine trains
-        (FSDP2's sharded ones).
+        ``make_optimizer(named_parameters) -> (optimizer, scheduler)`` is called on the (name, parameter) pairs the
+        engine trains (FSDP2's sharded ones; names as the unwrapped model's).
         """
         skeleton = _meta_copy(model) if self.sharded else None
         if self.engine == "deepspeed":
@@ -216,9 +216,9 @@ class Parallel:
             _broadcast_from_rank0(model)
         if self.engine == "fsdp2":
             model = self._fully_shard(model.to(self.device), trainable=True)
-            optimizer, scheduler = make_optimizer(model.parameters())
+            optimizer, scheduler = make_optimizer(model.named_parameters())
         else:
-            optimizer, scheduler = make_optimizer(model.parameters())
+            optimizer, scheduler = make_optimizer(model.named_parameters())
             model, optimizer = self.accelerator.prepare(model, optimizer)
         if skeleton is not None:
             self._skeletons[id(model)] = skeleton
@@ -328,6 +328,12 @@ class Parallel:
                 value = model.get_global_grad_norm()
                 norm = None if value is None else float(value)
         else:
+            # fp16's loss scaler (Accelerate's: it scaled the loss in ``backward``); FSDP2's optimizer is not wrapped
+            # by Accelerate, so its gradients are unscaled and its steps taken through the scaler here
+            scaler = getattr(self.accelerator, "scaler", None)
+            raw_scaler = scaler if self.engine == "fsdp2" else None
+            if raw_scaler is not None:
+                raw_scaler.unscale_(optimizer)
             if self.max_grad_norm is not None or skip_nonfinite:
                 limit = self.max_grad_norm if self.max_grad_norm is not None else float("inf")  # inf: measure only
                 if self.engine == "fsdp2":
@@ -336,9 +342,22 @@ class Parallel:
                 else:
                     norm = float(self.accelerator.clip_grad_norm_(model.parameters(), limit))
             if skip_nonfinite and norm is not None and not math.isfinite(norm):
+                if scaler is not None:
+                    # the scaler has unscaled these gradients and seen the inf: its step skips the update and its
+                    # update() lowers the scale and resets it for the next unscale (without it the next step raises
+                    # "unscale_() has already been called")
+                    if raw_scaler is not None:
+                        raw_scaler.step(optimizer)
+                        raw_scaler.update()
+                    else:
+                        optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 return norm
-            optimizer.step()
+            if raw_scaler is not None:
+                raw_scaler.step(optimizer)
+                raw_scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return norm

@@ -195,6 +195,26 @@ class PPOAlgo(Section):
     """Value head weights ~ N(0, std); 0 = zero init (ppo-details item 8)."""
 
 
+class CriticConfig(Section):
+    """The critic of ``ppo.advantage: gae``: where its values come from and how it learns. A value head on the
+    policy's own trunk (the default, one model in memory) reads features shaped for predicting the next token; a
+    separate critic (a model of its own, as verl and OpenRLHF train) shapes its trunk for the values alone."""
+
+    separate: bool = False
+    """A critic model of its own: a copy of the policy's initial model (or ``critic.model``) with a value head,
+    trained by the value loss alone; with ``lora``, its own adapter of the same settings. Costs a second model's
+    forward and backward passes and weights."""
+    model: ModelConfig | None = None
+    """Where a separate critic's initial weights come from (a reward model's output dir works: its trunk reads the
+    whole episode); needs ``separate: true``. Null: the policy's initial weights."""
+    learning_rate: float | None = Field(None, gt=0)
+    """The critic's learning rate (the value head's, or the separate critic's), on the same schedule as the policy's.
+    Null: ``optim.learning_rate``."""
+    warmup_steps: int = Field(0, ge=0)
+    """The first N PPO steps train the critic alone: the policy does not move (its learning rate is 0 there) while
+    the values fit the returns of its rollouts (OpenRLHF's freezing_actor_steps, verl's critic_warmup)."""
+
+
 EVAL_METRICS = ("reward_mean", "reward_std", "pass@k", "response_length", "stopped_fraction", "tool_use_rate",
                 "tool_calls_per_episode", "turns_per_episode", "submitted_fraction")
 
@@ -255,6 +275,8 @@ class PPORecipe(RecipeBase):
     """How episodes are scored; may be left out when a stateful environment (``env.environment``) owns the reward."""
     kl: KLConfig = Field(default_factory=KLConfig)
     ppo: PPOAlgo = Field(default_factory=PPOAlgo)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    """The value function of ``ppo.advantage: gae`` (refused with the critic-free estimators)."""
     train: PPOTrain = Field(default_factory=PPOTrain)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1.41e-5))
     env: EnvConfig | None = None
@@ -337,6 +359,17 @@ class PPORecipe(RecipeBase):
                                                     "(gradient of KL(π_ref‖π), GRPO's) or k2 (gradient of "
                                                     f"KL(π‖π_ref)), or kl.mode=reward, where {kl.estimator} is a "
                                                     "per-token reward"))
+        c = self.critic
+        if p.advantage != "gae" and (c.separate or c.model is not None or c.learning_rate is not None
+                                     or c.warmup_steps):
+            problems.append(Problem("critic", f"ppo.advantage={p.advantage} trains no critic: leave the critic "
+                                              "section out"))
+        if c.model is not None and not c.separate:
+            problems.append(Problem("critic.model", "critic.model sets a separate critic's weights: add "
+                                                    "critic.separate: true"))
+        if c.warmup_steps >= self.ppo.steps and p.advantage == "gae":
+            problems.append(Problem("critic.warmup_steps", f"critic.warmup_steps={c.warmup_steps} leaves no step of "
+                                                           f"ppo.steps={self.ppo.steps} for the policy"))
         if kl.mode == "loss" and kl.estimator == "full":
             problems.append(Problem("kl.estimator", "kl.estimator=full works only with kl.mode=reward (the loss term "
                                                     "needs a per-token estimate of the sampled tokens: k3 or k2)"))

@@ -77,15 +77,31 @@ class ValueHeadModel(nn.Module):
     identity, so callers need not care.
     """
 
-    def __init__(self, pretrained: nn.Module, value_head: ValueHead | None):
+    def __init__(self, pretrained: nn.Module, value_head: ValueHead | None, critic: "ValueHeadModel | None" = None):
         super().__init__()
+        if value_head is not None and critic is not None:
+            raise ValueError("a policy takes its values from its own value head or from a separate critic, not both")
         self.pretrained = pretrained
         self.value_head = value_head
+        # a separate critic: a model of its own with its value head (``critic.separate``), a submodule so that one
+        # optimizer, one wrapper (DDP, FSDP2, DeepSpeed) and one checkpoint hold both, as TRL's policy-and-value
+        # wrapper does
+        self.critic = critic
         self.config = pretrained.config
         self.is_encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
         self.is_peft = hasattr(pretrained, "peft_config")
         self.pad_token_id = int(getattr(self.config, "pad_token_id", None) or 0)
         self.chunkable = chunkable(pretrained)
+
+    @property
+    def has_values(self) -> bool:
+        """Whether ``forward`` gives values: a value head on this model's trunk, or a separate critic."""
+        return self.value_head is not None or self.critic is not None
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The parameters that learn the values only: the value head, or the whole separate critic."""
+        module = self.critic if self.critic is not None else self.value_head
+        return [] if module is None else list(module.parameters())
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., H]`` head inputs from ``forward(..., hidden=True)`` -> ``[..., V]`` logits (LoRA on the head and
@@ -104,6 +120,16 @@ class ValueHeadModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``logits`` [B, R, V] (predicting each response token) and ``values`` [B, R] (or None); with
         ``hidden=True`` the head's input [B, R, H] in place of the logits (see the class docstring)."""
+        args = (query_ids, query_mask, response_ids, response_mask)
+        if self.critic is not None:
+            # the critic's own pass (its LM head computes nothing: hidden=True), then the policy's without values
+            values = self.critic(*args, hidden=True)[1] if with_values else None
+            out, _ = self._policy_forward(*args, hidden=hidden)
+            return out, values
+        return self._policy_forward(*args, hidden=hidden, with_values=with_values)
+
+    def _policy_forward(self, query_ids, query_mask, response_ids, response_mask, *, hidden: bool,
+                        with_values: bool = False):
         if hidden and self.chunkable:
             with capture_head_input(self.pretrained) as captured:
                 _, values = self._forward(query_ids, query_mask, response_ids, response_mask, with_values)

@@ -55,9 +55,11 @@ def _end_of_turn_id(tokenizer) -> int | None:
 
 
 def build_policy(recipe: PPORecipe, tokenizer, task: str) -> tuple[ValueHeadModel, ValueHeadModel | None]:
-    """The policy with its value head, and the reference (None with LoRA: the adapter gets disabled instead)."""
+    """The policy with its value head (or its separate critic), and the reference (None with LoRA: the adapter gets
+    disabled instead)."""
     lm = load_model(recipe.model, task, tokenizer)
     disable_dropout(lm)
+    critic = build_critic(recipe, lm, tokenizer, task) if recipe.critic.separate and not recipe.critic_free else None
     ref = None
     if recipe.lora is None:
         if recipe.ref_model is not None:
@@ -72,8 +74,40 @@ def build_policy(recipe: PPORecipe, tokenizer, task: str) -> tuple[ValueHeadMode
     else:
         lm = apply_lora(lm, recipe.lora, task)
         disable_dropout(lm)
-    head = None if recipe.critic_free else ValueHead(hidden_size(lm.config), recipe.ppo.value_head_init_std)
-    return ValueHeadModel(lm, head), ref
+    head = None if recipe.critic_free or critic is not None else ValueHead(hidden_size(lm.config),
+                                                                            recipe.ppo.value_head_init_std)
+    return ValueHeadModel(lm, head, critic=critic), ref
+
+
+def build_critic(recipe: PPORecipe, lm, tokenizer, task: str) -> ValueHeadModel:
+    """A separate critic: ``critic.model``'s weights, or a copy of the policy's initial ``lm`` (before any adapter),
+    with a value head; with ``lora``, an adapter of its own."""
+    if recipe.critic.model is not None:
+        critic_lm = load_model(recipe.critic.model, task, tokenizer)
+    elif hasattr(next(lm.parameters()), "ds_id"):  # partitioned by ZeRO-3 as it loaded: load a second copy
+        critic_lm = load_model(recipe.model, task, tokenizer)
+    else:
+        critic_lm = copy.deepcopy(lm)
+    disable_dropout(critic_lm)
+    if recipe.lora is not None:
+        critic_lm = apply_lora(critic_lm, recipe.lora, task)
+        disable_dropout(critic_lm)
+    return ValueHeadModel(critic_lm, ValueHead(hidden_size(critic_lm.config), recipe.ppo.value_head_init_std))
+
+
+def optimizer_groups(named_parameters, critic_learning_rate: float | None) -> list[dict]:
+    """The policy's trainable parameters and the critic's (the value head, or the separate critic: names under
+    ``value_head.`` / ``critic.``) as two AdamW groups, the critic's at its own learning rate (None: the policy's).
+    Named ``policy`` and ``critic``: the learner freezes the first during ``critic.warmup_steps``."""
+    policy, critic = [], []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            (critic if name.startswith(("value_head.", "critic.")) else policy).append(param)
+    groups = [{"params": policy, "name": "policy"}]
+    if critic:
+        groups.append({"params": critic, "name": "critic",
+                       **({"lr": critic_learning_rate} if critic_learning_rate is not None else {})})
+    return groups
 
 
 def build_learner(recipe: PPORecipe, par: Parallel, tokenizer, task: str, optimizer_steps: int,
@@ -93,9 +127,9 @@ def build_learner(recipe: PPORecipe, par: Parallel, tokenizer, task: str, optimi
     # process's own init, or KL > 0 at step 1), and is sharded like it under FSDP2 / ZeRO-3
     if ref is not None:
         ref = par.prepare_frozen(ref)
-    model, optimizer, scheduler = par.prepare(policy, lambda params: make_optimizer(params, recipe.optim,
-                                                                                    optimizer_steps))
-    learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl,
+    model, optimizer, scheduler = par.prepare(policy, lambda named: make_optimizer(
+        optimizer_groups(named, recipe.critic.learning_rate), recipe.optim, optimizer_steps))
+    learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl, critic=recipe.critic,
                          rules=behaviour_rules(recipe.generation, tokenizer), optimizer=optimizer,
                          scheduler=scheduler, accelerator=par, max_grad_norm=recipe.optim.max_grad_norm,
                          seed=recipe.seed, constant_length=generation_budget(recipe))
@@ -139,10 +173,18 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
     return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine)
 
 
+CRITIC_DIR = "critic"  # a separate critic's model and value head, inside the output dir
+
+
 def save_policy(policy: ValueHeadModel, tokenizer, out: Path, *, built_from_scratch: bool, merge: bool) -> None:
     """The LM (or adapter) in Hugging Face format via the shared final save, plus the value head beside it (none
-    for critic-free estimators)."""
+    for critic-free estimators), or a separate critic in ``critic/`` (its LM and value head)."""
+    from rlcli.ppo.evaluation import save_policy_dir
+
     save_final_model(policy.pretrained, tokenizer, out, built_from_scratch=built_from_scratch, merge=merge)
     if policy.value_head is not None:
         rundir.claim(out, VALUE_HEAD_WEIGHTS, VALUE_HEAD_CONFIG)
         save_value_head(policy.value_head, out)
+    if policy.critic is not None:
+        rundir.claim(out, CRITIC_DIR)
+        save_policy_dir(policy.critic, tokenizer, out / CRITIC_DIR, built_from_scratch=built_from_scratch)

@@ -36,6 +36,7 @@ from collections import defaultdict
 import torch
 
 from rlcli.config.ppo import estimator_settings
+from rlcli.models.value_head import disable_dropout
 from rlcli.padding import left_pad, pad, right_pad
 from rlcli.parallel import as_parallel
 from rlcli.rl import (
@@ -46,10 +47,10 @@ from rlcli.rl import (
     RolloutForward,
     RunningMoments,
     SamplingRules,
-    explained_variance,
     kl_penalty,
 )
 from rlcli.rl.chunked import token_stats
+from rlcli.rl.kl import LOG_RATIO_CLAMP
 from rlcli.rl.estimators import ESTIMATORS, AdvantageInputs
 from rlcli.rl.losses import LossSettings, ppo_loss
 from rlcli.seeds import shuffle_generator
@@ -62,6 +63,10 @@ FIRST_RATIO_TOLERANCE = 0.01
 # mean |log p| difference per model token between the sampler and the training forward above which the run warns:
 # about 1e-7 in float32 on the same weights, a few 1e-3 to 1e-2 under bf16; 0.1 means another distribution
 SAMPLER_DIFF_WARNING = 0.1
+
+# a minibatch is not applied when its approx-KL to pi_old, before its optimizer step, exceeds this × the target
+# (ppo.target_approx_kl): Stable-Baselines3's and Spinning Up's factor
+KL_GUARD_FACTOR = 1.5
 
 
 # the parts of the loss checked for finiteness one by one, so that a skipped minibatch says which one it was
@@ -96,7 +101,7 @@ class PPOLearner:
     """Holds the policy (with value head), the reference, the optimiser and the KL / score statistics."""
 
     def __init__(self, model, *, ref_model=None, algo, kl, rules: SamplingRules, optimizer, scheduler, accelerator,
-                 max_grad_norm: float | None, seed: int = 0, constant_length: int | None = None):
+                 max_grad_norm: float | None, seed: int = 0, constant_length: int | None = None, critic=None):
         if rules.temperature <= 0:
             raise ValueError("PPO needs a sampling temperature > 0 (greedy decoding has no log-probs to learn from)")
         # the estimator's defaults for keys a hand-built algo / kl section left unset (a recipe has them filled)
@@ -110,6 +115,11 @@ class PPOLearner:
         self.par = as_parallel(accelerator, max_grad_norm)
         self.model = model  # prepared by self.par: DDP-wrapped, FSDP2-sharded or a DeepSpeed engine
         self.ref_model = ref_model  # a ValueHeadModel without value head, or None for LoRA
+        # dropout makes the training forward differ from the rollout forward (a first ratio away from 1, a biased
+        # KL): off in the policy, its critic and the reference, whoever built them (ppo-details item 8)
+        for m in (self.par.unwrap(model), ref_model and self.par.unwrap(ref_model)):
+            if m is not None:
+                disable_dropout(m)
         if self.par.sharded:
             # the chunked log-probs call the LM head after the model's forward has returned, where FSDP2 / ZeRO-3
             # leave each process only a shard of the head's weight: sharded runs take the full-logits path (the
@@ -127,6 +137,13 @@ class PPOLearner:
         self.kl_ctl = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
                        else FixedKLController(kl.coef))
         self.kl_watch = KLWatch()
+        # a critic worse than a constant (explained variance below 0) for 5 steps in a row is said once
+        self.ev_watch = KLWatch(threshold=0.0, patience=5)
+        # critic.warmup_steps: the first steps train the critic alone (the optimizer's "policy" group at lr 0)
+        self.critic_warmup_steps = 0 if critic is None else critic.warmup_steps
+        if self.critic_warmup_steps and not any(g.get("name") == "critic" for g in optimizer.param_groups):
+            raise ValueError("critic warm-up steps need the optimizer's critic parameters in a group named 'critic' "
+                             "(rlcli.ppo.build.optimizer_groups)")
         self.sampler_warned = False
         self.ratio_warned = False
         self.score_moments = RunningMoments()
@@ -140,14 +157,15 @@ class PPOLearner:
         self.reuse_training_pass = True
         self._positions = [0.0, 0.0]
         self._recorded: dict[str, torch.Tensor] | None = None
-        if self.critic_free and self.par.unwrap(model).value_head is not None:
+        if self.critic_free and self.par.unwrap(model).has_values:
             raise ValueError(f"ppo.advantage={algo.advantage} trains no critic: build the policy without a value head")
 
     # --- state ------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-                "steps_done": self.steps_done, "kl_watch": self.kl_watch.state_dict()}
+                "steps_done": self.steps_done, "kl_watch": self.kl_watch.state_dict(),
+                "ev_watch": self.ev_watch.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -155,6 +173,8 @@ class PPOLearner:
         self.steps_done = state["steps_done"]
         if "kl_watch" in state:
             self.kl_watch.load_state_dict(state["kl_watch"])
+        if "ev_watch" in state:
+            self.ev_watch.load_state_dict(state["ev_watch"])
 
     # --- reductions over processes ----------------------------------------------------------------------------
 
@@ -184,17 +204,20 @@ class PPOLearner:
                 and self.kl_mode == "loss" and self.kl_estimator != "full")
 
     @torch.no_grad()
-    def rollout_forward(self, rollout: Rollout, policy_pass: bool = True) -> RolloutForward:
+    def rollout_forward(self, rollout: Rollout, policy_pass: bool = True, reference_pass: bool = True
+                        ) -> RolloutForward:
         """Old log-probs, values, reference log-probs, KL and entropy of a rollout, micro-batch by micro-batch.
 
         ``policy_pass=False``: the reference's log-probs only (the policy's numbers stay 0; the training forward
-        fills them in, ``reuses_training_pass``).
+        fills them in, ``reuses_training_pass``). ``reference_pass=False``: the policy's log-probs and values only
+        (the reference's numbers and the KL stay 0; the KL after an update is measured so).
         """
         policy = self.par.unwrap(self.model)
         policy.eval()
         b, r = rollout.response_ids.shape
         names = ("pi_logprobs", "values", "ref_logprobs", "kl", "entropy", "forbidden_mass")
         out = {k: torch.zeros(b, r) for k in names}
+        full = self.kl_estimator == "full" and reference_pass
         # micro-batches of rows of similar length, so _trim cuts more padding (each row's numbers do not depend on
         # the rows beside it, up to float summation order)
         order = torch.argsort(rollout.query_mask.sum(dim=1) + rollout.response_mask.sum(dim=1), stable=True)
@@ -204,35 +227,40 @@ class PPOLearner:
             mb = mb.to(self.par.device)
             args = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
             turn, model_mask = mb.turn_positions, mb.model_mask.bool()
+            computed = {}
             with self.par.autocast():
                 # head inputs, not logits: the statistics below take the logits a chunk of positions at a time
                 hidden, values = policy(*args, hidden=True) if policy_pass else (None, None)
-                if self.ref_model is None:
-                    with policy.reference():
-                        ref_hidden, _ = policy(*args, with_values=False, hidden=True)
-                    ref_head = policy.reference_head
-                else:
-                    ref_hidden, _ = self.ref_model(*args, with_values=False, hidden=True)
-                    ref_head = self.ref_model.head
-                # only model tokens are computed: a pad label's log-prob may be -inf (PAD = EOS, banned there)
-                full = self.kl_estimator == "full"
-                ref = token_stats(ref_hidden, ref_head, mb.response_ids, self.rules, turn_positions=turn,
-                                  mask=model_mask)
-                computed = {"ref_logprobs": ref.logprobs}
+                ref_hidden = ref_head = ref = None
+                if reference_pass:
+                    if self.ref_model is None:
+                        with policy.reference():
+                            ref_hidden, _ = policy(*args, with_values=False, hidden=True)
+                        ref_head = policy.reference_head
+                    else:
+                        ref_hidden, _ = self.ref_model(*args, with_values=False, hidden=True)
+                        ref_head = self.ref_model.head
+                    # only model tokens are computed: a pad label's log-prob may be -inf (PAD = EOS, banned there)
+                    ref = token_stats(ref_hidden, ref_head, mb.response_ids, self.rules, turn_positions=turn,
+                                      mask=model_mask)
+                    computed["ref_logprobs"] = ref.logprobs
                 if policy_pass:
                     pi = token_stats(hidden, policy.head, mb.response_ids, self.rules, turn_positions=turn,
-                                     mask=model_mask, entropy=True, ref=(ref_hidden, ref_head) if full else None,
-                                     forbidden=self.rules.restricts)
-                    kl = pi.full_kl if full else kl_penalty(pi.logprobs, ref.logprobs, self.kl_estimator)
-                    computed.update(pi_logprobs=pi.logprobs, values=values, kl=kl, entropy=pi.entropy,
+                                     mask=model_mask, entropy=reference_pass,
+                                     ref=(ref_hidden, ref_head) if full else None,
+                                     forbidden=reference_pass and self.rules.restricts)
+                    computed.update(pi_logprobs=pi.logprobs, values=values, entropy=pi.entropy,
                                     forbidden_mass=pi.forbidden_mass)
+                    if reference_pass:
+                        computed["kl"] = pi.full_kl if full else kl_penalty(pi.logprobs, ref.logprobs,
+                                                                            self.kl_estimator)
             for key, value in computed.items():
                 if value is not None:
                     out[key][rows, :width] = torch.where(model_mask, value.float(), 0.0).cpu()
         policy.train()
         if policy_pass:
             self._check_allowed(rollout.response_ids, rollout.model_mask, out["pi_logprobs"])
-        return RolloutForward(values=out["values"] if policy.value_head is not None else None,
+        return RolloutForward(values=out["values"] if policy.has_values else None,
                               **{k: out[k] for k in names if k != "values"})
 
     def _check_allowed(self, response_ids, model_mask, pi_logprobs: torch.Tensor, rows=None) -> None:
@@ -278,6 +306,13 @@ class PPOLearner:
 
         # step 5: epochs of minibatch updates
         t1 = time.perf_counter()
+        probe = None
+        if reuse and self.steps_done == 0:
+            # without a pass of its own for pi_old, the run's first step still compares the training forward with
+            # an eval-mode forward on the same weights (dropout or another train-mode difference shows as a first
+            # ratio away from 1): one micro-batch, before the update
+            rows = torch.arange(min(self.algo.micro_batch_size, rollout.batch_size))
+            probe = rows, self.rollout_forward(rollout.index(rows), reference_pass=False).pi_logprobs
         # with reuse, the training forward records the policy's numbers of the rollout forward as it goes
         self._recorded = {k: torch.zeros_like(mask) for k in ("pi_logprobs", "entropy", "forbidden_mass")} \
             if reuse else None
@@ -290,6 +325,11 @@ class PPOLearner:
                 fwd = dataclasses.replace(fwd, kl=kl, **self._recorded)
         finally:
             self._recorded = None
+        if probe is not None:
+            rows, eval_logprobs = probe
+            train_stats["ratio_first"] = self._ratio(fwd.pi_logprobs[rows], eval_logprobs, mask[rows])
+        if self.algo.target_approx_kl is not None:
+            train_stats["approx_kl_after"] = self._approx_kl_after(rollout, fwd.pi_logprobs, mask)
         timings["time_optimize"] = time.perf_counter() - t1
 
         # step 6: KL controller, KL health, statistics
@@ -301,8 +341,25 @@ class PPOLearner:
         stats["ratio_warning"] = float(off and not self.ratio_warned)
         self.ratio_warned = self.ratio_warned or off
         stats["kl_negative_steps"] = float(self.kl_watch.negative_steps)
+        ev = stats.get("explained_variance")
+        stats["ev_warning"] = float(ev is not None and self.ev_watch.update(ev))
         self.steps_done += 1
         return {**stats, **train_stats, **timings, "kl_coef_next": self.kl_ctl.value, "estimator": self.algo.advantage}
+
+    def _ratio(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean of pi/pi_old over the model tokens of ``mask`` on every process."""
+        ratio = torch.exp(torch.where(mask.bool(), logprobs - old_logprobs, 0.0))
+        total, n = self.sum_over_processes((ratio * mask).sum(), mask.sum())
+        return total / max(n, 1.0)
+
+    def _approx_kl_after(self, rollout: Rollout, old_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+        """The approx-KL (mean of ½(log pi - log pi_old)² over model tokens) of the updated policy on the batch it
+        was updated on: how far this step moved it, including its last optimizer step (which no check before a step
+        can see). One forward pass of the policy, without the reference."""
+        new_logprobs = self.rollout_forward(rollout, reference_pass=False).pi_logprobs
+        d = torch.where(mask.bool(), new_logprobs - old_logprobs, 0.0)
+        total, n = self.sum_over_processes(0.5 * d.square().sum(), mask.sum())
+        return total / max(n, 1.0)
 
     def _kl_in_reward(self, kl: torch.Tensor) -> torch.Tensor:
         """The per-token KL that enters the reward: all of it in reward mode, none in loss mode."""
@@ -325,11 +382,16 @@ class PPOLearner:
         b_lengths = b.query_mask.sum(dim=1) + b.response_mask.sum(dim=1)
         sums, counts = defaultdict(float), defaultdict(int)
         self._positions = [0.0, 0.0]  # positions the training forwards computed, of which real tokens
-        epochs_done, early_stopped, first_ratio = 0, 0.0, None
+        epochs_done, early_stopped, first_ratio, applied, kl_max = 0, 0.0, None, 0, 0.0
+        # the KL guard: a minibatch whose approx-KL to pi_old, measured by its own forward before its optimizer step,
+        # is over the limit is not applied, and the step's remaining minibatches and epochs are dropped (checked per
+        # minibatch before stepping, as Stable-Baselines3 and Spinning Up do: an epoch's mean, checked after its
+        # minibatches stepped, lets a step run far past the target)
+        limit = None if a.target_approx_kl is None else KL_GUARD_FACTOR * a.target_approx_kl
+        warmup = self.steps_done < self.critic_warmup_steps
         skipped: list[str] = []  # why each skipped minibatch was skipped
         for epoch in range(a.epochs):
             b_inds = torch.randperm(b.batch_size, generator=shuffle_generator(self.seed, self.steps_done, epoch))
-            epoch_kl = []
             for start in range(0, b.batch_size, local_mini):
                 mb_inds = b_inds[start : start + local_mini]
                 mb_inds = mb_inds[torch.argsort(b_lengths[mb_inds], stable=True)]
@@ -341,11 +403,25 @@ class PPOLearner:
                     self.par.drop_gradients(self.model, self.optimizer)
                     skipped.append(f"{mb_stats} ({where})")
                     continue
+                # every process stops at the same minibatch: the KL is averaged over them
+                mb_kl = self.sum_over_processes(mb_stats["approx_kl"])[0] / self.procs
+                kl_max = max(kl_max, mb_kl)
+                if limit is not None and mb_kl > limit:
+                    self.par.drop_gradients(self.model, self.optimizer)
+                    early_stopped = 1.0
+                    break
+                if warmup:
+                    # the policy's group still sees its gradients (Adam's moments of a policy that did not move), at
+                    # learning rate 0; the schedule's next step sets every group's rate again
+                    for group in self.optimizer.param_groups:
+                        if group.get("name") != "critic":
+                            group["lr"] = 0.0
                 grad_norm = self.par.clip_and_step(self.model, self.optimizer, self.scheduler, skip_nonfinite=True)
                 if grad_norm is not None and not math.isfinite(grad_norm):
                     # finite losses, non-finite gradients (an overflow inside the backward pass): dropped, not stepped
                     skipped.append(f"non-finite gradient norm {grad_norm} ({where})")
                     continue
+                applied += 1
                 if grad_norm is not None:
                     mb_stats["grad_norm"] = grad_norm
                 if first_ratio is None:
@@ -353,13 +429,9 @@ class PPOLearner:
                 for key, value in mb_stats.items():
                     sums[key] += value
                     counts[key] += 1
-                epoch_kl.append(mb_stats["approx_kl"])
+            if early_stopped:
+                break
             epochs_done += 1
-            if a.target_approx_kl is not None and epoch_kl:
-                kl_sum, kl_n = self.sum_over_processes(sum(epoch_kl), len(epoch_kl))
-                if kl_sum / kl_n > a.target_approx_kl:
-                    early_stopped = 1.0
-                    break
         if len(skipped) == a.epochs * math.ceil(b.batch_size / local_mini):
             raise NonFiniteLossError(
                 f"every minibatch of this PPO step was skipped, none stepped the optimizer: {'; '.join(skipped[:3])}"
@@ -378,7 +450,8 @@ class PPOLearner:
         # share of the positions the training forwards computed that were padding (micro-batches hold rows of similar
         # length, and each is cut to its longest row)
         out["train_pad_fraction"] = 1.0 - real / max(positions, 1.0)
-        out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped,
+        out.update({"ppo_epochs": float(epochs_done), "early_stopped": early_stopped, "optimizer_steps": float(applied),
+                    "approx_kl_max": kl_max, **({"critic_warmup": 1.0} if warmup else {}),
                     "skipped_minibatches": float(len(skipped)), "lr": self.scheduler.get_last_lr()[0]})
         return out
 
@@ -466,10 +539,11 @@ class PPOLearner:
         lengths = rollout.response_mask.sum(dim=1).float()
         model_tokens = mask.sum()
         values = fwd.values if fwd.values is not None else torch.zeros_like(mask)
-        ev = explained_variance(values, returns, mask) if fwd.values is not None else torch.tensor(float("nan"))
+        error = (returns - values) * mask  # the critic's error on the returns it is trained towards
         drift, drift_kl = 0.0, 0.0
         if rollout.sampler_logprobs is not None:
-            log_r = (fwd.pi_logprobs - rollout.sampler_logprobs) * mask  # log pi_trainer - log q_sampler
+            # log pi_trainer - log q_sampler (clamped as the loss's ratio: a statistic must not overflow either)
+            log_r = ((fwd.pi_logprobs - rollout.sampler_logprobs) * mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
             drift = log_r.abs().sum()
             # k3 estimate of KL(q_sampler || pi_trainer) on tokens the sampler drew: never negative, 0 when they agree
             drift_kl = ((torch.expm1(log_r) - log_r) * mask).sum()
@@ -477,11 +551,11 @@ class PPOLearner:
             n_rows, raw_scores.sum(), (raw_scores**2).sum(), scores.sum(), k1.sum(), model_tokens,
             (fwd.kl * mask).sum(), (fwd.entropy * mask).sum(), lengths.sum(), rollout.tool_mask.sum(),
             (values * mask).sum(), (returns * mask).sum(), (rewards * mask).sum(),
-            0.0 if math.isnan(float(ev)) else float(ev), (fwd.forbidden_mass * mask).sum(), drift, drift_kl,
-            (k1.sum(dim=1) ** 2).sum(),
+            (returns.square() * mask).sum(), error.sum(), error.square().sum(), (fwd.forbidden_mass * mask).sum(),
+            drift, drift_kl, (k1.sum(dim=1) ** 2).sum(),
         )
-        (n, s_sum, s_sq, sc_sum, k1_sum, tok, kl_pen, ent, len_sum, tool_tok, v_sum, ret_sum, rew_sum, ev_sum,
-         forbidden, drift_sum, drift_kl_sum, k1_sq) = sums
+        (n, s_sum, s_sq, sc_sum, k1_sum, tok, kl_pen, ent, len_sum, tool_tok, v_sum, ret_sum, rew_sum, ret_sq,
+         err_sum, err_sq, forbidden, drift_sum, drift_kl_sum, k1_sq) = sums
         mean = s_sum / n
         stats = {
             "episodes": n,
@@ -505,8 +579,14 @@ class PPOLearner:
         if self.rules.restricts:
             stats["forbidden_mass"] = forbidden / max(tok, 1)
         if fwd.values is not None:
-            stats["value_mean"] = v_sum / max(tok, 1)
-            stats["explained_variance"] = ev_sum / self.procs
+            t = max(tok, 1)
+            stats["value_mean"] = v_sum / t
+            stats["value_error"] = math.sqrt(err_sq / t)  # root mean square of returns - values
+            # 1 - Var[returns - values] / Var[returns] over the model tokens of every process: 1 a perfect critic,
+            # 0 no better than a constant, below 0 worse than one (undefined when the returns do not vary)
+            var_returns = ret_sq / t - (ret_sum / t) ** 2
+            if var_returns > 1e-12:
+                stats["explained_variance"] = 1.0 - (err_sq / t - (err_sum / t) ** 2) / var_returns
         if rollout.sampler_logprobs is not None:
             # the sampler's log-probs against the training forward's, same weights: 0 up to float noise; large
             # means the sampler and the forward pass disagree (cache, positions, dtype, a model-specific path)

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from rlcli.rl.masked import masked_whiten
+from rlcli.rl.masked import WHITEN_MIN_STD, masked_whiten
 
 Baseline = Literal["mean", "leave_one_out"]
 Scaling = Literal["group", "batch", "none"]
@@ -110,7 +110,7 @@ def scale_advantages(
     if kind == "batch":
         # REINFORCE++'s global normalisation centres and scales: the batch whitening PPO uses, one function for both
         m = torch.ones_like(advantages, dtype=torch.bool) if mask is None else mask.bool()
-        return masked_whiten(advantages, m, eps=eps, sum_over_processes=sum_over_processes)
+        return masked_whiten(advantages, m, eps=eps, sum_over_processes=sum_over_processes, min_std=WHITEN_MIN_STD)
     raise ValueError(f"unknown scaling {kind!r}; use 'group', 'batch' or 'none'")
 
 

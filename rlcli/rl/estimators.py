@@ -22,7 +22,7 @@ import torch
 
 from rlcli.rl.advantages import gae
 from rlcli.rl.critic_free import group_baseline, returns_to_go, scale_advantages
-from rlcli.rl.masked import masked_whiten
+from rlcli.rl.masked import WHITEN_MIN_STD, masked_whiten
 from rlcli.rl.rewards import score_and_kl_rewards
 
 
@@ -62,21 +62,35 @@ def _gae(scores, kl, mask, x: AdvantageInputs) -> Advantages:
     whitened over the batch."""
     rewards = score_and_kl_rewards(scores, kl, mask, x.beta)
     if x.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, restore_mean=True, sum_over_processes=x.sum_over_processes)
+        rewards = masked_whiten(rewards, mask, restore_mean=True, sum_over_processes=x.sum_over_processes,
+                                min_std=WHITEN_MIN_STD)
     advantages, returns = gae(x.values, rewards, mask, x.gamma, x.lam)
     if x.whiten_advantages:
-        advantages = masked_whiten(advantages, mask, sum_over_processes=x.sum_over_processes)
+        advantages = masked_whiten(advantages, mask, sum_over_processes=x.sum_over_processes, min_std=WHITEN_MIN_STD)
     return rewards, advantages, returns
+
+
+def _scaled_scores(centred: torch.Tensor, scores: torch.Tensor, x: AdvantageInputs) -> torch.Tensor:
+    """``centred`` [B] divided by the std of its group's scores when ``scaling`` is ``group`` (GRPO), else as is.
+
+    Only the scores are divided: a KL part of the reward is never scaled by the scores' spread, or a group whose
+    scores agree (all right, say) would get its KL noise scaled up to full-size advantages. GRPO's KL, a loss term,
+    is not scaled by it either."""
+    if x.scaling != "group":
+        return centred
+    return scale_advantages(centred, x.group_size, "group", scores=scores)
 
 
 def _sequence_baseline(kind: str):
     def advantages(scores, kl, mask, x: AdvantageInputs) -> Advantages:
-        """A whole sequence judged against its group: its reward (the score minus β·ΣKL_t in reward mode) minus the
-        group's baseline, the same advantage on every model token."""
-        sequence_rewards = scores - x.beta * (kl * mask).sum(dim=1)
-        baseline = group_baseline(sequence_rewards, x.group_size, kind)
-        adv = (sequence_rewards - baseline)[:, None] * mask
-        return _finish(adv, score_and_kl_rewards(scores, kl, mask, x.beta), sequence_rewards, mask, x)
+        """A whole sequence judged against its group: its score minus the group's baseline (divided by the group's
+        score std with ``group`` scaling), minus β × its summed KL minus the group's baseline of that (reward mode;
+        0 in loss mode); the same advantage on every model token."""
+        kl_sums = (kl * mask).sum(dim=1)
+        score_part = _scaled_scores(scores - group_baseline(scores, x.group_size, kind), scores, x)
+        kl_part = kl_sums - group_baseline(kl_sums, x.group_size, kind)
+        adv = (score_part - x.beta * kl_part)[:, None] * mask
+        return _finish(adv, score_and_kl_rewards(scores, kl, mask, x.beta), mask, x)
 
     return advantages
 
@@ -84,17 +98,17 @@ def _sequence_baseline(kind: str):
 def _reinforce_pp(scores, kl, mask, x: AdvantageInputs) -> Advantages:
     """Per-token rewards (score on the last token, -β·KL_t on each) and the return-to-go; with groups, the group's
     mean score is subtracted first (REINFORCE++-baseline)."""
-    group_scores = scores  # the group's spread, for advantage_scaling: group
-    if x.group_size > 1:
-        scores = scores - group_baseline(scores, x.group_size, "mean")
-    rewards = score_and_kl_rewards(scores, kl, mask, x.beta)
-    return _finish(returns_to_go(rewards, mask), rewards, group_scores, mask, x)
+    centred = scores - group_baseline(scores, x.group_size, "mean") if x.group_size > 1 else scores
+    rewards = score_and_kl_rewards(_scaled_scores(centred, scores, x), kl, mask, x.beta)
+    return _finish(returns_to_go(rewards, mask), rewards, mask, x)
 
 
-def _finish(advantages, rewards, group_scores, mask, x: AdvantageInputs) -> Advantages:
-    advantages = scale_advantages(advantages, x.group_size, x.scaling, scores=group_scores, mask=mask,
-                                  sum_over_processes=x.sum_over_processes) * mask
-    return rewards, advantages, returns_to_go(rewards, mask)
+def _finish(advantages, rewards, mask, x: AdvantageInputs) -> Advantages:
+    """Batch normalisation when ``scaling`` is ``batch`` (group scaling was applied to the scores already)."""
+    if x.scaling == "batch":
+        advantages = scale_advantages(advantages, x.group_size, "batch", mask=mask,
+                                      sum_over_processes=x.sum_over_processes)
+    return rewards, advantages * mask, returns_to_go(rewards, mask)
 
 
 ESTIMATORS: dict[str, Estimator] = {

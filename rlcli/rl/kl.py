@@ -6,7 +6,9 @@ Divergence", 2020), with ``d = log pi - log ref`` at each token:
 - ``k1``: ``d``. Unbiased, but single tokens can be negative.
 - ``abs``: ``|d|``.
 - ``k2`` / ``mse``: ``0.5 * d**2`` (two names for the same estimator).
-- ``k3``: ``(r - 1) - log r`` with ``r = ref / pi = exp(-d)``. Unbiased and never negative.
+- ``k3``: ``(r - 1) - log r`` with ``r = ref / pi = exp(-d)``. Unbiased and never negative. ``d`` is clamped to
+  ±``LOG_RATIO_CLAMP`` and the value to at most ``K3_CLAMP`` (verl's ``low_var_kl``): at ``d = -30`` the formula
+  gives 1e13 and at ``d = -100`` infinity, one such token would swamp a batch's reward or loss.
 - ``full``: the exact ``sum_v pi(v) (log pi(v) - log ref(v))`` over the vocabulary, from both models' logits.
 """
 
@@ -19,6 +21,10 @@ import torch
 from rlcli.rl.sampling import SamplingRules
 
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "abs", "k2", "mse", "k3", "full")
+
+# bounds of k3 (verl's core_algos.kl_penalty, "low_var_kl"): the log-ratio it exponentiates, and its value
+LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0
 
 
 def _full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,9 +69,10 @@ def kl_penalty(
         return log_ratio.abs()
     if estimator in ("k2", "mse"):
         return 0.5 * log_ratio.square()
-    # k3: with x = log r = -log_ratio, (e^x - 1) - x; expm1 keeps precision when x is tiny.
-    x = -log_ratio
-    return (torch.expm1(x) - x).clamp(min=0)
+    # k3: with x = log r = -log_ratio, (e^x - 1) - x; expm1 keeps precision when x is tiny. Beyond the clamps the
+    # gradient is 0 (a token that far from the reference is left to the policy loss's clip)
+    x = (-log_ratio).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (torch.expm1(x) - x).clamp(min=0, max=K3_CLAMP)
 
 
 class FixedKLController:
@@ -126,7 +133,8 @@ class AdaptiveKLController:
 
 class KLWatch:
     """Notices a mean KL that stays negative: the signature of log-probs that do not belong to the distribution the
-    tokens were sampled from (ppo-details item 14).
+    tokens were sampled from (ppo-details item 14). (The learner watches the critic's explained variance with one
+    too: a critic worse than a constant for ``patience`` steps in a row.)
 
     ``KL(pi || ref)`` is never negative, and its sample mean over a batch drawn from ``pi`` is negative only by
     noise. ``update`` counts steps below ``threshold`` (``negative_steps``, for the metrics) and returns True exactly

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rlcli.rl.critic_free import aggregate_loss
-from rlcli.rl.kl import kl_penalty
+from rlcli.rl.kl import LOG_RATIO_CLAMP, kl_penalty
 from rlcli.rl.masked import masked_mean, masked_var
 
 
@@ -61,9 +61,11 @@ def clipped_policy_terms(
     """
     m = mask.to(device=logprobs.device, dtype=torch.bool)
     high = clip_range if clip_range_high is None else clip_range_high
-    # Zero the log-ratio at masked positions before exp: an inf there would turn into a NaN gradient.
+    # Zero the log-ratio at masked positions before exp: an inf there would turn into a NaN gradient. Clamped to
+    # ±LOG_RATIO_CLAMP before exp (verl's compute_policy_loss): far outside the clip the gradient is 0 anyway, and
+    # e^100 would make the whole minibatch's loss infinite
     log_ratio = torch.where(m, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     advantages = advantages.detach()
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)

@@ -69,12 +69,20 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
+# the smallest standard deviation whitening divides by (``masked_whiten``'s ``min_std``): advantages or rewards that
+# hardly vary (every episode of a batch scored alike, say) carry little but noise, and dividing by their std would
+# blow that noise up to unit size (by 1e4 for a std of 1e-4); in the units of the scores, which rlcli's recipes keep
+# near [0, 1] (``ppo.score_scale`` / ``score_norm`` for others)
+WHITEN_MIN_STD = 1e-2
+
+
 def masked_whiten(
     x: torch.Tensor,
     mask: torch.Tensor,
     restore_mean: bool = False,
     eps: float = 1e-8,
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    min_std: float = 0.0,
 ) -> torch.Tensor:
     """Normalise ``x`` to mean 0 and (unbiased) std 1 using statistics over the masked positions only.
 
@@ -84,6 +92,8 @@ def masked_whiten(
         restore_mean: add the mean back after scaling, i.e. divide by the std without re-centring
             (used for rewards, ppo-details item 9).
         eps: added to the variance before the square root.
+        min_std: divide by ``max(sqrt(var + eps), min_std)``: a floor that keeps near-constant ``x`` from being
+            scaled up without bound (``WHITEN_MIN_STD``).
         sum_over_processes: for data split over processes: a function that sums a 1-D float64 tensor over all of
             them (e.g. an all-reduce), so that every process uses the statistics of the whole batch. None: this
             process's ``x`` is the whole batch.
@@ -100,7 +110,10 @@ def masked_whiten(
         mean = (total / count.clamp(min=1)).to(x.dtype)
         (sq,) = sum_over_processes(masked_sum((x - mean) ** 2, m).double().reshape(1))
         var = (sq / count.clamp(min=1) * count / (count - 1).clamp(min=1)).to(x.dtype)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    scale = torch.rsqrt(var + eps)
+    if min_std > 0:
+        scale = scale.clamp(max=1.0 / min_std)
+    whitened = (x - mean) * scale
     if restore_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros_like(whitened))

@@ -93,7 +93,8 @@ class Run:
 
     def prepare(self, model, optimizer_steps: int):
         """The model wrapped by the engine, with its AdamW and LR schedule over ``optimizer_steps``."""
-        return self.par.prepare(model, lambda params: make_optimizer(params, self.recipe.optim, optimizer_steps))
+        return self.par.prepare(model, lambda named: make_optimizer((p for _, p in named), self.recipe.optim,
+                                                                    optimizer_steps))
 
     def begin(self, model, optimizer, scheduler, *, total_steps: int, steps_key: str) -> None:
         """Restore the optimiser on ``--resume``, take the output dir over, start trackers and ``metrics.jsonl``."""
@@ -345,7 +346,13 @@ def steps_of(recipe: RecipeBase, examples: int) -> tuple[int, str]:
 
 
 def make_optimizer(params, cfg: OptimConfig, total_steps: int):
-    params = [p for p in params if p.requires_grad]
+    """AdamW and its schedule over ``params``: parameters, or AdamW parameter groups (dicts with ``params``)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in params if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(

@@ -96,9 +96,12 @@ def test_scaling_adds_eps_to_the_std():
     adv = scores - scores.mean()
     std = 0.001 * math.sqrt(2)
     torch.testing.assert_close(scale_advantages(adv, 2, "group", scores=scores), adv / (std + 1e-6), rtol=1e-9, atol=0)
-    # batch scaling of the same two values: minus the mean 0.001, over sqrt(unbiased variance 2e-6 + eps 1e-6)
-    torch.testing.assert_close(scale_advantages(scores, 1, "batch"), (scores - 0.001) / math.sqrt(3e-6), rtol=1e-9,
-                               atol=0)
+    # batch scaling of the same two values: minus the mean 0.001; their std sqrt(2e-6 + eps 1e-6) is below the
+    # whitening floor, which divides instead
+    torch.testing.assert_close(scale_advantages(scores, 1, "batch"), (scores - 0.001) / 0.01, rtol=1e-9, atol=0)
+    # ten times the spread: above the floor, over sqrt(unbiased variance 2e-4 + eps 1e-6)
+    torch.testing.assert_close(scale_advantages(scores * 10, 1, "batch"), (scores * 10 - 0.01) / math.sqrt(2.01e-4),
+                               rtol=1e-9, atol=0)
 
 
 def test_batch_scaling_of_small_and_single_values():

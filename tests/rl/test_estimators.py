@@ -67,3 +67,49 @@ def test_gae_entry_with_the_default_inputs():
     for e in ESTIMATORS.values():  # every critic-free entry runs without values
         if not e.critic:
             e.advantages(scores, kl, MASK, AdvantageInputs(beta=0.1, group_size=2, scaling=e.scaling))
+
+
+def test_group_scaling_divides_the_scores_never_the_kl():
+    """GRPO's group std scales the score part only: a group whose scores agree gets -β × (its KL minus the group's
+    mean KL), not KL noise blown up to ±1; a group whose scores differ gets (score - mean) / std - β·(KL - mean KL)."""
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    kl = torch.tensor([[0.2, 0.1, 9.0], [0.1, 0.0, 0.0], [0.5, 9.0, 9.0], [0.1, 0.1, 9.0]])  # 9s: off the mask
+    x = AdvantageInputs(beta=0.1, group_size=2, scaling="group")
+    _, grpo, _ = ESTIMATORS["grpo"].advantages(scores, kl, MASK, x)
+    # group 1: equal scores; ΣKL 0.3 and 0.1, mean 0.2 -> -0.1·(±0.1)
+    # group 2: scores 0, 1 -> ∓0.5 / std (sqrt(0.5)); ΣKL 0.5 and 0.2, mean 0.35 -> -0.1·(±0.15)
+    s = 0.5 / 0.5 ** 0.5
+    want = torch.tensor([-0.01, 0.01, -s - 0.015, s + 0.015])
+    torch.testing.assert_close(grpo[:, 0], want, atol=2e-6, rtol=0)
+    assert (grpo[MASK == 0] == 0).all()
+    # reinforce_pp with group scaling: the centred score over the group's std, the per-token KL rewards unscaled
+    _, rpp, _ = ESTIMATORS["reinforce_pp"].advantages(scores, kl, MASK, x)
+    # row 0 (group 1, score part 0): return-to-go of -0.1·KL = [-0.03, -0.01]
+    torch.testing.assert_close(rpp[0, :2], torch.tensor([-0.03, -0.01]), atol=1e-6, rtol=0)
+    # row 3 (group 2, score part +s): [s - 0.02, s - 0.01]
+    torch.testing.assert_close(rpp[3, :2], torch.tensor([s - 0.02, s - 0.01]), atol=2e-6, rtol=0)
+
+
+def test_whitening_in_the_estimators_has_a_floor():
+    """gae's advantage whitening and reinforce_pp's batch scaling divide by at least WHITEN_MIN_STD: a batch whose
+    advantages hardly differ keeps them small instead of scaling noise up to ±1."""
+    from rlcli.rl.masked import WHITEN_MIN_STD
+
+    mask = torch.ones(2, 2)
+    scores = torch.tensor([1.0, 1.001])
+    # gae with values 0 and no KL: every token's advantage is its row's score; mean 1.0005, std 5.8e-4 < the floor
+    x = AdvantageInputs(beta=0.0, values=torch.zeros(2, 2), lam=1.0)
+    _, adv, _ = ESTIMATORS["gae"].advantages(scores, torch.zeros(2, 2), mask, x)
+    torch.testing.assert_close(adv, torch.tensor([[-0.0005, -0.0005], [0.0005, 0.0005]]) / WHITEN_MIN_STD,
+                               atol=1e-5, rtol=0)
+    x = AdvantageInputs(beta=0.0, scaling="batch")
+    _, adv, _ = ESTIMATORS["reinforce_pp"].advantages(scores, torch.zeros(2, 2), mask, x)
+    torch.testing.assert_close(adv, torch.tensor([[-0.0005, -0.0005], [0.0005, 0.0005]]) / WHITEN_MIN_STD,
+                               atol=1e-5, rtol=0)
+    # whiten_rewards keeps the mean and divides by the floored std too: rewards [0, 0.001], [0, 0.002] (the score on
+    # the last token), mean 0.00075, std 9.6e-4 < the floor: (r - mean) / 0.01 + mean
+    x = AdvantageInputs(beta=0.0, values=torch.zeros(2, 2), lam=1.0, whiten_rewards=True, whiten_advantages=False)
+    rewards, _, _ = ESTIMATORS["gae"].advantages(torch.tensor([0.001, 0.002]), torch.zeros(2, 2), mask, x)
+    m = 0.00075
+    want = (torch.tensor([[0.0, 0.001], [0.0, 0.002]]) - m) / WHITEN_MIN_STD + m
+    torch.testing.assert_close(rewards, want, atol=1e-5, rtol=0)

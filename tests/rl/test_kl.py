@@ -189,3 +189,27 @@ def test_kl_watch_threshold_is_strict():
     watch = KLWatch(threshold=-0.1, patience=1)
     assert watch.update(-0.1) is False and watch.negative_steps == 0  # at the threshold: not below it
     assert watch.update(-0.11) is True and watch.negative_steps == 1
+
+
+def test_k3_is_clamped_as_verl_clamps_it():
+    """k3 = e^x - 1 - x with x = log π_ref - log π clamped to ±20, and the value to at most 10: without the clamps
+    d = -30 gives 1e13 and d = -100 infinity."""
+    from rlcli.rl.kl import K3_CLAMP, LOG_RATIO_CLAMP
+
+    assert (LOG_RATIO_CLAMP, K3_CLAMP) == (20.0, 10.0)
+    logp = torch.tensor([[-130.0, -31.0, -1.0, -2.0, -1.0]])
+    ref = torch.tensor([[-30.0, -1.0, -3.0, -1.0, -4.0]])
+    # d = log π - log π_ref: -100, -30, 2, -1, 3 -> x = 100, 30, -2, 1, -3
+    out = kl_penalty(logp, ref, "k3")
+    x = torch.tensor([-2.0, 1.0, -3.0])
+    want_small = torch.expm1(x) - x  # 0.1353 + 1, e - 2 = 0.718, 2.0498: under the cap
+    torch.testing.assert_close(out[0, 2:], want_small)
+    assert out[0, 0] == K3_CLAMP and out[0, 1] == K3_CLAMP
+    # x = -25 is clamped to -20: e^-20 - 1 + 20 = 19.000000002 -> capped at 10 as well; x = -9: 8.0001 (no clamp)
+    edge = kl_penalty(torch.tensor([[5.0, 4.0]]), torch.tensor([[-20.0, -5.0]]), "k3")
+    torch.testing.assert_close(edge, torch.tensor([[10.0, float(torch.expm1(torch.tensor(-9.0))) + 9.0]]))
+    # inside the clamps the gradient is the unclamped one; beyond them it is 0
+    lp = torch.tensor([-1.0, -130.0], requires_grad=True)
+    kl_penalty(lp, torch.tensor([-2.0, -30.0]), "k3").sum().backward()
+    # d/dlogπ of e^(ref - logπ) - 1 - (ref - logπ) = 1 - e^(ref - logπ) = 1 - e^-1 at the first token
+    torch.testing.assert_close(lp.grad, torch.tensor([1 - math.exp(-1.0), 0.0]))

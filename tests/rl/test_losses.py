@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlcli.rl.losses import clipped_policy_loss, clipped_value_loss, explained_variance
+from rlcli.rl.losses import clipped_policy_loss, clipped_policy_terms, clipped_value_loss, explained_variance
 
 
 def test_policy_loss_without_clipping():
@@ -207,3 +207,18 @@ def test_explained_variance_of_small_returns():
     # returns [0, 0.2]: variance 0.02 (below 1 but not 0); residuals [-0.05, 0.05]: variance 0.005
     ev = explained_variance(torch.tensor([[0.05, 0.15]]), torch.tensor([[0.0, 0.2]]), torch.ones(1, 2))
     torch.testing.assert_close(ev, torch.tensor(0.75))
+
+
+def test_policy_ratio_is_clamped_before_exp():
+    """The log-ratio is clamped to ±20 before exp (verl): a token whose log-prob rose by 100 nats with a negative
+    advantage gives a finite loss of |A|·e^20, not inf, and no gradient (it is beyond the clamp)."""
+    import math
+
+    logp = torch.tensor([[-0.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-100.0, -1.0]])
+    adv = torch.tensor([[-1.0, 1.0]])
+    per_token, stats = clipped_policy_terms(logp, old, adv, torch.ones(1, 2))
+    assert torch.isfinite(per_token).all()
+    torch.testing.assert_close(per_token[0, 0], torch.tensor(math.exp(20.0)))
+    per_token.sum().backward()
+    assert logp.grad[0, 0] == 0.0 and logp.grad[0, 1] == -1.0  # the second token: ratio 1, gradient -A

@@ -72,3 +72,18 @@ def test_whitening_a_constant_or_a_single_value_gives_zero_not_nan(reduce):
     one = torch.tensor([[3.0, 9.0]])
     torch.testing.assert_close(masked_whiten(one, torch.tensor([[1, 0]]), sum_over_processes=reduce),
                                torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("reduce", [None, lambda t: t], ids=["one process", "sum over one process"])
+def test_whitening_floor_caps_the_scale_of_near_constant_values(reduce):
+    # selected 1.000, 1.002, 1.004, 1.006: mean 1.003, unbiased std sqrt(2e-6 * 10/3 ... ) = 0.0025820: below the floor
+    # 0.01, so the deviations are divided by 0.01, not by their own std (which would make them ±1.16 / ±0.39)
+    x = torch.tensor([[1.000, 1.002, 7.0], [1.004, 1.006, 7.0]], dtype=torch.float64)
+    out = masked_whiten(x, MASK, sum_over_processes=reduce, min_std=0.01)
+    torch.testing.assert_close(out, torch.tensor([[-0.3, -0.1, 0.0], [0.1, 0.3, 0.0]], dtype=torch.float64))
+    # a spread above the floor is whitened as without it (the same numbers as test_whiten_by_hand)
+    torch.testing.assert_close(masked_whiten(X, MASK, sum_over_processes=reduce, min_std=0.01),
+                               masked_whiten(X, MASK, sum_over_processes=reduce))
+    # with restore_mean the floor scales the deviations alike and adds the mean back
+    kept = masked_whiten(x, MASK, restore_mean=True, sum_over_processes=reduce, min_std=0.01)
+    torch.testing.assert_close(kept[MASK.bool()], torch.tensor([0.703, 0.903, 1.103, 1.303], dtype=torch.float64))

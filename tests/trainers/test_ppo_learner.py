@@ -329,13 +329,15 @@ def test_critic_free_sequence_reward_is_the_score_minus_beta_times_the_kl(estima
     assert advantages[0, 0] < advantages[1, 0]  # same score, more KL: worse
 
 
-def test_critic_free_group_scaling_divides_by_the_std_of_the_sequence_rewards():
-    # sequence rewards [0, 1 | -0.5, 1.5]: group stds (unbiased) sqrt(0.5) and sqrt(2)
+def test_critic_free_group_scaling_divides_the_scores_by_their_std_never_the_kl():
+    # scores [1, 1 | 0, 2]: group stds (unbiased) 0 and sqrt(2); summed KL [2, 0 | 1, 1], minus the group means: [1, -1
+    # | 0, 0], times beta 0.5. The first group's scores agree: its advantages are the KL's alone (-0.5, +0.5), not
+    # the KL difference divided by the spread of the sequence rewards (which made them ±0.71 before)
     _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="reward", estimator="k1"), advantage="grpo",
                                        batch_size=4, advantage_scaling="group")
     _, advantages, _ = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
-    s1, s2 = 0.5**0.5, 2.0**0.5
-    expected = torch.tensor([-0.5 / s1, 0.5 / s1, -1.0 / s2, 1.0 / s2])[:, None] * CF_MASK
+    s2 = 2.0**0.5
+    expected = torch.tensor([-0.5, 0.5, -1.0 / s2, 1.0 / s2])[:, None] * CF_MASK
     torch.testing.assert_close(advantages, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -501,8 +503,9 @@ def test_one_update_per_batch_reuses_the_training_forward_with_the_same_result(l
     s_reuse = reuse.step(rollout, scores)
     hook.remove()
     s_full = full.step(rollout, scores)
-    # the policy ran only with autograd (3 training micro-batches); LoRA's reference pass runs it without
-    assert calls.count(True) == 3 and calls.count(False) == (3 if lora else 0), calls
+    # the policy ran with autograd for the 3 training micro-batches, and without it once: the first step's probe of
+    # one micro-batch for ratio_first; LoRA's reference pass runs it without autograd too
+    assert calls.count(True) == 3 and calls.count(False) == 1 + (3 if lora else 0), calls
     moved = 0.0
     for a, b, b0 in zip([p for p in p_reuse.parameters() if p.requires_grad],
                         [p for p in p_full.parameters() if p.requires_grad], before):
@@ -513,7 +516,9 @@ def test_one_update_per_batch_reuses_the_training_forward_with_the_same_result(l
                 "loss_policy", "loss_kl", "ratio", "reward_mean"):
         assert s_reuse[key] == pytest.approx(s_full[key], rel=1e-4, abs=1e-6), key
     assert s_full["forbidden_mass"] > 0 and s_reuse["sampler_logprob_diff"] < 1e-4
-    assert "ratio_first" in s_full and "ratio_first" not in s_reuse  # 1 by construction: not a check there
+    # the first step's ratio: from the rollout forward, or (reuse) from an eval-mode probe of the first micro-batch
+    assert s_full["ratio_first"] == pytest.approx(1.0, abs=1e-5) and s_reuse["ratio_first"] == pytest.approx(1.0,
+                                                                                                              abs=1e-5)
     # the next step starts from a non-zero KL, computed the same way in both
     s2 = [learner.step(rollout, scores) for _, learner in setups]
     assert s2[0]["kl"] == pytest.approx(s2[1]["kl"], rel=1e-4) and abs(s2[0]["kl"]) > 1e-3

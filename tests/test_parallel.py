@@ -1,0 +1,50 @@
+"""rlcli.parallel: one optimizer step under a real fp16 loss scaler (on the CPU: torch's GradScaler runs there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from rlcli.parallel import Parallel
+
+
+@pytest.fixture
+def fp16_parallel(monkeypatch):
+    """A single-process Parallel whose Accelerator scales losses with a real GradScaler, as under fp16 on a GPU."""
+    acc = Accelerator(cpu=True)
+    # Accelerate only makes a scaler for fp16 on an accelerator; the same object, given here, takes the same paths
+    # (backward scales the loss, clip_grad_norm_ unscales, the wrapped optimizer steps through it)
+    monkeypatch.setattr(acc, "scaler", torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000))
+    monkeypatch.setattr(acc, "native_amp", True)
+    monkeypatch.setattr(acc.state, "_mixed_precision", "fp16")  # restored after the test: the state is shared
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    model, optimizer = acc.prepare(model, optimizer)
+    return Parallel.around(acc, max_grad_norm=1.0), model, optimizer, scheduler
+
+
+def test_a_non_finite_gradient_under_fp16_is_skipped_and_the_next_step_runs(fp16_parallel):
+    par, model, optimizer, scheduler = fp16_parallel
+    x = torch.randn(8, 4)
+    par.backward(model, model(x).pow(2).mean())
+    model.weight.grad[0, 0] = float("inf")  # an overflow inside the backward pass
+    before = model.weight.detach().clone()
+    norm = par.clip_and_step(model, optimizer, scheduler, skip_nonfinite=True)
+    assert norm == float("inf")
+    assert torch.equal(model.weight, before)  # not stepped
+    assert scheduler.last_epoch == 0  # nor the schedule
+    assert par.accelerator.scaler.get_scale() == 512.0  # the scaler saw the inf and halved its scale
+    assert all(p.grad is None for p in model.parameters())
+
+    # the next step unscales again (it raised "unscale_() has already been called" before the fix), clips the true
+    # gradient norm (not the scaled one: 512 × larger) and steps
+    loss = model(x).pow(2).mean()
+    par.backward(model, loss)
+    scaled = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    norm = par.clip_and_step(model, optimizer, scheduler, skip_nonfinite=True)
+    assert norm == pytest.approx(scaled / 512.0, rel=1e-5)
+    assert not torch.equal(model.weight, before)
+    assert scheduler.last_epoch == 1
