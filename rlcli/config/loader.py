@@ -206,6 +206,9 @@ ALIASES = {
     "adv_estimator": "advantage", "num_ppo_epochs": "epochs", "ppo_epochs": "epochs", "mini_batch": "mini_batch_size",
     "ppo_mini_batch_size": "mini_batch_size", "response_length": "max_new_tokens", "max_completion_length": "max_new_tokens",
     "total_episodes": "steps", "vf_coef": "vf_coef",
+    "vllm_importance_sampling_mode": "importance_sampling", "vllm_importance_sampling_cap": "importance_sampling_cap",
+    "rollout_is": "importance_sampling", "rollout_is_threshold": "importance_sampling_cap",
+    "critic_warmup": "warmup_steps", "freezing_actor_steps": "warmup_steps", "critic_learning_rate": "learning_rate",
 }
 
 

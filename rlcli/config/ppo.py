@@ -87,6 +87,15 @@ class GenerationConfig(Section):
     difference to the engine's is logged (``sampler_logprob_diff``, ``sampler_kl``)."""
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     """Settings of the vLLM engine."""
+    importance_sampling: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] | None \
+        = None
+    """Correct for a sampler whose distribution is not the learner's: each token's policy loss is weighted by
+    π_old / q (q: the engine's own log-prob of the token), per token or per sequence, with weights above
+    ``importance_sampling_cap`` truncated to it or masked to 0 (TRL's ``vllm_importance_sampling_mode``; truncated
+    importance sampling, Yao et al. 2025). Logged as ``is_weight_mean`` / ``is_capped_fraction``. Default:
+    ``token_truncate`` with ``engine: vllm``, ``none`` with ``local`` (its log-probs are the learner's)."""
+    importance_sampling_cap: float = Field(2.0, gt=1)
+    """The bound of ``importance_sampling`` (verl's default threshold, Yao et al.'s C = 2)."""
 
 
 class KLConfig(Section):
@@ -303,6 +312,8 @@ class PPORecipe(RecipeBase):
         except RecipeProblems as exc:
             problems += exc.problems
         gen = self.generation
+        if gen.importance_sampling is None:  # filled in here, so recipe.yaml shows what the run does
+            gen.importance_sampling = "none" if gen.engine == "local" else "token_truncate"
         if gen.min_new_tokens > gen.max_new_tokens:
             problems.append(Problem("generation.min_new_tokens", f"generation.min_new_tokens={gen.min_new_tokens} "
                                                                  f"exceeds max_new_tokens={gen.max_new_tokens}"))

@@ -132,7 +132,9 @@ def build_learner(recipe: PPORecipe, par: Parallel, tokenizer, task: str, optimi
     learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl, critic=recipe.critic,
                          rules=behaviour_rules(recipe.generation, tokenizer), optimizer=optimizer,
                          scheduler=scheduler, accelerator=par, max_grad_norm=recipe.optim.max_grad_norm,
-                         seed=recipe.seed, constant_length=generation_budget(recipe))
+                         seed=recipe.seed, constant_length=generation_budget(recipe),
+                         importance_sampling=recipe.generation.importance_sampling,
+                         importance_sampling_cap=recipe.generation.importance_sampling_cap)
     return policy, ref, reward, learner
 
 

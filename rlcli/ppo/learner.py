@@ -52,7 +52,7 @@ from rlcli.rl import (
 from rlcli.rl.chunked import token_stats
 from rlcli.rl.kl import LOG_RATIO_CLAMP
 from rlcli.rl.estimators import ESTIMATORS, AdvantageInputs
-from rlcli.rl.losses import LossSettings, ppo_loss
+from rlcli.rl.losses import LossSettings, importance_weights, ppo_loss
 from rlcli.seeds import shuffle_generator
 
 
@@ -101,7 +101,8 @@ class PPOLearner:
     """Holds the policy (with value head), the reference, the optimiser and the KL / score statistics."""
 
     def __init__(self, model, *, ref_model=None, algo, kl, rules: SamplingRules, optimizer, scheduler, accelerator,
-                 max_grad_norm: float | None, seed: int = 0, constant_length: int | None = None, critic=None):
+                 max_grad_norm: float | None, seed: int = 0, constant_length: int | None = None, critic=None,
+                 importance_sampling: str = "none", importance_sampling_cap: float = 2.0):
         if rules.temperature <= 0:
             raise ValueError("PPO needs a sampling temperature > 0 (greedy decoding has no log-probs to learn from)")
         # the estimator's defaults for keys a hand-built algo / kl section left unset (a recipe has them filled)
@@ -137,6 +138,8 @@ class PPOLearner:
         self.kl_ctl = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
                        else FixedKLController(kl.coef))
         self.kl_watch = KLWatch()
+        # weights pi_old / q on the policy loss of episodes whose sampler q is not pi_old (generation.importance_sampling)
+        self.importance_sampling, self.importance_sampling_cap = importance_sampling, importance_sampling_cap
         # a critic worse than a constant (explained variance below 0) for 5 steps in a row is said once
         self.ev_watch = KLWatch(threshold=0.0, patience=5)
         # critic.warmup_steps: the first steps train the critic alone (the optimizer's "policy" group at lr 0)
@@ -522,7 +525,11 @@ class PPOLearner:
                 if value is not None:  # already 0 off the model tokens (token_stats)
                     rec[key][rows, :width] = value.detach().float().cpu()
         critic = values is not None and b_values is not None
-        return ppo_loss(
+        weights, weight_stats = None, {}
+        if self.importance_sampling != "none" and mb.sampler_logprobs is not None:
+            weights, weight_stats = importance_weights(old_logprobs, mb.sampler_logprobs.to(dev), mb_mask,
+                                                       self.importance_sampling, self.importance_sampling_cap)
+        loss, parts = ppo_loss(
             stats.logprobs, old_logprobs, b_advantages[rows, :width].to(dev), mb_mask,
             self.loss_settings, totals,
             values=values if critic else None,
@@ -530,7 +537,9 @@ class PPOLearner:
             returns=b_returns[rows, :width].to(dev) if critic else None,
             ref_logprobs=b_ref_logprobs[rows, :width].to(dev) if self.kl_mode == "loss" else None,
             kl_coef=self.kl_ctl.value,
-            entropy=stats.entropy if self.algo.entropy_coef > 0 else None)
+            entropy=stats.entropy if self.algo.entropy_coef > 0 else None,
+            is_weights=weights)
+        return loss, {**parts, **weight_stats}
 
     def _statistics(self, rollout, raw_scores, scores, fwd: RolloutForward, rewards, advantages, returns,
                     mask) -> dict[str, float]:

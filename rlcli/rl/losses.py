@@ -151,6 +151,48 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return torch.where(var_returns > 0, 1.0 - ratio, torch.full_like(ratio, float("nan")))
 
 
+IMPORTANCE_SAMPLING_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+@torch.no_grad()
+def importance_weights(
+    old_logprobs: torch.Tensor,
+    sampler_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    cap: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights π_old / q for tokens drawn by a sampler q that is not the learner's π_old (another engine,
+    another precision): the policy loss of each token is multiplied by its weight, so the update is the one π_old's
+    own samples would have given (truncated importance sampling, Yao et al. 2025, "Your Efficient RL Framework
+    Secretly Brings You Off-Policy RL Training"; TRL's ``vllm_importance_sampling_mode``, verl's rollout correction).
+
+    Args:
+        old_logprobs: ``[b, T]`` log π_old of the sampled tokens (the learner's, detached).
+        sampler_logprobs: ``[b, T]`` log q of the same tokens (the engine's).
+        mask: ``[b, T]`` 0/1, model tokens.
+        mode: ``token_*``: a weight per token; ``sequence_*``: one per sequence, exp of the summed log-ratio over
+            its model tokens; ``*_truncate``: weights above ``cap`` become ``cap``; ``*_mask``: tokens (sequences)
+            whose weight is above ``cap`` get weight 0.
+        cap: the bound (> 1).
+
+    Returns:
+        ``(weights [b, T], stats)``: weights 0 off the mask; ``is_weight_mean`` (over model tokens, before the cap)
+        and ``is_capped_fraction`` (model tokens whose weight the cap truncated or masked), detached 0-dim tensors.
+    """
+    if mode not in IMPORTANCE_SAMPLING_MODES[1:]:
+        raise ValueError(f"unknown importance sampling mode {mode!r}; one of {', '.join(IMPORTANCE_SAMPLING_MODES)}")
+    m = mask.to(device=old_logprobs.device, dtype=torch.bool)
+    log_w = torch.where(m, old_logprobs - sampler_logprobs.to(old_logprobs), 0.0)
+    if mode.startswith("sequence"):
+        log_w = log_w.sum(dim=1, keepdim=True).expand_as(log_w)
+    w = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    over = w > cap
+    capped = w.clamp(max=cap) if mode.endswith("truncate") else torch.where(over, torch.zeros_like(w), w)
+    stats = {"is_weight_mean": masked_mean(w, m), "is_capped_fraction": masked_mean(over.to(w.dtype), m)}
+    return torch.where(m, capped, torch.zeros_like(capped)), stats
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """How ``ppo_loss`` puts its terms together (the recipe's ``ppo`` and ``kl`` sections: no defaults here, so they
@@ -180,6 +222,7 @@ def ppo_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float,
     entropy: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO loss of one micro-batch, as its share of the minibatch's: the clipped policy loss, plus ``vf_coef`` ×
     the clipped value loss (with a critic), plus ``kl_coef`` × the KL estimate (``ref_logprobs`` given: the KL in
@@ -196,6 +239,8 @@ def ppo_loss(
         ref_logprobs: ``[b, T]`` the reference's log-probs (constants), for the KL term.
         kl_coef: β of the KL term.
         entropy: ``[b, T]`` the sampling distribution's entropy at each position (gradient).
+        is_weights: ``[b, T]`` importance weights of the policy term (``importance_weights``: tokens drawn by a
+            sampler that is not π_old), constants.
 
     Returns:
         ``(loss, parts)``: the 0-dim loss and its parts: ``loss_policy`` / ``loss_value`` / ``loss_kl`` /
@@ -205,6 +250,8 @@ def ppo_loss(
     s = settings
     pg_terms, pg = clipped_policy_terms(logprobs, old_logprobs, advantages, mask, s.clip_range, s.clip_range_high,
                                         s.dual_clip)
+    if is_weights is not None:
+        pg_terms = pg_terms * is_weights.detach()
     pg_loss = aggregate_loss(pg_terms, mask, s.aggregation, **totals)
     loss, parts = pg_loss, {"loss_policy": pg_loss, "policy_clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"],
                             "ratio": pg["ratio_mean"]}
