@@ -117,9 +117,10 @@ class KLConfig(Section):
     estimator: Literal["k1", "abs", "k2", "mse", "k3", "full"] | None = None
     """Per-token KL estimator, with d = log π − log π_ref: k1 = d; abs = |d|; k2 (= mse) = d²/2; k3 = (r − 1) − log r
     with r = π_ref/π (unbiased, never negative); full = exact KL(π‖π_ref) over the vocabulary (reward mode only).
-    In loss mode only the gradient matters, taken on tokens sampled from π: k2's is the gradient of KL(π‖π_ref),
-    k3's (GRPO's choice) that of KL(π_ref‖π); k1's is 0 in expectation and abs's no KL's, so both are refused there.
-    Default: k3 in loss mode, else k1."""
+    In loss mode only the gradient matters, taken on tokens sampled from π with the prefix held fixed: k2's is the
+    gradient of KL(π‖π_ref), k3's (GRPO's choice) that of KL(π_ref‖π); k1's is 0 in expectation and abs's no KL's,
+    so both are refused there. In reward mode only k1 gives an unbiased gradient of the sequence's KL (docs/
+    ppo-details.md, item 6). Default: k3 in loss mode, else k1."""
 
 
 def estimator_settings(ppo: "PPOAlgo", kl: KLConfig) -> tuple[str, str, str, str]:
@@ -189,9 +190,10 @@ class PPOAlgo(Section):
     vf_coef: float = Field(0.1, ge=0)
     """Weight of the value loss beside the policy loss (gae only; the value head shares the policy's trunk)."""
     whiten_advantages: bool = True
-    """Whiten advantages per batch over model tokens (ppo-details item 9)."""
+    """Whiten advantages per batch over model tokens (ppo-details item 9), dividing by at least 0.01 (a floor that
+    keeps near-constant advantages from being scaled up without bound)."""
     whiten_rewards: bool = False
-    """Whiten per-token rewards per batch, without re-centring."""
+    """Whiten per-token rewards per batch, without re-centring (the same floor)."""
     score_norm: Literal["none", "running"] = "none"
     """``running``: normalise scores by running mean/std (kept in checkpoints) before the KL penalty."""
     score_scale: float = Field(1.0, gt=0)
@@ -199,7 +201,10 @@ class PPOAlgo(Section):
     score_clip: float | None = Field(None, gt=0)
     """Clip scores to ±this (after scaling)."""
     target_approx_kl: float | None = Field(None, gt=0)
-    """Stop a step's remaining epochs when an epoch's mean approx-KL exceeds this."""
+    """The KL guard: each minibatch's approx-KL to the rollout policy (mean ½(log π − log π_old)² over its tokens,
+    over all processes) is checked before its optimizer step; above 1.5 × this, the minibatch is not applied and the
+    step's remaining minibatches and epochs are dropped (``early_stopped``). Also logs ``approx_kl_after``, the same
+    measure after the update (one more forward pass of the policy). Null: no guard."""
     value_head_init_std: float = Field(0.0, ge=0)
     """Value head weights ~ N(0, std); 0 = zero init (ppo-details item 8)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -24,9 +25,12 @@ class FakeEngine:
 
     name = "fake"
 
-    def __init__(self, lm, *, stale: bool = False):
+    def __init__(self, lm, *, stale: bool = False, temperature_factor: float = 1.0):
         self.model = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config)).eval()
         self.stale = stale  # a sync that never happens (ignores the weights after the first)
+        # a sampler whose distribution is not the learner's (another kernel or precision, exaggerated): it samples at
+        # this × the recipe's temperature and reports its own log-probs
+        self.temperature_factor = temperature_factor
         self.synced_names: list[list[str]] = []
 
     def sync(self, policy) -> None:
@@ -39,14 +43,19 @@ class FakeEngine:
         assert all("attn.bias" in k or "masked_bias" in k for k in missing), missing  # buffers only
 
     def generate(self, prompts, max_new_tokens, **kwargs):
+        import dataclasses
+
         ids, mask = left_pad(prompts, kwargs["pad_token_id"])
-        return sample(self.model, ids, mask, max_new_tokens, **kwargs)
+        rules = kwargs.pop("rules")
+        rules = dataclasses.replace(rules, temperature=rules.temperature * self.temperature_factor)
+        return sample(self.model, ids, mask, max_new_tokens, rules=rules, **kwargs)
 
     def release(self) -> None:
         pass
 
 
-def _train(tmp_path, monkeypatch, *, stale=False, extra=()):
+def _train(tmp_path, monkeypatch, *, stale=False, extra=(), recipe_path="configs/tiny/ppo.yaml", fast=FAST,
+           temperature_factor=1.0):
     import rlcli.trainers.ppo as ppo
     from rlcli.ppo.rollout import _lm
     from rlcli.config.loader import load_recipe
@@ -55,13 +64,12 @@ def _train(tmp_path, monkeypatch, *, stale=False, extra=()):
     engines = []
 
     def fake_engine(recipe, par, policy, tokenizer, out):
-        engines.append(FakeEngine(_lm(policy), stale=stale))
+        engines.append(FakeEngine(_lm(policy), stale=stale, temperature_factor=temperature_factor))
         return engines[-1]
 
     monkeypatch.setattr(ppo, "build_engine", fake_engine)
     monkeypatch.chdir(REPO)
-    recipe = load_recipe(PPORecipe, "configs/tiny/ppo.yaml", [f"output_dir={tmp_path / 'run'}", "ppo.steps=4", *FAST,
-                                                                *extra])
+    recipe = load_recipe(PPORecipe, recipe_path, [f"output_dir={tmp_path / 'run'}", "ppo.steps=4", *fast, *extra])
     ppo.train(recipe)
     return engines[0], read_metrics(tmp_path / "run")
 
@@ -212,3 +220,46 @@ def test_vllm_sleep_mode_frees_the_engine_once_per_step(tmp_path, monkeypatch):
     recipe = load_recipe(PPORecipe, "configs/tiny/ppo.yaml", [f"output_dir={tmp_path / 'run'}", "ppo.steps=3", *FAST])
     ppo.train(recipe)
     assert engines[0].llm.calls == ["load", "sleep1", "wake", "load", "sleep1", "wake", "load", "sleep1"]
+
+
+def test_a_sampler_that_is_not_the_learner_is_corrected_and_its_mismatch_logged(tmp_path, monkeypatch):
+    """An engine sampling at 0.3 × the recipe's temperature: with generation.importance_sampling the policy loss is
+    weighted by π_old / q (logged: is_weight_mean, is_capped_fraction); without it only the mismatch is logged."""
+    runs = {}
+    for mode in ("token_truncate", "none"):
+        _, runs[mode] = _train(tmp_path / mode, monkeypatch, temperature_factor=0.3,
+                               extra=["ppo.steps=2", f"generation.importance_sampling={mode}"])
+    corrected, plain_run = runs["token_truncate"], runs["none"]
+    assert all(x["sampler_kl"] > 0.05 for x in corrected + plain_run)  # the mismatch shows either way
+    assert all(0.2 < x["is_weight_mean"] < 2.0 and 0.0 < x["is_capped_fraction"] < 0.5 for x in corrected)
+    assert not any("is_weight_mean" in x for x in plain_run)
+
+
+def test_the_importance_sampling_default_follows_the_engine():
+    from rlcli.config.loader import load_recipe
+    from rlcli.config.ppo import PPORecipe
+
+    local = load_recipe(PPORecipe, REPO / "configs/tiny/ppo.yaml")
+    vllm = load_recipe(PPORecipe, REPO / "configs/tiny/ppo.yaml", ["generation.engine=vllm"])
+    assert local.generation.importance_sampling == "none" and vllm.generation.importance_sampling == "token_truncate"
+
+
+@pytest.mark.slow
+def test_a_corrected_perturbed_sampler_learns_like_the_exact_one(tmp_path, monkeypatch):
+    """GRPO on the sevens task, 30 steps, three ways: rlcli's own sampler; an engine sampling at 0.6 × the
+    temperature, corrected (token_truncate); the same engine uncorrected. The corrected run ends where the exact one
+    does; the uncorrected one's logged mismatch (sampler_kl) says its episodes came from another distribution."""
+    grpo_fast = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=32",
+                 "ppo.mini_batch_size=16", "ppo.micro_batch_size=16", "ppo.group_size=4", "optim.learning_rate=1e-3",
+                 "logging.progress=false", "generation.max_new_tokens=24", "train.save_every=null", "ppo.steps=30"]
+    runs = {}
+    for name, factor, mode in (("exact", 1.0, "none"), ("corrected", 0.6, "token_truncate"),
+                               ("uncorrected", 0.6, "none")):
+        _, runs[name] = _train(tmp_path / name, monkeypatch, recipe_path="configs/tiny/grpo.yaml", fast=grpo_fast,
+                               temperature_factor=factor, extra=[f"generation.importance_sampling={mode}"])
+    final = {k: sum(x["reward_mean"] for x in m[-5:]) / 5 for k, m in runs.items()}
+    start = sum(x["reward_mean"] for x in runs["exact"][:3]) / 3
+    assert final["exact"] > 3 * max(start, 0.1), final
+    assert final["corrected"] > 0.75 * final["exact"], final
+    assert min(x["sampler_kl"] for x in runs["uncorrected"]) > 0.05
+    assert max(x["sampler_kl"] for x in runs["exact"]) < 1e-4
