@@ -4,9 +4,11 @@
     python bench/ppo_seeds.py calculator --seeds 0 1 2 3 4    # SFT once, then the PPO stage per seed, evaluated
     python bench/ppo_seeds.py tiny --seeds 0 1 --set generation.min_new_tokens=32
 
-Success (docs/ppo-details.md, "learning is part of correctness"):
+Success (docs/ppo-details.md, "learning is part of correctness"), judged on the final model of every seed:
   tiny:        mean reward of the last 5 steps >= 12 (of 16)
-  calculator:  >= 90% exact match on the 200 held-out problems after PPO (sampled at T=0.7, as in training)
+  calculator:  the final policy >= 90% exact match on the 200 held-out problems (sampled at T=0.7, as in training),
+               no step after step 10 with training reward < 0.5, KL to the reference < 5 at every step, and (with a
+               critic) explained variance > 0 at every step from step 10 on
 and for both: no step with mean KL below -0.1 (kl_negative_steps == 0).
 
 Writes OUT/summary.json and OUT/curves.png (reward per step, every seed); prints a table. Each run is a real
@@ -40,10 +42,13 @@ def rlcli(*args: str, log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def metrics(run: Path) -> list[dict]:
     """The training steps' rows (a held-out evaluation of the initial policy is a row of its own at step 0)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "reward_mean" in r]
+    return [r for r in rows_of(run) if "reward_mean" in r]
 
 
 def tiny(seed: int, out: Path, extra: list[str], recipe: str = "configs/tiny/ppo.yaml", label: str = "tiny") -> dict:
@@ -74,11 +79,21 @@ def calculator(seed: int, out: Path, extra: list[str], recipe: str = "configs/ca
           "show=0", log=out / f"{label}-eval-seed{seed}.log")
     summary = json.loads((evaluation / "summary.json").read_text())
     m = metrics(run)
+    late = [r for r in m if r["step"] > 10]
+    ev = [r["explained_variance"] for r in m if r["step"] >= 10 and "explained_variance" in r]
+    checks = {"final >= 0.9": summary["reward_mean"] >= 0.9,
+              "reward >= 0.5 after step 10": min(r["reward_mean"] for r in late) >= 0.5 if late else False,
+              "KL < 5": max(r["kl"] for r in m) < 5, "KL >= -0.1": min(r["kl"] for r in m) >= -0.1,
+              "explained variance > 0 from step 10": all(x > 0 for x in ev)}
     return {"seed": seed, "seconds": seconds, "rewards": [r["reward_mean"] for r in m],
             "step_seconds": [r["time_step"] for r in m], "kl": [r["kl"] for r in m],
+            "explained_variance": [r.get("explained_variance") for r in m],
+            "held_out": {r["step"]: r["eval/reward_mean"] for r in rows_of(run) if "eval/reward_mean" in r},
             "final_reward": summary["reward_mean"], "tool_use_rate": summary["tool_use_rate"],
+            "min_reward_after_10": min((r["reward_mean"] for r in late), default=float("nan")),
+            "max_kl": max(r["kl"] for r in m), "min_ev_from_10": min(ev, default=float("nan")),
             "min_kl": min(r["kl"] for r in m), "kl_negative_steps": m[-1].get("kl_negative_steps", 0.0),
-            "success": summary["reward_mean"] >= 0.9 and min(r["kl"] for r in m) >= -0.1}
+            "checks": checks, "success": all(checks.values())}
 
 
 def plot(results: list[dict], task: str, png: Path) -> None:
@@ -113,8 +128,11 @@ def main() -> None:
     for seed in args.seeds:
         results.append(run(seed, out, args.set))
         r = results[-1]
-        print(f"seed {seed}: final {r['final_reward']:.3g}, min KL {r['min_kl']:.3g}, {r['seconds']:.0f} s, "
-              f"{'ok' if r['success'] else 'FAILED'}", flush=True)
+        failed = [name for name, ok in r.get("checks", {}).items() if not ok]
+        extra = (f", lowest reward after step 10 {r['min_reward_after_10']:.3g}, max KL {r['max_kl']:.3g}, lowest "
+                 f"explained variance from step 10 {r['min_ev_from_10']:.3g}") if "checks" in r else ""
+        print(f"seed {seed}: final {r['final_reward']:.3g}, min KL {r['min_kl']:.3g}{extra}, {r['seconds']:.0f} s, "
+              f"{'ok' if r['success'] else 'FAILED' + (': ' + ', '.join(failed) if failed else '')}", flush=True)
     finals = [r["final_reward"] for r in results]
     times = [r["seconds"] for r in results]
     summary = {"task": args.task, "overrides": args.set, "seeds": args.seeds, "results": results,

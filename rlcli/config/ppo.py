@@ -214,10 +214,12 @@ class CriticConfig(Section):
     policy's own trunk (the default, one model in memory) reads features shaped for predicting the next token; a
     separate critic (a model of its own, as verl and OpenRLHF train) shapes its trunk for the values alone."""
 
-    separate: bool = False
-    """A critic model of its own: a copy of the policy's initial model (or ``critic.model``) with a value head,
-    trained by the value loss alone; with ``lora``, its own adapter of the same settings. Costs a second model's
-    forward and backward passes and weights."""
+    separate: bool = True
+    """A critic model of its own (as verl, OpenRLHF and TRL's last PPO trainer have): a copy of the policy's initial
+    model (or ``critic.model``) with a value head, trained by the value loss alone; with ``lora``, its own adapter of
+    the same settings. Costs a second model's weights and forward and backward passes. False: a value head on the
+    policy's own trunk (one model; its features are the next token's, and on the calculator demo its explained
+    variance stayed below 0: docs/ppo-details.md, item 8)."""
     model: ModelConfig | None = None
     """Where a separate critic's initial weights come from (a reward model's output dir works: its trunk reads the
     whole episode); needs ``separate: true``. Null: the policy's initial weights."""
@@ -376,8 +378,7 @@ class PPORecipe(RecipeBase):
                                                     f"KL(π‖π_ref)), or kl.mode=reward, where {kl.estimator} is a "
                                                     "per-token reward"))
         c = self.critic
-        if p.advantage != "gae" and (c.separate or c.model is not None or c.learning_rate is not None
-                                     or c.warmup_steps):
+        if p.advantage != "gae" and (c.model is not None or c.learning_rate is not None or c.warmup_steps):
             problems.append(Problem("critic", f"ppo.advantage={p.advantage} trains no critic: leave the critic "
                                               "section out"))
         if c.model is not None and not c.separate:

@@ -197,19 +197,29 @@ def load_value_head(path: str | Path) -> ValueHead:
     return head
 
 
+CRITIC_DIR = "critic"  # a separate critic's LM and value head, inside a saved policy's directory
+
+
 def load_value_head_model(path: str | Path, **from_pretrained_kwargs) -> ValueHeadModel:
-    """Load a saved PPO policy: the LM (or LoRA adapter on its base) and its value head."""
+    """Load a saved PPO policy: the LM (or LoRA adapter on its base) and its value head, or its separate critic
+    (``critic/``, itself an LM with a value head)."""
+    path = Path(path)
+    if (path / CRITIC_DIR / VALUE_HEAD_CONFIG).exists():
+        return ValueHeadModel(_load_lm(path, from_pretrained_kwargs), None,
+                              critic=load_value_head_model(path / CRITIC_DIR, **from_pretrained_kwargs))
+    return ValueHeadModel(_load_lm(path, from_pretrained_kwargs), load_value_head(path))
+
+
+def _load_lm(path: Path, from_pretrained_kwargs: dict):
+    """The LM saved in ``path``: a LoRA adapter on its base, or a causal / seq2seq model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    path = Path(path)
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM
 
         adapter = json.loads((path / "adapter_config.json").read_text())
         cls = AutoPeftModelForSeq2SeqLM if adapter.get("task_type") == "SEQ_2_SEQ_LM" else AutoPeftModelForCausalLM
-        pretrained = cls.from_pretrained(path, **from_pretrained_kwargs)
-    else:
-        config = AutoConfig.from_pretrained(path)
-        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        pretrained = cls.from_pretrained(path, **from_pretrained_kwargs)
-    return ValueHeadModel(pretrained, load_value_head(path))
+        return cls.from_pretrained(path, **from_pretrained_kwargs)
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return cls.from_pretrained(path, **from_pretrained_kwargs)

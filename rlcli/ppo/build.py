@@ -11,6 +11,7 @@ from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.models.engines import LocalEngine, RolloutEngine
 from rlcli.models.loading import apply_lora, load_model
 from rlcli.models.value_head import (
+    CRITIC_DIR,
     VALUE_HEAD_CONFIG,
     VALUE_HEAD_WEIGHTS,
     ValueHead,
@@ -173,9 +174,6 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
         other = engine if engine is not None and not isinstance(engine, LocalEngine) else None
         env = build_environment(recipe.env, _lm(policy), tokenizer, rules=rules, engine=other)
     return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine)
-
-
-CRITIC_DIR = "critic"  # a separate critic's model and value head, inside the output dir
 
 
 def save_policy(policy: ValueHeadModel, tokenizer, out: Path, *, built_from_scratch: bool, merge: bool) -> None:

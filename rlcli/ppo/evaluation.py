@@ -155,10 +155,10 @@ class Evaluator:
 
 
 def save_policy_dir(policy, tokenizer, directory: Path, *, built_from_scratch: bool) -> None:
-    """A policy in Hugging Face format in ``directory`` (created), with its value head: the LM, or a LoRA policy's
-    adapter (loads onto the same base) -- merged into its base when that base was built from scratch, since no hub
-    holds it."""
-    from rlcli.models.value_head import save_value_head
+    """A policy in Hugging Face format in ``directory`` (created), with its value head or its separate critic
+    (``critic/``): the LM, or a LoRA policy's adapter (loads onto the same base) -- merged into its base when that base
+    was built from scratch, since no hub holds it."""
+    from rlcli.models.value_head import CRITIC_DIR, save_value_head
 
     lm = policy.pretrained
     if policy.is_peft and built_from_scratch:
@@ -169,6 +169,8 @@ def save_policy_dir(policy, tokenizer, directory: Path, *, built_from_scratch: b
     tokenizer.save_pretrained(directory)
     if policy.value_head is not None:
         save_value_head(policy.value_head, directory)
+    if policy.critic is not None:
+        save_policy_dir(policy.critic, tokenizer, directory / CRITIC_DIR, built_from_scratch=built_from_scratch)
 
 
 class BestKeeper:

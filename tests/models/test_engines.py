@@ -87,7 +87,9 @@ def test_lora_weights_are_merged_for_the_engine_and_the_policy_stays_adapted(tmp
     engine, m = _train(tmp_path, monkeypatch, extra=["lora.r=8"])
     assert not any("lora_" in n or "base_layer" in n for n in engine.synced_names[-1])
     assert all(x["sampler_logprob_diff"] < 1e-4 for x in m)  # merged weights compute what the adapted policy does
-    assert m[-1]["kl"] > 0.0  # and the policy (adapter on) moved away from its base (adapter off): still unmerged
+    # and the policy (adapter on) moved away from its base (adapter off): still unmerged (a merged adapter would make
+    # the two the same model, KL 0 to float rounding; a k1 estimate of a small KL may be either sign)
+    assert abs(m[-1]["kl"]) > 1e-3 and m[-1]["entropy"] > 0
 
 
 def test_plain_weights_round_trip_a_lora_model():
@@ -261,5 +263,6 @@ def test_a_corrected_perturbed_sampler_learns_like_the_exact_one(tmp_path, monke
     start = sum(x["reward_mean"] for x in runs["exact"][:3]) / 3
     assert final["exact"] > 3 * max(start, 0.1), final
     assert final["corrected"] > 0.75 * final["exact"], final
-    assert min(x["sampler_kl"] for x in runs["uncorrected"]) > 0.05
+    # the mismatch grows as the policy sharpens (about 0.007 at step 1, 0.6-0.8 from step 15 on)
+    assert max(x["sampler_kl"] for x in runs["uncorrected"]) > 0.1
     assert max(x["sampler_kl"] for x in runs["exact"]) < 1e-4

@@ -119,7 +119,7 @@ def test_ppo_matches_ddp(engine, ppo_ddp, tmp_path):
     assert [m["reward_mean"] for m in two] == [m["reward_mean"] for m in ddp]
     _close(ddp[1:], two[1:], "kl", 1e-3)
     policy = load_value_head_model(out)
-    assert policy.value_head is not None
+    assert policy.critic is not None and policy.critic.value_head is not None
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -99,7 +99,10 @@ def test_lora_policy_trains_against_disabled_adapter(tmp_path):
     m = read_metrics(out)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B starts at 0: adapter on == adapter off
     assert m[-1]["kl"] > 0.01  # the adapter moved the policy away from the disabled-adapter reference
-    assert (out / "adapter_config.json").exists() and (out / "value_head.safetensors").exists()
+    assert (out / "adapter_config.json").exists() and (out / "critic" / "value_head.safetensors").exists()
+    # the separate critic, trained as an adapter of its own on its own copy of the base, saved merged into that base
+    # (built from scratch here: no hub holds it) with its value head
+    assert (out / "critic" / "config.json").exists() and not (out / "value_head.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -230,3 +233,17 @@ def test_two_processes_update_like_one(estimator, tmp_path):
     assert "procs 2" in two.stdout
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
+
+
+def test_the_value_head_can_share_the_policys_trunk(tmp_path):
+    """critic.separate=false: one model, a value head on its last hidden state, saved beside the LM."""
+    out = tmp_path / "shared"
+    res = run_cli("ppo", TINY, f"output_dir={out}", "ppo.steps=3", *FAST, "critic.separate=false",
+                  "train.save_every=null")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "value_head.safetensors").exists() and not (out / "critic").exists()
+    from rlcli.models.value_head import load_value_head_model
+
+    policy = load_value_head_model(out)
+    assert policy.value_head is not None and policy.critic is None
+    assert "explained_variance" in read_metrics(out)[-1]

@@ -57,7 +57,7 @@ def test_held_out_metrics_at_the_chosen_steps_and_best_kept(evaluated):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "best")
-    assert (out / "best" / "value_head.safetensors").exists()
+    assert (out / "best" / "critic" / "value_head.safetensors").exists()  # the final output's layout
     assert (out / "curves.png").stat().st_size > 1000  # reward, KL, length and eval/pass@2 against the step
 
 

@@ -57,7 +57,9 @@ def test_chain_ppo_saves_only_the_policy_adapter(chain):
     from peft import PeftConfig
 
     _, _, ppo = chain
-    assert (ppo / "adapter_config.json").exists() and (ppo / "value_head.safetensors").exists()
+    # the policy's adapter, and the separate critic's (its own adapter and value head) in critic/
+    assert (ppo / "adapter_config.json").exists() and (ppo / "critic" / "value_head.safetensors").exists()
+    assert (ppo / "critic" / "adapter_config.json").exists()
     assert not (ppo / "reward").exists()  # the reward adapter shared the base but is not part of the policy
     assert PeftConfig.from_pretrained(str(ppo)).task_type == "CAUSAL_LM"
 
