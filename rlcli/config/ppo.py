@@ -226,6 +226,10 @@ class CriticConfig(Section):
     learning_rate: float | None = Field(None, gt=0)
     """The critic's learning rate (the value head's, or the separate critic's), on the same schedule as the policy's.
     Null: ``optim.learning_rate``."""
+    lam: float | None = Field(None, ge=0, le=1)
+    """GAE's λ for the critic's targets (the returns it learns), apart from ``ppo.lam`` for the policy's advantages.
+    1: Monte-Carlo returns, which do not lean on the critic's own values (VC-PPO's "decoupled GAE", Yuan et al.
+    2025). Null: ``ppo.lam``."""
     warmup_steps: int = Field(0, ge=0)
     """The first N PPO steps train the critic alone: the policy does not move (its learning rate is 0 there) while
     the values fit the returns of its rollouts (OpenRLHF's freezing_actor_steps, verl's critic_warmup)."""
@@ -378,7 +382,8 @@ class PPORecipe(RecipeBase):
                                                     f"KL(π‖π_ref)), or kl.mode=reward, where {kl.estimator} is a "
                                                     "per-token reward"))
         c = self.critic
-        if p.advantage != "gae" and (c.model is not None or c.learning_rate is not None or c.warmup_steps):
+        if p.advantage != "gae" and (c.model is not None or c.learning_rate is not None or c.warmup_steps
+                                     or c.lam is not None):
             problems.append(Problem("critic", f"ppo.advantage={p.advantage} trains no critic: leave the critic "
                                               "section out"))
         if c.model is not None and not c.separate:

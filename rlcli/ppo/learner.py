@@ -144,6 +144,7 @@ class PPOLearner:
         self.ev_watch = KLWatch(threshold=0.0, patience=5)
         # critic.warmup_steps: the first steps train the critic alone (the optimizer's "policy" group at lr 0)
         self.critic_warmup_steps = 0 if critic is None else critic.warmup_steps
+        self.critic_lam = None if critic is None else critic.lam
         if self.critic_warmup_steps and not any(g.get("name") == "critic" for g in optimizer.param_groups):
             raise ValueError("critic warm-up steps need the optimizer's critic parameters in a group named 'critic' "
                              "(rlcli.ppo.build.optimizer_groups)")
@@ -372,7 +373,7 @@ class PPOLearner:
         a = self.algo
         return AdvantageInputs(beta=self.kl_ctl.value, group_size=a.group_size, scaling=self.scaling,
                                values=fwd.values, gamma=a.gamma, lam=a.lam, whiten_rewards=a.whiten_rewards,
-                               whiten_advantages=a.whiten_advantages,
+                               whiten_advantages=a.whiten_advantages, critic_lam=self.critic_lam,
                                sum_over_processes=self._sum_tensor_over_processes if self.procs > 1 else None)
 
     def _optimise(self, b: Rollout, b_logprobs, b_values, b_ref_logprobs, b_advantages, b_returns) -> dict[str, float]:

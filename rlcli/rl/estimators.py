@@ -38,6 +38,9 @@ class AdvantageInputs:
     lam: float = 0.95
     whiten_rewards: bool = False
     whiten_advantages: bool = True
+    # GAE's λ of the critic's targets (the returns); None: ``lam``. 1 gives Monte-Carlo targets that do not lean on
+    # the critic's own values (VC-PPO's decoupled GAE)
+    critic_lam: float | None = None
     # sums a 1-D float64 tensor over processes (an all-reduce), so batch statistics are the whole batch's
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -59,12 +62,14 @@ class Estimator:
 
 def _gae(scores, kl, mask, x: AdvantageInputs) -> Advantages:
     """PPO with a critic: r_t = -β·KL_t, plus the score on the last model token; GAE over model tokens; advantages
-    whitened over the batch."""
+    whitened over the batch; the critic's targets from GAE with its own λ when ``critic_lam`` is set."""
     rewards = score_and_kl_rewards(scores, kl, mask, x.beta)
     if x.whiten_rewards:
         rewards = masked_whiten(rewards, mask, restore_mean=True, sum_over_processes=x.sum_over_processes,
                                 min_std=WHITEN_MIN_STD)
     advantages, returns = gae(x.values, rewards, mask, x.gamma, x.lam)
+    if x.critic_lam is not None and x.critic_lam != x.lam:
+        _, returns = gae(x.values, rewards, mask, x.gamma, x.critic_lam)
     if x.whiten_advantages:
         advantages = masked_whiten(advantages, mask, sum_over_processes=x.sum_over_processes, min_std=WHITEN_MIN_STD)
     return rewards, advantages, returns

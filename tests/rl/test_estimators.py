@@ -113,3 +113,20 @@ def test_whitening_in_the_estimators_has_a_floor():
     m = 0.00075
     want = (torch.tensor([[0.0, 0.001], [0.0, 0.002]]) - m) / WHITEN_MIN_STD + m
     torch.testing.assert_close(rewards, want, atol=1e-5, rtol=0)
+
+
+def test_the_critic_can_learn_towards_returns_of_its_own_lambda():
+    """Decoupled GAE (VC-PPO): the policy's advantages from ppo.lam, the critic's targets from critic.lam."""
+    from rlcli.rl.advantages import gae
+    from rlcli.rl.rewards import score_and_kl_rewards
+
+    scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    values = torch.tensor([[0.3, 0.6, 0.0], [0.2, 0.1, 0.5], [0.9, 0.0, 0.0], [0.4, 0.2, 0.0]])
+    kl = torch.full((4, 3), 0.1)
+    x = AdvantageInputs(beta=0.1, values=values, lam=0.9, whiten_advantages=False, critic_lam=1.0)
+    rewards, advantages, returns = ESTIMATORS["gae"].advantages(scores, kl, MASK, x)
+    want_rewards = score_and_kl_rewards(scores, kl, MASK, 0.1)
+    torch.testing.assert_close(advantages, gae(values, want_rewards, MASK, 1.0, 0.9)[0])
+    torch.testing.assert_close(returns, gae(values, want_rewards, MASK, 1.0, 1.0)[1])
+    # λ = 1: the returns are the rewards to go, whatever the values (row 0: r = -0.01, 1 - 0.01; 0 off the mask)
+    torch.testing.assert_close(returns[0], torch.tensor([0.98, 0.99, 0.0]))
