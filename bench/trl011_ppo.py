@@ -169,6 +169,7 @@ def refusals(recipe) -> list[str]:
         (o.lr_scheduler == "constant" and o.warmup_steps == 0, "a constant learning rate (TRL: no scheduler)"),
         (gen.top_k == 0 and gen.top_p == 1.0 and not gen.stop_strings and gen.min_new_tokens == 0
          and gen.engine == "local", "plain sampling: top_k 0, top_p 1, no stop strings, no min_new_tokens, local"),
+        (not recipe.critic.separate, "critic.separate false (TRL 0.11's value head shares the policy's trunk)"),
         (recipe.lora is None and recipe.env is None and recipe.ref_model is None,
          "no LoRA, no text environment, no separate ref_model"),
         (recipe.model.dtype == "float32" and recipe.train.mixed_precision == "no", "float32, no mixed precision"),
@@ -360,7 +361,8 @@ def main() -> None:
     python = trl_venv(a.trl_venv)
     if a.setup_only:
         return
-    overrides = [f"model.config.n_embd={a.width}", *a.overrides]
+    # TRL 0.11's value head sits on the policy's trunk: the same work means rlcli's shared head too
+    overrides = ["critic.separate=false", f"model.config.n_embd={a.width}", *a.overrides]
     report: dict = {"threads": THREADS, "steps": a.steps, "rounds": a.rounds, "trl": TRL_VERSION,
                     "trl_stack": TRL_STACK, "overrides": overrides, "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="rlcli-trl011-") as tmp:

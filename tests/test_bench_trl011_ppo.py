@@ -30,7 +30,7 @@ def tiny(*overrides: str):
     from rlcli.config.loader import load_recipe
     from rlcli.config.ppo import PPORecipe
 
-    return load_recipe(PPORecipe, REPO / "configs" / "tiny" / "ppo.yaml", list(overrides))
+    return load_recipe(PPORecipe, REPO / "configs" / "tiny" / "ppo.yaml", ["critic.separate=false", *overrides])
 
 
 def test_torch_is_installed_alone_and_the_stack_pinned(bench):
@@ -68,6 +68,7 @@ def test_the_tiny_recipe_is_accepted_and_what_trl_lacks_is_refused(bench):
     said = " ".join(bench.refusals(tiny("kl.adaptive=true", "ppo.entropy_coef=0.01", "generation.top_k=5")))
     assert "fixed KL" in said and "entropy_coef" in said and "top_k 0" in said
     assert bench.refusals(tiny("ppo.advantage=grpo", "ppo.group_size=4", "kl.estimator=k3"))
+    assert "value head shares" in " ".join(bench.refusals(tiny("critic.separate=true")))
 
 
 def test_trl_gets_rlcli_prompts_in_rlcli_order(bench):
