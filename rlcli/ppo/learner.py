@@ -51,6 +51,7 @@ from rlcli.rl import (
 )
 from rlcli.rl.chunked import token_stats
 from rlcli.rl.kl import LOG_RATIO_CLAMP
+from rlcli.rl.masked import WHITEN_MIN_STD
 from rlcli.rl.estimators import ESTIMATORS, AdvantageInputs
 from rlcli.rl.losses import LossSettings, importance_weights, ppo_loss
 from rlcli.seeds import shuffle_generator
@@ -596,9 +597,11 @@ class PPOLearner:
             stats["value_mean"] = v_sum / t
             stats["value_error"] = math.sqrt(err_sq / t)  # root mean square of returns - values
             # 1 - Var[returns - values] / Var[returns] over the model tokens of every process: 1 a perfect critic,
-            # 0 no better than a constant, below 0 worse than one (undefined when the returns do not vary)
-            var_returns = ret_sq / t - (ret_sum / t) ** 2
-            if var_returns > 1e-12:
+            # 0 no better than a constant, below 0 worse than one. Undefined (not logged) when the returns vary by
+            # less than the whitening floor: every episode scored alike leaves only noise to explain
+            var_returns = max(ret_sq / t - (ret_sum / t) ** 2, 0.0)
+            stats["return_std"] = math.sqrt(var_returns)
+            if var_returns >= WHITEN_MIN_STD**2:
                 stats["explained_variance"] = 1.0 - (err_sq / t - (err_sum / t) ** 2) / var_returns
         if rollout.sampler_logprobs is not None:
             # the sampler's log-probs against the training forward's, same weights: 0 up to float noise; large

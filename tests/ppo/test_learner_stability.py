@@ -191,3 +191,15 @@ def test_the_learner_switches_dropout_off():
     rollout, _ = _rollout(tok, policy)
     stats = learner.step(rollout, torch.linspace(0.0, 1.0, 8))
     assert stats["ratio_first"] == pytest.approx(1.0, abs=1e-5) and stats["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_explained_variance_is_left_out_when_the_returns_hardly_vary():
+    """Every episode scored alike (no KL yet, Monte-Carlo returns): the returns vary by less than the whitening floor,
+    so there is nothing to explain; the statistic is not logged (a 0 or a huge negative number would mislead),
+    return_std is."""
+    tok, policy, learner = _setup(lr=1e-9, lam=1.0)
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.ones(8))
+    assert "explained_variance" not in stats and stats["return_std"] < 1e-2
+    stats = learner.step(rollout, torch.linspace(0.0, 1.0, 8))
+    assert "explained_variance" in stats and stats["return_std"] > 0.1
