@@ -33,9 +33,14 @@ def reward_source_problems(reward, env) -> list[Problem]:
     if reward.has_source:
         return []
     if env is not None and env.environment_specs():
-        from rlcli.env.build import env_owns_reward
+        from rlcli.config.errors import UserError
+        from rlcli.env.build import build_environments
 
-        if env_owns_reward(env):
+        try:
+            envs = build_environments(env)
+        except UserError:
+            return []  # check_env names what is wrong with the environment; whether it owns a reward is unknown
+        if envs is not None and envs.owns_reward:
             return []
         return [Problem("reward", "no reward source, and the environment has no get_reward method: give "
                                   "reward.function, reward.model, reward.adapter or reward.url")]
