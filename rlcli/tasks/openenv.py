@@ -1,5 +1,5 @@
 """OpenEnv environments as stateful environments: ``env.environment: {spec: builtin:openenv, options: {...}}``
-(``pip install 'rlcli[openenv]'``), in-process from an ``Environment`` class or through OpenEnv's own client against
+(``pip install 'rlcli[openenv]'``, then ``pip install --no-deps openenv==0.10.0``), in-process from an ``Environment`` class or through OpenEnv's own client against
 a running server, one episode per environment instance or WebSocket session.
 
 - in-process: ``environment: path/to/file.py:MyEnv`` (or ``module:MyEnv``), constructed once per episode with
@@ -31,7 +31,7 @@ import types
 import typing
 from typing import Any
 
-EXTRA = "pip install 'rlcli[openenv]'  (openenv==0.10.0)"
+EXTRA = "pip install 'rlcli[openenv]' && pip install --no-deps openenv==0.10.0"
 JSON_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list, "object": dict}
 HIDDEN = ("done", "reward", "metadata")
 
