@@ -1,6 +1,7 @@
 """OpenEnv environments as stateful environments: ``env.environment: {spec: builtin:openenv, options: {...}}``
-(``pip install 'rlcli[openenv]'``, then ``pip install --no-deps openenv==0.10.0``), in-process from an ``Environment`` class or through OpenEnv's own client against
-a running server, one episode per environment instance or WebSocket session.
+(``pip install 'rlcli[openenv]'``, then ``pip install --no-deps openenv==0.10.0``), in-process from an
+``Environment`` class or through OpenEnv's own client against a running server, one episode per environment
+instance or WebSocket session.
 
 - in-process: ``environment: path/to/file.py:MyEnv`` (or ``module:MyEnv``), constructed once per episode with
   ``environment_options``; its ``step`` gets an instance of its ``Action`` class (``action_class``, else the

@@ -229,3 +229,11 @@ def _two_steps(server, tmp_path, monkeypatch):
             assert h.env_error is None and score == pytest.approx(h.env_reward)
             assert "Count from 1 to" in h.segments[0].text
     assert server.sessions()["live"] == 0 and server.sessions()["most"] <= 8
+
+
+def test_recipe_dry_run():
+    from tests.conftest import run_cli
+
+    done = run_cli("ppo", RECIPE, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "builtin:openenv" in done.stdout and "dry run OK" in plain(done.stdout)

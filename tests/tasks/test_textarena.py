@@ -166,3 +166,37 @@ def test_recipe_two_grpo_steps_on_a_tiny_model(tmp_path, monkeypatch):
             assert "Guess The Number" in h.segments[0].text
     assert all(m["env_errors"] == 0 for m in metrics[1:])
     assert json.loads((out / "samples.jsonl").read_text().splitlines()[0])["prompt"]
+
+
+@pytest.mark.parametrize("game, move", [("TowerOfHanoi-v0", "[A C]"), ("FrozenLake-v0", "[down]"),
+                                        ("Mastermind-v0", "[1 2 3 4]"), ("GuessTheNumber-v0-hardcore", "[25]")])
+def test_any_single_player_game_id_plays(game, move):
+    """Other single-player ids, by name only: the observation the game gives, a move the game takes, and the
+    reward TextArena itself gives once the game is over (played to its end with the same move)."""
+    episode = TextArenaGame(game)
+    first = episode.reset(seed=7)
+    assert first and "[GAME]" in first
+    answers = []
+    for _ in range(60):
+        answers.append(episode._respond(move))
+        if episode.done:
+            break
+    assert answers[0] and all(a for a in answers)
+    env = ta.make(game)
+    env.reset(num_players=1, seed=7)
+    for _ in range(len(answers)):
+        done, _ = env.step(move)
+    assert episode.done == done
+    if done:
+        rewards, _ = env.close()
+        assert episode.get_reward() == rewards[0]
+    else:
+        assert episode.get_reward() == 0.0
+
+
+def test_recipe_dry_run():
+    from tests.conftest import run_cli
+
+    done = run_cli("ppo", RECIPE, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "builtin:textarena" in done.stdout and "dry run OK" in plain(done.stdout)
