@@ -231,9 +231,7 @@ def _two_steps(server, tmp_path, monkeypatch):
     assert server.sessions()["live"] == 0 and server.sessions()["most"] <= 8
 
 
-def test_recipe_dry_run():
-    from tests.conftest import run_cli
-
-    done = run_cli("ppo", RECIPE, "--dry-run")
-    assert done.returncode == 0, done.stderr
-    assert "builtin:openenv" in done.stdout and "dry run OK" in plain(done.stdout)
+def test_recipe_dry_run(monkeypatch):
+    code, stdout, stderr = invoke_cli("ppo", RECIPE, "--dry-run", monkeypatch=monkeypatch)
+    assert code == 0, stdout + stderr
+    assert "builtin:openenv" in stdout and "dry run OK" in plain(stdout)

@@ -116,12 +116,10 @@ def test_dry_run_without_the_package_names_the_extra(monkeypatch):
     assert "data.reasoning_gym" in text and "rlcli[reasoning]" in text and "reasoning_gym.yaml" in text
 
 
-def test_recipe_dry_run():
-    from tests.conftest import run_cli
-
-    done = run_cli("ppo", RECIPE, "--dry-run")
-    assert done.returncode == 0, done.stderr
-    assert "200 rows at seed 1000003" in plain(done.stdout)
+def test_recipe_dry_run(monkeypatch):
+    code, stdout, stderr = invoke_cli("ppo", RECIPE, "--dry-run", monkeypatch=monkeypatch)
+    assert code == 0, stdout + stderr
+    assert "200 rows at seed 1000003" in plain(stdout)
 
 
 @pytest.fixture(scope="module")

@@ -194,9 +194,7 @@ def test_any_single_player_game_id_plays(game, move):
         assert episode.get_reward() == 0.0
 
 
-def test_recipe_dry_run():
-    from tests.conftest import run_cli
-
-    done = run_cli("ppo", RECIPE, "--dry-run")
-    assert done.returncode == 0, done.stderr
-    assert "builtin:textarena" in done.stdout and "dry run OK" in plain(done.stdout)
+def test_recipe_dry_run(monkeypatch):
+    code, stdout, stderr = invoke_cli("ppo", RECIPE, "--dry-run", monkeypatch=monkeypatch)
+    assert code == 0, stdout + stderr
+    assert "builtin:textarena" in stdout and "dry run OK" in plain(stdout)
