@@ -3,11 +3,12 @@ rlcli side is (``_common.RLCLI_DRIVER``).
 
     python bench/_trl_driver.py SPEC.json RESULT.json
 
-SPEC (written by trl_compare.py) says the task (``sft``, ``grpo`` or ``reasoning``), the model directory, the data file (rows
-already in the order rlcli draws them), the chat template, and the trainer's settings. RESULT gets ``step_seconds``,
-``peak_rss_steps``, ``peak_rss_run``, ``logs`` (TRL's log line per step) and what the batches held (``sft``: real
-tokens, padded positions and target tokens per step and the first examples' token ids; ``grpo``: the first prompt's
-token ids), so the two sides' work can be compared.
+SPEC (written by trl_compare.py) says the task (``sft``, ``grpo`` or ``reasoning``), the model directory, the data
+file (rows already in the order rlcli draws them), the chat template, and the trainer's settings. RESULT gets
+``step_seconds``, ``peak_rss_steps``, ``peak_rss_run``, ``logs`` (TRL's log line per step) and what the batches held
+(``sft``: real tokens, padded positions and target tokens per step and the first examples' token ids; ``grpo`` and
+``reasoning``: the first prompt's token ids), so the two sides' work can be compared. ``reasoning`` also saves the
+final LoRA adapter in ``OUTPUT_DIR/adapter`` for the held-out evaluation.
 
 Runs without rlcli on the path (only the standard library, torch, transformers, peft, datasets and TRL): the
 calculator is rlcli's own ``rlcli/env/builtin_tools.py`` loaded as a plain module (it needs only the standard

@@ -63,7 +63,8 @@ class ReasoningGymSource(Section):
             raise ValueError("'config' belongs to 'dataset'; in a mix each entry of 'datasets' has its own config")
         if self.datasets is not None and not self.datasets:
             raise ValueError("'datasets' is empty: name at least one")
-        reserved = sorted({"seed", "size"} & set(self.config).union(*(d.config for d in (self.datasets or {}).values())))
+        configs = [self.config, *(d.config for d in (self.datasets or {}).values())]
+        reserved = sorted({"seed", "size"} & set().union(*configs))
         if reserved:
             raise ValueError(f"{', '.join(reserved)} in a dataset config: set reasoning_gym.seed / size / eval_seed / "
                              "eval_size instead")

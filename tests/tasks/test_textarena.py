@@ -98,7 +98,7 @@ def test_an_episode_out_of_turns_scores_unfinished_reward_and_a_refused_move_is_
                              {0: ["[30]", "no move", "[30]"], 1: ["[1]", "[2]", "[3]"]}, max_turns=3)
     # episode 0: two invalid moves (outside the range, then no move) exhaust GuessTheNumber's error allowance: the
     # game ends it with its own penalty; episode 1 runs out of turns with the game still on
-    played, reward = played_directly("GuessTheNumber-v0", seed, ["[30]", "no move"])
+    _, reward = played_directly("GuessTheNumber-v0", seed, ["[30]", "no move"])
     assert histories[0].finish_reason == "done" and histories[0].env_reward == reward
     # its last turn is not played (rlcli answers every turn but the last): the game is still on
     assert histories[1].finish_reason == "eos" and histories[1].num_turns == 3 and histories[1].env_reward == -0.5
