@@ -4,8 +4,8 @@ up from 1 to a target, one number per step.
 ``reset(seed)`` picks the target (``seed % 4 + 2``: 2 to 5) and says it; each ``step(CountAction(number=...))`` is
 right when it is the next number (step reward 1) and ends the episode when it reaches the target; a wrong number
 ends it with step reward 0. So a perfect episode's summed reward is the target, its last step reward 1.
-``CountAction(number="crash")`` kills the serving process when ``OPENENV_TEST_CRASH`` is set (a server that dies
-mid-episode). Serve it on loopback: ``python recipes/openenv_count.py PORT [MAX_SESSIONS]``; the recipe's
+With ``OPENENV_TEST_CRASH`` set, ``CountAction(number="crash")`` kills the serving process (a server that dies
+mid-episode) and ``number="hang"`` stalls the step for 30 s (a server that stops answering). Serve it on loopback: ``python recipes/openenv_count.py PORT [MAX_SESSIONS]``; the recipe's
 ``env.environment.options.url: http://127.0.0.1:PORT`` then plays it remotely.
 """
 
@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Optional
 
 from pydantic import Field
@@ -57,6 +58,8 @@ class CountingEnv(Environment):
     def step(self, action: CountAction, timeout_s: Optional[float] = None, **kwargs: Any) -> CountObservation:
         if action.number == "crash" and os.environ.get("OPENENV_TEST_CRASH"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if action.number == "hang" and os.environ.get("OPENENV_TEST_CRASH"):
+            time.sleep(30)
         self._state.step_count += 1
         if action.number.strip() == str(self.count + 1):
             self.count += 1

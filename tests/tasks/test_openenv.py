@@ -183,6 +183,21 @@ def test_a_server_that_dies_mid_episode_costs_that_episode_only():
         fresh.stop()
 
 
+def test_a_server_that_stops_answering_costs_that_episode_only():
+    """A step the server does not answer within message_timeout_s fails its episode; the episode beside it on the
+    same server finishes with its reward, and the hung session is closed."""
+    slow = Server(crash=True)
+    try:
+        plans = {0: [call("1"), call("2")], 1: [call("hang"), call("1")]}
+        started = time.time()
+        histories = run_episodes({"url": slow.url, "message_timeout_s": 2}, [{"seed": 0}, {"seed": 1}], plans)
+        assert time.time() - started < 25  # the 2 s limit, not the server's 30 s stall
+        assert histories[0].env_error is None and histories[0].env_reward == 2.0
+        assert histories[1].finish_reason == "env_error" and "Timeout" in histories[1].env_error
+    finally:
+        slow.stop()
+
+
 def test_bad_options_are_named_by_dry_run(monkeypatch):
     code, out, err = invoke_cli("ppo", RECIPE, "--dry-run", *TINY,
                                 "env.environment={spec: builtin:openenv, options: {url: 'http://127.0.0.1:9'}}",
