@@ -2,7 +2,8 @@
 up from 1 to a target, one number per step.
 
 ``reset(seed)`` picks the target (``seed % 4 + 2``: 2 to 5) and says it; each ``step(CountAction(number=...))`` is
-right when it is the next number (step reward 1) and ends the episode when it reaches the target; a wrong number
+right when the first number in it is the next number (step reward 1) and ends the episode when it reaches the
+target; a wrong number
 ends it with step reward 0. So a perfect episode's summed reward is the target, its last step reward 1.
 With ``OPENENV_TEST_CRASH`` set, ``CountAction(number="crash")`` kills the serving process (a server that dies
 mid-episode) and ``number="hang"`` stalls the step for 30 s (a server that stops answering). Serve it on loopback: ``python recipes/openenv_count.py PORT [MAX_SESSIONS]``; the recipe's
@@ -12,6 +13,7 @@ mid-episode) and ``number="hang"`` stalls the step for 30 s (a server that stops
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -53,7 +55,8 @@ class CountingEnv(Environment):
     def reset(self, seed: Optional[int] = None, episode_id: Optional[str] = None, **kwargs: Any) -> CountObservation:
         self.target, self.count = (int(seed or 0) % 4) + 2, 0
         self._state = State(episode_id=episode_id, step_count=0)
-        return CountObservation(text=f"Count from 1 to {self.target}, one number per turn.", done=False, reward=None)
+        return CountObservation(text=f"Count from 1 to {self.target}, one number per turn: reply with the next number "
+                                     "only, starting with 1.", done=False, reward=None)
 
     def step(self, action: CountAction, timeout_s: Optional[float] = None, **kwargs: Any) -> CountObservation:
         if action.number == "crash" and os.environ.get("OPENENV_TEST_CRASH"):
@@ -61,7 +64,8 @@ class CountingEnv(Environment):
         if action.number == "hang" and os.environ.get("OPENENV_TEST_CRASH"):
             time.sleep(30)
         self._state.step_count += 1
-        if action.number.strip() == str(self.count + 1):
+        said = re.search(r"-?\d+", action.number)  # the first number in the reply is the move
+        if said is not None and int(said.group()) == self.count + 1:
             self.count += 1
             done = self.count == self.target
             return CountObservation(text="done" if done else f"ok, {self.count}", done=done, reward=1.0)
