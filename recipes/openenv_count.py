@@ -3,10 +3,10 @@ up from 1 to a target, one number per step.
 
 ``reset(seed)`` picks the target (``seed % 4 + 2``: 2 to 5) and says it; each ``step(CountAction(number=...))`` is
 right when the first number in it is the next number (step reward 1) and ends the episode when it reaches the
-target; a wrong number
-ends it with step reward 0. So a perfect episode's summed reward is the target, its last step reward 1.
-With ``OPENENV_TEST_CRASH`` set, ``CountAction(number="crash")`` kills the serving process (a server that dies
-mid-episode) and ``number="hang"`` stalls the step for 30 s (a server that stops answering). Serve it on loopback: ``python recipes/openenv_count.py PORT [MAX_SESSIONS]``; the recipe's
+target; a wrong number ends it with step reward 0. So a perfect episode's summed reward is the target, its last step
+reward 1. With ``OPENENV_TEST_CRASH`` set, ``CountAction(number="crash")`` kills the serving process (a server that
+dies mid-episode) and ``number="hang"`` stalls the step for 30 s (a server that stops answering). Serve it on
+loopback: ``python recipes/openenv_count.py PORT [MAX_SESSIONS]``; the recipe's
 ``env.environment.options.url: http://127.0.0.1:PORT`` then plays it remotely.
 """
 
