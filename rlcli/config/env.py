@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from rlcli.config.common import ModelConfig, RecipeBase, Section
 from rlcli.config.reward import RewardConfig
+from rlcli.config.tasks import ReasoningGymSource
 
 
 class ToolSpec(Section):
@@ -99,16 +100,30 @@ class EnvConfig(Section):
 class RolloutData(Section):
     """Prompts for ``rlcli env-rollout``."""
 
-    path: str
-    """A local file or directory (jsonl, json, csv, parquet) or a hub dataset id."""
+    path: str | None = None
+    """A local file or directory (jsonl, json, csv, parquet) or a hub dataset id (or, instead, ``reasoning_gym``)."""
+    reasoning_gym: ReasoningGymSource | None = None
+    """Generate the prompts with reasoning-gym instead of reading ``path``: ``split: train`` the training rows,
+    ``split: eval`` the held-out ones (docs/environments.md, "Tasks from reasoning-gym")."""
     split: str = "train"
-    """Dataset split (hub datasets; a local directory's files named after it)."""
+    """Dataset split (hub datasets; a local directory's files named after it; ``train`` or ``eval`` with
+    ``reasoning_gym``)."""
     name: str | None = None
     """Hub dataset configuration name."""
     prompt_field: str | None = None
     """Column with the prompt text (default: prompt, query or text)."""
     max_rows: int | None = Field(None, gt=0)
     """Use the first N rows (default: all)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RolloutData":
+        from rlcli.config.errors import RecipeProblems
+        from rlcli.config.tasks import task_source_problems
+
+        problems = task_source_problems(self, "data")
+        if problems:
+            raise RecipeProblems(problems)
+        return self
 
 
 class EnvRolloutRecipe(RecipeBase):

@@ -9,6 +9,7 @@ from pydantic import ValidationInfo, Field, field_validator, model_validator
 from rlcli.config.env import EnvConfig
 from rlcli.config.errors import Problem, RecipeProblems
 from rlcli.config.reward import RewardConfig
+from rlcli.config.tasks import ReasoningGymSource
 from rlcli.config.common import (
     DataSource,
     LoraConfig,
@@ -25,6 +26,11 @@ from rlcli.config.common import (
 class PromptData(DataSource):
     """Prompts (queries) to generate from, one per row; the whole row is passed to a function reward."""
 
+    path: str | None = None
+    """Local file/dir, or hub dataset id (or, instead, ``reasoning_gym``)."""
+    reasoning_gym: ReasoningGymSource | None = None
+    """Generate the prompts and held-out prompts with reasoning-gym instead of reading ``path``
+    (docs/environments.md, "Tasks from reasoning-gym")."""
     prompt_field: str | None = None
     """Column with the prompt text. Default: ``prompt``, else ``query``, else ``text``."""
     prompt_length: tuple[int, int] | None = None
@@ -41,6 +47,15 @@ class PromptData(DataSource):
         if v is not None and not (0 < v[0] <= v[1]):
             raise ValueError(f"prompt_length must be [min, max] with 0 < min <= max, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptData":
+        from rlcli.config.tasks import task_source_problems
+
+        problems = task_source_problems(self, "data")
+        if problems:
+            raise RecipeProblems(problems)
+        return self
 
 
 class VLLMConfig(Section):
@@ -308,6 +323,8 @@ class PPORecipe(RecipeBase):
     def has_eval(self) -> bool:
         """True when the run evaluates: held-out prompts in ``data`` (the ``eval`` section then tunes how)."""
         d = self.data
+        if d.reasoning_gym is not None:
+            return d.reasoning_gym.eval_size > 0
         return d.eval_path is not None or d.eval_split is not None or d.eval_fraction > 0
 
     @model_validator(mode="after")
@@ -338,7 +355,8 @@ class PPORecipe(RecipeBase):
         return self
 
     def _eval_problems(self) -> list[Problem]:
-        held_out = "data.eval_path, data.eval_split or data.eval_fraction"
+        held_out = ("data.reasoning_gym.eval_size" if self.data.reasoning_gym is not None
+                    else "data.eval_path, data.eval_split or data.eval_fraction")
         if not self.has_eval:
             if self.eval is not None:
                 return [Problem("eval", f"evaluation needs held-out prompts: set {held_out}")]

@@ -45,6 +45,10 @@ def load_prompt_rows(data, *, messages: bool = False) -> tuple[list[dict], str]:
     the prompt column; every row checked. ``messages``: a prompt may be a list of chat messages (chat protocol)."""
     from rlcli.data.sources import load_rows
 
+    if getattr(data, "reasoning_gym", None) is not None:
+        from rlcli.tasks import reasoning_gym
+
+        return reasoning_gym.load_rows(data)
     rows = load_rows(data.path, data.split, data.name, data.max_rows)
     column = prompt_column(rows.column_names, data.prompt_field, data.path)
     if column not in rows.column_names and "." in column:

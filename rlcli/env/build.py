@@ -59,9 +59,10 @@ def build_environments(cfg: EnvConfig, tools: dict[str, Callable] | None = None)
         if clash:
             raise UserError(f"its methods {', '.join(clash)} have the names of env.tools entries; rename one",
                             key=key)
-        if not kind.tool_names and not tools:
+        if not kind.tool_names and not tools and not kind.responds:
+            # an environment that answers plain turns (_respond: a game played in text) needs no tools
             raise UserError(f"{type(kind.probe).__name__} has no public methods, so the model has no tools; add a "
-                            "method or env.tools", key=key)
+                            "method, a _respond method or env.tools", key=key)
         kinds[name] = kind
     return Environments(kinds, cfg.environment_column, cfg.tool_timeout_s)
 

@@ -59,8 +59,10 @@ class EnvironmentFailed(Exception):
 
 def builtin_environments() -> dict[str, Callable[..., Any]]:
     from rlcli.env.python_session import PythonSession
+    from rlcli.tasks.openenv import OpenEnvEpisode
+    from rlcli.tasks.textarena import TextArenaGame
 
-    return {"python_session": PythonSession}
+    return {"python_session": PythonSession, "textarena": TextArenaGame, "openenv": OpenEnvEpisode}
 
 
 def resolve_environment(spec: str, options: Mapping[str, Any] | None = None, *, key: str) -> Callable[[], Any]:

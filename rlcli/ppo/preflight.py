@@ -33,9 +33,14 @@ def reward_source_problems(reward, env) -> list[Problem]:
     if reward.has_source:
         return []
     if env is not None and env.environment_specs():
-        from rlcli.env.build import env_owns_reward
+        from rlcli.config.errors import UserError
+        from rlcli.env.build import build_environments
 
-        if env_owns_reward(env):
+        try:
+            envs = build_environments(env)
+        except UserError:
+            return []  # check_env names what is wrong with the environment; whether it owns a reward is unknown
+        if envs is not None and envs.owns_reward:
             return []
         return [Problem("reward", "no reward source, and the environment has no get_reward method: give "
                                   "reward.function, reward.model, reward.adapter or reward.url")]
@@ -47,6 +52,10 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
     """Everything checkable without weights; raises ``RecipeError`` listing all problems."""
     task = policy_task(recipe)
     problems = check_model_config(recipe.model, task) + check_data_source(recipe.data)
+    if recipe.data.reasoning_gym is not None:
+        from rlcli.tasks.reasoning_gym import check_source
+
+        problems += check_source(recipe.data.reasoning_gym)
     if recipe.ref_model is not None:
         problems += check_model_config(recipe.ref_model, task, key="ref_model")
     problems += check_reward(recipe)
@@ -149,8 +158,12 @@ def describe_evaluation(recipe: PPORecipe) -> str:
     from rlcli.config.ppo import EvalConfig
 
     d, e = recipe.data, recipe.eval or EvalConfig()
-    source = (f"{d.eval_path or d.path} ({d.eval_split or 'train'})" if d.eval_path or d.eval_split
-              else f"{d.eval_fraction:g} of the training prompts")
+    if d.reasoning_gym is not None:
+        rg = d.reasoning_gym
+        source = f"reasoning-gym, {rg.eval_size} rows at seed {rg.eval_seed} (none of them a training question)"
+    else:
+        source = (f"{d.eval_path or d.path} ({d.eval_split or 'train'})" if d.eval_path or d.eval_split
+                  else f"{d.eval_fraction:g} of the training prompts")
     when = (f"every {e.every} steps and at the end" if e.every else "at the end") + (", and before step 1"
                                                                                       if e.at_start else "")
     how = "greedy" if e.temperature == 0 else f"temperature {e.temperature:g}"

@@ -53,7 +53,12 @@ def preflight(recipe: EnvRolloutRecipe, origin: Origin | str = "recipe", process
     problems = check_model_config(recipe.model, "causal") + check_env(recipe.env)
     from rlcli.config.common import DataSource
 
-    problems += check_data_source(DataSource(path=recipe.data.path, split=recipe.data.split))
+    if recipe.data.reasoning_gym is not None:
+        from rlcli.tasks.reasoning_gym import check_source
+
+        problems += check_source(recipe.data.reasoning_gym)
+    else:
+        problems += check_data_source(DataSource(path=recipe.data.path, split=recipe.data.split))
     if recipe.reward is not None and recipe.reward.function is not None:
         try:
             check_reward_function(recipe.reward.function)
