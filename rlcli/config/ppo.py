@@ -400,10 +400,6 @@ class PPORecipe(RecipeBase):
                                                     f"KL(π‖π_ref)), or kl.mode=reward, where {kl.estimator} is a "
                                                     "per-token reward"))
         c = self.critic
-        if p.advantage != "gae" and (c.model is not None or c.learning_rate is not None or c.warmup_steps
-                                     or c.lam is not None):
-            problems.append(Problem("critic", f"ppo.advantage={p.advantage} trains no critic: leave the critic "
-                                              "section out"))
         if c.model is not None and not c.separate:
             problems.append(Problem("critic.model", "critic.model sets a separate critic's weights: add "
                                                     "critic.separate: true"))

@@ -112,17 +112,21 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
         from rlcli.env.build import prompt_notes, sandbox_notes
 
         notes += prompt_notes(recipe.env) + sandbox_notes(recipe.env)
-        notes += env_generation_notes(recipe)
+    notes += recipe_notes(recipe)
     return notes
 
 
-def env_generation_notes(recipe: PPORecipe) -> list[str]:
-    """Generation keys a recipe sets that its text environment overrides (legal, but worth saying)."""
-    gen = recipe.generation
-    if recipe.env is None or "max_new_tokens" not in gen.model_fields_set:
-        return []
-    return [f"generation.max_new_tokens ({gen.max_new_tokens}) is not used with env: each model turn's budget is "
-            f"env.max_new_tokens ({recipe.env.max_new_tokens})"]
+def recipe_notes(recipe: PPORecipe) -> list[str]:
+    """Keys a recipe sets that this run does not use (legal, but worth saying): generation.max_new_tokens under a
+    text environment; critic settings with a critic-free estimator (a recipe shared by several estimators)."""
+    gen, c, notes = recipe.generation, recipe.critic, []
+    if recipe.env is not None and "max_new_tokens" in gen.model_fields_set:
+        notes.append(f"generation.max_new_tokens ({gen.max_new_tokens}) is not used with env: each model turn's "
+                     f"budget is env.max_new_tokens ({recipe.env.max_new_tokens})")
+    unused = [f"critic.{k}" for k in ("model", "learning_rate", "lam", "warmup_steps") if getattr(c, k)]
+    if recipe.critic_free and unused:
+        notes.append(f"{', '.join(unused)} not used: ppo.advantage={recipe.ppo.advantage} trains no critic")
+    return notes
 
 
 def check_vllm(recipe: PPORecipe, task: str) -> list[Problem]:

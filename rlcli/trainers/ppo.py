@@ -31,7 +31,7 @@ from rlcli.models.loading import load_tokenizer
 from rlcli.ppo.build import build_engine, build_learner, rollout_setup, save_policy
 from rlcli.ppo.evaluation import BestKeeper, Evaluator, held_out_prompts, save_policy_dir
 from rlcli.ppo.learner import ForbiddenTokenError, NonFiniteLossError
-from rlcli.ppo.preflight import describe_estimator, env_generation_notes, policy_task, preflight
+from rlcli.ppo.preflight import describe_estimator, policy_task, preflight, recipe_notes
 from rlcli.ppo.rollout import Episodes, collect_episodes, env_metrics
 from rlcli.trainers.loop import Run, describe_model
 
@@ -119,7 +119,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
         console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}"
                       + ("; one optimizer step per batch: π_old from the training forward, no separate policy pass"
                          if reuse else ""), style="dim")
-        for note in env_generation_notes(recipe):
+        for note in recipe_notes(recipe):
             console.print(f"note: {note}", style="yellow")
 
     shown = ("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")

@@ -86,3 +86,18 @@ def test_missing_tracker_package_is_found_by_dry_run(tmp_path):
     res = run_cli("sft", TINY, f"output_dir={tmp_path / 'o'}", "logging.report_to=[tensorboard]", "--dry-run")
     _fails(res, 2, "command line: logging.report_to.0: tensorboard is not installed",
            "pip install tensorboard", "rlcli[tensorboard]")
+
+
+def test_critic_settings_with_a_critic_free_estimator_are_a_note(monkeypatch):
+    """One recipe for several estimators (bench/compare_estimators.py overrides ppo.advantage on the calculator's):
+    the critic section is not an error with GRPO, the dry run says it is not used; a critic.model without a separate
+    critic is an error."""
+    from tests.conftest import invoke_cli
+
+    code, out, _ = invoke_cli("ppo", "configs/tiny/ppo.yaml", "critic.learning_rate=1e-3", "critic.warmup_steps=2",
+                              "ppo.advantage=grpo", "ppo.group_size=4", "--dry-run", monkeypatch=monkeypatch)
+    assert code == 0, out
+    assert "critic.learning_rate, critic.warmup_steps not used: ppo.advantage=grpo trains no critic" in plain(out)
+    code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "critic.separate=false", "critic.model.name_or_path=x",
+                                "--dry-run", monkeypatch=monkeypatch)
+    assert code == 2 and "critic.separate: true" in plain(out + err)
