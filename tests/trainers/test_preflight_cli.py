@@ -94,7 +94,7 @@ def test_critic_settings_with_a_critic_free_estimator_are_a_note(monkeypatch):
     critic is an error."""
     from tests.conftest import invoke_cli
 
-    code, out, _ = invoke_cli("ppo", "configs/tiny/ppo.yaml", "critic.learning_rate=1e-3", "critic.warmup_steps=2",
+    code, out, _ = invoke_cli("ppo", "configs/tiny/grpo.yaml", "critic.learning_rate=1e-3", "critic.warmup_steps=2",
                               "ppo.advantage=grpo", "ppo.group_size=4", "--dry-run", monkeypatch=monkeypatch)
     assert code == 0, out
     assert "critic.learning_rate, critic.warmup_steps not used: ppo.advantage=grpo trains no critic" in plain(out)
