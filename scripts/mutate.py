@@ -62,9 +62,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TARGETS = [
     *sorted(str(p.relative_to(REPO)) for p in (REPO / "rlcli" / "rl").glob("*.py") if p.name != "__init__.py"),
-    "rlcli/ppo/learner.py:_accumulate_minibatch,_minibatch_loss,_advantage_inputs,step,_kl_in_reward",
+    "rlcli/ppo/learner.py:_accumulate_minibatch,_minibatch_loss,_advantage_inputs,step,_kl_in_reward,_optimise,"
+    "_approx_kl_after,_ratio",
+    "rlcli/ppo/build.py:optimizer_groups",
+    "rlcli/parallel.py:clip_and_step",
 ]
-DEFAULT_TESTS = ["tests/rl", "tests/trainers/test_ppo_learner.py"]
+DEFAULT_TESTS = ["tests/rl", "tests/ppo", "tests/trainers/test_ppo_learner.py", "tests/test_parallel.py"]
 EQUIVALENT_FILE = REPO / "scripts" / "mutate_equivalent.txt"
 # imported once by the forking parent, so that each mutant's run skips them (never anything under rlcli/)
 PRELOAD = ["numpy", "torch", "yaml", "pytest", "transformers", "accelerate",
