@@ -2,7 +2,7 @@
 
 The episode's one tool, ``python(code)``, runs code in the same interpreter call after call, so variables,
 imports and functions persist (a notebook, not a script). The interpreter is started at the first call, inside the
-same bubblewrap sandbox as the ``python`` tool (``rlcli.env.builtin_tools._sandbox_command``: no network, no host
+same bubblewrap sandbox as the ``python`` tool (``rlcli.env.sandbox._sandbox_command``: no network, no host
 files but the system and the interpreter, read-only, its own pid namespace, a clean environment), with the same
 limits: ``RLIMIT_AS`` = ``memory_mb``, files (its printed output included) capped at ``max_file_mb``, processes
 capped, a wall-clock limit of ``timeout_s`` per call. ``RLIMIT_CPU`` is ``cpu_s`` for the whole session.
@@ -31,7 +31,7 @@ import time
 import uuid
 from pathlib import Path
 
-from rlcli.env.builtin_tools import (
+from rlcli.env.sandbox import (
     BWRAP,
     CLEAN_PATH,
     MAX_PROCESSES,

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from rlcli.config.env import EnvConfig
-from rlcli.env import builtin_tools
+from rlcli.env import sandbox
 from rlcli.env.build import check_env, sandbox_notes
-from rlcli.env.builtin_tools import make_python_tool, sandbox_problem
+from rlcli.env.builtin_tools import make_python_tool
+from rlcli.env.sandbox import sandbox_problem
 from rlcli.env.tools import load_tool
 
 PROBLEM = sandbox_problem()
@@ -152,7 +153,7 @@ def test_setsid_descendants_die_with_the_call(then, sandboxed, monkeypatch):
     if sandboxed and PROBLEM is not None:
         pytest.skip(PROBLEM)
     if not sandboxed:  # the plain subprocess: its setsid() grandchild used to outlive the call
-        monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
+        monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
     python = make_python_tool(timeout_s=2.0, allow_unsandboxed=not sandboxed)
     assert python.sandboxed == sandboxed
     marker = f"rlcli-sandbox-test-{uuid.uuid4().hex}"
@@ -174,7 +175,7 @@ def test_setsid_descendants_die_with_the_call(then, sandboxed, monkeypatch):
 
 
 def test_without_a_sandbox_the_recipe_must_opt_in(monkeypatch, tmp_path):
-    monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
+    monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
     assert sandbox_problem() == "bubblewrap (rlcli-test-no-such-bwrap) is not installed"
     with pytest.raises(ValueError, match=r"cannot sandbox .* options: \{allow_unsandboxed: true\}"):
         make_python_tool()
@@ -198,7 +199,7 @@ def test_without_a_sandbox_the_recipe_must_opt_in(monkeypatch, tmp_path):
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(builtin_tools, "BWRAP", str(fake))
+    monkeypatch.setattr(sandbox, "BWRAP", str(fake))
     assert sandbox_problem() == (f"{fake} cannot create its sandbox here "
                                  "(bwrap: No permissions to creating new namespace)")
 
@@ -232,7 +233,7 @@ def test_a_crash_or_an_exit_code_is_reported_alike_in_both_modes(sandboxed, monk
     if sandboxed and PROBLEM is not None:
         pytest.skip(PROBLEM)
     if not sandboxed:
-        monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
+        monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
     python = make_python_tool(timeout_s=5.0, allow_unsandboxed=not sandboxed)
     assert python.sandboxed == sandboxed
     for code, expected in ENDINGS:
@@ -258,19 +259,19 @@ else:
 
 @needs_sandbox
 def test_a_fork_bomb_stops_at_the_process_limit(python):
-    if os.getuid() == 0 and builtin_tools._pids_cgroup(1) is None:
+    if os.getuid() == 0 and sandbox._pids_cgroup(1) is None:
         pytest.skip("root is exempt from RLIMIT_NPROC, and no pids cgroup can be made here")
     for group in Path("/sys/fs/cgroup/pids").glob("rlcli-python-*"):
         group.rmdir()  # the probe's
     out = python(FORK_BOMB)
     assert out.startswith("stopped after") and "BlockingIOError" in out, out
-    assert int(out.split()[2]) <= builtin_tools.MAX_PROCESSES + 8
+    assert int(out.split()[2]) <= sandbox.MAX_PROCESSES + 8
 
 
 @needs_sandbox
 def test_the_sandbox_init_process_has_a_clean_environment(python):
     out = python("print(open('/proc/1/environ').read().replace(chr(0), ' '))")
-    assert f"PATH={builtin_tools.CLEAN_PATH} " in out and os.environ["PATH"] not in out
+    assert f"PATH={sandbox.CLEAN_PATH} " in out and os.environ["PATH"] not in out
 
 
 def test_every_run_with_a_python_tool_says_how_it_is_contained(monkeypatch, capsys):
@@ -279,7 +280,7 @@ def test_every_run_with_a_python_tool_says_how_it_is_contained(monkeypatch, caps
 
     from rlcli.env import build
 
-    monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
+    monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
     monkeypatch.setattr(build, "TextEnvironment", lambda *a, **k: SimpleNamespace(runner=SimpleNamespace()))
     monkeypatch.setattr(build, "build_protocol", lambda *a, **k: SimpleNamespace(system_prompt=lambda tools: ""))
     monkeypatch.setenv("COLUMNS", "250")
