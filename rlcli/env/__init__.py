@@ -7,7 +7,8 @@
   (``ToolCall``, ``hermes_calls``, ``llama3_json_calls``, ...);
 - ``tools``: ``ToolRunner`` (time limits, outcomes as text, counts) and ``load_tool`` (recipe specs); ``isolation``:
   the processes a call runs in (fork or inline, deadlines, killing what a call started);
-- ``builtin_tools``: ``calculator``, ``python``, ``search``;
+- ``builtin_tools``: ``calculator``, ``python``, ``search``; ``sandbox``: the bubblewrap sandbox and limits that the
+  ``python`` tool and the ``python_session`` environment run model-written code in;
 - ``environment``: ``TextEnvironment`` (the batched multi-turn loop) and ``histories_to_rollout``.
 """
 

@@ -10,7 +10,7 @@ from typing import Callable
 from rlcli.config.env import EnvConfig, ToolSpec
 from rlcli.config.errors import Problem, UserError
 from rlcli.chat_template import ChatTemplate, ChatTemplateError
-from rlcli.env.builtin_tools import sandbox_problem
+from rlcli.env.sandbox import sandbox_problem
 from rlcli.env.environment import TextEnvironment
 from rlcli.env.protocols import ChatProtocol, JsonProtocol, TagProtocol
 from rlcli.env.stateful import EnvironmentKind, Environments, resolve_environment

@@ -1,5 +1,7 @@
-"""The built-in python tool's sandbox (bubblewrap): each way out that the plain subprocess left open is closed; without
-a working bubblewrap the tool refuses to build unless the recipe opts in, and the run header says so."""
+"""The sandbox (rlcli/env/sandbox.py) as both its users see it, the one-shot ``python`` tool and the persistent
+``python_session``: each way out that a plain subprocess leaves open is closed for both, both stop a fork bomb at the
+same process limit, and without a working bubblewrap both refuse to build unless the recipe opts in (the run header
+says so)."""
 
 from __future__ import annotations
 
@@ -9,25 +11,52 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 
 from rlcli.config.env import EnvConfig
-from rlcli.env import builtin_tools
+from rlcli.env import sandbox
 from rlcli.env.build import check_env, sandbox_notes
-from rlcli.env.builtin_tools import make_python_tool, sandbox_problem
+from rlcli.env.builtin_tools import make_python_tool
+from rlcli.env.python_session import PythonSession
+from rlcli.env.sandbox import sandbox_problem
 from rlcli.env.tools import load_tool
 
 PROBLEM = sandbox_problem()
 needs_sandbox = pytest.mark.skipif(
     PROBLEM is not None,
     reason=f"the python tool cannot sandbox code on this machine: {PROBLEM} (.ci/run installs bubblewrap)")
+KINDS = ["tool", "session"]
 
 
-@pytest.fixture(scope="module")
-def python():
-    return make_python_tool(timeout_s=5.0)
+@dataclass
+class Runner:
+    """Runs code the way one user of the sandbox does; ``end`` is the episode's end (the tool has none: its
+    interpreter ends with each call)."""
+
+    run: Callable[[str], str]
+    end: Callable[[], None]
+    sandboxed: bool
+
+    def __call__(self, code: str) -> str:
+        return self.run(code)
+
+
+def make_runner(kind: str, sandboxed: bool = True, **options) -> Runner:
+    if kind == "tool":
+        python = make_python_tool(allow_unsandboxed=not sandboxed, **options)
+        return Runner(python, lambda: None, python.sandboxed)
+    session = PythonSession(allow_unsandboxed=not sandboxed, **options)
+    return Runner(session.python, session.reset, session.sandboxed)
+
+
+@pytest.fixture(params=KINDS)
+def python(request):
+    runner = make_runner(request.param, timeout_s=5.0)
+    yield runner
+    runner.end()
 
 
 def run_lines(python, code: str) -> list[str]:
@@ -148,38 +177,47 @@ print("started")
 
 @pytest.mark.parametrize("sandboxed", [True, False], ids=["sandboxed", "unsandboxed"])
 @pytest.mark.parametrize("then", ["", "while True: pass"], ids=["returns", "hangs"])
-def test_setsid_descendants_die_with_the_call(then, sandboxed, monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_setsid_descendants_die_with_the_interpreter(kind, then, sandboxed, monkeypatch):
+    """The tool's interpreter ends with the call, the session's with the episode or at a call's time limit."""
     if sandboxed and PROBLEM is not None:
         pytest.skip(PROBLEM)
     if not sandboxed:  # the plain subprocess: its setsid() grandchild used to outlive the call
-        monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
-    python = make_python_tool(timeout_s=2.0, allow_unsandboxed=not sandboxed)
-    assert python.sandboxed == sandboxed
+        monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
+    runner = make_runner(kind, sandboxed, timeout_s=2.0)
+    assert runner.sandboxed == sandboxed
     marker = f"rlcli-sandbox-test-{uuid.uuid4().hex}"
     try:
         if then:
             with pytest.raises(TimeoutError):
-                python(DAEMON.format(marker=marker) + then)
+                runner.run(DAEMON.format(marker=marker) + then)
         else:
-            assert python(DAEMON.format(marker=marker)) == "started\n"
+            assert runner.run(DAEMON.format(marker=marker)) == "started\n"
+            runner.end()
         for _ in range(100):
             if not _alive_with(marker):
                 break
             time.sleep(0.02)
         else:
-            pytest.fail(f"a process the code started outlived the call: {_alive_with(marker)}")
+            pytest.fail(f"a process the code started outlived its interpreter: {_alive_with(marker)}")
     finally:
+        runner.end()
         for pid in _alive_with(marker):
             os.kill(pid, 9)
 
 
 def test_without_a_sandbox_the_recipe_must_opt_in(monkeypatch, tmp_path):
-    monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
+    monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
     assert sandbox_problem() == "bubblewrap (rlcli-test-no-such-bwrap) is not installed"
     with pytest.raises(ValueError, match=r"cannot sandbox .* options: \{allow_unsandboxed: true\}"):
         make_python_tool()
     with pytest.raises(ValueError, match="allow_unsandboxed"):
         load_tool("python")
+    with pytest.raises(ValueError) as refused:
+        PythonSession()
+    assert str(refused.value).startswith("the python session cannot sandbox model-written code: bubblewrap "
+                                         "(rlcli-test-no-such-bwrap) is not installed. Install bubblewrap")
+    assert str(refused.value).endswith("by giving env.environment options: {allow_unsandboxed: true}")
     cfg = EnvConfig(tools={"Python": "python", "Calc": "calculator"})
     [problem] = check_env(cfg)
     assert problem.key == "env.tools.Python"
@@ -191,6 +229,9 @@ def test_without_a_sandbox_the_recipe_must_opt_in(monkeypatch, tmp_path):
     assert check_env(opted_in) == []
     python = load_tool("python", allow_unsandboxed=True)
     assert not python.sandboxed and python("print(6 * 7)") == "42\n"
+    session = PythonSession(allow_unsandboxed=True)
+    assert not session.sandboxed and session.python("6 * 7") == "42\n"
+    session.reset()
     assert sandbox_notes(opted_in)[0].startswith("tool Python: UNSANDBOXED: model-written code runs with this user's "
                                                  "files, network and environment (bubblewrap")
 
@@ -198,7 +239,7 @@ def test_without_a_sandbox_the_recipe_must_opt_in(monkeypatch, tmp_path):
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(builtin_tools, "BWRAP", str(fake))
+    monkeypatch.setattr(sandbox, "BWRAP", str(fake))
     assert sandbox_problem() == (f"{fake} cannot create its sandbox here "
                                  "(bwrap: No permissions to creating new namespace)")
 
@@ -217,27 +258,43 @@ def test_header_says_how_tools_are_contained():
                                       "call stuck in C code is not, a crash ends the run")]
 
 
-ENDINGS = [
-    ("import ctypes; ctypes.string_at(0)", "[killed by signal SIGSEGV]"),
-    ("import os; os.kill(os.getpid(), 9)", "[killed by signal SIGKILL]"),
-    ("import sys; sys.exit(3)", "[exit code 3]"),
-    ("print('partial', flush=True); import sys; sys.exit(4)", "partial\n\n[exit code 4]"),
-    ("raise SystemExit(0)", "(no output)"),
-]
+ENDED = "[the session ended ({}); the next call starts a new one]"
+ENDINGS = {
+    "tool": [
+        ("import ctypes; ctypes.string_at(0)", "[killed by signal SIGSEGV]"),
+        ("import os; os.kill(os.getpid(), 9)", "[killed by signal SIGKILL]"),
+        ("import sys; sys.exit(3)", "[exit code 3]"),
+        ("print('partial', flush=True); import sys; sys.exit(4)", "partial\n\n[exit code 4]"),
+        ("raise SystemExit(0)", "(no output)"),
+    ],
+    "session": [  # SystemExit is caught (the session goes on): os._exit ends it
+        ("import ctypes; ctypes.string_at(0)", ENDED.format("killed by signal SIGSEGV")),
+        ("import os; os.kill(os.getpid(), 9)", ENDED.format("killed by signal SIGKILL")),
+        ("import os; os._exit(3)", ENDED.format("exit code 3")),
+        ("print('partial', flush=True); import os; os._exit(4)", "partial\n\n" + ENDED.format("exit code 4")),
+        ("raise SystemExit(0)", "[SystemExit: 0; the session goes on]\n"),
+    ],
+}
 
 
 @pytest.mark.parametrize("sandboxed", [True, False], ids=["sandboxed", "unsandboxed"])
-def test_a_crash_or_an_exit_code_is_reported_alike_in_both_modes(sandboxed, monkeypatch):
-    """The sandbox used to say "(no output)" for each of these; the plain subprocess said only the signal."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_crash_or_an_exit_code_is_reported_alike_in_both_modes(kind, sandboxed, monkeypatch):
+    """bubblewrap reports a child killed by signal N as exit code 128 + N: both say the signal, as a plain
+    subprocess does."""
     if sandboxed and PROBLEM is not None:
         pytest.skip(PROBLEM)
     if not sandboxed:
-        monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
-    python = make_python_tool(timeout_s=5.0, allow_unsandboxed=not sandboxed)
-    assert python.sandboxed == sandboxed
-    for code, expected in ENDINGS:
-        assert python(code) == expected, code
-    assert python("1/0").endswith("ZeroDivisionError: division by zero\n")  # a traceback says it: no exit code
+        monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
+    runner = make_runner(kind, sandboxed, timeout_s=5.0)
+    assert runner.sandboxed == sandboxed
+    try:
+        for code, expected in ENDINGS[kind]:
+            assert runner.run(code) == expected, code
+            runner.end()
+        assert runner.run("1/0").endswith("ZeroDivisionError: division by zero\n")  # a traceback says it all
+    finally:
+        runner.end()
 
 
 FORK_BOMB = """
@@ -256,21 +313,66 @@ else:
 """
 
 
+def _process_limit_binds() -> bool:
+    """RLIMIT_NPROC binds all but root; root needs a pids cgroup."""
+    if os.getuid() != 0:
+        return True
+    group = sandbox._pids_cgroup(1)
+    sandbox._drop_cgroup(group)
+    return group is not None
+
+
 @needs_sandbox
 def test_a_fork_bomb_stops_at_the_process_limit(python):
-    if os.getuid() == 0 and builtin_tools._pids_cgroup(1) is None:
+    """The session's interpreter used to skip the pids cgroup: as root (exempt from RLIMIT_NPROC) it forked 200."""
+    if not _process_limit_binds():
         pytest.skip("root is exempt from RLIMIT_NPROC, and no pids cgroup can be made here")
-    for group in Path("/sys/fs/cgroup/pids").glob("rlcli-python-*"):
-        group.rmdir()  # the probe's
     out = python(FORK_BOMB)
     assert out.startswith("stopped after") and "BlockingIOError" in out, out
-    assert int(out.split()[2]) <= builtin_tools.MAX_PROCESSES + 8
+    assert int(out.split()[2]) <= sandbox.MAX_PROCESSES + 8
+
+
+@needs_sandbox
+def test_a_session_s_processes_count_against_one_limit_across_calls():
+    """The limit holds for the whole session, not afresh at each call."""
+    if not _process_limit_binds():
+        pytest.skip("root is exempt from RLIMIT_NPROC, and no pids cgroup can be made here")
+    session = PythonSession(timeout_s=5.0)
+    spawn = """
+import subprocess, sys
+started = []
+for i in range({n}):
+    try:
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]))
+    except OSError as exc:
+        print("stopped after", i, type(exc).__name__)
+        break
+else:
+    print("started", {n})
+"""
+    try:
+        assert session.python(spawn.format(n=20)) == "started 20\n"
+        out = session.python(spawn.format(n=20))
+        assert out.startswith("stopped after") and int(out.split()[2]) <= sandbox.MAX_PROCESSES + 8 - 20, out
+    finally:
+        session.reset()
+
+
+@needs_sandbox
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_output_keeps_its_start_and_its_end(kind):
+    runner = make_runner(kind, timeout_s=5.0, max_output_chars=100)
+    try:
+        out = runner.run("print('é' * 8000 + 'END')")
+    finally:
+        runner.end()
+    assert out == "é" * 50 + "\n[... output truncated ...]\n" + "é" * 46 + "END\n"
 
 
 @needs_sandbox
 def test_the_sandbox_init_process_has_a_clean_environment(python):
     out = python("print(open('/proc/1/environ').read().replace(chr(0), ' '))")
-    assert f"PATH={builtin_tools.CLEAN_PATH} " in out and os.environ["PATH"] not in out
+    assert f"PATH={sandbox.CLEAN_PATH} " in out and os.environ["PATH"] not in out
 
 
 def test_every_run_with_a_python_tool_says_how_it_is_contained(monkeypatch, capsys):
@@ -279,7 +381,7 @@ def test_every_run_with_a_python_tool_says_how_it_is_contained(monkeypatch, caps
 
     from rlcli.env import build
 
-    monkeypatch.setattr(builtin_tools, "BWRAP", "rlcli-test-no-such-bwrap")
+    monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
     monkeypatch.setattr(build, "TextEnvironment", lambda *a, **k: SimpleNamespace(runner=SimpleNamespace()))
     monkeypatch.setattr(build, "build_protocol", lambda *a, **k: SimpleNamespace(system_prompt=lambda tools: ""))
     monkeypatch.setenv("COLUMNS", "250")

@@ -13,7 +13,7 @@ from rlcli.config.errors import UserError
 from rlcli.config.reward import RewardConfig
 from rlcli.env import ChatProtocol, JsonProtocol, TagProtocol, TextEnvironment
 from rlcli.env.build import build_environments, check_env, prompt_notes
-from rlcli.env.builtin_tools import sandbox_problem
+from rlcli.env.sandbox import sandbox_problem
 from rlcli.env.environment import histories_to_rollout
 from rlcli.env.stateful import EnvironmentKind, Environments, public_methods
 from rlcli.chat_template import ChatTemplate
