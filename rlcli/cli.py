@@ -14,6 +14,8 @@ from rich.syntax import Syntax
 from rich.text import Text
 
 from rlcli import __version__, rundir
+from rlcli.launch import is_main_process
+from rlcli.rundir import RunDir
 from rlcli.commands import COMMANDS, Command
 from rlcli.config import RecipeError, UserError, recipe_to_yaml
 from rlcli.config.errors import NothingToDo
@@ -37,10 +39,6 @@ DRY_RUN = typer.Option(False, "--dry-run", help="Validate the recipe without loa
 RESUME = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir.")
 
 
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _stderr_console():
     from rich.console import Console
 
@@ -48,7 +46,7 @@ def _stderr_console():
 
 
 def _fail(exc: Exception, code: int) -> None:
-    if _is_main():
+    if is_main_process():
         title = "recipe error" if isinstance(exc, RecipeError) else "error"
         # as plain text: messages quote values such as train[:100] or ['a'] that rich would read as markup
         _stderr_console().print(Panel(Text(str(exc)), title=f"[bold red]{title}", title_align="left",
@@ -78,31 +76,18 @@ def _without_traceback(exc: BaseException) -> BaseException:
 
 
 def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int = 1) -> list[str]:
-    """The command's own checks and the output dir's, their problems reported together in one error, each placed
-    where its key was set (``origin``)."""
+    """The command's own checks, the output dir's and the trackers', their problems reported together in one error,
+    each placed where its key was set (``origin``)."""
     from rlcli.config.loader import locate
-    from rlcli.trainers.outputs import check_output_dir, check_trackers
+    from rlcli.logging import check_trackers
+    from rlcli.models.loading import check_recipe_model_fits
 
-    problems = locate(check_output_dir(recipe, resume) + check_trackers(recipe), origin)
-    if resume and not problems:
-        from rlcli.trainers.outputs import (check_resume_forward, check_resume_kind, check_resume_recipe,
-                                           resume_length)
-        from rlcli.checkpoint import latest_checkpoint
-
-        check_resume_kind(recipe)
-        ckpt = latest_checkpoint(recipe.output_dir)  # (the run verifies its files, and falls back)
-        if ckpt is not None:
-            check_resume_recipe(recipe, ckpt, origin)
-            length = resume_length(recipe)
-            if length is not None:
-                check_resume_forward(Path(recipe.output_dir), int(ckpt.name.split("-")[1]), *length, origin=origin)
+    problems = RunDir.of(recipe).check(recipe, resume=resume, origin=origin) + locate(check_trackers(recipe), origin)
     try:
         notes = preflight(recipe, origin, processes)
     except RecipeError as exc:
         raise RecipeError(exc.problems + problems) from None
-    from rlcli.trainers.outputs import check_model_fits_recipe
-
-    problems += locate(check_model_fits_recipe(recipe), origin)
+    problems += locate(check_recipe_model_fits(recipe), origin)
     if problems:
         raise RecipeError(problems)
     return notes
@@ -133,7 +118,7 @@ def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: b
         if dry_run:
             from rlcli.logging import console
 
-            if _is_main():
+            if is_main_process():
                 console.print(Syntax(recipe_to_yaml(recipe), "yaml", theme="ansi_dark", background_color="default"))
                 for note in notes:
                     console.print(f"[cyan]•[/] {note}")
@@ -143,7 +128,7 @@ def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: b
             relaunch_cpu_processes(sys.argv[1:], cpu_processes)  # runs the N processes, then exits with their status
         command.run()(recipe, resume=resume)
     except NothingToDo as exc:
-        if _is_main():
+        if is_main_process():
             _stderr_console().print(f"[green]nothing to do[/]: {exc}")
         failure = None
     except RecipeError as exc:
@@ -154,16 +139,10 @@ def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: b
         failure = (None, 130)
     except OSError as exc:
         if not rundir.no_space(exc):
-            rundir.release(ok=False)
             raise
         failure = (_without_traceback(no_space_error(exc)), 1)
-    except BaseException:
-        rundir.release(ok=False)  # a run replaced by this one comes back
-        raise
     else:
         failure = None
-    # the output dir: let go; a run this one replaced comes back unless this one stands (finished or checkpointed)
-    rundir.release(ok=failure is None)
     # the trainer's frames, and its DDP model, are gone now (the failure was kept without its traceback): only now
     # can the process group go without risking gloo's teardown deadlock
     release_distributed()
@@ -172,7 +151,7 @@ def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: b
     exc, code = failure
     if exc is not None:
         _fail(exc, code)
-    if _is_main():
+    if is_main_process():
         _stderr_console().print(f"[yellow]interrupted[/]: {RESUME_HINT}")
     raise typer.Exit(130)
 

@@ -43,6 +43,12 @@ SINGLE_PRESET = "configs/accelerate/single_gpu.yaml"
 MULTI_NODE_PRESET = "configs/accelerate/multi_node.yaml"
 
 
+def is_main_process() -> bool:
+    """This process is the run's main one (rank 0, or the only one), as the launcher's environment says: what
+    decides who prints and who writes before the parallel engine exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _true(value: str | None) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "y", "on")
 

@@ -98,6 +98,22 @@ class MetricsLog:
             self.tracker.log(numeric, step=step)
 
 
+def check_trackers(recipe) -> list:
+    """``logging.report_to`` trackers whose package is missing (Accelerate would skip them without a word)."""
+    import importlib.util
+
+    from rlcli.config.errors import Problem
+
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    problems = []
+    for i, name in enumerate(recipe.logging.report_to):
+        if not any(importlib.util.find_spec(p) for p in packages[name]):
+            problems.append(Problem(f"logging.report_to.{i}", f"{name} is not installed in this environment; install "
+                                                              f"it (pip install {name}, or pip install "
+                                                              f"'rlcli[{name}]') or remove it from report_to"))
+    return problems
+
+
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     """All records of a run's ``metrics.jsonl`` (a torn last line, from a killed run, is left out)."""
     lines = [line for line in (Path(output_dir) / METRICS_FILE).read_text().splitlines() if line.strip()]

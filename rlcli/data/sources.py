@@ -4,13 +4,13 @@ row by its file and line (:func:`row_ref`)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import datasets
 
 from rlcli.config.common import DataSource
 from rlcli.config.errors import Problem, UserError
+from rlcli.launch import is_main_process
 from rlcli.models.loading import source_kind
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -253,7 +253,7 @@ def load_rows(path: str, split: str = "train", name: str | None = None,
 
 
 def _note(text: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         from rlcli.logging import console
 
         console.print(f"[yellow]note:[/] {text}")

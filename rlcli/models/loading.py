@@ -167,6 +167,28 @@ def _model_config_without_weights(cfg: ModelConfig):
         return None
 
 
+def check_recipe_model_fits(recipe) -> list[Problem]:
+    """:func:`check_model_fits` for a recipe of any command: its model(s), LoRA and the longest inputs it gives them
+    (all read from the recipe; the model is built on the meta device, no weights)."""
+    kind = type(recipe).__name__
+    task = "classifier" if kind == "RMRecipe" else model_task(recipe.model)
+    lengths: tuple = ()
+    data, gen, env = getattr(recipe, "data", None), getattr(recipe, "generation", None), getattr(recipe, "env", None)
+    if kind in ("SFTRecipe", "RMRecipe"):
+        lengths = (("data.max_length", data.max_length, "a training text"),)
+    elif env is not None and task == "causal":
+        lengths = (("env.max_length", env.max_length, "an episode"),)
+    elif gen is not None and task == "causal":
+        # the prompt's length depends on the data; the response alone must fit, beside at least one prompt token
+        lengths = (("generation.max_new_tokens", gen.max_new_tokens + 1, "a response and its prompt's last token",
+                    1),)
+    problems = check_model_fits(recipe.model, task, lora=getattr(recipe, "lora", None), lengths=lengths)
+    ref = getattr(recipe, "ref_model", None)
+    if ref is not None:
+        problems += check_model_fits(ref, task, key="ref_model", lengths=lengths)
+    return problems
+
+
 def check_model_fits(cfg: ModelConfig, task: Task, *, key: str = "model", lora: LoraConfig | None = None,
                      lengths: tuple[tuple, ...] = ()) -> list[Problem]:
     """What the model's config decides, checked without weights (the model is built on the meta device): that it

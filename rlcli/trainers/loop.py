@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from rlcli import rundir
+from rlcli.rundir import RunDir
 from rlcli.checkpoint import load_checkpoint, restore_rng_state
 from rlcli.config.common import OptimConfig, RecipeBase
 from rlcli.config.errors import UserError
@@ -36,7 +37,6 @@ from rlcli.models.loading import apply_lora, checkpointing
 from rlcli.parallel import Parallel
 from rlcli.plots import write_curves
 from rlcli.seeds import index_stream
-from rlcli.trainers.outputs import prepare_output_dir, take_over
 
 
 class Run:
@@ -50,10 +50,15 @@ class Run:
 
     def __init__(self, recipe: RecipeBase, *, resume: bool, batch_size: int, micro_batch_size: int):
         self.recipe = recipe
-        self.resume_from = prepare_output_dir(recipe, resume)
+        self.dir = RunDir.of(recipe)
+        self.resume_from = self.dir.open(recipe, resume=resume)
         train = recipe.train
-        self.par = Parallel(recipe, mixed_precision=train.mixed_precision, tf32=train.tf32, batch_size=batch_size,
-                            micro_batch_size=micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
+        try:
+            self.par = Parallel(recipe, mixed_precision=train.mixed_precision, tf32=train.tf32, batch_size=batch_size,
+                                micro_batch_size=micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
+        except BaseException:
+            self.dir.release(ok=False)
+            raise
         self.accelerator = self.par.accelerator
         self.threads = cpu_threads(self.par.num_processes)
         self.host_memory = host_memory_in_force(train.host_memory)
@@ -66,6 +71,19 @@ class Run:
         self.total_steps = 0
         self.model = self.optimizer = self.scheduler = None
         self.log_file: MetricsLog | None = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        # a run that ends here without end() failed or was stopped: a run it replaced comes back unless it stands
+        self.dir.release(ok=exc is None)
+
+    @classmethod
+    def supervised(cls, recipe: RecipeBase, resume: bool) -> "Run":
+        """The run of a supervised trainer (sft, rm): its batch sizes are ``train``'s."""
+        return cls(recipe, resume=resume, batch_size=recipe.train.batch_size,
+                   micro_batch_size=recipe.train.micro_batch_size)
 
     @property
     def resuming(self) -> bool:
@@ -100,8 +118,10 @@ class Run:
         self.model, self.optimizer, self.scheduler, self.total_steps = model, optimizer, scheduler, total_steps
         if self.resuming:
             restore_optimizer(self.par, self.resume_from, self.objects, model, optimizer, scheduler)
-        take_over(self.recipe, self.accelerator, total_steps=total_steps, start_step=self.resume_step,
-                  steps_key=steps_key)
+        if self.resuming:
+            self.dir.check_forward(self.start_step, total_steps, steps_key)
+        self.dir.take_over(replace=not self.resuming)
+        self.dir.write_recipe(self.recipe)
         start_trackers(self.accelerator, self.recipe)
         self.log_file = MetricsLog(self.out, is_main=self.par.is_main_process,
                                    tracker=self.accelerator if self.recipe.logging.report_to else None,
@@ -133,6 +153,7 @@ class Run:
         if train.save_every and step % train.save_every == 0 and step < self.total_steps:
             save_training_checkpoint(self.par, self.out, step, self.model, self.optimizer, self.scheduler,
                                      full=self.full_state, keep=train.keep_checkpoints, state=state or {})
+            self.dir.commit()  # the run stands: the run it replaced goes
 
     def end(self, save: Callable[[Any], None], done: Callable[[], str],
             curves: list[tuple[str, ...]] = ()) -> Path:
@@ -146,8 +167,24 @@ class Run:
             except (OSError, ValueError, RuntimeError) as exc:  # a drawing never costs a finished run
                 console.print(f"[yellow]note:[/] no curves.png ({exc})")
             console.print(f"[green]done[/]: {done()}")
-        finish(self.accelerator)
+        self.finish()
         return self.out
+
+    def finish(self) -> None:
+        """End the run on every process together: the others let go of the directory, then the main process marks
+        it finished and releases it (the run it replaced goes); trackers close.
+
+        Not ``accelerator.end_training()``: that also destroys the process group while the trainer still holds its
+        DDP model, which is how gloo's teardown deadlocks; :func:`rlcli.launch.release_distributed` destroys it once
+        the model is gone (see there)."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if not self.dir.main:
+            self.dir.release(ok=True)
+        accelerator.wait_for_everyone()
+        self.dir.finish()
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
 
 # --- the supervised loop (sft, rm) --------------------------------------------------------------------------------
@@ -217,13 +254,12 @@ def supervised_preflight(recipe: RecipeBase, kind: SupervisedKind, problems: lis
              f"× {accum} accumulation step(s)")]
 
 
-def train_supervised(recipe: RecipeBase, resume: bool, kind: SupervisedKind) -> SupervisedRun:
-    """Steps 1-5 of a supervised trainer: the run, its data, its model, the loop. The trainer saves what it
-    trained and ends the run (``Run.end``)."""
+def train_supervised(run: Run, kind: SupervisedKind) -> SupervisedRun:
+    """Steps 2-5 of a supervised trainer in ``run`` (``Run.supervised``): its data, its model, the loop. The trainer
+    saves what it trained and ends the run (``Run.end``)."""
     from rlcli.models.loading import load_model, load_tokenizer, model_task
 
-    tcfg = recipe.train
-    run = Run(recipe, resume=resume, batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size)
+    recipe = run.recipe
     tokenizer = load_tokenizer(recipe.model, padding_side="right")
     train_set, eval_set = supervised_data(run, tokenizer, kind.check, kind.tokenize, lambda s: len(kind.items(s)),
                                           kind.noun)
@@ -391,8 +427,6 @@ def save_training_checkpoint(par, out: Path, step: int, model, optimizer, schedu
         objects["optimizer"] = optimizer
     save_checkpoint(out, step, accelerator=par.accelerator, keep=keep, state=state, objects=objects,
                     write_shards=lambda directory: par.save_shards(directory, model, optimizer))
-    if par.is_main_process:
-        rundir.commit()  # the run stands: the run it replaced goes
 
 
 def start_trackers(accelerator: Accelerator, recipe: RecipeBase) -> None:
@@ -482,21 +516,3 @@ def _save_final(model, tokenizer, out: Path, tmp: Path, *, built_from_scratch: b
             shutil.rmtree(target)
         item.rename(target)
     tmp.rmdir()
-
-
-def finish(accelerator: Accelerator) -> None:
-    """End a run on every process together: wait for the main process's final save and close trackers.
-
-    Not ``accelerator.end_training()``: that also destroys the process group while the trainer still holds its
-    DDP model, which is how gloo's teardown deadlocks; :func:`rlcli.launch.release_distributed` destroys it once
-    the model is gone (see there)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and accelerator.project_dir:
-        out = Path(accelerator.project_dir)
-        for name in rundir.owned(out):  # files saved by other writers (safetensors ignores the umask)
-            if (out / name).is_file():
-                rundir.apply_umask(out / name)
-        rundir.mark_finished(out)
-        rundir.release(ok=True)  # the run it replaced goes; the output dir is free
-    for tracker in accelerator.trackers:
-        tracker.finish()
