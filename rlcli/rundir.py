@@ -161,11 +161,11 @@ def foreign(out: str | Path) -> list[str]:
         # rlcli writes only step-N directories there: anything else was put there by someone
         found += [f"checkpoints/{p.name}" for p in checkpoints.iterdir() if not CHECKPOINT_NAME.match(p.name)]
     for name in sorted(set((read_manifest(out) or {}).get("runs", [])) & mine):
-        found += [f"{name}/{inner}" for inner in _foreign_in_run(out / name)]
+        found += [f"{name}/{inner}" if inner else name for inner in foreign_in_run(out / name)]
     return sorted(found)
 
 
-def _foreign_in_run(path: Path) -> list[str]:
+def foreign_in_run(path: Path) -> list[str]:
     """What in ``path``, a directory listed as a run of its own, rlcli did not write: a directory without a manifest
     (nor an older run's files) is all the user's."""
     if path.is_symlink() or not path.is_dir():
