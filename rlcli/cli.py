@@ -13,9 +13,10 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.text import Text
 
-from rlcli import __version__, rundir
+from rlcli import __version__, rundir, signals
 from rlcli.launch import is_main_process
 from rlcli.rundir import RunDir
+from rlcli.signals import Stopped
 from rlcli.commands import COMMANDS, Command
 from rlcli.config import RecipeError, UserError, recipe_to_yaml
 from rlcli.config.errors import NothingToDo
@@ -45,13 +46,32 @@ def _stderr_console():
     return Console(stderr=True, highlight=False)
 
 
+def _text(exc: BaseException) -> str:
+    """An error's message with the notes added on its way out (a replaced run put back)."""
+    return "\n".join([str(exc), *getattr(exc, "__notes__", [])])
+
+
 def _fail(exc: Exception, code: int) -> None:
     if is_main_process():
         title = "recipe error" if isinstance(exc, RecipeError) else "error"
         # as plain text: messages quote values such as train[:100] or ['a'] that rich would read as markup
-        _stderr_console().print(Panel(Text(str(exc)), title=f"[bold red]{title}", title_align="left",
+        _stderr_console().print(Panel(Text(_text(exc)), title=f"[bold red]{title}", title_align="left",
                                       border_style="red"))
     raise typer.Exit(code)
+
+
+def _stopped(exc: BaseException) -> str:
+    """What a run stopped by a signal (or Ctrl-C) says: where it stopped and how it goes on."""
+    from rlcli.launch import RESUME_HINT
+
+    if isinstance(exc, Stopped) and exc.checkpoint is not None:
+        text = (f"[yellow]stopped[/] by {signals.name(exc.signum)} at the end of step {exc.step}, after writing a "
+                f"checkpoint there ({exc.checkpoint}); continue with --resume")
+    elif isinstance(exc, Stopped):
+        text = f"[yellow]stopped[/] by {signals.name(exc.signum)}: {RESUME_HINT}"
+    else:
+        text = f"[yellow]interrupted[/]: {RESUME_HINT}"
+    return "\n".join([text, *getattr(exc, "__notes__", [])])
 
 
 def no_space_error(exc: OSError) -> UserError:
@@ -94,19 +114,38 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
 
 
 def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: bool, resume: bool):
-    from rlcli.launch import (
-        RESUME_HINT,
-        launch_processes,
-        relaunch_cpu_processes,
-        release_distributed,
-        requested_cpu_processes,
-    )
+    from rlcli.launch import launch_processes, release_distributed, requested_cpu_processes
 
     # the process count, read from the launch once: `accelerate launch --cpu --num_processes N` started this one
     # process, so the recipe is checked here, once, for N processes, before they start (a bad recipe fails before
     # any worker exists); under torchrun / accelerate's other launchers every process reads its WORLD_SIZE
     cpu_processes = requested_cpu_processes()
     processes = cpu_processes or launch_processes()
+    with signals.handled():
+        try:
+            failure = _attempt(command, config, overrides, dry_run, resume, cpu_processes, processes)
+        except Stopped as exc:
+            failure = (_without_traceback(exc), 128 + exc.signum)
+        except KeyboardInterrupt as exc:
+            failure = (_without_traceback(exc), 130)
+        # the trainer's frames, and its DDP model, are gone now (the failure was kept without its traceback): only
+        # now can the process group go without risking gloo's teardown deadlock
+        release_distributed()
+    if failure is None:
+        return
+    exc, code = failure
+    if isinstance(exc, (Stopped, KeyboardInterrupt)):
+        if is_main_process():
+            _stderr_console().print(_stopped(exc))
+        raise typer.Exit(code)
+    _fail(exc, code)
+
+
+def _attempt(command: Command, config: Path, overrides: list[str] | None, dry_run: bool, resume: bool,
+             cpu_processes: int | None, processes: int) -> tuple[BaseException, int] | None:
+    """Load, check and run the command; the failure a user can act on as (error, exit code), else None."""
+    from rlcli.launch import relaunch_cpu_processes
+
     try:
         recipe, origin = load_recipe_and_origin(command.schema(), config, overrides or [], processes=processes)
         if not dry_run and hasattr(getattr(recipe, "train", None), "host_memory"):
@@ -123,37 +162,22 @@ def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: b
                 for note in notes:
                     console.print(f"[cyan]•[/] {note}")
                 console.print(f"[green]dry run OK[/]: {config} is valid (no weights were loaded)")
-            return
+            return None
         if cpu_processes:
             relaunch_cpu_processes(sys.argv[1:], cpu_processes)  # runs the N processes, then exits with their status
         command.run()(recipe, resume=resume)
     except NothingToDo as exc:
         if is_main_process():
             _stderr_console().print(f"[green]nothing to do[/]: {exc}")
-        failure = None
     except RecipeError as exc:
-        failure = (_without_traceback(exc), 2)
+        return _without_traceback(exc), 2
     except UserError as exc:
-        failure = (_without_traceback(exc), 1)
-    except KeyboardInterrupt:
-        failure = (None, 130)
+        return _without_traceback(exc), 1
     except OSError as exc:
         if not rundir.no_space(exc):
             raise
-        failure = (_without_traceback(no_space_error(exc)), 1)
-    else:
-        failure = None
-    # the trainer's frames, and its DDP model, are gone now (the failure was kept without its traceback): only now
-    # can the process group go without risking gloo's teardown deadlock
-    release_distributed()
-    if failure is None:
-        return
-    exc, code = failure
-    if exc is not None:
-        _fail(exc, code)
-    if is_main_process():
-        _stderr_console().print(f"[yellow]interrupted[/]: {RESUME_HINT}")
-    raise typer.Exit(130)
+        return _without_traceback(no_space_error(exc)), 1
+    return None
 
 
 def _register(command: Command) -> None:

@@ -296,8 +296,11 @@ def relaunch_cpu_processes(argv: list[str], processes: int) -> NoReturn:
     console.print(
         f"[cyan]note:[/] `accelerate launch --cpu` starts one process; rlcli starts the {processes} CPU processes you "
         "asked for itself (torch.distributed.run, gloo backend)")
-    args = torchrun.get_args_parser().parse_args(["--nproc_per_node", str(processes), "--nnodes", "1", "-m", "rlcli",
-                                                   *argv])
+    # the agent passes these on to the workers (its default list lacks SIGUSR1, SLURM's warning before the time
+    # limit: rlcli.signals)
+    args = torchrun.get_args_parser().parse_args(["--nproc_per_node", str(processes), "--nnodes", "1",
+                                                   "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                                                   "-m", "rlcli", *argv])
     # the agent logs each worker it stops, each signal and each failure; rlcli reports those itself, below or in
     # the workers (torch's elastic loggers carry their own levels, so each is quietened)
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:

@@ -38,6 +38,7 @@ from typing import Any
 
 from rlcli.config.errors import NothingToDo, Problem, RecipeError, UserError
 from rlcli.launch import is_main_process
+from rlcli.signals import Stopped, shielded
 
 MANIFEST = ".rlcli-run.json"
 RECIPE_FILE = "recipe.yaml"
@@ -287,6 +288,7 @@ class RunDir:
         self.kind = kind
         self.main = is_main_process() if main is None else main
         self.trash: Path | None = None  # the replaced run's files, until commit()
+        self.restored = False  # release() put a replaced run back
         self._fd: int | None = None
         self._made_dir = False
 
@@ -300,6 +302,8 @@ class RunDir:
 
     def __exit__(self, kind, exc, tb) -> None:
         self.release(ok=exc is None)
+        if self.restored and isinstance(exc, (UserError, Stopped)):
+            exc.add_note(f"{self.out} holds the run this one was replacing again, as it was.")
 
     # --- check: nothing is written ------------------------------------------------------------------------------
 
@@ -634,6 +638,10 @@ class RunDir:
         """Let go of the directory (a no-op when not held). ``ok``: the run stands, so the run it replaced goes;
         otherwise a replaced run comes back in place of what this run wrote. A directory this run created and left
         empty is removed."""
+        with shielded():
+            self._release(ok)
+
+    def _release(self, ok: bool) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
@@ -649,6 +657,7 @@ class RunDir:
                 for item in self.trash.iterdir():
                     os.rename(item, self.out / item.name)
                 self.trash.rmdir()
+                self.restored = True
             self.trash = None
             _unlink_if_free(self.out / WRITERS)
             (self.out / LOCK).unlink(missing_ok=True)  # before the unlock: a waiting process retries on a new file

@@ -25,9 +25,9 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from rlcli import rundir
+from rlcli import rundir, signals
 from rlcli.rundir import RunDir
-from rlcli.checkpoint import load_checkpoint, restore_rng_state
+from rlcli.checkpoint import CHECKPOINTS, load_checkpoint, restore_rng_state
 from rlcli.config.common import OptimConfig, RecipeBase
 from rlcli.config.errors import UserError
 from rlcli.data.sources import train_eval_rows
@@ -77,7 +77,7 @@ class Run:
 
     def __exit__(self, kind, exc, tb) -> None:
         # a run that ends here without end() failed or was stopped: a run it replaced comes back unless it stands
-        self.dir.release(ok=exc is None)
+        self.dir.__exit__(kind, exc, tb)
 
     @classmethod
     def supervised(cls, recipe: RecipeBase, resume: bool) -> "Run":
@@ -140,6 +140,8 @@ class Run:
         return TrainingProgress(name, self.total_steps, enabled=enabled, start=self.start_step, shown=shown)
 
     def steps(self) -> range:
+        """The steps left to train; from now on a stop signal waits for the end of the step in progress."""
+        signals.defer_to_step_end()
         return range(self.start_step + 1, self.total_steps + 1)
 
     def log(self, step: int, metrics: dict[str, Any], *, always: bool = False) -> None:
@@ -148,12 +150,26 @@ class Run:
             self.log_file.log(step, metrics)
 
     def checkpoint(self, step: int, state: dict[str, Any] | None = None) -> None:
-        """A checkpoint when ``train.save_every`` says so (never at the last step: the final save follows)."""
+        """The end of a step (every process): a checkpoint when ``train.save_every`` says so (never at the last
+        step: the final save follows), or when a stop signal came during the step (``rlcli.signals``): then the run
+        stops here (``Stopped``), to be continued with ``--resume``."""
         train = self.recipe.train
-        if train.save_every and step % train.save_every == 0 and step < self.total_steps:
+        stop = self._stop_requested()
+        due = bool(train.save_every) and step % train.save_every == 0
+        if (due or stop) and step < self.total_steps:
             save_training_checkpoint(self.par, self.out, step, self.model, self.optimizer, self.scheduler,
                                      full=self.full_state, keep=train.keep_checkpoints, state=state or {})
             self.dir.commit()  # the run stands: the run it replaced goes
+            if stop:
+                raise signals.Stopped(stop, step=step, checkpoint=self.out / CHECKPOINTS / f"step-{step:08d}")
+
+    def _stop_requested(self) -> int | None:
+        """The stop signal any process received (the one of the lowest rank that got one), agreed by all."""
+        mine = signals.requested() or 0
+        if self.par.num_processes == 1:
+            return mine or None
+        got = [int(s) for s in self.par.gather(torch.tensor([mine], device=self.par.device)).tolist() if s]
+        return got[0] if got else None
 
     def end(self, save: Callable[[Any], None], done: Callable[[], str],
             curves: list[tuple[str, ...]] = ()) -> Path:
