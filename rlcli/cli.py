@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,8 +14,8 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.text import Text
 
-from rlcli import __version__, rundir, signals
-from rlcli.launch import is_main_process
+from rlcli import __version__, peers, rundir, signals
+from rlcli.launch import RESUME_HINT, is_main_process
 from rlcli.rundir import RunDir
 from rlcli.signals import Stopped
 from rlcli.commands import COMMANDS, Command
@@ -51,19 +52,45 @@ def _text(exc: BaseException) -> str:
     return "\n".join([str(exc), *getattr(exc, "__notes__", [])])
 
 
-def _fail(exc: Exception, code: int) -> None:
-    if is_main_process():
+def _fail(exc: Exception, code: int, *, first: bool = False, where: str = "") -> None:
+    """Print ``exc`` as one panel and exit with ``code``: on the main process, and in a run of several processes
+    also on the one that failed ``first`` (``where`` names it)."""
+    if is_main_process() or first:
         title = "recipe error" if isinstance(exc, RecipeError) else "error"
+        if where and not is_main_process():
+            title += f" ({where})"
         # as plain text: messages quote values such as train[:100] or ['a'] that rich would read as markup
         _stderr_console().print(Panel(Text(_text(exc)), title=f"[bold red]{title}", title_align="left",
                                       border_style="red"))
+    elif not where and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # failed before the processes met: nothing tells whether the main one failed the same way, so one line
+        label = f"process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}"
+        _stderr_console().print(Text(f"error ({label}): {' '.join(_text(exc).split())[:300]}"))
     raise typer.Exit(code)
+
+
+def _peer_failed(exc: BaseException) -> UserError | None:
+    """In a run of several processes: ``exc`` as the echo of another process's failure (a collective whose peer
+    exited, or the watch's ``PeerFailed``), said as that failure; None when this process failed on its own."""
+    if not peers.this_process():
+        return None
+    line = peers.peer_failure(wait_s=2.0)
+    if line is not None:
+        return UserError(f"{line.rstrip('.')}. The run stopped on every process; {RESUME_HINT}")
+    if isinstance(exc, peers.PeerFailed) or peers.lost_connection(exc):
+        silent = peers.silent_peers()
+        who = (", ".join(f"process {r}" for r in silent) + (" was" if len(silent) == 1 else " were")
+               if silent else "another process of the run was")
+        # gloo's "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:7870. This is typically ..."
+        seen = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).splitlines()[0] if str(exc) else "").split(". ")[0]
+        return UserError(f"{who} lost without an error of its own (killed, out of memory, or its machine went "
+                         f"away), so the run stopped on every process ({peers.this_process()} saw: "
+                         f"{seen[:200] or type(exc).__name__}); {RESUME_HINT}")
+    return None
 
 
 def _stopped(exc: BaseException) -> str:
     """What a run stopped by a signal (or Ctrl-C) says: where it stopped and how it goes on."""
-    from rlcli.launch import RESUME_HINT
-
     if isinstance(exc, Stopped) and exc.checkpoint is not None:
         text = (f"[yellow]stopped[/] by {signals.name(exc.signum)} at the end of step {exc.step}, after writing a "
                 f"checkpoint there ({exc.checkpoint}); continue with --resume")
@@ -128,6 +155,15 @@ def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: b
             failure = (_without_traceback(exc), 128 + exc.signum)
         except KeyboardInterrupt as exc:
             failure = (_without_traceback(exc), 130)
+        except BaseException as exc:  # a crash; with several processes, maybe only the echo of another's failure
+            echo = _peer_failed(exc)
+            if echo is None:
+                peers.announce(exc)
+                raise
+            failure = (_without_traceback(echo), 1)
+        # the other processes hear of this one's failure (a no-op when another failed first, or in one process)
+        first = failure is not None and not isinstance(failure[0], Stopped) and peers.announce(failure[0])
+        where = peers.this_process()
         # the trainer's frames, and its DDP model, are gone now (the failure was kept without its traceback): only
         # now can the process group go without risking gloo's teardown deadlock
         release_distributed()
@@ -138,7 +174,7 @@ def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: b
         if is_main_process():
             _stderr_console().print(_stopped(exc))
         raise typer.Exit(code)
-    _fail(exc, code)
+    _fail(exc, code, first=first, where=where)
 
 
 def _attempt(command: Command, config: Path, overrides: list[str] | None, dry_run: bool, resume: bool,

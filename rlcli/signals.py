@@ -12,16 +12,26 @@ Either way the run directory's owner puts back a run the stopped one was replaci
 stands (a checkpoint), and the command exits with 128 + the signal's number. The handlers are installed by the
 command line for the length of a command (:func:`handled`), in the main thread; the step loop asks
 :func:`requested` at each step's end (``trainers.loop.Run.checkpoint``).
+
+Python runs a handler only when the main thread is back in Python code. One blocked in a call that never returns
+(a rendezvous or collective whose peer died) would sit out the signal that should end it, as it would not with no
+handler at all; so a thread hears every signal as it arrives (``signal.set_wakeup_fd``), and when a stop that
+should take effect at once is not handled within ``UNHANDLED_S`` seconds, it ends the process with the usual exit
+status (there is nothing a blocked process could still clean up).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+UNHANDLED_S = 3.0
 
 
 class Stopped(BaseException):
@@ -45,12 +55,14 @@ class _State:
     deferring = False  # in a step loop: a stop signal waits for the step's end
     requested: int | None = None
     shielded = 0  # cleanup in progress (the run is ending anyway): signals do not cut it short
+    handled = 0  # stop signals the main thread has handled (the listener compares)
 
 
 _state = _State()
 
 
 def _on_stop(signum, frame) -> None:
+    _state.handled += 1
     if _state.shielded or _state.deferring:
         if _state.requested is None:
             _state.requested = signum
@@ -80,15 +92,46 @@ def handled() -> Iterator[None]:
         return
     previous = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGINT)}
     _state.installed, _state.requested, _state.deferring = True, None, False
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    listener = threading.Thread(target=_listen, args=(read,), name="rlcli-signals", daemon=True)
     try:
         for s in STOP_SIGNALS:
             signal.signal(s, _on_stop)
         signal.signal(signal.SIGINT, _on_interrupt)
+        listener.start()
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write)  # the listener reads the end of the pipe, and ends
         _state.installed, _state.deferring, _state.requested = False, False, None
+
+
+def _listen(read: int) -> None:
+    """The thread that hears each signal as it arrives, and ends a process whose main thread cannot take a stop
+    that should be immediate (it is blocked outside Python)."""
+    try:
+        while True:
+            data = os.read(read, 64)
+            if not data:
+                return
+            for signum in data:
+                if signum not in STOP_SIGNALS:
+                    continue
+                handled, deadline = _state.handled, time.monotonic() + UNHANDLED_S
+                while _state.handled == handled and time.monotonic() < deadline:
+                    select.select([], [], [], 0.05)
+                if _state.handled == handled and not _state.deferring and not _state.shielded:
+                    world = int(os.environ.get("WORLD_SIZE", "1"))
+                    who = f"process {os.environ.get('RANK', '?')} of {world}" if world > 1 else "rlcli"
+                    os.write(2, f"{who}: stopped by {name(signum)} while it waited outside Python (for another "
+                                "process, or a device)\n".encode())
+                    os._exit(128 + signum)
+    finally:
+        os.close(read)
 
 
 def defer_to_step_end() -> None:

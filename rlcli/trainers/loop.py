@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from rlcli import rundir, signals
+from rlcli import peers, rundir, signals
 from rlcli.rundir import RunDir
 from rlcli.checkpoint import CHECKPOINTS, load_checkpoint, restore_rng_state
 from rlcli.config.common import OptimConfig, RecipeBase
@@ -59,6 +59,7 @@ class Run:
         except BaseException:
             self.dir.release(ok=False)
             raise
+        peers.watch()  # from now on a failure of any process stops every process of the run
         self.accelerator = self.par.accelerator
         self.threads = cpu_threads(self.par.num_processes)
         self.host_memory = host_memory_in_force(train.host_memory)
@@ -76,8 +77,12 @@ class Run:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        # a run that ends here without end() failed or was stopped: a run it replaced comes back unless it stands
+        # a run that ends here without end() failed or was stopped: the other processes hear of it first (before
+        # anything here that could take time), then a run it replaced comes back unless it stands
+        if isinstance(exc, Exception):
+            peers.announce(exc)
         self.dir.__exit__(kind, exc, tb)
+        peers.unwatch()
 
     @classmethod
     def supervised(cls, recipe: RecipeBase, resume: bool) -> "Run":
@@ -198,6 +203,7 @@ class Run:
         if not self.dir.main:
             self.dir.release(ok=True)
         accelerator.wait_for_everyone()
+        peers.unwatch()
         self.dir.finish()
         for tracker in accelerator.trackers:
             tracker.finish()
