@@ -10,21 +10,13 @@ from rlcli import rundir
 from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.models.engines import LocalEngine, RolloutEngine
 from rlcli.models.loading import apply_lora, load_model
-from rlcli.models.value_head import (
-    VALUE_HEAD_CONFIG,
-    VALUE_HEAD_WEIGHTS,
-    ValueHead,
-    ValueHeadModel,
-    disable_dropout,
-    hidden_size,
-    save_value_head,
-)
+from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
 from rlcli.parallel import Parallel, as_parallel
 from rlcli.ppo.learner import PPOLearner
 from rlcli.ppo.rollout import RolloutSetup, _lm
 from rlcli.rewards.sources import build_reward
 from rlcli.rl import SamplingRules
-from rlcli.trainers.loop import load_trainable_state, make_optimizer, save_final_model
+from rlcli.trainers.loop import load_trainable_state, make_optimizer
 
 
 VLLM_MODEL_DIR = "vllm-model"  # the initial policy, saved for vLLM to build its copy from
@@ -137,12 +129,3 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
         other = engine if engine is not None and not isinstance(engine, LocalEngine) else None
         env = build_environment(recipe.env, _lm(policy), tokenizer, rules=rules, engine=other)
     return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine)
-
-
-def save_policy(policy: ValueHeadModel, tokenizer, out: Path, *, built_from_scratch: bool, merge: bool) -> None:
-    """The LM (or adapter) in Hugging Face format via the shared final save, plus the value head beside it (none
-    for critic-free estimators)."""
-    save_final_model(policy.pretrained, tokenizer, out, built_from_scratch=built_from_scratch, merge=merge)
-    if policy.value_head is not None:
-        rundir.claim(out, VALUE_HEAD_WEIGHTS, VALUE_HEAD_CONFIG)
-        save_value_head(policy.value_head, out)

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlcli import rundir
 from rlcli.config.errors import UserError
 from rlcli.config.ppo import EvalConfig, PPORecipe
 from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
@@ -154,23 +152,6 @@ class Evaluator:
         return torch.tensor([float(x) for x in row], dtype=torch.float64)
 
 
-def save_policy_dir(policy, tokenizer, directory: Path, *, built_from_scratch: bool) -> None:
-    """A policy in Hugging Face format in ``directory`` (created), with its value head: the LM, or a LoRA policy's
-    adapter (loads onto the same base) -- merged into its base when that base was built from scratch, since no hub
-    holds it."""
-    from rlcli.models.value_head import save_value_head
-
-    lm = policy.pretrained
-    if policy.is_peft and built_from_scratch:
-        import copy
-
-        lm = copy.deepcopy(lm).merge_and_unload()
-    lm.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    if policy.value_head is not None:
-        save_value_head(policy.value_head, directory)
-
-
 class BestKeeper:
     """``train.keep_best``: the policy of the best evaluation so far, in ``OUTPUT_DIR/best``."""
 
@@ -188,17 +169,16 @@ class BestKeeper:
             return False
         return self.value is None or (value > self.value if self.mode == "max" else value < self.value)
 
-    def keep(self, step: int, metrics: dict[str, float], save) -> None:
-        """Record the new best and ``save(directory)`` its policy there (main process; written to a temporary
-        directory first, then moved into place, so ``best/`` is never half-written)."""
+    def keep(self, step: int, metrics: dict[str, float], policy, tokenizer, *, built_from_scratch: bool,
+             merge: bool) -> None:
+        """Record the new best and save ``policy`` (a ``ValueHeadModel``) into ``best/`` with ``best.json``, laid out
+        as the final save (``rlcli.models.saving``; main process)."""
         import json
 
+        from rlcli.models.saving import save_model
+
         self.value, self.step = metrics[self.metric], step
-        tmp, final = self.out / ".best.tmp", self.out / BEST_DIR
-        rundir.claim(self.out, tmp.name, BEST_DIR)
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        (tmp / BEST_FILE).write_text(json.dumps({"step": step, "metric": self.metric, "value": self.value}) + "\n")
-        rundir.apply_umask(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        info = json.dumps({"step": step, "metric": self.metric, "value": self.value}) + "\n"
+        save_model(policy.pretrained, tokenizer, self.out / BEST_DIR, run_dir=self.out,
+                   built_from_scratch=built_from_scratch, merge=merge, value_head=policy.value_head,
+                   files={BEST_FILE: info})

@@ -10,12 +10,9 @@ logging); a trainer supplies its ``Objective``. PPO's step lives in ``rlcli.ppo`
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,52 +486,3 @@ def print_notes(notes: list[str], accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         for note in notes:
             console.print(f"[yellow]note:[/] {note}")
-
-
-def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scratch: bool, merge: bool) -> None:
-    """Save the model in Hugging Face format into ``output_dir`` (weights written to a temp dir, then moved).
-
-    A LoRA model saves its adapter (``adapter_config.json``); if its base was built from scratch, the base is
-    saved beside it under ``base/`` and the adapter points at it, since no hub holds that base.
-    """
-    out = Path(output_dir)
-    tmp = out / ".final.tmp"
-    rundir.claim(out, tmp.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _save_final(model, tokenizer, out, tmp, built_from_scratch=built_from_scratch, merge=merge)
-    except (OSError, RuntimeError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # the half-written model goes; checkpoints stay
-        raise rundir.as_no_space(exc, tmp) from None
-
-
-def _save_final(model, tokenizer, out: Path, tmp: Path, *, built_from_scratch: bool, merge: bool) -> None:
-    tmp.mkdir(parents=True)
-    is_peft = hasattr(model, "peft_config")
-    if is_peft:
-        if built_from_scratch:
-            # peft's unload() strips the LoRA layers without merging; do it on a copy to keep the adapter.
-            base = copy.deepcopy(model).unload()
-            base.save_pretrained(tmp / "base")
-            tokenizer.save_pretrained(tmp / "base")
-            for cfg in model.peft_config.values():
-                cfg.base_model_name_or_path = str((out / "base").resolve())
-        with warnings.catch_warnings():
-            # peft looks for the base's config at its final path, which is only filled after the move below
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            model.save_pretrained(tmp)
-        if merge:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(tmp / "merged")
-            tokenizer.save_pretrained(tmp / "merged")
-    else:
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    rundir.apply_umask(tmp)
-    rundir.claim(out, *(item.name for item in tmp.iterdir()))
-    for item in tmp.iterdir():
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.rename(target)
-    tmp.rmdir()

@@ -28,8 +28,9 @@ from rlcli.config.errors import UserError
 from rlcli.config.ppo import PPORecipe
 from rlcli.logging import console, open_jsonl
 from rlcli.models.loading import load_tokenizer
-from rlcli.ppo.build import build_engine, build_learner, rollout_setup, save_policy
-from rlcli.ppo.evaluation import BestKeeper, Evaluator, held_out_prompts, save_policy_dir
+from rlcli.models.saving import save_model
+from rlcli.ppo.build import build_engine, build_learner, rollout_setup
+from rlcli.ppo.evaluation import BestKeeper, Evaluator, held_out_prompts
 from rlcli.ppo.learner import ForbiddenTokenError, NonFiniteLossError
 from rlcli.ppo.preflight import describe_estimator, env_generation_notes, policy_task, preflight
 from rlcli.ppo.rollout import Episodes, collect_episodes, env_metrics
@@ -112,6 +113,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
             for note in env_generation_notes(recipe):
                 console.print(f"note: {note}", style="yellow")
 
+        from_scratch, merge = recipe.model.architecture is not None, bool(recipe.lora and recipe.lora.merge_on_save)
         shown = ("reward_mean", "kl", "kl_coef", "response_length", "tool_use_rate")
         if evaluator is not None:
             shown += ("eval/reward_mean", f"eval/pass@{evaluator.cfg.samples_per_prompt}")
@@ -122,8 +124,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
             if best is not None and best.better(metrics):
                 plain = par.materialise(model)  # every process: gathers a sharded model's weights
                 if par.is_main_process:
-                    best.keep(step, metrics, lambda d: save_policy_dir(
-                        plain, tokenizer, d, built_from_scratch=recipe.model.architecture is not None))
+                    best.keep(step, metrics, plain, tokenizer, built_from_scratch=from_scratch, merge=merge)
 
         if evaluator is not None and evaluator.cfg.at_start and not run.resuming:
             start = {}
@@ -164,8 +165,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
 
         # step 9: final policy and value head
         def save(plain) -> None:
-            save_policy(plain, tokenizer, run.out, built_from_scratch=recipe.model.architecture is not None,
-                        merge=bool(recipe.lora and recipe.lora.merge_on_save))
+            save_model(plain.pretrained, tokenizer, run.out, run_dir=run.out, built_from_scratch=from_scratch,
+                       merge=merge, value_head=plain.value_head)
 
         curves = [("reward_mean", "eval/reward_mean"), ("kl",), ("response_length", "eval/response_length")]
         if evaluator is not None:

@@ -31,7 +31,8 @@ from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collat
 from rlcli.data.sources import check_data_source
 from rlcli.models.loading import check_model_config
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
-from rlcli.trainers.loop import Run, SupervisedKind, save_final_model, supervised_preflight, train_supervised
+from rlcli.models.saving import save_model
+from rlcli.trainers.loop import Run, SupervisedKind, supervised_preflight, train_supervised
 
 
 def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,
@@ -151,8 +152,9 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
                                              tokenizer.pad_token_id)
 
         def save(plain) -> None:
-            save_final_model(plain, tokenizer, run.out, built_from_scratch=recipe.model.architecture is not None,
-                             merge=bool(recipe.lora and recipe.lora.merge_on_save))
+            save_model(plain, tokenizer, run.out, run_dir=run.out,
+                       built_from_scratch=recipe.model.architecture is not None,
+                       merge=bool(recipe.lora and recipe.lora.merge_on_save))
             save_reward_stats(run.out, mean, std, count, recipe.data.max_length)
 
         def done() -> str:
