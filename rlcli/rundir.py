@@ -749,7 +749,7 @@ RESUME_MAY_CHANGE = (
     "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_batch_size", "train.sample_every",
     "train.samples_per_log", "train.micro_batch_size", "ppo.micro_batch_size", "model.gradient_checkpointing",
     "train.host_memory",
-    "lora.merge_on_save",
+    "lora.merge_on_save", "data.long_prompts",
     # where the reward service is and how it is reached (the scores are the service's, wherever it runs)
     "reward.url", "reward.token_env", "reward.timeout_s", "reward.max_concurrency", "reward.retries",
     "reward.retry_backoff_s", "reward.verify_tls", "reward.ca_file",

@@ -67,6 +67,38 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _duplicate_keys(text: str, source: str) -> list[Problem]:
+    """Keys set twice in one mapping of a YAML text (PyYAML keeps the last silently: a second ``kl:`` section would
+    replace the first whole), each named with both lines."""
+    problems: list[Problem] = []
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: a merge, not a key
+                    continue
+                key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+                if key in seen:
+                    problems.append(Problem(key, (
+                        f"set twice in this mapping, on line {seen[key]} and again on line {line}; YAML would keep "
+                        "the second silently, replacing the first: keep one of them"), source=source, line=line))
+                else:
+                    seen[key] = line
+                walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix}{i}.")
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return problems
+    if root is not None:
+        walk(root, "")
+    return problems
+
+
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Parse a recipe file into a dict and a key→line map. Raises ``RecipeError`` for a missing or bad file."""
     path = Path(path)
@@ -93,6 +125,9 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError([Problem("", f"expected a mapping of keys at the top, got {type(data).__name__}", str(path))])
+    duplicates = _duplicate_keys(text, str(path))
+    if duplicates:
+        raise RecipeError(duplicates)
     return data, _key_lines(text)
 
 

@@ -167,6 +167,31 @@ def _model_config_without_weights(cfg: ModelConfig):
         return None
 
 
+def learned_positions(model: torch.nn.Module) -> int | None:
+    """How many positions ``model`` learned an embedding for (GPT-2's ``wpe``): the longest input it can take; None
+    when it has no such limit (rotary or relative positions)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS
+                  for name, m in model.named_modules())
+    return positions if learned and isinstance(positions, int) else None
+
+
+def config_positions(cfg: ModelConfig, task: Task) -> int | None:
+    """:func:`learned_positions` of the model ``cfg`` describes, built on the meta device (no weights); None when
+    it has no such limit or its config cannot be had offline."""
+    import warnings
+
+    try:
+        config = _model_config_without_weights(cfg)
+        if config is None:
+            return None
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return learned_positions(_AUTO_CLASSES[task][0].from_config(config))
+    except Exception:  # noqa: BLE001 - a config that cannot be built: check_model_fits says why
+        return None
+
+
 def check_recipe_model_fits(recipe) -> list[Problem]:
     """:func:`check_model_fits` for a recipe of any command: its model(s), LoRA and the longest inputs it gives them
     (all read from the recipe; the model is built on the meta device, no weights)."""
@@ -179,9 +204,14 @@ def check_recipe_model_fits(recipe) -> list[Problem]:
     elif env is not None and task == "causal":
         lengths = (("env.max_length", env.max_length, "an episode"),)
     elif gen is not None and task == "causal":
-        # the prompt's length depends on the data; the response alone must fit, beside at least one prompt token
+        # the prompt's length depends on the data (cut to what fits: ppo.preflight.prompt_budget); the response
+        # alone must fit, beside at least one prompt token
         lengths = (("generation.max_new_tokens", gen.max_new_tokens + 1, "a response and its prompt's last token",
                     1),)
+        evaluation = getattr(recipe, "eval", None)
+        if evaluation is not None and evaluation.max_new_tokens:
+            lengths += (("eval.max_new_tokens", evaluation.max_new_tokens + 1,
+                         "a held-out response and its prompt's last token", 1),)
     problems = check_model_fits(recipe.model, task, lora=getattr(recipe, "lora", None), lengths=lengths)
     ref = getattr(recipe, "ref_model", None)
     if ref is not None:
@@ -228,10 +258,8 @@ def check_model_fits(cfg: ModelConfig, task: Task, *, key: str = "model", lora: 
         return [Problem(where, f"the model cannot be built from this config: {type(exc).__name__}: "
                                f"{_first_line(exc)}")]
     problems = []
-    positions = getattr(config, "max_position_embeddings", None)
-    learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS
-                  for name, m in model.named_modules())
-    if learned and isinstance(positions, int):
+    positions = learned_positions(model)
+    if positions is not None:
         pos_key = f"{key}.config.{names.get('max_position_embeddings', 'max_position_embeddings')}"
         for length_key, tokens, what, *extra in lengths:
             if tokens > positions:

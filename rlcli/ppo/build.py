@@ -9,7 +9,7 @@ from pathlib import Path
 from rlcli import rundir
 from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.models.engines import LocalEngine, RolloutEngine
-from rlcli.models.loading import apply_lora, load_model
+from rlcli.models.loading import apply_lora, learned_positions, load_model
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
 from rlcli.parallel import Parallel, as_parallel
 from rlcli.ppo.learner import PPOLearner
@@ -128,4 +128,5 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
         # rlcli's own sampler keeps each episode's KV cache across turns; another engine samples the turns itself
         other = engine if engine is not None and not isinstance(engine, LocalEngine) else None
         env = build_environment(recipe.env, _lm(policy), tokenizer, rules=rules, engine=other)
-    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine)
+    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine,
+                        learned_positions(_lm(policy)))

@@ -57,6 +57,18 @@ def held_out_prompts(recipe: PPORecipe) -> tuple[list[dict], list[dict], str, st
     return rows, [], column, column
 
 
+def prompt_sets(recipe: PPORecipe, rows: list[dict], column: str, eval_rows: list[dict],
+                eval_column: str) -> list[tuple[list[dict], str, int, bool]]:
+    """The run's prompts as ``ppo.preflight.check_prompt_lengths`` takes them: (rows, column, new tokens, held out),
+    the held-out ones as the ``Evaluator`` will use them."""
+    sets = [(rows, column, recipe.generation.max_new_tokens, False)]
+    if eval_rows:
+        cfg = recipe.eval or EvalConfig()
+        sets.append((eval_rows[: cfg.max_prompts] if cfg.max_prompts else eval_rows, eval_column,
+                     cfg.max_new_tokens or recipe.generation.max_new_tokens, True))
+    return sets
+
+
 # per-batch sums, in this order (pass: prompts with a completion at or above the threshold)
 _SUMS = ("episodes", "prompts", "reward", "reward_sq", "passed", "length", "stopped", "tool_used", "tool_calls",
          "turns", "submitted")
@@ -132,7 +144,7 @@ class Evaluator:
             else:
                 lengths = sample_lengths(len(rows), recipe.data.prompt_length, g)
                 ids = [encode_prompt(r[self.column], tokenizer, chat_template=recipe.data.chat_template,
-                                     max_length=recipe.data.max_prompt_length, length=n)
+                                     max_length=setup.prompt_limit(self.gen.max_new_tokens), length=n)
                        for r, n in zip(rows, lengths)]
                 rollout = generate(engine, tokenizer, ids, self.gen, self.rules, g)
                 prompts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]

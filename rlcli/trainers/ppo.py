@@ -27,12 +27,13 @@ from rich.panel import Panel
 from rlcli.config.errors import UserError
 from rlcli.config.ppo import PPORecipe
 from rlcli.logging import console, open_jsonl
-from rlcli.models.loading import load_tokenizer
+from rlcli.models.loading import learned_positions, load_tokenizer
 from rlcli.models.saving import save_model
 from rlcli.ppo.build import build_engine, build_learner, rollout_setup
-from rlcli.ppo.evaluation import BestKeeper, Evaluator, held_out_prompts
+from rlcli.ppo.evaluation import BestKeeper, Evaluator, held_out_prompts, prompt_sets
 from rlcli.ppo.learner import ForbiddenTokenError, NonFiniteLossError
-from rlcli.ppo.preflight import describe_estimator, env_generation_notes, policy_task, preflight
+from rlcli.ppo.preflight import (check_prompt_lengths, describe_estimator, env_generation_notes, policy_task,
+                                 preflight)
 from rlcli.ppo.rollout import Episodes, collect_episodes, env_metrics
 from rlcli.trainers.loop import Run, describe_model
 
@@ -89,6 +90,9 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
                                                    weights=weights)
         run.restore_rng()
         model = learner.model
+        long = None if recipe.env is not None else check_prompt_lengths(
+            recipe, tokenizer, learned_positions(policy.pretrained), prompt_sets(recipe, rows, column, eval_rows,
+                                                                                  eval_column))
         run.begin(model, learner.optimizer, learner.scheduler, total_steps=p.steps, steps_key="ppo.steps")
         if run.resuming:
             learner.load_state_dict(run.state["learner"])
@@ -110,7 +114,7 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
             console.print(f"sampling: {learner.rules.description()}; advantages: {describe_estimator(recipe)}"
                           + ("; one optimizer step per batch: π_old from the training forward, no separate policy pass"
                              if reuse else ""), style="dim")
-            for note in env_generation_notes(recipe):
+            for note in env_generation_notes(recipe) + ([long] if long else []):
                 console.print(f"note: {note}", style="yellow")
 
         from_scratch, merge = recipe.model.architecture is not None, bool(recipe.lora and recipe.lora.merge_on_save)

@@ -191,7 +191,7 @@ BAD_JSON = '{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": 
         ("missing field", None, ["data.path=DATA"], BAD_ROWS, 1, ["data.jsonl:2: no value for 'completion'"]),
         ("malformed JSON line", None, ["data.path=DATA"], BAD_JSON, 2,  # found by the first pass (--dry-run too)
          ["data.jsonl:3: not valid JSON: Expecting value (column 31)"]),
-        ("empty dataset", None, ["data.path=DATA"], "", 1, ["empty", "no rows"]),
+        ("empty dataset", None, ["data.path=DATA"], "", 2, ["command line: data.path", "empty", "no rows"]),
         ("unknown architecture", None, ["model.architecture=gtp2"], None, 2, ["unknown architecture 'gtp2'", "gpt2"]),
         ("batch does not divide", None, ["train.batch_size=30", "train.micro_batch_size=16"], None, 2,
          ["batch_size=30", "micro_batch_size", "divisor of 30"]),
