@@ -122,12 +122,13 @@ def _without_traceback(exc: BaseException) -> BaseException:
     return exc
 
 
-def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int = 1) -> list[str]:
+def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int = 1, dry_run: bool = False) -> list[str]:
     """The command's own checks, the output dir's and the trackers', their problems reported together in one error,
-    each placed where its key was set (``origin``)."""
+    each placed where its key was set (``origin``); then whether the hub ids it names can be had (``--dry-run``:
+    said as a note, a recipe checked offline is still a good recipe)."""
     from rlcli.config.loader import locate
     from rlcli.logging import check_trackers
-    from rlcli.models.loading import check_recipe_model_fits
+    from rlcli.models.loading import check_hub, check_recipe_model_fits
 
     problems = RunDir.of(recipe).check(recipe, resume=resume, origin=origin) + locate(check_trackers(recipe), origin)
     try:
@@ -137,7 +138,7 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
     problems += locate(check_recipe_model_fits(recipe), origin)
     if problems:
         raise RecipeError(problems)
-    return notes
+    return check_hub(recipe, warn_only=dry_run) + notes  # before anything asks the hub (and retries for a minute)
 
 
 def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: bool, resume: bool):
@@ -189,7 +190,7 @@ def _attempt(command: Command, config: Path, overrides: list[str] | None, dry_ru
 
             # before torch's first CPU allocation: importing the trainer (peft) makes one
             set_host_memory(recipe.train.host_memory)
-        notes = _checked(recipe, origin, command.preflight(), resume, processes)
+        notes = _checked(recipe, origin, command.preflight(), resume, processes, dry_run)
         if dry_run:
             from rlcli.logging import console
 

@@ -139,7 +139,8 @@ class Run:
 
     def progress(self, name: str, shown: tuple[str, ...]) -> TrainingProgress:
         enabled = self.par.is_main_process and self.recipe.logging.progress
-        return TrainingProgress(name, self.total_steps, enabled=enabled, start=self.start_step, shown=shown)
+        return TrainingProgress(name, self.total_steps, enabled=enabled, start=self.start_step, shown=shown,
+                                every_s=self.recipe.logging.progress_every_s)
 
     def steps(self) -> range:
         """The steps left to train; from now on a stop signal waits for the end of the step in progress."""
@@ -152,18 +153,19 @@ class Run:
             self.log_file.log(step, metrics)
 
     def checkpoint(self, step: int, state: dict[str, Any] | None = None) -> None:
-        """The end of a step (every process): a checkpoint when ``train.save_every`` says so (never at the last
-        step: the final save follows), or when a stop signal came during the step (``rlcli.signals``): then the run
-        stops here (``Stopped``), to be continued with ``--resume``."""
+        """The end of a step (every process): a checkpoint when ``train.save_every`` says so, and at the last step
+        too (so that ``--resume`` with more steps goes on from there), or when a stop signal came during the step
+        (``rlcli.signals``): then the run stops here (``Stopped``), to be continued with ``--resume``."""
         train = self.recipe.train
-        stop = self._stop_requested()
-        due = bool(train.save_every) and step % train.save_every == 0
-        if (due or stop) and step < self.total_steps:
+        last = step == self.total_steps
+        stop = None if last else self._stop_requested()  # at the last step the run ends anyway
+        due = bool(train.save_every) and (step % train.save_every == 0 or last)
+        if due or stop:
             save_training_checkpoint(self.par, self.out, step, self.model, self.optimizer, self.scheduler,
                                      full=self.full_state, keep=train.keep_checkpoints, state=state or {})
             self.dir.commit()  # the run stands: the run it replaced goes
-            if stop:
-                raise signals.Stopped(stop, step=step, checkpoint=self.out / CHECKPOINTS / f"step-{step:08d}")
+        if stop:
+            raise signals.Stopped(stop, step=step, checkpoint=self.out / CHECKPOINTS / f"step-{step:08d}")
 
     def _stop_requested(self) -> int | None:
         """The stop signal any process received (the one of the lowest rank that got one), agreed by all."""

@@ -37,6 +37,24 @@ def test_template_parses_and_asks_for_gpus(name):
             assert piece in text
 
 
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_the_usage_examples_name_keys_that_exist(name, tmp_path, monkeypatch):
+    """Each `sbatch slurm/NAME COMMAND CONFIG KEY=VALUE ...` of a template's header passes --dry-run (the single-node
+    one said ppo.learning_rate, which is optim.learning_rate)."""
+    from tests.conftest import invoke_cli
+
+    examples = [line.split("sbatch", 1)[1].split("#")[0].split() for line in (REPO / "slurm" / name).read_text()
+                .splitlines() if line.startswith("#   ") and " sbatch " in line and f"slurm/{name}" in line]
+    examples = [words[words.index(f"slurm/{name}") + 1:] for words in examples]
+    examples = [words for words in examples if len(words) >= 2]
+    assert examples
+    for command, config, *overrides in examples:
+        overrides = [o for o in overrides if not o.startswith("output_dir=")]
+        code, out, err = invoke_cli(command, config, *overrides, f"output_dir={tmp_path / 'out'}", "--dry-run",
+                                    monkeypatch=monkeypatch)
+        assert code == 0, (command, config, overrides, plain(err))
+
+
 def test_single_node_template_runs_outside_slurm(tmp_path):
     """The same script, run with bash: 2 CPU processes through accelerate launch, on a dry run."""
     env = {**os.environ, "RLCLI_CPU": "1", "RLCLI_NPROC": "2", "RLCLI_PORT": "29731", "COLUMNS": "250",

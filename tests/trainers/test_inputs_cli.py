@@ -106,3 +106,19 @@ def test_an_empty_csv_or_parquet_is_refused_by_dry_run(tmp_path, monkeypatch):
         code, _, err = invoke_cli("sft", "configs/tiny/sft.yaml", f"output_dir={tmp_path / 'o'}", f"data.path={path}",
                                   "--dry-run", monkeypatch=monkeypatch)
         assert code == 2 and f"file {path} is empty: it has no rows" in plain(err), err
+
+
+def test_no_network_is_said_at_once_not_after_a_minute_of_hub_retries(tmp_path):
+    """The hub's endpoint refusing connections (as on a machine without network): rlcli's own error names the id
+    within seconds; the hub library used to retry each file for about a minute first."""
+    import time
+
+    start = time.time()
+    res = run_cli("sft", "configs/tiny/sft.yaml", f"output_dir={tmp_path / 'o'}", "model.architecture=null",
+                  "model.config=null", "model.tokenizer=null", "model.name_or_path=nobody/no-such-model",
+                  env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=120)
+    err = plain(res.stderr)
+    assert res.returncode == 1 and time.time() - start < 30, err
+    assert "model.name_or_path: 'nobody/no-such-model' is not a local path and not in the local Hugging Face " \
+           "cache" in err and "the Hugging Face hub (http://127.0.0.1:9) cannot be reached" in err, err
+    assert "Retrying" not in res.stderr + res.stdout and "Traceback" not in res.stderr

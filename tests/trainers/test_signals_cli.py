@@ -103,3 +103,19 @@ def test_sigterm_before_the_first_step_puts_the_replaced_run_back(tmp_path):
     assert "Traceback" not in text
     assert snapshot(out) == before
     assert not list(tmp_path.glob(".rlcli-trash-*"))
+
+
+def test_output_to_a_file_gets_plain_progress_lines(tmp_path):
+    """No terminal (a SLURM log): a plain line per logging.progress_every_s (0: every step) and at the last step,
+    where a bar cannot redraw itself; none of the bar's drawing characters."""
+    res = run_cli("sft", "configs/tiny/sft.yaml", f"output_dir={tmp_path / 'a'}", "train.max_steps=4",
+                  "train.save_every=null", "data.eval_fraction=0", "logging.progress_every_s=0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("sft ")]
+    assert [line.split(",")[0] for line in lines] == ["sft 1/4 (25%)", "sft 2/4 (50%)", "sft 3/4 (75%)",
+                                                       "sft 4/4 (100%)"], res.stdout
+    assert all(" elapsed, " in line and " left: loss " in line for line in lines), lines
+    assert "━" not in res.stdout
+    res = run_cli("sft", "configs/tiny/sft.yaml", f"output_dir={tmp_path / 'b'}", "train.max_steps=4",
+                  "train.save_every=null", "data.eval_fraction=0")  # the default: every 30 s, and the last step
+    assert [line.split(",")[0] for line in res.stdout.splitlines() if line.startswith("sft ")] == ["sft 4/4 (100%)"]
