@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -33,6 +34,12 @@ class Origin:
         # whose check failed (train, when train.batch_size=33 was given) is the command line's doing
         if key and any(key == t or key.startswith(t + ".") or t.startswith(key + ".") for t in self.touched):
             return dataclasses.replace(problem, source=CLI, line=None)
+        # so is one about another key that names a key set there as its cause ("ppo.batch_size=64 must be a multiple
+        # of ppo.mini_batch_size=48", "... positions (model.config.n_positions)"): not the file's line of the first
+        named = [t for t in sorted(self.touched)
+                 if re.search(rf"(?<![\w.]){re.escape(t)}=|\({re.escape(t)}\)", problem.message)]
+        if named:
+            return dataclasses.replace(problem, source=f"{CLI} ({', '.join(named)})", line=None)
         return dataclasses.replace(problem, source=self.source, line=self.lines.get(key))
 
 

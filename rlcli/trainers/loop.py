@@ -339,7 +339,7 @@ def supervised_steps(run: Run, objective: Objective, kind: SupervisedKind, *, ha
             totals = {k: par.reduce(torch.as_tensor(v, device=par.device), "sum").item() for k, v in counts.items()}
             seconds = time.perf_counter() - t0
             if not math.isfinite(step_loss):
-                raise non_finite_loss(step, step_loss, run.out)
+                raise non_finite_loss(step, step_loss)
             metrics = objective.metrics(step_loss, totals, lr, step * tcfg.batch_size / len(objective.examples),
                                         seconds)
             if grad_norm is not None:
@@ -469,10 +469,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def non_finite_loss(step: int, loss: float, out: Path) -> UserError:
+def non_finite_loss(step: int, loss: float) -> UserError:
     """The error that stops a run whose training loss became NaN / inf (no final model is saved)."""
     return UserError(f"the training loss at step {step} is {loss} (not a finite number), so the run stopped there "
-                     f"and saved no model in {out}. Usual causes: a learning rate too high for this model "
+                     "and saved no model. Usual causes: a learning rate too high for this model "
                      "(optim.learning_rate), no gradient clipping (optim.max_grad_norm: null), or float16 overflow "
                      "(train.mixed_precision: fp16); start a new run with other settings (another output_dir, or "
                      "overwrite_output_dir=true)")
