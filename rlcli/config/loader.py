@@ -50,34 +50,12 @@ def locate(problems: list[Problem], origin: Origin | str = "recipe") -> list[Pro
     return [origin.place(p) for p in problems]
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages."""
+def _key_lines(text: str, source: str = "") -> tuple[dict[str, int], list[Problem]]:
+    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages; and the keys set twice in
+    one mapping (PyYAML keeps the last silently: a second ``kl:`` section would replace the first whole), each named
+    with both lines."""
     lines: dict[str, int] = {}
-
-    def walk(node: yaml.Node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = f"{prefix}{key_node.value}"
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key + ".")
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[f"{prefix}{i}"] = item.start_mark.line + 1
-                walk(item, f"{prefix}{i}.")
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, "")
-    return lines
-
-
-def _duplicate_keys(text: str, source: str) -> list[Problem]:
-    """Keys set twice in one mapping of a YAML text (PyYAML keeps the last silently: a second ``kl:`` section would
-    replace the first whole), each named with both lines."""
-    problems: list[Problem] = []
+    twice: list[Problem] = []
 
     def walk(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
@@ -87,23 +65,23 @@ def _duplicate_keys(text: str, source: str) -> list[Problem]:
                     continue
                 key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
                 if key in seen:
-                    problems.append(Problem(key, (
+                    twice.append(Problem(key, (
                         f"set twice in this mapping, on line {seen[key]} and again on line {line}; YAML would keep "
                         "the second silently, replacing the first: keep one of them"), source=source, line=line))
-                else:
-                    seen[key] = line
+                seen[key] = lines[key] = line
                 walk(value_node, key + ".")
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
+                lines[f"{prefix}{i}"] = item.start_mark.line + 1
                 walk(item, f"{prefix}{i}.")
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return problems
+        return lines, twice
     if root is not None:
         walk(root, "")
-    return problems
+    return lines, twice
 
 
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -132,10 +110,10 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError([Problem("", f"expected a mapping of keys at the top, got {type(data).__name__}", str(path))])
-    duplicates = _duplicate_keys(text, str(path))
-    if duplicates:
-        raise RecipeError(duplicates)
-    return data, _key_lines(text)
+    lines, twice = _key_lines(text, str(path))
+    if twice:
+        raise RecipeError(twice)
+    return data, lines
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, _descendants, plain, run, snapshot
+from tests.conftest import REPO, kill_tree, plain, run, snapshot
 
 PPO = "configs/tiny/ppo.yaml"
 TWO = ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -34,11 +34,7 @@ def _wait(proc, timeout):
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in [proc.pid, *_descendants(proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(proc)
         proc.wait()
         raise
 
