@@ -164,6 +164,8 @@ def _run(command: Command, config: Path, overrides: list[str] | None, dry_run: b
             failure = (_without_traceback(echo), 1)
         # the other processes hear of this one's failure (a no-op when another failed first, or in one process)
         first = failure is not None and not isinstance(failure[0], Stopped) and peers.announce(failure[0])
+        if first and not is_main_process() and peers.main_failed_alike(failure[0]):
+            first = False  # the same error everywhere: the main process says it, once
         where = peers.this_process()
         # the trainer's frames, and its DDP model, are gone now (the failure was kept without its traceback): only
         # now can the process group go without risking gloo's teardown deadlock

@@ -69,11 +69,29 @@ def announce(exc: BaseException) -> bool:
     store, rank, world = group
     line = f"process {rank} of {world}: {_describe(exc)}"
     try:
+        store.set(f"{FAILED}/{rank}", _describe(exc))
         current = store.compare_set(FAILED, "", line)
     except Exception:  # noqa: BLE001 - the store went with a process that died: nothing to tell anyone
         return False
     current = current.decode(errors="replace") if isinstance(current, bytes) else str(current)
     return current == line
+
+
+def main_failed_alike(exc: BaseException, wait_s: float = 1.5) -> bool:
+    """In a process other than the main one: the main process failed with this same error (a plug-in or a setting
+    that fails everywhere alike), so that it alone need say it. Waits up to ``wait_s`` for the main process's."""
+    group = _group()
+    if group is None or group[1] == 0:
+        return False
+    store, deadline = group[0], time.monotonic() + wait_s
+    try:
+        while not store.check([f"{FAILED}/0"]):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return store.get(f"{FAILED}/0").decode(errors="replace") == _describe(exc)
+    except Exception:  # noqa: BLE001 - the store went away with the main process
+        return False
 
 
 def peer_failure(wait_s: float = 0.0) -> str | None:
@@ -111,20 +129,24 @@ def lost_connection(exc: BaseException) -> bool:
 
 
 def silent_peers(wait_s: float = 3.0) -> list[int]:
-    """The other processes whose heartbeat stopped: none moved over ``wait_s`` seconds (killed, out of memory, their
-    machine gone). Empty when every one still beats or nothing can be told."""
+    """The other processes whose heartbeat stopped: it did not move over ``wait_s`` seconds (killed, out of memory,
+    their machine gone). Best effort: empty when every one still beats or nothing can be told (the store is gone)."""
     group = _group()
     if group is None:
         return []
     store, rank, world = group
-    try:
-        before = [store.add(f"{BEAT}{r}", 0) for r in range(world)]
-        time.sleep(wait_s)
-        after = [store.add(f"{BEAT}{r}", 0) for r in range(world)]
-    except Exception:  # noqa: BLE001 - the store's host died: rank 0's machine, or the launcher
-        return [0] if rank != 0 else []
-    # a process that never beat had no watch yet: nothing can be told of it
-    return [r for r in range(world) if r != rank and 0 < after[r] == before[r]]
+    others = [r for r in range(world) if r != rank]
+    beats: dict[int, set[int]] = {r: set() for r in others}
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for r in others:
+            try:
+                beats[r].add(store.add(f"{BEAT}{r}", 0))
+            except Exception:  # noqa: BLE001 - the store is shutting down with the launcher: ask again
+                pass
+        time.sleep(0.25)
+    # a process seen beating before, and never since: one that never beat had no watch yet, nothing can be told
+    return [r for r in others if len(beats[r]) == 1 and next(iter(beats[r])) > 0]
 
 
 class Watch:

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from rlcli import peers, rundir, signals
+from rlcli import peers, signals
 from rlcli.rundir import RunDir
 from rlcli.checkpoint import CHECKPOINTS, load_checkpoint, restore_rng_state
 from rlcli.config.common import OptimConfig, RecipeBase

@@ -81,6 +81,7 @@ def test_single_node_template_reads_the_environment(tmp_path):
     assert "1 process(es)" in out and f"output_dir: {tmp_path / 'out'}" in out and "dry run OK" in out
 
 
+@pytest.mark.slow  # three runs, ~50 s: the step-end checkpoint itself is in the default suite (test_signals_cli)
 def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes_exactly(tmp_path):
     """single_node.sbatch run with bash as SLURM runs it (output to a file): SIGUSR1 to the script, as
     ``--signal=B:USR1@300`` sends it before the time limit, makes rlcli checkpoint the step in progress and stop; the

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli, plain, run_cli
+from tests.conftest import invoke_cli, plain, run_cli
 
 PPO = "configs/tiny/ppo.yaml"
 ONE_STEP = ["ppo.steps=1", "ppo.batch_size=16", "ppo.mini_batch_size=16", "logging.progress=false",
