@@ -48,6 +48,7 @@ class OutDir:
         self.progress: dict = {}
 
     def __enter__(self) -> "OutDir":
+        from rlcli import signals
         from rlcli.config.errors import UserError
 
         refused = self._refusal()
@@ -57,6 +58,9 @@ class OutDir:
             self.dir.lock()
         except UserError as exc:
             sys.exit(str(exc))
+        # SIGTERM (kill, scancel) stops the script through __exit__, as Ctrl-C does, so an earlier run comes back
+        self._signals = signals.handled()
+        self._signals.__enter__()
         try:
             if self.resume and self.record and (self.out / self.record).exists():
                 self.progress = json.loads((self.out / self.record).read_text())
@@ -66,6 +70,7 @@ class OutDir:
             self._claim()
         except BaseException:
             self.dir.release(ok=False)
+            self._signals.__exit__(None, None, None)
             raise
         return self
 
@@ -80,10 +85,19 @@ class OutDir:
             p.name not in rundir.BOOKKEEPING for p in self.out.iterdir())
 
     def __exit__(self, kind, exc, tb) -> None:
-        if exc is None:
-            self.dir.finish()
-        else:  # interrupted or failed: an earlier run comes back unless a stage of this one finished
-            self.dir.release(ok=False)
+        from rlcli.signals import Stopped
+
+        try:
+            if exc is None:
+                self.dir.finish()
+                return
+            self.dir.release(ok=False)  # interrupted or failed: an earlier run comes back unless a stage finished
+        finally:
+            self._signals.__exit__(None, None, None)
+        if isinstance(exc, (KeyboardInterrupt, Stopped)):
+            back = f"; {self.out} holds the earlier run again" if self.dir.restored else ""
+            print(f"\n{exc or 'interrupted'}{back}", file=sys.stderr)
+            sys.exit(128 + exc.signum if isinstance(exc, Stopped) else 130)
 
     def _refusal(self) -> str | None:
         """Why this folder is not the script's to use (None: it is). Nothing is written to find out."""

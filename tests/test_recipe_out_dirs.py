@@ -87,7 +87,7 @@ def _fake_stage(out, name, content, *, fail=None):
     return stage
 
 
-def test_an_interrupted_script_puts_the_earlier_run_back_and_keeps_the_users_file(tmp_path, monkeypatch):
+def test_an_interrupted_script_puts_the_earlier_run_back_and_keeps_the_users_file(tmp_path, monkeypatch, capsys):
     demo = _demo()
     out = tmp_path / "demo"
     runs, files = frozenset({"sft", "ppo"}), frozenset({"summary.json"})
@@ -101,11 +101,12 @@ def test_an_interrupted_script_puts_the_earlier_run_back_and_keeps_the_users_fil
     # interrupted in its first stage: the earlier run comes back byte for byte; a file the user put in the
     # folder meanwhile stays
     monkeypatch.setattr(demo, "rlcli", _fake_stage(out, "sft", "new", fail=KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:
         with demo.take_out_dir(out, script="x demo", runs=runs, files=files) as folder:
             assert not (out / "sft").exists()  # moved aside, not deleted
             (out / "notes.txt").write_text("written while the script ran")
             folder.rlcli("sft")
+    assert stopped.value.code == 130 and f"{out} holds the earlier run again" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "written while the script ran"
     (out / "notes.txt").unlink()
     assert snapshot(out) == before
@@ -170,9 +171,11 @@ def test_a_stage_returns_its_time_and_a_failed_one_exits_with_its_code(capsys):
     assert "$ rlcli sft configs/tiny/sft.yaml train.batch_size=-1" in capsys.readouterr().out
 
 
-def test_ctrl_c_in_a_real_demo_keeps_the_earlier_run_and_the_users_file(tmp_path):
-    """The calculator demo over an earlier demo's folder, with the user's notes beside it in the parent: Ctrl-C (to
-    the script and its rlcli stage, as a terminal sends it) once the SFT stage has started."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_real_demo_stopped_keeps_the_earlier_run_and_the_users_file(tmp_path, signum):
+    """The calculator demo over an earlier demo's folder, with the user's notes beside it in the parent: Ctrl-C or
+    SIGTERM (to the script and its rlcli stage, as a terminal or `kill -- -PGID` sends it) once the SFT stage has
+    started."""
     demo = _demo()
     out = tmp_path / "demo"
     runs = frozenset({"sft", "eval-sft", "ppo", "eval-ppo"})
@@ -190,9 +193,10 @@ def test_ctrl_c_in_a_real_demo_keeps_the_earlier_run_and_the_users_file(tmp_path
         while proc.poll() is None and "rlcli sft" not in log.read_text().replace("$ rlcli sft", "") and \
                 time.time() < deadline:
             time.sleep(0.2)
-        code = _stop(proc, signal.SIGINT)
+        code = _stop(proc, signum)
     text = log.read_text()
-    assert code != 0, text[-2000:]
+    assert code == 128 + signum, text[-2000:]
+    assert "holds the earlier run again" in text and "Traceback" not in text, text[-2000:]
     assert snapshot(out) == before, text[-2000:]
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".rlcli-trash-*"))
