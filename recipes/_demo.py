@@ -96,7 +96,7 @@ class OutDir:
             self._signals.__exit__(None, None, None)
         if isinstance(exc, (KeyboardInterrupt, Stopped)):
             back = f"; {self.out} holds the earlier run again" if self.dir.restored else ""
-            print(f"\n{exc or 'interrupted'}{back}", file=sys.stderr)
+            print(f"\n{str(exc) or 'interrupted'}{back}", file=sys.stderr)
             sys.exit(128 + exc.signum if isinstance(exc, Stopped) else 130)
 
     def _refusal(self) -> str | None:
