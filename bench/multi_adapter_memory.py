@@ -54,7 +54,7 @@ def build_models(root: Path, size: str) -> None:
     from rlcli.config.common import LoraConfig, ModelConfig
     from rlcli.models.loading import apply_lora, load_model, load_tokenizer
     from rlcli.rewards.reward_model import save_reward_stats
-    from rlcli.trainers.loop import save_final_model
+    from rlcli.models.saving import save_model
 
     arch, config = SIZES[size]
     tok = load_tokenizer(ModelConfig(architecture=arch))
@@ -68,7 +68,7 @@ def build_models(root: Path, size: str) -> None:
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.01)
     (root / "rm").mkdir()
-    save_final_model(rm, tok, root / "rm", built_from_scratch=False, merge=False)
+    save_model(rm, tok, root / "rm", run_dir=root / "rm", built_from_scratch=False, merge=False)
     save_reward_stats(root / "rm", mean=0.0, std=1.0, count=1, max_length=64)
 
 

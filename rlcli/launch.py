@@ -43,6 +43,12 @@ SINGLE_PRESET = "configs/accelerate/single_gpu.yaml"
 MULTI_NODE_PRESET = "configs/accelerate/multi_node.yaml"
 
 
+def is_main_process() -> bool:
+    """This process is the run's main one (rank 0, or the only one), as the launcher's environment says: what
+    decides who prints and who writes before the parallel engine exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _true(value: str | None) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "y", "on")
 
@@ -290,8 +296,11 @@ def relaunch_cpu_processes(argv: list[str], processes: int) -> NoReturn:
     console.print(
         f"[cyan]note:[/] `accelerate launch --cpu` starts one process; rlcli starts the {processes} CPU processes you "
         "asked for itself (torch.distributed.run, gloo backend)")
-    args = torchrun.get_args_parser().parse_args(["--nproc_per_node", str(processes), "--nnodes", "1", "-m", "rlcli",
-                                                   *argv])
+    # the agent passes these on to the workers (its default list lacks SIGUSR1, SLURM's warning before the time
+    # limit: rlcli.signals)
+    args = torchrun.get_args_parser().parse_args(["--nproc_per_node", str(processes), "--nnodes", "1",
+                                                   "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                                                   "-m", "rlcli", *argv])
     # the agent logs each worker it stops, each signal and each failure; rlcli reports those itself, below or in
     # the workers (torch's elastic loggers carry their own levels, so each is quietened)
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:

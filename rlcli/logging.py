@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,22 @@ class MetricsLog:
             self.tracker.log(numeric, step=step)
 
 
+def check_trackers(recipe) -> list:
+    """``logging.report_to`` trackers whose package is missing (Accelerate would skip them without a word)."""
+    import importlib.util
+
+    from rlcli.config.errors import Problem
+
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    problems = []
+    for i, name in enumerate(recipe.logging.report_to):
+        if not any(importlib.util.find_spec(p) for p in packages[name]):
+            problems.append(Problem(f"logging.report_to.{i}", f"{name} is not installed in this environment; install "
+                                                              f"it (pip install {name}, or pip install "
+                                                              f"'rlcli[{name}]') or remove it from report_to"))
+    return problems
+
+
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     """All records of a run's ``metrics.jsonl`` (a torn last line, from a killed run, is left out)."""
     lines = [line for line in (Path(output_dir) / METRICS_FILE).read_text().splitlines() if line.strip()]
@@ -112,12 +129,18 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class TrainingProgress:
-    """A rich progress bar with the few metrics that matter; silent on non-main processes or when disabled."""
+    """A rich progress bar with the few metrics that matter; silent on non-main processes or when disabled. When the
+    output is not a terminal (a SLURM job's log, a file) a bar cannot redraw itself: a plain line every
+    ``every_s`` seconds and at the last step says the step, the time and the metrics instead."""
 
     def __init__(self, description: str, total: int, *, enabled: bool, start: int = 0, shown: tuple[str, ...] = (),
-                 output: Console | None = None):
+                 output: Console | None = None, every_s: float = 30.0):
         self.shown = shown
         self.enabled = enabled
+        self.output = output or console
+        self.lines = enabled and not self.output.is_terminal
+        self.description, self.total, self.start, self.every_s = description, total, start, every_s
+        self._began = self._said = time.monotonic()
         # On a narrow terminal the metrics give way (cut with an ellipsis), then the bar; the step count and the
         # times never do (rich would otherwise squeeze every column, the step count and ETA first).
         self._progress = Progress(
@@ -127,8 +150,8 @@ class TrainingProgress:
             TimeElapsedColumn(table_column=Column(no_wrap=True)),
             TimeRemainingColumn(table_column=Column(no_wrap=True)),
             TextColumn("{task.fields[metrics]}", table_column=Column(ratio=2, no_wrap=True, overflow="ellipsis")),
-            console=output or console,
-            disable=not enabled,
+            console=self.output,
+            disable=not enabled or self.lines,
             expand=True,
         )
         self._task = self._progress.add_task(description, total=total, completed=start, metrics="")
@@ -148,6 +171,19 @@ class TrainingProgress:
         if metrics:
             text = "  ".join(f"{k} {_fmt(metrics[k])}" for k in self.shown if k in metrics)
         self._progress.update(self._task, completed=step, metrics=text)
+        now = time.monotonic()
+        if self.lines and (step >= self.total or now - self._said >= self.every_s):
+            self._said = now
+            elapsed, done = now - self._began, step - self.start
+            left = elapsed / done * (self.total - step) if done > 0 else 0.0
+            self.output.print(f"{self.description} {step}/{self.total} ({100 * step // max(self.total, 1)}%), "
+                              f"{_duration(elapsed)} elapsed, {_duration(left)} left" + (f": {text}" if text else ""),
+                              soft_wrap=True, markup=False)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _fmt(value: Any) -> str:

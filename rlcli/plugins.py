@@ -66,7 +66,8 @@ def _import_target(target: str, where: str) -> ModuleType:
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target)
         if not path.is_file():
-            raise UserError(f"{where}: file {target} does not exist (relative to {Path.cwd()})")
+            relative = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+            raise UserError(f"{where}: file {target} does not exist{relative}")
         try:
             module = load_module_file(path)
         except Exception as exc:  # the user's code failed at import: say where, keep it short

@@ -51,20 +51,24 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process under it (torch.distributed.run starts its workers in sessions of their
+    own), so a hung launcher's workers cannot outlive the test and hold the ports the next test needs."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run(cmd: list[str], *, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a command as a user would (wide terminal, hub offline). On a timeout it kills the command and every
-    process under it (torch.distributed.run starts its workers in sessions of their own), so a hung launcher's
-    workers cannot outlive the test and hold the ports the next test needs."""
+    """Run a command as a user would (wide terminal, hub offline); on a timeout, :func:`kill_tree`."""
     full_env = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1", **(env or {})}
     with subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for pid in [proc.pid, *_descendants(proc.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_tree(proc)
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -33,3 +33,24 @@ def test_wide_terminal_shows_every_metric():
     line = _render(200)
     for name in PPO_SHOWN:
         assert name in line
+
+
+def test_a_plain_line_every_few_seconds_when_the_output_is_not_a_terminal(monkeypatch):
+    """A SLURM job's log: no bar (it cannot redraw itself there), a plain line per interval and at the last step."""
+    import rlcli.logging as logging
+
+    clock = iter([0.0, 10.0, 20.0, 31.0, 40.0, 65.0])
+    monkeypatch.setattr(logging.time, "monotonic", lambda: next(clock))
+    out = Console(width=80, file=io.StringIO(), color_system=None)
+    assert not out.is_terminal
+    progress = TrainingProgress("ppo", 5, enabled=True, start=0, shown=PPO_SHOWN, output=out, every_s=30)
+    with progress:
+        for step in range(1, 6):  # at 10, 20, 31, 40 and 65 s
+            progress.update(step, PPO_METRICS)
+    lines = out.file.getvalue().splitlines()
+    assert lines == [
+        "ppo 3/5 (60%), 0:00:31 elapsed, 0:00:21 left: reward_mean 0.1235  kl 0.0123  kl_coef 0.05  "
+        "response_length 31.5  tool_use_rate 0.25",
+        "ppo 5/5 (100%), 0:01:05 elapsed, 0:00:00 left: reward_mean 0.1235  kl 0.0123  kl_coef 0.05  "
+        "response_length 31.5  tool_use_rate 0.25",
+    ], lines

@@ -51,15 +51,15 @@ def test_a_directory_without_rlcli_files_owns_nothing(tmp_path):
 
 
 def test_the_manifest_records_the_state_and_the_lock_its_holder(tmp_path):
-    rundir.start(tmp_path, "SFTRecipe")
+    owner = rundir.RunDir(tmp_path, "SFTRecipe", main=True)
+    owner.lock()
+    assert rundir.holder(tmp_path) == os.getpid()
+    owner.take_over()
     assert rundir.read_manifest(tmp_path)["state"] == "running"
-    rundir.mark_finished(tmp_path)
+    assert rundir.read_manifest(tmp_path)["recipe"] == "SFTRecipe"
+    owner.finish()
     assert rundir.read_manifest(tmp_path)["state"] == "finished"
-    rundir.lock(tmp_path)
-    try:
-        assert rundir.holder(tmp_path) == os.getpid()
-    finally:
-        rundir.release(ok=True)
+    assert not (tmp_path / rundir.LOCK).exists()
 
 
 def test_apply_umask_gives_safetensors_files_the_usual_mode(tmp_path):
@@ -100,19 +100,46 @@ def test_take_over_moves_a_run_aside_and_a_failure_puts_it_back(tmp_path):
     (out / "recipe.yaml").write_text("old")
     (out / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    rundir.lock(out)
-    rundir.take_over(out)
-    assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK, "notes.txt"]
-    rundir.claim(out, "recipe.yaml", "metrics.jsonl")  # the new run begins ...
+    owner = rundir.RunDir(out, "SFTRecipe", main=True)
+    owner.lock()
+    owner.take_over()
+    assert sorted(p.name for p in out.iterdir()) == sorted([rundir.MANIFEST, rundir.LOCK, "notes.txt"])
+    owner.claim("recipe.yaml", "metrics.jsonl")  # the new run begins ...
     (out / "recipe.yaml").write_text("new")
     (out / "metrics.jsonl").write_text("{}\n")
-    rundir.release(ok=False)  # ... and fails before its first checkpoint
+    owner.release(ok=False)  # ... and fails before its first checkpoint
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".rlcli-trash-*"))
-    rundir.lock(out)
-    rundir.take_over(out)
-    (out / "recipe.yaml").write_text("new")
-    rundir.commit()  # the new run's first checkpoint: the old run goes
-    assert not list(tmp_path.glob(".rlcli-trash-*"))
-    rundir.release(ok=False)
+    with rundir.RunDir(out, "SFTRecipe", main=True) as owner:
+        owner.lock()
+        owner.take_over()
+        owner.claim("recipe.yaml")
+        (out / "recipe.yaml").write_text("new")
+        owner.commit()  # the new run's first checkpoint: the old run goes
+        assert not list(tmp_path.glob(".rlcli-trash-*"))
+        owner.release(ok=False)
     assert (out / "recipe.yaml").read_text() == "new" and not (out / "model.safetensors").exists()
+
+
+def test_a_process_of_an_earlier_run_that_still_writes_keeps_the_directory(tmp_path):
+    """Every process of a run but the main one holds the writers' lock while it writes: a new run is refused while
+    one of them lives, even after the main process is gone; the last one out removes the lock files."""
+    from rlcli.config.errors import UserError
+
+    out = tmp_path / "run"
+    main = rundir.RunDir(out, "SFTRecipe", main=True)
+    main.lock()
+    other = rundir.RunDir(out, "SFTRecipe", main=False)
+    other.take_over()  # joins: a shared lock on .rlcli-writers
+    main.release(ok=False)  # the main process is gone (its lock with it)
+    try:
+        rundir.RunDir(out, "SFTRecipe", main=True).lock()
+    except UserError as exc:
+        assert "a process of an earlier run there is still running" in str(exc)
+    else:
+        raise AssertionError("a new run took a directory a live process still writes into")
+    other.release(ok=True)
+    again = rundir.RunDir(out, "SFTRecipe", main=True)
+    again.lock()
+    again.release(ok=True)
+    assert list(out.iterdir()) == []  # the last one out took the lock files with it

@@ -260,7 +260,11 @@ class LoggingConfig(Section):
     log_every: int = Field(1, gt=0)
     """Log every N optimizer steps."""
     progress: bool = True
-    """Show a rich progress bar on the main process."""
+    """Show a rich progress bar on the main process (a plain line every ``progress_every_s`` seconds when the output
+    is not a terminal: a SLURM log, a file)."""
+    progress_every_s: float = Field(30.0, ge=0)
+    """When the output is not a terminal: seconds between two plain progress lines (the last step always gets one;
+    0: every step)."""
 
 
 class RecipeBase(Section):

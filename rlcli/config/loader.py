@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -33,6 +34,12 @@ class Origin:
         # whose check failed (train, when train.batch_size=33 was given) is the command line's doing
         if key and any(key == t or key.startswith(t + ".") or t.startswith(key + ".") for t in self.touched):
             return dataclasses.replace(problem, source=CLI, line=None)
+        # so is one about another key that names a key set there as its cause ("ppo.batch_size=64 must be a multiple
+        # of ppo.mini_batch_size=48", "... positions (model.config.n_positions)"): not the file's line of the first
+        named = [t for t in sorted(self.touched)
+                 if re.search(rf"(?<![\w.]){re.escape(t)}=|\({re.escape(t)}\)", problem.message)]
+        if named:
+            return dataclasses.replace(problem, source=f"{CLI} ({', '.join(named)})", line=None)
         return dataclasses.replace(problem, source=self.source, line=self.lines.get(key))
 
 
@@ -43,15 +50,25 @@ def locate(problems: list[Problem], origin: Origin | str = "recipe") -> list[Pro
     return [origin.place(p) for p in problems]
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages."""
+def _key_lines(text: str, source: str = "") -> tuple[dict[str, int], list[Problem]]:
+    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages; and the keys set twice in
+    one mapping (PyYAML keeps the last silently: a second ``kl:`` section would replace the first whole), each named
+    with both lines."""
     lines: dict[str, int] = {}
+    twice: list[Problem] = []
 
     def walk(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key_node, value_node in node.value:
-                key = f"{prefix}{key_node.value}"
-                lines[key] = key_node.start_mark.line + 1
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: a merge, not a key
+                    continue
+                key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+                if key in seen:
+                    twice.append(Problem(key, (
+                        f"set twice in this mapping, on line {seen[key]} and again on line {line}; YAML would keep "
+                        "the second silently, replacing the first: keep one of them"), source=source, line=line))
+                seen[key] = lines[key] = line
                 walk(value_node, key + ".")
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -61,10 +78,10 @@ def _key_lines(text: str) -> dict[str, int]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return lines
+        return lines, twice
     if root is not None:
         walk(root, "")
-    return lines
+    return lines, twice
 
 
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -93,7 +110,10 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError([Problem("", f"expected a mapping of keys at the top, got {type(data).__name__}", str(path))])
-    return data, _key_lines(text)
+    lines, twice = _key_lines(text, str(path))
+    if twice:
+        raise RecipeError(twice)
+    return data, lines
 
 
 def parse_override(item: str) -> tuple[str, Any]:

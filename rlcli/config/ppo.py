@@ -37,7 +37,12 @@ class PromptData(DataSource):
     """Sample each prompt's length uniformly in [min, max] tokens and keep that many leading tokens (IMDB-style
     review prefixes). Null: use the whole prompt."""
     max_prompt_length: int = Field(256, gt=0)
-    """Prompts longer than this keep their last tokens (what the model continues from)."""
+    """Prompts longer than this keep their last tokens (what the model continues from). A model with learned
+    positions (GPT-2) takes at most its positions less ``generation.max_new_tokens``: the smaller of the two counts
+    (``--dry-run`` says which)."""
+    long_prompts: Literal["truncate", "refuse"] = "truncate"
+    """Prompts longer than fits (see ``max_prompt_length``): ``truncate`` keeps their last tokens and the run's
+    header says how many were cut; ``refuse`` stops before training, naming the first such row."""
     chat_template: bool = False
     """Wrap each prompt as a user message with the tokenizer's chat template (and the assistant prefix)."""
 

@@ -99,6 +99,17 @@ def encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase, *, chat_templat
     return ids[-max_length:]
 
 
+def long_prompts(rows: list[dict], column: str, tokenizer: PreTrainedTokenizerBase, *, chat_template: bool,
+                 limit: int, prefix: int | None = None) -> list[int]:
+    """Indices of the rows whose prompt is longer than ``limit`` tokens (with prefix sampling, whose longest prefix,
+    ``prefix`` tokens, is): the ones :func:`encode_prompt` cuts to their last ``limit``."""
+    if prefix is not None and prefix <= limit:
+        return []
+    return [i for i, row in enumerate(rows)
+            if len(encode_prompt(row[column], tokenizer, chat_template=chat_template, max_length=limit + 1,
+                                 length=prefix)) > limit]
+
+
 def sample_lengths(n: int, bounds: tuple[int, int] | None, generator: torch.Generator) -> list[int | None]:
     if bounds is None:
         return [None] * n

@@ -4,13 +4,13 @@ row by its file and line (:func:`row_ref`)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import datasets
 
 from rlcli.config.common import DataSource
 from rlcli.config.errors import Problem, UserError
+from rlcli.launch import is_main_process
 from rlcli.models.loading import source_kind
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -30,6 +30,8 @@ def check_data_source(src: DataSource, key: str = "data") -> list[Problem]:
             elif p.is_file() and p.suffix not in _BUILDERS:
                 problems.append(Problem(f"{key}.{field}", f"unsupported file type {p.suffix!r} (use "
                                                           f"{', '.join(_BUILDERS)})"))
+            elif p.is_file() and _empty(p):
+                problems.append(Problem(f"{key}.{field}", f"file {path} is empty: it has no rows"))
             elif p.is_file() and _BUILDERS[p.suffix] == "json":
                 problem = _json_problem(p)  # a first pass over the rows: what would stop the run later
                 if problem is not None:
@@ -74,6 +76,28 @@ def _nth_record_line(file: str, n: int) -> int | None:
     except OSError:
         pass
     return None
+
+
+def _empty(file: Path) -> bool:
+    """``file`` holds no rows: nothing but blanks (JSON lines), ``[]`` (JSON), a header alone (CSV), or a parquet file
+    of 0 rows."""
+    kind = _BUILDERS[file.suffix]
+    if kind == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(file).metadata.num_rows == 0
+        except Exception:  # noqa: BLE001 - unreadable: the loader says why, naming the file
+            return False
+    try:
+        with file.open("rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    text = head.decode("utf-8", errors="replace").strip()
+    if kind == "csv":
+        return len([line for line in text.splitlines() if line.strip()]) < 2 and len(head) < (1 << 16)
+    return (not text or text == "[]") and len(head) < (1 << 16)
 
 
 def _json_problem(file: Path) -> str | None:
@@ -253,7 +277,7 @@ def load_rows(path: str, split: str = "train", name: str | None = None,
 
 
 def _note(text: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         from rlcli.logging import console
 
         console.print(f"[yellow]note:[/] {text}")

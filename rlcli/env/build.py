@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from typing import Callable
 
 from rlcli.config.env import EnvConfig, ToolSpec
 from rlcli.config.errors import Problem, UserError
+from rlcli.launch import is_main_process
 from rlcli.chat_template import ChatTemplate, ChatTemplateError
 from rlcli.env.sandbox import sandbox_problem
 from rlcli.env.environment import TextEnvironment
@@ -151,7 +151,7 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
     protocol, when ``build_protocol`` already made it)."""
     tools = build_tools(cfg)
     envs = build_environments(cfg, tools)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         from rlcli.logging import console
 
         for note in sandbox_notes(cfg)[:1]:  # every run's header says how a python tool is contained

@@ -167,6 +167,58 @@ def _model_config_without_weights(cfg: ModelConfig):
         return None
 
 
+def learned_positions(model: torch.nn.Module) -> int | None:
+    """How many positions ``model`` learned an embedding for (GPT-2's ``wpe``): the longest input it can take; None
+    when it has no such limit (rotary or relative positions)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS
+                  for name, m in model.named_modules())
+    return positions if learned and isinstance(positions, int) else None
+
+
+def config_positions(cfg: ModelConfig, task: Task) -> int | None:
+    """:func:`learned_positions` of the model ``cfg`` describes, built on the meta device (no weights); None when
+    it has no such limit or its config cannot be had offline."""
+    import warnings
+
+    try:
+        config = _model_config_without_weights(cfg)
+        if config is None:
+            return None
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return learned_positions(_AUTO_CLASSES[task][0].from_config(config))
+    except Exception:  # noqa: BLE001 - a config that cannot be built: check_model_fits says why
+        return None
+
+
+def check_recipe_model_fits(recipe) -> list[Problem]:
+    """:func:`check_model_fits` for a recipe of any command: its model(s), LoRA and the longest inputs it gives them
+    (all read from the recipe; the model is built on the meta device, no weights)."""
+    kind = type(recipe).__name__
+    task = "classifier" if kind == "RMRecipe" else model_task(recipe.model)
+    lengths: tuple = ()
+    data, gen, env = getattr(recipe, "data", None), getattr(recipe, "generation", None), getattr(recipe, "env", None)
+    if kind in ("SFTRecipe", "RMRecipe"):
+        lengths = (("data.max_length", data.max_length, "a training text"),)
+    elif env is not None and task == "causal":
+        lengths = (("env.max_length", env.max_length, "an episode"),)
+    elif gen is not None and task == "causal":
+        # the prompt's length depends on the data (cut to what fits: ppo.preflight.prompt_budget); the response
+        # alone must fit, beside at least one prompt token
+        lengths = (("generation.max_new_tokens", gen.max_new_tokens + 1, "a response and its prompt's last token",
+                    1),)
+        evaluation = getattr(recipe, "eval", None)
+        if evaluation is not None and evaluation.max_new_tokens:
+            lengths += (("eval.max_new_tokens", evaluation.max_new_tokens + 1,
+                         "a held-out response and its prompt's last token", 1),)
+    problems = check_model_fits(recipe.model, task, lora=getattr(recipe, "lora", None), lengths=lengths)
+    ref = getattr(recipe, "ref_model", None)
+    if ref is not None:
+        problems += check_model_fits(ref, task, key="ref_model", lengths=lengths)
+    return problems
+
+
 def check_model_fits(cfg: ModelConfig, task: Task, *, key: str = "model", lora: LoraConfig | None = None,
                      lengths: tuple[tuple, ...] = ()) -> list[Problem]:
     """What the model's config decides, checked without weights (the model is built on the meta device): that it
@@ -206,10 +258,8 @@ def check_model_fits(cfg: ModelConfig, task: Task, *, key: str = "model", lora: 
         return [Problem(where, f"the model cannot be built from this config: {type(exc).__name__}: "
                                f"{_first_line(exc)}")]
     problems = []
-    positions = getattr(config, "max_position_embeddings", None)
-    learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS
-                  for name, m in model.named_modules())
-    if learned and isinstance(positions, int):
+    positions = learned_positions(model)
+    if positions is not None:
         pos_key = f"{key}.config.{names.get('max_position_embeddings', 'max_position_embeddings')}"
         for length_key, tokens, what, *extra in lengths:
             if tokens > positions:
@@ -284,6 +334,101 @@ def _describe_type(expected: Any) -> str:
         return "null"
     names = {int: "an integer", float: "a number", bool: "true/false", str: "text", list: "a list", dict: "a mapping"}
     return names.get(typing.get_origin(expected) or expected, getattr(expected, "__name__", str(expected)))
+
+
+def hub_names(recipe) -> list[tuple[str, str, str]]:
+    """(key, hub id, "model" or "dataset") of every hub id ``recipe`` loads from: what needs the hub or its cache."""
+    found = []
+    for key in ("model", "ref_model"):
+        cfg = getattr(recipe, key, None)
+        if cfg is None:
+            continue
+        if cfg.architecture is None and cfg.name_or_path:
+            found.append((f"{key}.name_or_path", cfg.name_or_path, "model"))
+        if cfg.tokenizer not in (None, BYTE_TOKENIZER_NAME, cfg.name_or_path):
+            found.append((f"{key}.tokenizer", cfg.tokenizer, "model"))
+    reward = getattr(recipe, "reward", None)
+    if reward is not None and isinstance(getattr(reward, "model", None), str):
+        found.append(("reward.model", reward.model, "model"))
+    data = getattr(recipe, "data", None)
+    for key in ("path", "eval_path"):
+        value = getattr(data, key, None)
+        if isinstance(value, str) and Path(value).suffix not in (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv"):
+            found.append((f"data.{key}", value, "dataset"))
+    hub = []
+    for key, name, kind in found:
+        try:
+            if source_kind(name) == "hub":
+                hub.append((key, name, kind))
+        except UserError:
+            continue  # neither a path nor an id: the command's own checks say so
+    return hub
+
+
+def _in_cache(name: str, kind: str) -> bool:
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"{kind}s--{name.replace('/', '--')}" / "snapshots"
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A TCP connection to the hub's endpoint opens within ``timeout_s`` (with a proxy set, the proxy decides:
+    assumed reachable)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub(recipe, *, warn_only: bool = False) -> list[str]:
+    """Before anything is looked up on the Hugging Face hub: when the hub cannot be reached (or HF_HUB_OFFLINE is
+    set), every hub id the recipe names must be in the local cache, else one ``UserError`` naming them, at once (the
+    hub library would retry each for about a minute first; ``warn_only``: a note instead). Unreachable, this process
+    works offline from then on (the cache is used without retries); the note returned says so."""
+    from huggingface_hub import constants
+
+    names = hub_names(recipe)
+    if not names:
+        return []
+    offline = constants.HF_HUB_OFFLINE
+    if not offline and _hub_reachable():
+        return []
+    missing = [(key, name) for key, name, kind in names if not _in_cache(name, kind)]
+    if missing:
+        why = ("HF_HUB_OFFLINE is set" if offline
+               else f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached from this machine")
+        listed = "; ".join(f"{key}: {name!r}" for key, name in missing)
+        if warn_only:
+            return [f"{listed} {'is' if len(missing) == 1 else 'are'} not in the local Hugging Face cache and {why}: "
+                    "a run here would stop there (the recipe itself is checked)"]
+        raise UserError(f"{listed} {'is' if len(missing) == 1 else 'are'} not a local path and not in the local "
+                        f"Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}: download "
+                        f"{'it' if len(missing) == 1 else 'them'} on a machine with network access (huggingface-cli "
+                        "download NAME, with HF_HOME pointing at a cache this machine sees), or name a local copy")
+    if offline:
+        return []
+    import os
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for processes started later (the workers of a relaunch)
+    constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+    return [f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached: working offline from the local cache, "
+            f"which holds {', '.join(repr(name) for _, name, _ in names)}"]
 
 
 def load_error(what: str, name_or_path: str, exc: OSError) -> UserError:

@@ -9,23 +9,14 @@ from pathlib import Path
 from rlcli import rundir
 from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.models.engines import LocalEngine, RolloutEngine
-from rlcli.models.loading import apply_lora, load_model
-from rlcli.models.value_head import (
-    CRITIC_DIR,
-    VALUE_HEAD_CONFIG,
-    VALUE_HEAD_WEIGHTS,
-    ValueHead,
-    ValueHeadModel,
-    disable_dropout,
-    hidden_size,
-    save_value_head,
-)
+from rlcli.models.loading import apply_lora, learned_positions, load_model
+from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
 from rlcli.parallel import Parallel, as_parallel
 from rlcli.ppo.learner import PPOLearner
 from rlcli.ppo.rollout import RolloutSetup, _lm
 from rlcli.rewards.sources import build_reward
 from rlcli.rl import SamplingRules
-from rlcli.trainers.loop import load_trainable_state, make_optimizer, save_final_model
+from rlcli.trainers.loop import load_trainable_state, make_optimizer
 
 
 VLLM_MODEL_DIR = "vllm-model"  # the initial policy, saved for vLLM to build its copy from
@@ -173,18 +164,5 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
         # rlcli's own sampler keeps each episode's KV cache across turns; another engine samples the turns itself
         other = engine if engine is not None and not isinstance(engine, LocalEngine) else None
         env = build_environment(recipe.env, _lm(policy), tokenizer, rules=rules, engine=other)
-    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine)
-
-
-def save_policy(policy: ValueHeadModel, tokenizer, out: Path, *, built_from_scratch: bool, merge: bool) -> None:
-    """The LM (or adapter) in Hugging Face format via the shared final save, plus the value head beside it (none
-    for critic-free estimators), or a separate critic in ``critic/`` (its LM and value head)."""
-    from rlcli.ppo.evaluation import save_policy_dir
-
-    save_final_model(policy.pretrained, tokenizer, out, built_from_scratch=built_from_scratch, merge=merge)
-    if policy.value_head is not None:
-        rundir.claim(out, VALUE_HEAD_WEIGHTS, VALUE_HEAD_CONFIG)
-        save_value_head(policy.value_head, out)
-    if policy.critic is not None:
-        rundir.claim(out, CRITIC_DIR)
-        save_policy_dir(policy.critic, tokenizer, out / CRITIC_DIR, built_from_scratch=built_from_scratch)
+    return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine,
+                        learned_positions(_lm(policy)))

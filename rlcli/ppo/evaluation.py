@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlcli import rundir
 from rlcli.config.errors import UserError
 from rlcli.config.ppo import EvalConfig, PPORecipe
 from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
@@ -40,12 +38,6 @@ def held_out_prompts(recipe: PPORecipe) -> tuple[list[dict], list[dict], str, st
     ``data.eval_path`` / ``eval_split``: a file or split of its own; ``data.eval_fraction``: that share of the
     training prompts, drawn with the run's seed and taken out of training. No held-out prompts: an empty list."""
     data = recipe.data
-    if data.reasoning_gym is not None:  # generated: training and held-out rows never share a question
-        from rlcli.tasks import reasoning_gym
-
-        rows, held = reasoning_gym.generate(data.reasoning_gym)
-        rows = rows[: data.max_rows] if data.max_rows else rows
-        return rows, held, "prompt", "prompt"
     rows, column = load_prompt_rows(data)
     if data.eval_path is not None or data.eval_split is not None:
         source = data.model_copy(update={"path": data.eval_path or data.path, "split": data.eval_split or "train",
@@ -63,6 +55,18 @@ def held_out_prompts(recipe: PPORecipe) -> tuple[list[dict], list[dict], str, st
         return ([r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen],
                 column, column)
     return rows, [], column, column
+
+
+def prompt_sets(recipe: PPORecipe, rows: list[dict], column: str, eval_rows: list[dict],
+                eval_column: str) -> list[tuple[list[dict], str, int, bool]]:
+    """The run's prompts as ``ppo.preflight.check_prompt_lengths`` takes them: (rows, column, new tokens, held out),
+    the held-out ones as the ``Evaluator`` will use them."""
+    sets = [(rows, column, recipe.generation.max_new_tokens, False)]
+    if eval_rows:
+        cfg = recipe.eval or EvalConfig()
+        sets.append((eval_rows[: cfg.max_prompts] if cfg.max_prompts else eval_rows, eval_column,
+                     cfg.max_new_tokens or recipe.generation.max_new_tokens, True))
+    return sets
 
 
 # per-batch sums, in this order (pass: prompts with a completion at or above the threshold)
@@ -140,7 +144,7 @@ class Evaluator:
             else:
                 lengths = sample_lengths(len(rows), recipe.data.prompt_length, g)
                 ids = [encode_prompt(r[self.column], tokenizer, chat_template=recipe.data.chat_template,
-                                     max_length=recipe.data.max_prompt_length, length=n)
+                                     max_length=setup.prompt_limit(self.gen.max_new_tokens), length=n)
                        for r, n in zip(rows, lengths)]
                 rollout = generate(engine, tokenizer, ids, self.gen, self.rules, g)
                 prompts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
@@ -160,25 +164,6 @@ class Evaluator:
         return torch.tensor([float(x) for x in row], dtype=torch.float64)
 
 
-def save_policy_dir(policy, tokenizer, directory: Path, *, built_from_scratch: bool) -> None:
-    """A policy in Hugging Face format in ``directory`` (created), with its value head or its separate critic
-    (``critic/``): the LM, or a LoRA policy's adapter (loads onto the same base) -- merged into its base when that base
-    was built from scratch, since no hub holds it."""
-    from rlcli.models.value_head import CRITIC_DIR, save_value_head
-
-    lm = policy.pretrained
-    if policy.is_peft and built_from_scratch:
-        import copy
-
-        lm = copy.deepcopy(lm).merge_and_unload()
-    lm.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    if policy.value_head is not None:
-        save_value_head(policy.value_head, directory)
-    if policy.critic is not None:
-        save_policy_dir(policy.critic, tokenizer, directory / CRITIC_DIR, built_from_scratch=built_from_scratch)
-
-
 class BestKeeper:
     """``train.keep_best``: the policy of the best evaluation so far, in ``OUTPUT_DIR/best``."""
 
@@ -196,17 +181,16 @@ class BestKeeper:
             return False
         return self.value is None or (value > self.value if self.mode == "max" else value < self.value)
 
-    def keep(self, step: int, metrics: dict[str, float], save) -> None:
-        """Record the new best and ``save(directory)`` its policy there (main process; written to a temporary
-        directory first, then moved into place, so ``best/`` is never half-written)."""
+    def keep(self, step: int, metrics: dict[str, float], policy, tokenizer, *, built_from_scratch: bool,
+             merge: bool) -> None:
+        """Record the new best and save ``policy`` (a ``ValueHeadModel``) into ``best/`` with ``best.json``, laid out
+        as the final save (``rlcli.models.saving``; main process)."""
         import json
 
+        from rlcli.models.saving import save_model
+
         self.value, self.step = metrics[self.metric], step
-        tmp, final = self.out / ".best.tmp", self.out / BEST_DIR
-        rundir.claim(self.out, tmp.name, BEST_DIR)
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        (tmp / BEST_FILE).write_text(json.dumps({"step": step, "metric": self.metric, "value": self.value}) + "\n")
-        rundir.apply_umask(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        info = json.dumps({"step": step, "metric": self.metric, "value": self.value}) + "\n"
+        save_model(policy.pretrained, tokenizer, self.out / BEST_DIR, run_dir=self.out,
+                   built_from_scratch=built_from_scratch, merge=merge, value_head=policy.value_head,
+                   critic=policy.critic, files={BEST_FILE: info})

@@ -3,12 +3,12 @@ notes ``--dry-run`` prints (batch arithmetic, the estimator in words)."""
 
 from __future__ import annotations
 
-from rlcli.config.errors import Problem, RecipeError
+from rlcli.config.errors import Problem, RecipeError, UserError
 from rlcli.config.loader import Origin, locate
 from rlcli.config.ppo import PPORecipe
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch, launch_processes
-from rlcli.models.loading import check_model_config, model_task
+from rlcli.models.loading import check_model_config, config_positions, model_task
 from rlcli.rewards.sources import check_reward
 
 
@@ -108,12 +108,61 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
     ]
     if recipe.has_eval:
         notes.append(describe_evaluation(recipe))
+    if recipe.env is None and task == "causal":
+        notes += prompt_length_notes(recipe, config_positions(recipe.model, task))
     if recipe.env is not None:
         from rlcli.env.build import prompt_notes, sandbox_notes
 
         notes += prompt_notes(recipe.env) + sandbox_notes(recipe.env)
     notes += recipe_notes(recipe)
     return notes
+
+
+def prompt_budget(max_prompt_length: int, positions: int | None, max_new_tokens: int) -> int:
+    """The most prompt tokens a rollout starts from: ``data.max_prompt_length``, fewer when a model with learned
+    positions (``positions``) would have no room left for ``max_new_tokens`` (an index error in its position
+    embedding otherwise)."""
+    return max_prompt_length if positions is None else max(1, min(max_prompt_length, positions - max_new_tokens))
+
+
+def prompt_length_notes(recipe: PPORecipe, positions: int | None) -> list[str]:
+    """What ``--dry-run`` says of prompt lengths when the model's positions, not data.max_prompt_length, bound them
+    (the run counts the prompts concerned once the tokenizer has loaded)."""
+    data, gen = recipe.data, recipe.generation
+    limit = prompt_budget(data.max_prompt_length, positions, gen.max_new_tokens)
+    if limit >= data.max_prompt_length:
+        return []
+    what = "keep their last" if data.long_prompts == "truncate" else "are refused (data.long_prompts: refuse), at"
+    return [f"prompts longer than {limit} tokens {what} {limit} tokens: the model has {positions} positions, less "
+            f"generation.max_new_tokens={gen.max_new_tokens} (data.max_prompt_length={data.max_prompt_length} is "
+            "more than fits); the run's header counts them"]
+
+
+def check_prompt_lengths(recipe: PPORecipe, tokenizer, positions: int | None,
+                         sets: list[tuple[list[dict], str, int, bool]]) -> str | None:
+    """At load, once the tokenizer has: the prompts of ``sets`` ((rows, column, max_new_tokens, held out)) longer
+    than fits (:func:`prompt_budget`). ``data.long_prompts: truncate``: a note counting them for the run's header
+    (None when there are none); ``refuse``: a ``UserError`` naming the first."""
+    from rlcli.data.prompts import long_prompts
+
+    data, said = recipe.data, []
+    for rows, column, new_tokens, held_out in sets:
+        limit = prompt_budget(data.max_prompt_length, positions, new_tokens)
+        prefix = data.prompt_length[1] if data.prompt_length is not None else None
+        long = long_prompts(rows, column, tokenizer, chat_template=data.chat_template, limit=limit, prefix=prefix)
+        if not long:
+            continue
+        why = (f"the model's {positions} positions less {new_tokens} new tokens" if limit < data.max_prompt_length
+               else f"data.max_prompt_length={data.max_prompt_length}")
+        if data.long_prompts == "refuse":
+            first = " ".join(str(rows[long[0]][column]).split())
+            raise UserError(f"data.long_prompts: refuse: {len(long)} of {len(rows)} {'held-out ' if held_out else ''}"
+                            f"prompts are longer than {limit} tokens ({why}), the first {first[:60]!r}"
+                            f"{'...' if len(first) > 60 else ''}; shorten them, or set data.long_prompts=truncate to "
+                            "keep their last tokens")
+        said.append(f"{len(long)} of {len(rows)} {'held-out ' if held_out else ''}prompts are longer than "
+                    f"{limit} tokens ({why}) and keep their last {limit}")
+    return "; ".join(said) or None
 
 
 def recipe_notes(recipe: PPORecipe) -> list[str]:

@@ -39,6 +39,13 @@ class RolloutSetup:
     par: Parallel
     env: object = None
     engine: RolloutEngine | None = None  # None: rlcli's own sampler on the policy
+    positions: int | None = None  # the policy's learned positions (None: no such limit): what a prompt may take
+
+    def prompt_limit(self, max_new_tokens: int) -> int:
+        """The most prompt tokens a rollout of ``max_new_tokens`` starts from (``ppo.preflight.prompt_budget``)."""
+        from rlcli.ppo.preflight import prompt_budget
+
+        return prompt_budget(self.recipe.data.max_prompt_length, self.positions, max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
     else:
         lengths = sample_lengths(len(step_rows), recipe.data.prompt_length, g)
         prompt_ids = [encode_prompt(r[setup.column], tokenizer, chat_template=recipe.data.chat_template,
-                                    max_length=recipe.data.max_prompt_length, length=n)
+                                    max_length=setup.prompt_limit(gen.max_new_tokens), length=n)
                       for r, n in zip(step_rows, lengths)]
         with par.autocast(), par.gathered(setup.policy):
             rollout = generate(engine, tokenizer, prompt_ids, gen, setup.rules, g)

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 import torch
 
 from rlcli.config.errors import Problem, UserError
+from rlcli.launch import is_main_process
 
 MAX_ANSWER_BYTES = 64 * 2**20  # an answer of scores this large is not one
 KEY = "reward.url"
@@ -146,7 +147,7 @@ class HTTPReward:
         self._opener = urllib.request.build_opener(*handlers)
         self._jitter = random.Random()  # its own: the run's random streams must not see how often a request failed
         self.last_info: list[dict | None] | None = None
-        if announce and os.environ.get("RANK", "0") == "0":
+        if announce and is_main_process():
             from rlcli.logging import console
 
             for note in service_warnings(cfg):
@@ -181,7 +182,7 @@ class HTTPReward:
         for attempt in range(self.retries + 1):
             if attempt:
                 wait = self.backoff_s * 2 ** (attempt - 1) * self._jitter.uniform(0.75, 1.25)
-                if os.environ.get("RANK", "0") == "0":
+                if is_main_process():
                     from rlcli.logging import console
 
                     console.print(f"reward service {self.name}: {last}; retry {attempt} of {self.retries} in "

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from rlcli.config.errors import Problem, UserError
+from rlcli.launch import is_main_process
 from rlcli.plugins import resolve_object
 
 # What a reward function may ask for, by parameter name. ``answers`` is the final answer of each episode (in a
@@ -154,9 +155,7 @@ def build_reward(cfg, device=None, *, policy=None, tokenizer=None) -> RewardSour
                                     batch_size=cfg.batch_size, device=device)
         if tokenizer is not None:
             scorer.check_tokenizer(tokenizer)
-        import os
-
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             from rlcli.logging import console
 
             console.print(scorer.describe(), style="dim")

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from rlcli import rundir
 from rlcli.rl.sampling import SamplingRules
 from rlcli.config.env import EnvRolloutRecipe
 from rlcli.config.reward import RewardConfig
@@ -40,9 +39,7 @@ from rlcli.models.value_head import disable_dropout
 from rlcli.rewards.remote import check_reward_url
 from rlcli.rewards.scoring import score_episodes
 from rlcli.rewards.sources import build_reward, check_reward_function
-from rlcli.config.loader import recipe_to_yaml
-from rlcli.rundir import RECIPE_FILE
-from rlcli.trainers.outputs import prepare_output_dir
+from rlcli.rundir import RunDir
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -148,83 +145,75 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
         raise UserError("env-rollout has nothing to resume; run it again")
     preflight(recipe)
     out = Path(recipe.output_dir)
-    previous = (rundir.read_manifest(out) or {}).get("recipe")
-    legacy_training = rundir.is_legacy_run(out) and (out / "metrics.jsonl").exists()
-    if (previous and previous != type(recipe).__name__) or legacy_training:
-        # overwrite_output_dir defaults to true here (a rollout is cheap to redo); a trained model is not
-        raise UserError(f"output_dir {out} holds a training run; env-rollout would replace it: choose another "
-                        "output_dir")
-    prepare_output_dir(recipe, resume=False)
-    torch.manual_seed(recipe.seed)
-    tokenizer = load_tokenizer(recipe.model, padding_side="left")
-    chat = recipe.env.protocol == "chat"
-    protocol = build_protocol(recipe.env, tokenizer) if chat else None  # the template's probe, before the weights
-    model = load_model(recipe.model, "causal", tokenizer)
-    disable_dropout(model)
-    model.eval()
-    rows, column = load_prompt_rows(recipe.data, messages=chat)
-    rules = SamplingRules(temperature=recipe.temperature, top_k=recipe.top_k, top_p=recipe.top_p)
-    env = build_environment(recipe.env, model, tokenizer, rules=rules, protocol=protocol)
-    reward_cfg = scoring(recipe)
-    reward = build_reward(reward_cfg) if reward_cfg is not None else None
-    # the previous rollout's files are moved aside now (every input has loaded), deleted once this one has written
-    # its episodes, put back if it fails before (the reward raising, an interrupt): never beside the new recipe
-    rundir.take_over(out)
-    rundir.start(out, type(recipe).__name__)
-    rundir.claim(out, RECIPE_FILE, EPISODES_FILE, EPISODES_FILE + ".tmp", SUMMARY_FILE, ACCEPTED_FILE,
-                 ACCEPTED_FILE + ".tmp")
-    (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    with RunDir.of(recipe) as owner:
+        owner.open(recipe, resume=False)
+        torch.manual_seed(recipe.seed)
+        tokenizer = load_tokenizer(recipe.model, padding_side="left")
+        chat = recipe.env.protocol == "chat"
+        protocol = build_protocol(recipe.env, tokenizer) if chat else None  # the template's probe, before weights
+        model = load_model(recipe.model, "causal", tokenizer)
+        disable_dropout(model)
+        model.eval()
+        rows, column = load_prompt_rows(recipe.data, messages=chat)
+        rules = SamplingRules(temperature=recipe.temperature, top_k=recipe.top_k, top_p=recipe.top_p)
+        env = build_environment(recipe.env, model, tokenizer, rules=rules, protocol=protocol)
+        reward_cfg = scoring(recipe)
+        reward = build_reward(reward_cfg) if reward_cfg is not None else None
+        # the previous rollout's files are moved aside now (every input has loaded), deleted once this one has
+        # written its episodes, put back if it fails before (the reward raising, an interrupt): never beside the new
+        # recipe
+        owner.start(recipe)
+        owner.claim(EPISODES_FILE, EPISODES_FILE + ".tmp", SUMMARY_FILE, ACCEPTED_FILE, ACCEPTED_FILE + ".tmp")
 
-    # step 2: episodes in batches
-    histories, infos, generated, start = [], [], 0, time.perf_counter()
-    generator = torch.Generator().manual_seed(recipe.seed)
-    with console.status(f"running {len(rows)} episodes") as status:
-        for i in range(0, len(rows), recipe.batch_size):
-            batch = rows[i : i + recipe.batch_size]
-            done = env.run([r[column] for r in batch], batch, generator=generator)
-            generated += env.last_stats.generated_tokens
-            if reward_cfg is not None:
-                # PPO's own scoring of the same episodes (response text, truncate_at, missing_eos_penalty), so that
-                # accept_min_reward filters on the reward PPO would train on
-                scored = score_episodes(reward, reward_cfg, histories_to_rollout(done, env.pad_token_id), tokenizer,
-                                        prompts=[r[column] for r in batch], rows=batch, histories=done)
-                for h, s in zip(done, scored.scores.tolist()):
-                    h.reward = s
-                infos += scored.info or [None] * len(done)
-            histories += done
-            status.update(f"ran {len(histories)}/{len(rows)} episodes")
-    seconds = time.perf_counter() - start
+        # step 2: episodes in batches
+        histories, infos, generated, start = [], [], 0, time.perf_counter()
+        generator = torch.Generator().manual_seed(recipe.seed)
+        with console.status(f"running {len(rows)} episodes") as status:
+            for i in range(0, len(rows), recipe.batch_size):
+                batch = rows[i : i + recipe.batch_size]
+                done = env.run([r[column] for r in batch], batch, generator=generator)
+                generated += env.last_stats.generated_tokens
+                if reward_cfg is not None:
+                    # PPO's own scoring of the same episodes (response text, truncate_at, missing_eos_penalty), so that
+                    # accept_min_reward filters on the reward PPO would train on
+                    scored = score_episodes(reward, reward_cfg, histories_to_rollout(done, env.pad_token_id), tokenizer,
+                                            prompts=[r[column] for r in batch], rows=batch, histories=done)
+                    for h, s in zip(done, scored.scores.tolist()):
+                        h.reward = s
+                    infos += scored.info or [None] * len(done)
+                histories += done
+                status.update(f"ran {len(histories)}/{len(rows)} episodes")
+        seconds = time.perf_counter() - start
 
-    # step 3: show
-    shown = histories[: recipe.show]
-    if shown:
-        console.print(source_legend())
-    for i, h in enumerate(shown, 1):
-        console.rule(f"episode {i} of {len(histories)}", style="dim", align="left")
-        if recipe.show_tokens:
-            h.show_tokens(tokenizer, console, legend=False)
-        else:
-            h.show_text(console, legend=False)
-    summary = summarise(histories, seconds, generated)
-    console.print(summary_table(summary))
+        # step 3: show
+        shown = histories[: recipe.show]
+        if shown:
+            console.print(source_legend())
+        for i, h in enumerate(shown, 1):
+            console.rule(f"episode {i} of {len(histories)}", style="dim", align="left")
+            if recipe.show_tokens:
+                h.show_tokens(tokenizer, console, legend=False)
+            else:
+                h.show_text(console, legend=False)
+        summary = summarise(histories, seconds, generated)
+        console.print(summary_table(summary))
 
-    # step 4: write (to a temp file first: a crash never leaves a half-written file that looks finished)
-    lines = [json.dumps({**episode_row(h), **({"reward_info": i} if i is not None else {})}) + "\n"
-             for h, i in zip(histories, infos or [None] * len(histories))]
-    tmp = out / (EPISODES_FILE + ".tmp")
-    tmp.write_text("".join(lines))
-    tmp.rename(out / EPISODES_FILE)
-    if recipe.accept_min_reward is not None:
-        accepted = [line for h, line in zip(histories, lines)
-                    if h.reward is not None and h.reward >= recipe.accept_min_reward]
-        tmp = out / (ACCEPTED_FILE + ".tmp")
-        tmp.write_text("".join(accepted))
-        tmp.rename(out / ACCEPTED_FILE)
-        summary["accepted"] = len(accepted)
-        console.print(f"[green]accepted[/] {len(accepted)} episodes with reward >= {recipe.accept_min_reward:g}: "
-                      f"{out / ACCEPTED_FILE}")
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    rundir.mark_finished(out)
-    rundir.release(ok=True)
+        # step 4: write (to a temp file first: a crash never leaves a half-written file that looks finished)
+        lines = [json.dumps({**episode_row(h), **({"reward_info": i} if i is not None else {})}) + "\n"
+                 for h, i in zip(histories, infos or [None] * len(histories))]
+        tmp = out / (EPISODES_FILE + ".tmp")
+        tmp.write_text("".join(lines))
+        tmp.rename(out / EPISODES_FILE)
+        if recipe.accept_min_reward is not None:
+            accepted = [line for h, line in zip(histories, lines)
+                        if h.reward is not None and h.reward >= recipe.accept_min_reward]
+            tmp = out / (ACCEPTED_FILE + ".tmp")
+            tmp.write_text("".join(accepted))
+            tmp.rename(out / ACCEPTED_FILE)
+            summary["accepted"] = len(accepted)
+            console.print(f"[green]accepted[/] {len(accepted)} episodes with reward >= {recipe.accept_min_reward:g}: "
+                          f"{out / ACCEPTED_FILE}")
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        owner.finish()
     console.print(f"[green]wrote[/] {len(histories)} episodes to {out / EPISODES_FILE}")
     return out

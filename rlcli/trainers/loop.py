@@ -10,12 +10,9 @@ logging); a trainer supplies its ``Objective``. PPO's step lives in ``rlcli.ppo`
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +22,9 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from rlcli import rundir
-from rlcli.checkpoint import load_checkpoint, restore_rng_state
+from rlcli import peers, signals
+from rlcli.rundir import RunDir
+from rlcli.checkpoint import CHECKPOINTS, load_checkpoint, restore_rng_state
 from rlcli.config.common import OptimConfig, RecipeBase
 from rlcli.config.errors import UserError
 from rlcli.data.sources import train_eval_rows
@@ -36,7 +34,6 @@ from rlcli.models.loading import apply_lora, checkpointing
 from rlcli.parallel import Parallel
 from rlcli.plots import write_curves
 from rlcli.seeds import index_stream
-from rlcli.trainers.outputs import prepare_output_dir, take_over
 
 
 class Run:
@@ -50,10 +47,16 @@ class Run:
 
     def __init__(self, recipe: RecipeBase, *, resume: bool, batch_size: int, micro_batch_size: int):
         self.recipe = recipe
-        self.resume_from = prepare_output_dir(recipe, resume)
+        self.dir = RunDir.of(recipe)
+        self.resume_from = self.dir.open(recipe, resume=resume)
         train = recipe.train
-        self.par = Parallel(recipe, mixed_precision=train.mixed_precision, tf32=train.tf32, batch_size=batch_size,
-                            micro_batch_size=micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
+        try:
+            self.par = Parallel(recipe, mixed_precision=train.mixed_precision, tf32=train.tf32, batch_size=batch_size,
+                                micro_batch_size=micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm)
+        except BaseException:
+            self.dir.release(ok=False)
+            raise
+        peers.watch()  # from now on a failure of any process stops every process of the run
         self.accelerator = self.par.accelerator
         self.threads = cpu_threads(self.par.num_processes)
         self.host_memory = host_memory_in_force(train.host_memory)
@@ -66,6 +69,23 @@ class Run:
         self.total_steps = 0
         self.model = self.optimizer = self.scheduler = None
         self.log_file: MetricsLog | None = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        # a run that ends here without end() failed or was stopped: the other processes hear of it first (before
+        # anything here that could take time), then a run it replaced comes back unless it stands
+        if isinstance(exc, Exception):
+            peers.announce(exc)
+        self.dir.__exit__(kind, exc, tb)
+        peers.unwatch()
+
+    @classmethod
+    def supervised(cls, recipe: RecipeBase, resume: bool) -> "Run":
+        """The run of a supervised trainer (sft, rm): its batch sizes are ``train``'s."""
+        return cls(recipe, resume=resume, batch_size=recipe.train.batch_size,
+                   micro_batch_size=recipe.train.micro_batch_size)
 
     @property
     def resuming(self) -> bool:
@@ -101,8 +121,10 @@ class Run:
         self.model, self.optimizer, self.scheduler, self.total_steps = model, optimizer, scheduler, total_steps
         if self.resuming:
             restore_optimizer(self.par, self.resume_from, self.objects, model, optimizer, scheduler)
-        take_over(self.recipe, self.accelerator, total_steps=total_steps, start_step=self.resume_step,
-                  steps_key=steps_key)
+        if self.resuming:
+            self.dir.check_forward(self.start_step, total_steps, steps_key)
+        self.dir.take_over(replace=not self.resuming)
+        self.dir.write_recipe(self.recipe)
         start_trackers(self.accelerator, self.recipe)
         self.log_file = MetricsLog(self.out, is_main=self.par.is_main_process,
                                    tracker=self.accelerator if self.recipe.logging.report_to else None,
@@ -118,9 +140,12 @@ class Run:
 
     def progress(self, name: str, shown: tuple[str, ...]) -> TrainingProgress:
         enabled = self.par.is_main_process and self.recipe.logging.progress
-        return TrainingProgress(name, self.total_steps, enabled=enabled, start=self.start_step, shown=shown)
+        return TrainingProgress(name, self.total_steps, enabled=enabled, start=self.start_step, shown=shown,
+                                every_s=self.recipe.logging.progress_every_s)
 
     def steps(self) -> range:
+        """The steps left to train; from now on a stop signal waits for the end of the step in progress."""
+        signals.defer_to_step_end()
         return range(self.start_step + 1, self.total_steps + 1)
 
     def log(self, step: int, metrics: dict[str, Any], *, always: bool = False) -> None:
@@ -129,11 +154,27 @@ class Run:
             self.log_file.log(step, metrics)
 
     def checkpoint(self, step: int, state: dict[str, Any] | None = None) -> None:
-        """A checkpoint when ``train.save_every`` says so (never at the last step: the final save follows)."""
+        """The end of a step (every process): a checkpoint when ``train.save_every`` says so, and at the last step
+        too (so that ``--resume`` with more steps goes on from there), or when a stop signal came during the step
+        (``rlcli.signals``): then the run stops here (``Stopped``), to be continued with ``--resume``."""
         train = self.recipe.train
-        if train.save_every and step % train.save_every == 0 and step < self.total_steps:
+        last = step == self.total_steps
+        stop = None if last else self._stop_requested()  # at the last step the run ends anyway
+        due = bool(train.save_every) and (step % train.save_every == 0 or last)
+        if due or stop:
             save_training_checkpoint(self.par, self.out, step, self.model, self.optimizer, self.scheduler,
                                      full=self.full_state, keep=train.keep_checkpoints, state=state or {})
+            self.dir.commit()  # the run stands: the run it replaced goes
+        if stop:
+            raise signals.Stopped(stop, step=step, checkpoint=self.out / CHECKPOINTS / f"step-{step:08d}")
+
+    def _stop_requested(self) -> int | None:
+        """The stop signal any process received (the one of the lowest rank that got one), agreed by all."""
+        mine = signals.requested() or 0
+        if self.par.num_processes == 1:
+            return mine or None
+        got = [int(s) for s in self.par.gather(torch.tensor([mine], device=self.par.device)).tolist() if s]
+        return got[0] if got else None
 
     def end(self, save: Callable[[Any], None], done: Callable[[], str],
             curves: list[tuple[str, ...]] = ()) -> Path:
@@ -147,8 +188,25 @@ class Run:
             except (OSError, ValueError, RuntimeError) as exc:  # a drawing never costs a finished run
                 console.print(f"[yellow]note:[/] no curves.png ({exc})")
             console.print(f"[green]done[/]: {done()}")
-        finish(self.accelerator)
+        self.finish()
         return self.out
+
+    def finish(self) -> None:
+        """End the run on every process together: the others let go of the directory, then the main process marks
+        it finished and releases it (the run it replaced goes); trackers close.
+
+        Not ``accelerator.end_training()``: that also destroys the process group while the trainer still holds its
+        DDP model, which is how gloo's teardown deadlocks; :func:`rlcli.launch.release_distributed` destroys it once
+        the model is gone (see there)."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if not self.dir.main:
+            self.dir.release(ok=True)
+        accelerator.wait_for_everyone()
+        peers.unwatch()
+        self.dir.finish()
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
 
 # --- the supervised loop (sft, rm) --------------------------------------------------------------------------------
@@ -218,13 +276,12 @@ def supervised_preflight(recipe: RecipeBase, kind: SupervisedKind, problems: lis
              f"× {accum} accumulation step(s)")]
 
 
-def train_supervised(recipe: RecipeBase, resume: bool, kind: SupervisedKind) -> SupervisedRun:
-    """Steps 1-5 of a supervised trainer: the run, its data, its model, the loop. The trainer saves what it
-    trained and ends the run (``Run.end``)."""
+def train_supervised(run: Run, kind: SupervisedKind) -> SupervisedRun:
+    """Steps 2-5 of a supervised trainer in ``run`` (``Run.supervised``): its data, its model, the loop. The trainer
+    saves what it trained and ends the run (``Run.end``)."""
     from rlcli.models.loading import load_model, load_tokenizer, model_task
 
-    tcfg = recipe.train
-    run = Run(recipe, resume=resume, batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size)
+    recipe = run.recipe
     tokenizer = load_tokenizer(recipe.model, padding_side="right")
     train_set, eval_set = supervised_data(run, tokenizer, kind.check, kind.tokenize, lambda s: len(kind.items(s)),
                                           kind.noun)
@@ -283,7 +340,7 @@ def supervised_steps(run: Run, objective: Objective, kind: SupervisedKind, *, ha
             totals = {k: par.reduce(torch.as_tensor(v, device=par.device), "sum").item() for k, v in counts.items()}
             seconds = time.perf_counter() - t0
             if not math.isfinite(step_loss):
-                raise non_finite_loss(step, step_loss, run.out)
+                raise non_finite_loss(step, step_loss)
             metrics = objective.metrics(step_loss, totals, lr, step * tcfg.batch_size / len(objective.examples),
                                         seconds)
             if grad_norm is not None:
@@ -398,8 +455,6 @@ def save_training_checkpoint(par, out: Path, step: int, model, optimizer, schedu
         objects["optimizer"] = optimizer
     save_checkpoint(out, step, accelerator=par.accelerator, keep=keep, state=state, objects=objects,
                     write_shards=lambda directory: par.save_shards(directory, model, optimizer))
-    if par.is_main_process:
-        rundir.commit()  # the run stands: the run it replaced goes
 
 
 def start_trackers(accelerator: Accelerator, recipe: RecipeBase) -> None:
@@ -421,10 +476,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def non_finite_loss(step: int, loss: float, out: Path) -> UserError:
+def non_finite_loss(step: int, loss: float) -> UserError:
     """The error that stops a run whose training loss became NaN / inf (no final model is saved)."""
     return UserError(f"the training loss at step {step} is {loss} (not a finite number), so the run stopped there "
-                     f"and saved no model in {out}. Usual causes: a learning rate too high for this model "
+                     "and saved no model. Usual causes: a learning rate too high for this model "
                      "(optim.learning_rate), no gradient clipping (optim.max_grad_norm: null), or float16 overflow "
                      "(train.mixed_precision: fp16); start a new run with other settings (another output_dir, or "
                      "overwrite_output_dir=true)")
@@ -440,70 +495,3 @@ def print_notes(notes: list[str], accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         for note in notes:
             console.print(f"[yellow]note:[/] {note}")
-
-
-def save_final_model(model, tokenizer, output_dir: str | Path, *, built_from_scratch: bool, merge: bool) -> None:
-    """Save the model in Hugging Face format into ``output_dir`` (weights written to a temp dir, then moved).
-
-    A LoRA model saves its adapter (``adapter_config.json``); if its base was built from scratch, the base is
-    saved beside it under ``base/`` and the adapter points at it, since no hub holds that base.
-    """
-    out = Path(output_dir)
-    tmp = out / ".final.tmp"
-    rundir.claim(out, tmp.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _save_final(model, tokenizer, out, tmp, built_from_scratch=built_from_scratch, merge=merge)
-    except (OSError, RuntimeError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # the half-written model goes; checkpoints stay
-        raise rundir.as_no_space(exc, tmp) from None
-
-
-def _save_final(model, tokenizer, out: Path, tmp: Path, *, built_from_scratch: bool, merge: bool) -> None:
-    tmp.mkdir(parents=True)
-    is_peft = hasattr(model, "peft_config")
-    if is_peft:
-        if built_from_scratch:
-            # peft's unload() strips the LoRA layers without merging; do it on a copy to keep the adapter.
-            base = copy.deepcopy(model).unload()
-            base.save_pretrained(tmp / "base")
-            tokenizer.save_pretrained(tmp / "base")
-            for cfg in model.peft_config.values():
-                cfg.base_model_name_or_path = str((out / "base").resolve())
-        with warnings.catch_warnings():
-            # peft looks for the base's config at its final path, which is only filled after the move below
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            model.save_pretrained(tmp)
-        if merge:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(tmp / "merged")
-            tokenizer.save_pretrained(tmp / "merged")
-    else:
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    rundir.apply_umask(tmp)
-    rundir.claim(out, *(item.name for item in tmp.iterdir()))
-    for item in tmp.iterdir():
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.rename(target)
-    tmp.rmdir()
-
-
-def finish(accelerator: Accelerator) -> None:
-    """End a run on every process together: wait for the main process's final save and close trackers.
-
-    Not ``accelerator.end_training()``: that also destroys the process group while the trainer still holds its
-    DDP model, which is how gloo's teardown deadlocks; :func:`rlcli.launch.release_distributed` destroys it once
-    the model is gone (see there)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and accelerator.project_dir:
-        out = Path(accelerator.project_dir)
-        for name in rundir.owned(out):  # files saved by other writers (safetensors ignores the umask)
-            if (out / name).is_file():
-                rundir.apply_umask(out / name)
-        rundir.mark_finished(out)
-        rundir.release(ok=True)  # the run it replaced goes; the output dir is free
-    for tracker in accelerator.trackers:
-        tracker.finish()

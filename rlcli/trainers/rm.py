@@ -31,7 +31,8 @@ from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collat
 from rlcli.data.sources import check_data_source
 from rlcli.models.loading import check_model_config
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
-from rlcli.trainers.loop import SupervisedKind, save_final_model, supervised_preflight, train_supervised
+from rlcli.models.saving import save_model
+from rlcli.trainers.loop import Run, SupervisedKind, supervised_preflight, train_supervised
 
 
 def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,
@@ -142,22 +143,24 @@ RM = SupervisedKind(
 def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
     # step 1: checks; steps 2-5: the run, its data, model and loop (trainers.loop.train_supervised)
     preflight(recipe)
-    trained = train_supervised(recipe, resume, RM)
-    run, metrics, tokenizer, tcfg = trained.run, trained.metrics, trained.tokenizer, recipe.train
+    with Run.supervised(recipe, resume) as run:
+        trained = train_supervised(run, RM)
+        metrics, tokenizer, tcfg = trained.metrics, trained.tokenizer, recipe.train
 
-    # step 6: final model and reward statistics
-    mean, std, count = reward_statistics(trained.model, trained.train_set, run.par, tcfg.eval_batch_size,
-                                         tokenizer.pad_token_id)
+        # step 6: final model and reward statistics
+        mean, std, count = reward_statistics(trained.model, trained.train_set, run.par, tcfg.eval_batch_size,
+                                             tokenizer.pad_token_id)
 
-    def save(plain) -> None:
-        save_final_model(plain, tokenizer, run.out, built_from_scratch=recipe.model.architecture is not None,
-                         merge=bool(recipe.lora and recipe.lora.merge_on_save))
-        save_reward_stats(run.out, mean, std, count, recipe.data.max_length)
+        def save(plain) -> None:
+            save_model(plain, tokenizer, run.out, run_dir=run.out,
+                       built_from_scratch=recipe.model.architecture is not None,
+                       merge=bool(recipe.lora and recipe.lora.merge_on_save))
+            save_reward_stats(run.out, mean, std, count, recipe.data.max_length)
 
-    def done() -> str:
-        summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "accuracy", "eval_loss", "eval_accuracy")
-                            if k in metrics)
-        return (f"{summary}; reward mean {mean:.4g}, std {std:.4g} over {count} training texts; model saved to "
-                f"{run.out}")
+        def done() -> str:
+            summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "accuracy", "eval_loss", "eval_accuracy")
+                                if k in metrics)
+            return (f"{summary}; reward mean {mean:.4g}, std {std:.4g} over {count} training texts; model saved to "
+                    f"{run.out}")
 
-    return run.end(save, done, curves=[("loss", "eval_loss"), ("accuracy", "eval_accuracy")])
+        return run.end(save, done, curves=[("loss", "eval_loss"), ("accuracy", "eval_accuracy")])

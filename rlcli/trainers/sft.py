@@ -33,7 +33,8 @@ from rlcli.models.lm_head import capture_head_input, chunkable
 from rlcli.models.loading import check_model_config, model_task
 from rlcli.rl.chunked import token_stats
 from rlcli.rl.sampling import SamplingRules
-from rlcli.trainers.loop import SupervisedKind, save_final_model, supervised_preflight, train_supervised
+from rlcli.models.saving import save_model
+from rlcli.trainers.loop import Run, SupervisedKind, supervised_preflight, train_supervised
 
 
 def preflight(recipe: SFTRecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
@@ -129,16 +130,18 @@ SFT = SupervisedKind(
 def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
     # step 1: checks; steps 2-5: the run, its data, model and loop (trainers.loop.train_supervised)
     preflight(recipe)
-    trained = train_supervised(recipe, resume, SFT)
-    run, metrics = trained.run, trained.metrics
+    with Run.supervised(recipe, resume) as run:
+        trained = train_supervised(run, SFT)
+        metrics = trained.metrics
 
-    # step 6: final model
-    def save(plain) -> None:
-        save_final_model(plain, trained.tokenizer, run.out, built_from_scratch=recipe.model.architecture is not None,
-                         merge=bool(recipe.lora and recipe.lora.merge_on_save))
+        # step 6: final model
+        def save(plain) -> None:
+            save_model(plain, trained.tokenizer, run.out, run_dir=run.out,
+                       built_from_scratch=recipe.model.architecture is not None,
+                       merge=bool(recipe.lora and recipe.lora.merge_on_save))
 
-    def done() -> str:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "eval_loss"))
-        return f"{summary}; model saved to {run.out}"
+        def done() -> str:
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "eval_loss"))
+            return f"{summary}; model saved to {run.out}"
 
-    return run.end(save, done, curves=[("loss", "eval_loss"), ("lr",)])
+        return run.end(save, done, curves=[("loss", "eval_loss"), ("lr",)])

@@ -25,7 +25,7 @@ from rlcli.models.loading import apply_lora, load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout
 from rlcli.rewards.adapter import REWARD_ADAPTER, AdapterRewardModel, unique_parameter_bytes
 from rlcli.rewards.reward_model import RewardModelScorer, save_reward_stats
-from rlcli.trainers.loop import save_final_model
+from rlcli.models.saving import save_model
 from tests.conftest import float32_rounding_bound, invoke_cli as cli, plain, write_yaml
 
 CONFIGS = {
@@ -61,7 +61,7 @@ def make_base_and_rm(root: Path, arch: str, *, lora_r: int = 4) -> tuple[Path, P
     rm = apply_lora(load_model(cfg, "classifier", tok), LoraConfig(r=lora_r, target_modules="all-linear"), "classifier")
     _perturb(rm, seed=1)
     rm_dir.mkdir()
-    save_final_model(rm, tok, rm_dir, built_from_scratch=False, merge=False)
+    save_model(rm, tok, rm_dir, run_dir=rm_dir, built_from_scratch=False, merge=False)
     save_reward_stats(rm_dir, mean=0.5, std=2.0, count=10, max_length=48)
     return base_dir, rm_dir
 
@@ -169,7 +169,7 @@ def test_policy_save_holds_only_its_own_adapter(saved, tmp_path):
     policy = policy_on(base_dir)
     AdapterRewardModel(policy.pretrained, str(rm_dir))
     tok = load_tokenizer(ModelConfig(name_or_path=str(base_dir)))
-    save_final_model(policy.pretrained, tok, tmp_path, built_from_scratch=False, merge=True)
+    save_model(policy.pretrained, tok, tmp_path, run_dir=tmp_path, built_from_scratch=False, merge=True)
     assert not (tmp_path / REWARD_ADAPTER).exists()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path).eval()
     want = _logits(policy.pretrained, TEXTS, tok)

@@ -8,6 +8,7 @@ is an optional extra; its cases are skipped when it is not installed.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 
 import pytest
@@ -70,6 +71,9 @@ def test_sft_matches_one_process_resumes_exactly_and_reloads(engine, sft_one, tm
     assert ckpt.is_dir()
     again = tmp_path / "again"
     shutil.copytree(out, again)
+    manifest = json.loads((again / ".rlcli-run.json").read_text())  # as a run killed after step 6 leaves it
+    (again / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))
+    shutil.rmtree(again / "checkpoints" / "step-00000012")
     _launch(engine, *[a.replace(str(out), str(again)) for a in args], "--resume")
     assert [m["loss"] for m in read_metrics(again)] == [m["loss"] for m in two]
 

@@ -29,9 +29,30 @@ def test_template_parses_and_asks_for_gpus(name):
     text = path.read_text()
     assert "#SBATCH --gpus-per-node=" in text and "#SBATCH --ntasks-per-node=1" in text
     assert "accelerate.commands.launch" in text and "--multi_gpu" in text
+    # a warning before the time limit, to checkpoint and requeue; a requeued job resumes
+    assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text and "scontrol requeue" in text
+    assert "SLURM_RESTART_COUNT" in text and "--resume" in text
     if name == "multi_node.sbatch":
         for piece in ("srun", "SLURM_NNODES", "SLURM_NODEID", "scontrol show hostnames", "--main_process_ip"):
             assert piece in text
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_the_usage_examples_name_keys_that_exist(name, tmp_path, monkeypatch):
+    """Each `sbatch slurm/NAME COMMAND CONFIG KEY=VALUE ...` of a template's header passes --dry-run (the single-node
+    one said ppo.learning_rate, which is optim.learning_rate)."""
+    from tests.conftest import invoke_cli
+
+    examples = [line.split("sbatch", 1)[1].split("#")[0].split() for line in (REPO / "slurm" / name).read_text()
+                .splitlines() if line.startswith("#   ") and " sbatch " in line and f"slurm/{name}" in line]
+    examples = [words[words.index(f"slurm/{name}") + 1:] for words in examples]
+    examples = [words for words in examples if len(words) >= 2]
+    assert examples
+    for command, config, *overrides in examples:
+        overrides = [o for o in overrides if not o.startswith("output_dir=")]
+        code, out, err = invoke_cli(command, config, *overrides, f"output_dir={tmp_path / 'out'}", "--dry-run",
+                                    monkeypatch=monkeypatch)
+        assert code == 0, (command, config, overrides, plain(err))
 
 
 def test_single_node_template_runs_outside_slurm(tmp_path):
@@ -58,6 +79,58 @@ def test_single_node_template_reads_the_environment(tmp_path):
     out = plain(res.stdout + res.stderr)
     assert res.returncode == 0, out
     assert "1 process(es)" in out and f"output_dir: {tmp_path / 'out'}" in out and "dry run OK" in out
+
+
+@pytest.mark.slow  # three runs, ~50 s: the step-end checkpoint itself is in the default suite (test_signals_cli)
+def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes_exactly(tmp_path):
+    """single_node.sbatch run with bash as SLURM runs it (output to a file): SIGUSR1 to the script, as
+    ``--signal=B:USR1@300`` sends it before the time limit, makes rlcli checkpoint the step in progress and stop; the
+    script asks for a requeue (a stand-in scontrol records it); run again as the requeued job
+    (SLURM_RESTART_COUNT=1), it resumes, and metrics.jsonl is the uninterrupted run's."""
+    import signal
+    import time
+
+    from tests.conftest import read_metrics, run_cli
+
+    args = ["sft", "configs/tiny/sft.yaml", "train.max_steps=12", "train.save_every=null", "data.eval_fraction=0"]
+    whole = tmp_path / "whole"
+    res = run_cli(*args, f"output_dir={whole}")
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    out = tmp_path / "run"
+    env = {**os.environ, "RLCLI_CPU": "1", "COLUMNS": "250", "HF_HUB_OFFLINE": "1", "SLURM_JOB_ID": "4242",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "RLCLI_PYTHON": shutil.which("python") or "python"}
+    env.pop("SLURM_RESTART_COUNT", None)
+    cmd = ["bash", str(REPO / "slurm" / "single_node.sbatch"), *args, f"output_dir={out}"]
+    log = tmp_path / "job.log"
+    with log.open("w") as f:
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 240
+        while job.poll() is None and time.time() < deadline and not (
+                metrics.exists() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.02)
+        job.send_signal(signal.SIGUSR1)
+        code = job.wait(timeout=240)
+    text = plain(log.read_text())
+    assert code == 138, text[-3000:]
+    stopped = read_metrics(out)[-1]["step"]
+    assert (out / "checkpoints" / f"step-{stopped:08d}").is_dir() and stopped < 12, text
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "requeued, to go on with --resume" in text
+
+    res = subprocess.run(cmd, cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"resuming at step {stopped}" in plain(res.stdout)
+    timing = ("tokens_per_s",)
+    assert [{k: v for k, v in m.items() if k not in timing} for m in read_metrics(out)] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in read_metrics(whole)]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # no second requeue
 
 
 def _slurm_test_enabled() -> str | None:

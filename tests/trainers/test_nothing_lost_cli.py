@@ -21,7 +21,8 @@ QUICK = ["data.eval_fraction=0", "logging.progress=false"]
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("nothing-lost") / "run"
-    res = run_cli("sft", SFT, f"output_dir={out}", "train.max_steps=6", "train.save_every=2", *QUICK)
+    res = run_cli("sft", SFT, f"output_dir={out}", "train.max_steps=6", "train.save_every=2",
+                  "train.keep_checkpoints=3", *QUICK)
     assert res.returncode == 0, res.stderr[-2000:]
     return out
 
@@ -161,10 +162,12 @@ def test_resume_skips_a_damaged_newest_checkpoint(finished_run, tmp_path):
     manifest = json.loads((out / ".rlcli-run.json").read_text())
     (out / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))  # killed after step 5
     ckpts = sorted((out / "checkpoints").iterdir())
-    assert [c.name for c in ckpts] == ["step-00000002", "step-00000004"]
+    assert [c.name for c in ckpts] == ["step-00000002", "step-00000004", "step-00000006"]  # the last step's too
+    shutil.rmtree(ckpts.pop())  # (step 6 never came)
     model = ckpts[-1] / "model.pt"
     model.write_bytes(model.read_bytes()[:1000])  # a torn write
-    res = run_cli("sft", SFT, f"output_dir={out}", "train.max_steps=6", "train.save_every=2", *QUICK, "--resume")
+    res = run_cli("sft", SFT, f"output_dir={out}", "train.max_steps=6", "train.save_every=2",
+                  "train.keep_checkpoints=3", *QUICK, "--resume")
     out_text = plain(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step-00000004 cannot be read (model.pt" in out_text and "resuming from step-00000002" in out_text

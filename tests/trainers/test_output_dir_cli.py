@@ -199,7 +199,7 @@ def test_a_held_lock_refuses_a_second_run_and_a_dead_holder_does_not(tmp_path, m
 
     out = tmp_path / "locked"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from rlcli import rundir; "
-                               f"rundir.lock({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                               f"rundir.RunDir({str(out)!r}, 'x').lock(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -210,12 +210,14 @@ def test_a_held_lock_refuses_a_second_run_and_a_dead_holder_does_not(tmp_path, m
         holder.wait()
     from rlcli import rundir
 
-    rundir.lock(out)  # the kernel dropped the dead holder's lock
-    rundir.release(ok=True)
+    owner = rundir.RunDir(out, "SFTRecipe", main=True)
+    owner.lock()  # the kernel dropped the dead holder's lock
+    owner.release(ok=True)
     assert list(out.iterdir()) == []  # the lock file goes with the lock
     fresh = tmp_path / "fresh"
-    rundir.lock(fresh)
-    rundir.release(ok=False)
+    owner = rundir.RunDir(fresh, "SFTRecipe", main=True)
+    owner.lock()
+    owner.release(ok=False)
     assert not fresh.exists()  # a directory the lock made, left empty, goes with it
 
 

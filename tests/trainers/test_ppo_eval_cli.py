@@ -61,6 +61,24 @@ def test_held_out_metrics_at_the_chosen_steps_and_best_kept(evaluated):
     assert (out / "curves.png").stat().st_size > 1000  # reward, KL, length and eval/pass@2 against the step
 
 
+def test_best_and_the_final_policy_have_one_layout_with_lora_on_a_from_scratch_base(tmp_path, monkeypatch):
+    """One save function for both: best/ held a merged model while the final save held the adapter and base/."""
+    out = tmp_path / "lora"
+    _train(out, *EVAL, "lora.r=4", "ppo.steps=2", "eval.every=1", monkeypatch=monkeypatch)
+    best = out / "best"
+    layout = sorted(str(p.relative_to(best)) for p in best.rglob("*") if p.name != "best.json")
+    assert {"adapter_config.json", "adapter_model.safetensors", "base/config.json", "base/model.safetensors",
+            "value_head.safetensors", "tokenizer.json"} <= set(layout), layout
+    assert "model.safetensors" not in layout
+    assert [name for name in layout if not (out / name).exists()] == []  # the final save: the same files
+    from peft import AutoPeftModelForCausalLM
+
+    for where in (out, best):
+        config = json.loads((where / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str((where / "base").resolve())
+        AutoPeftModelForCausalLM.from_pretrained(where)
+
+
 def test_evaluation_changes_nothing_in_training(evaluated, tmp_path, monkeypatch):
     """Training with eval logs exactly what training without it logs (eval draws no training randomness), given
     the same training prompts (the held-out fraction is taken out of both: data.eval_fraction alone evaluates at

@@ -40,18 +40,18 @@ def test_output_dir_that_is_a_file(tmp_path, dry_run):
 
 def test_output_dir_not_writable_or_on_a_read_only_file_system(tmp_path, monkeypatch):
     """Through the check itself: the tests run as root, who may write anywhere."""
-    from rlcli.trainers import outputs as common
+    from rlcli import rundir
 
     recipe = load_recipe(SFTRecipe, REPO / TINY, [f"output_dir={tmp_path / 'a' / 'run'}"])
-    monkeypatch.setattr(common.os, "access", lambda path, mode: False)
-    assert common.check_output_dir(recipe) == [Problem(
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
+    assert rundir.RunDir.of(recipe).problems() == [Problem(
         "output_dir", f"{tmp_path / 'a' / 'run'} cannot be created: {tmp_path} is not writable by this user")]
 
     class ReadOnly:
         f_flag = os.ST_RDONLY
 
-    monkeypatch.setattr(common.os, "statvfs", lambda path: ReadOnly())
-    assert common.check_output_dir(recipe)[0].message.endswith(f"{tmp_path} is on a read-only file system")
+    monkeypatch.setattr(rundir.os, "statvfs", lambda path: ReadOnly())
+    assert rundir.RunDir.of(recipe).problems()[0].message.endswith(f"{tmp_path} is on a read-only file system")
 
 
 def test_wrong_type_in_model_config_is_found_by_dry_run(tmp_path):

@@ -46,8 +46,25 @@ def test_resume_accepts_more_steps_and_logging_changes(sft_run, tmp_path):
     res = run_cli("sft", SFT, f"output_dir={out}", *QUICK, "train.max_steps=6", "train.save_every=3",
                   "logging.log_every=2", "train.keep_checkpoints=1", "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert [m["step"] for m in read_metrics(out)] == [1, 2, 4, 6]  # steps 3, 5 not logged any more
+    assert "resuming at step 4" in plain(res.stdout)  # the finished run's last step kept a checkpoint
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 6]  # step 5 not logged any more
     assert "max_steps: 6" in (out / "recipe.yaml").read_text()
+
+
+def test_a_finished_run_keeps_a_checkpoint_at_its_last_step_and_a_longer_resume_goes_on_from_it(tmp_path):
+    """5 steps, a checkpoint every 2: the last step's checkpoint (step 5) is kept too, so --resume with more steps
+    continues from step 5 instead of recomputing step 5 from step 4."""
+    out = tmp_path / "odd"
+    args = ["sft", SFT, f"output_dir={out}", "train.save_every=2", "data.eval_fraction=0", "logging.progress=false"]
+    res = run_cli(*args, "train.max_steps=5")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    first = read_metrics(out)
+    res = run_cli(*args, "train.max_steps=7", "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming at step 5" in plain(res.stdout)
+    got = read_metrics(out)
+    assert [m["step"] for m in got] == list(range(1, 8)) and got[:5] == first
 
 
 def test_torn_metrics_line_is_dropped_on_resume(sft_run, tmp_path):
@@ -59,6 +76,7 @@ def test_torn_metrics_line_is_dropped_on_resume(sft_run, tmp_path):
         f.write('{"step": 5, "loss": 1.2')  # a kill in the middle of a write
     manifest = json.loads((out / ".rlcli-run.json").read_text())
     (out / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))  # as the killed run left it
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # (killed before its step-4 checkpoint)
     res = run_cli("sft", SFT, f"output_dir={out}", *QUICK, "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
     got = read_metrics(out)
@@ -149,6 +167,7 @@ def test_resume_never_goes_backwards(sft_run, tmp_path, monkeypatch):
     # a run killed after its checkpoint at step 2: a resume to 2 steps or fewer is refused too
     manifest = json.loads((out / ".rlcli-run.json").read_text())
     (out / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
     before = snapshot(out)
     code, _, err = invoke_cli(*args, "train.max_steps=2", "--resume", monkeypatch=monkeypatch)
     err = plain(err)
