@@ -102,14 +102,16 @@ def test_estimator_settings_are_checked():
 
 def test_grpo_with_one_update_per_batch_learns_without_the_policy_pass(tmp_path):
     """One epoch of one minibatch (GRPO's usual settings): the run says pi_old comes from the training forward, the
-    trivial first-ratio check is not reported, the sampler still agrees with the trainer, and it learns."""
+    first-ratio check runs once (step 1, an eval-mode probe of one micro-batch), the sampler still agrees with the
+    trainer, and it learns."""
     out = tmp_path / "run"
     res = run_cli("ppo", GRPO, f"output_dir={out}", "ppo.steps=16", *FAST, "ppo.mini_batch_size=32", "ppo.epochs=1",
                   "optim.learning_rate=3e-3", "train.save_every=null")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "π_old from the training forward" in plain(res.stdout)
     m = read_metrics(out)
-    assert not any("ratio_first" in x for x in m) and all(x["sampler_logprob_diff"] < 1e-4 for x in m)
+    assert [x["step"] for x in m if "ratio_first" in x] == [1] and m[0]["ratio_first"] == pytest.approx(1.0, abs=1e-4)
+    assert all(x["sampler_logprob_diff"] < 1e-4 for x in m)
     assert all(x["kl"] >= -0.1 for x in m) and all(0 <= x["train_pad_fraction"] < 0.5 for x in m)
     start, end = mean([x["reward_mean"] for x in m[:3]]), mean([x["reward_mean"] for x in m[-3:]])
     assert end > 3 * max(start, 0.05), (start, end)

@@ -68,12 +68,13 @@ def test_best_and_the_final_policy_have_one_layout_with_lora_on_a_from_scratch_b
     best = out / "best"
     layout = sorted(str(p.relative_to(best)) for p in best.rglob("*") if p.name != "best.json")
     assert {"adapter_config.json", "adapter_model.safetensors", "base/config.json", "base/model.safetensors",
-            "value_head.safetensors", "tokenizer.json"} <= set(layout), layout
+            "critic/adapter_config.json", "critic/base/config.json", "critic/value_head.safetensors",
+            "tokenizer.json"} <= set(layout), layout
     assert "model.safetensors" not in layout
     assert [name for name in layout if not (out / name).exists()] == []  # the final save: the same files
     from peft import AutoPeftModelForCausalLM
 
-    for where in (out, best):
+    for where in (out, best, out / "critic", best / "critic"):
         config = json.loads((where / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str((where / "base").resolve())
         AutoPeftModelForCausalLM.from_pretrained(where)
