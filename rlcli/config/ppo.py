@@ -408,9 +408,6 @@ class PPORecipe(RecipeBase):
         if c.model is not None and not c.separate:
             problems.append(Problem("critic.model", "critic.model sets a separate critic's weights: add "
                                                     "critic.separate: true"))
-        if c.warmup_steps >= self.ppo.steps and p.advantage == "gae":
-            problems.append(Problem("critic.warmup_steps", f"critic.warmup_steps={c.warmup_steps} leaves no step of "
-                                                           f"ppo.steps={self.ppo.steps} for the policy"))
         if kl.mode == "loss" and kl.estimator == "full":
             problems.append(Problem("kl.estimator", "kl.estimator=full works only with kl.mode=reward (the loss term "
                                                     "needs a per-token estimate of the sampled tokens: k3 or k2)"))

@@ -121,7 +121,8 @@ def build_learner(recipe: PPORecipe, par: Parallel, tokenizer, task: str, optimi
         ref = par.prepare_frozen(ref)
     model, optimizer, scheduler = par.prepare(policy, lambda named: make_optimizer(
         optimizer_groups(named, recipe.critic.learning_rate), recipe.optim, optimizer_steps))
-    learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl, critic=recipe.critic,
+    learner = PPOLearner(model, ref_model=ref, algo=recipe.ppo, kl=recipe.kl,
+                         critic=None if recipe.critic_free else recipe.critic,
                          rules=behaviour_rules(recipe.generation, tokenizer), optimizer=optimizer,
                          scheduler=scheduler, accelerator=par, max_grad_norm=recipe.optim.max_grad_norm,
                          seed=recipe.seed, constant_length=generation_budget(recipe),

@@ -38,6 +38,12 @@ def held_out_prompts(recipe: PPORecipe) -> tuple[list[dict], list[dict], str, st
     ``data.eval_path`` / ``eval_split``: a file or split of its own; ``data.eval_fraction``: that share of the
     training prompts, drawn with the run's seed and taken out of training. No held-out prompts: an empty list."""
     data = recipe.data
+    if data.reasoning_gym is not None:  # generated: training and held-out rows never share a question
+        from rlcli.tasks import reasoning_gym
+
+        rows, held = reasoning_gym.generate(data.reasoning_gym)
+        rows = rows[: data.max_rows] if data.max_rows else rows
+        return rows, held, "prompt", "prompt"
     rows, column = load_prompt_rows(data)
     if data.eval_path is not None or data.eval_split is not None:
         source = data.model_copy(update={"path": data.eval_path or data.path, "split": data.eval_split or "train",

@@ -144,7 +144,7 @@ class PPOLearner:
         # a critic worse than a constant (explained variance below 0) for 5 steps in a row is said once
         self.ev_watch = KLWatch(threshold=0.0, patience=5)
         # critic.warmup_steps: the first steps train the critic alone (the optimizer's "policy" group at lr 0)
-        self.critic_warmup_steps = 0 if critic is None else critic.warmup_steps
+        self.critic_warmup_steps = 0 if critic is None or not self.estimator.critic else critic.warmup_steps
         self.critic_lam = None if critic is None else critic.lam
         if self.critic_warmup_steps and not any(g.get("name") == "critic" for g in optimizer.param_groups):
             raise ValueError("critic warm-up steps need the optimizer's critic parameters in a group named 'critic' "

@@ -175,6 +175,9 @@ def recipe_notes(recipe: PPORecipe) -> list[str]:
     unused = [f"critic.{k}" for k in ("model", "learning_rate", "lam", "warmup_steps") if getattr(c, k)]
     if recipe.critic_free and unused:
         notes.append(f"{', '.join(unused)} not used: ppo.advantage={recipe.ppo.advantage} trains no critic")
+    elif not recipe.critic_free and c.warmup_steps >= recipe.ppo.steps:
+        notes.append(f"critic.warmup_steps={c.warmup_steps} covers all ppo.steps={recipe.ppo.steps}: only the critic "
+                     "learns in this run, the policy does not move")
     return notes
 
 

@@ -68,6 +68,16 @@ SAMPLER_WARNING = (
 )
 
 
+EV_WARNING = (
+    "The critic's explained variance has been below 0 for 5 steps in a row (now {ev:.3g}): its values predict the "
+    "returns worse than a constant would, so GAE's advantages carry its errors token by token (and whitening scales "
+    "them up). Options: critic.separate: true if it is off (a value head on the policy's own trunk reads features "
+    "made for the next token), critic.learning_rate, critic.warmup_steps (fit the values before the policy moves), "
+    "or a critic-free estimator (ppo.advantage: grpo / rloo). When nearly every episode scores alike, the statistic "
+    "is mostly noise. explained_variance, value_error and return_std in metrics.jsonl follow it."
+)
+
+
 def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
     # step 1: checks, output dir, the parallel engine
     preflight(recipe)
@@ -188,6 +198,8 @@ def warn_health(stats: dict, step: int, engine: str, *, show: bool) -> None:
                                               engine=engine), "sampler and trainer disagree"))
     if stats.pop("ratio_warning"):
         panels.append((RATIO_WARNING.format(ratio=stats["ratio_first"]), "first ratio is not 1"))
+    if stats.pop("ev_warning", 0.0):
+        panels.append((EV_WARNING.format(ev=stats["explained_variance"]), "the critic is worse than a constant"))
     if stats.pop("kl_warning"):
         diff = stats.get("sampler_logprob_diff")
         panels.append((KL_WARNING.format(kl=stats["kl"], diff="n/a" if diff is None else f"{diff:.2g}"),

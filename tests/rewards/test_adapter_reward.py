@@ -188,6 +188,8 @@ def _recipe(tmp_path: Path, base_dir: Path, reward: dict, lora: dict | None = {"
     path = write_yaml(tmp_path / "recipe.yaml", {
         "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(base_dir)},
         "lora": lora, "data": {"path": str(data)}, "reward": reward,
+        # the value head on the policy's own trunk: a separate critic would hold a copy of the base of its own
+        "critic": {"separate": False},
         "ppo": {"steps": 1, "batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 4},
         "logging": {"progress": False}})
     return load_recipe(PPORecipe, str(path), [])

@@ -183,7 +183,8 @@ def test_pad_is_eos_trains_with_every_estimator_and_kl_mode(estimator, kl_mode, 
           "logging.progress=false", "train.save_every=null"], monkeypatch)
     metrics = read_metrics(out)
     assert len(metrics) == 6
-    assert all(m["skipped_minibatches"] == 0 and m["kl"] >= -0.1 for m in metrics), metrics
+    # a mean k1 KL of 32 episodes is noisy: below 0 by more than 4 of its standard errors would be a bug
+    assert all(m["skipped_minibatches"] == 0 and m["kl"] >= -max(0.1, 4 * m["kl_std_error"]) for m in metrics), metrics
     assert metrics[0]["kl"] == 0.0 and abs(metrics[0]["ratio_first"] - 1) < 1e-5
     assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
 
@@ -202,7 +203,9 @@ def test_pad_is_eos_with_one_update_per_batch(estimator, tokenizers, tmp_path, m
     metrics = read_metrics(out)
     assert len(metrics) == 6
     assert all(m["skipped_minibatches"] == 0 and m["kl"] >= -0.1 for m in metrics), metrics
-    assert metrics[0]["kl"] == 0.0 and all("ratio_first" not in m for m in metrics)
+    # pi_old from the training forward: the first-ratio check runs once, on an eval-mode probe at step 1
+    assert metrics[0]["kl"] == 0.0 and [m["step"] for m in metrics if "ratio_first" in m] == [1]
+    assert abs(metrics[0]["ratio_first"] - 1) < 1e-5
     assert all(m["sampler_logprob_diff"] < 1e-4 and m["forbidden_mass"] >= 0 for m in metrics)
     assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
 
