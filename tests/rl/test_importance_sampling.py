@@ -37,8 +37,18 @@ def test_a_sequence_below_the_cap_keeps_its_weight_and_an_unknown_mode_is_refuse
     weights, stats = importance_weights(OLD, SAMPLER, MASK, "sequence_mask", cap=3.0)
     torch.testing.assert_close(weights, torch.tensor([[2.25, 2.25, 2.25], [0.0, 0.0, 0.0]]))
     assert stats["is_capped_fraction"].item() == pytest.approx(2 / 5)
-    with pytest.raises(ValueError, match="token_truncate"):
-        importance_weights(OLD, SAMPLER, MASK, "tokens", cap=2.0)
+    for mode in ("tokens", "none"):  # "none" means no weights at all: the caller does not call this
+        with pytest.raises(ValueError, match="token_truncate"):
+            importance_weights(OLD, SAMPLER, MASK, mode, cap=2.0)
+
+
+@pytest.mark.parametrize("mode", ["token_mask", "sequence_mask", "token_truncate"])
+def test_a_weight_at_the_cap_is_kept(mode):
+    """Only weights *above* the cap are truncated or masked: the sampler equal to π_old gives weights of exactly 1,
+    kept whole under a cap of 1."""
+    weights, stats = importance_weights(OLD, OLD, MASK, mode, cap=1.0)
+    torch.testing.assert_close(weights, MASK)
+    assert stats["is_capped_fraction"].item() == 0.0 and stats["is_weight_mean"].item() == 1.0
 
 
 def test_the_corrected_gradient_is_the_policys_own_and_the_uncorrected_is_the_samplers():
