@@ -155,7 +155,7 @@ from rlcli.config.loader import load_recipe_and_origin
 from rlcli.host import set_host_memory
 recipe, _ = load_recipe_and_origin(COMMANDS[sys.argv[2]].schema(), Path(sys.argv[3]), sys.argv[4:], processes=1)
 set_host_memory(recipe.train.host_memory)
-import rlcli.trainers.loop as loop
+import rlcli.trainers.run as loop
 
 marks, cpu = [], []
 def cpu_now():

@@ -256,7 +256,7 @@ def main(argv=None) -> int:
 
     from rlcli.config.common import OptimConfig
     from rlcli.parallel import set_tf32
-    from rlcli.trainers.loop import make_optimizer
+    from rlcli.optim import make_optimizer
 
     check_config(args)
     shape = shape_of(build(args, meta=True))

@@ -2,7 +2,8 @@
 
 A checkpoint is written into ``step-N.tmp`` and renamed when complete, so a run killed mid-save never leaves
 a checkpoint that looks finished. Every process saves its own RNG states (``rng-RANK.pt``), the main process
-everything else. Works with any object that has ``state_dict()`` / ``load_state_dict()``.
+everything else. Works with any object that has ``state_dict()`` / ``load_state_dict()``. The end of the file saves and restores a
+training run's weights and optimizer under any engine (``rlcli.parallel.Parallel``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from rlcli import rundir
+from rlcli.config.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 
@@ -143,3 +145,42 @@ def restore_rng_state(path: Path, *, process_index: int) -> None:
     if not rng_file.exists():
         rng_file = path / "rng-0.pt"
     set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+# --- a training run's weights and optimizer, under any engine ------------------------------------------------
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's weights into ``model`` (before it is prepared): every trainable weight must be there."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise UserError(f"checkpoint does not match the model: unexpected weights {unexpected[:5]}")
+    trainable_missing = [n for n, p in model.named_parameters() if p.requires_grad and n in missing]
+    if trainable_missing:
+        raise UserError(f"checkpoint does not match the model: missing trainable weights {trainable_missing[:5]}")
+
+
+def restore_optimizer(par, checkpoint: Path, objects: dict[str, Any], model, optimizer, scheduler) -> None:
+    """The optimizer state and schedule of a checkpoint, into the prepared model's optimizer (after ``prepare``;
+    the weights were loaded into the model before it, with ``load_trainable_state``)."""
+    if par.optimizer_in_shards:
+        par.load_shards(checkpoint, model, optimizer)
+    else:
+        optimizer.load_state_dict(objects["optimizer"])
+    scheduler.load_state_dict(objects["scheduler"])
+
+
+def save_training_checkpoint(par, out: Path, step: int, model, optimizer, scheduler, *, full: bool, keep: int,
+                             state: dict[str, Any]) -> None:
+    """A checkpoint of a training run under any engine (every process calls it): the model's weights (all, or the
+    trainable ones for LoRA on a hub base) and the schedule from the main process, the optimizer state whole from
+    the main process or in shards from every process (``rlcli.parallel.Parallel``), RNG states of each process."""
+    weights = par.full_state_dict(model)  # collective under sharding
+    if not full:
+        trainable = {n for n, p in par.unwrap(model).named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k in trainable}
+    objects: dict[str, Any] = {"model": {k: v.clone() for k, v in weights.items()}, "scheduler": scheduler}
+    if not par.optimizer_in_shards:
+        objects["optimizer"] = optimizer
+    save_checkpoint(out, step, accelerator=par.accelerator, keep=keep, state=state, objects=objects,
+                    write_shards=lambda directory: par.save_shards(directory, model, optimizer))

@@ -1,5 +1,5 @@
 """The process's use of the host: CPU threads and how freed memory goes back to the OS (set once per run by
-``trainers.loop.Run``; a module of its own, light to import, so a test can exercise it in a fresh process)."""
+``trainers.run.Run``; a module of its own, light to import, so a test can exercise it in a fresh process)."""
 
 from __future__ import annotations
 

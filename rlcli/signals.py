@@ -11,7 +11,7 @@ warning before the limit.
 Either way the run directory's owner puts back a run the stopped one was replacing, unless the stopped run already
 stands (a checkpoint), and the command exits with 128 + the signal's number. The handlers are installed by the
 command line for the length of a command (:func:`handled`), in the main thread; the step loop asks
-:func:`requested` at each step's end (``trainers.loop.Run.checkpoint``).
+:func:`requested` at each step's end (``trainers.run.Run.checkpoint``).
 
 Python runs a handler only when the main thread is back in Python code. One blocked in a call that never returns
 (a rendezvous or collective whose peer died) would sit out the signal that should end it, as it would not with no

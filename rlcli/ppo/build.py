@@ -7,16 +7,17 @@ import copy
 from pathlib import Path
 
 from rlcli import rundir
+from rlcli.checkpoint import load_trainable_state
 from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.models.engines import LocalEngine, RolloutEngine
 from rlcli.models.loading import apply_lora, learned_positions, load_model
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
+from rlcli.optim import make_optimizer
 from rlcli.parallel import Parallel, as_parallel
 from rlcli.ppo.learner import PPOLearner
 from rlcli.ppo.rollout import RolloutSetup, _lm
 from rlcli.rewards.sources import build_reward
 from rlcli.rl import SamplingRules
-from rlcli.trainers.loop import load_trainable_state, make_optimizer
 
 
 VLLM_MODEL_DIR = "vllm-model"  # the initial policy, saved for vLLM to build its copy from

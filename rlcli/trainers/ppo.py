@@ -1,6 +1,6 @@
 """``rlcli ppo``: KL-penalised PPO for causal and seq2seq LMs with a value head, and the critic-free estimators.
 
-Steps of ``train`` (each PPO step is steps 4-8; the run around them is ``trainers.loop.Run``):
+Steps of ``train`` (each PPO step is steps 4-8; the run around them is ``trainers.run.Run``):
   1. check the recipe (``rlcli.ppo.preflight``) and the output dir; the parallel engine, seeds
   2. tokenizer (left padding for generation), prompt rows
   3. policy + value head (+ LoRA), reference (LoRA: adapter disabled; else a frozen copy), reward source,
@@ -34,7 +34,7 @@ from rlcli.ppo.evaluation import BestKeeper, Evaluator, held_out_prompts, prompt
 from rlcli.ppo.learner import ForbiddenTokenError, NonFiniteLossError
 from rlcli.ppo.preflight import check_prompt_lengths, describe_estimator, policy_task, preflight, recipe_notes
 from rlcli.ppo.rollout import Episodes, collect_episodes, env_metrics
-from rlcli.trainers.loop import Run, describe_model
+from rlcli.trainers.run import Run, describe_model
 
 
 SAMPLES_FILE = "samples.jsonl"

@@ -6,7 +6,7 @@ right padding, positions from the attention mask: correct even when the pad toke
 Bradley–Terry, ``-log σ(r_chosen - r_rejected - margin)`` (the margin column is optional), plus an optional
 ``center_penalty · (r_chosen + r_rejected)²`` that keeps rewards centred on zero.
 
-Steps of ``train`` (the same skeleton as ``trainers/sft.py``: ``trainers.loop``'s ``Run`` and ``supervised_steps``):
+Steps of ``train`` (the same skeleton as ``trainers/sft.py``: ``trainers.run.Run`` and ``trainers.supervised``):
   1. check the recipe and the output dir; set up Accelerate and seeds
   2. tokenizer, rows -> tokenized pairs (train / eval); identical pairs dropped, truncations counted
   3. model (+ LoRA, score head trainable), optimiser, LR schedule; restore a checkpoint on --resume
@@ -32,7 +32,8 @@ from rlcli.data.sources import check_data_source
 from rlcli.models.loading import check_model_config
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
 from rlcli.models.saving import save_model
-from rlcli.trainers.loop import Run, SupervisedKind, supervised_preflight, train_supervised
+from rlcli.trainers.run import Run
+from rlcli.trainers.supervised import SupervisedKind, supervised_preflight, train_supervised
 
 
 def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,
@@ -141,7 +142,7 @@ RM = SupervisedKind(
 
 
 def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
-    # step 1: checks; steps 2-5: the run, its data, model and loop (trainers.loop.train_supervised)
+    # step 1: checks; steps 2-5: the run, its data, model and loop (trainers.supervised.train_supervised)
     preflight(recipe)
     with Run.supervised(recipe, resume) as run:
         trained = train_supervised(run, RM)

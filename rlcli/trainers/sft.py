@@ -9,11 +9,11 @@ Steps of ``train``:
   1. check the recipe and the output dir; set up Accelerate and seeds
   2. tokenizer, rows -> tokenized examples (train / eval)
   3. model (+ LoRA), optimiser, LR schedule; restore a checkpoint on --resume
-  4. for each optimizer step (``trainers.loop.supervised_steps``): take the step's global batch from a seeded index
+  4. for each optimizer step (``trainers.supervised.supervised_steps``): take the step's global batch from a seeded index
      stream, split it across processes and into micro-batches, accumulate gradients with the loss normalised by
      the number of target tokens in the *global* batch (so 1 process × 4 micro-batches == 2 processes × 2), clip,
      step
-  5. log, evaluate, checkpoint on schedule (``trainers.loop.Run``)
+  5. log, evaluate, checkpoint on schedule (``trainers.run.Run``)
   6. save the final model in Hugging Face format
 """
 
@@ -34,7 +34,8 @@ from rlcli.models.loading import check_model_config, model_task
 from rlcli.rl.chunked import token_stats
 from rlcli.rl.sampling import SamplingRules
 from rlcli.models.saving import save_model
-from rlcli.trainers.loop import Run, SupervisedKind, supervised_preflight, train_supervised
+from rlcli.trainers.run import Run
+from rlcli.trainers.supervised import SupervisedKind, supervised_preflight, train_supervised
 
 
 def preflight(recipe: SFTRecipe, origin: Origin | str = "recipe", processes: int | None = None) -> list[str]:
@@ -128,7 +129,7 @@ SFT = SupervisedKind(
 
 
 def train(recipe: SFTRecipe, *, resume: bool = False) -> Path:
-    # step 1: checks; steps 2-5: the run, its data, model and loop (trainers.loop.train_supervised)
+    # step 1: checks; steps 2-5: the run, its data, model and loop (trainers.supervised.train_supervised)
     preflight(recipe)
     with Run.supervised(recipe, resume) as run:
         trained = train_supervised(run, SFT)

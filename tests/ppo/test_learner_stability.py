@@ -17,7 +17,7 @@ from rlcli.ppo.build import optimizer_groups
 from rlcli.ppo.learner import KL_GUARD_FACTOR, PPOLearner
 from rlcli.rl import SamplingRules
 from rlcli.rl.losses import explained_variance
-from rlcli.trainers.loop import make_optimizer
+from rlcli.optim import make_optimizer
 from tests.trainers.test_ppo_learner import CFG, _rollout, _setup
 
 

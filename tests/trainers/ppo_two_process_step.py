@@ -11,7 +11,7 @@ from rlcli.config.ppo import KLConfig, PPOAlgo
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout
 from rlcli.rl import Rollout, SamplingRules
-from rlcli.trainers.loop import make_optimizer
+from rlcli.optim import make_optimizer
 from rlcli.ppo.learner import PPOLearner
 adv, _, epochs = sys.argv[1].partition(":"); out = sys.argv[2]
 acc = Accelerator(cpu=True)

@@ -27,7 +27,7 @@ from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
 from rlcli.rl import SamplingRules
 from rlcli.toolcalls import ToolCall
-from rlcli.trainers.loop import make_optimizer
+from rlcli.optim import make_optimizer
 from rlcli.ppo.build import behaviour_rules
 from rlcli.ppo.rollout import generate
 from rlcli.ppo.learner import PPOLearner

@@ -15,7 +15,7 @@ from rlcli.models.generation import sample
 from rlcli.models.loading import apply_lora, load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, load_value_head_model
 from rlcli.rl import Rollout, SamplingRules
-from rlcli.trainers.loop import make_optimizer
+from rlcli.optim import make_optimizer
 from rlcli.config.common import OptimConfig
 from rlcli.ppo.learner import PPOLearner
 from tests.conftest import TINY_GPT2_CONFIG
