@@ -229,7 +229,7 @@ def _default_vocab(architecture: str) -> int:
 
 def check_config(args) -> None:
     from rlcli.config.common import ModelConfig
-    from rlcli.models.loading import check_model_config
+    from rlcli.models.checks import check_model_config
 
     problems = check_model_config(ModelConfig(architecture=args.architecture, config=args.model_config), "causal")
     if problems:

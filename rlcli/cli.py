@@ -128,7 +128,7 @@ def _checked(recipe, origin, preflight: Callable, resume: bool, processes: int =
     said as a note, a recipe checked offline is still a good recipe)."""
     from rlcli.config.loader import locate
     from rlcli.logging import check_trackers
-    from rlcli.models.loading import check_hub, check_recipe_model_fits
+    from rlcli.models.checks import check_hub, check_recipe_model_fits
 
     problems = RunDir.of(recipe).check(recipe, resume=resume, origin=origin) + locate(check_trackers(recipe), origin)
     try:

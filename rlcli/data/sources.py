@@ -11,7 +11,7 @@ import datasets
 from rlcli.config.common import DataSource
 from rlcli.config.errors import Problem, UserError
 from rlcli.launch import is_main_process
-from rlcli.models.loading import source_kind
+from rlcli.models.checks import source_kind
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -10,7 +10,8 @@ from rlcli import rundir
 from rlcli.checkpoint import load_trainable_state
 from rlcli.config.ppo import GenerationConfig, PPORecipe
 from rlcli.models.engines import LocalEngine, RolloutEngine
-from rlcli.models.loading import apply_lora, learned_positions, load_model
+from rlcli.models.checks import learned_positions
+from rlcli.models.loading import apply_lora, load_model
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
 from rlcli.optim import make_optimizer
 from rlcli.parallel import Parallel, as_parallel

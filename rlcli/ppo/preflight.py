@@ -8,7 +8,7 @@ from rlcli.config.loader import Origin, locate
 from rlcli.config.ppo import PPORecipe
 from rlcli.data.sources import check_data_source
 from rlcli.launch import check_launch, launch_processes
-from rlcli.models.loading import check_model_config, config_positions, model_task
+from rlcli.models.checks import check_model_config, config_positions, model_task
 from rlcli.rewards.sources import check_reward
 
 
@@ -24,7 +24,7 @@ TRUNCATION_REFUSED = (
 
 
 def policy_task(recipe: PPORecipe) -> str:
-    """``seq2seq`` or ``causal`` (``rlcli.models.loading.model_task``)."""
+    """``seq2seq`` or ``causal`` (``rlcli.models.checks.model_task``)."""
     return model_task(recipe.model)
 
 

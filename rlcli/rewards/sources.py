@@ -109,7 +109,7 @@ def check_reward_source(cfg) -> list[Problem]:
     ``reward.adapter`` on a policy's base, see ``check_reward_adapter``; here an adapter dir is a model of its own)."""
     from pathlib import Path
 
-    from rlcli.models.loading import source_kind
+    from rlcli.models.checks import source_kind
 
     problems = []
     if cfg.function is not None:

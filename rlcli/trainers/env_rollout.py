@@ -34,7 +34,8 @@ from rlcli.env.environment import histories_to_rollout
 from rlcli.env.history import source_legend
 from rlcli.launch import check_launch
 from rlcli.logging import console
-from rlcli.models.loading import check_model_config, load_model, load_tokenizer
+from rlcli.models.checks import check_model_config
+from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import disable_dropout
 from rlcli.rewards.remote import check_reward_url
 from rlcli.rewards.scoring import score_episodes

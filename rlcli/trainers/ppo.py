@@ -27,7 +27,8 @@ from rich.panel import Panel
 from rlcli.config.errors import UserError
 from rlcli.config.ppo import PPORecipe
 from rlcli.logging import console, open_jsonl
-from rlcli.models.loading import learned_positions, load_tokenizer
+from rlcli.models.checks import learned_positions
+from rlcli.models.loading import load_tokenizer
 from rlcli.models.saving import save_model
 from rlcli.ppo.build import build_engine, build_learner, rollout_setup
 from rlcli.ppo.evaluation import BestKeeper, Evaluator, held_out_prompts, prompt_sets

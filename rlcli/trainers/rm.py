@@ -29,7 +29,7 @@ from rlcli.config.loader import Origin
 from rlcli.config.rm import RMRecipe
 from rlcli.data.preferences import PairExample, PairSet, check_pair_rows, collate_pairs, tokenize_pairs
 from rlcli.data.sources import check_data_source
-from rlcli.models.loading import check_model_config
+from rlcli.models.checks import check_model_config
 from rlcli.rewards.reward_model import save_reward_stats, sequence_scores
 from rlcli.models.saving import save_model
 from rlcli.trainers.run import Run

@@ -30,7 +30,7 @@ from rlcli.config.sft import SFTRecipe
 from rlcli.data.sft import IGNORE, TokenizedSet, check_rows, collate, tokenize_rows
 from rlcli.data.sources import check_data_source
 from rlcli.models.lm_head import capture_head_input, chunkable
-from rlcli.models.loading import check_model_config, model_task
+from rlcli.models.checks import check_model_config, model_task
 from rlcli.rl.chunked import token_stats
 from rlcli.rl.sampling import SamplingRules
 from rlcli.models.saving import save_model

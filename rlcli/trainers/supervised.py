@@ -92,7 +92,8 @@ def supervised_preflight(recipe: RecipeBase, kind: SupervisedKind, problems: lis
 def train_supervised(run: Run, kind: SupervisedKind) -> SupervisedRun:
     """Steps 2-5 of a supervised trainer in ``run`` (``Run.supervised``): its data, its model, the loop. The trainer
     saves what it trained and ends the run (``Run.end``)."""
-    from rlcli.models.loading import load_model, load_tokenizer, model_task
+    from rlcli.models.checks import model_task
+    from rlcli.models.loading import load_model, load_tokenizer
 
     recipe = run.recipe
     tokenizer = load_tokenizer(recipe.model, padding_side="right")

@@ -8,7 +8,8 @@ from transformers import AutoTokenizer
 
 from rlcli.config.common import LoraConfig, ModelConfig
 from rlcli.config.errors import Problem
-from rlcli.models.loading import apply_lora, check_model_config, load_model, load_tokenizer
+from rlcli.models.checks import check_model_config
+from rlcli.models.loading import apply_lora, load_model, load_tokenizer
 
 CONFIGS = {
     "gpt2": {"n_layer": 1, "n_embd": 32, "n_head": 2},
