@@ -160,12 +160,16 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
                   rules: SamplingRules, engine: RolloutEngine | None = None) -> RolloutSetup:
     """The ``RolloutSetup`` of a run, with its text environment when the recipe has one."""
     par = as_parallel(par)
-    env = None
-    if recipe.env is not None:
-        from rlcli.env.build import build_environment
-
-        # rlcli's own sampler keeps each episode's KV cache across turns; another engine samples the turns itself
-        other = engine if engine is not None and not isinstance(engine, LocalEngine) else None
-        env = build_environment(recipe.env, _lm(policy), tokenizer, rules=rules, engine=other)
+    env = None if recipe.env is None else build_env(recipe, policy, tokenizer, rules, engine)
     return RolloutSetup(recipe, tokenizer, rows, column, policy, reward, rules, par, env, engine,
                         learned_positions(_lm(policy)))
+
+
+def build_env(recipe: PPORecipe, policy: ValueHeadModel, tokenizer, rules: SamplingRules,
+              engine: RolloutEngine | None):
+    """The recipe's text environment around ``policy``, sampling under ``rules`` (the rollouts' or evaluation's)."""
+    from rlcli.env.build import build_environment
+
+    # rlcli's own sampler keeps each episode's KV cache across turns; another engine samples the turns itself
+    other = engine if engine is not None and not isinstance(engine, LocalEngine) else None
+    return build_environment(recipe.env, _lm(policy), tokenizer, rules=rules, engine=other)

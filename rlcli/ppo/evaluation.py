@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from rlcli.config.errors import UserError
-from rlcli.config.ppo import EvalConfig, PPORecipe
-from rlcli.data.prompts import encode_prompt, load_prompt_rows, sample_lengths
+from rlcli.config.ppo import EvalConfig, GenerationConfig, PPORecipe
+from rlcli.data.prompts import load_prompt_rows
 from rlcli.models.engines import LocalEngine
-from rlcli.ppo.rollout import RolloutSetup, _lm, env_rollout, generate
-from rlcli.rewards.scoring import score_episodes
+from rlcli.ppo.rollout import TOOL_COUNTS, RolloutSetup, _lm, play_episodes, tool_rates
+from rlcli.rl import SamplingRules
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
@@ -76,8 +76,7 @@ def prompt_sets(recipe: PPORecipe, rows: list[dict], column: str, eval_rows: lis
 
 
 # per-batch sums, in this order (pass: prompts with a completion at or above the threshold)
-_SUMS = ("episodes", "prompts", "reward", "reward_sq", "passed", "length", "stopped", "tool_used", "tool_calls",
-         "turns", "submitted")
+_SUMS = ("episodes", "prompts", "reward", "reward_sq", "passed", "length", "stopped", *TOOL_COUNTS)
 
 
 @dataclass
@@ -88,11 +87,13 @@ class Evaluator:
     rows: list[dict]
     column: str
     cfg: EvalConfig
+    gen: GenerationConfig  # the recipe's generation section under eval's temperature and max_new_tokens
+    rules: SamplingRules  # the sampling rules of ``gen``
     env: object = None  # the text environment under the evaluation's sampling rules
 
     @classmethod
     def build(cls, setup: RolloutSetup, rows: list[dict], column: str) -> "Evaluator":
-        from rlcli.ppo.build import behaviour_rules
+        from rlcli.ppo.build import behaviour_rules, build_env
 
         recipe = setup.recipe
         cfg = recipe.eval or EvalConfig()
@@ -101,15 +102,8 @@ class Evaluator:
                                                    "max_new_tokens": cfg.max_new_tokens
                                                    or recipe.generation.max_new_tokens})
         rules = behaviour_rules(gen, setup.tokenizer)
-        env = None
-        if setup.env is not None:
-            from rlcli.env.build import build_environment
-
-            other = setup.engine if setup.engine is not None and not isinstance(setup.engine, LocalEngine) else None
-            env = build_environment(recipe.env, _lm(setup.policy), setup.tokenizer, rules=rules, engine=other)
-        evaluator = cls(setup, rows, column, cfg, env)
-        evaluator.gen, evaluator.rules = gen, rules
-        return evaluator
+        env = None if setup.env is None else build_env(recipe, setup.policy, setup.tokenizer, rules, setup.engine)
+        return cls(setup, rows, column, cfg, gen, rules, env)
 
     def every(self, step: int, last: int) -> bool:
         return step == last or (self.cfg.every is not None and step % self.cfg.every == 0)
@@ -134,39 +128,18 @@ class Evaluator:
                "eval/response_length": total["length"] / n,
                "eval/stopped_fraction": total["stopped"] / n}
         if self.env is not None:
-            out.update({"eval/tool_use_rate": total["tool_used"] / n, "eval/tool_calls_per_episode":
-                        total["tool_calls"] / n, "eval/turns_per_episode": total["turns"] / n,
-                        "eval/submitted_fraction": total["submitted"] / n})
+            out.update(tool_rates([total[name] for name in TOOL_COUNTS], n, prefix="eval/"))
         return out
 
     def _batch(self, engine, index: int, rows: list[dict]) -> torch.Tensor:
-        setup, recipe, tokenizer, par = self.setup, self.setup.recipe, self.setup.tokenizer, self.setup.par
-        g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + EVAL_SEED_OFFSET + index)
-        histories = None
-        with torch.no_grad(), par.autocast(), par.gathered(setup.policy):
-            if self.env is not None:
-                prompts = [r[self.column] for r in rows]
-                rollout, histories = env_rollout(self.env, prompts, rows, g)
-            else:
-                lengths = sample_lengths(len(rows), recipe.data.prompt_length, g)
-                ids = [encode_prompt(r[self.column], tokenizer, chat_template=recipe.data.chat_template,
-                                     max_length=setup.prompt_limit(self.gen.max_new_tokens), length=n)
-                       for r, n in zip(rows, lengths)]
-                rollout = generate(engine, tokenizer, ids, self.gen, self.rules, g)
-                prompts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-        scored = score_episodes(setup.reward, recipe.reward, rollout, tokenizer, prompts=prompts, rows=rows,
-                                stop_ids=self.rules.eos_ids if self.gen.stop_at_eos else (),
-                                stop_strings=self.gen.stop_strings, histories=histories)
-        scores = scored.scores.double().cpu()
+        """The sums of ``_SUMS`` over one batch of held-out episodes."""
+        g = torch.Generator().manual_seed(self.setup.recipe.seed * 1_000_003 + EVAL_SEED_OFFSET + index)
+        ep = play_episodes(self.setup, rows, self.column, self.gen, self.rules, self.env, engine, g)
+        scores = ep.scores.double().cpu()
         k = self.cfg.samples_per_prompt
         passed = (scores.view(-1, k) >= self.cfg.pass_threshold).any(dim=1).sum()
         row = [len(rows), len(rows) // k, scores.sum(), (scores**2).sum(), passed,
-               rollout.response_mask.sum(), sum(scored.stopped)]
-        if histories is not None:
-            row += [sum(1 for h in histories if h.tool_calls), sum(len(h.tool_calls) for h in histories),
-                    sum(h.num_turns for h in histories), sum(h.finish_reason == "submit" for h in histories)]
-        else:
-            row += [0, 0, 0, 0]
+               ep.rollout.response_mask.sum(), sum(ep.stopped), *ep.tool_counts()]
         return torch.tensor([float(x) for x in row], dtype=torch.float64)
 
 

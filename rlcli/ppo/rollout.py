@@ -1,9 +1,11 @@
 """Steps 4-6 of a PPO step on one process: its prompts, their rollouts (rlcli's sampler, another engine, or
 episodes through a text environment) and their scores (``rlcli.rewards.scoring.score_episodes``, the one scoring
-function ``rlcli env-rollout`` uses too)."""
+function ``rlcli env-rollout`` uses too). ``play_episodes`` collects and scores a batch of episodes for the
+rollouts and the held-out evaluation (``rlcli.ppo.evaluation``) alike; ``tool_counts`` is their tool statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -50,7 +52,8 @@ class RolloutSetup:
 
 @dataclass(frozen=True)
 class Episodes:
-    """One process's share of a PPO step's batch, generated and scored."""
+    """A batch of episodes, generated and scored (``play_episodes``): one process's share of a PPO step's batch, or
+    one batch of an evaluation."""
 
     rollout: Rollout
     scores: torch.Tensor  # [B] float, after the missing-EOS penalty
@@ -63,11 +66,32 @@ class Episodes:
     seconds_score: float
     reward_info: list | None = None  # [B] a reward service's per-response info (samples.jsonl), or None
 
+    def tool_counts(self) -> list[int]:
+        """Sums over the episodes, in the order of ``TOOL_COUNTS`` (zeros without a text environment)."""
+        return [0] * len(TOOL_COUNTS) if self.histories is None else tool_counts(self.histories)
+
+
+# what tool_counts sums: episodes with a tool call, tool calls, turns, episodes that submitted an answer
+TOOL_COUNTS = ("tool_used", "tool_calls", "turns", "submitted")
+
+
+def tool_counts(histories: list) -> list[int]:
+    """The tool statistics of a batch of text-environment episodes, as sums in the order of ``TOOL_COUNTS``."""
+    return [sum(1 for h in histories if h.tool_calls), sum(len(h.tool_calls) for h in histories),
+            sum(h.num_turns for h in histories), sum(h.finish_reason == "submit" for h in histories)]
+
+
+def tool_rates(counts: list[float], episodes: float, prefix: str = "") -> dict[str, float]:
+    """``tool_counts`` summed over ``episodes`` episodes (and processes), as the logged rates per episode."""
+    used, calls, turns, submitted = counts
+    return {f"{prefix}tool_use_rate": used / episodes, f"{prefix}tool_calls_per_episode": calls / episodes,
+            f"{prefix}turns_per_episode": turns / episodes, f"{prefix}submitted_fraction": submitted / episodes}
+
 
 def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
     """Steps 4-6 of a PPO step on this process: its prompts, their rollouts and their scores."""
-    recipe, tokenizer, par = setup.recipe, setup.tokenizer, setup.par
-    p, gen = recipe.ppo, recipe.generation
+    recipe, par = setup.recipe, setup.par
+    p = recipe.ppo
     prompts_per_step = p.batch_size // p.group_size
     rank, local_prompts = par.process_index, prompts_per_step // par.num_processes
     t0 = time.perf_counter()
@@ -77,36 +101,46 @@ def collect_episodes(setup: RolloutSetup, step: int) -> Episodes:
     indices = index_stream(len(setup.rows), recipe.seed, (step - 1) * prompts_per_step, prompts_per_step)
     step_rows = [setup.rows[i] for i in indices[rank * local_prompts : (rank + 1) * local_prompts]
                  for _ in range(p.group_size)]
-
-    # step 5: rollout (plain sampling, or episodes through the text environment). Under the recipe's mixed
-    # precision like the training forward: the sampler calls the unwrapped LM, which Accelerate's autocast wrapper
-    # does not cover. Its log-probs are only compared with the rollout forward's (the loss uses those). With the
-    # weights gathered (FSDP2 / ZeRO-3): processes make different numbers of forward calls while sampling.
-    histories, answers = None, None
     engine = setup.engine or LocalEngine(_lm(setup.policy))
     engine.sync(setup.policy.pretrained)  # once per step: the engine samples with the step's starting weights
-    if setup.env is not None:
-        prompts = [r[setup.column] for r in step_rows]
-        with par.autocast(), par.gathered(setup.policy):
-            rollout, histories = env_rollout(setup.env, prompts, step_rows, g)
-        answers = [h.answer or "" for h in histories]
-    else:
-        lengths = sample_lengths(len(step_rows), recipe.data.prompt_length, g)
-        prompt_ids = [encode_prompt(r[setup.column], tokenizer, chat_template=recipe.data.chat_template,
-                                    max_length=setup.prompt_limit(gen.max_new_tokens), length=n)
-                      for r, n in zip(step_rows, lengths)]
-        with par.autocast(), par.gathered(setup.policy):
-            rollout = generate(engine, tokenizer, prompt_ids, gen, setup.rules, g)
-        prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
-    engine.release()  # rollouts done: an engine that can (vLLM's sleep mode) frees its memory until the next sync
-    t_gen = time.perf_counter() - t0
+    started = time.perf_counter() - t0
+    # steps 5-6: rollouts under the recipe's sampling rules, then scores; the engine is released in between
+    episodes = play_episodes(setup, step_rows, setup.column, recipe.generation, setup.rules, setup.env, engine, g,
+                             release=True)
+    return dataclasses.replace(episodes, seconds_generate=started + episodes.seconds_generate)
 
-    # step 6: score
+
+def play_episodes(setup: RolloutSetup, rows: list[dict], column: str, gen: GenerationConfig, rules: SamplingRules,
+                  env, engine: RolloutEngine, generator: torch.Generator, *, release: bool = False) -> Episodes:
+    """Generate one batch of episodes from ``rows`` (plain sampling with ``engine``, or through the text environment
+    ``env``) under ``gen`` and ``rules``, and score them: the one collector of rollouts and evaluation alike.
+
+    Under the recipe's mixed precision like the training forward (the sampler calls the unwrapped LM, which
+    Accelerate's autocast wrapper does not cover), with the weights gathered under FSDP2 / ZeRO-3 (processes make
+    different numbers of forward calls while sampling). ``release``: the engine frees its memory (vLLM's sleep mode)
+    as soon as the episodes are generated, before scoring."""
+    recipe, tokenizer, par = setup.recipe, setup.tokenizer, setup.par
+    t0 = time.perf_counter()
+    histories, answers = None, None
+    with torch.no_grad(), par.autocast(), par.gathered(setup.policy):
+        if env is not None:
+            prompts = [r[column] for r in rows]
+            rollout, histories = env_rollout(env, prompts, rows, generator)
+            answers = [h.answer or "" for h in histories]
+        else:
+            lengths = sample_lengths(len(rows), recipe.data.prompt_length, generator)
+            prompt_ids = [encode_prompt(r[column], tokenizer, chat_template=recipe.data.chat_template,
+                                        max_length=setup.prompt_limit(gen.max_new_tokens), length=n)
+                          for r, n in zip(rows, lengths)]
+            rollout = generate(engine, tokenizer, prompt_ids, gen, rules, generator)
+            prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
+    if release:
+        engine.release()
     t1 = time.perf_counter()
-    scored = score_episodes(setup.reward, recipe.reward, rollout, tokenizer, prompts=prompts, rows=step_rows,
-                            stop_ids=setup.rules.eos_ids if gen.stop_at_eos else (), stop_strings=gen.stop_strings,
+    scored = score_episodes(setup.reward, recipe.reward, rollout, tokenizer, prompts=prompts, rows=rows,
+                            stop_ids=rules.eos_ids if gen.stop_at_eos else (), stop_strings=gen.stop_strings,
                             histories=histories)
-    return Episodes(rollout, scored.scores, prompts, scored.responses, scored.stopped, histories, answers, t_gen,
+    return Episodes(rollout, scored.scores, prompts, scored.responses, scored.stopped, histories, answers, t1 - t0,
                     time.perf_counter() - t1, scored.info)
 
 
@@ -137,19 +171,18 @@ def env_metrics(histories, env, learner) -> dict[str, float]:
     """Tool use and outcomes over all processes: rates per episode, counts per outcome."""
     stats = env.last_stats
     outcome_names = ("ok", "error", "timeout", "unknown_tool", "bad_output", "malformed_call", "truncated")
-    local = [len(histories), sum(1 for h in histories if h.tool_calls), sum(len(h.tool_calls) for h in histories),
-             sum(h.num_turns for h in histories), sum(h.finish_reason == "submit" for h in histories),
-             stats.pad_fraction] + [stats.tool_outcomes.get(k, 0) for k in outcome_names]
+    local = [len(histories), *tool_counts(histories), stats.pad_fraction] + [stats.tool_outcomes.get(k, 0)
+                                                                              for k in outcome_names]
     # stateful environments: episodes they ended, episodes they failed, their own rewards
     env_rewards = [h.env_reward for h in histories if h.env_reward is not None]
     local += [sum(h.finish_reason == "done" for h in histories), sum(h.env_error is not None for h in histories),
               len(env_rewards), sum(env_rewards)]
     total = learner.sum_over_processes(*local)
-    n = max(total[0], 1)
-    out = {"tool_use_rate": total[1] / n, "tool_calls_per_episode": total[2] / n, "turns_per_episode": total[3] / n,
-           "submitted_fraction": total[4] / n, "pad_fraction": total[5] / learner.procs}
-    out.update({f"tool_{k}": v for k, v in zip(outcome_names, total[6:6 + len(outcome_names)])})
-    done, errors, rewarded, reward_sum = total[6 + len(outcome_names):]
+    n, tools = max(total[0], 1), len(TOOL_COUNTS)
+    out = {**tool_rates(total[1 : 1 + tools], n), "pad_fraction": total[1 + tools] / learner.procs}
+    outcomes = total[2 + tools : 2 + tools + len(outcome_names)]
+    out.update({f"tool_{k}": v for k, v in zip(outcome_names, outcomes)})
+    done, errors, rewarded, reward_sum = total[2 + tools + len(outcome_names):]
     if getattr(env, "environments", None) is not None:
         out.update({"env_done_fraction": done / n, "env_errors": errors})
         if rewarded:
