@@ -63,7 +63,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TARGETS = [
     *sorted(str(p.relative_to(REPO)) for p in (REPO / "rlcli" / "rl").glob("*.py") if p.name != "__init__.py"),
     "rlcli/ppo/learner.py:_accumulate_minibatch,_minibatch_loss,_advantage_inputs,step,_kl_in_reward,_optimise,"
-    "_approx_kl_after,_ratio",
+    "_approx_kl_after,_ratio,TrainingRecord.write",
     "rlcli/ppo/build.py:optimizer_groups",
     "rlcli/parallel.py:clip_and_step",
 ]

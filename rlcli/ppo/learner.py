@@ -32,6 +32,7 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -98,6 +99,51 @@ def _trim(mb: Rollout) -> tuple[Rollout, int]:
     return trimmed, r_width
 
 
+@dataclass(frozen=True)
+class LearnerBatch:
+    """This process's share of a PPO step's batch as the update loop reads it (steps 1-4 done): B episodes, each
+    tensor ``[B, R]`` over the response positions, 0 off the model tokens."""
+
+    rollout: Rollout  # token ids and masks (``rollout.model_mask``: the tokens the loss covers)
+    old_logprobs: torch.Tensor  # pi_old; zeros where the training forward gives it (``reuses_training_pass``)
+    values: torch.Tensor | None  # the critic's values at rollout time; None without a critic
+    ref_logprobs: torch.Tensor  # the reference's log-probs
+    advantages: torch.Tensor
+    returns: torch.Tensor  # the critic's targets
+
+    @property
+    def batch_size(self) -> int:
+        return self.rollout.batch_size
+
+    def select(self, rows: torch.Tensor) -> "LearnerBatch":
+        """The episodes ``rows`` (a micro-batch), every field alike, cut to their longest row (``_trim``)."""
+        rollout, width = _trim(self.rollout.index(rows))
+        cut = lambda t: None if t is None else t[rows, :width]  # noqa: E731
+        return LearnerBatch(rollout, cut(self.old_logprobs), cut(self.values), cut(self.ref_logprobs),
+                            cut(self.advantages), cut(self.returns))
+
+
+@dataclass
+class TrainingRecord:
+    """With ``reuses_training_pass``: the policy's numbers of the rollout forward, which the training forward (on
+    the same weights) records as it goes, each ``[B, R]``."""
+
+    pi_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    forbidden_mass: torch.Tensor
+
+    @classmethod
+    def zeros_like(cls, mask: torch.Tensor) -> "TrainingRecord":
+        return cls(torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask))
+
+    def write(self, rows: torch.Tensor, stats) -> None:
+        """The training forward's ``token_stats`` of the episodes ``rows`` (a micro-batch cut to its width)."""
+        for key, recorded in vars(self).items():
+            value = stats.logprobs if key == "pi_logprobs" else getattr(stats, key)
+            if value is not None:  # already 0 off the model tokens (token_stats)
+                recorded[rows, : value.shape[1]] = value.detach().float().cpu()
+
+
 class PPOLearner:
     """Holds the policy (with value head), the reference, the optimiser and the KL / score statistics."""
 
@@ -160,8 +206,6 @@ class PPOLearner:
         # old log-probs from the training forward where one optimizer step per batch allows it
         # (reuses_training_pass); False always runs the policy's rollout forward (the tests compare the two)
         self.reuse_training_pass = True
-        self._positions = [0.0, 0.0]
-        self._recorded: dict[str, torch.Tensor] | None = None
         if self.critic_free and self.par.unwrap(model).has_values:
             raise ValueError(f"ppo.advantage={algo.advantage} trains no critic: build the policy without a value head")
 
@@ -319,17 +363,14 @@ class PPOLearner:
             rows = torch.arange(min(self.algo.micro_batch_size, rollout.batch_size))
             probe = rows, self.rollout_forward(rollout.index(rows), reference_pass=False).pi_logprobs
         # with reuse, the training forward records the policy's numbers of the rollout forward as it goes
-        self._recorded = {k: torch.zeros_like(mask) for k in ("pi_logprobs", "entropy", "forbidden_mass")} \
-            if reuse else None
-        try:
-            train_stats = self._optimise(rollout, fwd.pi_logprobs, fwd.values, fwd.ref_logprobs, advantages,
-                                         returns)
-            if reuse:
-                # both are 0 off the model tokens, where every estimator's KL is then 0
-                kl = kl_penalty(self._recorded["pi_logprobs"], fwd.ref_logprobs, self.kl_estimator)
-                fwd = dataclasses.replace(fwd, kl=kl, **self._recorded)
-        finally:
-            self._recorded = None
+        record = TrainingRecord.zeros_like(mask) if reuse else None
+        batch = LearnerBatch(rollout, fwd.pi_logprobs, fwd.values, fwd.ref_logprobs, advantages, returns)
+        train_stats = self._optimise(batch, record)
+        if reuse:
+            # both are 0 off the model tokens, where every estimator's KL is then 0
+            kl = kl_penalty(record.pi_logprobs, fwd.ref_logprobs, self.kl_estimator)
+            fwd = dataclasses.replace(fwd, kl=kl, pi_logprobs=record.pi_logprobs, entropy=record.entropy,
+                                      forbidden_mass=record.forbidden_mass)
         if probe is not None:
             rows, eval_logprobs = probe
             train_stats["ratio_first"] = self._ratio(fwd.pi_logprobs[rows], eval_logprobs, mask[rows])
@@ -377,16 +418,16 @@ class PPOLearner:
                                whiten_advantages=a.whiten_advantages, critic_lam=self.critic_lam,
                                sum_over_processes=self._sum_tensor_over_processes if self.procs > 1 else None)
 
-    def _optimise(self, b: Rollout, b_logprobs, b_values, b_ref_logprobs, b_advantages, b_returns) -> dict[str, float]:
-        """Epochs × shuffled minibatches; one optimizer step per minibatch (CleanRL's update loop)."""
-        a = self.algo
+    def _optimise(self, batch: LearnerBatch, record: TrainingRecord | None) -> dict[str, float]:
+        """Epochs × shuffled minibatches; one optimizer step per minibatch (CleanRL's update loop). ``record``: filled
+        in by the training forwards (``reuses_training_pass``), else None."""
+        a, b = self.algo, batch.rollout
         local_mini = a.mini_batch_size // self.procs
-        b_tokens = b.model_mask.sum(dim=1)
         # rows sorted by length inside a minibatch, so micro-batches hold rows of similar length and _trim cuts
         # more padding; the loss is normalised by the minibatch's model tokens, so the order only changes float sums
         b_lengths = b.query_mask.sum(dim=1) + b.response_mask.sum(dim=1)
         sums, counts = defaultdict(float), defaultdict(int)
-        self._positions = [0.0, 0.0]  # positions the training forwards computed, of which real tokens
+        positions = [0.0, 0.0]  # positions the training forwards computed, of which real tokens
         epochs_done, early_stopped, first_ratio, applied, kl_max = 0, 0.0, None, 0, 0.0
         # the KL guard: a minibatch whose approx-KL to pi_old, measured by its own forward before its optimizer step,
         # is over the limit is not applied, and the step's remaining minibatches and epochs are dropped (checked per
@@ -400,8 +441,7 @@ class PPOLearner:
             for start in range(0, b.batch_size, local_mini):
                 mb_inds = b_inds[start : start + local_mini]
                 mb_inds = mb_inds[torch.argsort(b_lengths[mb_inds], stable=True)]
-                mb_stats = self._accumulate_minibatch(b, mb_inds, b_tokens, b_logprobs, b_values, b_ref_logprobs,
-                                                      b_advantages, b_returns)
+                mb_stats = self._accumulate_minibatch(batch, mb_inds, record, positions)
                 where = f"epoch {epoch + 1}, minibatch {start // local_mini + 1}"
                 if isinstance(mb_stats, str):
                     # never step on a batch whose loss was dropped (ppo-details item 15)
@@ -450,11 +490,11 @@ class PPOLearner:
         keys = sorted(sums)
         reduced = self.sum_over_processes(*[sums[k] / max(counts[k], 1) for k in keys]) if keys else []
         out = {k: v / self.procs for k, v in zip(keys, reduced)}
-        if first_ratio is not None and not skipped and self._recorded is None:
+        if first_ratio is not None and not skipped and record is None:
             # the first minibatch's ratio π/π_old, before any update: exactly what the rollout forward computed
             # (with the training forward's own log-probs as pi_old it is 1 by construction: not reported)
             out["ratio_first"] = self.sum_over_processes(first_ratio)[0] / self.procs
-        positions, real = self.sum_over_processes(*self._positions)
+        positions, real = self.sum_over_processes(*positions)
         # share of the positions the training forwards computed that were padding (micro-batches hold rows of similar
         # length, and each is cut to its longest row)
         out["train_pad_fraction"] = 1.0 - real / max(positions, 1.0)
@@ -463,32 +503,34 @@ class PPOLearner:
                     "skipped_minibatches": float(len(skipped)), "lr": self.scheduler.get_last_lr()[0]})
         return out
 
-    def _accumulate_minibatch(self, b: Rollout, mb_inds, b_tokens, b_logprobs, b_values, b_ref_logprobs, b_advantages,
-                              b_returns) -> dict[str, float] | str:
+    def _accumulate_minibatch(self, batch: LearnerBatch, mb_inds, record: TrainingRecord | None,
+                              positions: list[float]) -> dict[str, float] | str:
         """Forward + backward over a minibatch's micro-batches, gradients accumulated (synchronised across processes
         at the last one). Returns the minibatch's statistics, or, when a part of the loss was non-finite on any
-        process (then no gradient is kept), a text naming the part.
+        process (then no gradient is kept), a text naming the part. Adds the positions its forwards computed, and
+        the real tokens among them, to ``positions``.
 
         The loss is aggregated over the whole (global) minibatch as ``ppo.loss_aggregation`` says, whatever
         micro-batch or process a token is in: each micro-batch adds its share (``aggregate_loss`` with the
         minibatch's totals), × processes because DDP averages gradients over processes.
         """
         a, dev = self.algo, self.par.device
+        b_tokens = batch.rollout.model_mask.sum(dim=1)
         local_tokens = float(b_tokens[mb_inds].sum())
         global_tokens, global_rows = self.sum_over_processes(local_tokens, len(mb_inds))
         totals = dict(total_tokens=global_tokens, total_sequences=global_rows, constant_length=self.constant_length)
         micro_batches = [mb_inds[i : i + a.micro_batch_size] for i in range(0, len(mb_inds), a.micro_batch_size)]
         mb_stats = defaultdict(float)
         for i, rows in enumerate(micro_batches):
-            mb, width = _trim(b.index(rows))
-            self._positions[0] += mb.query_ids.numel() + mb.response_ids.numel()
-            self._positions[1] += float(mb.query_mask.sum() + mb.response_mask.sum())
+            micro = batch.select(rows)
+            mb = micro.rollout
+            positions[0] += mb.query_ids.numel() + mb.response_ids.numel()
+            positions[1] += float(mb.query_mask.sum() + mb.response_mask.sum())
             mb = mb.to(dev)
             with self.par.micro_batch(self.model, last=i == len(micro_batches) - 1):
                 hidden, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
                                             hidden=True)
-                loss, parts = self._minibatch_loss(mb, hidden, values, rows, width, b_logprobs, b_values,
-                                                   b_ref_logprobs, b_advantages, b_returns, totals)
+                loss, parts = self._minibatch_loss(mb, micro, hidden, values, rows, record, totals)
                 loss = loss * self.procs
                 losses = [parts[k] for k in LOSS_PARTS if k in parts]
                 finite = torch.stack([torch.isfinite(x.detach()).all() for x in losses]).float()
@@ -507,40 +549,37 @@ class PPOLearner:
                 mb_stats[key] += float(value.detach()) * weight
         return mb_stats
 
-    def _minibatch_loss(self, mb: Rollout, hidden, values, rows, width, b_logprobs, b_values, b_ref_logprobs,
-                        b_advantages, b_returns, totals) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _minibatch_loss(self, mb: Rollout, micro: LearnerBatch, hidden, values, rows, record: TrainingRecord | None,
+                        totals) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch's share of the minibatch loss: clipped policy loss, clipped value loss (gae), β·KL (loss
-        mode), minus the entropy bonus; and its parts, for the statistics and the finiteness check."""
+        mode), minus the entropy bonus; and its parts, for the statistics and the finiteness check. ``mb`` is
+        ``micro.rollout`` on the device; ``rows``: its episodes' indices in the batch."""
         dev = self.par.device
         mb_mask = mb.model_mask.float()
-        rec = self._recorded
         with self.par.autocast():
             stats = token_stats(hidden, self.par.unwrap(self.model).head, mb.response_ids, self.rules,
                                 turn_positions=mb.turn_positions, mask=mb_mask.bool(),
-                                entropy=self.algo.entropy_coef > 0 or rec is not None,
-                                forbidden=rec is not None and self.rules.restricts)
-        if rec is None:
-            old_logprobs = b_logprobs[rows, :width].to(dev)
+                                entropy=self.algo.entropy_coef > 0 or record is not None,
+                                forbidden=record is not None and self.rules.restricts)
+        if record is None:
+            old_logprobs = micro.old_logprobs.to(dev)
         else:
             # this forward runs on the weights the episodes' rollout forward would have: its numbers are pi_old's
             self._check_allowed(mb.response_ids, mb_mask, stats.logprobs, rows)
             old_logprobs = stats.logprobs.detach()
-            for key in rec:
-                value = stats.logprobs if key == "pi_logprobs" else getattr(stats, key)
-                if value is not None:  # already 0 off the model tokens (token_stats)
-                    rec[key][rows, :width] = value.detach().float().cpu()
-        critic = values is not None and b_values is not None
+            record.write(rows, stats)
+        critic = values is not None and micro.values is not None
         weights, weight_stats = None, {}
         if self.importance_sampling != "none" and mb.sampler_logprobs is not None:
             weights, weight_stats = importance_weights(old_logprobs, mb.sampler_logprobs.to(dev), mb_mask,
                                                        self.importance_sampling, self.importance_sampling_cap)
         loss, parts = ppo_loss(
-            stats.logprobs, old_logprobs, b_advantages[rows, :width].to(dev), mb_mask,
+            stats.logprobs, old_logprobs, micro.advantages.to(dev), mb_mask,
             self.loss_settings, totals,
             values=values if critic else None,
-            old_values=b_values[rows, :width].to(dev) if critic else None,
-            returns=b_returns[rows, :width].to(dev) if critic else None,
-            ref_logprobs=b_ref_logprobs[rows, :width].to(dev) if self.kl_mode == "loss" else None,
+            old_values=micro.values.to(dev) if critic else None,
+            returns=micro.returns.to(dev) if critic else None,
+            ref_logprobs=micro.ref_logprobs.to(dev) if self.kl_mode == "loss" else None,
             kl_coef=self.kl_ctl.value,
             entropy=stats.entropy if self.algo.entropy_coef > 0 else None,
             is_weights=weights)
@@ -561,53 +600,56 @@ class PPOLearner:
             drift = log_r.abs().sum()
             # k3 estimate of KL(q_sampler || pi_trainer) on tokens the sampler drew: never negative, 0 when they agree
             drift_kl = ((torch.expm1(log_r) - log_r) * mask).sum()
-        sums = self.sum_over_processes(
-            n_rows, raw_scores.sum(), (raw_scores**2).sum(), scores.sum(), k1.sum(), model_tokens,
-            (fwd.kl * mask).sum(), (fwd.entropy * mask).sum(), lengths.sum(), rollout.tool_mask.sum(),
-            (values * mask).sum(), (returns * mask).sum(), (rewards * mask).sum(),
-            (returns.square() * mask).sum(), error.sum(), error.square().sum(), (fwd.forbidden_mass * mask).sum(),
-            drift, drift_kl, (k1.sum(dim=1) ** 2).sum(),
-        )
-        (n, s_sum, s_sq, sc_sum, k1_sum, tok, kl_pen, ent, len_sum, tool_tok, v_sum, ret_sum, rew_sum, ret_sq,
-         err_sum, err_sq, forbidden, drift_sum, drift_kl_sum, k1_sq) = sums
-        mean = s_sum / n
+        # sums over every process, each named beside what it sums
+        local = {
+            "episodes": n_rows, "score": raw_scores.sum(), "score_sq": (raw_scores**2).sum(),
+            "score_used": scores.sum(), "k1": k1.sum(), "tokens": model_tokens, "kl_penalty": (fwd.kl * mask).sum(),
+            "entropy": (fwd.entropy * mask).sum(), "length": lengths.sum(), "tool_tokens": rollout.tool_mask.sum(),
+            "value": (values * mask).sum(), "return": (returns * mask).sum(), "reward": (rewards * mask).sum(),
+            "return_sq": (returns.square() * mask).sum(), "error": error.sum(), "error_sq": error.square().sum(),
+            "forbidden": (fwd.forbidden_mass * mask).sum(), "drift": drift, "drift_kl": drift_kl,
+            "k1_sq": (k1.sum(dim=1) ** 2).sum(),
+        }
+        total = dict(zip(local, self.sum_over_processes(*local.values())))
+        n, tok, k1_sum = total["episodes"], total["tokens"], total["k1"]
+        mean = total["score"] / n
         stats = {
             "episodes": n,
             "reward_mean": mean,
-            "reward_std": math.sqrt(max(s_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)),
-            "score_used_mean": sc_sum / n,
+            "reward_std": math.sqrt(max(total["score_sq"] / n - mean * mean, 0.0) * n / max(n - 1, 1)),
+            "score_used_mean": total["score_used"] / n,
             # mean over episodes of the summed per-token log-ratio: the true KL(π‖π_ref) estimate of the batch
             "kl": k1_sum / n,
             # its standard error over the batch's episodes: a mean KL below 0 by a few of these is noise, not a bug
-            "kl_std_error": math.sqrt(max(k1_sq / n - (k1_sum / n) ** 2, 0.0) / max(n - 1, 1)),
+            "kl_std_error": math.sqrt(max(total["k1_sq"] / n - (k1_sum / n) ** 2, 0.0) / max(n - 1, 1)),
             "kl_per_token": k1_sum / max(tok, 1),
-            "kl_penalty_per_token": kl_pen / max(tok, 1),
+            "kl_penalty_per_token": total["kl_penalty"] / max(tok, 1),
             "kl_coef": self.kl_ctl.value,
-            "entropy": ent / max(tok, 1),
-            "response_length": len_sum / n,
+            "entropy": total["entropy"] / max(tok, 1),
+            "response_length": total["length"] / n,
             "model_tokens": tok / n,
-            "tool_tokens": tool_tok / n,
-            "return_mean": ret_sum / max(tok, 1),
-            "token_reward_mean": rew_sum / max(tok, 1),
+            "tool_tokens": total["tool_tokens"] / n,
+            "return_mean": total["return"] / max(tok, 1),
+            "token_reward_mean": total["reward"] / max(tok, 1),
         }
         if self.rules.restricts:
-            stats["forbidden_mass"] = forbidden / max(tok, 1)
+            stats["forbidden_mass"] = total["forbidden"] / max(tok, 1)
         if fwd.values is not None:
             t = max(tok, 1)
-            stats["value_mean"] = v_sum / t
-            stats["value_error"] = math.sqrt(err_sq / t)  # root mean square of returns - values
+            stats["value_mean"] = total["value"] / t
+            stats["value_error"] = math.sqrt(total["error_sq"] / t)  # root mean square of returns - values
             # 1 - Var[returns - values] / Var[returns] over the model tokens of every process: 1 a perfect critic,
             # 0 no better than a constant, below 0 worse than one. Undefined (not logged) when the returns vary by
             # less than the whitening floor: every episode scored alike leaves only noise to explain
-            var_returns = max(ret_sq / t - (ret_sum / t) ** 2, 0.0)
+            var_returns = max(total["return_sq"] / t - (total["return"] / t) ** 2, 0.0)
             stats["return_std"] = math.sqrt(var_returns)
             if var_returns >= WHITEN_MIN_STD**2:
-                stats["explained_variance"] = 1.0 - (err_sq / t - (err_sum / t) ** 2) / var_returns
+                stats["explained_variance"] = 1.0 - (total["error_sq"] / t - (total["error"] / t) ** 2) / var_returns
         if rollout.sampler_logprobs is not None:
             # the sampler's log-probs against the training forward's, same weights: 0 up to float noise; large
             # means the sampler and the forward pass disagree (cache, positions, dtype, a model-specific path)
-            stats["sampler_logprob_diff"] = drift_sum / max(tok, 1)
-            stats["sampler_kl"] = drift_kl_sum / max(tok, 1)
+            stats["sampler_logprob_diff"] = total["drift"] / max(tok, 1)
+            stats["sampler_kl"] = total["drift_kl"] / max(tok, 1)
             # a rollout engine whose numbers differ from the trainer's (another kernel, precision, a weight sync
             # that did not happen): said once; the loss is not affected (it recomputes the log-probs)
             large = stats["sampler_logprob_diff"] > SAMPLER_DIFF_WARNING
