@@ -341,24 +341,19 @@ class Parallel:
                     norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
                 else:
                     norm = float(self.accelerator.clip_grad_norm_(model.parameters(), limit))
-            if skip_nonfinite and norm is not None and not math.isfinite(norm):
-                if scaler is not None:
-                    # the scaler has unscaled these gradients and seen the inf: its step skips the update and its
-                    # update() lowers the scale and resets it for the next unscale (without it the next step raises
-                    # "unscale_() has already been called")
-                    if raw_scaler is not None:
-                        raw_scaler.step(optimizer)
-                        raw_scaler.update()
-                    else:
-                        optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return norm
-            if raw_scaler is not None:
-                raw_scaler.step(optimizer)
-                raw_scaler.update()
-            else:
-                optimizer.step()
+            skip = skip_nonfinite and norm is not None and not math.isfinite(norm)
+            # a skipped step still goes through the loss scaler: it has unscaled these gradients and seen the inf, so
+            # its step skips the update and its update() lowers the scale and resets it for the next unscale (without
+            # it the next step raises "unscale_() has already been called")
+            if not skip or scaler is not None:
+                if raw_scaler is not None:
+                    raw_scaler.step(optimizer)
+                    raw_scaler.update()
+                else:
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if skip:
+                return norm
         scheduler.step()
         return norm
 

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from rlcli.config.errors import Problem, UserError
-from rlcli.rewards.reward_model import REWARD_STATS_FILE, last_token_index, load_reward_stats, resolve_label
+from rlcli.rewards.reward_model import (
+    REWARD_STATS_FILE,
+    last_token_index,
+    load_reward_stats,
+    resolve_label,
+    score_in_batches,
+)
 
 REWARD_ADAPTER = "reward"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -292,35 +298,27 @@ class AdapterRewardModel:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if isinstance(texts, str):
             raise TypeError("AdapterRewardModel takes a list of texts, not one string")
-        encoded = self._encode(texts)
-        scores = torch.empty(len(encoded), dtype=torch.float32)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         device = next(self.trunk.parameters()).device
         self.head.to(device)
         captured: list[torch.Tensor] = []
+
+        def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            captured.clear()
+            # adapter_names routes every row through the reward adapter alone (base + reward LoRA), without touching
+            # the active adapter; logits_to_keep=1 skips the LM head's work over the vocabulary
+            self.model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+                       adapter_names=[REWARD_ADAPTER] * len(input_ids), logits_to_keep=1, use_cache=False)
+            hidden = captured[-1]
+            last = hidden[torch.arange(len(input_ids), device=hidden.device), last_token_index(attention_mask)]
+            return self.head(last.float())[:, self.label]
+
         hook = self.trunk.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
         try:
             with modes_kept(self.model, evaluate=True):
-                for start in range(0, len(order), self.batch_size):
-                    idx = order[start : start + self.batch_size]
-                    width = max(len(encoded[i]) for i in idx)
-                    input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                    attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-                    for row, i in enumerate(idx):
-                        input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                        attention_mask[row, : len(encoded[i])] = 1
-                    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                    captured.clear()
-                    # adapter_names routes every row through the reward adapter alone (base + reward LoRA), without
-                    # touching the active adapter; logits_to_keep=1 skips the LM head's work over the vocabulary
-                    self.model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
-                               adapter_names=[REWARD_ADAPTER] * len(idx), logits_to_keep=1, use_cache=False)
-                    hidden = captured[-1]
-                    rows = torch.arange(len(idx), device=hidden.device)
-                    last = hidden[rows, last_token_index(attention_mask)]
-                    scores[idx] = self.head(last.float())[:, self.label].cpu()
+                scores = score_in_batches(self._encode(texts), self.batch_size, pad, score)
         finally:
             hook.remove()
         if self.model.active_adapter != self.policy_adapter:  # cannot happen with adapter_names; cheap to be sure

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from rlcli import rundir
+from rlcli import padding, rundir
 from rlcli.config.errors import UserError
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -217,23 +217,24 @@ class RewardModelScorer:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if isinstance(texts, str):
             raise TypeError("RewardModelScorer takes a list of texts, not one string")
-        encoded = self._encode(texts)
-        scores = torch.empty(len(encoded), dtype=torch.float32)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                attention_mask[row, : len(encoded[i])] = 1
-            logits = sequence_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
-            scores[idx] = logits[:, self.label].float().cpu()
+        def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return sequence_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))[:, self.label]
+
+        scores = score_in_batches(self._encode(texts), self.batch_size, self.tokenizer.pad_token_id, score)
         if self.normalize:
             scores = (scores - self.stats["mean"]) / max(float(self.stats["std"]), 1e-8)
         return scores
+
+
+def score_in_batches(encoded: list[list[int]], batch_size: int, pad_id: int, score) -> torch.Tensor:
+    """[N] float scores of the token lists ``encoded``, ``batch_size`` at a time, similar lengths together (less
+    padding): ``score(input_ids, attention_mask)`` gives the [n] scores of a right-padded batch."""
+    scores = torch.empty(len(encoded), dtype=torch.float32)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        scores[idx] = score(*padding.pad([encoded[i] for i in idx], pad_id, "right")).float().cpu()
+    return scores
 
 
 def _position_limit(config, tokenizer) -> int | None:

@@ -36,16 +36,8 @@ def _count(x: torch.Tensor, mask: torch.Tensor, dim: int | None) -> torch.Tensor
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is 1; 0 (not NaN) where the mask selects nothing.
-
-    Args:
-        x: any shape, floating.
-        mask: same shape as ``x`` (or broadcastable to it), 0/1 of any dtype.
-        dim: dimension to reduce; ``None`` reduces everything to a scalar.
-
-    Returns:
-        ``x``'s shape with ``dim`` removed (a 0-dim tensor when ``dim`` is None), ``x``'s dtype.
-    """
+    """Mean of ``x`` over the positions where ``mask`` is 1; 0 (not NaN) where the mask selects nothing. Arguments
+    and the result's shape as :func:`masked_sum`."""
     return masked_sum(x, mask, dim) / _count(x, mask, dim).clamp(min=1)
 
 
