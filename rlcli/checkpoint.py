@@ -2,8 +2,8 @@
 
 A checkpoint is written into ``step-N.tmp`` and renamed when complete, so a run killed mid-save never leaves
 a checkpoint that looks finished. Every process saves its own RNG states (``rng-RANK.pt``), the main process
-everything else. Works with any object that has ``state_dict()`` / ``load_state_dict()``. The end of the file saves and restores a
-training run's weights and optimizer under any engine (``rlcli.parallel.Parallel``).
+everything else. Works with any object that has ``state_dict()`` / ``load_state_dict()``. The end of the file
+saves and restores a training run's weights and optimizer under any engine (``rlcli.parallel.Parallel``).
 """
 
 from __future__ import annotations

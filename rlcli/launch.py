@@ -1,23 +1,12 @@
 """Which ``accelerate launch`` setups each command supports, checked before any weights load.
 
-``accelerate launch`` (with a preset from ``configs/accelerate/`` or flags) tells the processes it starts how to
-distribute through environment variables (``accelerate/utils/launch.py``: ``prepare_multi_gpu_env`` and
-``prepare_deepspeed_cmd_env``). :func:`detect_launch` reads them back; :func:`check_launch` returns one clear
-problem for each combination of command and setup that rlcli does not support, with what to use instead. The
-trainers call it from their ``preflight``, so ``--dry-run`` reports it too.
-
-The matrix (docs/distributed.md, "Launch presets"):
-
-- **single process, DDP (one or several machines, or CPU processes over gloo), FSDP2, DeepSpeed ZeRO-1/2/3**:
-  ``sft``, ``rm`` and ``ppo`` run under all of them; ``rlcli.parallel`` owns everything that differs (sharding,
-  gradient accumulation, clipping, gathered weights for generation, full state dicts for saving, sharded optimizer
-  state in checkpoints). DeepSpeed must be installed (``rlcli[deepspeed]``). ``env-rollout`` runs in one process
-  only: it does not split episodes across processes.
-- **FSDP1** (``fsdp_version: 1``): refused; rlcli shards with FSDP2 (torch's ``fully_shard``).
-- **Megatron-LM, tensor / context / sequence parallelism (``parallelism_config``)**: not supported.
-- **Mixed precision**: rlcli takes it from the recipe (``train.mixed_precision``); a launcher that asks for a
-  different one (``--mixed_precision bf16`` or ``mixed_precision:`` in the accelerate config) is refused instead
-  of silently ignored. fp8 is not supported.
+``accelerate launch`` tells the processes it starts how to distribute through environment variables;
+:func:`detect_launch` reads them back and :func:`check_launch` returns one clear problem for each combination of
+command and setup that rlcli does not support, with what to use instead. The trainers call it from their
+``preflight``, so ``--dry-run`` reports it too. ``sft``, ``rm`` and ``ppo`` run single-process, DDP, FSDP2 and
+DeepSpeed ZeRO-1/2/3; ``env-rollout`` one process only; FSDP1, Megatron-LM, tensor / context / sequence parallelism,
+fp8 and a launcher's own mixed precision are refused. The matrix: docs/distributed.md, "Launch presets", and
+docs/internals.md, "rlcli/launch.py".
 """
 
 from __future__ import annotations

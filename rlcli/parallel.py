@@ -1,31 +1,11 @@
 """The one place that owns parallelism: which engine a run uses, and everything that differs between engines.
 
-Engines, chosen by how the run was launched (``rlcli.launch.detect_launch``):
-
-- ``single`` / ``ddp``: one process, or data parallel (every process holds the whole model; Accelerate's DDP).
-- ``fsdp2``: parameters, gradients and optimizer state sharded over the processes with PyTorch's FSDP2
-  (``torch.distributed.fsdp.fully_shard``, one unit per transformer block plus the root). rlcli shards the model
-  itself rather than through Accelerate's FSDP plugin: Accelerate turns an FSDP launch on a machine without CUDA
-  into plain DDP, so its path cannot be tested on CPU; ``fully_shard`` runs the same on gloo and NCCL.
-- ``deepspeed``: ZeRO stage 1, 2 or 3 through Accelerate's DeepSpeed plugin, driven with the engine's own
-  accumulation API (``set_gradient_accumulation_boundary``; ``backward(scale_wrt_gas=False)``, since rlcli's losses
-  are already normalised over the global batch; one ``step()`` per global batch). Clipping moves into the engine's
-  config (``gradient_clipping`` from ``optim.max_grad_norm``); the norm is read back from the engine.
-
-What the trainers ask of it, the same calls whatever the engine:
-
-- ``prepare(model, make_optimizer)`` -> (model, optimizer, scheduler): shard / wrap the trained model; the optimizer
-  is built after sharding (FSDP2 optimizers hold the sharded parameters);
-- ``prepare_frozen(model)``: a reference or reward model: on the device, sharded under FSDP2 / ZeRO-3;
-- ``micro_batch(model, last)``: gradient sync only at the last micro-batch of an optimizer step;
-- ``backward(model, loss)`` and ``clip_and_step(...)`` -> the gradient norm;
-- ``gathered(model)``: full weights for a stretch of forward calls whose number differs between processes
-  (generation, the text environment): sharded forwards are collective, and a rank that stops early would hang the
-  others;
-- ``full_state_dict(model)`` (collective: every process calls it) for the final save and checkpoints, and
-  ``save_shards`` / ``load_shards`` for the sharded optimizer state inside rlcli's atomic checkpoint directories.
-
-Nothing else in rlcli calls Accelerate's, FSDP's or DeepSpeed's parallelism API.
+Engines, chosen by how the run was launched (``rlcli.launch.detect_launch``): ``single`` / ``ddp``, ``fsdp2``
+(rlcli shards with ``fully_shard`` itself, so the path runs the same on gloo and NCCL) and ``deepspeed`` (ZeRO 1-3
+through Accelerate's plugin). The trainers make the same calls whatever the engine: ``prepare``, ``prepare_frozen``,
+``micro_batch``, ``backward``, ``clip_and_step``, ``gathered``, ``full_state_dict``, ``save_shards`` /
+``load_shards``. Nothing else in rlcli calls Accelerate's, FSDP's or DeepSpeed's parallelism API. Each engine and
+call in detail: docs/internals.md, "rlcli/parallel.py".
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """One failing process stops the run: what the processes of a multi-process run tell each other when one fails.
 
-Without it, a reward function, a reward service or an environment that raises on one process left the others
-waiting in a collective (gloo notices a peer that *exits*; NCCL does not, and a process that fails but does not
-exit, stuck in its own cleanup, blocks every backend), and only the main process printed errors, so a failure on
-another one said nothing at all.
-
-- The process that fails first writes one line into the run's rendezvous store (the key-value store torchrun and
-  Accelerate set up for the process group): ``process R of N: what failed`` (:func:`announce`; the first writer
-  wins). It prints its own error, naming itself, and exits.
-- Every process runs a :class:`Watch` thread while the run lasts. It bumps a heartbeat counter in the store every
-  second, and polls for a failure another process announced. Such a failure stops this process too: at once when it
-  is in or enters a collective (gloo reports the closed connection; rlcli then reports the peer's failure instead),
-  else after ``GRACE_S`` seconds the watch raises :class:`PeerFailed` into the main thread (a stop through the
-  usual path: the run directory released, a replaced run put back), and if the process is still alive
-  ``HARD_EXIT_S`` seconds after the failure (blocked in a backend that never returns), the watch prints the reason
-  and ends it.
-- A process that dies without a word (SIGKILL, the OOM killer) is named by its heartbeat, which stops
-  (:func:`silent_peers`).
-
-Everything here is a no-op in a run of one process.
+The process that fails first announces it in the run's rendezvous store (:func:`announce`) and exits; every process
+runs a :class:`Watch` thread that beats a heartbeat and polls for such an announcement, and stops its own process
+(:class:`PeerFailed`, then a hard exit) when one comes; a process that dies without a word is named by its stopped
+heartbeat (:func:`silent_peers`). Everything here is a no-op in a run of one process. Why and how in detail:
+docs/internals.md, "rlcli/peers.py".
 """
 
 from __future__ import annotations

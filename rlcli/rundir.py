@@ -2,25 +2,11 @@
 (and the demo scripts of ``recipes/``) goes through to use one: check → lock → take over → claim → commit or
 restore → release.
 
-**What rlcli owns.** A manifest (``.rlcli-run.json``) lists the top-level names rlcli's runs wrote there. Replacing
-a run deletes exactly those names, never a file of the user's that sits beside them, and a directory holding
-anything else is refused by a fresh run. Every writer claims its name *before* it writes (:func:`claim`), so a run
-killed mid-write never leaves an rlcli file that is not in the manifest. The manifest also records the run's state
-(``running`` / ``finished``), the recipe type and the main process's pid and host: a fresh run may reuse the
-directory of a run that stopped before its first checkpoint (nothing there can be resumed), but not one that
-finished or is still running. A directory that holds other run directories (a demo's ``sft/``, ``ppo/``) lists
-them as ``runs``: a file of the user's inside one of those is the user's too.
-
-**Who owns it.** The main process holds an OS lock (``flock`` on ``.rlcli-lock``) for the run's life; the kernel
-drops it when the process dies, so of two runs started together into one directory the second is refused. Every
-other process of the run holds a shared lock on ``.rlcli-writers`` while it writes there (its RNG states, optimizer
-shards), so no new run takes the directory while any process of an earlier one still lives. A run replacing
-another moves the old run's files aside (a sibling ``.rlcli-trash-NAME-PID``) once every input has loaded, and
-deletes them only once the new run stands (its first checkpoint, or its end: :meth:`RunDir.commit`); a run that
-fails or is stopped before that puts them back (:meth:`RunDir.release` with ``ok=False``).
-
-**The checks of a resume** (the same command, the same settings, only forward) are here too: ``--dry-run`` and the
-run call the same :meth:`RunDir.check`.
+A manifest (``.rlcli-run.json``) lists what rlcli's runs wrote there (claimed *before* it is written), so replacing a
+run deletes exactly those names; the main process holds an OS lock for the run's life and the other processes a
+shared one while they write; a replaced run's files are moved aside and deleted only once the new run stands, put
+back if it fails first. The checks of a resume are here too (:meth:`RunDir.check`). In detail: docs/internals.md,
+"rlcli/rundir.py".
 """
 
 from __future__ import annotations

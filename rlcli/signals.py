@@ -1,23 +1,11 @@
 """Stopping a run from outside: Ctrl-C, ``kill`` / ``scancel`` / a SLURM time limit or preemption, and SLURM's
 warning before the limit.
 
-- **SIGINT** (Ctrl-C) stops at once, as Python does (``KeyboardInterrupt``).
-- **SIGTERM** and **SIGUSR1** (what ``#SBATCH --signal=USR1@SECONDS`` sends before the time limit) stop the run too,
-  but once its training loop has begun they wait for the end of the step in progress: the run writes a checkpoint
-  at that step and stops there (:class:`Stopped`), so a preempted or time-limited job resumes where it stopped. A
-  repeated signal changes nothing (a launcher and the cluster may both pass one on). Before the loop (loading) or in
-  a command without steps, they stop at once.
-
-Either way the run directory's owner puts back a run the stopped one was replacing, unless the stopped run already
-stands (a checkpoint), and the command exits with 128 + the signal's number. The handlers are installed by the
-command line for the length of a command (:func:`handled`), in the main thread; the step loop asks
-:func:`requested` at each step's end (``trainers.run.Run.checkpoint``).
-
-Python runs a handler only when the main thread is back in Python code. One blocked in a call that never returns
-(a rendezvous or collective whose peer died) would sit out the signal that should end it, as it would not with no
-handler at all; so a thread hears every signal as it arrives (``signal.set_wakeup_fd``), and when a stop that
-should take effect at once is not handled within ``UNHANDLED_S`` seconds, it ends the process with the usual exit
-status (there is nothing a blocked process could still clean up).
+SIGINT stops at once; SIGTERM and SIGUSR1 wait, once the training loop has begun, for the end of the step in progress,
+where the run writes a checkpoint and stops (:class:`Stopped`). The command exits with 128 + the signal's number.
+The handlers are installed for a command's length (:func:`handled`); the step loop asks :func:`requested` at each
+step's end (``trainers.run.Run.checkpoint``); a thread ends a process whose main thread is blocked past
+``UNHANDLED_S``. In detail: docs/internals.md, "rlcli/signals.py".
 """
 
 from __future__ import annotations

@@ -1,36 +1,14 @@
 """``TextEnvironment``: batched multi-turn rollouts in which the model calls tools while it generates.
 
-Every episode is a row with an explicit state (``RowState``):
+Every episode is a row with an explicit state (``RowState``): GENERATING, WAITING_FOR_TOOL or DONE. Each turn samples
+for all GENERATING rows at once (``rlcli.models.generation.sample``, rows keeping their KV cache across turns), then
+runs the tools of all WAITING_FOR_TOOL rows at once. The protocol (``rlcli.env.protocols``) renders the prompt, reads
+each turn and renders the answer to its calls; the loop owns the states, the token budget and the tool runs.
 
-    GENERATING --(turn ends in a tool call or a malformed call)--> WAITING_FOR_TOOL --(output appended)--> GENERATING
-        |                                                                 |
-        +--(submit / EOS / no call / max_length)--> DONE <--(max_turns / max_length reached)--+
-
-Each turn samples for all GENERATING rows at once with ``rlcli.models.generation.sample`` (stop strings = the
-protocol's call/submit markers; EOS and the protocol's end-of-turn ids stop too), then runs the tools of all
-WAITING_FOR_TOOL rows at once. The loop is the same for every protocol (``rlcli.env.protocols``): the protocol
-renders the prompt, reads each turn (its text, its calls, why the episode would end there) and renders the answer
-to its calls; the loop owns the states, the token budget and the tool runs.
-
-Rows keep their KV cache across turns (``kv_reuse``): a turn feeds each continuing row only what its cache does not
-hold (the last token it sampled and the forced tool tokens), not the whole episode again.
-
-With the chat protocol (``rlcli.env.protocols.ChatProtocol``) the episode is a list of chat messages and every token
-outside the model's own comes from its chat template: the prompt is the rendered conversation with the generation
-prompt, a turn ends at the template's end-of-turn token, and a tool result is the text the template writes for the
-``tool`` message(s) and the next generation prompt. ``history.messages`` holds the conversation; when the episode
-ends, its ids are checked against the template's rendering of those messages.
-
-Token bookkeeping, the contract PPO relies on:
-
-- the prompt is tokenised once (tag / JSON: ``add_special_tokens=True``) into a "prompt" segment;
-- the model's tokens are kept exactly as sampled (never re-tokenised from text) as a "model" segment;
-- tool output is formatted by the protocol, tokenised on its own (``add_special_tokens=False``) and appended as a
-  "tool" segment (cut to fit ``max_length``; chat: a tool turn that does not fit ends the episode before it);
-- each turn the model's input is exactly the concatenation of every segment's ids so far.
-
-So ``history.token_ids`` is what the model saw, and ``histories_to_rollout`` hands PPO exactly those ids, with
-``tool_mask`` on the tool tokens (forced text: no policy loss, value loss or KL on them).
+The contract PPO relies on: the model's tokens are kept exactly as sampled, tool output is tokenised on its own and
+appended as a "tool" segment, so ``history.token_ids`` is what the model saw and ``histories_to_rollout`` hands PPO
+exactly those ids, with ``tool_mask`` on the tool tokens. The state machine and the bookkeeping in full:
+docs/internals.md, "rlcli/env/environment.py".
 """
 
 from __future__ import annotations
@@ -124,29 +102,19 @@ class TextEnvironment:
         model: a Hugging Face causal LM (see ``rlcli.models.generation.sample``).
         tokenizer: its tokenizer; needs a pad token (masks come from the segments, never from `ids != pad`).
         tools: name -> callable (``str -> str``; the JSON protocol passes keyword arguments).
-        protocol: how calls are written and answered (``TagProtocol()``, ``JsonProtocol()``, or a
-            ``ChatProtocol``: the model's chat template writes everything but the model's tokens).
+        protocol: how calls are written and answered (``TagProtocol()``, ``JsonProtocol()`` or a ``ChatProtocol``).
         max_turns: generation turns per episode; a call made on the last turn is still answered, then it ends.
-        max_new_tokens: token budget of one turn.
-        max_tool_output_tokens: longer tool outputs are cut (and marked) before the protocol wraps them.
-        max_length: cap on an episode's total tokens, prompt included; prompts must be shorter.
-        few_shot_prefix: text put before every prompt (TRL's few-shot examples).
-        system_prompt: text put before the few-shot prefix, e.g. ``protocol.system_prompt(tools)``.
-        rules: the sampling rules (temperature, top-k/top-p, EOS before ``min_new_tokens`` of a turn, banned ids;
-            ``rlcli.rl.sampling``); a turn's positions count from 0. PPO replays them on every model token.
-        eos_token_id: id(s) that end an episode; defaults to the tokenizer's EOS (chat: the template's end-of-turn
-            token ends a turn, and the tokenizer's EOS too).
+        max_new_tokens / max_tool_output_tokens / max_length: a turn's budget / a tool output's (cut and marked) /
+            an episode's total tokens, prompt included (prompts must be shorter).
+        few_shot_prefix, system_prompt: text put before every prompt (the system prompt first).
+        rules: the sampling rules (``rlcli.rl.sampling``); a turn's positions count from 0.
+        eos_token_id: id(s) that end an episode; defaults to the tokenizer's EOS.
         tool_timeout_s, tool_isolation: passed to ``ToolRunner``.
-        kv_reuse: keep each row's KV cache across turns and feed only the new tokens (False: prefill the whole
-            episode every turn; same tokens up to float rounding, for benchmarks and tests).
-        engine: a rollout engine (``rlcli.models.engines``, e.g. vLLM) that samples the model turns instead of
-            rlcli's own sampler: each turn re-submits the episode's exact token ids, forced tool tokens included
-            (the engine's prefix cache stands in for ``kv_reuse``); the token layout is the same either way.
-        environments: stateful environments (``rlcli.env.stateful``): each episode gets its own instance, chosen
-            by its row, reset with the row; its methods are the episode's tools (next to ``tools``), it can end the
-            episode (``done``) and answer a turn without calls with an observation (``_respond``), and it is scored
-            (``get_reward``) and closed when the episode ends. Each kind may carry its own ``protocol`` and
-            ``system_prompt`` (its tools described), used instead of the arguments of the same name.
+        kv_reuse: keep each row's KV cache across turns (False: prefill the whole episode every turn).
+        engine: a rollout engine (``rlcli.models.engines``) that samples the model turns instead of rlcli's sampler.
+        environments: stateful environments (``rlcli.env.stateful``), one instance per episode.
+
+    The arguments in full (engines, stateful environments): docs/internals.md, "TextEnvironment's arguments".
     """
 
     def __init__(

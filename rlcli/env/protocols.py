@@ -1,23 +1,12 @@
 """Tool-call protocols: how an episode's prompt, a model turn and a tool answer become text and tokens.
 
-Every protocol fits one ``ToolCallProtocol`` slot, which is all ``TextEnvironment``'s turn loop asks of it:
-
-- ``stop_strings`` and ``turn_end_ids()``: what ends a generation turn besides EOS (a call's closing marker, a
-  submission, the chat template's end-of-turn token);
-- ``start(prompt, tokenizer, prefix)``: the prompt's text and token ids (an ``Opening``);
-- ``read_turn(history, ids, stop_reason, tokenizer)``: what a sampled turn says (a ``Turn``: its text, the calls
-  to answer, why the episode ends if none is answered);
-- ``answer_calls(history, calls, outputs, tokenizer, room=, last_turn=)``: the forced text of the tool results
-  (an ``Answer``; cut to ``room``, or whole);
-- ``check_episode(history, tokenizer)``: a last check of a finished episode;
-- ``observe(history, text, tokenizer, room=, last_turn=)`` (optional): a stateful environment's observation that is
-  not a tool result (``rlcli.env.stateful``): a user turn (chat) or the text itself (tag, JSON);
-- ``system_prompt(tools)``: text that tells the model which tools exist and how to call them.
-
-Three are built in. ``TagProtocol`` (TRL's ``TextEnvironment`` tags) and ``JsonProtocol`` (Hermes/Qwen-style
-``<tool_call>`` JSON) write plain text: the prompt is the text itself, a turn's text is its tokens decoded, and a
-call is answered by the protocol's response text (``PlainText`` holds what the two share). ``ChatProtocol`` lets
-the model's chat template write everything but the model's own tokens (``rlcli.chat_template``).
+Every protocol fits one ``ToolCallProtocol`` slot, all that ``TextEnvironment``'s turn loop asks of it: what ends a
+turn (``stop_strings``, ``turn_end_ids()``), the prompt (``start``), what a sampled turn says (``read_turn``), the
+forced text of tool results (``answer_calls``), a last check (``check_episode``), a stateful environment's
+observation (``observe``, optional) and the tools' description (``system_prompt``). Three are built in:
+``TagProtocol`` and ``JsonProtocol`` write plain text (``PlainText`` holds what they share); ``ChatProtocol`` lets the
+model's chat template write everything but the model's own tokens. Each method in detail: docs/internals.md,
+"rlcli/env/protocols.py".
 """
 
 from __future__ import annotations

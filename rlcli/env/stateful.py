@@ -1,38 +1,12 @@
 """Stateful environments: one object per episode whose public methods are the episode's tools.
 
-The contract is TRL's ``GRPOTrainer(environment_factory=...)`` (docs/environments.md, "Stateful environments"), so
-the same class runs in rlcli and in TRL unchanged:
-
-- the class is constructed with no arguments (rlcli: once per episode; ``env.environment`` options, when given,
-  are passed to the constructor);
-- ``reset(**row)`` runs before the first turn with the dataset row as keyword arguments (with several
-  environments, without the column that selects one); a string it returns is appended to the prompt (chat: to
-  the last message's content), ``None`` adds nothing;
-- every public method (a name not starting with ``_``) but ``reset`` and ``get_reward`` is a tool, described by its
-  signature and docstring (``rlcli.toolcalls.tool_schema``), sync or ``async``; what it returns is shown to the
-  model as ``str(value)``;
-- ``get_reward()`` (optional, sync or ``async``) scores the finished episode from the environment's state.
-
-rlcli adds three things TRL does not know about, all under names TRL ignores:
-
-- ``done`` (an attribute, false by default): set it true in a tool method to end the episode once the turn's calls
-  are answered (the game is won or lost). An attribute, not an exception: in TRL a raised exception becomes an
-  error text for the model and the episode goes on, while an attribute is simply never read, so the class keeps
-  working there (the model then ends the episode itself);
-- ``_respond(text) -> str | None``: called with a model turn that calls no tool; a string it returns is the
-  environment's next observation, shown to the model as a user turn (chat) or as plain text (tag / JSON), and the
-  episode goes on; ``None`` lets the episode end as it would without it;
-- ``_close()``: called once the episode is over (and scored), to free what the environment holds (a process, a
-  connection).
-
-Failures: a tool method that raises or runs past the time limit is answered with an error text, as any tool (and
-as TRL does). The constructor, ``reset``, ``get_reward``, ``_respond`` failing (raising, running past the limit,
-or ``get_reward`` returning no finite number) fails the *episode*: it ends, ``finish_reason`` is ``env_error``,
-``history.env_error`` says why, and it scores ``reward.failure_score``; the run goes on.
-
-All of an environment's code runs in the trainer's process (its state must survive from call to call), each call
-under the ``SIGALRM`` time limit of ``rlcli.env.isolation.run_inline``: Python code is interrupted there, code stuck
-in C is not. Untrusted code belongs behind a sandbox, as in the built-in ``python_session`` environment.
+The contract is TRL's ``GRPOTrainer(environment_factory=...)``, so the same class runs in rlcli and in TRL
+unchanged: constructed with no arguments, ``reset(**row)`` before the first turn, every public method but ``reset``
+and ``get_reward`` a tool, ``get_reward()`` scoring the finished episode. rlcli adds ``done``, ``_respond(text)`` and
+``_close()`` under names TRL ignores. A failing tool method is answered with an error text; a failing constructor,
+``reset``, ``get_reward`` or ``_respond`` fails the episode (``env_error``), never the run. The code runs in the
+trainer's process under a ``SIGALRM`` time limit. The contract in full: docs/internals.md, "rlcli/env/stateful.py"
+(and docs/environments.md, "Stateful environments").
 """
 
 from __future__ import annotations

@@ -1,31 +1,11 @@
 """Run tools (plain Python callables, ``str -> str``) so that nothing a tool does can crash or hang a run.
 
 ``ToolRunner`` calls a tool with a time limit and turns every outcome into text for the model plus a counted
-``ToolOutcome``:
-
-==================  =====================================================================================
-ok                  the tool returned a string
-error               it raised, ran out of memory, exited or died; the text is ``Error: <ExceptionType>: <message>``
-                    (message cut short)
-timeout             it ran past ``timeout_s`` and was stopped
-unknown_tool        the model named a tool that does not exist
-bad_output          it returned something other than ``str``: the value is converted (JSON for plain data,
-                    ``str()`` otherwise, ``""`` for None) and a ``[note: ...]`` line tells the model so
-malformed_call      the protocol could not read the call (bad JSON, no name, unclosed tag)
-truncated           it returned a string longer than ``max_output_tokens`` tokens: cut, with a marker line
-==================  =====================================================================================
-
-Output is cut in characters before it is tokenised (at ``max(4096, 32 * max_output_tokens)`` characters, more
-than that many tokens of any tokenizer's text), so a tool that returns 50 MB costs what 4 kB costs.
-
-Where a call runs (``rlcli.env.isolation``): ``fork`` (the default), each call in a forked child that is killed
-with everything it started at ``timeout_s``, may add ``memory_mb`` of address space, and whose prints are counted
-(``ToolResult.printed_bytes``) but never shown; a forked call's changes to its own global state do not survive it.
-``inline``: in the trainer's process, one call after another, for tools that keep state or are too fast to pay for
-a fork; only Python code on the main thread can be interrupted, and a crash in C code ends the run. Neither mode
-keeps a tool from the trainer's user, files, network or environment: tools are the recipe author's code
-(model-written code belongs in the built-in ``python`` tool, which sandboxes it). docs/environments.md, "How tool
-calls are contained", says why.
+``ToolOutcome`` (ok, error, timeout, unknown_tool, bad_output, malformed_call, truncated). Output is cut in
+characters before it is tokenised, so a tool that returns 50 MB costs what 4 kB costs. A call runs in a forked
+child (``fork``, the default) or in the trainer's process (``inline``) (``rlcli.env.isolation``); neither keeps a
+tool from the trainer's user, files or network. The outcomes and the two modes in full: docs/internals.md,
+"rlcli/env/tools.py".
 """
 
 from __future__ import annotations

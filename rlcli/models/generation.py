@@ -1,32 +1,11 @@
 """Batched sampling from a causal or encoder-decoder LM, with the same arithmetic as the PPO forward pass.
 
-``sample()`` is the one generator that plain PPO rollouts (causal and seq2seq policies) and the text environment
-share. Three things make its log-probs equal to the ones a training forward pass computes:
-
-- position ids come from the attention mask's cumulative sum (``rlcli.padding.position_ids``), so a left-padded
-  row sees the same positions as the same row without padding (ppo-details item 3); seq2seq prompts are
-  right-padded for the encoder in both places;
-- tokens are drawn from, and ``logprobs`` taken from, ``rules.apply(logits)``: the behaviour distribution, with the
-  temperature and every restriction (banned ids, EOS before ``min_new_tokens``, top-k, top-p) applied. The trainer
-  applies the same ``SamplingRules`` to the policy's and the reference's logits (ppo-details item 4);
-- the KV cache is prefilled once and then fed one token per step, with the attention mask growing by one column.
-
-Rows that finish (EOS, a stop string, or their token budget) leave the batch at once: their rows are dropped from
-the input, the attention mask and the KV cache (``Cache.batch_select_indices``), so every decoded position is a
-real token.
-
-Multi-turn rows (text environments) need not prefill again: with ``keep_cache=True`` each row leaves with a
-``KeptCache`` (its keys and values at its real positions, and the token ids they cover), and a later ``sample``
-given ``past=`` feeds each row only the tokens its cache does not cover (the last sampled token and the forced
-tool tokens). Kept caches of several rows are left-padded into one ``DynamicCache``; positions still come from the
-attention mask, so a continued row sees the positions a full prefill would give it.
-
-``drop_finished=False`` keeps finished rows in the batch, fed pad tokens, which is what a naive padded loop does; it
-exists as the baseline that the position counters of ``SampleOutput`` are compared with.
-
-Randomness is per row: ``generator`` gives row i a seed (its i-th draw), and row i's own stream gives one uniform
-per step, which inverts that row's CDF. A row's tokens therefore depend on its logits, the generator's state and
-its index, never on the batch size, the padding or which other rows are still in the batch.
+``sample()`` is the one generator that plain PPO rollouts and the text environment share. Its log-probs equal the
+training forward's: positions come from the attention mask, tokens and ``logprobs`` come from
+``rules.apply(logits)`` (the behaviour distribution), and the KV cache is prefilled once then fed one token per step.
+Finished rows leave the batch at once; multi-turn rows keep their cache (``keep_cache`` / ``past``); randomness is
+per row, so a row's tokens never depend on the batch around it. Each property in detail: docs/internals.md,
+"rlcli/models/generation.py".
 """
 
 from __future__ import annotations
@@ -120,30 +99,21 @@ def sample(
     """Sample continuations of a batch of prompts, one token per step on a KV cache.
 
     Args:
-        model: a Hugging Face decoder-only LM (anything whose forward takes ``input_ids``, ``attention_mask``,
-            ``position_ids`` and a ``cache`` / ``past_key_values`` and returns ``logits`` [B, T, V]), or an
-            encoder-decoder LM (``config.is_encoder_decoder``): the prompt is encoded once and the decoder starts
-            from ``decoder_start_token_id``.
-        input_ids: [B, Q] long, **left**-padded prompts.
-        attention_mask: [B, Q] long, 1 on real prompt tokens.
-        max_new_tokens: token budget, one int for all rows or one per row (a row with budget <= 0 generates
-            nothing and stops with ``"length"``).
-        rules: the behaviour policy (temperature, bans, min_new_tokens, top-k/top-p; see ``rlcli.rl.sampling``).
-            Tokens are drawn from ``softmax(rules.apply(logits))`` and ``logprobs`` are taken from it.
-        eos_token_id: token id(s) that end a row (kept in the response).
-        pad_token_id: fills ``response_ids`` after a row ends.
-        stop_strings: a row ends as soon as the decoded text of its new tokens contains one of these.
-        tokenizer: decodes new tokens for ``stop_strings``; required when they are given.
+        model: a Hugging Face decoder-only LM, or an encoder-decoder LM (``config.is_encoder_decoder``: the prompt is
+            encoded once and the decoder starts from ``decoder_start_token_id``).
+        input_ids, attention_mask: [B, Q] long, **left**-padded prompts and 1 on their real tokens.
+        max_new_tokens: token budget, one int for all rows or one per row (<= 0: nothing, stop reason ``"length"``).
+        rules: the behaviour policy (``rlcli.rl.sampling``): tokens are drawn from, and ``logprobs`` taken from,
+            ``softmax(rules.apply(logits))``.
+        eos_token_id: token id(s) that end a row (kept in the response); pad_token_id: fills it after that.
+        stop_strings, tokenizer: a row ends once its decoded new text contains one (the tokenizer decodes it).
         generator: source of randomness; the same generator state gives the same samples.
-        drop_finished: drop finished rows from the batch (default). False keeps them, fed pad tokens: the
-            naive baseline, for benchmarks and tests.
-        past: per row, a ``KeptCache`` from an earlier call (or None). Where its ``token_ids`` are a prefix of the
-            row's real prompt tokens, only the rest of the prompt is fed; otherwise the row is prefilled whole.
-            Decoder-only models.
-        keep_cache: return each row's ``KeptCache`` in ``SampleOutput.kept`` (its prompt and generated tokens but
-            the last, which was sampled and never fed).
+        drop_finished: drop finished rows from the batch (default); False keeps them, fed pad tokens (a baseline).
+        past: per row, a ``KeptCache`` from an earlier call (or None): only the prompt tokens it does not cover are fed.
+        keep_cache: return each row's ``KeptCache`` in ``SampleOutput.kept``.
 
-    Runs under ``torch.no_grad()`` with the model in eval mode (its previous mode is restored).
+    Runs under ``torch.no_grad()`` with the model in eval mode (its previous mode is restored). The arguments in
+    full: docs/internals.md, "sample's arguments".
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids and attention_mask must both be [B, Q]; got {tuple(input_ids.shape)} "

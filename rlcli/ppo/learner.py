@@ -3,27 +3,12 @@
     learner = PPOLearner(model, ref_model=None, algo=recipe.ppo, kl=recipe.kl, rules=SamplingRules(temperature=1.0),
                          optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)  # or a rlcli Parallel
     stats = learner.step(rollout, scores)                      # a Rollout of token ids + one score per episode
-    stats = learner.step_from_ids(queries, responses, scores, response_masks=None)   # lists of 1-D id tensors
 
-``rules`` are the sampling rules the rollout was drawn with (``rlcli.rl.sampling``): every log-prob, entropy and KL
-below is taken from the distribution they define, for the policy and the reference alike (docs/ppo-details.md,
-item 4), so the first epoch's ratio is 1 and the KL is an honest KL.
-
-Steps of ``step``:
-  1. forward passes without autograd (``rollout_forward``): policy log-probs and values in one pass, reference
-     log-probs (the adapter disabled for LoRA, else the frozen copy), per-token KL, entropy. With one optimizer
-     step per batch and no critic (GRPO's usual settings) the policy's pass is left out: the training forward, on
-     the same weights, gives pi_old (``reuses_training_pass``)
-  2. scores: optional running normalisation, scaling, clipping
-  3. per-token rewards: -β·KL_t on every model token, plus the score on the last model token
-  4. optional reward whitening (no re-centring); GAE over model tokens (tool and pad tokens skipped);
-     advantage whitening over model tokens, with statistics over all processes
-  5. epochs × shuffled minibatches × micro-batches of clipped policy + value loss; gradient clipping;
-     non-finite losses skip the optimizer step; optional early stop on an epoch's approx-KL
-  6. KL controller update, KL health check; statistics reduced over processes
-
-Every process holds its own share of the batch; whitening and logged statistics use sums over all processes,
-so 1 process and N processes see the same normalisation.
+Steps of ``step``: 1. forward passes without autograd (``rollout_forward``); 2. scores normalised, scaled, clipped;
+3. per-token rewards (-β·KL, the score on the last model token); 4. advantages (``rlcli.rl.estimators``); 5. epochs ×
+minibatches × micro-batches of the clipped loss over a ``LearnerBatch``; 6. KL controller, health checks, statistics
+over every process. ``rules`` are the sampling rules the rollout was drawn with: every log-prob, entropy and KL is
+taken under them, so the first ratio is 1. Each step in detail: docs/internals.md, "rlcli/ppo/learner.py".
 """
 
 from __future__ import annotations

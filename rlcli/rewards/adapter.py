@@ -4,22 +4,10 @@ the base weights for the policy, the reference and the reward model.
     reward:
       adapter: runs/rm          # an `rlcli rm` run with `lora:` on the policy's base (model.name_or_path)
 
-One base, three roles:
-
-- **policy**: the base with the policy's adapter (peft's ``default``), the only adapter that trains;
-- **reference**: the base with *every* adapter off (``ValueHeadModel.reference``: peft's ``disable_adapter``);
-- **reward**: the base with only the reward adapter on, then the adapter's score head (the ``score`` layer that
-  ``rlcli rm`` trained as a ``modules_to_save`` head of a ``SEQ_CLS`` adapter) on the last hidden state at the last
-  real token, the reading ``rlcli rm`` trained (``rewards.reward_model.sequence_scores``).
-
-How the reward forward stays out of the policy's way: it never switches the model's active adapter. It runs the
-model with peft's per-batch ``adapter_names`` routing (every row through the reward adapter alone), which leaves the
-active adapter, and so every ``requires_grad`` flag, untouched; a switch with ``set_adapter`` would flip those flags
-(the reward adapter's on, the policy's off) and, if anything failed half-way, leave the policy's adapter inactive for
-sampling and training. The reward adapter is loaded frozen (``requires_grad`` False, outside the optimizer), its score
-head is a plain module outside the policy, and scoring runs under ``torch.no_grad`` in eval mode; the modules' train
-/ eval flags are put back afterwards. The reward adapter is kept out of the policy's ``peft_config``, so the policy's
-checkpoints and final save hold the policy's adapter only (peft saves every adapter it knows of).
+The policy is the base with its own adapter, the reference the base with every adapter off, the reward the base with
+only the reward adapter on plus its score head. Scoring never switches the active adapter (peft's per-batch
+``adapter_names``), so the policy's ``requires_grad`` flags, mode and saved adapters stay its own. Why:
+docs/internals.md, "rlcli/rewards/adapter.py".
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Score texts with a sequence-classifier reward model: the API PPO uses, and the score reading rlcli rm trains.
 
-    from rlcli.rewards.reward_model import RewardModelScorer
-
-    scorer = RewardModelScorer.from_pretrained("runs/rm", normalize=True)      # an rlcli rm output dir ...
-    scorer = RewardModelScorer.from_pretrained("lvwerra/distilbert-imdb", label="POSITIVE")   # ... or a hub id
+    scorer = RewardModelScorer.from_pretrained("runs/rm", normalize=True)      # an rlcli rm output dir, or a hub id
     scores = scorer(["a text", "another text"])                                # Tensor [2] float32, on CPU
 
-**Where the score is read.** Decoder classifiers in transformers (GPT-2, Llama, Qwen2, ...) compute a score at
-every position and pick the last token that is *not the pad token*. That is wrong whenever the pad token is also
-a real token (GPT-2 style tokenizers use EOS as pad, so a text ending in EOS is read one token early).
-``sequence_scores`` therefore reads the per-position scores of the model's ``score`` head and picks the last
-position whose attention mask is 1, which works with left or right padding and with pad == EOS. Encoders that
-pool the first token (BERT, DistilBERT) are used as they are.
-
-**Truncation.** Texts longer than ``max_length`` tokens lose their start (``truncation_side="left"``), as in
-``rlcli rm`` training, so the end of the response, where the score is read, is always seen. ``max_length``
-defaults to the limit the model was trained with (``reward_stats.json``), else the model's position limit.
-
-**Normalisation.** ``rlcli rm`` writes ``reward_stats.json`` (mean, std and count of the trained model's scores
-over its training texts, chosen and rejected); ``normalize=True`` returns ``(score - mean) / std``.
+``sequence_scores`` reads the score at the last position whose attention mask is 1 (not the last non-pad token, which
+is wrong when PAD = EOS); texts longer than ``max_length`` lose their start; ``normalize=True`` uses the mean and std
+of ``reward_stats.json``. In detail: docs/internals.md, "rlcli/rewards/reward_model.py".
 """
 
 from __future__ import annotations

@@ -3,23 +3,11 @@
     rlcli serve-reward configs/serve_reward.yaml                       # http://127.0.0.1:8000/score
     rlcli serve-reward configs/serve_reward.yaml port=9000 token_env=REWARD_TOKEN
 
-1. the recipe is checked like any other (every problem at once, each at its key); ``--dry-run`` stops here;
-2. the reward is built once, as a run would build it (a function resolved, a model loaded onto ``device``);
-3. the socket is bound (127.0.0.1 unless ``host`` says otherwise) and uvicorn serves a starlette app:
-
-   - ``POST <path>``: the token is checked (401), the body read (413 past ``max_request_mb``) and checked against the
-     contract (400; 413 past ``max_batch_size`` responses), then queued. Requests that arrive within
-     ``batch_wait_ms`` of each other are scored in one call of the reward, up to ``max_batch_size`` responses, one
-     call at a time in one worker thread (a model is not thread-safe, and one batch at a time bounds a GPU's
-     memory). A request the reward rejects (a reward function raising, a non-finite score) gets 422 with the
-     reason; a merged batch that fails is retried request by request, so one bad request fails alone;
-   - ``GET /health``: ``{"status": "ok"}``, without a token.
-
-A reward function served this way must score each response on its own (not relative to the others in its call):
-how requests are cut and merged is the client's and the server's business, not the function's.
-
-uvicorn and starlette are an optional extra (``pip install 'rlcli[serve]'``): imported only here, lazily, and their
-absence is said plainly (``--dry-run`` says it too).
+The recipe is checked like any other (``--dry-run`` stops there), the reward built once, and uvicorn serves
+``POST <path>`` (token, size and contract checked; requests within ``batch_wait_ms`` scored in one call, one call at
+a time; a rejected request gets 422 alone) and ``GET /health``. A served reward function must score each response
+on its own. uvicorn and starlette are the optional extra ``rlcli[serve]``. In detail: docs/internals.md,
+"rlcli/rewards/serve.py".
 """
 
 from __future__ import annotations

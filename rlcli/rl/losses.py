@@ -229,18 +229,14 @@ def ppo_loss(
     the loss, GRPO), minus ``entropy_coef`` × the entropy (``entropy`` given).
 
     Args:
-        logprobs: ``[b, T]`` the current policy's log-probs of the sampled tokens (carries the gradient; 0 off model
-            tokens: ``SamplingRules.logprobs(..., mask=)``).
-        old_logprobs, advantages: ``[b, T]`` from the rollout (constants).
-        mask: ``[b, T]`` 0/1, model tokens.
+        logprobs: ``[b, T]`` the current policy's log-probs of the sampled tokens (gradient; 0 off model tokens).
+        old_logprobs, advantages: ``[b, T]`` from the rollout (constants); mask: ``[b, T]`` 0/1, model tokens.
         settings: the recipe's knobs (``LossSettings``).
         totals: the minibatch's ``total_tokens`` / ``total_sequences`` / ``constant_length`` (``aggregate_loss``).
         values, old_values, returns: ``[b, T]`` the value head's predictions (gradient) and the rollout's (constants).
-        ref_logprobs: ``[b, T]`` the reference's log-probs (constants), for the KL term.
-        kl_coef: β of the KL term.
+        ref_logprobs: ``[b, T]`` the reference's log-probs (constants), for the KL term; kl_coef: its β.
         entropy: ``[b, T]`` the sampling distribution's entropy at each position (gradient).
-        is_weights: ``[b, T]`` importance weights of the policy term (``importance_weights``: tokens drawn by a
-            sampler that is not π_old), constants.
+        is_weights: ``[b, T]`` importance weights of the policy term (``importance_weights``), constants.
 
     Returns:
         ``(loss, parts)``: the 0-dim loss and its parts: ``loss_policy`` / ``loss_value`` / ``loss_kl`` /

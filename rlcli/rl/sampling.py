@@ -1,23 +1,11 @@
 """The behaviour policy: how a model's raw logits become the distribution that tokens are drawn from.
 
-PPO's log-probs, entropy and KL must belong to the distribution the tokens were actually sampled from (rlcli's
-docs/ppo-details.md, item 4). Every rule that restricts or reshapes that distribution therefore lives in one
-object, ``SamplingRules``, and one function, ``SamplingRules.apply``, turns raw logits into the behaviour
-distribution's logits. The sampler calls it at every decoding step; the PPO rollout forward calls it on the
-policy's and on the reference's logits; the training forward calls it again on the current policy's logits. The
-rules that exist:
-
-- ``temperature``: logits are divided by it (0 = greedy, for evaluation only: the log-probs are then those of
-  ``temperature = 1``);
-- ``banned_ids``: never sampled, at any position (``generation.stop_at_eos: false`` bans EOS);
-- ``min_new_tokens`` with ``eos_ids``: EOS is banned at a model turn's first ``min_new_tokens`` positions;
-- ``top_k`` / ``top_p``: keep the k most likely tokens / the smallest set reaching probability p, renormalised.
-
-Position rules need each token's index inside its model turn (``turn_positions``): 0, 1, 2, ... from the start of
-the response, restarting after every run of forced (tool) tokens, exactly as the sampler counts a turn's steps.
-
-Masked tokens get logit ``-inf``: probability 0 and no gradient. A sampled token can never be one of them; a label
-that is (a rollout built by hand that breaks its own rules) gets log-prob ``-inf``, which the PPO learner rejects.
+PPO's log-probs, entropy and KL must belong to the distribution the tokens were sampled from (docs/ppo-details.md,
+item 4), so every rule that reshapes it lives in ``SamplingRules`` and one function, ``SamplingRules.apply``, turns
+raw logits into the behaviour distribution's: the sampler, the rollout forward (policy and reference) and the
+training forward all call it. The rules: ``temperature``, ``banned_ids``, ``min_new_tokens`` with ``eos_ids``,
+``top_k`` / ``top_p``; position rules count within a model turn (``turn_positions``). Masked tokens get logit
+``-inf``. In detail: docs/internals.md, "rlcli/rl/sampling.py".
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
 """OpenEnv environments as stateful environments: ``env.environment: {spec: builtin:openenv, options: {...}}``
-(``pip install 'rlcli[openenv]'``, then ``pip install --no-deps openenv==0.10.0``), in-process from an
-``Environment`` class or through OpenEnv's own client against a running server, one episode per environment
-instance or WebSocket session.
+(``pip install 'rlcli[openenv]'``, then ``pip install --no-deps openenv==0.10.0``).
 
-- in-process: ``environment: path/to/file.py:MyEnv`` (or ``module:MyEnv``), constructed once per episode with
-  ``environment_options``; its ``step`` gets an instance of its ``Action`` class (``action_class``, else the
-  annotation of ``step``'s ``action`` parameter);
-- remote: ``url: http://host:port``: a ``GenericEnvClient`` session per episode (``connect_timeout_s``,
-  ``message_timeout_s``), at most ``max_sessions`` open at once in this process; the action's JSON schema comes
-  from the server's ``/schema``.
-
-The model acts in one of two ways (``action``): ``tool``: it calls a tool (``tool_name``) whose arguments are the
-Action's fields, described to the model from the Action's schema, and the observation is the tool's answer;
-``text``: each plain turn is the action, put into ``action_field`` (a string field), and the observation is the
-next user turn. ``reset(**row)`` passes the row's ``reset_keys`` (``seed`` by default) to the environment's reset and
-shows the first observation after the prompt. The observation's ``done`` ends the episode; its step rewards make
-the episode's reward, summed or the last one (``reward: sum | last``).
-
-A failure of the environment (a server that dies or stops answering, a session refused at capacity, a step that
-raises) fails the episode it happened in (``env_error``, ``reward.failure_score``); the run and the other episodes
-go on.
+In-process from an ``Environment`` class (``environment: file.py:MyEnv``), or remote through OpenEnv's client
+(``url:``), one instance or WebSocket session per episode. The model acts by calling a tool whose arguments are the
+Action's fields (``action: tool``) or with each plain turn as the action (``action: text``); the observation's
+``done`` ends the episode and its step rewards make the episode's reward. A failure of the environment fails its
+episode, never the run. The options in full: docs/internals.md, "rlcli/tasks/openenv.py".
 """
 
 from __future__ import annotations

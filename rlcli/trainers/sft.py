@@ -9,8 +9,8 @@ Steps of ``train``:
   1. check the recipe and the output dir; set up Accelerate and seeds
   2. tokenizer, rows -> tokenized examples (train / eval)
   3. model (+ LoRA), optimiser, LR schedule; restore a checkpoint on --resume
-  4. for each optimizer step (``trainers.supervised.supervised_steps``): take the step's global batch from a seeded index
-     stream, split it across processes and into micro-batches, accumulate gradients with the loss normalised by
+  4. for each optimizer step (``trainers.supervised.supervised_steps``): take the step's global batch from a seeded
+     index stream, split it across processes and into micro-batches, accumulate gradients with the loss normalised by
      the number of target tokens in the *global* batch (so 1 process × 4 micro-batches == 2 processes × 2), clip,
      step
   5. log, evaluate, checkpoint on schedule (``trainers.run.Run``)
