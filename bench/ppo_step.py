@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     recipe = load_recipe(PPORecipe, args.recipe, args.overrides)
     notes = preflight(recipe)
     device = args.device
-    set_tf32(recipe.train.tf32)  # as make_accelerator does for `rlcli ppo`
+    set_tf32(recipe.train.tf32)  # as rlcli.parallel.Parallel does for `rlcli ppo`
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=recipe.train.mixed_precision)
     # the dtype the training matmuls run in: bf16 / fp16 under autocast, else float32 (TF32 on CUDA when allowed)
     mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision, torch.float32)

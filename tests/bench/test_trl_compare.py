@@ -13,7 +13,7 @@ import pytest
 
 from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
