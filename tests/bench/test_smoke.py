@@ -3,7 +3,7 @@ here and not the next time someone measures. The figures are not checked (they a
 that the script finishes and prints its report.
 
 Not run here: ``trl_compare.py`` / ``trl011_ppo.py`` need TRL virtualenvs built from PyPI (their cheap parts are
-tested in ``test_trl_compare.py`` / ``test_trl011_ppo.py``, and ``--help`` below imports them); ``gpu_session.sh``
+tested in ``test_trl_compare.py`` / ``test_trl011_ppo.py``, and ``--help`` below imports them); ``gpu.sh``
 needs a CUDA GPU; ``multiprocess_exit.sh`` repeats a two-process PPO run 15 times, which is what it measures."""
 
 from __future__ import annotations

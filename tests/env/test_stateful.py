@@ -257,9 +257,9 @@ def test_chat_protocol_renders_observations_as_user_turns(tok):
 
 
 def test_chat_observation_after_a_turn_cut_at_its_budget(tok):
-    """Issue 22: a chat turn that ran out of tokens (no end-of-turn token sampled) and was answered by ``_respond``
-    failed the whole rollout: the template closes that turn with its end-of-turn token, which the episode holds as
-    forced text, but the check of the episode's tokens expected the model's tokens alone there."""
+    """A chat turn that ran out of tokens (no end-of-turn token sampled) and is answered by ``_respond`` does not fail
+    the rollout: the template closes that turn with its end-of-turn token, which the episode holds as forced text, so
+    the check of the episode's tokens must accept forced text after the model's tokens there."""
     hermes = hermes_tokenizer()
     template = ChatTemplate.of(hermes)
     envs = Environments(kinds(Game), "environment", 5.0)

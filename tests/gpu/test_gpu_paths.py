@@ -2,7 +2,7 @@
 memory saving, the LoRA reference that holds no second copy of the weights, and sampler log-probs that match the
 training forward pass with CUDA kernels (float32 and bf16 autocast).
 
-Skipped without CUDA; run them with ``pytest tests/gpu`` (or ``bash bench/gpu_session.sh``) on a GPU machine.
+Skipped without CUDA; run them with ``pytest tests/gpu`` (or ``bash bench/gpu.sh``) on a GPU machine.
 """
 
 from __future__ import annotations

@@ -195,8 +195,8 @@ class _FakeLLM:
 
 def test_vllm_sleep_mode_frees_the_engine_once_per_step(tmp_path, monkeypatch):
     """generation.vllm.sleep_between_steps: the engine sleeps after every step's rollouts (while the optimizer runs)
-    and wakes before the next step's weights go in; it never samples asleep. (Issue 19, finding 6: release was never
-    called, so the engine slept at most once and memory was never freed between steps.)"""
+    and wakes before the next step's weights go in; it never samples asleep. Release is called every step, so memory is
+    freed between steps, not at most once."""
     import rlcli.trainers.ppo as ppo
     from rlcli.models.engines import VLLMEngine, VLLMSettings
     from rlcli.ppo.rollout import _lm

@@ -166,7 +166,7 @@ def test_overwrite_moves_the_old_run_aside_until_the_new_one_stands(finished_run
 
 
 def test_two_runs_started_together_into_one_dir_one_is_refused(tmp_path):
-    """Started 0.1 s apart, both used to pass the in-use check; now exactly one runs, the other is told why, and
+    """Started 0.1 s apart (both inside the window of an unlocked in-use check): exactly one runs, the other is told why, and
     the directory holds the winner's run only (its recipe, its metrics once each)."""
     import subprocess
     import sys

@@ -217,8 +217,8 @@ def test_a_token_the_rules_forbid_is_refused():
 
 
 def test_reinforce_pp_with_group_scaling_runs():
-    """A recipe the schema accepts runs (issue 19, finding 4: reinforce_pp + advantage_scaling=group raised
-    'scale "group" needs the scores' at step 1; the arithmetic: tests/rl/test_estimators.py)."""
+    """A recipe the schema accepts runs: reinforce_pp + advantage_scaling=group gets the scores it scales by (the
+    arithmetic: tests/rl/test_estimators.py)."""
     tok, policy, learner = _setup(advantage="reinforce_pp", group_size=2, advantage_scaling="group", kl_coef=0.0)
     rollout, _ = _rollout(tok, policy)
     stats = learner.step(rollout, torch.arange(8.0))
@@ -267,7 +267,7 @@ def test_a_non_finite_gradient_norm_skips_the_minibatch():
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 
 
-# --- the loss assembly on hand-computed numbers (issue 19: tests that catch a wrong sign) -------------------------
+# --- the loss assembly on hand-computed numbers (tests that catch a wrong sign) ------------------------------------
 
 def _critic_free_setup(kl: KLConfig, lr: float = 1e-3, **algo):
     """A learner without value head (critic-free), plain SGD and no gradient clipping, so that an update is exactly
@@ -319,7 +319,7 @@ def _forward(kl: torch.Tensor):
 ])
 def test_critic_free_sequence_reward_is_the_score_minus_beta_times_the_kl(estimator, per_row):
     """The policy pays beta for every nat it moves away from the reference: of two completions with the same score,
-    the one with more KL gets the lower advantage (issue 19: a flipped sign here passed every test)."""
+    the one with more KL gets the lower advantage (a flipped sign here must fail)."""
     _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="reward", estimator="k1"), advantage=estimator,
                                        batch_size=4, advantage_scaling="none")
     rewards, advantages, returns = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
@@ -382,7 +382,7 @@ def _kl_loss_update(coef: float):
 
 
 def test_loss_mode_kl_gradient_pulls_the_policy_towards_the_reference():
-    """The KL term of the loss carries a gradient (issue 19: a detached KL term passed every test), it points towards
+    """The KL term of the loss carries a gradient (a detached KL term must fail), it points towards
     the reference (the KL falls after one step that has no other signal), and it scales with beta."""
     mask, kl_before, kl_after, delta, stats = _kl_loss_update(coef=1.0)
     assert stats["loss_policy"] == 0.0 and stats["loss_kl"] > 0

@@ -151,8 +151,8 @@ def test_a_run_killed_before_its_first_checkpoint_says_what_to_do_and_is_reused(
 
 
 def test_resume_never_goes_backwards(sft_run, tmp_path, monkeypatch):
-    """A finished 4-step run (checkpoint at step 2) resumed to 3 steps used to show "2/3"... "4/3", replace the
-    finished weights with older ones and cut metrics.jsonl: now refused (or nothing to do), nothing changes."""
+    """A finished 4-step run (checkpoint at step 2) resumed to 3 steps is refused (or has nothing to do) and nothing
+    changes: no "2/3"... "4/3" progress, no finished weights replaced by older ones, no metrics.jsonl cut."""
     out = tmp_path / "finished"
     shutil.copytree(sft_run, out)
     before = snapshot(out)

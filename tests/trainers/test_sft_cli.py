@@ -99,7 +99,7 @@ def test_accelerate_two_processes_match_one(tmp_path):
     order differs)."""
     common = ["logging.progress=false", "train.max_steps=20", "train.save_every=null", "train.eval_every=null", *NO_DROPOUT]
     out = tmp_path / "ddp"
-    # the issue's command: Accelerate's own CPU launcher starts one process, rlcli then starts the two asked for;
+    # a user's command: Accelerate's own CPU launcher starts one process, rlcli then starts the two asked for;
     # they meet on a free port, so a port taken by another listener (a second run on the machine) does not matter
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))

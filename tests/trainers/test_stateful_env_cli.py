@@ -1,4 +1,4 @@
-"""A stateful environment under the combinations users run it in (issue 22, point 4): PPO with a value head, GRPO
+"""A stateful environment under the combinations users run it in: PPO with a value head, GRPO
 and RLOO through the tag, chat and JSON protocols, rollouts through another engine (the vLLM slot),
 ``rlcli env-rollout`` with ``accept_min_reward`` into ``rlcli sft``, ``--resume`` after a kill, and two processes.
 
