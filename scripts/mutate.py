@@ -67,7 +67,7 @@ DEFAULT_TARGETS = [
     "rlcli/ppo/build.py:optimizer_groups",
     "rlcli/parallel.py:clip_and_step",
 ]
-DEFAULT_TESTS = ["tests/rl", "tests/ppo", "tests/trainers/test_ppo_learner.py", "tests/test_parallel.py"]
+DEFAULT_TESTS = ["tests/rl", "tests/ppo/test_learner.py", "tests/test_parallel.py"]
 EQUIVALENT_FILE = REPO / "scripts" / "mutate_equivalent.txt"
 # imported once by the forking parent, so that each mutant's run skips them (never anything under rlcli/)
 PRELOAD = ["numpy", "torch", "yaml", "pytest", "transformers", "accelerate",

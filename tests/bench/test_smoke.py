@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run
+from tests.helpers import run
 
 TINY_PPO = ["configs/tiny/ppo.yaml", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.epochs=1",
             "generation.max_new_tokens=4", "generation.min_new_tokens=4"]

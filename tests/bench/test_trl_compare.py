@@ -7,13 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
-from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
-
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from rlcli.config.errors import UserError
 from rlcli.data.sources import load_rows, row_ref
-from tests.conftest import REPO, plain, run_cli
+from tests.helpers import REPO, plain, run_cli
 
 
 def _jsonl(path, rows):

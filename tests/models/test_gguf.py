@@ -10,7 +10,7 @@ from rlcli.config.common import ModelConfig
 from rlcli.config.errors import Problem, UserError
 from rlcli.models import convert
 from rlcli.models.loading import check_model_config, load_tokenizer, model_task, source_kind
-from tests.smollm2 import SMOLLM2, smollm2_dir  # noqa: F401  (a session fixture)
+from tests.helpers import SMOLLM2
 
 # ruff: noqa: F811  (the tests take the imported fixture as an argument)
 

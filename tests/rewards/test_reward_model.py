@@ -17,7 +17,7 @@ from rlcli.rewards.reward_model import (
     save_reward_stats,
     sequence_scores,
 )
-from tests.conftest import float32_rounding_bound
+from tests.helpers import float32_rounding_bound
 
 CONFIGS = {
     "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
@@ -31,7 +31,7 @@ TEXTS = ["sort: 3 1 2\n1 2 3", "hi", "a somewhat longer text than the others", "
 
 def _rounding(reference: torch.Tensor) -> float:
     """Batched vs one-by-one, padded left vs right: the same scores summed in another order (widest reduction: the
-    MLPs' 64; at most 2 layers): tests/conftest.float32_rounding_bound."""
+    MLPs' 64; at most 2 layers): tests/helpers.float32_rounding_bound."""
     return float32_rounding_bound(reference, width=64, layers=2)
 
 

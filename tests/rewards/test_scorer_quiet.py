@@ -7,7 +7,7 @@ from transformers.utils import logging as hf_logging
 from rlcli.config.common import ModelConfig
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.rewards.reward_model import RewardModelScorer
-from tests.conftest import TINY_GPT2
+from tests.helpers import TINY_GPT2
 
 
 def test_from_pretrained_draws_no_progress_bar(tmp_path, capfd):

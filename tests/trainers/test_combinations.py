@@ -17,8 +17,8 @@ import math
 
 import pytest
 
-from tests.conftest import REPO, read_metrics
-from tests.tokenizer_kinds import KINDS, save_tokenizer
+from tests.helpers import REPO, read_metrics
+from tests.helpers import KINDS, save_tokenizer
 
 FACTORS = {
     "tokenizer": KINDS,
@@ -150,7 +150,7 @@ def test_cell(cell, tokenizers, tmp_path, monkeypatch):
      "generation.min_new_tokens", "no turn could end"),
 ])
 def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monkeypatch):
-    from tests.conftest import invoke_cli
+    from tests.helpers import invoke_cli
 
     code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "--dry-run", *overrides, monkeypatch=monkeypatch)
     text = " ".join((out + err).split())
@@ -159,7 +159,7 @@ def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monk
 
 def test_generation_max_new_tokens_with_env_is_a_note(monkeypatch):
     """A base recipe's generation.max_new_tokens is legal with env, but not what bounds a turn: said, not refused."""
-    from tests.conftest import invoke_cli
+    from tests.helpers import invoke_cli
 
     code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "--dry-run", "env.tools={Calculator: calculator}",
                                 "env.max_length=120", monkeypatch=monkeypatch)

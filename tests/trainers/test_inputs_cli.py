@@ -1,6 +1,6 @@
-"""Inputs that would pass a schema check and then crash or be misread, each refused by ``--dry-run``: prompts longer than the model's positions
-leave room for (an IndexError in the sampler), duplicate YAML keys (the last silently won), empty data and eval
-files. Each is one paragraph naming what and where, no traceback."""
+"""Inputs that pass a schema check and would then crash or be misread, each refused by ``--dry-run``: prompts longer
+than the model's positions leave room for (an IndexError in the sampler), duplicate YAML keys (the last would silently
+win), empty data and eval files. Each is one paragraph naming what and where, no traceback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import invoke_cli, plain, run_cli
+from tests.helpers import invoke_cli, plain, run_cli
 
 PPO = "configs/tiny/ppo.yaml"
 ONE_STEP = ["ppo.steps=1", "ppo.batch_size=16", "ppo.mini_batch_size=16", "logging.progress=false",

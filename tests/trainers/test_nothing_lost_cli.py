@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli, plain, read_metrics, run_cli, snapshot
+from tests.helpers import REPO, invoke_cli, plain, read_metrics, run_cli, snapshot
 
 SFT = "configs/tiny/sft.yaml"
 PPO = "configs/tiny/ppo.yaml"

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli, plain, run_cli, snapshot
+from tests.helpers import REPO, invoke_cli, plain, run_cli, snapshot
 
 TINY = "configs/tiny/sft.yaml"
 QUICK = ["train.max_steps=2", "train.save_every=null", "data.eval_fraction=0", "logging.progress=false"]

@@ -11,7 +11,7 @@ import pytest
 
 from rlcli.config.loader import load_recipe, recipe_to_yaml
 from rlcli.config.errors import UserError
-from tests.conftest import REPO, invoke_cli, kill_when, plain, read_metrics, run_cli, snapshot
+from tests.helpers import REPO, invoke_cli, kill_when, plain, read_metrics, run_cli, snapshot
 
 SFT = "configs/tiny/sft.yaml"
 QUICK = ["train.max_steps=4", "train.save_every=2", "data.eval_fraction=0", "logging.progress=false"]

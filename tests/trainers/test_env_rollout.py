@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import plain, run_cli, snapshot
+from tests.helpers import plain, run_cli, snapshot
 
 RECIPE = "configs/calculator_eval.yaml"
 SCRATCH = ["model.name_or_path=null", "model.architecture=gpt2", "model.tokenizer=byte",
