@@ -207,8 +207,9 @@ def test_update_does_not_depend_on_micro_batch_size():
 def test_kl_watch_flags_a_stale_sampler_once():
     """A deliberately broken sampler: it keeps drawing from the initial weights while the policy trains (a weight
     sync that never happens). The mean KL, E_stale[log pi - log ref] = -KL(ref || pi), goes negative; the learner
-    flags it exactly once, at the third step in a row below -0.1, and counts every such step."""
-    tok, policy, learner = _setup(lr=3e-3)
+    flags it exactly once, at the third step in a row below -0.1, and counts every such step. (One micro-batch per
+    minibatch: the same updates in fewer passes, see test_update_does_not_depend_on_micro_batch_size.)"""
+    tok, policy, learner = _setup(lr=3e-3, micro_batch_size=4)
     stale = learner.ref_model.pretrained  # the initial weights
     q, qm = left_pad([tok(f"prompt {i}")["input_ids"] for i in range(8)], tok.pad_token_id)
     kls, warnings, counts = [], [], []
@@ -232,7 +233,7 @@ def test_kl_watch_flags_a_stale_sampler_once():
 
 
 def test_kl_watch_stays_quiet_on_an_honest_run():
-    tok, policy, learner = _setup(lr=3e-3)
+    tok, policy, learner = _setup(lr=3e-3, micro_batch_size=4)
     for step in range(6):
         rollout, _ = _rollout(tok, policy)
         stats = learner.step(rollout, torch.randn(8, generator=torch.Generator().manual_seed(step)))
@@ -737,7 +738,8 @@ def test_warmup_needs_a_critic_group():
 
 
 def test_explained_variance_and_value_error_are_logged_and_a_bad_critic_is_warned_about_once():
-    tok, policy, learner = _setup(lr=1e-9)
+    # the statistics come from the rollout forward before the update: one epoch of one micro-batch per minibatch
+    tok, policy, learner = _setup(lr=1e-9, epochs=1, micro_batch_size=4)
     rollout, _ = _rollout(tok, policy)
     mask = rollout.model_mask.float()
     fwd = learner.rollout_forward(rollout)
