@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, SMOLLM2
+from tests.helpers import REPO, SMOLLM2, run_cli
 
 
 @pytest.fixture
@@ -27,3 +27,19 @@ def smollm2_dir():
     if gguf_problem() is not None:
         pytest.skip(gguf_problem())
     return converted_model_dir(SMOLLM2["name_or_path"], SMOLLM2["gguf_file"])
+
+
+FINISHED_SFT = ["sft", "configs/tiny/sft.yaml", "train.max_steps=4", "train.save_every=2", "data.eval_fraction=0",
+                "logging.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def finished_sft_run(tmp_path_factory) -> Path:
+    """A finished tiny SFT run: ``FINISHED_SFT`` (4 steps, checkpoints at steps 2 and 4, no eval), the run the resume,
+    output-dir and nothing-lost tests start from. Shared by them all: a test that changes it works on a copy
+    (``tests.helpers.copy_run``)."""
+    out = tmp_path_factory.mktemp("finished-sft") / "run"
+    res = run_cli(*FINISHED_SFT, f"output_dir={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+

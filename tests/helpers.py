@@ -145,6 +145,15 @@ def snapshot(path: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(path)): (None if p.is_dir() else p.read_bytes()) for p in sorted(path.rglob("*"))}
 
 
+def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
+    """A copy of the run directory ``run`` at ``tmp_path / name``, for a test that changes it."""
+    import shutil
+
+    out = Path(tmp_path) / name
+    shutil.copytree(run, out, symlinks=True)
+    return out
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
