@@ -129,7 +129,8 @@ def _reference_logprobs(logits: torch.Tensor, tokens: torch.Tensor, turn_pos: to
         ok = torch.ones_like(z, dtype=torch.bool)
         if eos_id in rules.banned_ids or (pos < rules.min_new_tokens and eos_id in rules.eos_ids):
             ok[eos_id] = False
-        order = sorted((i for i in range(len(z)) if ok[i]), key=lambda i: -float(z[i]))
+        zs, oks = z.tolist(), ok.tolist()  # Python floats: the sort below is plain Python, one number at a time
+        order = sorted((i for i in range(len(zs)) if oks[i]), key=lambda i: -zs[i])
         if rules.top_k:
             order = order[: rules.top_k]
         if rules.top_p < 1.0:
