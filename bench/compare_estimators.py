@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", default=None, help="estimators to run (default: all)")
     parser.add_argument("--out", default=None, help="run directory (default runs/compare-TASK)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE overrides for every run")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from OUT/summary.json")
     parser.add_argument("--reuse-gae", default=None, metavar="SUMMARY",
                         help="take gae's runs of these seeds from a bench/ppo_seeds.py summary.json (same recipe)")
@@ -96,7 +97,7 @@ def main() -> None:
             recipe, extra = RUNS[args.task][name]
             results = []
             for seed in args.seeds:
-                results.append(run(seed, out, extra, recipe=recipe, label=name))
+                results.append(run(seed, out, [*extra, *args.set], recipe=recipe, label=name))
                 r = results[-1]
                 print(f"{name} seed {seed}: final {r['final_reward']:.3g}, {sum(r['step_seconds']):.0f} s of steps",
                       flush=True)

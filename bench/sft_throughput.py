@@ -14,8 +14,8 @@ What runs is the inner loop of ``rlcli sft`` (rlcli/trainers/sft.py, step 4) on 
   151936, tied embeddings; rope and the rest at transformers' qwen2 defaults). ``--config KEY=VALUE`` changes any
   field, checked by ``check_model_config`` like a recipe's ``model.config``. ``load_model`` sizes the vocabulary
   from the tokenizer, so it gets a stand-in that only has a length (``vocab_size``) and special-token ids;
-- ``Accelerator(mixed_precision=...)`` as in ``make_accelerator``: bf16 autocast on GPU by default, float32 master
-  weights, gradients and AdamW state; ``set_tf32`` as ``train.tf32`` (default on) sets it;
+- ``Accelerator(mixed_precision=...)`` as ``rlcli.parallel.Parallel`` builds it: bf16 autocast on GPU by default,
+  float32 master weights, gradients and AdamW state; ``set_tf32`` as ``train.tf32`` (default on) sets it;
 - AdamW and the LR schedule from ``make_optimizer`` with the recipe defaults (``OptimConfig()``), gradient
   clipping at ``max_grad_norm`` 1.0 through ``accelerator.clip_grad_norm_``;
 - the loss is the trainer's: the model's token cross-entropy summed and divided by the number of target tokens of
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
 
-    # as make_accelerator does for a recipe (train.tf32, train.mixed_precision), on the chosen device
+    # as rlcli.parallel.Parallel does for a recipe (train.tf32, train.mixed_precision), on the chosen device
     set_tf32(args.tf32)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=args.mixed_precision)
     set_seed(args.seed, device_specific=True)

@@ -1,4 +1,4 @@
-"""The tiny PPO step of ``rlcli ppo`` against TRL 0.11's classic ``PPOTrainer`` on the same work (issue 23): a GPT-2
+"""The tiny PPO step of ``rlcli ppo`` against TRL 0.11's classic ``PPOTrainer`` on the same work: a GPT-2
 of 4 layers × 256 width built from scratch, 64 episodes × 32 new tokens per step, minibatches of 32, 4 PPO epochs,
 float32 on CPU. Each side runs in a process of its own, alternately; step time, peak resident memory and the reward
 per step, then (``--profile``) rlcli's own step profile (``bench/ppo_step.py``) on the same setting.
@@ -61,7 +61,7 @@ import tempfile
 
 TRL_VERSION = "0.11.4"
 TORCH_VERSION = "2.13.0"
-# what installs and imports cleanly with torch 2.13 and TRL 0.11.4 (checked 2026-12-04)
+# what installs and imports cleanly with torch 2.13 and TRL 0.11.4
 TRL_STACK = {"transformers": "4.46.3", "tokenizers": "0.20.3", "accelerate": "1.16.0", "datasets": "5.0.1",
              "huggingface_hub": "0.36.2", "tyro": "1.0.17", "rich": "15.0.0"}
 DEFAULT_VENV = Path.home() / ".cache" / "rlcli" / f"bench-venv-trl-{TRL_VERSION.rsplit('.', 1)[0]}"

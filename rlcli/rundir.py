@@ -231,7 +231,7 @@ def _flock(path: Path, *, exclusive: bool) -> int:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise InUse(str(path)) from None
             raise
-        try:  # the holder before us may have removed the file after we opened it: lock the one on disk
+        try:  # the previous holder may have removed the file after this one opened it: lock the one on disk
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False

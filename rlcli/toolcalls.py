@@ -246,7 +246,7 @@ def tool_schema(fn: Callable, name: str | None = None) -> dict[str, Any]:
     target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
     try:
         hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations only cost us the types
+    except Exception:  # unresolvable annotations only cost the types
         hints = {}
     doc = inspect.getdoc(fn) or ""
     arg_docs = _parse_args_section(doc)

@@ -5,7 +5,7 @@
     python scripts/mutate.py --only 17             # run mutant 17 alone (its number in --list)
     python scripts/mutate.py --targets rlcli/rl/kl.py --report /tmp/kl.json
 
-A small mutator of our own on the standard library's ``ast``: mutmut and cosmic-ray are heavy dependencies, rewrite
+A small mutator on the standard library's ``ast``: mutmut and cosmic-ray are heavy dependencies, rewrite
 whole files through their own parsers and runners, and handle torch code poorly (their operators know nothing about
 ``.detach()``, ``torch.maximum`` or ``@torch.no_grad``, and their per-mutant runners re-import torch every time).
 
@@ -67,7 +67,7 @@ DEFAULT_TARGETS = [
     "rlcli/ppo/build.py:optimizer_groups",
     "rlcli/parallel.py:clip_and_step",
 ]
-DEFAULT_TESTS = ["tests/rl", "tests/ppo", "tests/trainers/test_ppo_learner.py", "tests/test_parallel.py"]
+DEFAULT_TESTS = ["tests/rl", "tests/ppo/test_learner.py", "tests/test_parallel.py"]
 EQUIVALENT_FILE = REPO / "scripts" / "mutate_equivalent.txt"
 # imported once by the forking parent, so that each mutant's run skips them (never anything under rlcli/)
 PRELOAD = ["numpy", "torch", "yaml", "pytest", "transformers", "accelerate",

@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 

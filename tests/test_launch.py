@@ -10,7 +10,7 @@ import pytest
 
 from rlcli import launch
 from rlcli.launch import check_launch, detect_launch
-from tests.conftest import REPO, TINY_GPT2, accelerate_launch, plain, run_cli, write_yaml
+from tests.helpers import REPO, TINY_GPT2, accelerate_launch, plain, run_cli, write_yaml
 
 PRESETS = REPO / "configs" / "accelerate"
 

@@ -39,7 +39,7 @@ def test_a_non_finite_gradient_under_fp16_is_skipped_and_the_next_step_runs(fp16
     assert par.accelerator.scaler.get_scale() == 512.0  # the scaler saw the inf and halved its scale
     assert all(p.grad is None for p in model.parameters())
 
-    # the next step unscales again (it raised "unscale_() has already been called" before the fix), clips the true
+    # the next step unscales again (not "unscale_() has already been called"), clips the true
     # gradient norm (not the scaled one: 512 × larger) and steps
     loss = model(x).pow(2).mean()
     par.backward(model, loss)

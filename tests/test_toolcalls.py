@@ -1,4 +1,5 @@
-"""Reading tool calls from a model's text (every parser), and tool schemas from functions."""
+"""Reading tool calls from a model's text (every parser: tag, JSON, Hermes, Llama-3, plug-ins), and tool schemas from
+functions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,77 @@ import pytest
 
 from rlcli.config.errors import UserError
 from rlcli.env.protocols import JsonProtocol
-from rlcli.toolcalls import Malformed, ToolCall, hermes_calls, llama3_json_calls, load_parser, tool_schema
+from rlcli.toolcalls import (
+    Malformed,
+    Submit,
+    ToolCall,
+    hermes_calls,
+    json_calls,
+    llama3_json_calls,
+    load_parser,
+    tag_calls,
+    tool_schema,
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("let me compute <request><Calculator>1 + 2<call>", [ToolCall("Calculator", "1 + 2")]),
+        ("<request><Search>multi\nline<call>", [ToolCall("Search", "multi\nline")]),
+        ("<request><Search><call>", [ToolCall("Search", "")]),
+        ("The answer is 3<submit>", [Submit("The answer is 3")]),
+        ("plain text, no call", []),
+    ],
+)
+def test_tag_parser_reads_calls_and_submissions(text, expected):
+    assert tag_calls(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("<request><Calculator>1 + 2", "unclosed"),
+        ("<request>1 + 2<call>", "<ToolName>"),
+        ("1 + 2<call>", "without a <request>"),
+    ],
+)
+def test_tag_parser_names_what_is_malformed(text, reason):
+    [result] = tag_calls(text)
+    assert isinstance(result, Malformed) and reason in result.reason
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', [ToolCall("add", {"a": 1, "b": 2})]),
+        ('thinking...\n<tool_call>\n{"name": "now"}\n</tool_call>', [ToolCall("now", {})]),
+        ('<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}</tool_call>', [ToolCall("add", {"a": 1})]),
+        ("The answer is 3.", []),
+    ],
+)
+def test_json_parser_reads_calls(text, expected):
+    assert json_calls(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('<tool_call>{"name": "add", "arguments": {"a": 1</tool_call>', "not valid JSON"),
+        ('<tool_call>{"arguments": {}}</tool_call>', 'no "name"'),
+        ("<tool_call>[1, 2]</tool_call>", "JSON object"),
+        ('<tool_call>{"name": "add", "arguments": [1]}</tool_call>', '"arguments" must be'),
+        ('<tool_call>{"name": "add"', "unclosed"),
+    ],
+)
+def test_json_parser_names_what_is_malformed(text, reason):
+    [result] = json_calls(text)
+    assert isinstance(result, Malformed) and reason in result.reason
+
+
+def test_json_parser_submit_marker():
+    assert json_calls("42<done>", submit="<done>") == [Submit("42")]
+    assert JsonProtocol(submit="<done>").stop_strings == ("</tool_call>", "<done>")
 
 
 def test_hermes_parser_reads_every_call_and_names_what_is_wrong():

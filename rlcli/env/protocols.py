@@ -108,7 +108,7 @@ class PlainText:
     turn's tokens decoded as they are, ``parse(text) -> [ToolCall | Malformed | Submit]`` on a turn that did not end
     at EOS, and ``format_response(output)`` per call as the answer (cut to the room the episode has left). A
     protocol adds ``stop_strings``, ``parse``, ``format_response`` and ``system_prompt``: ``TagProtocol``,
-    ``JsonProtocol``, and plain-text protocols of your own (tests/trainers/test_behaviour_policy.py has one)."""
+    ``JsonProtocol``, and plain-text protocols of your own (tests/ppo/test_behaviour_policy.py has one)."""
 
     parse: Callable[[str], list[Parsed]]
     format_response: Callable[[str], str]

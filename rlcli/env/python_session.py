@@ -117,7 +117,7 @@ class PythonSession:
             raise TimeoutError(f"{sandbox.timed_out(self._timeout_s)}; the session was restarted and its variables "
                                "are gone")
         if not answered:
-            # a moment to exit by itself, so that its own exit code or signal is told, not our kill
+            # a moment to exit by itself, so that its own exit code or signal is told, not the kill
             how = str(interpreter.stop()) if interpreter.exited_within(5) else "it stopped answering"
             self._close()
             self._lost = "[the previous session ended: this is a new one, its variables are gone]"

@@ -150,7 +150,7 @@ class ToolRunner:
 
     def _truncate(self, result: ToolResult, cut_chars: int = 0) -> ToolResult:
         """Cut to ``max_output_tokens``; ``cut_chars``: characters the child already dropped before sending."""
-        # Only what the tool itself returned is capped; our own error texts are short by construction.
+        # Only what the tool itself returned is capped; rlcli's own error texts are short by construction.
         if result.status not in (ToolOutcome.OK, ToolOutcome.BAD_OUTPUT):
             return result
         text, cap = result.output, self.max_output_tokens

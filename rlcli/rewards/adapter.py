@@ -71,7 +71,7 @@ def check_reward_adapter(recipe) -> list[Problem]:
 
     launch = detect_launch()
     if launch.kind == "fsdp" or (launch.kind == "deepspeed" and launch.zero_stage == 3):
-        problems.append(Problem(key, f"not supported under {launch.describe()} yet: the reward forward runs the "
+        problems.append(Problem(key, f"not supported under {launch.describe()}: the reward forward runs the "
                                           "policy's model outside the sharded engine, where its weights are shards "
                                           "(use DDP or DeepSpeed ZeRO-1/2, or reward.model)"))
     if getattr(model, "architecture", None) is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import plain, run_cli
+from tests.helpers import plain, run_cli
 
 
 def test_explain_a_key_a_section_and_a_typo():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_the_recipe_reference_is_current():

@@ -7,7 +7,7 @@ import pytest
 
 from rlcli.config import RecipeError, load_recipe
 from rlcli.config.sft import SFTRecipe
-from tests.conftest import REPO, plain, run_cli
+from tests.helpers import REPO, plain, run_cli
 
 TINY = REPO / "configs/tiny/sft.yaml"
 

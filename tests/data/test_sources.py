@@ -8,7 +8,7 @@ import pytest
 
 from rlcli.config.errors import UserError
 from rlcli.data.sources import load_rows, row_ref
-from tests.conftest import REPO, plain, run_cli
+from tests.helpers import REPO, plain, run_cli
 
 
 def _jsonl(path, rows):
@@ -16,7 +16,7 @@ def _jsonl(path, rows):
 
 
 def _mixed_dir(tmp_path):
-    """The issue's directory: 20 JSON-lines rows and two 1-row CSV files of the same columns."""
+    """A data directory as users have them: 20 JSON-lines rows and two 1-row CSV files of the same columns."""
     d = tmp_path / "mixed"
     d.mkdir()
     _jsonl(d / "a.jsonl", [{"prompt": f"p{i} ", "completion": f"c{i}"} for i in range(20)])

@@ -15,6 +15,7 @@ from rlcli.env import (
     TextEnvironment,
     histories_to_rollout,
 )
+from tests.helpers import ids
 
 
 def echo(text: str) -> str:
@@ -39,10 +40,6 @@ def number(text: str) -> int:
 
 
 TOOLS = {"Echo": echo, "Boom": boom, "Hang": hang, "Huge": huge, "Number": number}
-
-
-def ids(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 KINDS = ["call", "unknown", "malformed", "boom", "bad", "huge", "submit", "eos", "free"]

@@ -182,7 +182,7 @@ def test_setsid_descendants_die_with_the_interpreter(kind, then, sandboxed, monk
     """The tool's interpreter ends with the call, the session's with the episode or at a call's time limit."""
     if sandboxed and PROBLEM is not None:
         pytest.skip(PROBLEM)
-    if not sandboxed:  # the plain subprocess: its setsid() grandchild used to outlive the call
+    if not sandboxed:  # the plain subprocess: its setsid() grandchild must not outlive the call
         monkeypatch.setattr(sandbox, "BWRAP", "rlcli-test-no-such-bwrap")
     runner = make_runner(kind, sandboxed, timeout_s=2.0)
     assert runner.sandboxed == sandboxed
@@ -324,7 +324,7 @@ def _process_limit_binds() -> bool:
 
 @needs_sandbox
 def test_a_fork_bomb_stops_at_the_process_limit(python):
-    """The session's interpreter used to skip the pids cgroup: as root (exempt from RLIMIT_NPROC) it forked 200."""
+    """The session's interpreter is in the pids cgroup too: as root (exempt from RLIMIT_NPROC) it could fork 200."""
     if not _process_limit_binds():
         pytest.skip("root is exempt from RLIMIT_NPROC, and no pids cgroup can be made here")
     out = python(FORK_BOMB)

@@ -8,21 +8,18 @@ import time
 import pytest
 import torch
 
+from rlcli.chat_template import ChatTemplate
 from rlcli.config.env import EnvConfig
 from rlcli.config.errors import UserError
 from rlcli.config.reward import RewardConfig
 from rlcli.env import ChatProtocol, JsonProtocol, TagProtocol, TextEnvironment
 from rlcli.env.build import build_environments, check_env, prompt_notes
-from rlcli.env.sandbox import sandbox_problem
 from rlcli.env.environment import histories_to_rollout
+from rlcli.env.sandbox import sandbox_problem
 from rlcli.env.stateful import EnvironmentKind, Environments, public_methods
-from rlcli.chat_template import ChatTemplate
 from rlcli.rewards.scoring import score_episodes
 from rlcli.toolcalls import hermes_calls, schemas_for
-from tests.env.chat_templates import hermes_tokenizer
-from tests.env.conftest import ScriptedLM, tiny_gpt2
-from tests.env.test_environment import ids
-
+from tests.helpers import ScriptedLM, hermes_tokenizer, ids, tiny_gpt2
 
 # --- a class written to TRL's documented environment_factory contract (docs/source/grpo_trainer.md, "Environments":
 # reset(**kwargs) -> str | None, public methods are tools, optional get_reward() -> float, sync or async) ---------
@@ -257,9 +254,9 @@ def test_chat_protocol_renders_observations_as_user_turns(tok):
 
 
 def test_chat_observation_after_a_turn_cut_at_its_budget(tok):
-    """Issue 22: a chat turn that ran out of tokens (no end-of-turn token sampled) and was answered by ``_respond``
-    failed the whole rollout: the template closes that turn with its end-of-turn token, which the episode holds as
-    forced text, but the check of the episode's tokens expected the model's tokens alone there."""
+    """A chat turn that ran out of tokens (no end-of-turn token sampled) and is answered by ``_respond`` does not fail
+    the rollout: the template closes that turn with its end-of-turn token, which the episode holds as forced text, so
+    the check of the episode's tokens must accept forced text after the model's tokens there."""
     hermes = hermes_tokenizer()
     template = ChatTemplate.of(hermes)
     envs = Environments(kinds(Game), "environment", 5.0)

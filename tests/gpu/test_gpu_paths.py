@@ -2,7 +2,7 @@
 memory saving, the LoRA reference that holds no second copy of the weights, and sampler log-probs that match the
 training forward pass with CUDA kernels (float32 and bf16 autocast).
 
-Skipped without CUDA; run them with ``pytest tests/gpu`` (or ``bash bench/gpu_session.sh``) on a GPU machine.
+Skipped without CUDA; run them with ``pytest tests/gpu`` (or ``bash bench/gpu.sh``) on a GPU machine.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, 
 from rlcli.rl import logprobs_from_logits
 from rlcli.parallel import set_tf32
 from rlcli.ppo.build import build_policy
-from tests.conftest import REPO, mean, read_metrics, run_cli
+from tests.helpers import REPO, mean, read_metrics, run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

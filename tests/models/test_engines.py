@@ -13,53 +13,19 @@ from transformers import AutoModelForCausalLM
 from rlcli.models.engines import LocalEngine, plain_weights
 from rlcli.models.generation import sample
 from rlcli.padding import left_pad
-from tests.conftest import REPO, plain, read_metrics
+from tests.helpers import REPO, FakeEngine, plain, read_metrics
 
 FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=16",
         "ppo.mini_batch_size=16", "optim.learning_rate=3e-3", "logging.progress=false", "generation.max_new_tokens=12",
         "train.save_every=null"]
 
 
-class FakeEngine:
-    """An engine with a model of its own, built from the policy's config and filled only by ``sync``."""
-
-    name = "fake"
-
-    def __init__(self, lm, *, stale: bool = False, temperature_factor: float = 1.0):
-        self.model = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config)).eval()
-        self.stale = stale  # a sync that never happens (ignores the weights after the first)
-        # a sampler whose distribution is not the learner's (another kernel or precision, exaggerated): it samples at
-        # this × the recipe's temperature and reports its own log-probs
-        self.temperature_factor = temperature_factor
-        self.synced_names: list[list[str]] = []
-
-    def sync(self, policy) -> None:
-        weights = dict(plain_weights(policy))
-        self.synced_names.append(sorted(weights))
-        if self.stale and len(self.synced_names) > 1:
-            return
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        assert not unexpected, unexpected
-        assert all("attn.bias" in k or "masked_bias" in k for k in missing), missing  # buffers only
-
-    def generate(self, prompts, max_new_tokens, **kwargs):
-        import dataclasses
-
-        ids, mask = left_pad(prompts, kwargs["pad_token_id"])
-        rules = kwargs.pop("rules")
-        rules = dataclasses.replace(rules, temperature=rules.temperature * self.temperature_factor)
-        return sample(self.model, ids, mask, max_new_tokens, rules=rules, **kwargs)
-
-    def release(self) -> None:
-        pass
-
-
 def _train(tmp_path, monkeypatch, *, stale=False, extra=(), recipe_path="configs/tiny/ppo.yaml", fast=FAST,
            temperature_factor=1.0):
     import rlcli.trainers.ppo as ppo
-    from rlcli.ppo.rollout import _lm
     from rlcli.config.loader import load_recipe
     from rlcli.config.ppo import PPORecipe
+    from rlcli.ppo.rollout import _lm
 
     engines = []
 
@@ -142,11 +108,11 @@ def test_local_engine_is_rlclis_sampler():
 def test_text_environment_turns_through_an_engine_have_the_local_layout():
     """Multi-turn episodes (forced tool tokens between turns) sampled by an engine with its own copy of the model:
     the same token ids, masks and log-probs as rlcli's own sampler on the same seeds (prefilling every turn)."""
+    from rlcli.config.common import ModelConfig
     from rlcli.env.environment import TextEnvironment, histories_to_rollout
     from rlcli.models.loading import load_model, load_tokenizer
-    from rlcli.config.common import ModelConfig
     from rlcli.rl import SamplingRules
-    from tests.trainers.test_behaviour_policy import _AlwaysCalls
+    from tests.helpers import AlwaysCalls
 
     cfg = ModelConfig(architecture="gpt2", config={"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 256})
     torch.manual_seed(0)
@@ -157,7 +123,7 @@ def test_text_environment_turns_through_an_engine_have_the_local_layout():
     rules = SamplingRules(eos_ids=(tok.eos_token_id,), min_new_tokens=3)
     runs = []
     for kwargs in ({"kv_reuse": False}, {"engine": engine}):
-        env = TextEnvironment(lm, tok, {"Echo": lambda text: text.upper()}, _AlwaysCalls(), max_turns=3,
+        env = TextEnvironment(lm, tok, {"Echo": lambda text: text.upper()}, AlwaysCalls(), max_turns=3,
                               max_new_tokens=6, max_tool_output_tokens=8, max_length=200, rules=rules,
                               tool_isolation="inline", **kwargs)
         runs.append(env.run([f"episode {i}" for i in range(6)], generator=torch.Generator().manual_seed(1)))
@@ -195,8 +161,8 @@ class _FakeLLM:
 
 def test_vllm_sleep_mode_frees_the_engine_once_per_step(tmp_path, monkeypatch):
     """generation.vllm.sleep_between_steps: the engine sleeps after every step's rollouts (while the optimizer runs)
-    and wakes before the next step's weights go in; it never samples asleep. (Issue 19, finding 6: release was never
-    called, so the engine slept at most once and memory was never freed between steps.)"""
+    and wakes before the next step's weights go in; it never samples asleep. Release is called every step, so memory is
+    freed between steps, not at most once."""
     import rlcli.trainers.ppo as ppo
     from rlcli.models.engines import VLLMEngine, VLLMSettings
     from rlcli.ppo.rollout import _lm

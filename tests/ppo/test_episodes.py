@@ -16,7 +16,7 @@ from rlcli.models.engines import LocalEngine
 from rlcli.ppo.learner import LearnerBatch, _trim
 from rlcli.ppo.rollout import Episodes, env_metrics, tool_counts, tool_rates
 from rlcli.rl import Rollout
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TINY = "configs/tiny/ppo.yaml"
 SMALL = ["model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", "ppo.batch_size=8",

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli, plain, read_metrics, run_cli
+from tests.helpers import REPO, invoke_cli, plain, read_metrics, run_cli
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -100,7 +100,7 @@ def in_process(tmp_path_factory):
 def service():
     """recipes/sevens.py:score served with a token, from a thread of this process (the CLI's own start is tested
     with the dying service below: a process of its own costs seconds of imports)."""
-    from tests.rewards.test_serve import serving
+    from tests.helpers import serving
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RLCLI_TEST_SERVE_TOKEN", TOKEN)
@@ -170,7 +170,7 @@ def test_dry_run_checks_the_service_keys(monkeypatch):
 
 
 def _fault_cases():
-    from tests.rewards.test_remote import answer, drop
+    from tests.helpers import answer, drop
 
     def info(handler, request):
         answer(body={"scores": [float(min(r.count("7"), 16)) for r in request["responses"]],
@@ -193,7 +193,7 @@ def _fault_cases():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["5xx then success", "slow", "wrong count", "NaN", "not JSON", "wrong token"])
 def test_ppo_against_a_faulty_service_ends_in_one_error_or_completes(case, tmp_path):
-    from tests.rewards.test_remote import Service
+    from tests.helpers import Service
 
     script, says = _fault_cases()[case]
     svc = Service(*script)

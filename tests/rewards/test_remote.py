@@ -4,12 +4,9 @@ names the service, quickly (never a hang), without the token in it."""
 
 from __future__ import annotations
 
-import json
 import random
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -18,79 +15,9 @@ from rlcli.config.errors import RecipeError, UserError
 from rlcli.config.loader import Origin, validate
 from rlcli.config.reward import RewardConfig
 from rlcli.rewards.remote import HTTPReward, check_reward_url, parse_answer, service_name
+from tests.helpers import Service, answer, drop
 
 TOKEN = "s3cret-token-value"
-
-
-class Service:
-    """A scripted HTTP service on 127.0.0.1: the n-th POST is answered by ``script[min(n, len - 1)]``, a function
-    ``(handler, request) -> None`` that writes the answer. Records each request's JSON and headers, and the most
-    requests it held at once."""
-
-    def __init__(self, *script):
-        self.script, self.requests, self.lock = list(script), [], threading.Lock()
-        self.in_flight = self.peak = 0
-        service = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with service.lock:
-                    n = len(service.requests)
-                    service.requests.append((dict(self.headers), body))
-                    service.in_flight += 1
-                    service.peak = max(service.peak, service.in_flight)
-                self.left = False
-                try:
-                    service.script[min(n, len(service.script) - 1)](self, body)
-                finally:
-                    self.leave()
-
-            def leave(self):
-                """Count this request out of the in-flight ones; called before the answer is written, since the
-                client may send its next request the moment it reads the answer, before this thread gets here."""
-                with service.lock:
-                    if not self.left:
-                        self.left = True
-                        service.in_flight -= 1
-
-            def log_message(self, *args):
-                pass
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address):
-                pass  # a client that gave up (timed out) leaves a broken pipe here: expected, not news
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def answer(status=200, body=None, delay=0.0, scores=None):
-    """A script step: wait ``delay``, then answer ``status`` with ``body`` (bytes / JSON-able), or by default the
-    scores ``len(response)`` of each response."""
-    def step(handler, request):
-        time.sleep(delay)
-        payload = body if body is not None else {"scores": scores or [float(len(r)) for r in request["responses"]]}
-        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        handler.leave()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(raw)))
-        handler.end_headers()
-        handler.wfile.write(raw)
-    return step
-
-
-def drop(handler, request):
-    """Close the connection without an answer (a service that crashed mid-request)."""
-    handler.close_connection = True
-    handler.connection.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from rlcli.rewards.reward_model import (
     save_reward_stats,
     sequence_scores,
 )
-from tests.conftest import float32_rounding_bound
+from tests.helpers import TINY_GPT2, float32_rounding_bound
 
 CONFIGS = {
     "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
@@ -31,7 +31,7 @@ TEXTS = ["sort: 3 1 2\n1 2 3", "hi", "a somewhat longer text than the others", "
 
 def _rounding(reference: torch.Tensor) -> float:
     """Batched vs one-by-one, padded left vs right: the same scores summed in another order (widest reduction: the
-    MLPs' 64; at most 2 layers): tests/conftest.float32_rounding_bound."""
+    MLPs' 64; at most 2 layers): tests/helpers.float32_rounding_bound."""
     return float32_rounding_bound(reference, width=64, layers=2)
 
 
@@ -180,3 +180,20 @@ def test_label_picks_an_output_by_name_or_index(tmp_path):
 def test_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="could not be loaded"):
         RewardModelScorer.from_pretrained(str(tmp_path / "nothing-here"))
+
+
+def test_from_pretrained_draws_no_progress_bar(tmp_path, capfd):
+    """``RewardModelScorer.from_pretrained`` loads without drawing transformers' weight-loading progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    cfg = ModelConfig(**TINY_GPT2)
+    tokenizer = load_tokenizer(cfg)
+    load_model(cfg, "classifier", tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    scorer = RewardModelScorer.from_pretrained(str(tmp_path))
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out and "it/s" not in captured.err
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting is left as it was
+    assert scorer(["a text"]).shape == (1,)

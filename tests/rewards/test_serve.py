@@ -5,13 +5,11 @@ name their keys."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import socket
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -21,10 +19,10 @@ import torch
 from rlcli.config.errors import UserError
 from rlcli.config.reward import RewardConfig
 from rlcli.config.serve import ServeRewardRecipe
-from rlcli.rewards.remote import HTTPReward, read_token
+from rlcli.rewards.remote import HTTPReward
 from rlcli.rewards.serve import make_server
 from rlcli.rewards.sources import FunctionReward, build_reward
-from tests.conftest import float32_rounding_bound, invoke_cli, plain
+from tests.helpers import float32_rounding_bound, invoke_cli, plain, serving
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -52,26 +50,6 @@ def plugin(tmp_path, monkeypatch):
     calls = tmp_path / "calls.txt"
     monkeypatch.setenv("RLCLI_TEST_CALLS", str(calls))
     return f"{path}:score", calls
-
-
-@contextlib.contextmanager
-def serving(reward: dict, **keys):
-    """``rlcli serve-reward`` with this recipe, on a free port, in a thread; yields the scoring URL."""
-    recipe = ServeRewardRecipe(reward=reward, port=0, **keys)
-    token = read_token(recipe.token_env, "token_env") if recipe.token_env else None
-    server, sock, url = make_server(recipe, build_reward(recipe.reward, device="cpu"), token)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def client(url, **keys) -> HTTPReward:

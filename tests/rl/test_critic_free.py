@@ -49,8 +49,8 @@ def test_group_scaling_divides_by_each_groups_std():
 def test_batch_and_no_scaling():
     adv = torch.tensor([[1.0, 3.0], [5.0, 0.0]])
     mask = torch.tensor([[1, 1], [1, 0]])
-    # over the three model tokens: mean 3, unbiased std 2; REINFORCE++ centres as well as scales (finding 7 of
-    # issue 19: this used to divide by the std only, while the learner's batch mode centred)
+    # over the three model tokens: mean 3, unbiased std 2; REINFORCE++ centres as well as scales, as the learner's
+    # batch mode does (dividing by the std alone would disagree with it)
     got = scale_advantages(adv, 1, "batch", mask=mask, eps=0.0)
     torch.testing.assert_close(got, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
     assert scale_advantages(adv, 1, "none") is adv

@@ -22,7 +22,8 @@ def test_the_schema_offers_exactly_the_registered_estimators():
 
 
 def test_reinforce_pp_with_group_scaling_divides_by_the_group_std():
-    """Issue 19, finding 4: reinforce_pp + advantage_scaling=group raised 'scale "group" needs the scores'."""
+    """reinforce_pp + advantage_scaling=group: the advantages are scaled by their group's std (the scores are passed
+    on for it)."""
     _, advantages, _ = ESTIMATORS["reinforce_pp"].advantages(torch.tensor([1.0, 3.0, 0.0, 0.0]), NO_KL, MASK,
                                                             AdvantageInputs(beta=0.0, group_size=2, scaling="group"))
     # group 1: scores 1, 3 -> minus the mean 2 -> -1, +1, over the group's std sqrt(2), on every model token (the

@@ -123,7 +123,7 @@ def test_score_and_kl_rewards_by_hand():
 @pytest.mark.parametrize("estimator", ["k2", "k3"])
 def test_a_banned_pad_label_gives_finite_gradients_when_masked(estimator):
     """PAD = EOS, EOS banned by min_new_tokens: the padding's label has log-prob -inf under the rules. Masked at the
-    source it is 0, and the loss-mode KL's gradient stays finite (issue 19, finding 1: 0 · inf = NaN)."""
+    source it is 0, and the loss-mode KL's gradient stays finite (masked later, 0 · inf = NaN)."""
     from rlcli.rl.kl import kl_penalty
 
     eos = 1

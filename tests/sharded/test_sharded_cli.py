@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, plain, read_metrics, run_cli
+from tests.helpers import accelerate_launch, plain, read_metrics, run_cli, run_drift_bound
 
 pytestmark = pytest.mark.sharded
 
@@ -36,10 +36,13 @@ def _launch(engine: str, *args: str):
     return res
 
 
-def _close(a: list[dict], b: list[dict], key: str, rel: float) -> float:
-    worst = max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-8) for x, y in zip(a, b))
-    assert len(a) == len(b) and worst < rel, (key, worst)
-    return worst
+def _close(a: list[dict], b: list[dict], key: str, *, width: int, layers: int, steps_per_row: int = 1) -> None:
+    """``key`` of every row of two runs within the drift their reduction orders allow by that row
+    (tests/helpers.run_drift_bound: ``steps_per_row`` optimizer steps per logged step)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        bound = run_drift_bound(x[key], width=width, layers=layers, steps=x["step"] * steps_per_row)
+        assert abs(x[key] - y[key]) <= bound, (key, x["step"], x[key], y[key], bound)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +64,13 @@ def test_sft_matches_one_process_resumes_exactly_and_reloads(engine, sft_one, tm
     res = _launch(engine, *args)
     assert "2 processes" in plain(res.stdout)
     two, one = read_metrics(out), read_metrics(sft_one)
-    _close(one, two, "loss", 1e-3)
-    assert two[-1]["grad_norm"] == pytest.approx(one[-1]["grad_norm"], rel=1e-3)
-    # the final model is an ordinary HF dir with the same weights
+    # GPT-2's widest reduction is its MLP's (4 × n_embd 128), 2 layers
+    _close(one, two, "loss", width=512, layers=2)
+    _close(one[-1:], two[-1:], "grad_norm", width=512, layers=2)
+    # the final model is an ordinary HF dir with the same weights, as far as 12 steps' drift allows
     a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (sft_one, out))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= run_drift_bound(a[k], width=512, layers=2, steps=12), k
     # --resume from the step-6 checkpoint (sharded optimizer state inside it) redoes steps 7-12 exactly
     ckpt = out / "checkpoints" / "step-00000006"
     assert ckpt.is_dir()
@@ -92,7 +97,7 @@ def test_rm_matches_one_process(engine, rm_one, tmp_path):
 
     out = tmp_path / "run"
     _launch(engine, "rm", "configs/tiny/rm.yaml", f"output_dir={out}", "train.max_steps=8", "logging.progress=false")
-    _close(read_metrics(rm_one), read_metrics(out), "loss", 1e-3)
+    _close(read_metrics(rm_one), read_metrics(out), "loss", width=256, layers=2)  # the Llama's MLP, 2 layers
     assert read_metrics(out)[-1]["eval_accuracy"] == read_metrics(rm_one)[-1]["eval_accuracy"]
     assert AutoModelForSequenceClassification.from_pretrained(out) is not None
     assert (out / "reward_stats.json").exists()
@@ -121,7 +126,8 @@ def test_ppo_matches_ddp(engine, ppo_ddp, tmp_path):
     two, ddp = read_metrics(out), read_metrics(ppo_ddp)
     assert two[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert [m["reward_mean"] for m in two] == [m["reward_mean"] for m in ddp]
-    _close(ddp[1:], two[1:], "kl", 1e-3)
+    # optimizer steps per PPO step: 4 epochs × 32 / 16 minibatches; GPT-2 n_embd 64 (MLP 256), 2 layers
+    _close(ddp[1:], two[1:], "kl", width=256, layers=2, steps_per_row=8)
     policy = load_value_head_model(out)
     assert policy.critic is not None and policy.critic.value_head is not None
 

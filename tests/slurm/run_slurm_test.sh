@@ -80,7 +80,7 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null
     done
-    # anything left from this cluster (a job step that ignored its signals): only processes carrying our SLURM_CONF
+    # anything left from this cluster (a job step that ignored its signals): only processes carrying this test's SLURM_CONF
     for proc in /proc/[0-9]*; do
         pid=${proc#/proc/}
         if [ "$pid" != $$ ] && tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" | grep -qx "SLURM_CONF=$D/slurm.conf"; then

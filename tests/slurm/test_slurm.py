@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, plain
+from tests.helpers import REPO, plain
 
 TEMPLATES = ("single_node.sbatch", "multi_node.sbatch")
 SCRIPT = REPO / "tests" / "slurm" / "run_slurm_test.sh"
@@ -41,7 +41,7 @@ def test_template_parses_and_asks_for_gpus(name):
 def test_the_usage_examples_name_keys_that_exist(name, tmp_path, monkeypatch):
     """Each `sbatch slurm/NAME COMMAND CONFIG KEY=VALUE ...` of a template's header passes --dry-run (the single-node
     one said ppo.learning_rate, which is optim.learning_rate)."""
-    from tests.conftest import invoke_cli
+    from tests.helpers import invoke_cli
 
     examples = [line.split("sbatch", 1)[1].split("#")[0].split() for line in (REPO / "slurm" / name).read_text()
                 .splitlines() if line.startswith("#   ") and " sbatch " in line and f"slurm/{name}" in line]
@@ -81,7 +81,7 @@ def test_single_node_template_reads_the_environment(tmp_path):
     assert "1 process(es)" in out and f"output_dir: {tmp_path / 'out'}" in out and "dry run OK" in out
 
 
-@pytest.mark.slow  # three runs, ~50 s: the step-end checkpoint itself is in the default suite (test_signals_cli)
+@pytest.mark.slow  # three runs, ~50 s: the step-end checkpoint itself is in the default suite (tests/test_signals.py)
 def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes_exactly(tmp_path):
     """single_node.sbatch run with bash as SLURM runs it (output to a file): SIGUSR1 to the script, as
     ``--signal=B:USR1@300`` sends it before the time limit, makes rlcli checkpoint the step in progress and stop; the
@@ -90,7 +90,7 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes_exactly(tmp_p
     import signal
     import time
 
-    from tests.conftest import read_metrics, run_cli
+    from tests.helpers import read_metrics, run_cli
 
     args = ["sft", "configs/tiny/sft.yaml", "train.max_steps=12", "train.save_every=null", "data.eval_fraction=0"]
     whole = tmp_path / "whole"

@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, invoke_cli, plain, read_metrics
-from tests.tokenizer_kinds import save_tokenizer
+from tests.helpers import REPO, invoke_cli, plain, read_metrics
+from tests.helpers import save_tokenizer
 
 pytest.importorskip("openenv", reason="the openenv extra: pip install 'rlcli[openenv]'")
 
@@ -77,7 +77,7 @@ def run_episodes(options: dict, rows: list[dict], plans: dict, *, protocol: str 
     from rlcli.env.protocols import JsonProtocol, TagProtocol
     from rlcli.models.tokenizer import build_byte_tokenizer
     from rlcli.rl.sampling import SamplingRules
-    from tests.env.conftest import ScriptedLM, tiny_gpt2
+    from tests.helpers import ScriptedLM, tiny_gpt2
 
     tok = build_byte_tokenizer()
     envs = build_environments(EnvConfig(environment=ToolSpec(spec="builtin:openenv", options=options),

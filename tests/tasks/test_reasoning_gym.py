@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli, plain, read_metrics, write_yaml
-from tests.tokenizer_kinds import save_tokenizer
+from tests.helpers import REPO, invoke_cli, plain, read_metrics, write_yaml
+from tests.helpers import save_tokenizer
 
 rg = pytest.importorskip("reasoning_gym", reason="the reasoning extra: pip install 'rlcli[reasoning]'")
 

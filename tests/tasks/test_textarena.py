@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import REPO, invoke_cli, plain, read_metrics
-from tests.tokenizer_kinds import save_tokenizer
+from tests.helpers import REPO, invoke_cli, plain, read_metrics
+from tests.helpers import save_tokenizer
 
 ta = pytest.importorskip("textarena", reason="the textarena extra: pip install 'rlcli[textarena]'")
 
@@ -51,7 +51,7 @@ def binary_search(target: int, low: int = 1, high: int = 20) -> list[int]:
 
 
 def run_episodes(game_options: dict, rows: list[dict], plans: dict, max_turns: int):
-    """Episodes of a scripted policy (``tests.env.conftest.ScriptedLM``: turn t of episode k emits ``plans[k][t]``)
+    """Episodes of a scripted policy (``tests.helpers.ScriptedLM``: turn t of episode k emits ``plans[k][t]``)
     through ``TextEnvironment`` with the tag protocol and the built-in TextArena environment."""
     from rlcli.config.env import EnvConfig, ToolSpec
     from rlcli.env import TextEnvironment
@@ -59,7 +59,7 @@ def run_episodes(game_options: dict, rows: list[dict], plans: dict, max_turns: i
     from rlcli.env.protocols import TagProtocol
     from rlcli.models.tokenizer import build_byte_tokenizer
     from rlcli.rl.sampling import SamplingRules
-    from tests.env.conftest import ScriptedLM, tiny_gpt2
+    from tests.helpers import ScriptedLM, tiny_gpt2
 
     tok = build_byte_tokenizer()
     envs = build_environments(EnvConfig(environment=ToolSpec(spec="builtin:textarena", options=game_options)))

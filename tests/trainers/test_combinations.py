@@ -1,6 +1,6 @@
-"""The combination matrix (issue 19): tokenizer kinds × estimators × KL modes and estimators × length regimes ×
+"""The combination matrix: tokenizer kinds × estimators × KL modes and estimators × length regimes ×
 protocols, pairwise covered. Each feature passing on its own path says little; the bugs users hit live in
-combinations (GRPO's loss-mode k3 KL over a tokenizer whose PAD is EOS gave NaN weights at step 2).
+combinations (GRPO's loss-mode k3 KL over a tokenizer whose PAD is EOS can give NaN weights at step 2).
 
 Every cell runs 3 PPO steps of a tiny GPT-2 built from scratch and asserts what holds for any correct PPO:
 every logged number finite, no skipped minibatch, KL exactly 0 and the first minibatch's ratio π/π_old 1 at step 1
@@ -17,8 +17,8 @@ import math
 
 import pytest
 
-from tests.conftest import REPO, read_metrics
-from tests.tokenizer_kinds import KINDS, save_tokenizer
+from tests.helpers import REPO, read_metrics
+from tests.helpers import KINDS, save_tokenizer
 
 FACTORS = {
     "tokenizer": KINDS,
@@ -133,7 +133,7 @@ def test_cell(cell, tokenizers, tmp_path, monkeypatch):
     if cell["length"] == "min=max":
         assert all(m["stopped_fraction"] == 0.0 or cell["protocol"] != "none" for m in metrics)
     if cell["tokenizer"] == "chat_eot" and cell["protocol"] == "none" and cell["length"] != "no_eos":
-        # finding 3: responses stop at the template's end of turn, and count as stopped
+        # responses stop at the template's end of turn, and count as stopped
         import json
 
         rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -150,7 +150,7 @@ def test_cell(cell, tokenizers, tmp_path, monkeypatch):
      "generation.min_new_tokens", "no turn could end"),
 ])
 def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monkeypatch):
-    from tests.conftest import invoke_cli
+    from tests.helpers import invoke_cli
 
     code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "--dry-run", *overrides, monkeypatch=monkeypatch)
     text = " ".join((out + err).split())
@@ -159,7 +159,7 @@ def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monk
 
 def test_generation_max_new_tokens_with_env_is_a_note(monkeypatch):
     """A base recipe's generation.max_new_tokens is legal with env, but not what bounds a turn: said, not refused."""
-    from tests.conftest import invoke_cli
+    from tests.helpers import invoke_cli
 
     code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "--dry-run", "env.tools={Calculator: calculator}",
                                 "env.max_length=120", monkeypatch=monkeypatch)
@@ -170,9 +170,10 @@ def test_generation_max_new_tokens_with_env_is_a_note(monkeypatch):
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp"])
 @pytest.mark.parametrize("kl_mode", ["reward", "loss"])
 def test_pad_is_eos_trains_with_every_estimator_and_kl_mode(estimator, kl_mode, tokenizers, tmp_path, monkeypatch):
-    """Issue 19, finding 1: a GPT-2-style tokenizer (no pad token, so PAD = EOS), responses of varying length
-    (min_new_tokens 4 < max_new_tokens 32) and GRPO's defaults (k3 in the loss) skipped 15 of 16 minibatches at step
-    1 and died at step 2: the padding's label, EOS, is banned there, its log-prob -inf, and the KL's gradient NaN."""
+    """A GPT-2-style tokenizer (no pad token, so PAD = EOS), responses of varying length (min_new_tokens 4 <
+    max_new_tokens 32) and GRPO's defaults (k3 in the loss): the padding's label, EOS, is banned before
+    min_new_tokens, so its log-prob is -inf; unless masked at the source the KL's gradient is NaN, minibatches are
+    skipped and the run dies at step 2."""
     out = tmp_path / "run"
     _run([f"output_dir={out}", f"model.tokenizer={tokenizers['pad_eos']}", "model.config.n_layer=2",
           "model.config.n_embd=64", "model.config.n_head=2", "ppo.steps=6", "ppo.batch_size=32",
@@ -211,8 +212,8 @@ def test_pad_is_eos_with_one_update_per_batch(estimator, tokenizers, tmp_path, m
 
 
 def test_plain_ppo_stops_at_the_chat_templates_end_of_turn(tokenizers):
-    """Issue 19, finding 3: with a chat template whose end-of-turn token (<|im_end|>) is not EOS, plain PPO's
-    responses ran past it to the budget, and the stopped flag (missing_eos_penalty) looked at EOS only."""
+    """With a chat template whose end-of-turn token (<|im_end|>) is not EOS, plain PPO's responses stop at it (not at
+    the budget), and the stopped flag (missing_eos_penalty) counts it as a stop."""
     import torch
 
     from rlcli.config.common import ModelConfig

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, mean, plain, read_metrics, run_cli
+from tests.helpers import accelerate_launch, mean, plain, read_metrics, run_cli
 
 GRPO = "configs/tiny/grpo.yaml"
 FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=32",

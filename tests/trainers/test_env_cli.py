@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import plain, read_metrics, run_cli
+from tests.helpers import plain, read_metrics, run_cli
 
 SMALL = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2"]
 

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from rlcli.plugins import load_module_file
-from tests.conftest import REPO, invoke_cli, plain, read_metrics, run_cli
+from tests.helpers import REPO, invoke_cli, plain, read_metrics, run_cli
 
 recipe = load_module_file(REPO / "recipes" / "guess_number.py")
 GuessNumber, game_summary, play, halves = recipe.GuessNumber, recipe.game_summary, recipe.play, recipe.halves

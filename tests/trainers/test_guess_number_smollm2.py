@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from rlcli.plugins import load_module_file
-from tests.conftest import REPO, invoke_cli, run_cli
-from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
+from tests.helpers import REPO, invoke_cli, run_cli
 
 # ruff: noqa: F811  (the tests take the imported fixture as an argument)
 
@@ -90,7 +89,7 @@ def test_sft_renders_a_demonstration_as_the_chat_protocol_renders_its_game(smoll
     from rlcli.env.stateful import EnvironmentKind, Environments
     from rlcli.rl.sampling import SamplingRules
     from rlcli.toolcalls import hermes_calls
-    from tests.env.conftest import ScriptedLM, tiny_gpt2
+    from tests.helpers import ScriptedLM, tiny_gpt2
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     template = ChatTemplate.of(tok)
@@ -171,7 +170,7 @@ def test_recipes_pass_dry_run(smollm2_dir, monkeypatch, tmp_path):
 def test_lora_sft_and_grpo_smoke(smollm2_dir, tmp_path):
     """2 LoRA SFT steps on the chat demonstrations, and 2 GRPO steps through GuessNumber with the chat protocol:
     the game's answers are masked tool turns and its get_reward() is the reward."""
-    from tests.conftest import read_metrics
+    from tests.helpers import read_metrics
 
     sft = tmp_path / "sft"
     res = run_cli("sft", "configs/smollm2/guess_sft.yaml", f"output_dir={sft}", "train.max_steps=2",

@@ -1,6 +1,6 @@
-"""Inputs that used to pass ``--dry-run`` and then crash or be misread: prompts longer than the model's positions
-leave room for (an IndexError in the sampler), duplicate YAML keys (the last silently won), empty data and eval
-files. Each is one paragraph naming what and where, no traceback."""
+"""Inputs that pass a schema check and would then crash or be misread, each refused by ``--dry-run``: prompts longer
+than the model's positions leave room for (an IndexError in the sampler), duplicate YAML keys (the last would silently
+win), empty data and eval files. Each is one paragraph naming what and where, no traceback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import invoke_cli, plain, run_cli
+from tests.helpers import invoke_cli, plain, run_cli
 
 PPO = "configs/tiny/ppo.yaml"
 ONE_STEP = ["ppo.steps=1", "ppo.batch_size=16", "ppo.mini_batch_size=16", "logging.progress=false",
@@ -110,7 +110,7 @@ def test_an_empty_csv_or_parquet_is_refused_by_dry_run(tmp_path, monkeypatch):
 
 def test_no_network_is_said_at_once_not_after_a_minute_of_hub_retries(tmp_path):
     """The hub's endpoint refusing connections (as on a machine without network): rlcli's own error names the id
-    within seconds; the hub library used to retry each file for about a minute first."""
+    within seconds, not after the hub library's retries of each file (about a minute)."""
     import time
 
     start = time.time()

@@ -1,10 +1,10 @@
-"""Messages that misled: a problem caused by a key set on the command line was placed at the recipe file's line of
-another key; a failed overwrite said "saved no model in DIR" while DIR held the run it put back; "(relative to the
-working directory)" after an absolute path."""
+"""Messages that say what is true: a problem caused by a key set on the command line is blamed on the command line,
+not on the recipe file's line of another key; a failed overwrite says DIR holds the run it put back, not "saved no
+model in DIR"; an absolute path is not followed by "(relative to the working directory)"."""
 
 from __future__ import annotations
 
-from tests.conftest import REPO, invoke_cli, plain, run_cli, snapshot
+from tests.helpers import REPO, invoke_cli, plain, run_cli, snapshot
 
 PPO = "configs/tiny/ppo.yaml"
 

@@ -11,20 +11,17 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli, plain, read_metrics, run_cli, snapshot
+from tests.helpers import REPO, invoke_cli, plain, read_metrics, run_cli, snapshot
 
 SFT = "configs/tiny/sft.yaml"
 PPO = "configs/tiny/ppo.yaml"
 QUICK = ["data.eval_fraction=0", "logging.progress=false"]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("nothing-lost") / "run"
-    res = run_cli("sft", SFT, f"output_dir={out}", "train.max_steps=6", "train.save_every=2",
-                  "train.keep_checkpoints=3", *QUICK)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
+@pytest.fixture
+def finished_run(finished_sft_run):
+    """A finished 4-step tiny SFT run, checkpoints at steps 2 and 4 (copied by each test that changes it)."""
+    return finished_sft_run
 
 
 NULL_FIRST = 'null\n{"prompt": "a", "completion": "b"}\n'
@@ -156,22 +153,33 @@ def test_an_injected_full_disk_is_one_paragraph_and_loses_nothing(finished_run, 
 
 
 def test_resume_skips_a_damaged_newest_checkpoint(finished_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(finished_run, out)
-    expected = read_metrics(out)
-    manifest = json.loads((out / ".rlcli-run.json").read_text())
-    (out / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))  # killed after step 5
-    ckpts = sorted((out / "checkpoints").iterdir())
-    assert [c.name for c in ckpts] == ["step-00000002", "step-00000004", "step-00000006"]  # the last step's too
-    shutil.rmtree(ckpts.pop())  # (step 6 never came)
-    model = ckpts[-1] / "model.pt"
-    model.write_bytes(model.read_bytes()[:1000])  # a torn write
-    res = run_cli("sft", SFT, f"output_dir={out}", "train.max_steps=6", "train.save_every=2",
-                  "train.keep_checkpoints=3", *QUICK, "--resume")
+    """A torn newest checkpoint is named and skipped: the resume goes on from the one before, exactly as a resume that
+    never had the torn one (the same steps, losses and weights)."""
+    resume = ["sft", SFT, "train.max_steps=6", "train.save_every=2", *QUICK, "--resume"]
+    runs = {}
+    for name in ("torn", "clean"):
+        out = runs[name] = tmp_path / name
+        shutil.copytree(finished_run, out)
+        manifest = json.loads((out / ".rlcli-run.json").read_text())
+        (out / ".rlcli-run.json").write_text(json.dumps({**manifest, "state": "running"}))  # killed in a save
+        ckpts = sorted((out / "checkpoints").iterdir())
+        assert [c.name for c in ckpts] == ["step-00000002", "step-00000004"]  # the last step's too
+        if name == "torn":
+            model = ckpts[-1] / "model.pt"
+            model.write_bytes(model.read_bytes()[:1000])  # a torn write
+        else:
+            shutil.rmtree(ckpts[-1])  # as if step 4's checkpoint had never been begun
+    expected = read_metrics(finished_run)
+    res = run_cli(*resume, f"output_dir={runs['torn']}")
     out_text = plain(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step-00000004 cannot be read (model.pt" in out_text and "resuming from step-00000002" in out_text
     assert "resuming at step 2" in out_text
-    got = read_metrics(out)
+    res = run_cli(*resume, f"output_dir={runs['clean']}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, clean = read_metrics(runs["torn"]), read_metrics(runs["clean"])
     assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
-    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in expected])
+    assert [m["loss"] for m in got] == [m["loss"] for m in clean]  # the same computation: exact
+    # step 3's loss is computed from the step-2 checkpoint's weights, as the finished run computed it
+    assert [m["loss"] for m in got[:3]] == pytest.approx([m["loss"] for m in expected[:3]])
+    assert (runs["torn"] / "model.safetensors").read_bytes() == (runs["clean"] / "model.safetensors").read_bytes()

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli, plain, run_cli, snapshot
+from tests.helpers import REPO, copy_run, invoke_cli, plain, run_cli, snapshot
 
 TINY = "configs/tiny/sft.yaml"
 QUICK = ["train.max_steps=2", "train.save_every=null", "data.eval_fraction=0", "logging.progress=false"]
@@ -96,24 +96,14 @@ def test_existing_directory_with_other_files_is_refused(tmp_path):
 # --- nothing lost: inputs are checked before an earlier run is touched; one run per directory ---------------------
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+@pytest.fixture
+def finished_run(finished_sft_run):
     """A finished tiny SFT run with a checkpoint (copied by each test that changes it)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    res = run_cli("sft", TINY, f"output_dir={out}", "train.max_steps=4", "train.save_every=2", "data.eval_fraction=0",
-                  "logging.progress=false")
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
-
-
-def _copy(run, tmp_path, name="run"):
-    out = tmp_path / name
-    shutil.copytree(run, out, symlinks=True)
-    return out
+    return finished_sft_run
 
 
 def test_a_run_whose_input_is_in_its_output_dir_is_refused(finished_run, tmp_path, monkeypatch):
-    out = _copy(finished_run, tmp_path)
+    out = copy_run(finished_run, tmp_path)
     (out / "sft.jsonl").write_bytes((REPO / "data" / "tiny" / "sft.jsonl").read_bytes())
     before = snapshot(out)
     cases = [
@@ -135,7 +125,7 @@ BAD_ROW = '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n'
 
 def test_overwrite_with_a_bad_input_keeps_the_old_run(finished_run, tmp_path, monkeypatch):
     """Each input fails after the old run would have been deleted before: now it is untouched."""
-    out = _copy(finished_run, tmp_path)
+    out = copy_run(finished_run, tmp_path)
     before = snapshot(out)
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text(BAD_ROW)
@@ -155,7 +145,7 @@ def test_overwrite_with_a_bad_input_keeps_the_old_run(finished_run, tmp_path, mo
 
 
 def test_overwrite_moves_the_old_run_aside_until_the_new_one_stands(finished_run, tmp_path):
-    out = _copy(finished_run, tmp_path)
+    out = copy_run(finished_run, tmp_path)
     old_weights = (out / "model.safetensors").read_bytes()
     res = run_cli("sft", TINY, f"output_dir={out}", "overwrite_output_dir=true", "seed=7", *QUICK)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -166,7 +156,7 @@ def test_overwrite_moves_the_old_run_aside_until_the_new_one_stands(finished_run
 
 
 def test_two_runs_started_together_into_one_dir_one_is_refused(tmp_path):
-    """Started 0.1 s apart, both used to pass the in-use check; now exactly one runs, the other is told why, and
+    """Started 0.1 s apart (both inside the window of an unlocked in-use check): exactly one runs, the other is told why, and
     the directory holds the winner's run only (its recipe, its metrics once each)."""
     import subprocess
     import sys
@@ -235,7 +225,7 @@ def test_a_users_recipe_and_readme_are_not_taken_for_a_run(tmp_path, monkeypatch
 
 
 def test_a_file_put_inside_checkpoints_is_never_deleted(finished_run, tmp_path, monkeypatch):
-    out = _copy(finished_run, tmp_path)
+    out = copy_run(finished_run, tmp_path)
     (out / "checkpoints" / "my-notes.txt").write_text("keep me")
     before = snapshot(out)
     code, _, err = invoke_cli("sft", TINY, f"output_dir={out}", "overwrite_output_dir=true", *QUICK,

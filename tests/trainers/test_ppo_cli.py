@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, accelerate_launch, kill_when, mean, plain, read_metrics, run, run_cli
+from tests.helpers import REPO, accelerate_launch, kill_when, mean, plain, read_metrics, run, run_cli, run_drift_bound
 
 TINY = "configs/tiny/ppo.yaml"
 # a faster variant of the shipped recipe for tests: same task, smaller model and batch
@@ -241,7 +241,10 @@ def test_two_processes_update_like_one(estimator, tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     assert "procs 2" in two.stdout
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
+    # 3 PPO steps × epochs optimizer steps (one minibatch) of a GPT-2 with n_embd 64 (MLP 256), 2 layers
+    steps = 3 * int(estimator.partition(":")[2] or 2)
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= run_drift_bound(a[k], width=256, layers=2, steps=steps), k
 
 
 def test_the_value_head_can_share_the_policys_trunk(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from rlcli.config.errors import Problem
 from rlcli.config.loader import load_recipe
 from rlcli.config.sft import SFTRecipe
-from tests.conftest import REPO, plain, read_metrics, run_cli
+from tests.helpers import REPO, plain, read_metrics, run_cli
 
 TINY = "configs/tiny/sft.yaml"
 QUICK = ["train.max_steps=3", "data.eval_fraction=0", "logging.progress=false", "train.save_every=null"]
@@ -92,7 +92,7 @@ def test_critic_settings_with_a_critic_free_estimator_are_a_note(monkeypatch):
     """One recipe for several estimators (bench/compare_estimators.py overrides ppo.advantage on the calculator's):
     the critic section is not an error with GRPO, the dry run says it is not used; a critic.model without a separate
     critic is an error."""
-    from tests.conftest import invoke_cli
+    from tests.helpers import invoke_cli
 
     code, out, _ = invoke_cli("ppo", "configs/tiny/grpo.yaml", "critic.learning_rate=1e-3", "critic.warmup_steps=2",
                               "ppo.advantage=grpo", "ppo.group_size=4", "--dry-run", monkeypatch=monkeypatch)

@@ -11,18 +11,16 @@ import pytest
 
 from rlcli.config.loader import load_recipe, recipe_to_yaml
 from rlcli.config.errors import UserError
-from tests.conftest import REPO, invoke_cli, kill_when, plain, read_metrics, run_cli, snapshot
+from tests.helpers import REPO, copy_run, invoke_cli, kill_when, plain, read_metrics, run_cli, snapshot
 
 SFT = "configs/tiny/sft.yaml"
 QUICK = ["train.max_steps=4", "train.save_every=2", "data.eval_fraction=0", "logging.progress=false"]
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "run"
-    res = run_cli("sft", SFT, f"output_dir={out}", *QUICK)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
+@pytest.fixture
+def sft_run(finished_sft_run):
+    """A finished run of ``QUICK`` (tests/conftest.py: FINISHED_SFT); a test that changes it works on a copy."""
+    return finished_sft_run
 
 
 def test_resume_refuses_changed_settings_and_lists_them(sft_run):
@@ -40,9 +38,7 @@ def test_resume_refuses_changed_settings_and_lists_them(sft_run):
 
 
 def test_resume_accepts_more_steps_and_logging_changes(sft_run, tmp_path):
-    out = tmp_path / "more"
-    res = run_cli("sft", SFT, f"output_dir={out}", *QUICK)
-    assert res.returncode == 0, res.stderr[-2000:]
+    out = copy_run(sft_run, tmp_path, "more")
     res = run_cli("sft", SFT, f"output_dir={out}", *QUICK, "train.max_steps=6", "train.save_every=3",
                   "logging.log_every=2", "train.keep_checkpoints=1", "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -68,9 +64,7 @@ def test_a_finished_run_keeps_a_checkpoint_at_its_last_step_and_a_longer_resume_
 
 
 def test_torn_metrics_line_is_dropped_on_resume(sft_run, tmp_path):
-    out = tmp_path / "torn"
-    res = run_cli("sft", SFT, f"output_dir={out}", *QUICK)
-    assert res.returncode == 0, res.stderr[-2000:]
+    out = copy_run(sft_run, tmp_path, "torn")
     expected = read_metrics(out)
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "loss": 1.2')  # a kill in the middle of a write
@@ -151,8 +145,8 @@ def test_a_run_killed_before_its_first_checkpoint_says_what_to_do_and_is_reused(
 
 
 def test_resume_never_goes_backwards(sft_run, tmp_path, monkeypatch):
-    """A finished 4-step run (checkpoint at step 2) resumed to 3 steps used to show "2/3"... "4/3", replace the
-    finished weights with older ones and cut metrics.jsonl: now refused (or nothing to do), nothing changes."""
+    """A finished 4-step run (checkpoint at step 2) resumed to 3 steps is refused (or has nothing to do) and nothing
+    changes: no "2/3"... "4/3" progress, no finished weights replaced by older ones, no metrics.jsonl cut."""
     out = tmp_path / "finished"
     shutil.copytree(sft_run, out)
     before = snapshot(out)

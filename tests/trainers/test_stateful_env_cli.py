@@ -1,8 +1,8 @@
-"""A stateful environment under the combinations users run it in (issue 22, point 4): PPO with a value head, GRPO
+"""A stateful environment under the combinations users run it in: PPO with a value head, GRPO
 and RLOO through the tag, chat and JSON protocols, rollouts through another engine (the vLLM slot),
 ``rlcli env-rollout`` with ``accept_min_reward`` into ``rlcli sft``, ``--resume`` after a kill, and two processes.
 
-The environment is ``tests/trainers/stateful_env.py:Tally`` (TRL's ``environment_factory`` contract): each episode's
+The environment is ``tests/plugins.py:Tally`` (TRL's ``environment_factory`` contract): each episode's
 count starts at its row's ``start`` and moves with each of the model's turns, which the environment answers with
 the count so far (``_respond``: forced text, so an untrained model built from scratch gets environment tokens too);
 its ``get_reward()`` is what this episode added, and every scored episode writes a line to a log. The tests check
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, accelerate_launch, invoke_cli, kill_when, plain, read_metrics, write_yaml
-from tests.tokenizer_kinds import save_tokenizer
+from tests.helpers import REPO, accelerate_launch, invoke_cli, kill_when, plain, read_metrics, write_yaml
+from tests.helpers import save_tokenizer
 
-ENV = "tests/trainers/stateful_env.py:Tally"
+ENV = "tests/plugins.py:Tally"
 PROMPTS = 16
 MODEL = ["model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", "model.config.n_positions=256"]
 TURNS = ["env.max_turns=4", "env.max_new_tokens=6", "env.max_length=200"]
@@ -161,7 +161,7 @@ def test_another_rollout_engine_gives_the_same_episodes_and_states(data, tmp_pat
     once per step, and samples every turn from the episode's whole token ids (no KV cache kept): the same episodes,
     environment states and rewards as rlcli's own sampler with its cache kept across turns."""
     from rlcli.ppo.rollout import _lm
-    from tests.models.test_engines import FakeEngine
+    from tests.helpers import FakeEngine
 
     engines = []
 

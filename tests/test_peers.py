@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, kill_tree, plain, run, snapshot
+from tests.helpers import REPO, kill_tree, plain, run, snapshot
 
 PPO = "configs/tiny/ppo.yaml"
 TWO = ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -158,7 +158,7 @@ def _free_port():
 def test_a_peer_that_fails_without_exiting_cannot_hang_the_others(mode):
     """Process 1 announces a failure and stays alive: process 0, blocked in a collective (gloo waits for ever for a
     peer that does not exit), is ended by its watch naming the failure; busy in Python, it gets PeerFailed."""
-    script = REPO / "tests" / "trainers" / "peers_two_process.py"
+    script = REPO / "tests" / "peers_two_process.py"
     start = time.time()
     res = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(_free_port()), str(script), mode], env={"PYTHONPATH": str(REPO)}, timeout=120)

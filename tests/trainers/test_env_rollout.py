@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import plain, run_cli, snapshot
+from tests.helpers import plain, run_cli, snapshot
 
 RECIPE = "configs/calculator_eval.yaml"
 SCRATCH = ["model.name_or_path=null", "model.architecture=gpt2", "model.tokenizer=byte",
@@ -64,9 +64,9 @@ def prompt_is_the_rows(prompts, rows):
 
 
 def test_episodes_are_scored_as_ppo_scores_them(tmp_path):
-    """Issue 19, finding 5: env-rollout gave the reward the first segment (system prompt and few-shot prefix) as the
-    prompt and ignored reward.missing_eos_penalty, so accept_min_reward filtered on another reward than PPO trains
-    on. Now both commands call rlcli.rewards.scoring.score_episodes."""
+    """env-rollout scores as PPO does (both call rlcli.rewards.scoring.score_episodes): the reward sees the whole
+    prompt, not only its first segment (system prompt and few-shot prefix), and reward.missing_eos_penalty applies, so
+    accept_min_reward filters on the reward PPO trains on."""
     plugin = tmp_path / "scoring.py"
     plugin.write_text(SCORING)
     out = tmp_path / "eval"

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, snapshot
+from tests.helpers import REPO, snapshot
 
 SCRIPTS = [("recipes/calculator.py", "demo"), ("recipes/guess_number.py", "demo"),
            ("recipes/guess_number.py", "smollm2"), ("recipes/smollm2_tools.py", "pipeline")]

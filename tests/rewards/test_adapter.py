@@ -26,7 +26,7 @@ from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout
 from rlcli.rewards.adapter import REWARD_ADAPTER, AdapterRewardModel, unique_parameter_bytes
 from rlcli.rewards.reward_model import RewardModelScorer, save_reward_stats
 from rlcli.models.saving import save_model
-from tests.conftest import float32_rounding_bound, invoke_cli as cli, plain, write_yaml
+from tests.helpers import float32_rounding_bound, invoke_cli as cli, plain, write_yaml
 
 CONFIGS = {
     "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
@@ -34,7 +34,7 @@ CONFIGS = {
               "num_key_value_heads": 2, "max_position_embeddings": 64},
 }
 # the longest float32 reduction in these models (llama's MLP down-projection sums 64 products) and their depth: the
-# rounding bound of comparisons between two ways of computing the same scores or logits (tests/conftest.py)
+# rounding bound of comparisons between two ways of computing the same scores or logits (tests/helpers.py)
 WIDEST, LAYERS = 64, 2
 TEXTS = ["how do I sort a list?\nuse sort() on the list.", "hi", "a somewhat longer text than the others", "x y"]
 

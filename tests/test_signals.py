@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, plain, read_metrics, run_cli, snapshot
+from tests.helpers import REPO, plain, read_metrics, run_cli, snapshot
 
 PPO = "configs/tiny/ppo.yaml"
 FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=16",

@@ -7,13 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
-from tests.smollm2 import smollm2_dir  # noqa: F401  (a session fixture)
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

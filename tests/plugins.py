@@ -1,5 +1,12 @@
-"""A stateful environment for the CLI tests, written to TRL's ``environment_factory`` contract, whose per-episode
-state shows in every outcome (``env.environment: {spec: tests/trainers/stateful_env.py:Tally, options: {log: PATH}}``).
+"""Plug-ins that the tests' recipes name by path (``file.py:name``); this file imports rlcli and the standard library
+only, so that an rlcli process (or another environment's, as in tests/vllm) can load it.
+
+``every_turn_calls`` is a tool-call parser (``env.tool_call_parser: tests/plugins.py:every_turn_calls``) that reads
+every assistant turn as a call of the calculator: makes a real model that has never seen a tool call produce episodes
+with tool turns.
+
+``Tally`` is a stateful environment written to TRL's ``environment_factory`` contract, whose per-episode state shows
+in every outcome (``env.environment: {spec: tests/plugins.py:Tally, options: {log: PATH}}``).
 
 - ``reset(start=N, **row)`` sets the episode's count to the row's ``start`` and appends `` Count from N.`` to the
   prompt;
@@ -60,3 +67,10 @@ class Tally:
             with open(self.log, "a") as f:
                 f.write(json.dumps(line) + "\n")
         return reward
+
+
+def every_turn_calls(text: str) -> list:
+    """Every assistant turn is a call of the calculator (see the module docstring)."""
+    from rlcli.env import ToolCall
+
+    return [ToolCall("calculator", {"expression": "6*7"})]

@@ -1,4 +1,4 @@
-"""Run by tests/trainers/test_peers_cli.py under torchrun (2 processes, gloo): process 1 announces a failure and
+"""Run by tests/test_peers.py under torchrun (2 processes, gloo): process 1 announces a failure and
 stays alive without taking part (as a process stuck in its own cleanup would); process 0 is either blocked in a
 collective or busy in Python. ``python peers_two_process.py collective|python``."""
 

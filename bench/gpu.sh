@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU work of rlcli in one command, for a session that has a CUDA machine for a short while:
+# The GPU work of rlcli in one command, for a CUDA machine available for a short while:
 # the GPU tests, then the GPU benchmarks, each under its own time limit, all under one overall budget.
 #
-#   bash bench/gpu_session.sh [OUTDIR]        # on the GPU machine, in the repository root
-#   bash bench/gpu_session.sh --fetch-wheels  # BEFOREHAND, on a machine that reaches PyPI: writes .whl/
+#   bash bench/gpu.sh [OUTDIR]        # on the GPU machine, in the repository root
+#   bash bench/gpu.sh --fetch-wheels  # BEFOREHAND, on a machine that reaches PyPI: writes .whl/
 #
 # The GPU machine has no network at all. The script uses `python` from PATH (else `python3`; or $PYTHON) and
 # expects torch with CUDA, transformers, accelerate, peft, rich, typer and pyyaml to be there already. What rlcli
@@ -12,8 +12,8 @@
 # environment it runs in, for CPython 3.12 (WHEEL_PYTHON) on x86-64 Linux. rlcli itself and the tests are imported from the
 # checkout (PYTHONPATH), nothing is installed into the system.
 #
-# Output goes to OUTDIR (default: $OUT if set, else runs/gpu-session), at most 8 files:
-#   session.log      everything printed, in order
+# Output goes to OUTDIR (default: $OUT if set, else runs/gpu), at most 8 files:
+#   gpu.log      everything printed, in order
 #   summary.txt      one line per step: exit status and seconds
 #   sft.json, sft_gc.json, ppo_tiny.json, ppo_big.json, ppo_big_bf16.json   the benchmarks' --json output
 #
@@ -25,14 +25,14 @@
 #   5. bench/ppo_step.py --device cuda on configs/tiny/ppo.yaml        (limit 120 s)
 #   6. the same, n_embd 1024, 12 layers, 16 heads (~150 M parameters)  (limit 150 s)
 #   7. the same with train.mixed_precision=bf16                        (limit 120 s)
-# Overall budget GPU_SESSION_BUDGET_S (default 540 s): a step gets at most what is left of it, and a step with
+# Overall budget GPU_BUDGET_S (default 540 s): a step gets at most what is left of it, and a step with
 # under 30 s left is skipped, so the whole script ends inside a 10-minute command. Expected on an H100: 3-5 min.
 
 set -uo pipefail  # no -e: a failing step is recorded and the next one runs
 cd "$(dirname "$0")/.." || exit 1
 
 WHEELS=${RLCLI_WHEELS:-.whl}
-# what the GPU image lacks (its package list: /work/.library/device/KINDS.md); pydantic wants typing_extensions>=4.16
+# what a bare CUDA PyTorch image lacks; pydantic wants typing_extensions>=4.16
 WHEEL_PACKAGES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions datasets dill multiprocess)
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -89,13 +89,13 @@ main() {
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   FAILED=0
-  BUDGET_S=${GPU_SESSION_BUDGET_S:-540}
+  BUDGET_S=${GPU_BUDGET_S:-540}
   DEADLINE=$((SECONDS + BUDGET_S))
 
-  echo "== gpu_session: $(date -u '+%Y-%m-%dT%H:%M:%SZ'), output in $OUTDIR, budget ${BUDGET_S}s, python $(command -v "$PY")"
+  echo "== bench/gpu.sh: $(date -u '+%Y-%m-%dT%H:%M:%SZ'), output in $OUTDIR, budget ${BUDGET_S}s, python $(command -v "$PY")"
   "$PY" -c 'import torch; print(torch.__version__, torch.cuda.is_available())'
 
-  # step 1: the packages the image lacks, from carried wheels; then what we run with
+  # step 1: the packages the image lacks, from carried wheels; then the versions the run uses
   wheels=("$WHEELS"/*.whl)
   if [[ -e "${wheels[0]}" ]]; then
     echo "== installing ${#wheels[@]} wheel(s) from $WHEELS into /tmp/rlcli-site (no network, no deps)"
@@ -118,7 +118,7 @@ if torch.cuda.is_available():
     print(f"GPU {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, capability {p.major}.{p.minor}")
 EOF
   if ! "$PY" -c 'import rlcli.cli, rlcli.trainers.ppo, rlcli.trainers.sft' ; then
-    echo "== STOP: rlcli does not import (traceback above). Missing packages: run 'bash bench/gpu_session.sh --fetch-wheels'"
+    echo "== STOP: rlcli does not import (traceback above). Missing packages: run 'bash bench/gpu.sh --fetch-wheels'"
     echo "   on a machine with PyPI and carry .whl/ along; nothing else was run."
     echo "setup: rlcli import failed" >>"$SUMMARY"
     exit 3
@@ -142,9 +142,9 @@ EOF
   ((FAILED == 0))
 }
 
-OUTDIR=${1:-${OUT:-runs/gpu-session}}
+OUTDIR=${1:-${OUT:-runs/gpu}}
 mkdir -p "$OUTDIR"
 SUMMARY="$OUTDIR/summary.txt"
 : >"$SUMMARY"
-main 2>&1 | tee "$OUTDIR/session.log"
+main 2>&1 | tee "$OUTDIR/gpu.log"
 exit "${PIPESTATUS[0]}"

@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from rlcli.config.common import ModelConfig, OptimConfig
 from rlcli.config.ppo import GenerationConfig, KLConfig, PPOAlgo
 from rlcli.env.environment import TextEnvironment, histories_to_rollout
-from rlcli.env.protocols import PlainText
 from rlcli.models.engines import LocalEngine
 from rlcli.models.loading import load_model, load_tokenizer
 from rlcli.models.value_head import ValueHead, ValueHeadModel, disable_dropout, hidden_size
@@ -31,6 +30,7 @@ from rlcli.optim import make_optimizer
 from rlcli.ppo.build import behaviour_rules
 from rlcli.ppo.rollout import generate
 from rlcli.ppo.learner import PPOLearner
+from tests.helpers import AlwaysCalls
 
 MAX_NEW = 12
 EOS_BOOST = 4.0  # added to the EOS logit so that EOS rules matter at every position
@@ -130,7 +130,8 @@ def _reference_logprobs(logits: torch.Tensor, tokens: torch.Tensor, turn_pos: to
         ok = torch.ones_like(z, dtype=torch.bool)
         if eos_id in rules.banned_ids or (pos < rules.min_new_tokens and eos_id in rules.eos_ids):
             ok[eos_id] = False
-        order = sorted((i for i in range(len(z)) if ok[i]), key=lambda i: -float(z[i]))
+        zs, oks = z.tolist(), ok.tolist()  # Python floats: the sort below is plain Python, one number at a time
+        order = sorted((i for i in range(len(zs)) if oks[i]), key=lambda i: -zs[i])
         if rules.top_k:
             order = order[: rules.top_k]
         if rules.top_p < 1.0:
@@ -203,28 +204,13 @@ def test_sampler_loss_and_kl_share_one_distribution(models, model_name, setting)
     _check(lm, tok, rollout, rules)
 
 
-class _AlwaysCalls(PlainText):
-    """A protocol for the test: every turn (ended by its token budget or EOS) is a call of the Echo tool."""
-
-    stop_strings: tuple[str, ...] = ()
-
-    def parse(self, model_text):
-        return [ToolCall("Echo", model_text[:8])]
-
-    def format_response(self, output):
-        return f" [{output}] "
-
-    def system_prompt(self, tools):
-        return ""
-
-
 @pytest.mark.parametrize("rule_kwargs", [{}, {"min_new_tokens": 3}, {"min_new_tokens": 5, "temperature": 0.8},
                                          {"top_k": 40, "min_new_tokens": 6}])
 def test_text_environment_turns_replay_the_rules(models, rule_kwargs):
     """Multi-turn episodes: forced tool tokens between model turns; each turn's positions count from 0 again."""
     lm, tok = models["gpt2 (byte tokenizer)"]
     rules = SamplingRules(eos_ids=(tok.eos_token_id,), **rule_kwargs)
-    env = TextEnvironment(lm, tok, {"Echo": lambda text: text.upper()}, _AlwaysCalls(), max_turns=3,
+    env = TextEnvironment(lm, tok, {"Echo": lambda text: text.upper()}, AlwaysCalls(), max_turns=3,
                           max_new_tokens=6, max_tool_output_tokens=8, max_length=200, rules=rules,
                           tool_isolation="inline")
     histories = env.run([f"episode {i}" for i in range(8)], generator=torch.Generator().manual_seed(1))

@@ -11,7 +11,7 @@ from rlcli.config.errors import Problem, UserError
 from rlcli.models import convert
 from rlcli.models.checks import check_model_config, model_task, source_kind
 from rlcli.models.loading import load_tokenizer
-from tests.smollm2 import SMOLLM2, smollm2_dir  # noqa: F401  (a session fixture)
+from tests.helpers import SMOLLM2
 
 # ruff: noqa: F811  (the tests take the imported fixture as an argument)
 

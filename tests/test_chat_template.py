@@ -21,16 +21,17 @@ from rlcli.env.builtin_tools import calculator
 from rlcli.env.protocols import ChatProtocol, chat_token_ids
 from rlcli.rl.sampling import SamplingRules
 from rlcli.toolcalls import hermes_calls, llama3_json_calls, schemas_for
-from tests.env.chat_templates import (
+from tests.helpers import (
     DROPS_REASONING,
     HERMES_SPECIALS,
     SNEAKY,
     TRIMMING,
+    ScriptedLM,
     byte_tokenizer_with,
     hermes_tokenizer,
     llama3_tokenizer,
+    tiny_gpt2,
 )
-from tests.env.conftest import ScriptedLM, tiny_gpt2
 
 
 def add(a: int, b: int) -> str:
