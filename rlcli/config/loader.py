@@ -26,7 +26,7 @@ class Origin:
     source: str
     lines: dict[str, int] = dataclasses.field(default_factory=dict)
     touched: frozenset[str] = frozenset()
-
+    notes: tuple[Problem, ...] = ()  # old key names the recipe used (rlcli.config.renamed), each placed
     def place(self, problem: Problem) -> Problem:
         """``problem``, placed at the override that set its key or at the key's line in the file."""
         key = problem.key
@@ -300,9 +300,24 @@ def load_recipe_and_origin(schema: type[R], path: str | Path, overrides: list[st
                            processes: int = 1) -> tuple[R, Origin]:
     """``load_recipe``, and where each value came from (file line or command line), for placing the problems the
     commands' own checks find later (:func:`locate`)."""
+    from rlcli.config.renamed import migrate
+
     data, lines = read_yaml(path)
     touched = apply_overrides(data, list(overrides or []))
+    found = migrate(schema.__name__, data)
+    for old, new in found.moved.items():  # a moved value's problems are placed where its old key was set
+        lines.update({new + key[len(old):]: line for key, line in lines.items()
+                      if key == old or key.startswith(old + ".")})
+        if any(t == old or t.startswith(old + ".") for t in touched):
+            touched.add(new)
     origin = Origin(str(path), lines, frozenset(touched))
+    origin = dataclasses.replace(origin, notes=tuple(origin.place(n) for n in found.notes))
+    if found.problems:  # reported with the schema's own, all at once
+        try:
+            validate(schema, data, origin, processes)
+        except RecipeError as exc:
+            raise RecipeError([origin.place(p) for p in found.problems] + exc.problems) from None
+        raise RecipeError([origin.place(p) for p in found.problems])
     return validate(schema, data, origin, processes), origin
 
 

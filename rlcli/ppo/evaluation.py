@@ -106,7 +106,8 @@ class Evaluator:
             from rlcli.env.build import build_environment
 
             other = setup.engine if setup.engine is not None and not isinstance(setup.engine, LocalEngine) else None
-            env = build_environment(recipe.env, _lm(setup.policy), setup.tokenizer, rules=rules, engine=other)
+            env = build_environment(recipe.env, _lm(setup.policy), setup.tokenizer, rules=rules,
+                                    max_new_tokens=gen.max_new_tokens, engine=other)
         evaluator = cls(setup, rows, column, cfg, env)
         evaluator.gen, evaluator.rules = gen, rules
         return evaluator
@@ -171,7 +172,7 @@ class Evaluator:
 
 
 class BestKeeper:
-    """``train.keep_best``: the policy of the best evaluation so far, in ``OUTPUT_DIR/best``."""
+    """``eval.keep_best``: the policy of the best evaluation so far, in ``OUTPUT_DIR/best``."""
 
     def __init__(self, out: Path, metric: str, mode: str, state: dict | None = None):
         self.out, self.metric, self.mode = out, metric, mode

@@ -14,7 +14,7 @@ Steps of ``step``:
      log-probs (the adapter disabled for LoRA, else the frozen copy), per-token KL, entropy. With one optimizer
      step per batch and no critic (GRPO's usual settings) the policy's pass is left out: the training forward, on
      the same weights, gives pi_old (``reuses_training_pass``)
-  2. scores: optional running normalisation, scaling, clipping
+  2. scores: optional running normalisation and clipping
   3. per-token rewards: -β·KL_t on every model token, plus the score on the last model token
   4. optional reward whitening (no re-centring); GAE over model tokens (tool and pad tokens skipped);
      advantage whitening over model tokens, with statistics over all processes
@@ -295,13 +295,12 @@ class PPOLearner:
         fwd = self.rollout_forward(rollout, policy_pass=not reuse)
         timings["time_forward"] = time.perf_counter() - t0
 
-        # step 2: score normalisation / scaling / clipping
+        # step 2: score normalisation / clipping
         raw_scores = scores
         if self.algo.score_norm == "running":
             gathered = self.par.gather(scores.to(self.par.device)).cpu() if self.procs > 1 else scores
             self.score_moments.update(gathered)
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
-        scores = scores * self.algo.score_scale
         if self.algo.score_clip is not None:
             scores = scores.clamp(-self.algo.score_clip, self.algo.score_clip)
 
@@ -374,7 +373,7 @@ class PPOLearner:
         a = self.algo
         return AdvantageInputs(beta=self.kl_ctl.value, group_size=a.group_size, scaling=self.scaling,
                                values=fwd.values, gamma=a.gamma, lam=a.lam, whiten_rewards=a.whiten_rewards,
-                               whiten_advantages=a.whiten_advantages, critic_lam=self.critic_lam,
+                               critic_lam=self.critic_lam,
                                sum_over_processes=self._sum_tensor_over_processes if self.procs > 1 else None)
 
     def _optimise(self, b: Rollout, b_logprobs, b_values, b_ref_logprobs, b_advantages, b_returns) -> dict[str, float]:

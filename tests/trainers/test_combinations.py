@@ -77,7 +77,7 @@ def _overrides(cell: dict, tokenizer_dir, out) -> list[str]:
     else:
         o += ["data.path=data/calculator/prompts.jsonl", "reward.function=recipes/calculator.py:exact_match",
               "env.tools={Calculator: calculator}", "env.tool_isolation=inline", f"env.protocol={cell['protocol']}",
-              "env.max_turns=2", "env.max_new_tokens=8", "env.max_length=120"]
+              "env.max_turns=2", "generation.max_new_tokens=8", "env.max_length=120"]
     return o
 
 
@@ -146,7 +146,7 @@ def test_cell(cell, tokenizers, tmp_path, monkeypatch):
     (["kl.mode=loss", "kl.estimator=full"], "kl.estimator", "only with kl.mode=reward"),
     (["env.tools={Calculator: calculator}", "generation.stop_at_eos=false"], "generation.stop_at_eos", "always ends"),
     (["env.tools={Calculator: calculator}", "generation.stop_strings=[x]"], "generation.stop_strings", "not used"),
-    (["env.tools={Calculator: calculator}", "env.max_new_tokens=8", "generation.min_new_tokens=9"],
+    (["env.tools={Calculator: calculator}", "generation.max_new_tokens=8", "generation.min_new_tokens=9"],
      "generation.min_new_tokens", "no turn could end"),
 ])
 def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monkeypatch):
@@ -274,7 +274,7 @@ OTHER_CELLS = {
                                                            "reward.function=recipes/calculator.py:exact_match",
                                                            "env.tools={Calculator: calculator}",
                                                            "env.tool_isolation=inline", "env.protocol=chat",
-                                                           "env.max_new_tokens=8", "env.max_length=120",
+                                                           "generation.max_new_tokens=8", "env.max_length=120",
                                                            "TOKENIZER=chat_eot"]),
 }
 
