@@ -228,6 +228,8 @@ ALIASES = {
     "total_episodes": "steps", "vf_coef": "vf_coef",
     "vllm_importance_sampling_mode": "importance_sampling", "vllm_importance_sampling_cap": "importance_sampling_cap",
     "rollout_is": "importance_sampling", "rollout_is_threshold": "importance_sampling_cap",
+    "scale_rewards": "advantage_scaling", "norm_adv_by_std_in_grpo": "advantage_scaling",
+    "whiten_advantages": "advantage_scaling", "reward_weights": "weight", "kl_target": "target",
     "critic_warmup": "warmup_steps", "freezing_actor_steps": "warmup_steps", "critic_learning_rate": "learning_rate",
 }
 
@@ -312,13 +314,15 @@ def load_recipe_and_origin(schema: type[R], path: str | Path, overrides: list[st
             touched.add(new)
     origin = Origin(str(path), lines, frozenset(touched))
     origin = dataclasses.replace(origin, notes=tuple(origin.place(n) for n in found.notes))
-    if found.problems:  # reported with the schema's own, all at once
-        try:
-            validate(schema, data, origin, processes)
-        except RecipeError as exc:
-            raise RecipeError([origin.place(p) for p in found.problems] + exc.problems) from None
-        raise RecipeError([origin.place(p) for p in found.problems])
-    return validate(schema, data, origin, processes), origin
+    problems = [origin.place(p) for p in found.problems]
+    try:
+        recipe = validate(schema, data, origin, processes)
+    except RecipeError as exc:
+        problems += exc.problems
+    if problems:  # the renames' problems with the schema's own, all at once, and the renames said
+        said = "\n".join(f"  note: {n.render()}" for n in origin.notes)
+        raise RecipeError(problems, hint=f"Keys this recipe sets under an old name:\n{said}" if said else None)
+    return recipe, origin
 
 
 def recipe_to_yaml(recipe: BaseModel) -> str:
