@@ -606,8 +606,9 @@ class RunDir:
         if not self.main:
             return
         self.claim(RECIPE_FILE)
-        if "tensorboard" in recipe.logging.report_to:
-            self.claim(recipe.logging.project)  # Accelerate's TensorBoard tracker writes into OUT/PROJECT
+        logging = getattr(recipe, "logging", None)  # env-rollout logs nothing
+        if logging is not None and "tensorboard" in logging.report_to:
+            self.claim(logging.project)  # Accelerate's TensorBoard tracker writes into OUT/PROJECT
         (self.out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
 
     def claim(self, *names: str, runs: bool = False) -> None:

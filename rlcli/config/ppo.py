@@ -359,6 +359,9 @@ class PPORecipe(TrainerRecipe):
         held_out = ("data.reasoning_gym.eval_size" if self.data.reasoning_gym is not None
                     else "data.eval_path, data.eval_split or data.eval_fraction")
         if not self.has_eval:
+            if self.eval is not None and self.eval.keep_best is not None:
+                return [Problem("eval.keep_best", f"keeping the best policy needs an evaluation, and so held-out "
+                                                  f"prompts: set {held_out}")]
             if self.eval is not None:
                 return [Problem("eval", f"evaluation needs held-out prompts: set {held_out}")]
             return []

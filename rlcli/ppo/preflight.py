@@ -205,6 +205,6 @@ def describe_evaluation(recipe: PPORecipe) -> str:
     when = (f"every {e.every} steps and at the end" if e.every else "at the end") + (", and before step 1"
                                                                                       if e.at_start else "")
     how = "greedy" if e.temperature == 0 else f"temperature {e.temperature:g}"
-    best = f"; best policy by {recipe.eval.keep_best} kept in best/" if recipe.eval.keep_best else ""
+    best = f"; best policy by {recipe.eval.keep_best} kept in best/" if recipe.eval is not None and recipe.eval.keep_best else ""
     return (f"evaluation: held-out prompts from {source}, {when}; {e.samples_per_prompt} completion(s) per prompt, "
             f"{how}{best}")
