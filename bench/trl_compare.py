@@ -285,7 +285,7 @@ def grpo_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict:
         problems.append("one epoch of one minibatch per step (TRL: one optimizer step per generation batch)")
     if kl.mode != "loss" or kl.estimator != "k3" or kl.adaptive:
         problems.append("a fixed k3 KL in the loss (TRL's beta)")
-    if p.loss_aggregation not in LOSS_TYPES or recipe.lora is None or env.system_message or not env.system_prompt:
+    if p.loss_aggregation not in LOSS_TYPES or recipe.lora is None or env.system_message or not env.describe_tools:
         problems.append(f"LoRA, loss_aggregation in {sorted(LOSS_TYPES)}, the tools described in the system prompt")
     if problems:
         raise SystemExit(f"{recipe_path}: " + "; ".join(problems))
@@ -305,10 +305,10 @@ def grpo_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict:
     messages, tools = template.prepare(conversation(rows[order[0]][column]), schemas, hermes_calls)
     first_prompt = template.encode(template.render(messages, tools, add_generation_prompt=True))
 
-    budget = env.max_turns * env.max_new_tokens + (env.max_turns - 1) * env.max_tool_output_tokens
+    budget = env.max_turns * generation.max_new_tokens + (env.max_turns - 1) * env.max_tool_output_tokens
     differences = [
-        (f"token budget: rlcli {env.max_new_tokens} tokens per turn, {env.max_turns} turns, {env.max_length} in all; "
-        f"TRL {env.max_new_tokens} per generate call (generation_kwargs.max_new_tokens), "
+        (f"token budget: rlcli {generation.max_new_tokens} tokens per turn, {env.max_turns} turns, {env.max_length} in all; "
+        f"TRL {generation.max_new_tokens} per generate call (generation_kwargs.max_new_tokens), "
         f"max_tool_calling_iterations {env.max_turns - 1}, max_completion_length {budget} (model + tool tokens after "
         f"the prompt; rlcli caps a tool's output at {env.max_tool_output_tokens} tokens, TRL does not)"),
         ("sampling: rlcli's own sampler (rlcli.models.generation) vs transformers' generate; the same temperature, "
@@ -327,8 +327,8 @@ def grpo_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict:
                         "num_iterations": p.epochs, "beta": kl.coef, "epsilon": p.clip_range,
                         "epsilon_high": p.clip_range_high, "loss_type": LOSS_TYPES[p.loss_aggregation],
                         "scale_rewards": p.advantage_scaling, "temperature": gen.temperature,
-                        "top_p": gen.top_p, "top_k": gen.top_k, "max_completion_length": budget,
-                        "generation_kwargs": {"max_new_tokens": env.max_new_tokens},
+                        "top_p": 1.0, "top_k": 0, "max_completion_length": budget,
+                        "generation_kwargs": {"max_new_tokens": generation.max_new_tokens},
                         "max_tool_calling_iterations": env.max_turns - 1, "use_bias_correction_kl": False,
                         "mask_truncated_completions": False, "entropy_coef": p.entropy_coef,
                         "log_completions": False, "remove_unused_columns": False, **adam(recipe.optim)}}
@@ -389,7 +389,7 @@ def reasoning_plan(recipe_path: str, steps: int, model: str, work: Path) -> dict
                         "num_iterations": p.epochs, "beta": kl.coef, "epsilon": p.clip_range,
                         "epsilon_high": p.clip_range_high, "loss_type": LOSS_TYPES[p.loss_aggregation],
                         "scale_rewards": p.advantage_scaling, "temperature": gen.temperature,
-                        "top_p": gen.top_p, "top_k": gen.top_k, "max_completion_length": gen.max_new_tokens,
+                        "top_p": 1.0, "top_k": 0, "max_completion_length": gen.max_new_tokens,
                         "use_bias_correction_kl": False, "mask_truncated_completions": False,
                         "entropy_coef": p.entropy_coef, "log_completions": False, "remove_unused_columns": False,
                         **adam(recipe.optim)}}

@@ -53,8 +53,8 @@ def main() -> None:
     from rlcli.ppo.preflight import policy_task
     from rlcli.ppo.rollout import collect_episodes
 
-    recipe = load_recipe(PPORecipe, args.recipe, [f"generation.top_k={args.top_k}", f"ppo.steps={args.steps}",
-                                                  f"seed={args.seed}", *args.overrides])
+    recipe = load_recipe(PPORecipe, args.recipe, [f"ppo.steps={args.steps}", f"seed={args.seed}",  # the cut: below
+                                                  *args.overrides])
     accelerator = Accelerator(cpu=True)
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe.model, padding_side="left")

@@ -152,7 +152,7 @@ def demo(out: Path) -> None:
                   f"{after['tool_calls_per_episode']:.2f}")
     console.print(table)
     best = out / "ppo" / "best" / "best.json"
-    if best.exists():  # train.keep_best: the policy of the best held-out evaluation during PPO
+    if best.exists():  # eval.keep_best: the policy of the best held-out evaluation during PPO
         info = json.loads(best.read_text())
         console.print(f"best held-out evaluation during PPO: {info['metric']} {info['value']:.1%} at step "
                       f"{info['step']} (policy in {best.parent})")

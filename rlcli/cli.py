@@ -187,6 +187,11 @@ def _attempt(command: Command, config: Path, overrides: list[str] | None, dry_ru
 
     try:
         recipe, origin = load_recipe_and_origin(command.schema(), config, overrides or [], processes=processes)
+        if origin.notes and is_main_process() and not cpu_processes:  # (the relaunched processes say it)
+            from rich.markup import escape
+
+            for note in origin.notes:
+                _stderr_console().print(f"[yellow]note[/]: {escape(note.render())}")
         if not dry_run and hasattr(getattr(recipe, "train", None), "host_memory"):
             from rlcli.host import set_host_memory
 

@@ -107,7 +107,8 @@ def check_trackers(recipe) -> list:
 
     packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
     problems = []
-    for i, name in enumerate(recipe.logging.report_to):
+    logging = getattr(recipe, "logging", None)  # env-rollout logs nothing
+    for i, name in enumerate(logging.report_to if logging is not None else []):
         if not any(importlib.util.find_spec(p) for p in packages[name]):
             problems.append(Problem(f"logging.report_to.{i}", f"{name} is not installed in this environment; install "
                                                               f"it (pip install {name}, or pip install "

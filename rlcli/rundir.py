@@ -592,8 +592,9 @@ class RunDir:
         if not self.main:
             return
         self.claim(RECIPE_FILE)
-        if "tensorboard" in recipe.logging.report_to:
-            self.claim(recipe.logging.project)  # Accelerate's TensorBoard tracker writes into OUT/PROJECT
+        logging = getattr(recipe, "logging", None)  # env-rollout logs nothing
+        if logging is not None and "tensorboard" in logging.report_to:
+            self.claim(logging.project)  # Accelerate's TensorBoard tracker writes into OUT/PROJECT
         (self.out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
 
     def claim(self, *names: str, runs: bool = False) -> None:
@@ -732,7 +733,7 @@ def resume_length(recipe) -> tuple[int, str] | None:
 # saved or evaluated, micro-batches that only regroup the same batch).
 RESUME_MAY_CHANGE = (
     "output_dir", "overwrite_output_dir", "logging", "train.max_steps", "train.epochs", "ppo.steps",
-    "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_batch_size", "train.sample_every",
+    "train.save_every", "train.keep_checkpoints", "eval.every", "eval.batch_size", "train.sample_every",
     "train.samples_per_log", "train.micro_batch_size", "ppo.micro_batch_size", "model.gradient_checkpointing",
     "train.host_memory",
     "lora.merge_on_save", "data.long_prompts",
@@ -779,6 +780,9 @@ def check_resume_recipe(recipe, ckpt: Path, origin=None) -> None:
         saved = yaml.safe_load(saved_path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return
+    from rlcli.config.renamed import migrate
+
+    migrate(type(recipe).__name__, saved, saved=True)  # a checkpoint of an earlier release: its keys, renamed
     current = recipe.model_dump(mode="json")
     changed = [(k, a, b) for k, a, b in _changes(saved, current)
                if not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)]
@@ -791,7 +795,7 @@ def check_resume_recipe(recipe, ckpt: Path, origin=None) -> None:
         title=f"--resume: {len(changed)} setting(s) differ from those the checkpoint was trained with ({saved_path}):",
         hint="A resumed run continues exactly as it was trained, so these must stay as they were (drop the "
              "overrides, or restore the recipe). --resume accepts changes to: more or fewer steps (train.max_steps, "
-             "train.epochs, ppo.steps), logging.*, train.save_every, train.keep_checkpoints, train.eval_every, "
+             "train.epochs, ppo.steps), logging.*, train.save_every, train.keep_checkpoints, eval.every, "
              "micro_batch_size and similar, the reward service's address and connection settings (reward.url, "
              "reward.timeout_s, ...). To train on with other settings, start a new run in another output_dir "
              "from this one's model (model.name_or_path=<this output_dir>).",

@@ -41,10 +41,10 @@ def record(work: Path) -> dict:
     out: dict = {}
     common = ["logging.progress=false"]
     _rlcli("sft", "configs/tiny/sft.yaml", f"output_dir={work / 'sft'}", "train.max_steps=20", "train.save_every=10",
-           "train.eval_every=10", *common)
+           "eval.every=10", *common)
     out["sft"] = _metrics(work / "sft")
     _rlcli("rm", "configs/tiny/rm.yaml", f"output_dir={work / 'rm'}", "train.max_steps=12", "train.save_every=6",
-           "train.eval_every=6", *common)
+           "eval.every=6", *common)
     out["rm"] = _metrics(work / "rm")
     fast = ["ppo.steps=3", "ppo.batch_size=16", "ppo.mini_batch_size=8", "train.save_every=2", *SCRATCH, *common]
     _rlcli("ppo", "configs/tiny/ppo.yaml", f"output_dir={work / 'ppo'}", *fast)
@@ -52,7 +52,7 @@ def record(work: Path) -> dict:
     _rlcli("ppo", "configs/tiny/grpo.yaml", f"output_dir={work / 'grpo'}", *fast, "ppo.group_size=4")
     out["grpo"] = _metrics(work / "grpo")
     _rlcli("sft", "configs/calculator_sft.yaml", f"output_dir={work / 'calc-sft'}", "train.max_steps=30",
-           "train.save_every=null", "train.eval_every=null", *SCRATCH, *common)
+           "train.save_every=null", "eval.every=null", *SCRATCH, *common)
     _rlcli("ppo", "configs/calculator_rloo.yaml", f"model.name_or_path={work / 'calc-sft'}",
            f"output_dir={work / 'calc-ppo'}", "ppo.steps=2", "ppo.batch_size=16", "ppo.mini_batch_size=8",
            "train.save_every=null", "eval.max_prompts=16", *common)

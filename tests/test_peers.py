@@ -112,7 +112,7 @@ def test_a_tool_that_cannot_be_built_on_one_process_stops_every_process_naming_i
     out = tmp_path / "run"
     start = time.time()
     res = run([sys.executable, "-m", "accelerate.commands.launch", *TWO, f"output_dir={out}", *FAST,
-               f"env.tools={{Lookup: {{spec: {tools}:make, options: {{retries: 1}}}}}}", "env.max_new_tokens=12",
+               f"env.tools={{Lookup: {{spec: {tools}:make, options: {{retries: 1}}}}}}", "generation.max_new_tokens=12",
                "env.max_length=100"], timeout=300)
     text = plain(res.stdout + res.stderr)
     assert res.returncode == 1, text[-3000:]

@@ -69,8 +69,8 @@ def share_micro_batch(batch: int, micro: int | None, processes: int, batch_key: 
     return micro, share // micro
 
 
-class ModelConfig(Section):
-    """Where the weights come from: a hub id / local directory, or an architecture built from scratch."""
+class WeightsSource(Section):
+    """Where a model's weights come from: a hub id / local directory, or an architecture built from scratch."""
 
     name_or_path: str | None = None
     """Hub id (``gpt2``) or local directory (an ``rlcli`` output dir works) to load with ``from_pretrained``."""
@@ -80,16 +80,8 @@ class ModelConfig(Section):
     config: dict[str, Any] = Field(default_factory=dict)
     """Overrides for the model config (``n_layer``, ``hidden_size``, ...); with ``architecture`` these define
     the model, with ``name_or_path`` they patch the loaded config (e.g. ``{dropout: 0.0}``)."""
-    tokenizer: str | None = None
-    """Tokenizer: hub id or local dir, or ``byte`` for the built-in byte-level tokenizer (no download).
-    Default: the model's own (``name_or_path``), or ``byte`` when built from scratch."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """dtype the weights are loaded in. Keep float32 and set ``train.mixed_precision`` for mixed precision."""
-    gradient_checkpointing: bool | None = None
-    """Recompute each block's activations in the backward pass instead of keeping them: less memory, more compute
-    (SmolLM2-135M LoRA SFT on CPU: peak RSS 7.0 → 3.4 GiB, +29 % CPU time per step). Default (unset): on for models
-    of 100 M parameters or more, where activations outgrow the weights (TRL's trainers default to on), off for
-    smaller ones, where it costs time and saves little. The run's header says when it is on."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of ``name_or_path``."""
     trust_remote_code: bool = False
@@ -109,7 +101,7 @@ class ModelConfig(Section):
         return {} if value is None else value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelConfig":
+    def _one_source(self) -> "WeightsSource":
         if (self.name_or_path is None) == (self.architecture is None):
             raise ValueError(
                 "give exactly one of 'name_or_path' (load weights) or 'architecture' (build from scratch); "
@@ -121,9 +113,41 @@ class ModelConfig(Section):
 
     @property
     def tokenizer_source(self) -> str:
-        if self.tokenizer is not None:
-            return self.tokenizer
+        # a model that reads another's tokens (the reference, a critic) has no tokenizer key: the policy's is used
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            return tokenizer
         return self.name_or_path if self.name_or_path is not None else "byte"
+
+
+class FrozenModelConfig(WeightsSource):
+    """A frozen model that reads the policy's tokens (``ref_model``): its weights only; it uses the policy's
+    tokenizer and has no backward pass."""
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return False  # no backward pass to save memory in
+
+
+class TrainedModelConfig(WeightsSource):
+    """A trained model that reads the policy's tokens (``critic.model``): its weights; it uses the policy's
+    tokenizer."""
+
+    gradient_checkpointing: bool | None = None
+    """As ``model.gradient_checkpointing``, for this model."""
+
+
+class ModelConfig(WeightsSource):
+    """Where the weights come from: a hub id / local directory, or an architecture built from scratch."""
+
+    tokenizer: str | None = None
+    """Tokenizer: hub id or local dir, or ``byte`` for the built-in byte-level tokenizer (no download).
+    Default: the model's own (``name_or_path``), or ``byte`` when built from scratch."""
+    gradient_checkpointing: bool | None = None
+    """Recompute each block's activations in the backward pass instead of keeping them: less memory, more compute
+    (SmolLM2-135M LoRA SFT on CPU: peak RSS 7.0 → 3.4 GiB, +29 % CPU time per step). Default (unset): on for models
+    of 100 M parameters or more, where activations outgrow the weights (TRL's trainers default to on), off for
+    smaller ones, where it costs time and saves little. The run's header says when it is on."""
 
 
 class LoraConfig(Section):
@@ -235,11 +259,6 @@ class SupervisedTrain(RunSettings):
     """Examples (RM: pairs) per forward pass on one process (accumulation steps = batch_size / (micro ×
     processes)). Default: the whole per-process share, batch_size / processes, in one pass; set it lower when
     memory is short."""
-    eval_every: int | None = Field(None, gt=0)
-    """Evaluate every N optimizer steps (and at the end) when there is eval data."""
-    eval_batch_size: int = Field(16, gt=0)
-    """Examples (RM: pairs; also for the final reward statistics) per forward pass in evaluation: no gradients, so
-    larger than training batches is fine."""
 
     @model_validator(mode="after")
     def _batches_divide(self, info: ValidationInfo) -> "SupervisedTrain":
@@ -276,7 +295,6 @@ class RecipeBase(Section):
     """Allow starting a fresh run in an output dir that already holds one (its files are replaced)."""
     seed: int = 0
     """One seed for everything; each process derives its own from it."""
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("output_dir")
     @classmethod
@@ -289,14 +307,36 @@ class RecipeBase(Section):
         return os.path.expanduser(value)
 
 
+class TrainerRecipe(RecipeBase):
+    """Keys every training command's recipe has."""
+
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+class SupervisedEval(Section):
+    """Evaluation on the held-out data (``data.eval_path`` / ``eval_split`` / ``eval_fraction``): the loss (RM: also
+    the accuracy and margin)."""
+
+    every: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (and at the end) when there is eval data."""
+    batch_size: int = Field(16, gt=0)
+    """Examples (RM: pairs; also for the final reward statistics) per forward pass in evaluation: no gradients, so
+    larger than training batches is fine."""
+
+
 __all__ = [
     "Section",
     "ModelConfig",
+    "WeightsSource",
+    "FrozenModelConfig",
+    "TrainedModelConfig",
     "LoraConfig",
     "DataSource",
     "OptimConfig",
     "LoggingConfig",
     "RecipeBase",
+    "TrainerRecipe",
+    "SupervisedEval",
     "MixedPrecision",
     "processes_of",
     "share_micro_batch",

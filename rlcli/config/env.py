@@ -56,14 +56,13 @@ class EnvConfig(Section):
     """``chat`` only: a system message put before every prompt (unless the prompt's messages start with one); the
     tool description is appended to it for templates without tool support."""
     max_turns: int = Field(4, gt=0)
-    """Model turns per episode (a call on the last turn is still answered)."""
-    max_new_tokens: int = Field(64, gt=0)
-    """Token budget of one model turn."""
+    """Model turns per episode (a call on the last turn is still answered). A turn's budget is
+    ``generation.max_new_tokens``."""
     max_tool_output_tokens: int = Field(64, gt=0)
     """Longer tool output is cut (and counted as truncated)."""
     max_length: int = Field(512, gt=1)
     """Cap on the whole episode, prompt included, in tokens."""
-    system_prompt: bool = False
+    describe_tools: bool = False
     """Put the protocol's tool instructions (rendered from the tools' signatures and docstrings) before each
     prompt. ``chat``: tell the model about the tools: as the template's ``tools`` when it renders them, else as a
     system message in the parser's format."""
@@ -126,20 +125,32 @@ class RolloutData(Section):
         return self
 
 
-class EnvRolloutRecipe(RecipeBase):
-    """Run episodes of a model with tools, show them and write them to JSONL."""
+class RolloutGeneration(Section):
+    """Sampling for ``rlcli env-rollout`` (which trains nothing, so any cut of the distribution is fine)."""
 
-    model: ModelConfig
-    data: RolloutData
-    env: EnvConfig
-    reward: RewardConfig | None = None
-    """Optional: score every episode (as in PPO)."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Token budget of one model turn."""
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature; 0 = greedy."""
     top_k: int = Field(0, ge=0)
     """Sample among the k most likely tokens (0: all)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Sample among the smallest set of tokens reaching this probability (1.0: all)."""
+
+
+class EnvRolloutRecipe(RecipeBase):
+    """Run episodes of a model with tools, show them and write them to JSONL."""
+
+    output_dir: str
+    """Directory this rollout writes into: the resolved recipe (recipe.yaml), the episodes (episodes.jsonl), their
+    statistics (summary.json) and, with ``accept_min_reward``, accepted.jsonl. No checkpoints: nothing is trained."""
+
+    model: ModelConfig
+    data: RolloutData
+    env: EnvConfig
+    reward: RewardConfig | None = None
+    """Optional: score every episode (as in PPO)."""
+    generation: RolloutGeneration = Field(default_factory=RolloutGeneration)
     batch_size: int = Field(32, gt=0)
     """Episodes generated together."""
     show: int = Field(3, ge=0)

@@ -26,7 +26,7 @@ class Origin:
     source: str
     lines: dict[str, int] = dataclasses.field(default_factory=dict)
     touched: frozenset[str] = frozenset()
-
+    notes: tuple[Problem, ...] = ()  # old key names the recipe used (rlcli.config.renamed), each placed
     def place(self, problem: Problem) -> Problem:
         """``problem``, placed at the override that set its key or at the key's line in the file."""
         key = problem.key
@@ -228,6 +228,8 @@ ALIASES = {
     "total_episodes": "steps", "vf_coef": "vf_coef",
     "vllm_importance_sampling_mode": "importance_sampling", "vllm_importance_sampling_cap": "importance_sampling_cap",
     "rollout_is": "importance_sampling", "rollout_is_threshold": "importance_sampling_cap",
+    "scale_rewards": "advantage_scaling", "norm_adv_by_std_in_grpo": "advantage_scaling",
+    "whiten_advantages": "advantage_scaling", "reward_weights": "weight", "kl_target": "target",
     "critic_warmup": "warmup_steps", "freezing_actor_steps": "warmup_steps", "critic_learning_rate": "learning_rate",
 }
 
@@ -300,10 +302,27 @@ def load_recipe_and_origin(schema: type[R], path: str | Path, overrides: list[st
                            processes: int = 1) -> tuple[R, Origin]:
     """``load_recipe``, and where each value came from (file line or command line), for placing the problems the
     commands' own checks find later (:func:`locate`)."""
+    from rlcli.config.renamed import migrate
+
     data, lines = read_yaml(path)
     touched = apply_overrides(data, list(overrides or []))
+    found = migrate(schema.__name__, data)
+    for old, new in found.moved.items():  # a moved value's problems are placed where its old key was set
+        lines.update({new + key[len(old):]: line for key, line in lines.items()
+                      if key == old or key.startswith(old + ".")})
+        if any(t == old or t.startswith(old + ".") for t in touched):
+            touched.add(new)
     origin = Origin(str(path), lines, frozenset(touched))
-    return validate(schema, data, origin, processes), origin
+    origin = dataclasses.replace(origin, notes=tuple(origin.place(n) for n in found.notes))
+    problems = [origin.place(p) for p in found.problems]
+    try:
+        recipe = validate(schema, data, origin, processes)
+    except RecipeError as exc:
+        problems += exc.problems
+    if problems:  # the renames' problems with the schema's own, all at once, and the renames said
+        said = "\n".join(f"  note: {n.render()}" for n in origin.notes)
+        raise RecipeError(problems, hint=f"Keys this recipe sets under an old name:\n{said}" if said else None)
+    return recipe, origin
 
 
 def recipe_to_yaml(recipe: BaseModel) -> str:

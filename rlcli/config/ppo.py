@@ -13,9 +13,11 @@ from rlcli.config.tasks import ReasoningGymSource
 from rlcli.config.common import (
     DataSource,
     LoraConfig,
+    FrozenModelConfig,
     ModelConfig,
+    TrainedModelConfig,
     OptimConfig,
-    RecipeBase,
+    TrainerRecipe,
     RunSettings,
     Section,
     processes_of,
@@ -83,19 +85,14 @@ class GenerationConfig(Section):
     """Sampling for rollouts: the behaviour policy. Every rule here is applied identically by the sampler and by the
     loss, the entropy and the KL, for the policy and the reference (docs/ppo-details.md, item 4)."""
 
-    max_new_tokens: int = Field(32, gt=0)
-    """Token budget of a response (of one model turn in a text environment: see ``env.max_new_tokens``)."""
+    max_new_tokens: int | None = Field(None, gt=0)
+    """Token budget of a response; in a text environment, of one model turn. Default: 32, or 64 per turn with
+    ``env``."""
     min_new_tokens: int = Field(0, ge=0)
     """EOS cannot be sampled until a response (in a text environment: each model turn) has this many tokens; the
     loss, entropy and KL use the same EOS-less distribution at those positions."""
     temperature: float = Field(1.0, gt=0)
     """Logits are divided by it for sampling and for every log-prob the loss and the KL use."""
-    top_k: int = Field(0, ge=0)
-    """0: no top-k cut. ``rlcli ppo`` refuses any other value (the cut depends on the logits, so no loss can use
-    the sampled distribution soundly: bench/README.md, 'why rlcli ppo refuses top-k / top-p'); ``rlcli
-    env-rollout`` takes it."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """1.0: no nucleus cut. Refused below 1.0 by ``rlcli ppo``, as top_k."""
     stop_strings: list[str] = Field(default_factory=list)
     """A response ends at the first of these (kept in the text)."""
     stop_at_eos: bool = True
@@ -167,10 +164,11 @@ class PPOAlgo(Section):
     """Completions sampled per prompt; ``batch_size`` counts completions and must be a multiple of it (on each
     process: the completions of a prompt are generated and judged on one process). grpo and rloo need >= 2."""
     advantage_scaling: Literal["group", "batch", "none"] | None = None
-    """Divide critic-free advantages by the std of their group's rewards (``group``: GRPO), or normalise them over the
-    whole batch (``batch``: subtract the mean, divide by the std, over all processes: REINFORCE++), or not
-    (``none``: RLOO, and Dr. GRPO, Liu et al. 2025, who show the group std favours too easy and too hard prompts).
-    Default: the estimator's paper. (``gae`` uses ``whiten_advantages`` instead.)"""
+    """Normalise the advantages over the whole batch (``batch``: subtract the mean, divide by the std, over the
+    model tokens of all processes: PPO's whitening, ppo-details item 9, and REINFORCE++; the std counts as at least
+    0.01, so near-constant advantages are not scaled up without bound), or divide critic-free advantages by the std
+    of their group's scores (``group``: GRPO), or neither (``none``: RLOO, and Dr. GRPO, Liu et al. 2025, who show
+    the group std favours too easy and too hard prompts). Default: the estimator's paper (``batch`` for ``gae``)."""
     loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
     """How per-token losses of a minibatch become one number: ``token_mean`` (every token weighs the same; DAPO, Yu
     et al. 2025; PPO), ``sequence_mean`` (each sequence's token mean, then the mean over sequences; GRPO),
@@ -209,17 +207,12 @@ class PPOAlgo(Section):
     """How far a value prediction may move from its rollout value before the value loss is clipped (gae only)."""
     vf_coef: float = Field(0.1, ge=0)
     """Weight of the value loss beside the policy loss (gae only; the value head shares the policy's trunk)."""
-    whiten_advantages: bool = True
-    """Whiten advantages per batch over model tokens (ppo-details item 9), dividing by at least 0.01 (a floor that
-    keeps near-constant advantages from being scaled up without bound)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards per batch, without re-centring (the same floor)."""
     score_norm: Literal["none", "running"] = "none"
     """``running``: normalise scores by running mean/std (kept in checkpoints) before the KL penalty."""
-    score_scale: float = Field(1.0, gt=0)
-    """Multiply scores by this (after normalisation)."""
     score_clip: float | None = Field(None, gt=0)
-    """Clip scores to ±this (after scaling)."""
+    """Clip scores to ±this (after ``reward.weight`` and ``score_norm``)."""
     target_approx_kl: float | None = Field(None, gt=0)
     """The KL guard: each minibatch's approx-KL to the rollout policy (mean ½(log π − log π_old)² over its tokens,
     over all processes) is checked before its optimizer step; above 1.5 × this, the minibatch is not applied and the
@@ -240,7 +233,7 @@ class CriticConfig(Section):
     the same settings. Costs a second model's weights and forward and backward passes. False: a value head on the
     policy's own trunk (one model; its features are the next token's, and on the calculator demo its explained
     variance stayed below 0: docs/ppo-details.md, item 8)."""
-    model: ModelConfig | None = None
+    model: TrainedModelConfig | None = None
     """Where a separate critic's initial weights come from (a reward model's output dir works: its trunk reads the
     whole episode); needs ``separate: true``. Null: the policy's initial weights."""
     learning_rate: float | None = Field(None, gt=0)
@@ -277,12 +270,18 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0)
     """0: greedy decoding (deterministic). Above 0: sampled, from a seeded stream of its own."""
     max_new_tokens: int | None = Field(None, gt=0)
-    """A response's budget (null: ``generation.max_new_tokens``; with ``env``, each turn's is ``env.max_new_tokens``)."""
+    """A held-out response's budget (with ``env``: of each model turn). Null: ``generation.max_new_tokens``."""
     max_prompts: int | None = Field(None, gt=0)
     """Evaluate on the first N held-out prompts only."""
     batch_size: int = Field(16, gt=0)
     """Prompts per generation batch (each with its k completions). Batches are dealt to processes in turn and each
     is computed the same way whatever the process count, so results do not depend on it."""
+    keep_best: str | None = None
+    """Keep the policy of the best evaluation so far in ``OUTPUT_DIR/best`` (Hugging Face format, with
+    ``best.json``: step, metric, value), by this metric: ``eval/reward_mean``, ``eval/pass@k`` or another ``eval/…``
+    metric (``EVAL_METRICS``). The final model is the last step's either way: judge a recipe by it."""
+    keep_best_mode: Literal["max", "min"] = "max"
+    """Whether a larger (``max``) or smaller ``keep_best`` value is better."""
 
 
 class PPOTrain(RunSettings):
@@ -292,22 +291,17 @@ class PPOTrain(RunSettings):
     """Write a few (prompt, response, reward) rows to samples.jsonl every N steps."""
     samples_per_log: int = Field(4, gt=0)
     """Rows written to samples.jsonl each time."""
-    keep_best: str | None = None
-    """Keep the policy of the best evaluation so far in ``OUTPUT_DIR/best`` (Hugging Face format, with
-    ``best.json``: step, metric, value), by this metric: ``eval/reward_mean``, ``eval/pass@k`` or another ``eval/…``
-    metric (``EVAL_METRICS``). Needs held-out prompts (see ``eval``)."""
-    keep_best_mode: Literal["max", "min"] = "max"
-    """Whether a larger (``max``) or smaller ``keep_best`` value is better."""
 
 
-class PPORecipe(RecipeBase):
+class PPORecipe(TrainerRecipe):
     """KL-penalised PPO with a value head (or a critic-free estimator: GRPO, RLOO, REINFORCE++), a frozen reference
     and a reward source."""
 
     model: ModelConfig
     """The policy (causal or seq2seq)."""
-    ref_model: ModelConfig | None = None
-    """Reference model; default: a frozen copy of the initial policy (with LoRA: the base, adapter disabled)."""
+    ref_model: FrozenModelConfig | None = None
+    """Reference model; default: a frozen copy of the initial policy (with LoRA: the base, adapter disabled). It
+    reads the policy's tokens, so it uses the policy's tokenizer."""
     lora: LoraConfig | None = None
     data: PromptData
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -345,11 +339,15 @@ class PPORecipe(RecipeBase):
         except RecipeProblems as exc:
             problems += exc.problems
         gen = self.generation
+        if gen.max_new_tokens is None:  # filled in here, so recipe.yaml shows what the run does
+            gen.max_new_tokens = 32 if self.env is None else 64
         if gen.importance_sampling is None:  # filled in here, so recipe.yaml shows what the run does
             gen.importance_sampling = "none" if gen.engine == "local" else "token_truncate"
         if gen.min_new_tokens > gen.max_new_tokens:
+            what = "no turn could end" if self.env is not None else "no response could end"
             problems.append(Problem("generation.min_new_tokens", f"generation.min_new_tokens={gen.min_new_tokens} "
-                                                                 f"exceeds max_new_tokens={gen.max_new_tokens}"))
+                                                                 f"exceeds generation.max_new_tokens="
+                                                                 f"{gen.max_new_tokens}: {what} before its budget"))
         if self.lora is not None and self.ref_model is not None:
             problems.append(Problem("ref_model", "ref_model must be omitted with lora: the reference is the base "
                                                  "model with the adapter disabled"))
@@ -363,21 +361,22 @@ class PPORecipe(RecipeBase):
         held_out = ("data.reasoning_gym.eval_size" if self.data.reasoning_gym is not None
                     else "data.eval_path, data.eval_split or data.eval_fraction")
         if not self.has_eval:
+            if self.eval is not None and self.eval.keep_best is not None:
+                return [Problem("eval.keep_best", f"keeping the best policy needs an evaluation, and so held-out "
+                                                  f"prompts: set {held_out}")]
             if self.eval is not None:
                 return [Problem("eval", f"evaluation needs held-out prompts: set {held_out}")]
-            if self.train.keep_best is not None:
-                return [Problem("train.keep_best", f"keeping the best policy needs an evaluation: set {held_out}")]
             return []
-        best = self.train.keep_best
+        best = self.eval.keep_best if self.eval is not None else None
         if best is None:
             return []
         names = [f"eval/{m}" for m in EVAL_METRICS]
         k = (self.eval or EvalConfig()).samples_per_prompt
         if best.replace(f"pass@{k}", "pass@k") not in names:
             shown = ", ".join(n.replace("pass@k", f"pass@{k}") for n in names)
-            return [Problem("train.keep_best", f"{best!r} is not an evaluation metric; one of {shown}")]
+            return [Problem("eval.keep_best", f"{best!r} is not an evaluation metric; one of {shown}")]
         if self.env is None and best.split("/", 1)[1] in EVAL_METRICS[5:]:
-            return [Problem("train.keep_best", f"{best} is a text-environment metric; this recipe has no env")]
+            return [Problem("eval.keep_best", f"{best} is a text-environment metric; this recipe has no env")]
         return []
 
     def _estimator_problems(self, procs: int) -> list[Problem]:
@@ -389,7 +388,11 @@ class PPORecipe(RecipeBase):
         if p.advantage in ("grpo", "rloo") and n < 2:
             problems.append(Problem("ppo.group_size", f"ppo.group_size={n}: {p.advantage} compares completions of the "
                                                       "same prompt, so it needs ppo.group_size >= 2 (4-16 is usual)"))
-        if p.advantage_scaling == "group" and n < 2:
+        if p.advantage == "gae" and p.advantage_scaling == "group":
+            problems.append(Problem("ppo.advantage_scaling", "ppo.advantage_scaling=group scales by the spread of "
+                                                             "a prompt's group of scores, which gae has no use for: "
+                                                             "use batch (whitening) or none"))
+        elif p.advantage_scaling == "group" and n < 2:
             problems.append(Problem("ppo.advantage_scaling",
                                     f"ppo.advantage_scaling=group needs ppo.group_size >= 2, got {n}"))
         if p.batch_size % (n * procs):

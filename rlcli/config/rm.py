@@ -11,7 +11,8 @@ from rlcli.config.common import (
     LoraConfig,
     ModelConfig,
     OptimConfig,
-    RecipeBase,
+    SupervisedEval,
+    TrainerRecipe,
     SupervisedTrain,
 )
 
@@ -60,7 +61,7 @@ class RMTrain(SupervisedTrain):
     (the Bradley–Terry loss only sees differences, so the reward's offset would otherwise drift). 0: off."""
 
 
-class RMRecipe(RecipeBase):
+class RMRecipe(TrainerRecipe):
     """Reward modelling: a sequence classifier with one output, trained with the Bradley–Terry loss."""
 
     model: ModelConfig
@@ -69,4 +70,5 @@ class RMRecipe(RecipeBase):
     """Train LoRA adapters (the score head stays fully trainable) instead of all weights."""
     data: RMData
     train: RMTrain = Field(default_factory=RMTrain)
+    eval: SupervisedEval = Field(default_factory=SupervisedEval)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -11,7 +11,8 @@ from rlcli.config.common import (
     LoraConfig,
     ModelConfig,
     OptimConfig,
-    RecipeBase,
+    SupervisedEval,
+    TrainerRecipe,
     SupervisedTrain,
 )
 
@@ -46,7 +47,7 @@ class SFTTrain(SupervisedTrain):
     """How long and how big; sizes count examples."""
 
 
-class SFTRecipe(RecipeBase):
+class SFTRecipe(TrainerRecipe):
     """Supervised fine-tuning, full or LoRA."""
 
     model: ModelConfig
@@ -54,4 +55,5 @@ class SFTRecipe(RecipeBase):
     """Train LoRA adapters instead of all weights (omit for full fine-tuning)."""
     data: SFTData
     train: SFTTrain = Field(default_factory=SFTTrain)
+    eval: SupervisedEval = Field(default_factory=SupervisedEval)
     optim: OptimConfig = Field(default_factory=OptimConfig)

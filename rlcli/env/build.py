@@ -100,7 +100,7 @@ def build_protocol(cfg: EnvConfig, tokenizer=None, tools: dict[str, Callable] | 
     try:
         template = ChatTemplate.of(tokenizer)
         parser = load_parser(cfg.tool_call_parser)
-        schemas = schemas_for(tools) if cfg.system_prompt else None
+        schemas = schemas_for(tools) if cfg.describe_tools else None
         template.check(schemas or schemas_for(tools), parser, cfg.system_message)
     except ChatTemplateError as exc:
         raise UserError(f"env.protocol chat: {exc}. Multi-turn episodes need a template that renders every turn "
@@ -145,10 +145,10 @@ def check_env(cfg: EnvConfig) -> list[Problem]:
     return problems
 
 
-def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules, eos_token_id=None,
-                      protocol=None, engine=None) -> TextEnvironment:
-    """A ``TextEnvironment`` for ``model`` (a Hugging Face causal LM) with the recipe's tools and rules (and the
-    protocol, when ``build_protocol`` already made it)."""
+def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules, max_new_tokens: int,
+                      eos_token_id=None, protocol=None, engine=None) -> TextEnvironment:
+    """A ``TextEnvironment`` for ``model`` (a Hugging Face causal LM) with the recipe's tools and rules, each model
+    turn given ``max_new_tokens`` (and the protocol, when ``build_protocol`` already made it)."""
     tools = build_tools(cfg)
     envs = build_environments(cfg, tools)
     if is_main_process():
@@ -163,21 +163,21 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
     if envs is not None:  # each environment's episodes are told about its own tools (and env.tools) only
         for name, kind in envs.kinds.items():
             kind_tools = {**tools, **kind.tools()}
-            if chat and cfg.system_prompt and envs.multiple:
+            if chat and cfg.describe_tools and envs.multiple:
                 kind = dataclasses.replace(kind, protocol=dataclasses.replace(protocol,
                                                                               tool_schemas=schemas_for(kind_tools)))
             elif not chat:
                 kind = dataclasses.replace(kind, system_prompt=protocol.system_prompt(kind_tools)
-                                           if cfg.system_prompt else "")
+                                           if cfg.describe_tools else "")
             envs.kinds[name] = kind
     env = TextEnvironment(
         model, tokenizer, tools, protocol,
         max_turns=cfg.max_turns,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         max_tool_output_tokens=cfg.max_tool_output_tokens,
         max_length=cfg.max_length,
         few_shot_prefix=cfg.few_shot_prefix,
-        system_prompt=protocol.system_prompt(tools) if cfg.system_prompt and not chat else "",
+        system_prompt=protocol.system_prompt(tools) if cfg.describe_tools and not chat else "",
         rules=rules,
         eos_token_id=eos_token_id,
         tool_timeout_s=cfg.tool_timeout_s,
@@ -190,13 +190,13 @@ def build_environment(cfg: EnvConfig, model, tokenizer, *, rules: SamplingRules,
 
 
 def prompt_notes(cfg: EnvConfig) -> list[str]:
-    """--dry-run lines about what the model is told: with the chat protocol and ``env.system_prompt: false`` no tool
+    """--dry-run lines about what the model is told: with the chat protocol and ``env.describe_tools: false`` no tool
     reaches the prompt (the template shows only the tools it is given), which only a model trained on them
     survives."""
-    if cfg.protocol != "chat" or cfg.system_prompt or not (cfg.tools or cfg.environment_specs()):
+    if cfg.protocol != "chat" or cfg.describe_tools or not (cfg.tools or cfg.environment_specs()):
         return []
-    return [("env.system_prompt is false: the prompts name no tool (the chat template shows only tools it is given); "
-             "right for a model fine-tuned on these tools, else set env.system_prompt: true")]
+    return [("env.describe_tools is false: the prompts name no tool (the chat template shows only tools it is given); "
+             "right for a model fine-tuned on these tools, else set env.describe_tools: true")]
 
 
 def sandbox_notes(cfg: EnvConfig) -> list[str]:

@@ -335,8 +335,9 @@ def hub_names(recipe) -> list[tuple[str, str, str]]:
             continue
         if cfg.architecture is None and cfg.name_or_path:
             found.append((f"{key}.name_or_path", cfg.name_or_path, "model"))
-        if cfg.tokenizer not in (None, BYTE_TOKENIZER_NAME, cfg.name_or_path):
-            found.append((f"{key}.tokenizer", cfg.tokenizer, "model"))
+        tokenizer = getattr(cfg, "tokenizer", None)  # the reference has none: it uses the policy's
+        if tokenizer not in (None, BYTE_TOKENIZER_NAME, cfg.name_or_path):
+            found.append((f"{key}.tokenizer", tokenizer, "model"))
     reward = getattr(recipe, "reward", None)
     if reward is not None and isinstance(getattr(reward, "model", None), str):
         found.append(("reward.model", reward.model, "model"))

@@ -35,7 +35,7 @@ def behaviour_rules(gen: GenerationConfig, tokenizer) -> SamplingRules:
     end_of_turn = _end_of_turn_id(tokenizer)
     if end_of_turn is not None and end_of_turn not in eos_ids:
         eos_ids += (end_of_turn,)
-    return SamplingRules(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, eos_ids=eos_ids,
+    return SamplingRules(temperature=gen.temperature, eos_ids=eos_ids,
                          min_new_tokens=gen.min_new_tokens, banned_ids=() if gen.stop_at_eos else eos_ids)
 
 
@@ -166,10 +166,12 @@ def rollout_setup(recipe: PPORecipe, par: Parallel, tokenizer, rows, column, pol
 
 
 def build_env(recipe: PPORecipe, policy: ValueHeadModel, tokenizer, rules: SamplingRules,
-              engine: RolloutEngine | None):
-    """The recipe's text environment around ``policy``, sampling under ``rules`` (the rollouts' or evaluation's)."""
+              engine: RolloutEngine | None, max_new_tokens: int | None = None):
+    """The recipe's text environment around ``policy``, sampling under ``rules`` (the rollouts' or evaluation's),
+    each model turn given ``max_new_tokens`` (None: ``generation.max_new_tokens``)."""
     from rlcli.env.build import build_environment
 
     # rlcli's own sampler keeps each episode's KV cache across turns; another engine samples the turns itself
     other = engine if engine is not None and not isinstance(engine, LocalEngine) else None
-    return build_environment(recipe.env, _lm(policy), tokenizer, rules=rules, engine=other)
+    return build_environment(recipe.env, _lm(policy), tokenizer, rules=rules,
+                             max_new_tokens=max_new_tokens or recipe.generation.max_new_tokens, engine=other)

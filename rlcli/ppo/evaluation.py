@@ -102,7 +102,8 @@ class Evaluator:
                                                    "max_new_tokens": cfg.max_new_tokens
                                                    or recipe.generation.max_new_tokens})
         rules = behaviour_rules(gen, setup.tokenizer)
-        env = None if setup.env is None else build_env(recipe, setup.policy, setup.tokenizer, rules, setup.engine)
+        env = None if setup.env is None else build_env(recipe, setup.policy, setup.tokenizer, rules, setup.engine,
+                                                   gen.max_new_tokens)
         return cls(setup, rows, column, cfg, gen, rules, env)
 
     def every(self, step: int, last: int) -> bool:
@@ -144,7 +145,7 @@ class Evaluator:
 
 
 class BestKeeper:
-    """``train.keep_best``: the policy of the best evaluation so far, in ``OUTPUT_DIR/best``."""
+    """``eval.keep_best``: the policy of the best evaluation so far, in ``OUTPUT_DIR/best``."""
 
     def __init__(self, out: Path, metric: str, mode: str, state: dict | None = None):
         self.out, self.metric, self.mode = out, metric, mode

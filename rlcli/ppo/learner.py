@@ -4,7 +4,7 @@
                          optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)  # or a rlcli Parallel
     stats = learner.step(rollout, scores)                      # a Rollout of token ids + one score per episode
 
-Steps of ``step``: 1. forward passes without autograd (``rollout_forward``); 2. scores normalised, scaled, clipped;
+Steps of ``step``: 1. forward passes without autograd (``rollout_forward``); 2. scores normalised and clipped;
 3. per-token rewards (-β·KL, the score on the last model token); 4. advantages (``rlcli.rl.estimators``); 5. epochs ×
 minibatches × micro-batches of the clipped loss over a ``LearnerBatch``; 6. KL controller, health checks, statistics
 over every process. ``rules`` are the sampling rules the rollout was drawn with: every log-prob, entropy and KL is
@@ -324,13 +324,12 @@ class PPOLearner:
         fwd = self.rollout_forward(rollout, policy_pass=not reuse)
         timings["time_forward"] = time.perf_counter() - t0
 
-        # step 2: score normalisation / scaling / clipping
+        # step 2: score normalisation / clipping
         raw_scores = scores
         if self.algo.score_norm == "running":
             gathered = self.par.gather(scores.to(self.par.device)).cpu() if self.procs > 1 else scores
             self.score_moments.update(gathered)
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
-        scores = scores * self.algo.score_scale
         if self.algo.score_clip is not None:
             scores = scores.clamp(-self.algo.score_clip, self.algo.score_clip)
 
@@ -400,7 +399,7 @@ class PPOLearner:
         a = self.algo
         return AdvantageInputs(beta=self.kl_ctl.value, group_size=a.group_size, scaling=self.scaling,
                                values=fwd.values, gamma=a.gamma, lam=a.lam, whiten_rewards=a.whiten_rewards,
-                               whiten_advantages=a.whiten_advantages, critic_lam=self.critic_lam,
+                               critic_lam=self.critic_lam,
                                sum_over_processes=self._sum_tensor_over_processes if self.procs > 1 else None)
 
     def _optimise(self, batch: LearnerBatch, record: TrainingRecord | None) -> dict[str, float]:

@@ -12,17 +12,6 @@ from rlcli.models.checks import check_model_config, config_positions, model_task
 from rlcli.rewards.sources import check_reward
 
 
-TRUNCATION_REFUSED = (
-    "top-k / top-p sampling is not supported in PPO: it makes the sampling distribution depend on the logits "
-    "themselves, and neither way of taking log-probs is sound. With the full distribution in the loss, the ratio is "
-    "taken against a distribution the tokens were not drawn from and the policy keeps probability on tokens it can "
-    "never sample (on the tiny recipe with top_k=10 the reward fell back to zero twice); replaying the cut in the "
-    "loss, the reference's own top-k/top-p set leaves out most sampled tokens, and the KL is infinite (measured: "
-    "bench/README.md, 'why rlcli ppo refuses top-k / top-p'). Sample the full distribution (top_k: 0, top_p: 1.0); "
-    "lower generation.temperature for sharper samples. (rlcli env-rollout, which trains nothing, allows them.)"
-)
-
-
 def policy_task(recipe: PPORecipe) -> str:
     """``seq2seq`` or ``causal`` (``rlcli.models.checks.model_task``)."""
     return model_task(recipe.model)
@@ -64,9 +53,6 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
                                                   "decoder classifier's adapter on the policy's base"))
     problems += reward_source_problems(recipe.reward, recipe.env)
     gen = recipe.generation
-    if gen.top_k > 0 or gen.top_p < 1.0:
-        key = "generation.top_k" if gen.top_k > 0 else "generation.top_p"
-        problems.append(Problem(key, f"{TRUNCATION_REFUSED}"))
     if recipe.env is not None:
         from rlcli.env.build import check_env
 
@@ -76,7 +62,7 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
         if recipe.data.prompt_length is not None or recipe.data.chat_template:
             key = "data.prompt_length" if recipe.data.prompt_length is not None else "data.chat_template"
             problems.append(Problem(key, "not used with env (the environment builds the prompt from "
-                                         "env.system_prompt, env.few_shot_prefix and the prompt text)"))
+                                         "env.describe_tools, env.few_shot_prefix and the prompt text)"))
         if not gen.stop_at_eos:
             problems.append(Problem("generation.stop_at_eos", "false is not used with env (an episode always ends at "
                                                               "EOS)"))
@@ -85,11 +71,6 @@ def preflight(recipe: PPORecipe, origin: Origin | str = "recipe", processes: int
             problems.append(Problem("generation.stop_strings", "not used with env: a model turn ends at the "
                                                                "protocol's markers (a complete tool call, a "
                                                                "submission) or at EOS"))
-        if gen.min_new_tokens > recipe.env.max_new_tokens:
-            problems.append(Problem("generation.min_new_tokens", f"generation.min_new_tokens={gen.min_new_tokens} "
-                                                                 "exceeds a turn's budget env.max_new_tokens="
-                                                                 f"{recipe.env.max_new_tokens}: no turn could end "
-                                                                 "before its budget"))
     processes = processes or launch_processes()
     if gen.engine == "vllm":
         problems += check_vllm(recipe, task)
@@ -166,12 +147,13 @@ def check_prompt_lengths(recipe: PPORecipe, tokenizer, positions: int | None,
 
 
 def recipe_notes(recipe: PPORecipe) -> list[str]:
-    """Keys a recipe sets that this run does not use (legal, but worth saying): generation.max_new_tokens under a
-    text environment; critic settings with a critic-free estimator (a recipe shared by several estimators)."""
-    gen, c, notes = recipe.generation, recipe.critic, []
-    if recipe.env is not None and "max_new_tokens" in gen.model_fields_set:
-        notes.append(f"generation.max_new_tokens ({gen.max_new_tokens}) is not used with env: each model turn's "
-                     f"budget is env.max_new_tokens ({recipe.env.max_new_tokens})")
+    """Keys a recipe sets that this run does not use (legal, but worth saying): adaptive-KL settings with a fixed
+    β; critic settings with a critic-free estimator (a recipe shared by several estimators)."""
+    kl, c, notes = recipe.kl, recipe.critic, []
+    inert = [f"kl.{k}" for k in ("target", "horizon") if k in kl.model_fields_set]
+    if inert and not kl.adaptive:
+        notes.append(f"{' and '.join(inert)} not used: {'they steer' if len(inert) > 1 else 'it steers'} an adaptive β, and kl.adaptive is false (β stays "
+                     f"kl.coef={kl.coef:g})")
     unused = [f"critic.{k}" for k in ("model", "learning_rate", "lam", "warmup_steps") if getattr(c, k)]
     if recipe.critic_free and unused:
         notes.append(f"{', '.join(unused)} not used: ppo.advantage={recipe.ppo.advantage} trains no critic")
@@ -223,6 +205,6 @@ def describe_evaluation(recipe: PPORecipe) -> str:
     when = (f"every {e.every} steps and at the end" if e.every else "at the end") + (", and before step 1"
                                                                                       if e.at_start else "")
     how = "greedy" if e.temperature == 0 else f"temperature {e.temperature:g}"
-    best = f"; best policy by {recipe.train.keep_best} kept in best/" if recipe.train.keep_best else ""
+    best = f"; best policy by {recipe.eval.keep_best} kept in best/" if recipe.eval is not None and recipe.eval.keep_best else ""
     return (f"evaluation: held-out prompts from {source}, {when}; {e.samples_per_prompt} completion(s) per prompt, "
             f"{how}{best}")

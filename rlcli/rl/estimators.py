@@ -32,12 +32,11 @@ class AdvantageInputs:
 
     beta: float  # the KL coefficient of the reward
     group_size: int = 1
-    scaling: str = "none"  # advantage_scaling: group | batch | none (critic-free)
+    scaling: str = "none"  # advantage_scaling: group | batch | none (gae: batch whitens its advantages)
     values: torch.Tensor | None = None  # [B, T] the value head's predictions (gae)
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = False
-    whiten_advantages: bool = True
     # GAE's λ of the critic's targets (the returns); None: ``lam``. 1 gives Monte-Carlo targets that do not lean on
     # the critic's own values (VC-PPO's decoupled GAE)
     critic_lam: float | None = None
@@ -62,7 +61,7 @@ class Estimator:
 
 def _gae(scores, kl, mask, x: AdvantageInputs) -> Advantages:
     """PPO with a critic: r_t = -β·KL_t, plus the score on the last model token; GAE over model tokens; advantages
-    whitened over the batch; the critic's targets from GAE with its own λ when ``critic_lam`` is set."""
+    whitened over the batch (``batch`` scaling); the critic's targets from GAE with its own λ when ``critic_lam`` is set."""
     rewards = score_and_kl_rewards(scores, kl, mask, x.beta)
     if x.whiten_rewards:
         rewards = masked_whiten(rewards, mask, restore_mean=True, sum_over_processes=x.sum_over_processes,
@@ -70,7 +69,7 @@ def _gae(scores, kl, mask, x: AdvantageInputs) -> Advantages:
     advantages, returns = gae(x.values, rewards, mask, x.gamma, x.lam)
     if x.critic_lam is not None and x.critic_lam != x.lam:
         _, returns = gae(x.values, rewards, mask, x.gamma, x.critic_lam)
-    if x.whiten_advantages:
+    if x.scaling == "batch":
         advantages = masked_whiten(advantages, mask, sum_over_processes=x.sum_over_processes, min_std=WHITEN_MIN_STD)
     return rewards, advantages, returns
 
@@ -118,7 +117,7 @@ def _finish(advantages, rewards, mask, x: AdvantageInputs) -> Advantages:
 
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e for e in (
-        Estimator("gae", _gae, critic=True, scaling="none", aggregation="token_mean", kl_mode="reward",
+        Estimator("gae", _gae, critic=True, scaling="batch", aggregation="token_mean", kl_mode="reward",
                   description="a value head (the critic) and GAE", paper="Schulman et al. 2016 (GAE); Ziegler et al. "
                   "2019 (KL-penalised PPO for LMs)"),
         Estimator("grpo", _sequence_baseline("mean"), critic=False, scaling="group", aggregation="sequence_mean",

@@ -156,8 +156,10 @@ def run(recipe: EnvRolloutRecipe, *, resume: bool = False) -> Path:
         disable_dropout(model)
         model.eval()
         rows, column = load_prompt_rows(recipe.data, messages=chat)
-        rules = SamplingRules(temperature=recipe.temperature, top_k=recipe.top_k, top_p=recipe.top_p)
-        env = build_environment(recipe.env, model, tokenizer, rules=rules, protocol=protocol)
+        gen = recipe.generation
+        rules = SamplingRules(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+        env = build_environment(recipe.env, model, tokenizer, rules=rules, max_new_tokens=gen.max_new_tokens,
+                                protocol=protocol)
         reward_cfg = scoring(recipe)
         reward = build_reward(reward_cfg) if reward_cfg is not None else None
         # the previous rollout's files are moved aside now (every input has loaded), deleted once this one has

@@ -111,8 +111,8 @@ def train(recipe: PPORecipe, *, resume: bool = False) -> Path:
         setup = rollout_setup(recipe, par, tokenizer, rows, column, par.unwrap(model), reward, learner.rules, engine)
         evaluator = Evaluator.build(setup, eval_rows, eval_column) if eval_rows else None
         best = None
-        if recipe.train.keep_best is not None:
-            best = BestKeeper(run.out, recipe.train.keep_best, recipe.train.keep_best_mode, run.state.get("best"))
+        if recipe.eval is not None and recipe.eval.keep_best is not None:
+            best = BestKeeper(run.out, recipe.eval.keep_best, recipe.eval.keep_best_mode, run.state.get("best"))
         if par.is_main_process:
             # claimed in the run's manifest; empty for a fresh run, cut back to the checkpoint's step on --resume
             open_jsonl(samples_path, resume_step=run.resume_step)

@@ -136,7 +136,7 @@ RM = SupervisedKind(
     name="rm", noun="pairs", task="classifier", check=check_pair_rows, tokenize=tokenize_pairs,
     items=lambda s: s.pairs,
     objective=lambda recipe, train_set, eval_set, tokenizer: RMObjective(
-        train_set, eval_set, tokenizer.pad_token_id, recipe.train.batch_size, recipe.train.eval_batch_size,
+        train_set, eval_set, tokenizer.pad_token_id, recipe.train.batch_size, recipe.eval.batch_size,
         recipe.train.center_penalty),
     shown=("loss", "accuracy", "eval_accuracy"))
 
@@ -149,7 +149,7 @@ def train(recipe: RMRecipe, *, resume: bool = False) -> Path:
         metrics, tokenizer, tcfg = trained.metrics, trained.tokenizer, recipe.train
 
         # step 6: final model and reward statistics
-        mean, std, count = reward_statistics(trained.model, trained.train_set, run.par, tcfg.eval_batch_size,
+        mean, std, count = reward_statistics(trained.model, trained.train_set, run.par, recipe.eval.batch_size,
                                              tokenizer.pad_token_id)
 
         def save(plain) -> None:

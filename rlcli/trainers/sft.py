@@ -124,7 +124,7 @@ class SFTObjective:
 SFT = SupervisedKind(
     name="sft", noun="examples", task=None, check=check_rows, tokenize=tokenize_rows, items=lambda s: s.examples,
     objective=lambda recipe, train_set, eval_set, tokenizer: SFTObjective(
-        train_set, eval_set, tokenizer.pad_token_id, recipe.train.eval_batch_size),
+        train_set, eval_set, tokenizer.pad_token_id, recipe.eval.batch_size),
     shown=("loss", "eval_loss", "lr"))
 
 

@@ -159,7 +159,7 @@ def supervised_steps(run: Run, objective: Objective, kind: SupervisedKind, *, ha
                                         seconds)
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
-            evaluated = has_eval and ((tcfg.eval_every and step % tcfg.eval_every == 0)
+            evaluated = has_eval and ((recipe.eval.every and step % recipe.eval.every == 0)
                                       or step == run.total_steps)
             if evaluated:
                 metrics.update(objective.evaluate(model, par))

@@ -64,8 +64,8 @@ def test_ppo_config_is_the_recipes_ppo(bench):
 def test_the_tiny_recipe_is_accepted_and_what_trl_lacks_is_refused(bench):
     assert bench.refusals(tiny()) == []
     assert bench.refusals(tiny("model.config.n_embd=256")) == []
-    said = " ".join(bench.refusals(tiny("kl.adaptive=true", "ppo.entropy_coef=0.01", "generation.top_k=5")))
-    assert "fixed KL" in said and "entropy_coef" in said and "top_k 0" in said
+    said = " ".join(bench.refusals(tiny("kl.adaptive=true", "ppo.entropy_coef=0.01", "generation.min_new_tokens=2")))
+    assert "fixed KL" in said and "entropy_coef" in said and "plain sampling" in said
     assert bench.refusals(tiny("ppo.advantage=grpo", "ppo.group_size=4", "kl.estimator=k3"))
     assert "value head shares" in " ".join(bench.refusals(tiny("critic.separate=true")))
 

@@ -386,6 +386,6 @@ def test_every_run_with_a_python_tool_says_how_it_is_contained(monkeypatch, caps
     monkeypatch.setattr(build, "build_protocol", lambda *a, **k: SimpleNamespace(system_prompt=lambda tools: ""))
     monkeypatch.setenv("COLUMNS", "250")
     cfg = EnvConfig(tools={"Python": {"spec": "python", "options": {"allow_unsandboxed": True}}})
-    build.build_environment(cfg, None, None, rules=None)
+    build.build_environment(cfg, None, None, rules=None, max_new_tokens=8)
     out = " ".join(capsys.readouterr().out.split())
     assert "warning: tool Python: UNSANDBOXED" in out and "allow_unsandboxed: true" in out

@@ -320,10 +320,10 @@ def test_python_session_keeps_variables_within_an_episode_only(tok):
 
 
 def test_dry_run_says_when_a_chat_prompt_names_no_tool():
-    """Chat protocol without env.system_prompt: the template is given no tools, so the prompt names none (SmolLM2
+    """Chat protocol without env.describe_tools: the template is given no tools, so the prompt names none (SmolLM2
     then never calls the guess tool); --dry-run says so, and not when the tools are described."""
     game = {"environment": "recipes/guess_number.py:GuessNumber"}
     [note] = prompt_notes(EnvConfig(protocol="chat", **game))
-    assert "env.system_prompt is false" in note and "name no tool" in note
-    assert prompt_notes(EnvConfig(protocol="chat", system_prompt=True, **game)) == []
+    assert "env.describe_tools is false" in note and "name no tool" in note
+    assert prompt_notes(EnvConfig(protocol="chat", describe_tools=True, **game)) == []
     assert prompt_notes(EnvConfig(protocol="tag", **game)) == []

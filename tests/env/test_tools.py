@@ -305,7 +305,7 @@ def test_env_section_sets_the_memory_cap(tok, model):
     from rlcli.rl.sampling import SamplingRules
 
     env = build_environment(EnvConfig(tools={"alloc": f"{__file__}:allocates"}, tool_memory_mb=64), model, tok,
-                            rules=SamplingRules())
+                            rules=SamplingRules(), max_new_tokens=8)
     assert env.runner.memory_mb == 64
     assert env.runner.run("alloc", "128").output == OUT_OF_MEMORY
     assert EnvConfig(tools={"c": "calculator"}).tool_memory_mb == 1024

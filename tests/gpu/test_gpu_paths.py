@@ -52,7 +52,7 @@ def _free_cuda() -> None:
 def test_sft_bf16_learns_and_saves_float32_weights(tmp_path):
     out = tmp_path / "sft"
     res = run_cli("sft", "configs/tiny/sft.yaml", f"output_dir={out}", "train.mixed_precision=bf16",
-                  "train.max_steps=60", "train.eval_every=null", "train.save_every=null", "logging.progress=false")
+                  "train.max_steps=60", "eval.every=null", "train.save_every=null", "logging.progress=false")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 61))

@@ -12,6 +12,8 @@ BOS, a T5), and for text-environment episodes with forced tool tokens:
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 
 import pytest
@@ -189,8 +191,10 @@ def test_sampler_loss_and_kl_share_one_distribution(models, model_name, setting)
     lm, tok = models[model_name]
     if setting == "stop strings" and model_name.startswith("t5"):
         pass  # the shared sampler handles stop strings for seq2seq too
-    gen = GenerationConfig(max_new_tokens=MAX_NEW, **SETTINGS[setting])
-    rules = behaviour_rules(gen, tok)
+    settings = dict(SETTINGS[setting])
+    cut = {k: settings.pop(k) for k in ("top_k", "top_p") if k in settings}  # env-rollout's cuts, not ppo's keys
+    gen = GenerationConfig(max_new_tokens=MAX_NEW, **settings)
+    rules = dataclasses.replace(behaviour_rules(gen, tok), **cut)
     prompts = ["the quick brown fox", "seven", "hello world, the lazy dog jumps", "a", "dog", "fox jumps over",
                "the", "world"]
     prompt_ids = [tok(p)["input_ids"] or [tok.eos_token_id] for p in prompts]

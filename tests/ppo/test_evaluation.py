@@ -1,4 +1,4 @@
-"""Held-out evaluation inside ``rlcli ppo`` (``eval:``, ``train.keep_best``): logged at the chosen steps, the best
+"""Held-out evaluation inside ``rlcli ppo`` (``eval:``, ``eval.keep_best``): logged at the chosen steps, the best
 policy kept, no effect on training, the same numbers on 1 or 2 processes, bad settings refused by --dry-run."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ TINY = "configs/tiny/ppo.yaml"
 FAST = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.batch_size=16",
         "ppo.mini_batch_size=16", "generation.max_new_tokens=12", "logging.progress=false", "ppo.steps=4"]
 EVAL = ["data.eval_fraction=0.1", "eval.every=2", "eval.at_start=true", "eval.samples_per_prompt=2",
-        "eval.temperature=1.0", "eval.pass_threshold=2", "train.keep_best=eval/reward_mean"]
+        "eval.temperature=1.0", "eval.pass_threshold=2", "eval.keep_best=eval/reward_mean"]
 TIMING = ("time_", "tokens_per_s")
 
 
@@ -98,15 +98,15 @@ def test_evaluation_changes_nothing_in_training(evaluated, tmp_path, monkeypatch
 def test_bad_eval_settings_are_refused_by_dry_run(monkeypatch):
     code, _, err = invoke_cli("ppo", TINY, "eval.every=2", "--dry-run", monkeypatch=monkeypatch)
     assert code == 2 and "eval" in err and "held-out prompts" in err and "data.eval_fraction" in err
-    code, _, err = invoke_cli("ppo", TINY, "train.keep_best=eval/reward_mean", "--dry-run", monkeypatch=monkeypatch)
-    assert code == 2 and "train.keep_best" in err
-    code, _, err = invoke_cli("ppo", TINY, "data.eval_fraction=0.1", "train.keep_best=eval/acc", "--dry-run",
+    code, _, err = invoke_cli("ppo", TINY, "eval.keep_best=eval/reward_mean", "--dry-run", monkeypatch=monkeypatch)
+    assert code == 2 and "eval.keep_best" in err
+    code, _, err = invoke_cli("ppo", TINY, "data.eval_fraction=0.1", "eval.keep_best=eval/acc", "--dry-run",
                               monkeypatch=monkeypatch)
-    assert code == 2 and "train.keep_best" in err and "eval/pass@1" in err
-    code, _, err = invoke_cli("ppo", TINY, "data.eval_fraction=0.1", "train.keep_best=eval/tool_use_rate",
+    assert code == 2 and "eval.keep_best" in err and "eval/pass@1" in err
+    code, _, err = invoke_cli("ppo", TINY, "data.eval_fraction=0.1", "eval.keep_best=eval/tool_use_rate",
                               "--dry-run", monkeypatch=monkeypatch)
     assert code == 2 and "no env" in err
-    code, out, _ = invoke_cli("ppo", TINY, "data.eval_fraction=0.1", "train.keep_best=eval/pass@1", "--dry-run",
+    code, out, _ = invoke_cli("ppo", TINY, "data.eval_fraction=0.1", "eval.keep_best=eval/pass@1", "--dry-run",
                               monkeypatch=monkeypatch)
     assert code == 0, out
 

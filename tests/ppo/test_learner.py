@@ -430,13 +430,13 @@ def test_loss_mode_kl_gradient_pulls_the_policy_towards_the_reference():
     assert (delta2 - 2 * delta).abs().max() < 1e-3 * delta.abs().max()
 
 
-def test_step_normalises_scales_and_clips_the_scores():
-    """Running normalisation, then score_scale, then score_clip, as the step reports them (score_used_mean)."""
-    tok, policy, learner = _setup(lr=1e-9, score_norm="running", score_scale=2.0, score_clip=1.5)
+def test_step_normalises_and_clips_the_scores():
+    """Running normalisation, then score_clip, as the step reports them (score_used_mean)."""
+    tok, policy, learner = _setup(lr=1e-9, score_norm="running", score_clip=1.5)
     rollout, _ = _rollout(tok, policy)
     stats = learner.step(rollout, torch.tensor([0.0] * 7 + [8.0]))
-    # mean 1, unbiased std sqrt(8): seven of (0 - 1) / sqrt(8) * 2 = -0.7071, one (8 - 1) / sqrt(8) * 2 = 4.95 -> 1.5
-    assert stats["score_used_mean"] == pytest.approx((7 * -2 / 8**0.5 + 1.5) / 8, abs=1e-6)
+    # mean 1, unbiased std sqrt(8): seven of (0 - 1) / sqrt(8) = -0.3536, one (8 - 1) / sqrt(8) = 2.47 -> 1.5
+    assert stats["score_used_mean"] == pytest.approx((7 * -1 / 8**0.5 + 1.5) / 8, abs=1e-6)
     assert stats["reward_mean"] == pytest.approx(1.0)
     assert learner.steps_done == 1 and learner.score_moments.count == 8
     assert 0 <= stats["time_forward"] < 60 and 0 <= stats["time_optimize"] < 60

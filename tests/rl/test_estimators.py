@@ -56,8 +56,9 @@ def test_gae_entry_with_the_default_inputs():
     values = torch.tensor([[0.1, 0.2, 0.0], [0.3, 0.1, 0.2], [0.0, 0.0, 0.0], [0.5, 0.4, 0.0]])
     kl = torch.full((4, 3), 0.2)
     x = AdvantageInputs(beta=0.1, values=values)
-    assert (x.group_size, x.scaling, x.gamma, x.lam, x.whiten_rewards, x.whiten_advantages) == (1, "none", 1.0, 0.95,
-                                                                                                 False, True)
+    assert (x.group_size, x.scaling, x.gamma, x.lam, x.whiten_rewards) == (1, "none", 1.0, 0.95, False)
+    assert ESTIMATORS["gae"].scaling == "batch"  # a recipe's default for gae: whitened advantages
+    x = AdvantageInputs(beta=0.1, values=values, scaling="batch")
     rewards, advantages, returns = ESTIMATORS["gae"].advantages(scores, kl, MASK, x)
     want_rewards = score_and_kl_rewards(scores, kl, MASK, 0.1)
     want_adv, want_ret = gae(values, want_rewards, MASK, 1.0, 0.95)
@@ -99,7 +100,7 @@ def test_whitening_in_the_estimators_has_a_floor():
     mask = torch.ones(2, 2)
     scores = torch.tensor([1.0, 1.001])
     # gae with values 0 and no KL: every token's advantage is its row's score; mean 1.0005, std 5.8e-4 < the floor
-    x = AdvantageInputs(beta=0.0, values=torch.zeros(2, 2), lam=1.0)
+    x = AdvantageInputs(beta=0.0, values=torch.zeros(2, 2), lam=1.0, scaling="batch")
     _, adv, _ = ESTIMATORS["gae"].advantages(scores, torch.zeros(2, 2), mask, x)
     torch.testing.assert_close(adv, torch.tensor([[-0.0005, -0.0005], [0.0005, 0.0005]]) / WHITEN_MIN_STD,
                                atol=1e-5, rtol=0)
@@ -109,7 +110,7 @@ def test_whitening_in_the_estimators_has_a_floor():
                                atol=1e-5, rtol=0)
     # whiten_rewards keeps the mean and divides by the floored std too: rewards [0, 0.001], [0, 0.002] (the score on
     # the last token), mean 0.00075, std 9.6e-4 < the floor: (r - mean) / 0.01 + mean
-    x = AdvantageInputs(beta=0.0, values=torch.zeros(2, 2), lam=1.0, whiten_rewards=True, whiten_advantages=False)
+    x = AdvantageInputs(beta=0.0, values=torch.zeros(2, 2), lam=1.0, whiten_rewards=True)
     rewards, _, _ = ESTIMATORS["gae"].advantages(torch.tensor([0.001, 0.002]), torch.zeros(2, 2), mask, x)
     m = 0.00075
     want = (torch.tensor([[0.0, 0.001], [0.0, 0.002]]) - m) / WHITEN_MIN_STD + m
@@ -124,7 +125,7 @@ def test_the_critic_can_learn_towards_returns_of_its_own_lambda():
     scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
     values = torch.tensor([[0.3, 0.6, 0.0], [0.2, 0.1, 0.5], [0.9, 0.0, 0.0], [0.4, 0.2, 0.0]])
     kl = torch.full((4, 3), 0.1)
-    x = AdvantageInputs(beta=0.1, values=values, lam=0.9, whiten_advantages=False, critic_lam=1.0)
+    x = AdvantageInputs(beta=0.1, values=values, lam=0.9, critic_lam=1.0)
     rewards, advantages, returns = ESTIMATORS["gae"].advantages(scores, kl, MASK, x)
     want_rewards = score_and_kl_rewards(scores, kl, MASK, 0.1)
     torch.testing.assert_close(advantages, gae(values, want_rewards, MASK, 1.0, 0.9)[0])

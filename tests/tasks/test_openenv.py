@@ -233,7 +233,7 @@ def _two_steps(server, tmp_path, monkeypatch):
                         or collected[-1])
     recipe = load_recipe(PPORecipe, RECIPE, [
         f"output_dir={out}", *TINY, f"model.tokenizer={tok}", "lora=null", "ppo.steps=2", "ppo.batch_size=8",
-        "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "env.max_turns=3", "env.max_new_tokens=4",
+        "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "env.max_turns=3", "generation.max_new_tokens=4",
         f"env.environment={{spec: builtin:openenv, options: {{url: '{server.url}', action: text}}}}",
         "eval.max_prompts=4", "logging.progress=false"])
     ppo.train(recipe)

@@ -154,7 +154,7 @@ def test_recipe_two_grpo_steps_on_a_tiny_model(tmp_path, monkeypatch):
                         or collected[-1])
     recipe = load_recipe(PPORecipe, RECIPE, [f"output_dir={out}", *TINY, f"model.tokenizer={tok}", "lora=null",
                                              "ppo.steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=8",
-                                             "ppo.micro_batch_size=8", "env.max_turns=3", "env.max_new_tokens=6",
+                                             "ppo.micro_batch_size=8", "env.max_turns=3", "generation.max_new_tokens=6",
                                              "eval.max_prompts=4", "logging.progress=false"])
     ppo.train(recipe)
     metrics = read_metrics(out)

@@ -77,7 +77,7 @@ def _overrides(cell: dict, tokenizer_dir, out) -> list[str]:
     else:
         o += ["data.path=data/calculator/prompts.jsonl", "reward.function=recipes/calculator.py:exact_match",
               "env.tools={Calculator: calculator}", "env.tool_isolation=inline", f"env.protocol={cell['protocol']}",
-              "env.max_turns=2", "env.max_new_tokens=8", "env.max_length=120"]
+              "env.max_turns=2", "generation.max_new_tokens=8", "env.max_length=120"]
     return o
 
 
@@ -146,7 +146,7 @@ def test_cell(cell, tokenizers, tmp_path, monkeypatch):
     (["kl.mode=loss", "kl.estimator=full"], "kl.estimator", "only with kl.mode=reward"),
     (["env.tools={Calculator: calculator}", "generation.stop_at_eos=false"], "generation.stop_at_eos", "always ends"),
     (["env.tools={Calculator: calculator}", "generation.stop_strings=[x]"], "generation.stop_strings", "not used"),
-    (["env.tools={Calculator: calculator}", "env.max_new_tokens=8", "generation.min_new_tokens=9"],
+    (["env.tools={Calculator: calculator}", "generation.max_new_tokens=8", "generation.min_new_tokens=9"],
      "generation.min_new_tokens", "no turn could end"),
 ])
 def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monkeypatch):
@@ -157,14 +157,18 @@ def test_refused_cells_say_why_before_anything_runs(overrides, key, reason, monk
     assert code == 2 and key in text and reason in text, text
 
 
-def test_generation_max_new_tokens_with_env_is_a_note(monkeypatch):
-    """A base recipe's generation.max_new_tokens is legal with env, but not what bounds a turn: said, not refused."""
+def test_generation_max_new_tokens_with_env_is_each_turns_budget(monkeypatch):
+    """With env, generation.max_new_tokens bounds each model turn (the recipe's 32); unset, a turn gets 64."""
+    import yaml
+
     from tests.helpers import invoke_cli
 
-    code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "--dry-run", "env.tools={Calculator: calculator}",
-                                "env.max_length=120", monkeypatch=monkeypatch)
-    text = " ".join(out.split())
-    assert code == 0 and "generation.max_new_tokens (32) is not used with env" in text, text + err
+    env = ["env.tools={Calculator: calculator}", "env.max_length=120"]
+    for extra, budget in (([], 32), (["generation.max_new_tokens=null"], 64)):
+        code, out, err = invoke_cli("ppo", "configs/tiny/ppo.yaml", "--dry-run", *env, *extra, monkeypatch=monkeypatch)
+        assert code == 0, out + err
+        shown = yaml.safe_load(out[: out.index("dry run OK")].split("\n•")[0])
+        assert shown["generation"]["max_new_tokens"] == budget and "not used" not in out
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp"])
@@ -275,7 +279,7 @@ OTHER_CELLS = {
                                                            "reward.function=recipes/calculator.py:exact_match",
                                                            "env.tools={Calculator: calculator}",
                                                            "env.tool_isolation=inline", "env.protocol=chat",
-                                                           "env.max_new_tokens=8", "env.max_length=120",
+                                                           "generation.max_new_tokens=8", "env.max_length=120",
                                                            "TOKENIZER=chat_eot"]),
 }
 

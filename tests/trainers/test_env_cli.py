@@ -16,7 +16,7 @@ SMALL = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_hea
 def sft_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("calc") / "sft"
     res = run_cli("sft", "configs/calculator_sft.yaml", f"output_dir={out}", *SMALL, "train.max_steps=150",
-                  "train.save_every=null", "train.eval_every=null", "data.eval_fraction=0", "logging.progress=false",
+                  "train.save_every=null", "eval.every=null", "data.eval_fraction=0", "logging.progress=false",
                   "optim.learning_rate=3e-3", "data.max_rows=2000")
     assert res.returncode == 0, res.stderr[-3000:]
     return out

@@ -11,7 +11,7 @@ from tests.helpers import plain, run_cli, snapshot
 RECIPE = "configs/calculator_eval.yaml"
 SCRATCH = ["model.name_or_path=null", "model.architecture=gpt2", "model.tokenizer=byte",
            "model.config={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 256}", "data.max_rows=4", "batch_size=2",
-           "env.max_new_tokens=8", "show=0"]
+           "generation.max_new_tokens=8", "show=0"]
 REWARDS = '''
 calls = []
 
@@ -71,7 +71,7 @@ def test_episodes_are_scored_as_ppo_scores_them(tmp_path):
     plugin.write_text(SCORING)
     out = tmp_path / "eval"
     res = run_cli("env-rollout", RECIPE, f"output_dir={out}", *SCRATCH, f"reward.function={plugin}:prompt_is_the_rows",
-                  "reward.missing_eos_penalty=-3.0", "env.system_prompt=true", "data.max_rows=6",
+                  "reward.missing_eos_penalty=-3.0", "env.describe_tools=true", "data.max_rows=6",
                   "model.config={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 512}", "env.max_length=400")
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
@@ -83,7 +83,7 @@ def test_episodes_are_scored_as_ppo_scores_them(tmp_path):
 
 
 def test_a_prompt_longer_than_max_length_is_one_paragraph(tmp_path):
-    res = run_cli("env-rollout", RECIPE, f"output_dir={tmp_path / 'eval'}", *SCRATCH, "env.system_prompt=true",
+    res = run_cli("env-rollout", RECIPE, f"output_dir={tmp_path / 'eval'}", *SCRATCH, "env.describe_tools=true",
                   "env.max_length=128")
     text = plain(res.stderr)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]

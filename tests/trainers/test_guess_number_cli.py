@@ -57,7 +57,7 @@ def sft_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("guess") / "sft"
     # enough to learn the call format and a first guess or two (episodes cut to 80 tokens), not to play well
     res = run_cli("sft", "configs/guess_number_sft.yaml", f"output_dir={out}", *SMALL, "train.max_steps=50",
-                  "train.save_every=null", "train.eval_every=null", "data.eval_fraction=0", "logging.progress=false",
+                  "train.save_every=null", "eval.every=null", "data.eval_fraction=0", "logging.progress=false",
                   "data.max_rows=800", "train.batch_size=16", "data.max_length=80", "optim.learning_rate=5e-3")
     assert res.returncode == 0, res.stderr[-3000:]
     return out

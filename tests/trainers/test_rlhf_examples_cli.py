@@ -32,7 +32,7 @@ def chain(tmp_path_factory):
                   "model.config.n_head=2", *FAST)
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("rm", f"{CHAIN}/rm.yaml", f"output_dir={rm}", f"model.name_or_path={sft}", "train.max_steps=30",
-                  "train.eval_every=null", *FAST)
+                  "eval.every=null", *FAST)
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("ppo", f"{CHAIN}/ppo.yaml", f"output_dir={ppo}", f"model.name_or_path={sft}",
                   f"reward.adapter={rm}", "ppo.steps=10", "optim.learning_rate=2e-3", *FAST)
@@ -101,7 +101,7 @@ def test_detox_twin_learns(tmp_path):
     classifier, sft, ppo = tmp_path / "classifier", tmp_path / "sft", tmp_path / "ppo"
     assert detox.train_classifier(classifier)["held_out_accuracy"] >= 0.95
     res = run_cli("sft", "configs/tiny/sft.yaml", "data.path=data/tiny/detox/sft.jsonl", f"output_dir={sft}",
-                  "train.max_steps=100", "train.eval_every=null", "data.max_length=48", *FAST)
+                  "train.max_steps=100", "eval.every=null", "data.max_length=48", *FAST)
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("ppo", "configs/tiny/detox.yaml", f"output_dir={ppo}", f"model.name_or_path={sft}",
                   f"reward.model={classifier}", "ppo.steps=8", *FAST)

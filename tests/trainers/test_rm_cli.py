@@ -27,7 +27,7 @@ from tests.helpers import invoke_cli as cli
 TINY = "configs/tiny/rm.yaml"
 WORKSTATION = "configs/rm_qwen_ultrafeedback.yaml"
 # a short run of the tiny recipe: the reference for resume and for 2 processes
-SHORT = ["logging.progress=false", "train.max_steps=24", "train.save_every=8", "train.eval_every=12"]
+SHORT = ["logging.progress=false", "train.max_steps=24", "train.save_every=8", "eval.every=12"]
 
 
 def test_bradley_terry_loss_on_a_hand_computed_example():
@@ -161,7 +161,7 @@ def test_lora_on_chat_pairs_with_margins_identical_and_long_texts(tmp_path, monk
     out = tmp_path / "lora"
     code, stdout, stderr = cli("rm", TINY, f"output_dir={out}", f"data.path={data}", "data.margin_field=gap",
                                "data.eval_fraction=0", "lora.r=4", "train.max_steps=3", "train.batch_size=8",
-                               "train.micro_batch_size=4", "train.save_every=null", "train.eval_every=null",
+                               "train.micro_batch_size=4", "train.save_every=null", "eval.every=null",
                                "logging.progress=false", monkeypatch=monkeypatch)
     assert code == 0, stderr
     text = plain(stdout)

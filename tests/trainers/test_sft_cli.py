@@ -97,7 +97,7 @@ NO_DROPOUT = ["model.config.resid_pdrop=0", "model.config.embd_pdrop=0", "model.
 def test_accelerate_two_processes_match_one(tmp_path):
     """Same global batch on 1 and 2 processes gives the same updates (dropout off, so only float summation
     order differs)."""
-    common = ["logging.progress=false", "train.max_steps=20", "train.save_every=null", "train.eval_every=null", *NO_DROPOUT]
+    common = ["logging.progress=false", "train.max_steps=20", "train.save_every=null", "eval.every=null", *NO_DROPOUT]
     out = tmp_path / "ddp"
     # a user's command: Accelerate's own CPU launcher starts one process, rlcli then starts the two asked for;
     # they meet on a free port, so a port taken by another listener (a second run on the machine) does not matter
@@ -157,7 +157,7 @@ def test_lora_on_a_trained_model_learns_and_merges(trained, tmp_path):
 def test_lora_on_a_scratch_base_saves_the_base(tmp_path):
     out = tmp_path / "lora"
     res = run_cli("sft", TINY, f"output_dir={out}", "logging.progress=false", "train.max_steps=3", "lora.r=4",
-                  "train.save_every=null", "train.eval_every=null")
+                  "train.save_every=null", "eval.every=null")
     assert res.returncode == 0, res.stderr
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str((out / "base").resolve())

@@ -47,8 +47,8 @@ def test_env_rollout_chat_protocol_on_smollm2(smollm2_dir, tmp_path):
                                         "answer": str(7 * a)}) + "\n" for a in (13, 21, 35)))
     out = tmp_path / "eval"
     res = run_cli("env-rollout", "configs/smollm2/eval.yaml", f"output_dir={out}", f"data.path={data}",
-                  "batch_size=3", "temperature=0", "env.tool_call_parser=tests/plugins.py:every_turn_calls",
-                  "env.max_new_tokens=24", "show=1", "accept_min_reward=0")
+                  "batch_size=3", "generation.temperature=0", "env.tool_call_parser=tests/plugins.py:every_turn_calls",
+                  "generation.max_new_tokens=24", "show=1", "accept_min_reward=0")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "tool_use_rate" in plain(res.stdout)
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -110,7 +110,7 @@ def test_lora_sft_and_grpo_smoke(smollm2_dir, tmp_path):
     ppo = tmp_path / "ppo"
     res = run_cli("ppo", "configs/smollm2/ppo.yaml", f"model.name_or_path={smollm2_dir}", f"output_dir={ppo}",
                   "ppo.steps=2", "ppo.batch_size=4", "ppo.group_size=2", "ppo.mini_batch_size=4",
-                  "ppo.micro_batch_size=2", "env.max_new_tokens=16", "lora.merge_on_save=false",
+                  "ppo.micro_batch_size=2", "generation.max_new_tokens=16", "lora.merge_on_save=false",
                   "logging.progress=false")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     metrics = read_metrics(ppo)

@@ -24,7 +24,7 @@ from tests.helpers import save_tokenizer
 ENV = "tests/plugins.py:Tally"
 PROMPTS = 16
 MODEL = ["model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", "model.config.n_positions=256"]
-TURNS = ["env.max_turns=4", "env.max_new_tokens=6", "env.max_length=200"]
+TURNS = ["env.max_turns=4", "generation.max_new_tokens=6", "env.max_length=200"]
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_env_rollout_accepts_by_the_environments_reward_and_sft_trains_on_it(dat
                                  f"model.tokenizer={chat_tokenizer}", f"data.path={out / 'accepted.jsonl'}",
                                  "data.format=messages", "data.max_length=200", "data.eval_fraction=0",
                                  "train.max_steps=6", f"train.batch_size={len(accepted)}", "train.save_every=null",
-                                 "train.eval_every=null", "logging.progress=false", monkeypatch=monkeypatch)
+                                 "eval.every=null", "logging.progress=false", monkeypatch=monkeypatch)
     assert code == 0, stderr[-3000:]
     losses = [m["loss"] for m in read_metrics(sft) if "loss" in m]
     assert len(losses) == 6 and losses[-1] < losses[0]

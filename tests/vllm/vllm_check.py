@@ -63,7 +63,7 @@ def main() -> int:
 
     sft = out / "calc-sft"
     rlcli("sft", "configs/calculator_sft.yaml", f"output_dir={sft}", "model.config.n_layer=2", "model.config.n_embd=64",
-          "model.config.n_head=2", "train.max_steps=150", "train.save_every=null", "train.eval_every=null",
+          "model.config.n_head=2", "train.max_steps=150", "train.save_every=null", "eval.every=null",
           "data.eval_fraction=0", "logging.progress=false", "optim.learning_rate=3e-3", "data.max_rows=2000",
           "overwrite_output_dir=true")
     run = out / "calc-vllm"
@@ -99,7 +99,7 @@ def stateful_env(out: Path, engine: str, failures: list[str]) -> dict:
     log.unlink(missing_ok=True)
     environment = json.dumps({"spec": "tests/plugins.py:Tally", "options": {"log": str(log)}})
     rlcli("ppo", "configs/tiny/grpo.yaml", f"output_dir={run}", f"data.path={data}", "reward.function=null",
-          f"env.environment={environment}", "env.max_turns=4", "env.max_new_tokens=6", "env.max_length=120",
+          f"env.environment={environment}", "env.max_turns=4", "generation.max_new_tokens=6", "env.max_length=120",
           "model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "ppo.steps=3",
           "ppo.batch_size=16", "ppo.mini_batch_size=16", "ppo.group_size=4", "logging.progress=false",
           "train.save_every=null", "overwrite_output_dir=true", f"generation.engine={engine}",
