@@ -129,14 +129,15 @@ def _score_scale(data: dict, found: Found) -> None:
     """``ppo.score_scale`` merged into ``reward.weight`` (and ``reward.environment_weight``): both multiplied the
     score before the clip; only running normalisation, which came between them, told them apart."""
     value = _pop(data, "ppo.score_scale")
-    if value is MISSING or value == 1 or value == 1.0:
-        if value is not MISSING:
-            found.notes.append(Problem("ppo.score_scale", f"ppo.score_scale is no longer a key (1.0 changed nothing): "
-                                                          f"remove it; reward.weight scales the score ({UNTIL})"))
+    if value is MISSING:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         found.problems.append(Problem("ppo.score_scale", f"expected a number > 0 (got {value!r}); it is now "
                                                          "reward.weight"))
+        return
+    if value == 1:  # (1.0 too)
+        found.notes.append(Problem("ppo.score_scale", f"ppo.score_scale is no longer a key (1.0 changed nothing): "
+                                                      f"remove it; reward.weight scales the score ({UNTIL})"))
         return
     if _get(data, "ppo.score_norm") == "running":
         found.problems.append(Problem("ppo.score_scale", (
@@ -177,7 +178,7 @@ MIGRATIONS: dict[str, list[Callable[[dict, Found], None]]] = {
         Moved("train.keep_best", "eval.keep_best"), Moved("train.keep_best_mode", "eval.keep_best_mode"),
         _TURN_BUDGET, _DESCRIBE, _whiten_advantages, _score_scale,
         Retired("generation.top_k", _SAMPLING_CUT, inert=(0,)),
-        Retired("generation.top_p", _SAMPLING_CUT, inert=(1, 1.0)),
+        Retired("generation.top_p", _SAMPLING_CUT, inert=(1,)),  # (1.0 too)
         Retired("ref_model.tokenizer", "the reference model reads the policy's tokens, so it uses the policy's "
                                        "tokenizer"),
         Retired("ref_model.gradient_checkpointing", "the reference model is frozen: it has no backward pass"),

@@ -105,6 +105,8 @@ def test_whiten_advantages_became_a_scaling():
     # never read by a critic-free estimator: dropped, its scaling left to the estimator
     recipe, notes = _load(PPORecipe, REPO / "configs/tiny/grpo.yaml", "ppo.whiten_advantages=false")
     assert recipe.ppo.advantage_scaling == "group" and "ignored with ppo.advantage=grpo" in notes[0]
+    with pytest.raises(RecipeError, match="ppo.advantage_scaling, which is set too"):  # in a recipe, both is a clash
+        _load(PPORecipe, PPO, "ppo.whiten_advantages=true", "ppo.advantage_scaling=none")
     with pytest.raises(RecipeError, match="group scales by the spread"):
         _load(PPORecipe, PPO, "ppo.advantage_scaling=group")
 
@@ -113,7 +115,14 @@ def test_score_scale_became_the_reward_weight():
     recipe, notes = _load(PPORecipe, PPO, "ppo.score_scale=2", "reward.weight=1.5")
     assert (recipe.reward.weight, recipe.reward.environment_weight) == (3.0, 2.0)
     assert "reward.weight and reward.environment_weight (both multiplied by 2)" in notes[0]
-    assert _load(PPORecipe, PPO, "ppo.score_scale=1")[0].reward.weight == 1.0
+    recipe, notes = _load(PPORecipe, PPO, "ppo.score_scale=1.0")
+    assert recipe.reward.weight == 1.0 and "1.0 changed nothing" in notes[0]
+    for bad in ("0", "-2", "true", "x"):
+        with pytest.raises(RecipeError, match="expected a number > 0"):
+            _load(PPORecipe, PPO, f"ppo.score_scale={bad}")
+    with pytest.raises(RecipeError) as err:  # a bad weight is named by the schema, under its own key
+        _load(PPORecipe, PPO, "ppo.score_scale=2", "reward.weight=[1]")
+    assert [p.key for p in err.value.problems] == ["reward.weight"]
     with pytest.raises(RecipeError, match="after ppo.score_norm=running"):
         _load(PPORecipe, PPO, "ppo.score_scale=2", "ppo.score_norm=running")
 
