@@ -50,10 +50,10 @@ def _put(data: dict, path: str, value: Any) -> None:
 class Found:
     """What migrating one recipe found: notes to print (each placed at its old key) and problems that stop it."""
 
+    saved: bool  # a recipe.yaml an earlier release wrote (every key there, filled in), not one a user wrote
     notes: list[Problem] = dataclasses.field(default_factory=list)
     problems: list[Problem] = dataclasses.field(default_factory=list)
     moved: dict[str, str] = dataclasses.field(default_factory=dict)  # old path -> new path, for lines and overrides
-    saved: bool = False  # a recipe.yaml an earlier release wrote: every key there, filled in
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,9 +120,10 @@ def test_score_scale_became_the_reward_weight():
     for bad in ("0", "-2", "true", "x"):
         with pytest.raises(RecipeError, match="expected a number > 0"):
             _load(PPORecipe, PPO, f"ppo.score_scale={bad}")
-    with pytest.raises(RecipeError) as err:  # a bad weight is named by the schema, under its own key
-        _load(PPORecipe, PPO, "ppo.score_scale=2", "reward.weight=[1]")
-    assert [p.key for p in err.value.problems] == ["reward.weight"]
+    for bad in ("[1]", "true"):  # a bad weight is named by the schema, under its own key (true is not 1 × 2)
+        with pytest.raises(RecipeError) as err:
+            _load(PPORecipe, PPO, "ppo.score_scale=2", f"reward.weight={bad}")
+        assert [p.key for p in err.value.problems] == ["reward.weight"]
     with pytest.raises(RecipeError, match="after ppo.score_norm=running"):
         _load(PPORecipe, PPO, "ppo.score_scale=2", "ppo.score_norm=running")
 
