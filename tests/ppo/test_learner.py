@@ -558,6 +558,24 @@ def test_one_update_per_batch_reuses_the_training_forward_with_the_same_result(l
     # the next step starts from a non-zero KL, computed the same way in both
     s2 = [learner.step(rollout, scores) for _, learner in setups]
     assert s2[0]["kl"] == pytest.approx(s2[1]["kl"], rel=1e-4) and abs(s2[0]["kl"]) > 1e-3
+    # the probe is the first step's only: later steps of the shortcut report no ratio_first (1 by construction)
+    assert "ratio_first" not in s2[0] and "ratio_first" in s2[1]
+
+
+def test_the_training_record_keeps_numbers_not_the_graph():
+    """The shortcut's record of the training forward holds plain numbers: a recorded tensor that kept the autograd
+    graph would keep every micro-batch's activations alive until the step ends."""
+    from types import SimpleNamespace
+
+    from rlcli.ppo.learner import TrainingRecord
+
+    record = TrainingRecord.zeros_like(torch.zeros(4, 5))
+    logits = torch.randn(2, 3, requires_grad=True)
+    stats = SimpleNamespace(logprobs=logits * 2, entropy=logits.exp(), forbidden_mass=None)
+    record.write(torch.tensor([1, 3]), stats)
+    assert not any(t.requires_grad for t in vars(record).values())
+    torch.testing.assert_close(record.pi_logprobs[[1, 3], :3], (logits * 2).detach())
+    assert record.pi_logprobs[[0, 2]].abs().sum() == 0 and record.pi_logprobs[:, 3:].abs().sum() == 0
 
 
 @pytest.mark.parametrize("kl, algo", [
