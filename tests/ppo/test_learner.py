@@ -5,6 +5,7 @@ switched off by the learner."""
 
 from __future__ import annotations
 
+import math
 import copy
 import dataclasses
 
@@ -805,3 +806,17 @@ def test_explained_variance_is_left_out_when_the_returns_hardly_vary():
     assert "explained_variance" not in stats and stats["return_std"] < 1e-2
     stats = learner.step(rollout, torch.linspace(0.0, 1.0, 8))
     assert "explained_variance" in stats and stats["return_std"] > 0.1
+
+
+def test_kl_after_the_update_and_the_first_ratio_are_means_over_model_tokens():
+    """``approx_kl_after`` is the mean of ½(log π − log π_old)² over model tokens, and ``ratio_first`` the mean of
+    π/π_old: off-mask positions count for nothing however far apart, and no model token gives 0, not 0/0."""
+    tok, policy, learner = _setup(lr=1e-9)
+    rollout, _ = _rollout(tok, policy)
+    mask = rollout.model_mask.float()
+    now = learner.rollout_forward(rollout, reference_pass=False).pi_logprobs
+    old = torch.where(mask.bool(), now + 0.3, now - 50.0)  # 0.3 nats on model tokens; far off elsewhere
+    assert learner._approx_kl_after(rollout, old, mask) == pytest.approx(0.5 * 0.3**2, rel=1e-5)
+    assert learner._ratio(now, old, mask) == pytest.approx(math.exp(-0.3), rel=1e-5)
+    none = torch.zeros_like(mask)
+    assert learner._approx_kl_after(rollout, old, none) == 0.0 and learner._ratio(now, old, none) == 0.0
