@@ -53,6 +53,8 @@ def test_whiten_has_mean_zero_std_one_over_mask_and_zero_elsewhere():
     assert torch.all(out[~mask.bool()] == 0)
     x_changed = torch.where(mask.bool(), x, torch.full_like(x, 1e6))
     torch.testing.assert_close(masked_whiten(x_changed, mask), out)
+    # no floor unless asked for: values of spread 0.03 are scaled up (by ~33) to std 1 too
+    torch.testing.assert_close(masked_whiten(x * 0.01, mask)[mask.bool()].std(), torch.tensor(1.0), rtol=1e-4, atol=0)
 
 
 def test_restore_mean_scales_without_recentring():
