@@ -48,3 +48,29 @@ def test_a_non_finite_gradient_under_fp16_is_skipped_and_the_next_step_runs(fp16
     assert norm == pytest.approx(scaled / 512.0, rel=1e-5)
     assert not torch.equal(model.weight, before)
     assert scheduler.last_epoch == 1
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_a_plain_step_clips_to_max_grad_norm_and_reports_the_norm_before(max_grad_norm):
+    """The supervised loop's step (no skip_nonfinite): the update is the gradient clipped to ``max_grad_norm`` (SGD,
+    lr 1: Δθ = -g·min(1, c/‖g‖)) and the norm returned is the one before clipping; without a limit nothing is clipped
+    and no norm is measured."""
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = acc.prepare(model, optimizer)
+    par = Parallel.around(acc, max_grad_norm=max_grad_norm)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+    par.backward(model, 100.0 * model(torch.randn(8, 4)).pow(2).mean())
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+    assert grad.norm() > 10  # far over the limit
+    norm = par.clip_and_step(model, optimizer, scheduler)
+    moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    if max_grad_norm is None:
+        assert norm is None
+        torch.testing.assert_close(moved, -grad)
+    else:
+        assert norm == pytest.approx(grad.norm().item(), rel=1e-5)
+        torch.testing.assert_close(moved.norm(), torch.tensor(max_grad_norm), rtol=1e-4, atol=0)
