@@ -687,6 +687,7 @@ def test_no_target_no_guard_and_no_extra_pass():
     assert stats["optimizer_steps"] == 4 and stats["early_stopped"] == 0.0 and "approx_kl_after" not in stats
     # the clipped gradient norm is logged, the mean over the applied optimizer steps (clipping at 1.0 was possible)
     assert 0 < stats["grad_norm"] < 1e3
+    assert stats["ppo_epochs"] == 2.0 and stats["skipped_minibatches"] == 0.0
 
 
 def _critic_learner(warmup: int, critic_lr: float | None = None, lr: float = 1e-2):
