@@ -611,3 +611,20 @@ class AlwaysCalls(PlainText):
 
     def system_prompt(self, tools):
         return ""
+
+
+def load_bench(name: str):
+    """``bench/NAME.py`` imported as a module, the environment left as it was (a benchmark sets OMP_NUM_THREADS on
+    import, as it should; a test should not)."""
+    import importlib.util
+    import os
+
+    saved = dict(os.environ)
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return module

@@ -4,25 +4,15 @@ figures it reports."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    saved = dict(os.environ)  # the module sets OMP_NUM_THREADS on import, as a benchmark should; a test should not
-    try:
-        spec = importlib.util.spec_from_file_location("trl011_ppo", REPO / "bench" / "trl011_ppo.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return module
+    return load_bench("trl011_ppo")
 
 
 def tiny(*overrides: str):

@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_bench
 
 
 @pytest.fixture(scope="module")
 def trl_compare():
-    saved = dict(os.environ)  # the module sets OMP_NUM_THREADS on import, as a benchmark should; a test should not
-    try:
-        spec = importlib.util.spec_from_file_location("trl_compare", REPO / "bench" / "trl_compare.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return module
+    return load_bench("trl_compare")
 
 
 def test_torch_is_installed_alone_and_pinned_everywhere(trl_compare):
