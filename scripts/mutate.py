@@ -67,7 +67,9 @@ DEFAULT_TARGETS = [
     "rlcli/ppo/build.py:optimizer_groups",
     "rlcli/parallel.py:clip_and_step",
 ]
-DEFAULT_TESTS = ["tests/rl", "tests/ppo/test_learner.py", "tests/test_parallel.py"]
+DEFAULT_TESTS = ["tests/rl", "tests/ppo/test_learner.py", "tests/test_parallel.py",
+                 # the learner under an engine whose sampler is not the learner (importance sampling)
+                 "tests/models/test_engines.py::test_a_sampler_that_is_not_the_learner_is_corrected_and_its_mismatch_logged"]
 EQUIVALENT_FILE = REPO / "scripts" / "mutate_equivalent.txt"
 # imported once by the forking parent, so that each mutant's run skips them (never anything under rlcli/)
 PRELOAD = ["numpy", "torch", "yaml", "pytest", "transformers", "accelerate",

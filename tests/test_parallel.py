@@ -74,3 +74,41 @@ def test_a_plain_step_clips_to_max_grad_norm_and_reports_the_norm_before(max_gra
     else:
         assert norm == pytest.approx(grad.norm().item(), rel=1e-5)
         torch.testing.assert_close(moved.norm(), torch.tensor(max_grad_norm), rtol=1e-4, atol=0)
+
+
+class _DeepSpeedEngineStandIn:
+    """What ``clip_and_step`` uses of a DeepSpeedEngine: ``step()`` (clips, steps, zeroes the gradients) and
+    ``get_global_grad_norm()`` (the norm before clipping; None until it measured one). The real engine's methods are
+    checked below when DeepSpeed is installed; the sharded tests run the real one."""
+
+    def __init__(self, norm):
+        self.norm, self.steps, self.norm_asked = norm, 0, 0
+
+    def step(self):
+        self.steps += 1
+
+    def get_global_grad_norm(self):
+        self.norm_asked += 1
+        return self.norm
+
+
+@pytest.mark.parametrize(("max_grad_norm", "engine_norm", "expected"),
+                         [(1.0, torch.tensor(3.5), 3.5), (1.0, None, None), (None, torch.tensor(3.5), None)])
+def test_under_deepspeed_the_engine_steps_and_its_norm_is_reported(max_grad_norm, engine_norm, expected):
+    """DeepSpeed clips and steps inside ``engine.step()``; rlcli reads the norm it measured (a tensor, or None before
+    it measured one) only when clipping is on, and advances the schedule once."""
+    par = Parallel.around(Accelerator(cpu=True), max_grad_norm=max_grad_norm)
+    par.engine = "deepspeed"
+    engine = _DeepSpeedEngineStandIn(engine_norm)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    norm = par.clip_and_step(engine, optimizer, scheduler)
+    assert norm == expected and (norm is None or isinstance(norm, float))
+    assert engine.steps == 1 and scheduler.last_epoch == 1
+    assert engine.norm_asked == (max_grad_norm is not None)
+
+
+def test_the_deepspeed_stand_in_matches_the_real_engine():
+    deepspeed = pytest.importorskip("deepspeed")
+    for name in ("backward", "step", "get_global_grad_norm"):
+        assert callable(getattr(deepspeed.DeepSpeedEngine, name)), name

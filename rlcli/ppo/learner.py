@@ -440,13 +440,13 @@ class PPOLearner:
                     early_stopped = 1.0
                     break
                 frozen = [g for g in self.optimizer.param_groups if g.get("name") != "critic"] if warmup else []
-                saved, epoch = [g["lr"] for g in frozen], self.scheduler.last_epoch
+                saved, scheduled = [g["lr"] for g in frozen], self.scheduler.last_epoch
                 for group in frozen:
                     # the policy's group still sees its gradients (Adam's moments of a policy that did not move), at
                     # learning rate 0; the schedule's step sets every group's rate again
                     group["lr"] = 0.0
                 grad_norm = self.par.clip_and_step(self.model, self.optimizer, self.scheduler, skip_nonfinite=True)
-                if self.scheduler.last_epoch == epoch:  # a skipped step: the schedule did not move, the rates go back
+                if self.scheduler.last_epoch == scheduled:  # a skipped step: the schedule did not move, rates go back
                     for group, lr in zip(frozen, saved):
                         group["lr"] = lr
                 if grad_norm is not None and not math.isfinite(grad_norm):

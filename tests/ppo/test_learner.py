@@ -732,6 +732,42 @@ def test_a_separate_critic_learns_alone_during_warmup_then_both_learn():
     assert any(not torch.equal(a, b) for a, b in zip(pol1, pol2)), "the policy did not move after the warm-up"
 
 
+def test_a_skipped_minibatch_during_the_warmup_gives_the_policy_its_learning_rate_back():
+    """During the critic's warm-up the policy's group steps at rate 0; when the last minibatch's step is skipped (a
+    non-finite gradient norm) the schedule does not move, so the rates must be put back by hand: else the policy would
+    start its first real step at rate 0. A step whose every minibatch is skipped names each one by its place."""
+    from rlcli.ppo.learner import NonFiniteLossError
+
+    tok, policy, learner = _critic_learner(warmup=2)
+    rollout, _ = _rollout(tok, policy)
+    scores = torch.linspace(0.0, 1.0, 8)
+    weight = next(policy.critic.parameters())
+    calls, overflow_at = [], set()
+
+    def hook(grad):
+        calls.append(1)
+        return grad * float("inf") if len(calls) in overflow_at else grad
+
+    handle = weight.register_hook(hook)
+    learner.step(rollout, scores)  # counts the backward passes of one step
+    per_step = len(calls)
+    overflow_at.add(2 * per_step)  # the last backward pass of the next step
+    before = [p.detach().clone() for p in policy.pretrained.parameters()]
+    stats = learner.step(rollout, scores)
+    assert stats["critic_warmup"] == 1.0 and stats["skipped_minibatches"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.pretrained.parameters()))
+    rates = {g["name"]: g["lr"] for g in learner.optimizer.param_groups}
+    assert rates == {"policy": pytest.approx(1e-2), "critic": pytest.approx(1e-2)}
+    overflow_at.update(range(2 * per_step + 1, 4 * per_step))  # every backward pass of the next step
+    with pytest.raises(NonFiniteLossError) as error:
+        learner.step(rollout, scores)
+    handle.remove()
+    import re
+
+    places = re.findall(r"non-finite gradient norm (?:inf|nan) \((epoch \d, minibatch \d)\)", str(error.value))
+    assert places == ["epoch 1, minibatch 1", "epoch 1, minibatch 2", "epoch 2, minibatch 1"]
+
+
 def test_the_critic_has_a_learning_rate_of_its_own():
     _, _, learner = _critic_learner(warmup=0, critic_lr=3e-3)
     lrs = {g["name"]: g["lr"] for g in learner.optimizer.param_groups}
