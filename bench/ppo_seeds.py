@@ -3,13 +3,18 @@
     python bench/ppo_seeds.py tiny --seeds 0 1 2 3 4          # configs/tiny/ppo.yaml, 60 steps each
     python bench/ppo_seeds.py calculator --seeds 0 1 2 3 4    # SFT once, then the PPO stage per seed, evaluated
     python bench/ppo_seeds.py tiny --seeds 0 1 --set generation.min_new_tokens=32
+    python bench/ppo_seeds.py chain --seeds 0 1 2 3 4     # the offline RLHF twin: SFT and RM once, PPO per seed
+    python bench/ppo_seeds.py detox --seeds 0 1 2 3 4     # the offline detox twin: classifier and SFT once
 
 Success (docs/ppo-details.md, "learning is part of correctness"), judged on the final model of every seed:
   tiny:        mean reward of the last 5 steps >= 12 (of 16)
   calculator:  the final policy >= 90% exact match on the 200 held-out problems (sampled at T=0.7, as in training),
                no step after step 10 with training reward < 0.5, KL to the reference < 5 at every step, and (with a
                critic) explained variance > 0 at every step from step 10 on
-and for both: no step with mean KL below -0.1 (kl_negative_steps == 0).
+  chain:       the final policy's answers helpful >= 90% (256 questions at T=1, recipes/chain.py evaluate)
+  detox:       the final policy's continuations toxic <= 5% (256 prompts at T=1, recipes/detox.py evaluate)
+and for all: no step with mean KL below -0.1 (kl_negative_steps == 0). The critic's explained variance is reported
+for every task with a critic.
 
 Writes OUT/summary.json and OUT/curves.png (reward per step, every seed); prints a table. Each run is a real
 `rlcli` process, one at a time; wall-clock times include process start-up and model building.
@@ -96,6 +101,64 @@ def calculator(seed: int, out: Path, extra: list[str], recipe: str = "configs/ca
             "checks": checks, "success": all(checks.values())}
 
 
+def recipe_eval(script: str, run: Path, *extra: str) -> dict:
+    """``python recipes/SCRIPT evaluate RUN ...``: the JSON line it prints (the twins' own before / after figures)."""
+    done = subprocess.run([sys.executable, f"recipes/{script}", "evaluate", str(run), *extra], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): recipes/{script} evaluate {run}:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def critic_stats(m: list[dict]) -> dict:
+    ev = [r["explained_variance"] for r in m if "explained_variance" in r]
+    late = [r["explained_variance"] for r in m if r["step"] >= 10 and "explained_variance" in r]
+    return {"explained_variance": [r.get("explained_variance") for r in m],
+            "ev_mean": statistics.mean(ev) if ev else float("nan"), "min_ev_from_10": min(late, default=float("nan"))}
+
+
+def twin(seed: int, out: Path, extra: list[str], task: str) -> dict:
+    """The offline RLHF twins (configs/tiny/chain, configs/tiny/detox): their first stages once, PPO per seed, the
+    final policy scored by the twin's own evaluation."""
+    if task == "chain":
+        sft, rm = out / "chain-sft", out / "chain-rm"
+        if not (rm / "reward_stats.json").exists():
+            rlcli("sft", "configs/tiny/chain/sft.yaml", f"output_dir={sft}", "overwrite_output_dir=true",
+                  log=out / "chain-sft.log")
+            rlcli("rm", "configs/tiny/chain/rm.yaml", f"output_dir={rm}", f"model.name_or_path={sft}",
+                  "overwrite_output_dir=true", log=out / "chain-rm.log")
+        recipe, stage = "configs/tiny/chain/ppo.yaml", [f"model.name_or_path={sft}", f"reward.adapter={rm}"]
+        evaluate, key = (lambda run: recipe_eval("chain.py", run, "--rm", str(rm))), "helpful"
+    else:
+        sft, classifier = out / "detox-sft", out / "detox-classifier"
+        if not (sft / "config.json").exists():
+            done = subprocess.run([sys.executable, "recipes/detox.py", "classifier", "--out", str(classifier)],
+                                  cwd=REPO, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"failed: recipes/detox.py classifier:\n{done.stderr[-2000:]}")
+            rlcli("sft", "configs/tiny/sft.yaml", "data.path=data/tiny/detox/sft.jsonl", f"output_dir={sft}",
+                  "overwrite_output_dir=true", log=out / "detox-sft.log")
+        recipe, stage = "configs/tiny/detox.yaml", [f"model.name_or_path={sft}", f"reward.model={classifier}"]
+        evaluate, key = (lambda run: recipe_eval("detox.py", run, "--classifier", str(classifier))), "toxic_fraction"
+    before_file = out / f"{task}-before.json"
+    if not before_file.exists():
+        before_file.write_text(json.dumps(evaluate(sft)))
+    run = out / f"{task}-ppo-seed{seed}"
+    seconds = rlcli("ppo", recipe, *stage, f"seed={seed}", f"output_dir={run}", "logging.progress=false",
+                    "overwrite_output_dir=true", *extra, log=out / f"{task}-ppo-seed{seed}.log")
+    m = metrics(run)
+    after = evaluate(run)
+    final = after[key]
+    checks = {("helpful >= 0.9" if task == "chain" else "toxic <= 0.05"):
+              final >= 0.9 if task == "chain" else final <= 0.05,
+              "KL >= -0.1": min(r["kl"] for r in m) >= -0.1}
+    return {"seed": seed, "seconds": seconds, "rewards": [r["reward_mean"] for r in m],
+            "step_seconds": [r["time_step"] for r in m], "kl": [r["kl"] for r in m], "final_reward": final,
+            "before": json.loads(before_file.read_text()), "after": after, "max_kl": max(r["kl"] for r in m),
+            "min_kl": min(r["kl"] for r in m), "kl_negative_steps": m[-1].get("kl_negative_steps", 0.0),
+            **critic_stats(m), "checks": checks, "success": all(checks.values())}
+
+
 def plot(results: list[dict], task: str, png: Path) -> None:
     import matplotlib
 
@@ -106,7 +169,7 @@ def plot(results: list[dict], task: str, png: Path) -> None:
     for r in results:
         ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], label=f"seed {r['seed']}", alpha=0.8)
     ax.set_xlabel("PPO step")
-    ax.set_ylabel("mean reward" + (" (exact match)" if task == "calculator" else " (sevens, of 16)"))
+    ax.set_ylabel("mean reward" + {"calculator": " (exact match)", "tiny": " (sevens, of 16)"}.get(task, ""))
     ax.set_title(f"{task}: reward per PPO step, {len(results)} seeds")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -116,21 +179,25 @@ def plot(results: list[dict], task: str, png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=["tiny", "calculator"])
+    parser.add_argument("task", choices=["tiny", "calculator", "chain", "detox"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default=None, help="run directory (default runs/seeds-TASK)")
     parser.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE overrides for the PPO runs")
     args = parser.parse_args()
     out = Path(args.out or REPO / "runs" / f"seeds-{args.task}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    run = tiny if args.task == "tiny" else calculator
+    run = {"tiny": tiny, "calculator": calculator}.get(args.task, lambda seed, out, extra: twin(seed, out, extra,
+                                                                                               args.task))
     results = []
     for seed in args.seeds:
         results.append(run(seed, out, args.set))
         r = results[-1]
         failed = [name for name, ok in r.get("checks", {}).items() if not ok]
         extra = (f", lowest reward after step 10 {r['min_reward_after_10']:.3g}, max KL {r['max_kl']:.3g}, lowest "
-                 f"explained variance from step 10 {r['min_ev_from_10']:.3g}") if "checks" in r else ""
+                 f"explained variance from step 10 {r['min_ev_from_10']:.3g}") if "min_reward_after_10" in r else ""
+        if "before" in r:
+            extra = (f" (before PPO {r['before']}; after {r['after']}), max KL {r['max_kl']:.3g}, explained variance "
+                     f"mean {r['ev_mean']:.3g}")
         print(f"seed {seed}: final {r['final_reward']:.3g}, min KL {r['min_kl']:.3g}{extra}, {r['seconds']:.0f} s, "
               f"{'ok' if r['success'] else 'FAILED' + (': ' + ', '.join(failed) if failed else '')}", flush=True)
     finals = [r["final_reward"] for r in results]
