@@ -10,7 +10,8 @@ Success (docs/ppo-details.md, "learning is part of correctness"), judged on the 
   tiny:        mean reward of the last 5 steps >= 12 (of 16)
   calculator:  the final policy >= 90% exact match on the 200 held-out problems (sampled at T=0.7, as in training),
                no step after step 10 with training reward < 0.5, KL to the reference < 5 at every step, and (with a
-               critic) explained variance > 0 at every step from step 10 on
+               critic) explained variance > 0 over every 5 consecutive steps from step 10 on (pooled: each step
+               weighted by its return variance; pooled_explained_variance says why)
   chain:       the final policy's answers helpful >= 90% (256 questions at T=1, recipes/chain.py evaluate)
   detox:       the final policy's continuations toxic <= 5% (256 prompts at T=1, recipes/detox.py evaluate)
 and for all: no step with mean KL below -0.1 (kl_negative_steps == 0). The critic's explained variance is reported
@@ -68,6 +69,35 @@ def tiny(seed: int, out: Path, extra: list[str], recipe: str = "configs/tiny/ppo
             "success": final >= 12 and min(r["kl"] for r in m) >= -0.1}
 
 
+EV_WINDOW = 5  # steps pooled by the explained-variance check (the same span as the run's own warning)
+
+
+def pooled_explained_variance(rows: list[dict]) -> float:
+    """1 - Σ SS(returns - values) / Σ SS(returns) over ``rows``' model tokens, each step's squares taken around its
+    own means (so a critic is not credited for following the reward's rise from step to step). It is the per-step
+    explained variance of metrics.jsonl weighted by each step's return variance: a step where nearly every episode
+    scored alike, whose few failures decide the per-step value by chance, weighs as little as its variance."""
+    err = ret = 0.0
+    for r in rows:
+        tokens = r["model_tokens"] * r["episodes"]
+        err += tokens * (r["value_error"] ** 2 - (r["return_mean"] - r["value_mean"]) ** 2)
+        ret += tokens * r["return_std"] ** 2
+    return 1.0 - err / ret if ret > 0 else float("nan")
+
+
+def critic_stats(m: list[dict], start: int = 10) -> dict:
+    """The critic's explained variance: per step (as logged), its mean, the lowest from ``start`` on, and the pooled
+    value over every window of EV_WINDOW consecutive steps from ``start`` on."""
+    ev = [r["explained_variance"] for r in m if "explained_variance" in r]
+    late = [r["explained_variance"] for r in m if r["step"] >= start and "explained_variance" in r]
+    with_critic = [r for r in m if "value_error" in r and r["step"] >= start]
+    windows = [pooled_explained_variance(with_critic[i : i + EV_WINDOW])
+               for i in range(max(len(with_critic) - EV_WINDOW + 1, 0))]
+    return {"explained_variance": [r.get("explained_variance") for r in m],
+            "ev_mean": statistics.mean(ev) if ev else float("nan"), "min_ev_from_10": min(late, default=float("nan")),
+            "pooled_ev_from_10": windows, "min_pooled_ev_from_10": min(windows, default=float("nan"))}
+
+
 def calculator(seed: int, out: Path, extra: list[str], recipe: str = "configs/calculator.yaml",
                label: str = "calc-ppo") -> dict:
     sft = out / "calc-sft"
@@ -85,18 +115,19 @@ def calculator(seed: int, out: Path, extra: list[str], recipe: str = "configs/ca
     summary = json.loads((evaluation / "summary.json").read_text())
     m = metrics(run)
     late = [r for r in m if r["step"] > 10]
-    ev = [r["explained_variance"] for r in m if r["step"] >= 10 and "explained_variance" in r]
+    critic = critic_stats(m)
     checks = {"final >= 0.9": summary["reward_mean"] >= 0.9,
               "reward >= 0.5 after step 10": min(r["reward_mean"] for r in late) >= 0.5 if late else False,
-              "KL < 5": max(r["kl"] for r in m) < 5, "KL >= -0.1": min(r["kl"] for r in m) >= -0.1,
-              "explained variance > 0 from step 10": all(x > 0 for x in ev)}
+              "KL < 5": max(r["kl"] for r in m) < 5, "KL >= -0.1": min(r["kl"] for r in m) >= -0.1}
+    if critic["pooled_ev_from_10"]:
+        checks[f"explained variance > 0 over every {EV_WINDOW} steps from step 10"] = all(
+            x > 0 for x in critic["pooled_ev_from_10"])
     return {"seed": seed, "seconds": seconds, "rewards": [r["reward_mean"] for r in m],
-            "step_seconds": [r["time_step"] for r in m], "kl": [r["kl"] for r in m],
-            "explained_variance": [r.get("explained_variance") for r in m],
+            "step_seconds": [r["time_step"] for r in m], "kl": [r["kl"] for r in m], **critic,
             "held_out": {r["step"]: r["eval/reward_mean"] for r in rows_of(run) if "eval/reward_mean" in r},
             "final_reward": summary["reward_mean"], "tool_use_rate": summary["tool_use_rate"],
             "min_reward_after_10": min((r["reward_mean"] for r in late), default=float("nan")),
-            "max_kl": max(r["kl"] for r in m), "min_ev_from_10": min(ev, default=float("nan")),
+            "max_kl": max(r["kl"] for r in m),
             "min_kl": min(r["kl"] for r in m), "kl_negative_steps": m[-1].get("kl_negative_steps", 0.0),
             "checks": checks, "success": all(checks.values())}
 
@@ -108,13 +139,6 @@ def recipe_eval(script: str, run: Path, *extra: str) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}): recipes/{script} evaluate {run}:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def critic_stats(m: list[dict]) -> dict:
-    ev = [r["explained_variance"] for r in m if "explained_variance" in r]
-    late = [r["explained_variance"] for r in m if r["step"] >= 10 and "explained_variance" in r]
-    return {"explained_variance": [r.get("explained_variance") for r in m],
-            "ev_mean": statistics.mean(ev) if ev else float("nan"), "min_ev_from_10": min(late, default=float("nan"))}
 
 
 def twin(seed: int, out: Path, extra: list[str], task: str) -> dict:
@@ -193,11 +217,13 @@ def main() -> None:
         results.append(run(seed, out, args.set))
         r = results[-1]
         failed = [name for name, ok in r.get("checks", {}).items() if not ok]
-        extra = (f", lowest reward after step 10 {r['min_reward_after_10']:.3g}, max KL {r['max_kl']:.3g}, lowest "
-                 f"explained variance from step 10 {r['min_ev_from_10']:.3g}") if "min_reward_after_10" in r else ""
+        extra = (f", lowest reward after step 10 {r['min_reward_after_10']:.3g}, max KL {r['max_kl']:.3g}, explained "
+                 f"variance from step 10: lowest step {r['min_ev_from_10']:.3g}, lowest {EV_WINDOW}-step pool "
+                 f"{r['min_pooled_ev_from_10']:.3g}") if "min_reward_after_10" in r else ""
         if "before" in r:
-            extra = (f" (before PPO {r['before']}; after {r['after']}), max KL {r['max_kl']:.3g}, explained variance "
-                     f"mean {r['ev_mean']:.3g}")
+            extra = (f" (before PPO {r['before']}; after {r['after']}), max KL {r['max_kl']:.3g}, explained variance: "
+                     f"mean {r['ev_mean']:.3g}, lowest {EV_WINDOW}-step pool from step 10 "
+                     f"{r['min_pooled_ev_from_10']:.3g}")
         print(f"seed {seed}: final {r['final_reward']:.3g}, min KL {r['min_kl']:.3g}{extra}, {r['seconds']:.0f} s, "
               f"{'ok' if r['success'] else 'FAILED' + (': ' + ', '.join(failed) if failed else '')}", flush=True)
     finals = [r["final_reward"] for r in results]
