@@ -69,3 +69,4 @@ def test_the_critic_check_pools_every_window_of_steps_from_step_10():
     assert ppo_seeds.critic_stats(rows, start=11)["pooled_ev_from_10"][0] == pytest.approx(
         good["explained_variance"], rel=1e-4)
     assert len(ppo_seeds.critic_stats(rows, start=11)["pooled_ev_from_10"]) == 7 - window + 1
+    assert ppo_seeds.critic_stats(rows, start=17)["min_ev_from_10"] == pytest.approx(bad["explained_variance"])
