@@ -233,7 +233,9 @@ def main() -> None:
                "seconds_mean": statistics.mean(times), "all_succeeded": all(r["success"] for r in results)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(results, args.task, out / "curves.png")
-    print(f"{args.task}: final reward {summary['final_mean']:.3g} (min {summary['final_min']:.3g}, max "
+    final = {"tiny": "reward (last 5 steps)", "calculator": "held-out exact match", "chain": "helpful answers",
+             "detox": "toxic continuations"}[args.task]
+    print(f"{args.task}: final {final} {summary['final_mean']:.3g} (min {summary['final_min']:.3g}, max "
           f"{summary['final_max']:.3g}) over {len(results)} seeds; {summary['seconds_mean']:.0f} s per run; "
           f"all succeeded: {summary['all_succeeded']}; plot {out / 'curves.png'}")
 
