@@ -92,6 +92,7 @@ class _DeepSpeedEngineStandIn:
         return self.norm
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the stand-in steps nothing
 @pytest.mark.parametrize(("max_grad_norm", "engine_norm", "expected"),
                          [(1.0, torch.tensor(3.5), 3.5), (1.0, None, None), (None, torch.tensor(3.5), None)])
 def test_under_deepspeed_the_engine_steps_and_its_norm_is_reported(max_grad_norm, engine_norm, expected):
@@ -108,6 +109,7 @@ def test_under_deepspeed_the_engine_steps_and_its_norm_is_reported(max_grad_norm
     assert engine.norm_asked == (max_grad_norm is not None)
 
 
+@pytest.mark.sharded  # the second CI step, where DeepSpeed is installed
 def test_the_deepspeed_stand_in_matches_the_real_engine():
     deepspeed = pytest.importorskip("deepspeed")
     for name in ("backward", "step", "get_global_grad_norm"):
