@@ -221,7 +221,8 @@ def main() -> None:
                  f"variance from step 10: lowest step {r['min_ev_from_10']:.3g}, lowest {EV_WINDOW}-step pool "
                  f"{r['min_pooled_ev_from_10']:.3g}") if "min_reward_after_10" in r else ""
         if "before" in r:
-            extra = (f" (before PPO {r['before']}; after {r['after']}), max KL {r['max_kl']:.3g}, explained variance: "
+            figures = lambda d: ", ".join(f"{k} {v:.3g}" for k, v in d.items())  # noqa: E731
+            extra = (f" (before PPO: {figures(r['before'])}; after: {figures(r['after'])}), max KL {r['max_kl']:.3g}, explained variance: "
                      f"mean {r['ev_mean']:.3g}, lowest {EV_WINDOW}-step pool from step 10 "
                      f"{r['min_pooled_ev_from_10']:.3g}")
         print(f"seed {seed}: final {r['final_reward']:.3g}, min KL {r['min_kl']:.3g}{extra}, {r['seconds']:.0f} s, "
