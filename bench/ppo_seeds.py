@@ -153,6 +153,7 @@ def twin(seed: int, out: Path, extra: list[str], task: str) -> dict:
                   "overwrite_output_dir=true", log=out / "chain-rm.log")
         recipe, stage = "configs/tiny/chain/ppo.yaml", [f"model.name_or_path={sft}", f"reward.adapter={rm}"]
         evaluate, key = (lambda run: recipe_eval("chain.py", run, "--rm", str(rm))), "helpful"
+        criterion, passes = "helpful >= 0.9", lambda final: final >= 0.9
     else:
         sft, classifier = out / "detox-sft", out / "detox-classifier"
         if not (sft / "config.json").exists():
@@ -164,6 +165,7 @@ def twin(seed: int, out: Path, extra: list[str], task: str) -> dict:
                   "overwrite_output_dir=true", log=out / "detox-sft.log")
         recipe, stage = "configs/tiny/detox.yaml", [f"model.name_or_path={sft}", f"reward.model={classifier}"]
         evaluate, key = (lambda run: recipe_eval("detox.py", run, "--classifier", str(classifier))), "toxic_fraction"
+        criterion, passes = "toxic <= 0.05", lambda final: final <= 0.05
     before_file = out / f"{task}-before.json"
     if not before_file.exists():
         before_file.write_text(json.dumps(evaluate(sft)))
@@ -173,9 +175,7 @@ def twin(seed: int, out: Path, extra: list[str], task: str) -> dict:
     m = metrics(run)
     after = evaluate(run)
     final = after[key]
-    checks = {("helpful >= 0.9" if task == "chain" else "toxic <= 0.05"):
-              final >= 0.9 if task == "chain" else final <= 0.05,
-              "KL >= -0.1": min(r["kl"] for r in m) >= -0.1}
+    checks = {criterion: passes(final), "KL >= -0.1": min(r["kl"] for r in m) >= -0.1}
     return {"seed": seed, "seconds": seconds, "rewards": [r["reward_mean"] for r in m],
             "step_seconds": [r["time_step"] for r in m], "kl": [r["kl"] for r in m], "final_reward": final,
             "before": json.loads(before_file.read_text()), "after": after, "max_kl": max(r["kl"] for r in m),
